@@ -1,0 +1,176 @@
+"""What every strategy is: a typed, validated config that knows how to apply, save, load and merge itself.
+
+A strategy is one dataclass. Its fields are the user's options (with defaults that work), its class
+variables say what it can do. Two families exist:
+
+* PEFT-backed strategies (``lora``, ``prefix``, any other PEFT method) subclass :class:`PeftStrategy`:
+  they only build a ``peft.PeftConfig``; applying, saving (PEFT's folder format), loading and merging
+  are PEFT's own.
+* Native strategies (``bottleneck``, ``linear_probe``, ``full``) subclass :class:`Strategy` and change
+  the model in place; saving writes exactly the tensors that train (plus ``adaptkit_config.json``).
+
+Adding a strategy is one new file in this folder with a class decorated by ``@register``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from adaptkit.errors import AdapterFormatError, ConfigTypeError, NotMergeableError, UnknownOptionError
+
+CONFIG_NAME = "adaptkit_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"  # same name PEFT uses, so a folder looks familiar
+MARKER = "_adaptkit_strategy"  # attribute set on every model adapt() returns
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """A small runtime check for the annotation shapes strategy configs use."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if origin in (list, tuple):
+        (item,) = typing.get_args(hint)[:1] or (Any,)
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+@dataclasses.dataclass
+class Strategy:
+    """Base class of every strategy config. Subclasses are dataclasses and set the class variables."""
+
+    name: ClassVar[str] = ""
+    mergeable: ClassVar[bool] = False          # can merge() fold it into the base weights?
+    supports_quantized: ClassVar[bool] = True  # can it train on an 8-bit / 4-bit base?
+    freezes_base: ClassVar[bool] = True        # False only for full fine-tuning
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):  # accept tuples where lists are declared, store lists (JSON-able)
+                value = list(value)
+                setattr(self, f.name, value)
+            if not _type_ok(value, hints[f.name]):
+                raise ConfigTypeError(
+                    field=f"{type(self).__name__}.{f.name}", value=value,
+                    problem=f"expected {_describe(hints[f.name])}, got {type(value).__name__}",
+                    fix=f"pass a {_describe(hints[f.name])} (default: {f.default!r})")
+        self.validate()
+
+    # ---- options -------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ConfigError for values of the right type that still cannot work."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"strategy": self.name, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Strategy":
+        data = dict(data)
+        given = data.pop("strategy", cls.name)
+        if given != cls.name:
+            raise UnknownOptionError(field="strategy", value=given, problem=f"this dict is not a {cls.name} config",
+                                     fix=f"use the config class registered as {given!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            import difflib
+            hints = [f"{u!r} -> did you mean {m[0]!r}?" for u in unknown
+                     if (m := difflib.get_close_matches(u, known, n=1))]
+            raise UnknownOptionError(
+                field=f"{cls.__name__} options", value=unknown, problem="unknown option(s)",
+                fix=("; ".join(hints) + "; " if hints else "") + f"valid options are {sorted(known)}")
+        return cls(**data)
+
+    # ---- behaviour -----------------------------------------------------------------------------
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Return the adapted model (may be the same object, changed in place). Base must not be adapted."""
+        raise NotImplementedError
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        """Write what this strategy trained into ``directory`` (an empty temporary folder)."""
+        save_tensors(trained_tensors(model), directory / WEIGHTS_NAME)
+
+    def load(self, directory: Path, base_model: nn.Module) -> nn.Module:
+        """Apply this config to ``base_model`` and load the saved tensors into it."""
+        model = self.apply(base_model)
+        load_tensors_into(model, directory / WEIGHTS_NAME)
+        return model
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        raise NotMergeableError(field="strategy", value=self.name,
+                                problem="its trained pieces cannot be folded into the base weights",
+                                fix="keep the adapted model as it is, or use a mergeable strategy such as 'lora'")
+
+
+# ---- tensors ------------------------------------------------------------------------------------
+def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter that requires grad, by state-dict name, once (tied weights are kept once)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, p in model.named_parameters():  # named_parameters() already drops tied duplicates
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out[name] = p.detach().cpu().contiguous()
+    return out
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+    save_file({k: v.clone() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+
+
+def load_tensors_into(model: nn.Module, path: Path) -> None:
+    """Load a safetensors file of trained tensors; every trainable tensor must be in it and fit."""
+    from safetensors.torch import load_file
+    if not path.is_file():
+        raise AdapterFormatError(field="weights file", value=str(path), problem="does not exist",
+                                 fix="pass the folder written by adaptkit.save")
+    saved = load_file(str(path))
+    expected = trained_tensors(model)
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        raise AdapterFormatError(
+            field=str(path), value={"missing": missing[:5], "unexpected": unexpected[:5]},
+            problem=f"tensors do not match the strategy ({len(missing)} missing, {len(unexpected)} unexpected)",
+            fix="load with the same base model architecture and strategy options that were saved")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            target = params[name]
+            if target.shape != tensor.shape:
+                raise AdapterFormatError(field=f"{path.name}:{name}", value=tuple(tensor.shape),
+                                         problem=f"shape differs from the model's {tuple(target.shape)}",
+                                         fix="load into the same base model (same sizes and num_labels)")
+            target.copy_(tensor.to(dtype=target.dtype, device=target.device))
+
+
+def write_config(config: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

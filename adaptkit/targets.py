@@ -1,0 +1,131 @@
+"""Finding things in a model from its structure, not from a table of known architectures.
+
+* the task head(s): the top-level children of a ``*For*`` model that are not its base model;
+* the linear layers (``nn.Linear``, GPT-2's ``Conv1D``, bitsandbytes' quantized linears);
+* target names given by a user, matched PEFT-style (a name matches a module whose dotted name ends
+  with it), with "did you mean" suggestions when nothing matches.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+from torch import nn
+
+from adaptkit.errors import TargetNotFoundError
+
+# transformers' GPT-2 style Conv1D is a linear layer with a transposed weight.
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a hard dependency
+    Conv1D = ()  # type: ignore[assignment]
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, LINEAR_TYPES)
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) for nn.Linear and Conv1D alike."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return module.weight.shape[0], module.weight.shape[1]  # Conv1D stores (in, out)
+
+
+def base_module(model: nn.Module) -> nn.Module | None:
+    """The backbone of a task model (``model.bert``, ``model.transformer``, ...), or None."""
+    prefix = getattr(model, "base_model_prefix", "")
+    inner = getattr(model, prefix, None) if prefix else None
+    return inner if isinstance(inner, nn.Module) and inner is not model else None
+
+
+def head_names(model: nn.Module) -> list[str]:
+    """Top-level module names of the task head(s): children with parameters outside the backbone.
+
+    ``BertForSequenceClassification`` -> ``["classifier"]``; ``DistilBert...`` -> ``["pre_classifier",
+    "classifier"]``; ``GPT2LMHeadModel`` -> ``["lm_head"]``; a bare ``BertModel`` -> ``[]``.
+    Encoder-decoder LMs such as T5 have no single backbone attribute: there the output embedding
+    (``lm_head``) is the head.
+    """
+    backbone = base_module(model)
+    if backbone is not None:
+        names = [n for n, child in model.named_children()
+                 if child is not backbone and any(True for _ in child.parameters())]
+        if names:
+            return names
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(out, nn.Module):
+        for n, child in model.named_children():
+            if child is out:
+                return [n]
+    return []
+
+
+def new_head_names(model: nn.Module) -> list[str]:
+    """Heads that a fine-tuning run must train and save: every head except a language-model head.
+
+    An LM head is pretrained (and often tied to the input embeddings); a classifier/score/regression
+    head is freshly initialised by ``from_pretrained(..., num_labels=...)`` and useless untrained.
+    """
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [n for n in head_names(model) if getattr(model, n) is not out]
+
+
+def linear_names(model: nn.Module, exclude_heads: bool = True) -> list[str]:
+    """Dotted names of every linear layer, the task heads excluded."""
+    heads = tuple(head_names(model)) if exclude_heads else ()
+    return [name for name, m in model.named_modules()
+            if is_linear(m) and not any(name == h or name.startswith(h + ".") for h in heads)]
+
+
+def hidden_size(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    for attr in ("hidden_size", "d_model", "n_embd", "dim"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    return model.get_input_embeddings().embedding_dim
+
+
+def match_targets(model: nn.Module, names: list[str], field: str, candidates: list[str] | None = None) -> list[str]:
+    """Check that each user-given target matches at least one module; return them unchanged.
+
+    PEFT semantics: ``"query"`` matches ``bert.encoder.layer.0.attention.self.query``. A name that
+    matches nothing raises TargetNotFoundError listing the closest module names.
+    """
+    all_names = [n for n, _ in model.named_modules() if n]
+    pool = candidates if candidates is not None else all_names
+    suffixes = sorted({".".join(n.split(".")[-k:]) for n in pool for k in (1, 2)})
+    for target in names:
+        if not any(n == target or n.endswith("." + target) for n in all_names):
+            close = difflib.get_close_matches(target, suffixes, n=3, cutoff=0.5)
+            leaf = sorted({n.split(".")[-1] for n in pool if not re.fullmatch(r"\d+", n.split(".")[-1])})
+            raise TargetNotFoundError(
+                field=field, value=target, problem="matches no module in this model",
+                fix=(f"did you mean {' or '.join(repr(c) for c in close)}? " if close else "")
+                    + f"module names here include {leaf[:12]}")
+    return list(names)
+
+
+_TASK_SUFFIXES = [
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"),
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("LMHeadModel", "CAUSAL_LM"),
+]
+
+
+def peft_task_type(model: nn.Module) -> str | None:
+    """PEFT's TaskType for a transformers model, from its class and config (None: plain backbone)."""
+    cls = type(model).__name__
+    for suffix, task in _TASK_SUFFIXES:
+        if cls.endswith(suffix):
+            return task
+    config = getattr(model, "config", None)
+    if cls.endswith("ForConditionalGeneration") and getattr(config, "is_encoder_decoder", False):
+        return "SEQ_2_SEQ_LM"
+    return None
