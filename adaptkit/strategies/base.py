@@ -174,3 +174,33 @@ def load_tensors_into(model: nn.Module, path: Path) -> None:
 
 def write_config(config: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+class PeftStrategy(Strategy):
+    """A strategy that PEFT implements: subclasses only build the ``peft.PeftConfig``.
+
+    Saving writes PEFT's own folder (``adapter_config.json`` + ``adapter_model.safetensors``), so the
+    folder loads with plain ``peft.PeftModel.from_pretrained``. New task heads go into
+    ``modules_to_save`` so they are trained and saved with the adapter instead of staying random.
+    """
+
+    def peft_config(self, model: nn.Module):  # -> peft.PeftConfig
+        raise NotImplementedError
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        from peft import get_peft_model
+        return get_peft_model(model, self.peft_config(model))
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        model.save_pretrained(str(directory), safe_serialization=True)
+
+    def load(self, directory: Path, base_model: nn.Module, trainable: bool = False) -> nn.Module:
+        from peft import PeftModel
+        return PeftModel.from_pretrained(base_model, str(directory), is_trainable=trainable)
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        from peft import PromptLearningConfig
+        config = model.peft_config[model.active_adapter]
+        if isinstance(config, PromptLearningConfig) or not hasattr(model, "merge_and_unload"):
+            super().merge(model)  # raises NotMergeableError
+        return model.merge_and_unload()

@@ -1,0 +1,78 @@
+"""LoRA through PEFT: low-rank updates ``W + (alpha/r) B A`` on chosen linear layers, B zero at init."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from torch import nn
+
+from adaptkit import targets
+from adaptkit.errors import ConfigError
+from adaptkit.strategies import register
+from adaptkit.strategies.base import PeftStrategy
+
+
+def backbone_targets(model: nn.Module) -> tuple[list[str], str | None]:
+    """Leaf names of every backbone linear layer, plus a regex that keeps LoRA off the task heads.
+
+    Found from the module tree, so an architecture nobody listed still works. Heads are excluded by
+    regex because a head may reuse a backbone leaf name (RoBERTa's ``classifier.dense``).
+    """
+    leaves = sorted({name.split(".")[-1] for name in targets.linear_names(model)})
+    heads = targets.head_names(model)
+    exclude = rf"({'|'.join(map(re.escape, heads))})(\..*)?" if heads else None
+    return leaves, exclude
+
+
+def head_modules(model: nn.Module, given: list[str] | None, field: str) -> list[str] | None:
+    """modules_to_save: the user's list, else the new (non-LM) heads, so they train and get saved."""
+    if given is not None:
+        return targets.match_targets(model, list(given), field) or None
+    return targets.new_head_names(model) or None
+
+
+@register
+@dataclasses.dataclass
+class LoRA(PeftStrategy):
+    """Low-rank adapters. ``targets=None`` adapts every linear layer of the backbone (found from the
+    model's structure; on all-MiniLM-L6-v2 this beat query+value by ~2 points on SST-2, FACTS.md)."""
+
+    name = "lora"
+    mergeable = True
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    targets: list[str] | None = None
+    heads: list[str] | None = None  # trained + saved in full; None = the task head(s) found automatically
+    use_dora: bool = False
+    init: str = "default"           # PEFT init_lora_weights: "default" (B = 0), "gaussian", "pissa", ...
+
+    def validate(self) -> None:
+        if self.r <= 0:
+            raise ConfigError(field="LoRA.r", value=self.r, problem="must be positive", fix="use r=8 (typical 4-64)")
+        if self.alpha <= 0:
+            raise ConfigError(field="LoRA.alpha", value=self.alpha, problem="must be positive", fix="use alpha=2*r")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(field="LoRA.dropout", value=self.dropout, problem="must be in [0, 1)", fix="use 0.05")
+        if self.targets is not None and not self.targets:
+            raise ConfigError(field="LoRA.targets", value=self.targets, problem="is empty",
+                              fix="name modules (e.g. ['query', 'value']) or pass None for every linear layer")
+
+    def peft_config(self, model: nn.Module):
+        from peft import LoraConfig
+        if self.targets is None:
+            target_modules, exclude = backbone_targets(model)
+        else:
+            target_modules = targets.match_targets(model, self.targets, "LoRA.targets",
+                                                   candidates=targets.linear_names(model))
+            exclude = None
+        # GPT-2's Conv1D stores weights transposed; PEFT only warns and flips the flag itself
+        fan_in_fan_out = any(isinstance(m, targets.Conv1D) for m in model.modules()
+                             if targets.is_linear(m)) if targets.Conv1D else False
+        return LoraConfig(fan_in_fan_out=fan_in_fan_out,
+            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=target_modules,
+            exclude_modules=exclude, modules_to_save=head_modules(model, self.heads, "LoRA.heads"),
+            task_type=targets.peft_task_type(model), use_dora=self.use_dora,
+            init_lora_weights=True if self.init == "default" else self.init)

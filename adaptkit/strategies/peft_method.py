@@ -1,0 +1,93 @@
+"""Any other PEFT method, passed straight through: by name (``"ia3"``, ``"loha"``) or as a PeftConfig.
+
+adaptkit only fills what PEFT leaves to the user and would otherwise get wrong silently: the task
+type, the new task head in ``modules_to_save`` (or it stays random and is not saved), and target
+modules for architectures missing from PEFT's tables (found from the model's structure).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+from typing import Any
+
+from torch import nn
+
+from adaptkit import targets
+from adaptkit.errors import UnknownStrategyError, UnsupportedError
+from adaptkit.strategies import register
+from adaptkit.strategies.base import PeftStrategy
+from adaptkit.strategies.lora import backbone_targets
+
+
+def peft_method_names() -> list[str]:
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    return sorted(t.value.lower() for t in PEFT_TYPE_TO_CONFIG_MAPPING)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (set, frozenset)):
+        return sorted(_jsonable(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+@register
+@dataclasses.dataclass
+class PeftMethod(PeftStrategy):
+    """``method`` is a PEFT method name; ``options`` are that PEFT config's own fields."""
+
+    name = "peft"
+    mergeable = True  # for the LoRA family; prompt-learning methods refuse in merge()
+
+    method: str = "ia3"
+    options: dict = dataclasses.field(default_factory=dict)
+
+    def validate(self) -> None:
+        names = peft_method_names()
+        if self.method.lower() not in names:
+            close = difflib.get_close_matches(self.method.lower(), names, n=1)
+            raise UnknownStrategyError(field="PeftMethod.method", value=self.method, problem="is not a PEFT method",
+                                       fix=(f"did you mean {close[0]!r}? " if close else "") + f"choose from {names}")
+        self.method = self.method.lower()
+        self._config_class()(**{k: v for k, v in self.options.items() if k != "peft_type"})  # PEFT checks the options
+
+    def _config_class(self):
+        from peft import PeftType
+        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+        return PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(self.method.upper())]
+
+    @classmethod
+    def from_peft_config(cls, config) -> "PeftMethod":
+        options = {k: _jsonable(v) for k, v in config.to_dict().items() if k not in ("peft_type",)}
+        return cls(method=config.peft_type.value.lower(), options=options)
+
+    def peft_config(self, model: nn.Module):
+        from peft import PromptLearningConfig
+        config = self._config_class()(**{k: v for k, v in self.options.items() if k != "peft_type"})
+        if config.task_type is None:
+            config.task_type = targets.peft_task_type(model)
+        if getattr(config, "modules_to_save", None) is None and targets.new_head_names(model):
+            config.modules_to_save = targets.new_head_names(model)
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if (not isinstance(config, PromptLearningConfig) and hasattr(config, "target_modules")
+                and config.target_modules is None and not _peft_knows(self.method, model_type)):
+            if hasattr(config, "feedforward_modules"):  # IA3-style: needs to know which layers are FFN
+                raise UnsupportedError(
+                    field=f"{self.method}.target_modules", value=None,
+                    problem=f"PEFT has no default targets for model type {model_type!r}",
+                    fix="pass options={'target_modules': [...], 'feedforward_modules': [...]}")
+            config.target_modules, config.exclude_modules = backbone_targets(model)
+        return config
+
+
+def _peft_knows(method: str, model_type: str | None) -> bool:
+    import peft.utils as pu
+    table = getattr(pu, f"TRANSFORMERS_MODELS_TO_{method.upper()}_TARGET_MODULES_MAPPING", None)
+    return bool(table) and model_type in table
