@@ -130,6 +130,7 @@ class Summary:
     total: int
     adapter_bytes: int     # bytes of tensors adaptkit.save writes (safetensors payload, without headers)
     footprint_bytes: int   # bytes the model's parameters and buffers take in memory now
+    fp32_bytes: int        # the same model with every parameter in fp32 (compare with a quantized footprint)
 
     @property
     def percent(self) -> float:
@@ -141,7 +142,7 @@ class Summary:
     def __str__(self) -> str:
         return (f"{self.strategy or 'not adapted'}: trainable {self.trainable:,} / {self.total:,} "
                 f"({self.percent:.2f}%), adapter {self.adapter_bytes / 1e6:.2f} MB, "
-                f"in memory {self.footprint_bytes / 1e6:.1f} MB")
+                f"in memory {self.footprint_bytes / 1e6:.1f} MB (fp32: {self.fp32_bytes / 1e6:.1f} MB)")
 
 
 def _numel(p: torch.Tensor) -> int:
@@ -161,8 +162,9 @@ def summary(model: nn.Module) -> Summary:
     else:
         adapter_bytes = sum(t.numel() * t.element_size() for t in trained_tensors(model).values())
     footprint = sum(p.numel() * p.element_size() for p in params)
-    footprint += sum(b.numel() * b.element_size() for b in model.buffers())
-    return Summary(strategy.name if strategy else None, trainable, total, adapter_bytes, footprint)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return Summary(strategy.name if strategy else None, trainable, total, adapter_bytes, footprint + buffers,
+                   4 * total + buffers)
 
 
 def save(model: nn.Module, directory: str | Path) -> Path:

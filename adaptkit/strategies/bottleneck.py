@@ -48,6 +48,9 @@ class BottleneckAdapter(nn.Module):
         self.down = nn.Linear(hidden, bottleneck, device=device, dtype=torch.float32)
         self.act = ACT2FN[activation]
         self.up = nn.Linear(bottleneck, hidden, device=device, dtype=torch.float32)
+        # down keeps nn.Linear's weight init but no bias: a random bias can switch every ReLU unit of a
+        # narrow bottleneck off at once (a dead adapter that never learns) when the host's outputs are small
+        nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
