@@ -1,0 +1,160 @@
+"""adaptkit.metrics against scikit-learn / scipy computed directly, offline and with no cache folder."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+from adaptkit.errors import ConfigError, DataError
+from adaptkit.metrics import (TASKS, F1, Accuracy, MatthewsCorrelation, PearsonSpearman, Perplexity,
+                              metric_for_task, primary_metric)
+
+
+def test_hand_made_classification_values():
+    preds, refs = [1, 0, 1, 1, 0, 1], [1, 0, 0, 1, 1, 1]
+    # tp=3 fp=1 fn=1 tn=1: accuracy 4/6, F1 = 2*3 / (2*3 + 1 + 1) = 0.75, MCC = (3-1)/sqrt(4*4*2*2) = 0.25
+    assert Accuracy().compute(predictions=preds, references=refs) == {"accuracy": pytest.approx(4 / 6)}
+    assert F1().compute(predictions=preds, references=refs) == {"f1": pytest.approx(0.75)}
+    assert MatthewsCorrelation().compute(predictions=preds, references=refs)["matthews_correlation"] == \
+        pytest.approx(0.25)
+
+
+def test_hand_made_regression_and_perplexity():
+    out = PearsonSpearman().compute(predictions=[1.0, 2.0, 3.0, 4.0], references=[2.0, 4.0, 6.0, 8.5])
+    assert out["spearmanr"] == pytest.approx(1.0)
+    assert out["pearson"] == pytest.approx(stats.pearsonr([1, 2, 3, 4], [2, 4, 6, 8.5])[0])
+    assert out["combined"] == pytest.approx((out["pearson"] + 1.0) / 2)
+    # 5 tokens with total NLL 5 -> mean loss 1 -> perplexity e
+    out = Perplexity().compute(nll=[2.0, 3.0], num_tokens=[2, 3])
+    assert out == {"perplexity": pytest.approx(math.e), "loss": pytest.approx(1.0), "num_tokens": 5}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_data_matches_sklearn_and_scipy_across_batches(seed):
+    rng = np.random.default_rng(seed)
+    refs, preds = rng.integers(0, 2, 203), rng.integers(0, 2, 203)
+    multi_refs, multi_preds = rng.integers(0, 4, 203), rng.integers(0, 4, 203)
+    y, yhat = rng.normal(size=203), rng.normal(size=203)
+    metrics = {"acc": Accuracy(), "f1": F1(), "mcc": MatthewsCorrelation(), "macro": F1("macro"),
+               "corr": PearsonSpearman()}
+    for start in range(0, 203, 50):  # uneven last batch; torch, numpy and lists all accepted
+        sl = slice(start, start + 50)
+        metrics["acc"].add_batch(predictions=torch.from_numpy(preds[sl]), references=torch.from_numpy(refs[sl]))
+        metrics["f1"].add_batch(predictions=preds[sl], references=refs[sl])
+        metrics["mcc"].add_batch(predictions=preds[sl].tolist(), references=refs[sl].tolist())
+        metrics["macro"].add_batch(predictions=multi_preds[sl], references=multi_refs[sl])
+        metrics["corr"].add_batch(predictions=yhat[sl], references=y[sl])
+    assert metrics["acc"].compute()["accuracy"] == pytest.approx(accuracy_score(refs, preds))
+    assert metrics["f1"].compute()["f1"] == pytest.approx(f1_score(refs, preds))
+    assert metrics["mcc"].compute()["matthews_correlation"] == pytest.approx(matthews_corrcoef(refs, preds))
+    assert metrics["macro"].compute()["macro_f1"] == pytest.approx(
+        f1_score(multi_refs, multi_preds, average="macro"))
+    corr = metrics["corr"].compute()
+    assert corr["pearson"] == pytest.approx(stats.pearsonr(yhat, y)[0])
+    assert corr["spearmanr"] == pytest.approx(stats.spearmanr(yhat, y)[0])
+
+
+def test_perplexity_batches_combine_exactly():
+    rng = np.random.default_rng(0)
+    token_nll = rng.exponential(2.0, size=(4, 37))
+    lengths = np.array([37, 5, 20, 1])  # ragged: padding positions are not scored
+    ppl = Perplexity()
+    for row, n in zip(token_nll, lengths):
+        ppl.add_batch(nll=[row[:n].sum()], num_tokens=[n])
+    scored = np.concatenate([row[:n] for row, n in zip(token_nll, lengths)])
+    assert ppl.compute()["perplexity"] == pytest.approx(math.exp(scored.mean()))
+
+
+def test_metric_for_task_mapping_and_reuse():
+    mrpc = metric_for_task("mrpc")
+    mrpc.add_batch(predictions=[1, 0, 1], references=[1, 1, 1])
+    mrpc.add_batch(predictions=[0], references=[0])
+    assert mrpc.compute() == {"accuracy": pytest.approx(0.75), "f1": pytest.approx(0.8)}
+    # empty again after compute: a second evaluation does not see the first one's predictions
+    assert mrpc.compute(predictions=[0, 0], references=[1, 1]) == {"accuracy": 0.0, "f1": 0.0}
+    assert set(metric_for_task("cola").compute(predictions=[0, 1], references=[0, 1])) == \
+        {"matthews_correlation", "accuracy"}
+    assert set(metric_for_task("stsb").compute(predictions=[0.0, 1, 3], references=[0.0, 2, 1])) == \
+        {"pearson", "spearmanr", "combined"}
+    assert set(metric_for_task("classification").compute(predictions=[0, 1], references=[0, 1])) == \
+        {"accuracy", "f1"}
+    assert set(metric_for_task("classification", num_labels=3).compute(predictions=[0, 2], references=[0, 1])) \
+        == {"accuracy", "macro_f1"}
+    for task in ("sst2", "rte"):
+        assert isinstance(metric_for_task(task), Accuracy)
+    assert isinstance(metric_for_task("regression"), PearsonSpearman)
+
+
+def test_primary_metric_is_a_key_the_task_metric_returns():
+    inputs = {"classification": dict(predictions=[0, 1, 1], references=[0, 1, 0]),
+              "regression": dict(predictions=[0.0, 1, 3], references=[0.0, 2, 1]),
+              "language_model": dict(nll=[3.0], num_tokens=[2])}
+    kind = {"sst2": "classification", "rte": "classification", "cola": "classification",
+            "mrpc": "classification", "stsb": "regression", "classification": "classification",
+            "regression": "regression", "language_model": "language_model"}
+    assert set(kind) == set(TASKS)  # a new task must be added here too
+    for task in TASKS:
+        name, higher = primary_metric(task)
+        assert name in metric_for_task(task).compute(**inputs[kind[task]])
+        assert higher is (task != "language_model")
+    assert primary_metric("cola") == ("matthews_correlation", True)
+    assert primary_metric("mrpc") == ("f1", True)
+
+
+def test_unknown_task_lists_valid_tasks():
+    with pytest.raises(ConfigError, match=r"task='glue': unknown task; valid tasks are \[.*'sst2'.*\]"):
+        metric_for_task("glue")
+    with pytest.raises(ConfigError, match="valid tasks are"):
+        primary_metric("accuracy")
+    with pytest.raises(ConfigError, match="num_labels=1: must be an integer >= 2"):
+        metric_for_task("classification", num_labels=1)
+
+
+def test_bad_inputs_are_typed_errors():
+    with pytest.raises(ConfigError, match="F1.average='micro'"):
+        F1("micro")
+    with pytest.raises(ConfigError, match=r"binary F1 needs labels 0/1 but saw \[0, 1, 2\].*average='macro'"):
+        F1().compute(predictions=[0, 2], references=[0, 1])
+    with pytest.raises(DataError, match="nothing was added"):
+        Accuracy().compute()
+    with pytest.raises(DataError, match="nothing was added"):
+        metric_for_task("mrpc").compute()
+    with pytest.raises(DataError, match="different lengths"):
+        Accuracy().add_batch(predictions=[0, 1], references=[0])
+    with pytest.raises(DataError, match=r"argmax"):
+        Accuracy().compute(predictions=torch.zeros(2, 3), references=[0, 1])
+    with pytest.raises(DataError, match="at least 2 examples"):
+        PearsonSpearman().compute(predictions=[1.0], references=[2.0])
+    with pytest.raises(DataError, match="Perplexity.nll=inf"):
+        Perplexity().compute(nll=[1.0, float("inf")], num_tokens=[1, 1])
+    with pytest.raises(DataError, match="positive total of scored tokens"):
+        Perplexity().compute(nll=[0.0], num_tokens=[0])
+
+
+def test_constant_predictions_give_nan_correlation_not_a_crash():
+    out = PearsonSpearman().compute(predictions=[1.0, 1.0, 1.0], references=[0.0, 1.0, 2.0])
+    assert math.isnan(out["pearson"]) and math.isnan(out["combined"])
+
+
+def test_fresh_read_only_home_offline_writes_nothing(tmp_path):
+    """A stock evaluate.Metric creates ~/.cache/huggingface/metrics/...; ours must not touch disk."""
+    home = tmp_path / "home"
+    home.mkdir()
+    home.chmod(0o555)
+    code = ("from adaptkit.metrics import metric_for_task as m\n"
+            "c = m('mrpc'); c.add_batch(predictions=[1, 0], references=[1, 1])\n"
+            "print(c.compute()['accuracy'])\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "XDG_"))}
+    env.update(HOME=str(home), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0.5"
+    assert list(home.iterdir()) == []
