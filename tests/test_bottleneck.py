@@ -236,8 +236,11 @@ def test_8bit_base_trains_fp32_adapters(tmp_path):
 @pytest.mark.parametrize("variant,adapters", [("pfeiffer", 6), ("houlsby", 12)])
 def test_minilm_trainable_count(minilm_path, variant, adapters):
     import transformers
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2).eval()
+    inputs = {"input_ids": torch.tensor([[101, 7592, 2088, 2003, 2204, 102]])}  # [CLS] ... [SEP]
+    before = _logits(model, inputs)
     Bottleneck(variant=variant).apply(model)
+    assert torch.equal(_logits(model, inputs), before)
     hidden, size = 384, 384 // 16  # 24
     per_adapter = hidden * size + size + size * hidden + hidden  # down W+b, up W+b = 18,840
     head = hidden * 2 + 2  # classifier: 770
