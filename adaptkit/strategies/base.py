@@ -57,7 +57,9 @@ def _type_ok(value: Any, hint: Any) -> bool:
 
 
 def _describe(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 @dataclasses.dataclass
@@ -203,4 +205,32 @@ class PeftStrategy(Strategy):
         config = model.peft_config[model.active_adapter]
         if isinstance(config, PromptLearningConfig) or not hasattr(model, "merge_and_unload"):
             super().merge(model)  # raises NotMergeableError
-        return model.merge_and_unload()
+        return _merge_and_unwrap(model)
+
+
+def _merge_and_unwrap(model: nn.Module) -> nn.Module:
+    """PEFT's own merge maths, then every PEFT wrapper replaced by the plain module it stands for.
+
+    Not ``merge_and_unload()``: for IA3 and other older tuners it assumes every wrapped module has a
+    ``.weight`` and crashes halfway (leaving a half-unloaded model) when a task head such as RoBERTa's
+    ``classifier`` is in ``modules_to_save``.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import ModulesToSaveWrapper
+    model.merge_adapter()
+    base = model.get_base_model()
+    active = model.active_adapter
+    wrappers = [(n, m) for n, m in base.named_modules() if isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper))]
+    for name, module in wrappers:  # outer before inner; an inner one vanishes with its unwrapped outer
+        parent_name, _, child = name.rpartition(".")
+        parent = base.get_submodule(parent_name) if parent_name else base
+        if getattr(parent, child, None) is not module:
+            continue
+        plain = module.modules_to_save[active] if isinstance(module, ModulesToSaveWrapper) else module.get_base_layer()
+        setattr(parent, child, plain)
+    leftovers = [n for n, m in base.named_modules() if isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper))]
+    if leftovers:  # a PEFT structure this code does not know: refuse rather than return a hybrid
+        raise NotMergeableError(field="model", value=leftovers[:3], problem="PEFT layers remain after merging",
+                                fix="use model.merge_and_unload() from PEFT directly, or keep the adapter unmerged")
+    base.__dict__.pop("peft_config", None)
+    return base

@@ -84,6 +84,10 @@ class PeftMethod(PeftStrategy):
                     problem=f"PEFT has no default targets for model type {model_type!r}",
                     fix="pass options={'target_modules': [...], 'feedforward_modules': [...]}")
             config.target_modules, config.exclude_modules = backbone_targets(model)
+        elif getattr(config, "exclude_modules", "absent") is None:
+            # PEFT's tables name leaves like "dense" that also occur inside heads (RoBERTa's
+            # classifier.dense); adapting a head that is also in modules_to_save breaks merging
+            config.exclude_modules = backbone_targets(model)[1]
         return config
 
 
