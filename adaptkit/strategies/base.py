@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from adaptkit.errors import AdapterFormatError, ConfigTypeError, NotMergeableError, UnknownOptionError
+from adaptkit.errors import AdapterFormatError, ConfigError, ConfigTypeError, NotMergeableError, UnknownOptionError
 
 CONFIG_NAME = "adaptkit_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"  # same name PEFT uses, so a folder looks familiar
@@ -78,7 +78,14 @@ class Strategy:
             if isinstance(value, tuple):  # accept tuples where lists are declared, store lists (JSON-able)
                 value = list(value)
                 setattr(self, f.name, value)
-            if not _type_ok(value, hints[f.name]):
+            hint = hints[f.name]
+            literal = typing.get_origin(hint) is typing.Literal
+            if literal and isinstance(value, tuple({type(a) for a in typing.get_args(hint)})) \
+                    and value not in typing.get_args(hint):
+                allowed = ", ".join(repr(a) for a in typing.get_args(hint))
+                raise ConfigError(field=f"{type(self).__name__}.{f.name}", value=value,
+                                  problem=f"must be one of {allowed}", fix=f"use one of {allowed} (default: {f.default!r})")
+            if not _type_ok(value, hint):
                 raise ConfigTypeError(
                     field=f"{type(self).__name__}.{f.name}", value=value,
                     problem=f"expected {_describe(hints[f.name])}, got {type(value).__name__}",
