@@ -1,0 +1,302 @@
+"""adaptkit.data: reading files into checked tables, splits, tokenizing and batching.
+
+Small files written per test cover every error; the real GLUE copies under $ADAPTKIT_DATA check the
+counts published in its README.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from adaptkit.data import (LengthGroupedBatchSampler, load_splits, make_collator, make_dataloader, read_table,
+                           tokenize)
+from adaptkit.errors import ConfigError, ConfigTypeError, DataError
+
+
+def write(tmp_path, name, text, mode="w"):
+    path = tmp_path / name
+    if mode == "wb":
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------------------ good files
+
+def test_tsv_keeps_literal_quotes_and_ignores_extra_columns(tmp_path):
+    path = write(tmp_path, "t.tsv", 'id\tsentence\tlabel\n7\the said "hi\t1\n8\t"quoted" text\t0\n\n')
+    table = read_table(path)
+    assert table.texts == [('he said "hi',), ('"quoted" text',)]  # default CSV quoting would merge rows
+    assert table.labels == [1, 0] and table.num_labels == 2 and table.task == "classification"
+    assert table.text_columns == ("sentence",) and table.label_names is None and table.path == str(path)
+
+
+def test_csv_quoting_jsonl_and_json_array(tmp_path):
+    csv_table = read_table(write(tmp_path, "a.csv", 'text,label\n"one, two",1\nthree,0\n'))
+    assert csv_table.texts == [("one, two",), ("three",)]
+    lines = '{"text_a": "x", "text_b": "y", "label": 2.5}\n\n{"text_a": "u", "text_b": "v", "label": 1}\n'
+    jsonl = read_table(write(tmp_path, "b.jsonl", lines))
+    assert jsonl.texts == [("x", "y"), ("u", "v")] and jsonl.labels == [2.5, 1.0] and jsonl.task == "regression"
+    arr = read_table(write(tmp_path, "c.json", '[{"sentence": "a", "label": 0}, {"sentence": "b", "label": 1}]'))
+    assert arr.labels == [0, 1]
+
+
+def test_string_labels_sorted_and_forced_tasks(tmp_path):
+    path = write(tmp_path, "s.tsv", "sentence\tlabel\na\tpos\nb\tneg\nc\tneutral\nd\tpos\n")
+    table = read_table(path)
+    assert table.label_names == ["neg", "neutral", "pos"] and table.labels == [2, 0, 1, 2] and table.num_labels == 3
+    ints = write(tmp_path, "i.tsv", "sentence\tlabel\na\t1\nb\t3\n")
+    assert read_table(ints, task="regression").labels == [1.0, 3.0]
+    assert read_table(ints).num_labels == 4  # max + 1: class 0 and 2 may just be absent from a small file
+    assert read_table(ints, num_labels=5).num_labels == 5
+    assert read_table(ints, text_columns=["sentence"], label_column="label").text_columns == ("sentence",)
+
+
+def test_utf8_bom_is_dropped(tmp_path):
+    path = write(tmp_path, "bom.tsv", "\ufeffsentence\tlabel\nx\t0\ny\t1\n".encode("utf-8"), mode="wb")
+    assert read_table(path).text_columns == ("sentence",)
+
+
+# ---------------------------------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("name, content, match", [
+    ("e.tsv", "", "the file is empty"),
+    ("h.tsv", "sentence\tlabel\n", r"has a header \['sentence', 'label'\] but no data rows"),
+    ("l.tsv", "sentence\tlabels\na\t1\n", r"label_column='label': no such column; the columns are "
+                                          r"\['sentence', 'labels'\]. Fix: pass label_column='labels'"),
+    ("t.tsv", "review\tlabel\na\t1\n", r"no text column; the columns are \['review', 'label'\].*text_columns=\["),
+    ("a.tsv", "sentence\ttext\tlabel\na\tb\t1\n", r"ambiguous text columns: \[\['sentence'\], \['text'\]\]"),
+    ("w.tsv", "sentence\tlabel\na\t1\nb\tc\t0\nd\t1\n", r"w.tsv, line 3.*has 3 fields but the header has 2.*"
+                                                        r"wrong delimiter or quoting"),
+    ("q.csv", 'sentence,label\na,1\nb, c,0\n', r"q.csv, line 3.*has 3 fields.*quote fields that hold commas"),
+    ("u.csv", 'sentence,label\n"open,1\n', r"u.csv, line 2.*malformed CSV"),
+    ("d.csv", "sentence\tlabel\na\t1\n", r"wrong delimiter: the header is one column holding tabs.*rename the file "
+                                        r"to .tsv"),
+    ("d.tsv", "sentence,label\na,1\n", r"wrong delimiter.*holding commas.*rename the file to .csv"),
+    ("dup.tsv", "sentence\tsentence\tlabel\na\tb\t1\n", "empty or repeated column names"),
+    ("el.tsv", "sentence\tlabel\na\t1\nb\t\n", r"el.tsv, line 3, column 'label'=''.*empty label"),
+    ("et.tsv", "sentence\tlabel\na\t1\n \t0\n", r"et.tsv, line 3, column 'sentence'.*text is empty"),
+    ("m.tsv", "sentence\tlabel\na\t1\nb\tpos\n", r"mixed label types: a number at line 2 and a string at line 3"),
+    ("n.tsv", "sentence\tlabel\na\t1\nb\t-1\n", r"n.tsv, line 3, label='-1'.*negative.*GLUE writes -1"),
+    ("o.tsv", "sentence\tlabel\na\t0\nb\t0\n", r"only one class; classification needs at least 2"),
+    ("nan.tsv", "sentence\tlabel\na\t0.5\nb\tnan\n", r"line 3, label='nan'.*not a finite number"),
+    ("j.jsonl", '{"sentence": "a", "label": 1}\n{"sentence": "b", "label": 0\n', r"j.jsonl, line 2.*not valid JSON"),
+    ("k.jsonl", '{"sentence": "a", "label": 1}\n{"sentence": "b"}\n', r"k.jsonl, line 2='label'.*no such key"),
+    ("b.jsonl", '{"sentence": "a", "label": true}\n', "a label must be a number or a string"),
+    ("x.jsonl", '[1, 2]\n', "is not a JSON object"),
+])
+def test_bad_files_raise_dataerror_naming_the_problem(tmp_path, name, content, match):
+    with pytest.raises(DataError, match=match):
+        read_table(write(tmp_path, name, content))
+
+
+def test_bad_paths(tmp_path):
+    with pytest.raises(DataError, match=r"path='.*nope.tsv': no such file"):
+        read_table(tmp_path / "nope.tsv")
+    with pytest.raises(DataError, match=r"is a folder, not a file. Fix: pass a file such as .*train.tsv"):
+        read_table(tmp_path)
+    with pytest.raises(DataError, match=r"unknown extension '.txt'.*\['.tsv', '.csv', '.jsonl', '.json'\]"):
+        read_table(write(tmp_path, "x.txt", "sentence\tlabel\na\t1\n"))
+
+
+def test_non_utf8_names_byte_offset_and_line(tmp_path):
+    path = write(tmp_path, "latin.tsv", "sentence\tlabel\ncaf\xe9\t1\n".encode("latin-1"), mode="wb")
+    with pytest.raises(DataError, match=r"byte 0xe9 at offset 18 \(line 2\).*not valid UTF-8.*iconv"):
+        read_table(path)
+
+
+def test_label_range_and_label_set_checks(tmp_path):
+    path = write(tmp_path, "r.tsv", "sentence\tlabel\na\t0\nb\t5\n")
+    with pytest.raises(DataError, match=r"r.tsv, line 3, label='5': is out of range for num_labels=2.*0..1"):
+        read_table(path, num_labels=2)
+    names = write(tmp_path, "n.tsv", "sentence\tlabel\na\tpos\nb\tmaybe\n")
+    with pytest.raises(DataError, match=r"label='maybe': is not one of the known classes \['neg', 'pos'\]"):
+        read_table(names, label_names=["neg", "pos"])
+    with pytest.raises(ConfigError, match=r"num_labels=3: .* has 2 classes"):
+        read_table(names, num_labels=3)
+    floats = write(tmp_path, "f.tsv", "sentence\tlabel\na\t0.5\nb\t1\n")
+    with pytest.raises(DataError, match=r"label='0.5': is not an integer class id but task='classification'"):
+        read_table(floats, task="classification")
+    with pytest.raises(DataError, match=r"label='pos': is not a number but task='regression'"):
+        read_table(names, task="regression")
+
+
+def test_bad_options():
+    with pytest.raises(ConfigTypeError, match=r"text_columns='sentence'.*Fix: text_columns=\['sentence'\]"):
+        read_table("x.tsv", text_columns="sentence")
+    with pytest.raises(ConfigError, match="must name 1 or 2 columns"):
+        read_table("x.tsv", text_columns=["a", "b", "c"])
+    with pytest.raises(ConfigError, match=r"task='classify': must be None or one of"):
+        read_table("x.tsv", task="classify")
+    with pytest.raises(ConfigError, match="validation_fraction=1.5"):
+        load_splits("x", validation_fraction=1.5)
+    with pytest.raises(ConfigError, match="keys must be 'train'"):
+        load_splits({"dev": "x.tsv"})
+
+
+# ---------------------------------------------------------------------------------------- splits
+
+def _folder(tmp_path, **files):
+    for name, text in files.items():
+        write(tmp_path, name.replace("_", "."), text)
+    return tmp_path
+
+
+ROWS = "sentence\tlabel\n" + "".join(f"s{i}\t{i % 2}\n" for i in range(40))
+
+
+def test_split_roles_and_carving(tmp_path):
+    (tmp_path / "g").mkdir()
+    dev = "sentence\tlabel\n" + "".join(f"d{i}\t{i % 2}\n" for i in range(4))
+    glue = load_splits(_folder(tmp_path / "g", train_tsv=ROWS, dev_tsv=dev))
+    assert len(glue.test) == 4 and len(glue.validation) == 4 and len(glue.train) == 36  # dev -> test
+    assert Counter(glue.validation.labels) == {0: 2, 1: 2}  # stratified
+    assert any("carved from train" in n for n in glue.notes)
+    again = load_splits(tmp_path / "g")
+    assert again.validation.texts == glue.validation.texts  # fixed seed
+    other = load_splits(tmp_path / "g", seed=1)
+    assert other.validation.texts != glue.validation.texts
+    assert sorted(glue.train.texts + glue.validation.texts) == sorted(read_table(tmp_path / "g/train.tsv").texts)
+
+    (tmp_path / "s").mkdir()
+    sst = load_splits(_folder(tmp_path / "s", train_tsv=ROWS, dev_tsv=ROWS, test_csv="sentence,label\na,0\nb,1\n"))
+    assert len(sst.train) == 40 and len(sst.validation) == 40 and len(sst.test) == 2  # dev -> validation
+    only = load_splits(tmp_path / "s" / "train.tsv")
+    assert only.test is None and len(only.validation) == 4
+    explicit = load_splits({"train": tmp_path / "s/train.tsv", "validation": tmp_path / "s/dev.tsv"})
+    assert len(explicit.validation) == 40 and explicit.test is None
+
+
+def test_split_label_set_comes_from_train(tmp_path):
+    (tmp_path / "f").mkdir()
+    folder = _folder(tmp_path / "f", train_tsv="sentence\tlabel\na\tneg\nb\tpos\nc\tneg\nd\tpos\n",
+                     validation_tsv="sentence\tlabel\na\tpos\n", test_tsv="sentence\tlabel\nz\tmaybe\n")
+    with pytest.raises(DataError, match=r"test.tsv, line 2, label='maybe': is not one of the known classes"):
+        load_splits(folder)
+
+
+def test_split_errors(tmp_path):
+    with pytest.raises(DataError, match=r"the folder has no train file.*Fix: add train.tsv"):
+        load_splits(_folder(tmp_path, dev_tsv=ROWS))
+    write(tmp_path, "train.tsv", ROWS)
+    write(tmp_path, "train.csv", "sentence,label\na,1\n")
+    with pytest.raises(DataError, match=r"several train files"):
+        load_splits(tmp_path)
+    (tmp_path / "train.csv").unlink()
+    write(tmp_path, "validation.tsv", ROWS)
+    with pytest.raises(DataError, match=r"both a dev and a validation file"):
+        load_splits(tmp_path)
+    with pytest.raises(DataError, match=r"source='.*missing.tsv': no such file or folder"):
+        load_splits(str(tmp_path / "missing.tsv"))
+    lonely = write(tmp_path, "one.tsv", "sentence\tlabel\na\t0\nb\t1\nc\t1\nd\t1\n")
+    with pytest.raises(DataError, match=r"cannot carve it.*Fix: add examples, or pass a validation file"):
+        load_splits(lonely, validation_fraction=0.25)
+
+
+def test_hub_name_offline_fails_fast_with_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(DataError, match=r"source='glue/sst2': no local file or folder.*hub failed.*"
+                                        r"Fix: pass a local folder"):
+        load_splits("glue/sst2")
+    assert time.monotonic() - start < 10
+
+
+def test_dataset_dict_source_drops_hidden_test_labels():
+    datasets = pytest.importorskip("datasets")
+    feats = datasets.Features({"sentence": datasets.Value("string"),
+                               "label": datasets.ClassLabel(names=["negative", "positive"])})
+    part = lambda labels: datasets.Dataset.from_dict(  # noqa: E731
+        {"sentence": [f"s{i}" for i in range(len(labels))], "label": labels}, features=feats)
+    dd = datasets.DatasetDict(train=part([0, 1] * 10), validation=part([1, 0, 1]), test=part([-1, -1]))
+    splits = load_splits(dd)
+    assert len(splits.test) == 3 and len(splits.validation) == 2 and len(splits.train) == 18  # GLUE roles
+    assert splits.train.label_names == ["negative", "positive"] and splits.train.num_labels == 2
+
+
+# ------------------------------------------------------------------------------------- real data
+
+def test_real_glue_files_match_the_data_readme(data_dir):
+    sst2 = read_table(data_dir / "sst2" / "train.tsv")
+    assert len(sst2) == 6920 and Counter(sst2.labels) == {0: 3310, 1: 3610}
+    mrpc = read_table(data_dir / "mrpc" / "train.tsv")
+    assert mrpc.text_columns == ("sentence1", "sentence2") and Counter(mrpc.labels) == {0: 1194, 1: 2474}
+    assert any('"' in a + b for a, b in mrpc.texts)  # literal quotes survive (quoting off)
+    stsb = read_table(data_dir / "stsb" / "train.tsv")
+    assert stsb.task == "regression" and len(stsb) == 5749 and all(isinstance(v, float) for v in stsb.labels)
+    assert min(stsb.labels) >= 0 and max(stsb.labels) <= 5 and np.mean(stsb.labels) == pytest.approx(2.701, abs=1e-3)
+
+    splits = load_splits(data_dir / "sst2")  # sst2 has its own test set: dev is the validation split
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (6920, 872, 1821)
+    mrpc_splits = load_splits(data_dir / "mrpc")  # GLUE: dev is the test split, validation carved
+    assert len(mrpc_splits.test) == 408 and len(mrpc_splits.train) + len(mrpc_splits.validation) == 3668
+    share = np.mean(mrpc_splits.validation.labels)
+    assert share == pytest.approx(2474 / 3668, abs=0.01)
+
+
+# ------------------------------------------------------------------------------ tokenize & batch
+
+@pytest.fixture
+def tokenizer(minilm_path):
+    import transformers
+    return transformers.AutoTokenizer.from_pretrained(minilm_path)
+
+
+def test_tokenize_and_pad_single_and_pairs(tmp_path, tokenizer):
+    single = read_table(write(tmp_path, "s.tsv", "sentence\tlabel\nshort\t0\n" + "a long one " * 30 + "\t1\n"))
+    feats = tokenize(single, tokenizer, max_length=16)
+    assert len(feats[1]["input_ids"]) == 16 and len(feats[0]["input_ids"]) == 3  # [CLS] short [SEP], unpadded
+    batch = make_collator(tokenizer)(feats)
+    assert batch["input_ids"].shape == (2, 16) and batch["attention_mask"][0].sum() == 3
+    assert batch["labels"].dtype == torch.int64 and batch["labels"].tolist() == [0, 1]
+
+    pair = read_table(write(tmp_path, "p.tsv", "sentence1\tsentence2\tlabel\nthe cat\ta dog\t2.5\n"))
+    feats = tokenize(pair, tokenizer, max_length=16)
+    batch = make_collator(tokenizer)(feats)
+    assert batch["token_type_ids"][0].tolist() == [0, 0, 0, 0, 1, 1, 1]  # [CLS] the cat [SEP] a dog [SEP]
+    assert batch["labels"].dtype == torch.float32
+    with pytest.raises(ConfigError, match="max_length=2"):
+        tokenize(pair, tokenizer, max_length=2)
+
+
+def test_missing_pad_token_is_refused(tokenizer):
+    tokenizer.pad_token = None
+    with pytest.raises(ConfigError, match=r"tokenizer.pad_token=None.*Fix: set tokenizer.pad_token"):
+        make_collator(tokenizer)
+
+
+def test_length_grouped_sampler_is_a_deterministic_permutation_with_less_padding():
+    lengths = np.random.default_rng(0).integers(3, 60, size=1003)
+    sampler = LengthGroupedBatchSampler(lengths, batch_size=16, seed=3, chunk_batches=8)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 63
+    assert sorted(i for b in batches for i in b) == list(range(1003))
+    assert batches == list(LengthGroupedBatchSampler(lengths, batch_size=16, seed=3, chunk_batches=8))
+    assert list(sampler) != batches  # the next pass reshuffles (epoch advances by itself) ...
+    sampler.set_epoch(0)
+    assert list(sampler) == batches  # ... and set_epoch replays a pass
+    padded = sum(len(b) * lengths[b].max() for b in batches)
+    random_batches = np.array_split(np.random.default_rng(1).permutation(1003), 63)
+    assert padded < 0.75 * sum(len(b) * lengths[b].max() for b in random_batches)
+    with pytest.raises(ConfigError, match="batch_size/chunk_batches"):
+        LengthGroupedBatchSampler(lengths, batch_size=0)
+
+
+def test_make_dataloader_covers_every_example(tmp_path, tokenizer):
+    rows = "".join(f"{'word ' * (i % 7 + 1)}\t{i % 2}\n" for i in range(50))
+    feats = tokenize(read_table(write(tmp_path, "d.tsv", "sentence\tlabel\n" + rows)), tokenizer)
+    for group in (False, True):
+        make = lambda: make_dataloader(feats, tokenizer, batch_size=8, shuffle=True,  # noqa: E731
+                                       group_by_length=group, seed=0)
+        loader = make()
+        passes = [[b["labels"].tolist() + b["input_ids"].sum(1).tolist() for b in loader] for _ in range(2)]
+        assert sum(len(b) for b in passes[0]) == 100  # 50 labels + 50 sums: every example once
+        assert passes[0] != passes[1]  # each pass reshuffles ...
+        again = make()
+        assert passes == [[b["labels"].tolist() + b["input_ids"].sum(1).tolist() for b in again] for _ in range(2)]
