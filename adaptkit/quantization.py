@@ -1,0 +1,244 @@
+"""Load a model for adapter training, in full precision, 8-bit or 4-bit, on one process or many.
+
+``load_model`` is ``from_pretrained`` with the four things a user otherwise gets wrong:
+
+* **Task heads stay unquantized.** A freshly initialised head (``classifier``, ``score``, ...) would
+  be turned into a bitsandbytes layer: on bitsandbytes 0.50 the first forward then crashes
+  (``'Parameter' object has no attribute 'CB'`` in 8-bit), and a quantized head could not train
+  anyway. The heads are found from the model's structure (a model built on the meta device, no
+  weights read) and put in ``llm_int8_skip_modules`` together with the output embedding (``lm_head``),
+  which transformers keeps unquantized by default and would stop doing once a skip list is given.
+* **One whole copy per process.** Under a multi-process launch the model goes to this process's
+  device (``device_map={"": local index}``), never ``device_map="auto"`` (see distributed.py).
+* **No hidden fp32 upcast.** ``peft.prepare_model_for_kbit_training`` casts every fp16/bf16
+  parameter to fp32 (users report +1 GB). Here the base is only frozen: parameters keep the dtype
+  they were loaded in. Gradient checkpointing is the non-reentrant kind, which passes gradients to
+  adapter weights inside checkpointed blocks without the input-embedding ``requires_grad`` hook the
+  reentrant kind needs (tested: LoRA gradients equal those without checkpointing).
+* **4-bit keeps training after an eval pass on CPU.** On a CPU with AVX512-BF16, bitsandbytes 0.50
+  repacks 4-bit weights into an inference-only layout at the first eval-mode no-grad forward; the
+  next training step fails (``a view of a leaf Variable ... in-place operation``) and the repacked
+  path has no backward. Each ``Linear4bit`` reads ``support_avx512bf16_for_cpu`` before repacking;
+  it is switched off, and a pre-forward check refuses a training forward on an already repacked
+  weight (a model evaluated before ``prepare_kbit``) instead of failing inside bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import torch
+from torch import nn
+
+from adaptkit import distributed, targets
+from adaptkit.errors import ConfigError, ConfigTypeError, MissingDependencyError, UnsupportedError
+
+QUANTIZATIONS = ("8bit", "4bit")
+TASKS = {
+    "seq_cls": "AutoModelForSequenceClassification",
+    "token_cls": "AutoModelForTokenClassification",
+    "question_answering": "AutoModelForQuestionAnswering",
+    "causal_lm": "AutoModelForCausalLM",
+    "seq2seq": "AutoModelForSeq2SeqLM",
+    "image_cls": "AutoModelForImageClassification",
+    "base": "AutoModel",
+}
+# QLoRA's defaults; anything here can be overridden through ``quantization_options``
+_DEFAULTS = {"4bit": {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+                      "bnb_4bit_compute_dtype": torch.bfloat16},
+             "8bit": {}}
+# from_pretrained arguments that also decide which config (and so which head names) a model has
+_CONFIG_KWARGS = ("revision", "trust_remote_code", "cache_dir", "token", "subfolder", "local_files_only")
+
+
+def require_bitsandbytes(quantization: str) -> None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise MissingDependencyError(
+            field="quantization", value=quantization,
+            problem=f"needs the bitsandbytes package, which cannot be imported ({exc})",
+            fix="pip install 'adaptkit[bitsandbytes]' (or load without quantization)") from None
+
+
+def _auto_class(task: Any):
+    import transformers
+    if isinstance(task, type):  # a transformers Auto class or model class, used as given
+        if not hasattr(task, "from_pretrained"):
+            raise ConfigTypeError(field="task", value=task.__name__, problem="has no from_pretrained",
+                                  fix=f"pass one of {sorted(TASKS)} or a transformers Auto class")
+        return task
+    if not isinstance(task, str) or task not in TASKS:
+        close = difflib.get_close_matches(str(task), TASKS, n=1)
+        raise ConfigError(field="task", value=task, problem="is not a task load_model knows",
+                          fix=(f"did you mean {close[0]!r}? " if close else "")
+                              + f"choose one of {sorted(TASKS)} or pass a transformers Auto class")
+    return getattr(transformers, TASKS[task])
+
+
+def _check_quantization(quantization: Any) -> str | None:
+    if quantization is None or quantization in QUANTIZATIONS:
+        return quantization
+    raise ConfigError(field="quantization", value=quantization, problem="is not a quantization adaptkit loads",
+                      fix=f"use one of {list(QUANTIZATIONS)} or None for full precision")
+
+
+def unquantized_modules(name_or_path: str, auto_class: Any, hf_kwargs: dict[str, Any]) -> list[str]:
+    """Task heads + output embedding of the model ``auto_class.from_pretrained`` would build.
+
+    Built from the config on the meta device: no weights are read, the structure is the real one.
+    """
+    from transformers import AutoConfig
+    config = hf_kwargs.get("config")
+    if config is None:
+        config = AutoConfig.from_pretrained(name_or_path, **{k: hf_kwargs[k] for k in _CONFIG_KWARGS if k in hf_kwargs})
+    extra = {"trust_remote_code": hf_kwargs["trust_remote_code"]} if "trust_remote_code" in hf_kwargs else {}
+    with torch.device("meta"):
+        skeleton = auto_class.from_config(config, **extra)
+    names = set(targets.head_names(skeleton))
+    out = skeleton.get_output_embeddings() if hasattr(skeleton, "get_output_embeddings") else None
+    names.update(n for n, m in skeleton.named_modules() if out is not None and m is out)
+    return sorted(names)
+
+
+def bnb_config(quantization: str, skip_modules: list[str], options: dict[str, Any] | None = None):
+    """The BitsAndBytesConfig for ``quantization``, with ``skip_modules`` kept in full precision."""
+    from transformers import BitsAndBytesConfig
+    options = dict(options or {})
+    user_skips = options.pop("llm_int8_skip_modules", None) or []
+    for key in ("load_in_8bit", "load_in_4bit"):
+        if key in options:
+            raise ConfigError(field=f"quantization_options[{key!r}]", value=options[key],
+                              problem="is decided by the quantization argument",
+                              fix="remove it and pass quantization='8bit' or '4bit'")
+    fields = {**_DEFAULTS[quantization], **options,
+              "llm_int8_skip_modules": sorted(set(skip_modules) | set(user_skips)) or None}
+    try:
+        return BitsAndBytesConfig(load_in_8bit=quantization == "8bit", load_in_4bit=quantization == "4bit", **fields)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(field="quantization_options", value=sorted(options), problem=str(exc),
+                          fix="use BitsAndBytesConfig field names, e.g. {'bnb_4bit_quant_type': 'fp4'}") from None
+
+
+def load_model(name_or_path: str, task: Any = "seq_cls", quantization: str | None = None, *,
+               gradient_checkpointing: bool = False, quantization_options: dict[str, Any] | None = None,
+               **hf_kwargs: Any) -> nn.Module:
+    """Load a transformers model ready for ``adaptkit.adapt``: quantized or not, placed for this process.
+
+    ``task`` is one of ``TASKS`` (``"seq_cls"``, ``"causal_lm"``, ...) or a transformers Auto class;
+    ``quantization`` is ``"8bit"``, ``"4bit"`` or None; ``quantization_options`` are extra
+    ``BitsAndBytesConfig`` fields; ``hf_kwargs`` go to ``from_pretrained`` (``num_labels=3``,
+    ``dtype=torch.bfloat16``, ``device_map=...``). The tokenizer is ``AutoTokenizer.from_pretrained``'s.
+    """
+    auto_class = _auto_class(task)
+    quantization = _check_quantization(quantization)
+    if "quantization_config" in hf_kwargs:
+        raise ConfigError(field="quantization_config", value=type(hf_kwargs["quantization_config"]).__name__,
+                          problem="load_model builds it, keeping task heads unquantized",
+                          fix="pass quantization='8bit' or '4bit' and extra fields as quantization_options={...}")
+    if quantization_options and quantization is None:
+        raise ConfigError(field="quantization_options", value=sorted(quantization_options),
+                          problem="given without a quantization", fix="add quantization='8bit' or '4bit'")
+    hf_kwargs["device_map"] = distributed.device_map(hf_kwargs.get("device_map"))
+    if quantization is not None:
+        require_bitsandbytes(quantization)
+        skips = unquantized_modules(name_or_path, auto_class, hf_kwargs)
+        hf_kwargs["quantization_config"] = bnb_config(quantization, skips, quantization_options)
+    model = auto_class.from_pretrained(name_or_path, **hf_kwargs)
+    if quantization is not None:
+        prepare_kbit(model)
+    if gradient_checkpointing:
+        enable_checkpointing(model)
+    return model
+
+
+# ---- preparing a quantized model for adapter training ---------------------------------------------
+def quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every bitsandbytes linear layer, by name (empty for an unquantized model or without bitsandbytes)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return {}
+    kinds = (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)
+    return {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
+
+
+def _refuse_repacked(module: nn.Module, args: tuple) -> None:
+    state = getattr(module.weight, "quant_state", None)
+    if module.training and torch.is_grad_enabled() and getattr(state, "packing_format_for_cpu", False):
+        raise UnsupportedError(
+            field="4-bit weights", value="repacked for CPU inference",
+            problem="bitsandbytes repacked them at an eval pass before adaptkit prepared the model; "
+                    "that layout has no backward, so this training step would fail",
+            fix="load with adaptkit.load_model(..., quantization='4bit'), which prevents the repack, "
+                "and evaluate only after that")
+
+
+def prepare_kbit(model: nn.Module) -> nn.Module:
+    """Freeze a bitsandbytes model for adapter training, without changing any dtype.
+
+    Also refuses a quantized task head (it would crash at the first forward) and keeps 4-bit layers
+    out of bitsandbytes' CPU inference repack, so train -> eval -> train works.
+    """
+    layers = quantized_linears(model)
+    heads = targets.head_names(model)
+    bad = sorted(n for n in layers if any(n == h or n.startswith(h + ".") for h in heads))
+    if bad:
+        raise UnsupportedError(
+            field="quantized task head", value=bad,
+            problem="bitsandbytes quantized a task head; its first forward crashes and it cannot train",
+            fix=f"load with adaptkit.load_model, or add llm_int8_skip_modules={heads} to BitsAndBytesConfig")
+    model.requires_grad_(False)
+    for module in layers.values():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # Linear4bit only
+            module.support_avx512bf16_for_cpu = False
+            if not getattr(module, "_adaptkit_repack_check", False):
+                module.register_forward_pre_hook(_refuse_repacked)
+                module._adaptkit_repack_check = True
+    return model
+
+
+def enable_checkpointing(model: nn.Module) -> nn.Module:
+    """Non-reentrant activation checkpointing: adapters inside checkpointed blocks still get gradients."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UnsupportedError(field="gradient_checkpointing", value=True,
+                               problem=f"{type(model).__name__} does not support activation checkpointing",
+                               fix="load without gradient_checkpointing=True")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False  # a KV cache is useless while recomputing and transformers warns
+    return model
+
+
+# ---- what quantization costs and saves -------------------------------------------------------------
+def _state_tensors(weight: torch.Tensor) -> list[torch.Tensor]:
+    """Tensors bitsandbytes keeps beside a quantized weight: int8 row scales, 4-bit block statistics."""
+    out = []
+    scb = getattr(weight, "SCB", None)
+    if isinstance(scb, torch.Tensor):
+        out.append(scb)
+    state = getattr(weight, "quant_state", None)
+    if state is not None:
+        out += [t for t in state.as_dict(packed=True).values() if isinstance(t, torch.Tensor)]
+    return out
+
+
+def quantization_report(model: nn.Module) -> dict[str, Any]:
+    """Bytes of the quantized linear layers: weights, their scales/statistics, and bytes per weight.
+
+    ``state_bytes`` are kept as attributes, not parameters or buffers, so ``adaptkit.summary``'s
+    footprint does not see them; ``bytes_per_weight`` counts them (the honest figure).
+    """
+    from adaptkit.core import _numel
+    layers = quantized_linears(model)
+    weights = sum(_numel(m.weight) for m in layers.values())
+    weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in layers.values())
+    state_bytes = sum(t.numel() * t.element_size() for m in layers.values() for t in _state_tensors(m.weight))
+    return {"quantized_linears": len(layers), "weights": weights, "weight_bytes": weight_bytes,
+            "state_bytes": state_bytes,
+            "bytes_per_weight": (weight_bytes + state_bytes) / weights if weights else None}
