@@ -35,6 +35,7 @@ import io
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -148,7 +149,7 @@ def _parse_delimited(text: str, p: Path, ext: str):
             right = ".tsv (tab-separated, quoting off)" if not tsv else ".csv (comma-separated)"
             raise DataError(field=str(p), value=header[0][:80], problem=f"wrong delimiter: the header is one "
                             f"column holding {'tabs' if not tsv else 'commas'}", fix=f"rename the file to {right}")
-        if len(set(header)) != len(header) or "" in header:
+        if not header or len(set(header)) != len(header) or "" in header:
             raise DataError(field=str(p), value=header, problem="the header has empty or repeated column names",
                             fix="give every column a unique name on the first line")
         while True:
@@ -226,18 +227,16 @@ def _build_table(columns, records, where, source, text_columns, label_column, ta
                         problem=f"no such column; the columns are {columns}", fix=hint)
     texts, cells = [], []
     for rec, loc in zip(records, where):
-        row = []
-        for name in (*text_cols, label_column):
-            if name not in rec:  # JSON records may lack keys the first record had
-                raise DataError(field=f"{source}, {loc}", value=name, problem="the record has no such key",
-                                fix="give every record the same keys")
-        for name in text_cols:
-            value = rec[name]
+        missing = [name for name in (*text_cols, label_column) if name not in rec]  # JSON records may lack keys
+        if missing:
+            raise DataError(field=f"{source}, {loc}", value=missing[0], problem="the record has no such key",
+                            fix="give every record the same keys")
+        row = tuple(rec[name] for name in text_cols)
+        for name, value in zip(text_cols, row):
             if not isinstance(value, str) or not value.strip():
                 raise DataError(field=f"{source}, {loc}, column {name!r}", value=value,
                                 problem="the text is empty or not a string", fix="drop the row or fill in the text")
-            row.append(value)
-        texts.append(tuple(row))
+        texts.append(row)
         cells.append(_label_cell(rec[label_column], source, loc, label_column))
     labels, task, num_labels, label_names = _type_labels(cells, where, source, task, num_labels, label_names)
     return Table(texts, labels, task, num_labels, label_names, text_cols, source)
@@ -344,9 +343,8 @@ def load_splits(source, *, text_columns=None, label_column: str = "label", task:
                           fix="use e.g. 0.1 to hold out 10% of train")
     opts = dict(text_columns=text_columns, label_column=label_column, task=task, num_labels=num_labels)
     _check_options(text_columns, task, num_labels)
-    import datasets  # heavy import, only needed here
-
-    if isinstance(source, datasets.DatasetDict):
+    loaded = sys.modules.get("datasets")  # a DatasetDict implies datasets is imported; do not import it (2-4 s)
+    if loaded is not None and isinstance(source, loaded.DatasetDict):
         return _from_dataset_dict(source, "DatasetDict", opts, validation_fraction, seed)
     if isinstance(source, Mapping):
         unknown = sorted(set(source) - {"train", "validation", "test"})
@@ -365,7 +363,7 @@ def load_splits(source, *, text_columns=None, label_column: str = "label", task:
         raise DataError(field="source", value=str(source), problem="no such file or folder",
                         fix="pass a folder with train.tsv (and dev.tsv/test.tsv), a file, or a hub name")
     readers = {role: (lambda o, f=f: read_table(f, **o)) for role, f in files.items()}
-    return _assemble(readers, opts, validation_fraction, seed, {r: str(f) for r, f in files.items()})
+    return _assemble(readers, opts, validation_fraction, seed)
 
 
 def _split_files(folder: Path) -> dict[str, Path]:
@@ -389,28 +387,22 @@ def _split_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def _assemble(readers: dict[str, Callable], opts: dict, fraction: float, seed: int, names: dict) -> Splits:
-    roles = dict(readers)
-    if "dev" in roles:  # GLUE: dev is the test set when no test file is given
-        roles["validation" if "test" in roles else "test"] = roles.pop("dev")
-        names["validation" if "test" in names else "test"] = names.pop("dev")
-    train = roles["train"](opts)
+def _assemble(readers: dict[str, Callable], opts: dict, fraction: float, seed: int) -> Splits:
+    if "dev" in readers:  # GLUE: dev is the test set when no test file is given
+        readers = dict(readers)
+        readers["validation" if "test" in readers else "test"] = readers.pop("dev")
+    train = readers["train"](opts)
     # the train split fixes columns, task and label set so the others cannot drift from it
     same = dict(text_columns=list(train.text_columns), label_column=opts["label_column"], task=train.task,
                 num_labels=train.num_labels if train.task == "classification" else None,
                 label_names=train.label_names)
-    test = roles["test"](same) if "test" in roles else None
-    notes = [f"train: {names['train']} ({len(train)} rows)"]
-    if test is not None:
-        notes.append(f"test: {names['test']} ({len(test)} rows)")
-    if "validation" in roles:
-        validation = roles["validation"](same)
-        notes.append(f"validation: {names['validation']} ({len(validation)} rows)")
-    else:
-        train, validation = _carve(train, fraction, seed)
-        notes.append(f"validation: {len(validation)} rows carved from train ({fraction:g}, seed {seed}"
+    split = {role: readers[role](same) for role in ("validation", "test") if role in readers}
+    notes = [f"{role}: {t.path} ({len(t)} rows)" for role, t in (("train", train), *split.items())]
+    if "validation" not in split:
+        train, split["validation"] = _carve(train, fraction, seed)
+        notes.append(f"validation: {len(split['validation'])} rows carved from train ({fraction:g}, seed {seed}"
                      f"{', stratified' if train.task == 'classification' else ''}); train keeps {len(train)}")
-    return Splits(train, validation, test, notes)
+    return Splits(train, split["validation"], split.get("test"), notes)
 
 
 def _carve(table: Table, fraction: float, seed: int) -> tuple[Table, Table]:
@@ -442,7 +434,7 @@ def _from_hub(name: str, opts, fraction, seed) -> Splits:
 
 def _from_dataset_dict(dd, name: str, opts, fraction, seed) -> Splits:
     label = opts["label_column"]
-    readers, names = {}, {}
+    readers = {}
     for split, ds in dd.items():
         role = {"train": "train", "validation": "dev", "dev": "dev", "test": "test"}.get(split)
         if role is None or (label in ds.column_names and all(v == -1 for v in ds[label])):
@@ -454,11 +446,11 @@ def _from_dataset_dict(dd, name: str, opts, fraction, seed) -> Splits:
             o = dict(o, label_names=o.get("label_names") or class_names)
             return _build_table(ds.column_names, ds.to_list(), [f"row {i}" for i in range(len(ds))],
                                 f"{name}[{split}]", **o)
-        readers[role], names[role] = read, f"{name}[{split}]"
+        readers[role] = read
     if "train" not in readers:
         raise DataError(field="source", value=f"{name} splits {list(dd)}", problem="no labelled train split",
                         fix="use a dataset with a 'train' split, or a local folder")
-    return _assemble(readers, opts, fraction, seed, names)
+    return _assemble(readers, opts, fraction, seed)
 
 
 # ------------------------------------------------------------------------------- tokenize & batch

@@ -227,9 +227,11 @@ def metric_for_task(task: str, num_labels: int = 2) -> evaluate.CombinedEvaluati
     matters for "classification": 2 gives binary F1 (``f1``), more gives macro F1 (``macro_f1``).
     """
     _check_task(task)
-    if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 2:
-        raise ConfigError(field="num_labels", value=num_labels, problem="must be an integer >= 2",
-                          fix="pass the number of classes, e.g. num_labels=2")
+    # a regression Table has num_labels=1, so metric_for_task(table.task, table.num_labels) must work
+    least = 2 if task == "classification" else 1
+    if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < least:
+        raise ConfigError(field="num_labels", value=num_labels, problem=f"must be an integer >= {least} for {task}",
+                          fix="pass the number of classes, e.g. num_labels=2 (Table.num_labels)")
     modules = TASKS[task][0](num_labels)
     return modules[0] if len(modules) == 1 else evaluate.combine(modules)
 

@@ -127,6 +127,17 @@ def test_label_range_and_label_set_checks(tmp_path):
         read_table(names, task="regression")
 
 
+def test_more_bad_inputs(tmp_path):
+    path = write(tmp_path, "p.tsv", "premise\thypothesis\tlabel\na\tb\t1\nc\td\t0\n")
+    assert read_table(path, text_columns=["premise", "hypothesis"]).texts == [("a", "b"), ("c", "d")]
+    with pytest.raises(DataError, match=r"text_columns=\['hyp'\]: not found; the columns are \['premise'"):
+        read_table(path, text_columns=["premise", "hyp"])
+    with pytest.raises(ConfigError, match="num_labels=2: regression has one output"):
+        read_table(write(tmp_path, "r.tsv", "text\tlabel\na\t0.5\n"), num_labels=2)
+    with pytest.raises(DataError, match=r"a.json, line 1.*not valid JSON"):
+        read_table(write(tmp_path, "a.json", '[{"text": "a", "label": 1},]'))
+
+
 def test_bad_options():
     with pytest.raises(ConfigTypeError, match=r"text_columns='sentence'.*Fix: text_columns=\['sentence'\]"):
         read_table("x.tsv", text_columns="sentence")
@@ -215,6 +226,8 @@ def test_dataset_dict_source_drops_hidden_test_labels():
     part = lambda labels: datasets.Dataset.from_dict(  # noqa: E731
         {"sentence": [f"s{i}" for i in range(len(labels))], "label": labels}, features=feats)
     dd = datasets.DatasetDict(train=part([0, 1] * 10), validation=part([1, 0, 1]), test=part([-1, -1]))
+    with pytest.raises(DataError, match="no labelled train split"):
+        load_splits(datasets.DatasetDict(validation=part([0, 1])))
     splits = load_splits(dd)
     assert len(splits.test) == 3 and len(splits.validation) == 2 and len(splits.train) == 18  # GLUE roles
     assert splits.train.label_names == ["negative", "positive"] and splits.train.num_labels == 2

@@ -114,8 +114,11 @@ def test_unknown_task_lists_valid_tasks():
         metric_for_task("glue")
     with pytest.raises(ConfigError, match="valid tasks are"):
         primary_metric("accuracy")
-    with pytest.raises(ConfigError, match="num_labels=1: must be an integer >= 2"):
+    with pytest.raises(ConfigError, match="num_labels=1: must be an integer >= 2 for classification"):
         metric_for_task("classification", num_labels=1)
+    with pytest.raises(ConfigError, match="num_labels=0: must be an integer >= 1 for stsb"):
+        metric_for_task("stsb", num_labels=0)
+    assert isinstance(metric_for_task("regression", num_labels=1), PearsonSpearman)  # a regression Table's value
 
 
 def test_bad_inputs_are_typed_errors():
