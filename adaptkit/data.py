@@ -330,8 +330,9 @@ def load_splits(source, *, text_columns=None, label_column: str = "label", task:
       files (any extension of ``EXTENSIONS``; two files for one split are refused);
     * one file (used as train) or a mapping ``{"train": path, "validation": path, "test": path}``;
     * a ``datasets.DatasetDict``, or a hub name such as ``"glue/sst2"`` (loaded with
-      ``datasets.load_dataset``; offline this fails at once with a DataError; splits whose labels
-      are all -1, like GLUE test, count as missing).
+      ``datasets.load_dataset``; with HF_HUB_OFFLINE=1 and no cached copy it fails at once with a
+      DataError, with no network and no flag after datasets' retries, about 25 s; splits whose
+      labels are all -1, like GLUE test, count as missing).
 
     Which file plays which role: ``validation`` -> validation; ``dev`` -> validation when a test
     file exists, else -> test (GLUE). Without a validation file, ``validation_fraction`` of train is
