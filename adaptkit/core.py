@@ -163,7 +163,7 @@ def summary(model: nn.Module) -> Summary:
         adapter_bytes = sum(t.numel() * t.element_size() for t in trained_tensors(model).values())
     footprint = sum(p.numel() * p.element_size() for p in params)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    return Summary(strategy.name if strategy else None, trainable, total, adapter_bytes, footprint + buffers,
+    return Summary(strategy.label if strategy else None, trainable, total, adapter_bytes, footprint + buffers,
                    4 * total + buffers)
 
 

@@ -75,10 +75,47 @@ def new_head_names(model: nn.Module) -> list[str]:
 
 
 def linear_names(model: nn.Module, exclude_heads: bool = True) -> list[str]:
-    """Dotted names of every linear layer, the task heads excluded."""
+    """Dotted names of every linear layer, the task heads excluded.
+
+    On a model PEFT already injected into (a second named adapter), a LoRA-wrapped layer counts as
+    the linear it wraps; its inner ``base_layer`` / ``lora_A`` linears do not.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import ModulesToSaveWrapper
     heads = tuple(head_names(model)) if exclude_heads else ()
-    return [name for name, m in model.named_modules()
-            if is_linear(m) and not any(name == h or name.startswith(h + ".") for h in heads)]
+    names, inside = [], ()
+    for name, m in model.named_modules():
+        if inside and any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper)):
+            inside += (name,)
+            if isinstance(m, ModulesToSaveWrapper) or not is_linear(m.get_base_layer()):
+                continue
+        elif not is_linear(m):
+            continue
+        if not any(name == h or name.startswith(h + ".") for h in heads):
+            names.append(name)
+    return names
+
+
+def unique_suffixes(model: nn.Module, names: list[str]) -> list[str]:
+    """The shortest dotted suffixes that match exactly ``names`` among all module names.
+
+    Short names (``query``, ``dense``) keep adapter configs readable and PEFT-style; a suffix that
+    would also match something else (a head's ``dense``, a ``Sequential``'s ``0``) is lengthened.
+    """
+    wanted = set(names)
+    all_names = [n for n, _ in model.named_modules() if n]
+    chosen = set()
+    for name in names:
+        parts = name.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            matches = {n for n in all_names if n == suffix or n.endswith("." + suffix)}
+            if matches <= wanted:
+                chosen.add(suffix)
+                break
+    return sorted(chosen)
 
 
 def hidden_size(model: nn.Module) -> int:

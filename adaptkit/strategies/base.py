@@ -92,6 +92,11 @@ class Strategy:
                     fix=f"pass a {_describe(hints[f.name])} (default: {f.default!r})")
         self.validate()
 
+    @property
+    def label(self) -> str:
+        """What tables print: the strategy name (the PEFT method for the pass-through)."""
+        return self.name
+
     # ---- options -------------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ConfigError for values of the right type that still cannot work."""
@@ -111,7 +116,7 @@ class Strategy:
         if unknown:
             import difflib
             hints = [f"{u!r} -> did you mean {m[0]!r}?" for u in unknown
-                     if (m := difflib.get_close_matches(u, known, n=1))]
+                     if (m := difflib.get_close_matches(u, known, n=1, cutoff=0.4))]
             raise UnknownOptionError(
                 field=f"{cls.__name__} options", value=unknown, problem="unknown option(s)",
                 fix=("; ".join(hints) + "; " if hints else "") + f"valid options are {sorted(known)}")

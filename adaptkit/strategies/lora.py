@@ -14,12 +14,12 @@ from adaptkit.strategies.base import PeftStrategy
 
 
 def backbone_targets(model: nn.Module) -> tuple[list[str], str | None]:
-    """Leaf names of every backbone linear layer, plus a regex that keeps LoRA off the task heads.
+    """Short names matching every backbone linear layer and nothing else, plus a regex keeping the heads out.
 
-    Found from the module tree, so an architecture nobody listed still works. Heads are excluded by
-    regex because a head may reuse a backbone leaf name (RoBERTa's ``classifier.dense``).
+    Found from the module tree, so an architecture nobody listed still works. The head regex is a
+    second guard: PEFT would otherwise wrap a head that is also in ``modules_to_save``.
     """
-    leaves = sorted({name.split(".")[-1] for name in targets.linear_names(model)})
+    leaves = targets.unique_suffixes(model, targets.linear_names(model))
     heads = targets.head_names(model)
     exclude = rf"({'|'.join(map(re.escape, heads))})(\..*)?" if heads else None
     return leaves, exclude

@@ -58,6 +58,10 @@ class PeftMethod(PeftStrategy):
         self.method = self.method.lower()
         self._config_class()(**{k: v for k, v in self.options.items() if k != "peft_type"})  # PEFT checks the options
 
+    @property
+    def label(self) -> str:
+        return self.method
+
     def _config_class(self):
         from peft import PeftType
         from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
