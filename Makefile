@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# real datasets are read in place (never copied into the repo); tests needing them skip when absent
+export ADAPTKIT_DATA ?= $(abspath ../shared/data)
 
 .PHONY: install test run clean
 
