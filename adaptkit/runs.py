@@ -1,0 +1,535 @@
+"""The bookkeeping the recipes share, so each recipe keeps only its task-specific code in view.
+
+A recipe owns its model, data and training step; a :class:`Run` does everything around the step:
+the evaluation schedule, early stopping, logs (JSONL, TensorBoard when installed), a tqdm bar,
+checkpoints that resume exactly, and ``metrics.json``::
+
+    run = Run(accelerator, args, model, optimizer, train_loader, evaluate=lambda: evaluate(model, val_loader),
+              metric=("accuracy", True), max_steps=max_steps)
+    run.resume(args.resume)                      # no-op without --resume
+    for batch in run.batches(train_loader):      # epochs, resume position, stops at max steps / early stop
+        with accelerator.accumulate(model):
+            loss = model(**batch).loss
+            ...
+        run.step_done(loss)                      # logs; evaluates, saves the best adapter, checkpoints
+    run.finish({...task metrics...}, summary)    # metrics.json beside the saved adapter
+
+Exact resume: a checkpoint is ``accelerator.save_state`` (model, optimizer, scheduler, every process's
+RNG states, accelerate's accumulation counter) plus ``run_state.json`` (step, epoch, position in the
+epoch, early-stopping state, time and samples so far). Shuffling is reseeded from ``seed + epoch``
+every epoch, so the resumed run skips exactly the micro-batches already seen
+(``accelerator.skip_first_batches``) and continues with the same batches, dropout masks and learning
+rates as an uninterrupted run. Checkpoints are written to a temporary folder and renamed into place,
+so a crash while saving never leaves a checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator
+
+import torch
+
+from adaptkit.errors import ConfigError
+
+ADAPTER_DIR = "adapter"
+METRICS_FILE = "metrics.json"
+LOG_FILE = "log.jsonl"
+CHECKPOINTS = "checkpoints"
+RUN_STATE = "run_state.json"
+
+# Learning rates that worked for each strategy on all-MiniLM-L6-v2 / SST-2 (FACTS.md and the
+# strategy comparison); a parameter-efficient method needs a far larger step than full fine-tuning.
+DEFAULT_LR = {"full": 5e-5, "lora": 5e-4, "bottleneck": 1e-3, "prefix": 1e-2, "linear_probe": 1e-2}
+OTHER_LR = 1e-3  # any other PEFT method (ia3, loha, ...)
+
+# Flags that may change between a run and its resumption; every other flag must match, or the
+# resumed run would silently train something else than the interrupted one.
+_RESUMABLE_CHANGES = {"output_dir", "resume", "overwrite", "log_every", "checkpoint_every", "keep_checkpoints",
+                      "processes"}
+
+
+# ---- flags -----------------------------------------------------------------------------------------
+def add_run_args(parser: argparse.ArgumentParser, *, epochs: int = 3, batch_size: int = 32,
+                 strategy: str = "lora") -> None:
+    """The flags every recipe has: strategy, budget, optimisation, evaluation, logging, checkpoints."""
+    g = parser.add_argument_group("strategy")
+    g.add_argument("--strategy", default=strategy,
+                   help="lora, bottleneck, prefix, linear_probe, full, or any PEFT method name (ia3, loha, ...)")
+    g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a strategy option, repeatable: --option r=16 --option targets=query,value "
+                        "(values are JSON when they parse, comma lists become lists)")
+    g.add_argument("--quantization", choices=["none", "8bit", "4bit"], default="none",
+                   help="load the base model quantized with bitsandbytes (train an adapter on top)")
+    g = parser.add_argument_group("training")
+    g.add_argument("--output-dir", type=Path, default=None, help="where logs, checkpoints, adapter and metrics go")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--processes", type=int, default=None,
+                   help="how many processes you launched; checked (`accelerate launch --cpu --num_processes 2` "
+                        "silently runs one)")
+    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--max-steps", type=int, default=0, help="optimizer steps; overrides --epochs when > 0")
+    g.add_argument("--batch-size", type=int, default=batch_size, help="per process, per micro-batch")
+    g.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    g.add_argument("--learning-rate", type=float, default=None,
+                   help=f"default depends on the strategy: {DEFAULT_LR}, other PEFT methods {OTHER_LR}")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--warmup-ratio", type=float, default=0.06, help="linear warm-up over this share of the steps")
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g = parser.add_argument_group("evaluation, logging, checkpoints")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N optimizer steps (0: each epoch)")
+    g.add_argument("--patience", type=int, default=3,
+                   help="stop after this many evaluations without improvement (0: never stop early)")
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--checkpoint-every", type=int, default=200, help="optimizer steps between checkpoints (0: none)")
+    g.add_argument("--keep-checkpoints", type=int, default=1)
+    g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="continue an interrupted run: its latest checkpoint in --output-dir, or this folder")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in an --output-dir that holds a run")
+
+
+def check_args(args: argparse.Namespace, recipe: str) -> None:
+    """Refuse flag values that cannot work, naming the flag and the fix."""
+    positive = ["epochs", "batch_size", "gradient_accumulation_steps", "log_every", "keep_checkpoints"]
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ConfigError(field=f"--{name.replace('_', '-')}", value=getattr(args, name),
+                              problem="must be at least 1", fix="pass a positive integer")
+    for name in ["max_steps", "eval_every", "patience", "checkpoint_every"]:
+        if getattr(args, name) < 0:
+            raise ConfigError(field=f"--{name.replace('_', '-')}", value=getattr(args, name),
+                              problem="must be >= 0", fix="pass 0 to switch it off, or a positive integer")
+    if not 0.0 <= args.warmup_ratio < 1.0:
+        raise ConfigError(field="--warmup-ratio", value=args.warmup_ratio, problem="must be in [0, 1)",
+                          fix="use 0.06")
+    if args.learning_rate is not None and args.learning_rate <= 0:
+        raise ConfigError(field="--learning-rate", value=args.learning_rate, problem="must be positive",
+                          fix="leave it out for the strategy's default")
+    if args.output_dir is None:
+        args.output_dir = Path("outputs") / f"{recipe}-{args.strategy}"
+    args.output_dir = Path(args.output_dir)
+    if args.resume is None and not args.overwrite and (args.output_dir / CHECKPOINTS).exists():
+        raise ConfigError(field="--output-dir", value=str(args.output_dir), problem="already holds a run",
+                          fix="pass --resume to continue it, --overwrite to start afresh, or another --output-dir")
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """``["r=16", "targets=query,value", "use_dora=true"]`` -> ``{"r": 16, "targets": [...], "use_dora": True}``."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(field="--option", value=item, problem="is not KEY=VALUE",
+                              fix="write it like --option r=16")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = [v.strip() for v in text.split(",") if v.strip()] if "," in text else text
+        options[key.strip()] = value
+    return options
+
+
+def learning_rate(args: argparse.Namespace) -> float:
+    if args.learning_rate is not None:
+        return args.learning_rate
+    return DEFAULT_LR.get(args.strategy.strip().lower().replace("-", "_"), OTHER_LR)
+
+
+# ---- accelerate --------------------------------------------------------------------------------------
+def make_accelerator(args: argparse.Namespace):
+    """An Accelerator whose shuffling is reseeded from ``seed + epoch`` (what exact resume relies on)."""
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import set_seed
+
+    from adaptkit.distributed import require_processes
+
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
+                                                                         data_seed=args.seed))
+    # a launch that silently runs 1 process, or N processes that each train alone, is refused here
+    require_processes(accelerator, args.processes)
+    set_seed(args.seed)
+    return accelerator
+
+
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and normalisation weights (they are not "weights" to shrink)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate(args))
+
+
+def plan_steps(args: argparse.Namespace, batches_per_epoch: int) -> int:
+    """Total optimizer steps: --max-steps, else --epochs over the (per-process) training batches."""
+    return args.max_steps or args.epochs * math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+
+
+def make_scheduler(optimizer, args: argparse.Namespace, max_steps: int, num_processes: int):
+    """Linear warm-up then linear decay to 0 over ``max_steps`` optimizer steps.
+
+    Accelerate steps a prepared scheduler once per process for every optimizer step (each process
+    saw its own batch), so the schedule is laid out in ``max_steps * num_processes`` ticks.
+    """
+    from transformers import get_linear_schedule_with_warmup
+    ticks = max_steps * num_processes
+    return get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * ticks), ticks)
+
+
+# ---- small pieces ------------------------------------------------------------------------------------
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for name in ("adaptkit", "torch", "transformers", "peft", "accelerate"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+class EarlyStopping:
+    """Counts evaluations without improvement; NaN (e.g. a correlation of constant predictions) never improves."""
+
+    def __init__(self, patience: int, higher_is_better: bool):
+        self.patience, self.higher_is_better = patience, higher_is_better
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.bad_evals = 0
+
+    def update(self, value: float, step: int) -> bool:
+        """Record one evaluation; True when it is the best so far."""
+        better = not math.isnan(value) and (
+            self.best is None or (value > self.best if self.higher_is_better else value < self.best))
+        if better:
+            self.best, self.best_step, self.bad_evals = float(value), step, 0
+        else:
+            self.bad_evals += 1
+        return better
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad_evals >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_step, self.bad_evals = state["best"], state["best_step"], state["bad_evals"]
+
+
+class Logger:
+    """JSON lines (and TensorBoard scalars when tensorboard is installed), written by the main process only."""
+
+    def __init__(self, output_dir: Path, enabled: bool, append: bool):
+        self.enabled = enabled
+        self.file = self.tensorboard = None
+        if not enabled:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(output_dir / LOG_FILE, "a" if append else "w", encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # optional: pip install tensorboard
+            return
+        self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record, default=str) + "\n")
+        self.file.flush()
+        if self.tensorboard is not None:
+            for key, value in _flatten(record).items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    self.tensorboard.add_scalar(key, value, record.get("step", 0))
+
+    def close(self) -> None:
+        for handle in (self.file, self.tensorboard):
+            if handle is not None:
+                handle.close()
+
+
+def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint (complete = has run_state.json; temporary folders start with '.')."""
+    folder = Path(output_dir) / CHECKPOINTS
+    done = [p for p in folder.glob("step-*") if (p / RUN_STATE).is_file()] if folder.is_dir() else []
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+class Run:
+    """Schedule and state of one training run (see the module docstring for the loop it drives).
+
+    ``evaluate`` is called with no arguments and returns the validation metrics; ``metric`` is
+    ``(key, higher_is_better)`` of the one early stopping and best-adapter selection watch.
+    """
+
+    def __init__(self, accelerator, args: argparse.Namespace, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, train_loader, *, evaluate: Callable[[], dict[str, float]],
+                 metric: tuple[str, bool], max_steps: int):
+        self.accelerator, self.args, self.model, self.optimizer = accelerator, args, model, optimizer
+        self.evaluate, (self.metric, higher) = evaluate, metric
+        self.output_dir = Path(args.output_dir)
+        self.adapter_dir = self.output_dir / ADAPTER_DIR
+        self.max_steps, self.batches_per_epoch = max_steps, len(train_loader)
+        self.stopper = EarlyStopping(args.patience, higher)
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.samples, self.train_seconds = 0, 0.0
+        self.done = self.stopped_early = False
+        self.last_eval_step: int | None = None
+        self.best_metrics: dict[str, float] = {}
+        self._loss_sum, self._loss_count = 0.0, 0
+        self._started = time.perf_counter()
+        self._clock: float | None = None
+        self.bar = None
+        if accelerator.is_main_process:
+            if args.resume is None and args.overwrite:
+                for name in (CHECKPOINTS, ADAPTER_DIR, METRICS_FILE, LOG_FILE):
+                    path = self.output_dir / name
+                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        self.logger = Logger(self.output_dir, accelerator.is_main_process, append=args.resume is not None)
+
+    # ---- resume ----------------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """The flags (and process count) this run was started with; a resumed run must match them."""
+        flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(self.args).items())}
+        return {**flags, "num_processes": self.accelerator.num_processes}
+
+    def resume(self, where: str | None) -> None:
+        """Restore everything from a checkpoint (``"latest"``: the newest in --output-dir); None: fresh start."""
+        if where is None:
+            return
+        path = latest_checkpoint(self.output_dir) if where == "latest" else Path(where)
+        if path is None or not (path / RUN_STATE).is_file():
+            raise ConfigError(field="--resume", value=str(path or self.output_dir / CHECKPOINTS),
+                              problem="no complete checkpoint there",
+                              fix="point --resume at a checkpoints/step-N folder, or drop --resume to start afresh")
+        state = json.loads((path / RUN_STATE).read_text())
+        saved, now = state["config"], self.config()
+        changed = sorted(k for k in set(saved) | set(now)
+                         if k not in _RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+        if changed:
+            raise ConfigError(field="--resume", value={k: [saved.get(k), now.get(k)] for k in changed},
+                              problem="these flags differ from the interrupted run (was, now)",
+                              fix="resume with the same flags, or start a new run in another --output-dir")
+        self.accelerator.load_state(str(path))
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.samples, self.train_seconds = state["samples"], state["train_seconds"]
+        self.last_eval_step, self.best_metrics = state["last_eval_step"], state["best_metrics"]
+        self.stopper.load_state_dict(state["early_stopping"])
+        self.logger.log({"step": self.step, "event": "resumed", "checkpoint": str(path)})
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def batches(self, loader) -> Iterator[Any]:
+        """Micro-batches until max steps or early stopping, starting where a resumed run stopped."""
+        from accelerate import skip_first_batches
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                        disable=not self.accelerator.is_local_main_process)
+        self._clock = time.perf_counter()
+        while not self.done and self.step < self.max_steps:
+            loader.set_epoch(self.epoch)  # reseeds shuffling: epoch e always sees the same order
+            source = skip_first_batches(loader, self.batch_in_epoch) if self.batch_in_epoch else loader
+            for batch in _rng_neutral(source):
+                self.batch_in_epoch += 1
+                self.samples += _batch_len(batch) * self.accelerator.num_processes
+                yield batch
+                if self.done:
+                    break
+        self._pause()
+        self.bar.close()
+
+    def step_done(self, loss: torch.Tensor) -> None:
+        """Call after every micro-batch. At an optimizer step: log, evaluate, stop, checkpoint when due."""
+        self._loss_sum += float(loss.detach())
+        self._loss_count += 1
+        if not self.accelerator.sync_gradients:
+            return
+        self.step += 1
+        epoch_end = self.batch_in_epoch >= self.batches_per_epoch
+        if epoch_end:  # roll over now, so a checkpoint taken here resumes at the next epoch's start
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        self.bar.update(1)
+        if self.step % self.args.log_every == 0 or self.step == self.max_steps:
+            self._log_loss()
+        every = self.args.eval_every
+        if (every and self.step % every == 0) or (not every and epoch_end) or self.step >= self.max_steps:
+            self._evaluate()
+        if self.step >= self.max_steps:
+            self.done = True
+        every = self.args.checkpoint_every
+        if every and self.step % every == 0 and not self.done:
+            self.checkpoint()
+
+    def _log_loss(self) -> None:
+        totals = self.accelerator.reduce(torch.tensor([self._loss_sum, self._loss_count],
+                                                      device=self.accelerator.device), reduction="sum")
+        loss = (totals[0] / totals[1]).item()
+        self._loss_sum, self._loss_count = 0.0, 0
+        self.bar.set_postfix(loss=f"{loss:.4f}")
+        self.logger.log({"step": self.step, "epoch": self.epoch, "loss": loss,
+                         "lr": self.optimizer.param_groups[0]["lr"], "train_seconds": round(self._now(), 3)})
+
+    def _evaluate(self) -> None:
+        running = self._pause()
+        metrics = self.evaluate()
+        self.model.train()
+        if self.metric not in metrics:
+            raise ConfigError(field="metric", value=self.metric, problem=f"not among the results {sorted(metrics)}",
+                              fix="watch one of the keys the evaluation returns")
+        self.last_eval_step = self.step
+        improved = self.stopper.update(float(metrics[self.metric]), self.step)
+        if improved:
+            self.best_metrics = {k: float(v) for k, v in metrics.items()}
+            self.save_adapter()
+        self.logger.log({"step": self.step, "epoch": self.epoch, "validation": metrics, "best": improved})
+        if self.stopper.should_stop:
+            self.done = self.stopped_early = True
+            self.logger.log({"step": self.step, "event": "early_stop",
+                             "reason": f"{self.args.patience} evaluations without a better {self.metric}"})
+        self._resume_clock(running)
+
+    def save_adapter(self) -> None:
+        import adaptkit
+        if self.accelerator.is_main_process:
+            adaptkit.save(self.accelerator.unwrap_model(self.model), self.adapter_dir)
+        self.accelerator.wait_for_everyone()
+
+    def checkpoint(self) -> Path:
+        """Save everything needed to continue exactly from here; atomic (temporary folder, then rename)."""
+        from adaptkit.core import replace_dir
+        running = self._pause()
+        folder = self.output_dir / CHECKPOINTS
+        final, tmp = folder / f"step-{self.step:07d}", folder / f".tmp-step-{self.step:07d}"
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp))  # every process writes its own RNG states
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            write_json(tmp / RUN_STATE, {
+                "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "samples": self.samples, "train_seconds": self.train_seconds,
+                "last_eval_step": self.last_eval_step, "best_metrics": self.best_metrics,
+                "early_stopping": self.stopper.state_dict(), "config": self.config()})
+            replace_dir(tmp, final)
+            old = sorted((p for p in folder.glob("step-*") if p != final), key=lambda p: p.name)
+            for stale in old[: max(0, len(old) - self.args.keep_checkpoints + 1)]:
+                shutil.rmtree(stale, ignore_errors=True)
+            self.logger.log({"step": self.step, "event": "checkpoint", "path": str(final)})
+        self.accelerator.wait_for_everyone()
+        self._resume_clock(running)
+        return final
+
+    # ---- the end ---------------------------------------------------------------------------------
+    def finish(self, results: dict[str, Any], summary) -> dict[str, Any]:
+        """Write metrics.json beside the adapter: task results + parameters, memory, time, throughput."""
+        if self.last_eval_step is None:  # stopped before any evaluation: the last weights are all there is
+            self._evaluate()
+        if not self.adapter_dir.is_dir():  # no evaluation ever improved (e.g. NaN): keep the last weights
+            self.save_adapter()
+        acc = self.accelerator
+        peak = acc.gather(torch.tensor([peak_rss_bytes()], device=acc.device)).max().item()
+        metrics = {
+            **results,
+            "validation": self.best_metrics, "metric": self.metric, "best_step": self.stopper.best_step,
+            "steps": self.step, "max_steps": self.max_steps, "epochs": round(self.step / max(1, math.ceil(
+                self.batches_per_epoch / self.args.gradient_accumulation_steps)), 3),
+            "stopped_early": self.stopped_early, "train_samples": self.samples,
+            "train_seconds": round(self.train_seconds, 3), "total_seconds": round(self._wall(), 3),
+            "samples_per_second": round(self.samples / self.train_seconds, 3) if self.train_seconds else None,
+            "trainable_parameters": summary.trainable, "total_parameters": summary.total,
+            "trainable_percent": round(summary.percent, 4), "adapter_bytes": summary.adapter_bytes,
+            "peak_rss_bytes": int(peak), "num_processes": acc.num_processes, "device": str(acc.device),
+            "adapter_dir": ADAPTER_DIR, "learning_rate": learning_rate(self.args), "config": self.config(),
+            "versions": versions(),
+        }
+        if torch.cuda.is_available():
+            metrics["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated())
+        if acc.is_main_process:
+            write_json(self.output_dir / METRICS_FILE, metrics)
+        self.logger.log({"step": self.step, "event": "finished", **{k: v for k, v in results.items()}})
+        self.logger.close()
+        acc.wait_for_everyone()
+        return metrics
+
+    # ---- time: train_seconds counts training steps only, not evaluation or checkpoint writing ------
+    def _now(self) -> float:
+        return self.train_seconds + (time.perf_counter() - self._clock if self._clock is not None else 0.0)
+
+    def _pause(self) -> bool:
+        """Stop the training clock; True when it was running."""
+        running = self._clock is not None
+        self.train_seconds = self._now()
+        self._clock = None
+        return running
+
+    def _resume_clock(self, running: bool) -> None:
+        if running:
+            self._clock = time.perf_counter()
+
+    def _wall(self) -> float:
+        return time.perf_counter() - self._started
+
+
+def _rng_neutral(loader) -> Iterator[Any]:
+    """Iterate ``loader`` without the global RNG draw that starting a torch DataLoader makes.
+
+    A DataLoader without its own generator draws a worker seed from the global RNG when an epoch
+    starts. A resumed run starts its (partial) epoch at another moment than the interrupted run
+    did, so that draw would shift every later dropout mask; the draw is made on a forked RNG instead.
+    """
+    iterator = iter(loader)
+    with torch.random.fork_rng(devices=[]):
+        first = next(iterator, _END)
+    if first is not _END:
+        yield first
+        yield from iterator
+
+
+_END = object()
+
+
+def _batch_len(batch: Any) -> int:
+    first = next(iter(batch.values())) if isinstance(batch, Mapping) else batch[0]  # BatchEncoding is a Mapping
+    return int(first.shape[0])

