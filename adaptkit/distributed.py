@@ -64,7 +64,7 @@ def process_device() -> int | str:
     return "cpu"
 
 
-def device_map(requested: Any = None) -> dict[str, int | str]:
+def device_map(requested: Any = None) -> Any:
     """The ``device_map`` for ``from_pretrained``: the user's, checked, or the whole model on this process's device.
 
     Under several processes only a single-device map is accepted; ``"auto"``, ``"balanced"`` and
@@ -83,9 +83,22 @@ def device_map(requested: Any = None) -> dict[str, int | str]:
                         "that each need a whole copy",
                 fix=f"leave device_map unset (adaptkit places the model with device_map={{'': {process_device()!r}}}), "
                     "or for a model too big for one device use FSDP or DeepSpeed through `accelerate config`")
-    if isinstance(requested, dict):
-        return requested
-    return {"": requested}
+        (device,) = devices
+        if _same_device(device, process_device()) is False:
+            raise UnsupportedError(
+                field="device_map", value=requested,
+                problem=f"puts this process's model (local rank {local_process_index()}) on another process's device",
+                fix="leave device_map unset, or use device_map={'': accelerator.local_process_index}")
+    return requested  # "auto", "cpu", 0 or a dict: from_pretrained reads them all
+
+
+def _same_device(a: Any, b: Any) -> bool | None:
+    """Whether two device_map values name one device (None when one of them is not a device, e.g. "disk")."""
+    try:
+        a, b = (torch.device("cuda", x) if isinstance(x, int) else torch.device(x) for x in (a, b))
+    except (RuntimeError, TypeError):
+        return None
+    return a.type == b.type and (a.type == "cpu" or (a.index or 0) == (b.index or 0))
 
 
 def require_processes(accelerator: Any = None, expected: int | None = None) -> int:

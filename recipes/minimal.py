@@ -1,0 +1,132 @@
+"""Minimal LoRA fine-tuning with Accelerate: the same file on CPU, one GPU or many.
+
+Trains a LoRA adapter (optionally on an 8-bit or 4-bit base) on ``sentence<TAB>label`` TSV files,
+evaluates on the dev file, and saves the adapter once, from the main process, with adaptkit.save.
+Every process writes ``ranks/rank<i>.json``, so a run shows how many processes it really was.
+
+    # one process (CPU or one GPU)
+    python recipes/minimal.py --model PATH --data $ADAPTKIT_DATA/sst2 --out runs/minimal
+    # 8 GPUs, DDP; give the count twice: adaptkit refuses a run that came up as fewer processes
+    accelerate launch --num_processes 8 recipes/minimal.py --model PATH --data DIR --out OUT --processes 8
+    # 2 CPU processes (`accelerate launch --cpu --num_processes 2` silently starts ONE process)
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
+        --mixed_precision no --dynamo_backend no recipes/minimal.py --model PATH --data DIR --out OUT --processes 2
+    # 8-bit base: add --quantization 8bit (needs pip install 'adaptkit[bitsandbytes]')
+
+``--per-device-batch`` is per process: 2 processes x 16 train on the same global batch as 1 x 32,
+and with ``--dropout 0`` they give the same loss curve (tests/test_distributed.py checks it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from transformers import AutoConfig, AutoTokenizer
+
+import adaptkit
+from adaptkit.distributed import require_processes
+from adaptkit.quantization import load_model
+
+
+def read_tsv(path: Path) -> list[tuple[str, int]]:
+    with open(path, newline="", encoding="utf-8") as f:  # texts hold literal quotes: no quoting
+        return [(row["sentence"], int(row["label"])) for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+
+
+def make_loader(rows, tokenizer, batch_size: int, shuffle: bool, seed: int, max_length: int) -> DataLoader:
+    def collate(items):
+        enc = tokenizer([text for text, _ in items], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        enc["labels"] = torch.tensor([label for _, label in items])
+        return enc
+    return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="HF model folder or name")
+    p.add_argument("--data", required=True, type=Path, help="folder with train.tsv and dev.tsv")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--quantization", choices=["8bit", "4bit"], default=None)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--per-device-batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--dropout", type=float, default=None, help="set every dropout (model and LoRA); default: keep")
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--processes", type=int, default=None, help="process count you launched (else $ADAPTKIT_PROCESSES)")
+    p.add_argument("--cpu", action="store_true", help="force CPU (same as ACCELERATE_USE_CPU=1)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    accelerator = Accelerator(cpu=args.cpu)
+    world = require_processes(accelerator, args.processes)
+    set_seed(args.seed)  # same seed everywhere: every rank builds the same head and adapter
+    config = AutoConfig.from_pretrained(args.model, num_labels=2)
+    lora = adaptkit.LoRA(r=args.rank)
+    if args.dropout is not None:
+        for key, value in config.to_dict().items():
+            if "dropout" in key and isinstance(value, float):
+                setattr(config, key, args.dropout)
+        lora = adaptkit.LoRA(r=args.rank, dropout=args.dropout)
+    model = load_model(args.model, "seq_cls", args.quantization, config=config,
+                       gradient_checkpointing=args.gradient_checkpointing)
+    model = adaptkit.adapt(model, lora)
+    accelerator.print(adaptkit.summary(model))
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    train = make_loader(read_tsv(args.data / "train.tsv"), tokenizer, args.per_device_batch, True, args.seed,
+                        args.max_length)
+    dev = make_loader(read_tsv(args.data / "dev.tsv"), tokenizer, args.per_device_batch, False, args.seed,
+                      args.max_length)
+    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.lr)
+    model, optimizer, train, dev = accelerator.prepare(model, optimizer, train, dev)
+
+    losses: list[float] = []
+    model.train()
+    while len(losses) < args.steps:
+        for batch in train:
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(accelerator.gather(loss.detach()).mean().item())  # mean over the global batch
+            if len(losses) == args.steps:
+                break
+
+    model.eval()
+    logits, labels = [], []
+    with torch.no_grad():
+        for batch in dev:  # each process scores its share; gather_for_metrics drops the padding repeats
+            logits.append(accelerator.gather_for_metrics(model(**batch).logits))
+            labels.append(accelerator.gather_for_metrics(batch["labels"]))
+    logits, labels = torch.cat(logits).float().cpu(), torch.cat(labels).cpu()
+
+    ranks = args.out / "ranks"
+    ranks.mkdir(parents=True, exist_ok=True)
+    (ranks / f"rank{accelerator.process_index}.json").write_text(json.dumps(
+        {"rank": accelerator.process_index, "world_size": world, "device": str(accelerator.device),
+         "steps": len(losses)}))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:  # one writer: the adapter and results exist exactly once
+        adaptkit.save(accelerator.unwrap_model(model), args.out / "adapter")
+        accuracy = (logits.argmax(-1) == labels).float().mean().item()
+        (args.out / "results.json").write_text(json.dumps(
+            {"processes": world, "global_batch": world * args.per_device_batch, "losses": losses,
+             "dev_accuracy": accuracy, "dev_logits": logits.tolist()}))
+        accelerator.print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}, dev accuracy {accuracy:.4f}, "
+                          f"adapter in {args.out / 'adapter'}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
