@@ -1,0 +1,320 @@
+"""``adaptkit.check``: validate model × strategy × options × quantization × processes before any weights load.
+
+Everything is decided from the config and a weightless skeleton of the model (``adaptkit.skeleton``):
+the strategy is resolved field by field, each target name is matched on its own, and the strategy is
+then applied to the skeleton, exactly as ``adaptkit.adapt`` would apply it to the real model. Every
+problem is collected, so one call reports all of them, each with its fix::
+
+    report = adaptkit.check("path/to/model", "lora", options={"r": 8, "targets": ["query", "value"]},
+                            quantization="8bit", processes=2)
+    # raises ConfigErrors listing every problem, or returns a CheckReport (trainable/total, model class)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from adaptkit import targets
+from adaptkit.errors import (AdaptkitError, ConfigError, ConfigErrors, ConfigTypeError, MissingDependencyError,
+                             ProcessCountError, UnsupportedError)
+from adaptkit.skeleton import CLASSIFICATION_TASKS, Skeleton, read_config, skeleton
+
+QUANTIZATIONS = (None, "8bit", "4bit")
+# the launch line that really starts N CPU processes (FACTS.md: `accelerate launch --cpu` silently runs one)
+CPU_LAUNCH = ("ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {n} --num_machines 1 "
+              "--mixed_precision no --dynamo_backend no <script> ...")
+
+
+@dataclasses.dataclass
+class CheckReport:
+    """What ``check`` found. ``problems`` is empty when the combination can run."""
+
+    model: str
+    model_class: str | None = None
+    task: str | None = None
+    strategy: Any = None              # the resolved Strategy, or None when it could not be resolved
+    quantization: str | None = None
+    processes: int = 1
+    trainable: int | None = None      # counted on the adapted skeleton
+    total: int | None = None
+    problems: list[AdaptkitError] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def raise_for_problems(self) -> "CheckReport":
+        if self.problems:
+            error = ConfigErrors(self.problems)
+            error.report = self
+            raise error
+        return self
+
+    def __str__(self) -> str:
+        name = getattr(self.strategy, "name", None) or "?"
+        lines = [f"model {self.model} -> {self.model_class or '?'} (task {self.task or '?'}); strategy {name}; "
+                 f"quantization {self.quantization or 'none'}; processes {self.processes}"]
+        if self.trainable is not None and self.total:
+            lines.append(f"trainable {self.trainable:,} / {self.total:,} ({100 * self.trainable / self.total:.2f}%)")
+        lines += [f"note: {n}" for n in self.notes]
+        if self.problems:
+            lines.append(f"{len(self.problems)} problem(s):")
+            lines += [f"  - [{type(p).__name__}] {p}" for p in self.problems]
+        else:
+            lines.append("OK: no problems found")
+        return "\n".join(lines)
+
+
+def check(model: Any, strategy: Any = "lora", *, options: dict[str, Any] | None = None, task: str = "auto",
+          num_labels: int | None = None, quantization: str | None = None, processes: int = 1,
+          gradient_checkpointing: bool = False, world_size: int | None = None,
+          raise_on_error: bool = True) -> CheckReport:
+    """Validate a whole training setup from the config alone; report every problem at once.
+
+    ``model`` is a folder, a hub id (read from the local cache first), a ``PretrainedConfig`` or a
+    loaded model (only its config and class are used). ``world_size`` is how many processes the
+    launcher started; default: the ``WORLD_SIZE`` environment variable when a launcher set it.
+    Raises :class:`ConfigErrors` (one entry per problem) unless ``raise_on_error=False``.
+    """
+    report = CheckReport(model=_describe(model), quantization=quantization, processes=processes)
+    add = report.problems.append
+    sk = _skeleton(model, task, num_labels, report)
+    config = _resolve(strategy, dict(options or {}), report)
+    quant = _check_quantization(quantization, config, report)
+    _check_processes(processes, world_size, report)
+    if sk is not None:
+        _check_padding(sk, report)
+        base = sk.build()
+        if gradient_checkpointing and not getattr(base, "supports_gradient_checkpointing", False):
+            add(UnsupportedError(field="gradient_checkpointing", value=True,
+                                 problem=f"{sk.model_class.__name__} does not support it",
+                                 fix="train without gradient checkpointing (smaller batch or sequence length instead)"))
+            gradient_checkpointing = False
+        if _check_targets(_named_targets(config, strategy, options or {}), base, report) and config is not None:
+            _dry_run(sk, config, gradient_checkpointing, report)
+    if raise_on_error:
+        report.raise_for_problems()
+    return report
+
+
+# ---- the pieces ------------------------------------------------------------------------------------
+def _skeleton(model: Any, task: str, num_labels: Any, report: CheckReport) -> Skeleton | None:
+    add = report.problems.append
+    try:
+        original = read_config(model)
+    except AdaptkitError as exc:
+        add(exc)
+        return None
+    try:
+        sk = skeleton(original, task)
+        if isinstance(model, nn.Module):  # keep the loaded model's exact class
+            sk = skeleton(model, task)
+    except AdaptkitError as exc:
+        add(exc)
+        return None
+    report.model_class, report.task = sk.model_class.__name__, sk.task
+    if num_labels is not None:
+        if not isinstance(num_labels, int) or isinstance(num_labels, bool):
+            add(ConfigTypeError(field="num_labels", value=num_labels,
+                                problem=f"expected an int, got {type(num_labels).__name__}", fix="pass e.g. 2"))
+        elif num_labels < 1:
+            add(ConfigError(field="num_labels", value=num_labels, problem="must be at least 1",
+                            fix="use 2 for binary classification, 1 for regression"))
+        elif sk.task not in CLASSIFICATION_TASKS:
+            add(ConfigError(field="num_labels", value=num_labels, problem=f"has no meaning for task {sk.task!r}",
+                            fix=f"drop num_labels, or choose a classification task {list(CLASSIFICATION_TASKS)}"))
+        else:
+            trained = _trained_head_labels(original)
+            if trained is not None and trained != num_labels:
+                add(ConfigError(field="num_labels", value=num_labels,
+                                problem=f"the checkpoint's {original.architectures[0]} head has {trained} labels",
+                                fix=f"use num_labels={trained}, or load with ignore_mismatched_sizes=True to train "
+                                    "a new head"))
+            sk.config.num_labels = num_labels
+    return sk
+
+
+def _trained_head_labels(config) -> int | None:
+    """Label count of a checkpoint that ships a trained classification head (else None)."""
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForSequenceClassification", "ForTokenClassification", "ForImageClassification"))
+           for a in archs):
+        return int(config.num_labels)
+    return None
+
+
+def _resolve(strategy: Any, options: dict[str, Any], report: CheckReport):
+    """The Strategy, with every bad option reported (not only the first one the constructor meets)."""
+    from adaptkit import strategies
+    from adaptkit.core import resolve
+
+    add = report.problems.append
+    name = strategy.strip().lower().replace("-", "_") if isinstance(strategy, str) else None
+    cls = strategies.REGISTRY.get(name) if name and name != "peft" else None
+    if cls is not None and options:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = {k: v for k, v in options.items() if k not in known}
+        found = len(report.problems)
+        if unknown:
+            _collect(lambda: cls.from_dict(unknown), add)
+        for key in sorted(set(options) & known):
+            _collect(lambda key=key: cls(**{key: options[key]}), add)
+        if len(report.problems) > found:
+            return None
+    try:
+        config = resolve(strategy, **options)
+    except AdaptkitError as exc:
+        add(exc)
+        return None
+    except TypeError as exc:  # e.g. a PEFT config that rejects an option
+        add(ConfigTypeError(field="options", value=sorted(options), problem=str(exc),
+                            fix="check the option names and types of this strategy"))
+        return None
+    report.strategy = config
+    return config
+
+
+def _collect(call, add) -> None:
+    try:
+        call()
+    except AdaptkitError as exc:
+        add(exc)
+
+
+def _check_padding(sk: Skeleton, report: CheckReport) -> None:
+    """Decoder classifiers (GPT-2, Llama, ...) pool the last non-padding token: they need pad_token_id."""
+    import inspect
+    if sk.task != "seq_cls" or getattr(sk.config, "pad_token_id", None) is not None:
+        return
+    try:
+        reads_pad = "pad_token_id" in inspect.getsource(sk.model_class.forward)
+    except (OSError, TypeError):
+        return
+    if reads_pad:
+        report.problems.append(ConfigError(
+            field="config.pad_token_id", value=None,
+            problem=f"{sk.model_class.__name__} finds each sequence's last token through pad_token_id and "
+                    "refuses batches larger than 1 without it",
+            fix="set model.config.pad_token_id = tokenizer.pad_token_id (or tokenizer.eos_token_id)"))
+
+
+def _describe(model: Any) -> str:
+    if isinstance(model, nn.Module):
+        return type(model).__name__
+    if hasattr(model, "model_type") and hasattr(model, "to_dict"):  # a PretrainedConfig
+        return f"{type(model).__name__}({getattr(model, 'name_or_path', '') or model.model_type!r})"
+    return str(model)
+
+
+def _check_quantization(quantization: Any, config, report: CheckReport) -> str | None:
+    add = report.problems.append
+    if quantization in ("none", "", None):
+        report.quantization = None
+        return None
+    if quantization not in QUANTIZATIONS:
+        add(ConfigError(field="quantization", value=quantization, problem="is not a quantization adaptkit knows",
+                        fix="choose 'none', '8bit' or '4bit'"))
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        add(MissingDependencyError(field="quantization", value=quantization,
+                                   problem="needs bitsandbytes, which is not installed",
+                                   fix="pip install 'adaptkit[bitsandbytes]'"))
+    if config is not None and not config.supports_quantized:
+        add(UnsupportedError(field="strategy", value=f"{config.name} on a {quantization} model",
+                             problem="quantized weights cannot take gradient steps",
+                             fix="drop the quantization for 'full', or use 'lora' on the quantized model"))
+    return quantization
+
+
+def _check_processes(processes: Any, world_size: int | None, report: CheckReport) -> None:
+    add = report.problems.append
+    if not isinstance(processes, int) or isinstance(processes, bool):
+        add(ConfigTypeError(field="processes", value=processes,
+                            problem=f"expected an int, got {type(processes).__name__}", fix="pass e.g. 1 or 2"))
+        return
+    if processes < 1:
+        add(ConfigError(field="processes", value=processes, problem="must be at least 1", fix="use 1"))
+        return
+    if torch.cuda.is_available():
+        available, unit = torch.cuda.device_count(), "GPU(s)"
+    else:
+        available, unit = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(), "CPU core(s)"
+    if processes > available:
+        add(ProcessCountError(field="processes", value=processes,
+                              problem=f"this machine has {available} {unit}; each process needs one",
+                              fix=f"use processes <= {available}"))
+    if world_size is None and "WORLD_SIZE" in os.environ:
+        world_size = int(os.environ["WORLD_SIZE"])
+    if world_size is not None and world_size != processes:
+        add(ProcessCountError(field="processes", value=processes,
+                              problem=f"the launcher started {world_size} process(es)",
+                              fix=("launch with " + CPU_LAUNCH.format(n=processes)) if not torch.cuda.is_available()
+                              else f"launch with: accelerate launch --num_processes {processes} <script> ..."))
+    elif world_size is None and processes > 1:
+        report.notes.append(f"not running under a launcher now; start the run with "
+                            + (CPU_LAUNCH if not torch.cuda.is_available()
+                               else "accelerate launch --num_processes {n} <script> ...").format(n=processes))
+
+
+_TARGET_FIELDS = ("targets", "heads", "target_modules", "modules_to_save")
+
+
+def _named_targets(config, strategy: Any, options: dict[str, Any]) -> dict[str, list[str]]:
+    """Every option that names modules of the model, by field; read from the raw options when the
+    strategy could not be resolved, so bad target names are reported beside bad option values."""
+    if config is not None:
+        label = getattr(config, "method", None) or type(config).__name__
+        values = {**vars(config), **(getattr(config, "options", None) or {})}
+    else:
+        label, values = str(strategy), options
+    return {f"{label}.{key}": list(values[key]) for key in _TARGET_FIELDS
+            if isinstance(values.get(key), (list, tuple)) and all(isinstance(v, str) for v in values[key])}
+
+
+def _check_targets(named: dict[str, list[str]], base: nn.Module, report: CheckReport) -> bool:
+    """Match each target name on its own, so every unmatched name is reported. True if all match."""
+    found = len(report.problems)
+    candidates = targets.linear_names(base)
+    for field, names in named.items():
+        for name in names:
+            _collect(lambda name=name, field=field: targets.match_targets(
+                base, [name], field, candidates=candidates if field.endswith("targets") else None),
+                report.problems.append)
+    return len(report.problems) == found
+
+
+def _dry_run(sk: Skeleton, config, gradient_checkpointing: bool, report: CheckReport) -> None:
+    """Apply the strategy to a weightless model, as adaptkit.adapt would to the real one."""
+    from adaptkit.core import adapt
+
+    model = sk.build()
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    try:
+        adapted = adapt(model, config)
+    except AdaptkitError as exc:
+        report.problems.append(exc)
+        return
+    except Exception as exc:  # a library refusing the combination: report it, typed, with its words
+        report.problems.append(UnsupportedError(
+            field="strategy", value=f"{config.name} on {sk.model_class.__name__}",
+            problem=f"applying it fails: {type(exc).__name__}: {exc}",
+            fix="choose another strategy or other options for this model"))
+        return
+    params = {id(p): p for p in adapted.parameters()}.values()
+    report.total = sum(p.numel() for p in params)
+    report.trainable = sum(p.numel() for p in params if p.requires_grad)
+    if report.trainable == 0:
+        report.problems.append(UnsupportedError(
+            field="strategy", value=config.name, problem=f"leaves 0 trainable parameters on {sk.model_class.__name__}",
+            fix="name targets or heads that exist in this model"))
+
+
+__all__ = ["check", "CheckReport", "QUANTIZATIONS"]

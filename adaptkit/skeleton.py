@@ -1,0 +1,169 @@
+"""A model's skeleton from its config alone: the module tree on the ``meta`` device, no weights.
+
+``adaptkit.check`` and ``adaptkit.estimate`` need to know what a model *is* (its heads, linear
+layers, layer sizes) before anything heavy happens. A model built under ``torch.device("meta")``
+has every module and every parameter's shape and dtype, but no storage: building a 7B model this
+way takes seconds and no memory. Strategies apply to it like to a real model, so a dry run on the
+skeleton finds the same problems a real run would, before any weights load.
+
+Remote code is never run: configs are read with ``trust_remote_code=False``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from adaptkit.errors import AdaptkitError, ConfigError, ConfigTypeError, UnsupportedError
+
+# task -> transformers Auto class. "auto" picks from the config's architectures (see infer_task).
+TASKS = {
+    "seq_cls": "AutoModelForSequenceClassification",
+    "token_cls": "AutoModelForTokenClassification",
+    "qa": "AutoModelForQuestionAnswering",
+    "causal_lm": "AutoModelForCausalLM",
+    "seq2seq": "AutoModelForSeq2SeqLM",
+    "image_cls": "AutoModelForImageClassification",
+    "base": "AutoModel",
+}
+CLASSIFICATION_TASKS = ("seq_cls", "token_cls", "image_cls")
+_ARCH_SUFFIXES = [("ForSequenceClassification", "seq_cls"), ("ForTokenClassification", "token_cls"),
+                  ("ForQuestionAnswering", "qa"), ("ForCausalLM", "causal_lm"), ("LMHeadModel", "causal_lm"),
+                  ("ForImageClassification", "image_cls")]
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class Skeleton:
+    """A config, the task it was built for, and a fresh meta-device model of that task."""
+
+    source: str          # what the user passed, for messages
+    config: Any          # transformers.PretrainedConfig (a private copy)
+    task: str
+    model_class: type
+
+    def build(self, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """A new weightless model (each strategy dry-run needs its own: adapting changes the model)."""
+        with torch.device("meta"):
+            model = self.model_class(copy.deepcopy(self.config))
+        return model.to(dtype) if dtype != torch.float32 else model
+
+
+def read_config(model: Any):
+    """A private copy of the config of a path, hub id, PretrainedConfig or loaded model."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(model, PretrainedConfig):
+        return copy.deepcopy(model)
+    if isinstance(model, nn.Module):
+        config = getattr(model, "config", None)
+        if not isinstance(config, PretrainedConfig):
+            raise ConfigTypeError(field="model", value=type(model).__name__, problem="has no transformers config",
+                                  fix="pass a transformers model, its folder, its hub id or its config")
+        return copy.deepcopy(config)
+    if not isinstance(model, (str, Path)):
+        raise ConfigTypeError(field="model", value=model,
+                              problem=f"expected a path, a hub id or a PretrainedConfig, got {type(model).__name__}",
+                              fix="pass e.g. 'path/to/model' or transformers.AutoConfig.from_pretrained(...)")
+    path = Path(model).expanduser()
+    if path.is_file():  # a config.json given directly
+        path = path.parent
+    where = str(path) if path.is_dir() else str(model)
+    looks_like_path = str(model).startswith((".", "/", "~")) or str(model).count("/") > 1
+    if not path.is_dir() and looks_like_path:
+        raise ConfigError(field="model", value=str(model), problem="is neither an existing folder nor a hub id",
+                          fix="check the path (it must hold config.json)")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false")
+    try:
+        # local first: a hub id that is already cached must not wait on network retries
+        return AutoConfig.from_pretrained(where, trust_remote_code=False, local_files_only=True)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc) or "custom code" in str(exc):
+            raise UnsupportedError(field="model", value=str(model),
+                                   problem="its config needs custom code from the model repository (trust_remote_code)",
+                                   fix="adaptkit never runs remote code; use a model type transformers ships, or "
+                                       "review the code, load the model yourself and pass the loaded model") from None
+        raise ConfigError(field="model", value=str(model), problem=f"its config cannot be read: {exc}",
+                          fix="pass a folder holding a valid config.json") from None
+    except OSError as exc:
+        if path.is_dir() or offline:
+            raise ConfigError(field="model", value=str(model),
+                              problem="has no readable config.json" if path.is_dir()
+                              else "is not a local folder and not in the hub cache (HF_HUB_OFFLINE is set)",
+                              fix="pass a folder holding config.json, or download the model first") from None
+    try:
+        return AutoConfig.from_pretrained(where, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(field="model", value=str(model), problem=f"its config cannot be read: {exc}",
+                          fix="pass a local folder holding config.json, or check the hub id") from None
+
+
+def infer_task(config) -> str:
+    """The task named by the config's architectures; a bare backbone is taken as a classifier.
+
+    ``BertModel`` (how sentence encoders such as all-MiniLM-L6-v2 ship) -> ``seq_cls``;
+    ``GPT2LMHeadModel`` -> ``causal_lm``; ``T5ForConditionalGeneration`` -> ``seq2seq``; a bare vision
+    backbone -> ``image_cls``.
+    """
+    for arch in getattr(config, "architectures", None) or []:
+        for suffix, task in _ARCH_SUFFIXES:
+            if arch.endswith(suffix):
+                return task
+        if arch.endswith("ForConditionalGeneration") and getattr(config, "is_encoder_decoder", False):
+            return "seq2seq"
+    for task in ("seq_cls", "image_cls", "causal_lm", "seq2seq"):
+        if _model_class(config, task) is not None:
+            return task
+    return "base"
+
+
+def _model_class(config, task: str) -> type | None:
+    import transformers
+    auto = getattr(transformers, TASKS[task])
+    try:
+        return auto._model_mapping[type(config)]
+    except KeyError:
+        return None
+
+
+def skeleton(model: Any, task: str = "auto", num_labels: int | None = None) -> Skeleton:
+    """Read the config and pick the model class; raise a typed error when either is impossible."""
+    config = read_config(model)
+    if task not in TASKS and task != "auto":
+        raise ConfigError(field="task", value=task, problem="is not a task adaptkit knows",
+                          fix=f"choose one of {['auto', *TASKS]}")
+    if isinstance(model, nn.Module):  # a loaded model: check exactly its class
+        model_class = type(model)
+        if task == "auto":
+            task = next((t for suffix, t in _ARCH_SUFFIXES if model_class.__name__.endswith(suffix)), "base")
+    else:
+        task = infer_task(config) if task == "auto" else task
+        model_class = _model_class(config, task)
+    if model_class is None:
+        usable = [t for t in TASKS if _model_class(config, t) is not None]
+        raise UnsupportedError(field="task", value=f"{task} for model type {config.model_type!r}",
+                               problem="transformers has no such model class",
+                               fix=f"choose a task this model supports: {usable}")
+    if num_labels is not None:
+        config.num_labels = num_labels
+    return Skeleton(str(model) if not isinstance(model, nn.Module) else type(model).__name__, config, task,
+                    model_class)
+
+
+def dtype_of(name: Any) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ConfigError(field="dtype", value=name, problem="is not a supported dtype",
+                          fix=f"choose one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+__all__ = ["Skeleton", "skeleton", "read_config", "infer_task", "dtype_of", "TASKS", "CLASSIFICATION_TASKS"]
