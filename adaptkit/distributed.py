@@ -104,12 +104,20 @@ def _same_device(a: Any, b: Any) -> bool | None:
 def require_processes(accelerator: Any = None, expected: int | None = None) -> int:
     """Raise ProcessCountError unless this run is as many processes as were asked for; return the count.
 
-    ``accelerator`` is an ``accelerate.Accelerator`` (or anything with ``num_processes``; None means a
-    plain single-process run). ``expected`` is the count the user asked for; None reads
-    ``ADAPTKIT_PROCESSES``. Independently of ``expected``, a launcher's ``WORLD_SIZE`` that differs
-    from what Accelerate sees is refused: those processes would each train alone.
+    ``accelerator`` is an ``accelerate.Accelerator`` (or anything with ``num_processes``); without
+    one, an initialised ``torch.distributed`` group's size counts, else the run is one process.
+    ``expected`` is the count the user asked for; None reads ``ADAPTKIT_PROCESSES``. Independently
+    of ``expected``, a launcher's ``WORLD_SIZE`` that differs from the running count is refused:
+    those processes would each train alone.
     """
-    running = int(getattr(accelerator, "num_processes", 1)) if accelerator is not None else 1
+    if accelerator is not None:
+        running = int(accelerator.num_processes)
+        seen = f"Accelerate sees {running}"
+    elif torch.distributed.is_available() and torch.distributed.is_initialized():  # torchrun without Accelerate
+        running = torch.distributed.get_world_size()
+        seen = f"the torch.distributed group has {running}"
+    else:
+        running, seen = 1, "no Accelerator or process group joins them"
     if expected is None:
         expected = _env_int(EXPECTED_ENV)
     if expected is not None and (isinstance(expected, bool) or not isinstance(expected, int) or expected < 1):
@@ -120,7 +128,7 @@ def require_processes(accelerator: Any = None, expected: int | None = None) -> i
     if world is not None and world != running:
         raise ProcessCountError(
             field="WORLD_SIZE", value=world,
-            problem=f"the launcher started {world} processes but Accelerate sees {running}: each process "
+            problem=f"the launcher started {world} processes but {seen}: each process "
                     "would train alone on all the data",
             fix=f"{cpu_hint} (or create Accelerator(cpu=True)); on GPUs check that {world} GPUs are visible")
     if expected is not None and expected != running:

@@ -26,13 +26,15 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
 from adaptkit import distributed, targets
-from adaptkit.errors import ConfigError, ConfigTypeError, MissingDependencyError, UnsupportedError
+from adaptkit.errors import (ConfigError, ConfigTypeError, MissingDependencyError, UnknownOptionError,
+                             UnsupportedError)
 
 QUANTIZATIONS = ("8bit", "4bit")
 TASKS = {
@@ -112,13 +114,20 @@ def bnb_config(quantization: str, skip_modules: list[str], options: dict[str, An
             raise ConfigError(field=f"quantization_options[{key!r}]", value=options[key],
                               problem="is decided by the quantization argument",
                               fix="remove it and pass quantization='8bit' or '4bit'")
+    # BitsAndBytesConfig only logs unknown keys at info level: a typo would be dropped silently
+    known = set(inspect.signature(BitsAndBytesConfig.__init__).parameters) - {"self", "kwargs"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        hints = [f"{u!r} -> did you mean {m[0]!r}?" for u in unknown if (m := difflib.get_close_matches(u, known, n=1))]
+        raise UnknownOptionError(field="quantization_options", value=unknown, problem="not BitsAndBytesConfig fields",
+                                 fix=("; ".join(hints) + "; " if hints else "") + f"valid fields are {sorted(known)}")
     fields = {**_DEFAULTS[quantization], **options,
               "llm_int8_skip_modules": sorted(set(skip_modules) | set(user_skips)) or None}
     try:
         return BitsAndBytesConfig(load_in_8bit=quantization == "8bit", load_in_4bit=quantization == "4bit", **fields)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(field="quantization_options", value=sorted(options), problem=str(exc),
-                          fix="use BitsAndBytesConfig field names, e.g. {'bnb_4bit_quant_type': 'fp4'}") from None
+    except (TypeError, ValueError) as exc:  # BitsAndBytesConfig checks the values' types itself
+        raise ConfigError(field="quantization_options", value=options, problem=str(exc),
+                          fix="see transformers.BitsAndBytesConfig, e.g. {'bnb_4bit_quant_type': 'fp4'}") from None
 
 
 def load_model(name_or_path: str, task: Any = "seq_cls", quantization: str | None = None, *,

@@ -74,6 +74,12 @@ def test_launcher_started_two_but_each_trains_alone(clean_env):
         distributed.require_processes(_acc(1))
 
 
+def test_torchrun_without_a_process_group(clean_env):
+    clean_env.setenv("WORLD_SIZE", "2")
+    with pytest.raises(errors.ProcessCountError, match=r"started 2 processes but no Accelerator or process group"):
+        distributed.require_processes()
+
+
 def test_asked_for_fewer_than_running(clean_env):
     clean_env.setenv("WORLD_SIZE", "4")
     with pytest.raises(errors.ProcessCountError, match=r"1 process\(es\) were asked for but this run is 4.*"

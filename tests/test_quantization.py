@@ -136,6 +136,15 @@ def test_4bit_repacked_before_preparation_is_refused_before_the_broken_step(save
         _train(model, steps=1)
 
 
+def test_quantization_options_override_the_qlora_defaults(saved):
+    nf4 = load_model(str(saved / "bert"), "seq_cls", "4bit", num_labels=2)
+    fp4 = load_model(str(saved / "bert"), "seq_cls", "4bit", num_labels=2,
+                     quantization_options={"bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": False})
+    states = [next(iter(quantized_linears(m).values())).weight.quant_state for m in (nf4, fp4)]
+    assert [(s.quant_type, s.nested) for s in states] == [("nf4", True), ("fp4", False)]
+    assert type(fp4.classifier) is torch.nn.Linear  # the heads stay out whatever the options
+
+
 # ---- footprint ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("quantization, saved_per_weight", [("8bit", 3.0), ("4bit", 3.5)])
 def test_summary_footprint_beside_fp32(saved, quantization, saved_per_weight):
@@ -185,6 +194,8 @@ def test_quantization_without_bitsandbytes(saved, monkeypatch):
     ({"quantization_options": {"bnb_4bit_quant_type": "fp4"}}, errors.ConfigError, r"without a quantization"),
     ({"quantization": "4bit", "quantization_options": {"load_in_8bit": True}}, errors.ConfigError,
      r"load_in_8bit.*decided by the quantization argument"),
+    ({"quantization": "4bit", "quantization_options": {"bnb_4bit_quant_typ": "fp4"}}, errors.UnknownOptionError,
+     r"\['bnb_4bit_quant_typ'\]: not BitsAndBytesConfig fields.*did you mean 'bnb_4bit_quant_type'"),
 ])
 def test_bad_arguments(saved, kwargs, error, match):
     with pytest.raises(error, match=match):
