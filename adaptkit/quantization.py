@@ -47,9 +47,14 @@ TASKS = {
     "base": "AutoModel",
 }
 # QLoRA's defaults; anything here can be overridden through ``quantization_options``
-_DEFAULTS = {"4bit": {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
-                      "bnb_4bit_compute_dtype": torch.bfloat16},
-             "8bit": {}}
+_DEFAULTS = {"4bit": {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}, "8bit": {}}
+
+
+def _compute_dtype() -> torch.dtype:
+    """bf16 where it is native (CPUs, Ampere+ GPUs); fp16 on older GPUs, which emulate bf16 slowly."""
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.float16
+    return torch.bfloat16
 # from_pretrained arguments that also decide which config (and so which head names) a model has
 _CONFIG_KWARGS = ("revision", "trust_remote_code", "cache_dir", "token", "subfolder", "local_files_only")
 
@@ -121,7 +126,10 @@ def bnb_config(quantization: str, skip_modules: list[str], options: dict[str, An
         hints = [f"{u!r} -> did you mean {m[0]!r}?" for u in unknown if (m := difflib.get_close_matches(u, known, n=1))]
         raise UnknownOptionError(field="quantization_options", value=unknown, problem="not BitsAndBytesConfig fields",
                                  fix=("; ".join(hints) + "; " if hints else "") + f"valid fields are {sorted(known)}")
-    fields = {**_DEFAULTS[quantization], **options,
+    defaults = dict(_DEFAULTS[quantization])
+    if quantization == "4bit":
+        defaults["bnb_4bit_compute_dtype"] = _compute_dtype()
+    fields = {**defaults, **options,
               "llm_int8_skip_modules": sorted(set(skip_modules) | set(user_skips)) or None}
     try:
         return BitsAndBytesConfig(load_in_8bit=quantization == "8bit", load_in_4bit=quantization == "4bit", **fields)

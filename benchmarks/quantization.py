@@ -107,7 +107,8 @@ def main() -> None:
 
     rows = [footprint_and_speed(args.model, args.data, q, args.timing_steps) for q in (None, "8bit", "4bit")]
     for row in rows:
-        print(f"{row['quantization']:>5}: footprint {row['footprint_bytes']:,} B ({row['footprint_vs_fp32']:.0%} of fp32)"
+        print(f"{row['quantization']:>5}: footprint {row['footprint_bytes']:,} B "
+              f"({row['footprint_vs_fp32']:.0%} of fp32)"
               f", {row['bytes_per_quantized_weight']} B/quantized weight, LoRA step {row['lora_step_s_median']} s")
     acc = []
     for q in args.accuracy_quantizations.split(",") if args.accuracy_steps else []:

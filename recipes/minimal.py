@@ -37,7 +37,8 @@ from adaptkit.quantization import load_model
 
 def read_tsv(path: Path) -> list[tuple[str, int]]:
     with open(path, newline="", encoding="utf-8") as f:  # texts hold literal quotes: no quoting
-        return [(row["sentence"], int(row["label"])) for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+        rows = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        return [(row["sentence"], int(row["label"])) for row in rows]
 
 
 def make_loader(rows, tokenizer, batch_size: int, shuffle: bool, seed: int, max_length: int) -> DataLoader:

@@ -181,7 +181,8 @@ def test_prefix_with_gradient_checkpointing_is_refused(saved):
 
 def test_quantization_without_bitsandbytes(saved, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what `import bitsandbytes` sees when absent
-    with pytest.raises(errors.MissingDependencyError, match=r"quantization='8bit'.*pip install 'adaptkit\[bitsandbytes\]'"):
+    with pytest.raises(errors.MissingDependencyError,
+                       match=r"quantization='8bit'.*pip install 'adaptkit\[bitsandbytes\]'"):
         load_model(str(saved / "bert"), "seq_cls", "8bit", num_labels=2)
     assert load_model(str(saved / "bert"), "seq_cls", num_labels=2) is not None  # full precision needs none
 
