@@ -215,3 +215,27 @@ def test_sharding_under_several_processes_is_refused(saved, monkeypatch):
                         lambda *a, **kw: seen.update(kw) or real(*a, **kw))
     load_model(str(saved / "bert"), "seq_cls", "8bit", num_labels=2)
     assert seen["device_map"] == {"": "cpu"}  # the whole model on this process's device
+
+
+# ---- every strategy on a quantized base (one process) -------------------------------------------
+def _strategies():
+    names = sorted(n for n, cls in adaptkit.STRATEGIES.items() if cls.supports_quantized and n != "peft")
+    assert {"lora", "prefix", "bottleneck", "linear_probe"} <= set(names)  # the list cannot go empty
+    return names + ["ia3"]
+
+
+@pytest.mark.parametrize("quantization", QUANTS)
+@pytest.mark.parametrize("strategy", _strategies())
+def test_each_strategy_trains_on_a_quantized_base(saved, strategy, quantization):
+    torch.manual_seed(0)
+    model = adaptkit.adapt(load_model(str(saved / "bert64"), "seq_cls", quantization, num_labels=2), strategy)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert before and not any(n in before for n in quantized_linears(model))
+    _train(model, steps=1)
+    model.eval()
+    with torch.no_grad():
+        model(**INPUTS)  # an eval pass between two training steps (the 4-bit CPU repack case)
+    grads, loss = _train(model, steps=1)
+    assert torch.isfinite(torch.tensor(loss))
+    changed = [n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert changed, f"{strategy} on {quantization}: no trained parameter moved"
