@@ -145,6 +145,16 @@ def test_quantization_options_override_the_qlora_defaults(saved):
     assert type(fp4.classifier) is torch.nn.Linear  # the heads stay out whatever the options
 
 
+def test_a_quantized_head_is_refused_with_the_fix(saved):
+    from adaptkit.quantization import prepare_kbit
+    plain = transformers.BitsAndBytesConfig(load_in_8bit=True)  # plain HF: the new head gets quantized too
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        saved / "bert", num_labels=2, device_map="cpu", quantization_config=plain)
+    with pytest.raises(errors.UnsupportedError, match=r"\['classifier'\]: bitsandbytes quantized a task head.*"
+                                                      r"Fix: load with adaptkit.load_model"):
+        prepare_kbit(model)
+
+
 # ---- footprint ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("quantization, saved_per_weight", [("8bit", 3.0), ("4bit", 3.5)])
 def test_summary_footprint_beside_fp32(saved, quantization, saved_per_weight):
