@@ -23,7 +23,7 @@ from torch import nn
 from adaptkit import targets
 from adaptkit.errors import (AdaptkitError, ConfigError, ConfigErrors, ConfigTypeError, MissingDependencyError,
                              ProcessCountError, UnsupportedError)
-from adaptkit.skeleton import CLASSIFICATION_TASKS, Skeleton, read_config, skeleton
+from adaptkit.skeleton import CLASSIFICATION_TASKS, Skeleton, describe, read_config, skeleton
 
 QUANTIZATIONS = (None, "8bit", "4bit")
 # the launch line that really starts N CPU processes (FACTS.md: `accelerate launch --cpu` silently runs one)
@@ -83,7 +83,7 @@ def check(model: Any, strategy: Any = "lora", *, options: dict[str, Any] | None 
     launcher started; default: the ``WORLD_SIZE`` environment variable when a launcher set it.
     Raises :class:`ConfigErrors` (one entry per problem) unless ``raise_on_error=False``.
     """
-    report = CheckReport(model=_describe(model), quantization=quantization, processes=processes)
+    report = CheckReport(model=describe(model), quantization=quantization, processes=processes)
     add = report.problems.append
     sk = _skeleton(model, task, num_labels, report)
     config = _resolve(strategy, dict(options or {}), report)
@@ -203,14 +203,6 @@ def _check_padding(sk: Skeleton, report: CheckReport) -> None:
             problem=f"{sk.model_class.__name__} finds each sequence's last token through pad_token_id and "
                     "refuses batches larger than 1 without it",
             fix="set model.config.pad_token_id = tokenizer.pad_token_id (or tokenizer.eos_token_id)"))
-
-
-def _describe(model: Any) -> str:
-    if isinstance(model, nn.Module):
-        return type(model).__name__
-    if hasattr(model, "model_type") and hasattr(model, "to_dict"):  # a PretrainedConfig
-        return f"{type(model).__name__}({getattr(model, 'name_or_path', '') or model.model_type!r})"
-    return str(model)
 
 
 def _check_quantization(quantization: Any, config, report: CheckReport) -> str | None:

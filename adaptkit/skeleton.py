@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaptkit.errors import AdaptkitError, ConfigError, ConfigTypeError, UnsupportedError
+from adaptkit.errors import ConfigError, ConfigTypeError, UnsupportedError
 
 # task -> transformers Auto class. "auto" picks from the config's architectures (see infer_task).
 TASKS = {
@@ -153,8 +153,16 @@ def skeleton(model: Any, task: str = "auto", num_labels: int | None = None) -> S
                                fix=f"choose a task this model supports: {usable}")
     if num_labels is not None:
         config.num_labels = num_labels
-    return Skeleton(str(model) if not isinstance(model, nn.Module) else type(model).__name__, config, task,
-                    model_class)
+    return Skeleton(describe(model), config, task, model_class)
+
+
+def describe(model: Any) -> str:
+    """A short name for messages: the path or id, the config class, or the model class."""
+    if isinstance(model, nn.Module):
+        return type(model).__name__
+    if hasattr(model, "model_type") and hasattr(model, "to_dict"):  # a PretrainedConfig
+        return f"{type(model).__name__}({getattr(model, 'name_or_path', '') or model.model_type!r})"
+    return str(model)
 
 
 def dtype_of(name: Any) -> torch.dtype:
@@ -166,4 +174,4 @@ def dtype_of(name: Any) -> torch.dtype:
     return DTYPES[name]
 
 
-__all__ = ["Skeleton", "skeleton", "read_config", "infer_task", "dtype_of", "TASKS", "CLASSIFICATION_TASKS"]
+__all__ = ["Skeleton", "skeleton", "read_config", "infer_task", "dtype_of", "describe", "TASKS", "CLASSIFICATION_TASKS"]

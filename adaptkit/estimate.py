@@ -1,0 +1,361 @@
+"""``adaptkit.estimate``: peak training memory and relative step cost of every strategy, from the config.
+
+How the numbers are made (no weights are loaded, nothing is computed on real data):
+
+1. The model is built on the ``meta`` device (shapes and dtypes, no storage) and each strategy is
+   applied to it, exactly as ``adaptkit.adapt`` does.
+2. Two training steps (forward, backward, AdamW step, ``zero_grad(set_to_none=True)``) run on meta
+   tensors of the requested batch × sequence length. A dispatch mode follows every tensor torch
+   creates and when it dies, so the peak of live bytes during the second step (activations saved for
+   backward + gradients + AdamW states + temporaries, as they really overlap) is counted, not
+   guessed. Saved-activation bytes are counted by autograd's own saved-tensor hooks.
+3. ``peak = weights + that simulated peak``. Weights: parameters and buffers at ``dtype``; with 8-bit
+   quantization each backbone linear weight takes 1 byte + one fp32 scale per row, with 4-bit 0.5
+   byte + one fp32 scale per 64 weights (embeddings, norms and task heads stay at ``dtype``).
+4. ``step cost`` = forward+backward FLOPs of the strategy / those of full fine-tuning, counted by
+   ``torch.utils.flop_counter`` on the same trace (frozen weights get no weight-gradient matmuls).
+
+The attention kernel is chosen as on the target device: on CPU, PyTorch's fused attention runs only
+without attention dropout (with dropout it materialises batch × heads × seq² probabilities), on CUDA
+it is always fused. Two things are not traced: bitsandbytes kernels (a quantized model is traced
+unquantized, only its weights are counted quantized) and the attention mask (b × seq² bytes, once).
+
+If a model cannot run on the meta device (data-dependent Python control flow), the documented
+formula below is used instead and the row says ``formula``::
+
+    activations = layers × batch × seq × bytes × (10.3 × hidden + 2 × intermediate)
+                  + layers × batch × heads × seq² × bytes × 3                  (full, BERT-like, dropout on)
+
+with the coefficients counted by the saved-tensor hooks on BertForSequenceClassification (MiniLM),
+adapter strategies taken at the same value (they backpropagate through every layer too) and 0 for
+``linear_probe`` (nothing below the head is saved); peak = weights + gradients + AdamW + activations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import weakref
+from typing import Any
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adaptkit.errors import AdaptkitError, ConfigError
+from adaptkit.skeleton import Skeleton, dtype_of, skeleton
+
+DEFAULT_STRATEGIES = ("full", "lora", "bottleneck", "prefix", "linear_probe")
+DEVICES = ("cpu", "cuda")
+_QUANT_BYTES = {"8bit": (1.0, "row"), "4bit": (0.5, 64)}  # bytes per weight, and what one fp32 scale covers
+
+
+@dataclasses.dataclass
+class Row:
+    strategy: str
+    trainable: int = 0
+    total: int = 0
+    weights: int = 0          # bytes of parameters + buffers
+    gradients: int = 0        # bytes of one gradient per trainable parameter
+    optimizer: int = 0        # AdamW: two states per trainable parameter
+    activations: int = 0      # bytes saved for backward
+    peak: int = 0             # weights + simulated peak of everything else (they do not all coexist)
+    flops: int = 0            # forward + backward of one step
+    step_cost: float | None = None  # flops / flops of full fine-tuning
+    method: str = "traced"    # "traced" (meta-device simulation) or "formula"
+    problem: str | None = None  # why this strategy cannot run on this model (then no numbers)
+
+
+@dataclasses.dataclass
+class Estimate:
+    model: str
+    model_class: str
+    batch_size: int
+    seq_len: int
+    dtype: str
+    quantization: str | None
+    device: str
+    rows: list[Row]
+
+    def row(self, strategy: str) -> Row:
+        return next(r for r in self.rows if r.strategy == strategy)
+
+    def as_dicts(self) -> list[dict[str, Any]]:
+        return [dataclasses.asdict(r) for r in self.rows]
+
+    def __str__(self) -> str:
+        mb = lambda n: f"{n / 1e6:,.0f}"  # noqa: E731
+        head = (f"{self.model_class} ({self.model}), batch {self.batch_size} x seq {self.seq_len}, "
+                f"{self.dtype}{', ' + self.quantization if self.quantization else ''}, AdamW, {self.device}")
+        cols = ["strategy", "trainable", "weights MB", "grads MB", "AdamW MB", "activ. MB", "peak MB",
+                "step cost", "method"]
+        lines = [head, "  ".join(f"{c:>12}" for c in cols)]
+        for r in self.rows:
+            if r.problem:
+                lines.append(f"{r.strategy:>12}  n/a: {r.problem}")
+                continue
+            cells = [r.strategy, f"{r.trainable:,}", mb(r.weights), mb(r.gradients), mb(r.optimizer),
+                     mb(r.activations), mb(r.peak), f"{r.step_cost:.2f}" if r.step_cost is not None else "?",
+                     r.method]
+            lines.append("  ".join(f"{c:>12}" for c in cells))
+        lines.append("peak = weights + the simulated peak of activations, gradients, AdamW states and temporaries "
+                     "(they do not all coexist); step cost = forward+backward FLOPs relative to full fine-tuning")
+        return "\n".join(lines)
+
+
+def estimate(model: Any, strategies: Any = DEFAULT_STRATEGIES, *, batch_size: int = 32, seq_len: int = 128,
+             dtype: Any = "float32", quantization: str | None = None, task: str = "auto",
+             num_labels: int | None = None, device: str = "cpu") -> Estimate:
+    """Predicted peak training memory and relative step cost of each strategy (see the module docstring).
+
+    ``model`` is a folder, a hub id, a PretrainedConfig or a loaded model (only its config is read).
+    ``strategies`` are names, Strategy configs or dicts. For image models ``seq_len`` is ignored (the
+    patch count comes from the config).
+    """
+    from adaptkit.core import resolve
+
+    for field, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(field=field, value=value, problem="must be a positive integer", fix="pass e.g. 32")
+    if device not in DEVICES:
+        raise ConfigError(field="device", value=device, problem="is not a device estimate knows",
+                          fix=f"choose one of {list(DEVICES)}")
+    if quantization in ("none", ""):
+        quantization = None
+    if quantization is not None and quantization not in _QUANT_BYTES:
+        raise ConfigError(field="quantization", value=quantization, problem="is not a quantization adaptkit knows",
+                          fix="choose 'none', '8bit' or '4bit'")
+    torch_dtype = dtype_of(dtype)
+    sk = skeleton(model, task, num_labels)
+    if getattr(sk.config, "pad_token_id", None) is None:
+        sk.config.pad_token_id = 0  # decoder classifiers need one for batches > 1; memory does not depend on it
+    configs = [resolve(s) for s in ([strategies] if isinstance(strategies, str) else strategies)]
+    full_flops = None
+    rows = []
+    for config in configs:
+        row = _estimate_one(sk, config, batch_size, seq_len, torch_dtype, quantization, device)
+        rows.append(row)
+        if config.name == "full" and not row.problem:
+            full_flops = row.flops
+    if full_flops is None and any(r.method == "traced" and not r.problem for r in rows):
+        from adaptkit.strategies.full import Full
+        full_flops = _estimate_one(sk, Full(), batch_size, seq_len, torch_dtype, None, device).flops
+    for r in rows:
+        if full_flops and r.flops and not r.problem:
+            r.step_cost = r.flops / full_flops
+    return Estimate(sk.source, sk.model_class.__name__, batch_size, seq_len, str(torch_dtype).replace("torch.", ""),
+                    quantization, device, rows)
+
+
+# ---- one strategy ----------------------------------------------------------------------------------
+def _estimate_one(sk: Skeleton, config, batch: int, seq: int, dtype: torch.dtype, quantization: str | None,
+                  device: str) -> Row:
+    from adaptkit.core import adapt
+
+    row = Row(config.name)
+    if quantization and not config.supports_quantized:
+        row.problem = f"{config.name} cannot train a {quantization} model"
+        return row
+    base = sk.build(dtype)
+    quant_saving = _quantization_saving(base, quantization) if quantization else 0
+    base_linear_params = _linear_params(base)
+    try:
+        model = adapt(base, config)
+    except AdaptkitError as exc:
+        row.problem = str(exc)
+        return row
+    params = list({id(p): p for p in model.parameters()}.values())
+    trainable = [p for p in params if p.requires_grad]
+    row.total = sum(p.numel() for p in params)
+    row.trainable = sum(p.numel() for p in trainable)
+    row.weights = (sum(p.numel() * p.element_size() for p in params)
+                   + sum(b.numel() * b.element_size() for b in model.buffers()) - quant_saving)
+    row.gradients = sum(p.numel() * p.element_size() for p in trainable)
+    row.optimizer = 2 * row.gradients
+    try:
+        saved, live_peak, row.flops = _trace(model, sk, batch, seq, device, trainable)
+        row.activations, row.peak = saved, row.weights + live_peak
+    except Exception:  # the model's Python code needs real values somewhere: fall back to the formula
+        row.method = "formula"
+        row.activations = _formula_activations(sk.config, config.name, batch, seq, dtype)
+        row.flops = _formula_flops(sk.config, base_linear_params, config, batch, seq)
+        row.peak = row.weights + row.gradients + row.optimizer + row.activations
+    return row
+
+
+def _quantization_saving(model: nn.Module, quantization: str) -> int:
+    """Bytes saved by storing every backbone linear weight quantized (heads stay unquantized)."""
+    from adaptkit import targets
+    per_weight, scale_unit = _QUANT_BYTES[quantization]
+    saving = 0
+    for name in targets.linear_names(model):
+        weight = model.get_submodule(name).weight
+        scales = weight.shape[0] if scale_unit == "row" else -(-weight.numel() // scale_unit)
+        saving += int(weight.numel() * (weight.element_size() - per_weight)) - 4 * scales
+    return saving
+
+
+def _inputs(sk: Skeleton, batch: int, seq: int) -> dict[str, torch.Tensor]:
+    meta = dict(device="meta")
+    ids = lambda *shape: torch.zeros(*shape, dtype=torch.long, **meta)  # noqa: E731
+    if sk.task == "image_cls" or getattr(sk.model_class, "main_input_name", "") == "pixel_values":
+        c = sk.config
+        inputs = {"pixel_values": torch.zeros(batch, getattr(c, "num_channels", 3), c.image_size, c.image_size, **meta)}
+        if sk.task == "image_cls":
+            inputs["labels"] = ids(batch)
+        return inputs
+    inputs = {"input_ids": ids(batch, seq)}
+    if sk.task == "seq_cls":
+        inputs["labels"] = (torch.zeros(batch, **meta) if sk.config.num_labels == 1 else ids(batch))
+    elif sk.task in ("token_cls", "causal_lm", "seq2seq"):
+        inputs["labels"] = ids(batch, seq)
+    elif sk.task == "qa":
+        inputs["start_positions"], inputs["end_positions"] = ids(batch), ids(batch)
+    return inputs
+
+
+def _trace(model: nn.Module, sk: Skeleton, batch: int, seq: int, device: str,
+           trainable: list[nn.Parameter]) -> tuple[int, int, int]:
+    """Two meta-device training steps: (bytes saved for backward, peak live bytes of step 2, FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import PreTrainedModel
+
+    inputs = _inputs(sk, batch, seq)
+    model.train()
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=(device == "cuda")) if trainable else None
+    live, saved = _LiveBytes(), _SavedBytes({p.untyped_storage()._cdata for p in model.parameters()})
+    flop_map = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
+                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward_flops}
+    flops = FlopCounterMode(display=False, custom_mapping=flop_map)
+    # transformers warns about padding by reading token values; meta tensors have none
+    quiet = mock.patch.object(PreTrainedModel, "warn_if_padding_and_no_attention_mask", lambda *a, **k: None)
+    attention = mock.patch.object(F, "scaled_dot_product_attention", _fused_attention(device))
+    with quiet, attention, live:
+        for step in range(2):
+            if step == 1:  # step 2 has AdamW states: that is the steady state
+                live.peak = live.live
+            with (saved if step == 1 else contextlib.nullcontext()), (flops if step == 1 else contextlib.nullcontext()):
+                outputs = model(**inputs)
+                loss = outputs.loss if getattr(outputs, "loss", None) is not None else _any_loss(outputs)
+                loss.backward()
+            del outputs, loss
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+    return saved.total, live.peak, flops.get_total_flops()
+
+
+def _attention_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+    return sdpa_flop_count(q_shape, k_shape, v_shape)
+
+
+def _attention_backward_flops(grad_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+    return sdpa_backward_flop_count(grad_shape, q_shape, k_shape, v_shape)
+
+
+def _any_loss(outputs) -> torch.Tensor:
+    """A bare backbone has no loss: backpropagate from the mean of its first output."""
+    first = outputs[0] if isinstance(outputs, tuple) else next(iter(outputs.values()))
+    return first.float().mean()
+
+
+def _fused_attention(device: str):
+    """scaled_dot_product_attention as the target device runs it (see the module docstring)."""
+    original = F.scaled_dot_product_attention
+
+    def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if dropout_p > 0.0 and device == "cpu":
+            return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                            enable_gqa=enable_gqa)
+        if enable_gqa and k.shape[-3] != q.shape[-3]:
+            repeat = q.shape[-3] // k.shape[-3]
+            k, v = k.repeat_interleave(repeat, dim=-3), v.repeat_interleave(repeat, dim=-3)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal and attn_mask is None, attn_mask=attn_mask, scale=scale)[0]
+
+    return attention
+
+
+class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes of every storage created inside the mode and still referenced; and their peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.refs: dict[int, int] = {}
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self.refs[key] -= 1
+        if not self.refs[key]:
+            del self.refs[key]
+            self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = torch.utils._pytree.tree_leaves
+        inputs = {t.untyped_storage()._cdata for t in leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key, nbytes = storage._cdata, storage.nbytes()
+                if key not in self.refs:
+                    if key in inputs:  # in place on / a view of a tensor made outside (a weight): not new
+                        continue
+                    self.refs[key] = 0
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                self.refs[key] += 1
+                # torch keeps a tensor's Python object alive while autograd still holds the tensor,
+                # so this fires when the storage is really released, not when user code drops it
+                weakref.finalize(t, self._release, key, nbytes)
+        return out
+
+
+class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Bytes autograd saves for backward (each storage once; parameters excluded: they are weights)."""
+
+    def __init__(self, parameter_storages: set[int]):
+        self.total, self.seen = 0, set(parameter_storages)
+        super().__init__(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in self.seen:
+            self.seen.add(storage._cdata)
+            self.total += storage.nbytes()
+        return t
+
+
+def _formula_activations(config, strategy: str, batch: int, seq: int, dtype: torch.dtype) -> int:
+    """The documented fallback (module docstring), BERT-calibrated."""
+    if strategy == "linear_probe":
+        return 0
+    hidden = int(getattr(config, "hidden_size"))
+    layers = int(getattr(config, "num_hidden_layers"))
+    heads = int(getattr(config, "num_attention_heads"))
+    inter = next((int(v) for a in ("intermediate_size", "n_inner", "d_ff", "ffn_dim", "hidden_dim")
+                  if isinstance(v := getattr(config, a, None), int)), 4 * hidden)
+    size = torch.empty(0, dtype=dtype).element_size()
+    tokens = batch * seq
+    return int(layers * tokens * size * (10.3 * hidden + 2 * inter) + layers * batch * heads * seq * seq * size * 3)
+
+
+def _linear_params(model: nn.Module) -> int:
+    from adaptkit import targets
+    return sum(model.get_submodule(n).weight.numel() for n in targets.linear_names(model))
+
+
+def _formula_flops(config, linear_params: int, strategy, batch: int, seq: int) -> int:
+    """2 FLOPs per weight per token forward, + attention 4·seq²·hidden per layer; backward computes input
+    gradients (1× forward) unless nothing below the head trains, and weight gradients (1×) for full."""
+    tokens = batch * seq
+    forward = 2 * linear_params * tokens + 4 * batch * seq * seq * int(config.hidden_size) * int(config.num_hidden_layers)
+    if strategy.name == "linear_probe":
+        return forward
+    return forward * (3 if not strategy.freezes_base else 2)
+
+
+__all__ = ["estimate", "Estimate", "Row", "DEFAULT_STRATEGIES"]
