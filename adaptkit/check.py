@@ -265,7 +265,7 @@ def _named_targets(config, strategy: Any, options: dict[str, Any]) -> dict[str, 
         label = getattr(config, "method", None) or type(config).__name__
         values = {**vars(config), **(getattr(config, "options", None) or {})}
     else:
-        label, values = str(strategy), options
+        label, values = "options", options
     return {f"{label}.{key}": list(values[key]) for key in _TARGET_FIELDS
             if isinstance(values.get(key), (list, tuple)) and all(isinstance(v, str) for v in values[key])}
 

@@ -1,0 +1,164 @@
+"""The ``adaptkit`` command: check a training setup, or estimate its memory, before loading any weights.
+
+    adaptkit check path/to/model --strategy lora --option r=16 --option targets=query,value \\
+        --quantization 8bit --processes 2 --num-labels 2
+    adaptkit estimate path/to/model --batch-size 32 --seq-len 128 --dtype bfloat16
+
+``check`` prints every problem with its fix and exits 1 when there is any; ``estimate`` prints one row
+per strategy. A mistyped flag or a bad flag value exits 2 with a message naming the flag, the value and
+the fix. ``--json`` prints machine-readable output instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from typing import Any
+
+from adaptkit.errors import AdaptkitError, ConfigError
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises a typed error (flag, value, fix; "did you mean") instead of printing usage."""
+
+    def error(self, message: str):
+        known = getattr(self, "known_flags", None) or [o for a in self._actions for o in a.option_strings]
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        if unknown:
+            flag = unknown.group(1)
+            close = difflib.get_close_matches(flag.split("=")[0], known, n=1)
+            raise ConfigError(field="flag", value=flag, problem=f"is not a flag of '{self.prog}'",
+                              fix=(f"did you mean {close[0]}? " if close else "") + f"run '{self.prog} --help'")
+        argument = re.match(r"argument (\S+?)(?:/\S+)?: (.*)", message, re.DOTALL)
+        if argument:
+            flag, problem = argument.groups()
+            choice = re.match(r"invalid choice: '([^']*)' \(choose from (.*)\)", problem)
+            if choice:
+                value, options = choice.groups()
+                names = [o.strip(" '") for o in options.split(",")]
+                close = difflib.get_close_matches(value, names, n=1)
+                raise ConfigError(field=flag, value=value, problem="is not one of the choices",
+                                  fix=(f"did you mean {close[0]!r}? " if close else "") + f"choose from {options}")
+            bad_value = re.match(r"'(.*)' (is .*)", problem)
+            if bad_value:
+                raise ConfigError(field=flag, value=bad_value.group(1), problem=bad_value.group(2),
+                                  fix=f"run '{self.prog} --help'")
+            raise ConfigError(field=flag, problem=problem, fix=f"run '{self.prog} --help'")
+        missing = re.match(r"the following arguments are required: (.*)", message)
+        if missing:
+            raise ConfigError(field=missing.group(1), problem="is required", fix=f"run '{self.prog} --help'")
+        raise ConfigError(field=self.prog, problem=message, fix=f"run '{self.prog} --help'")
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE``: VALUE as JSON when it parses (16, 0.1, true, ["a"]), a comma list gives a list of
+    names (targets=query,value), anything else stays a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(field="--option", value=text, problem="is not KEY=VALUE", fix="write e.g. --option r=16")
+    try:
+        return key.strip(), json.loads(raw)
+    except json.JSONDecodeError:
+        return key.strip(), [v.strip() for v in raw.split(",") if v.strip()] if "," in raw else raw
+
+
+def _positive_int(flag: str):
+    def parse(text: str) -> int:
+        if not text.strip().isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer (e.g. {flag} 2)")
+        return int(text)
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from adaptkit.estimate import DEFAULT_STRATEGIES
+    from adaptkit.skeleton import DTYPES, TASKS
+
+    parser = _Parser(prog="adaptkit", description=__doc__.split("\n\n")[0],
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("model", help="model folder, hub id (read from the local cache) or config.json")
+        p.add_argument("--task", default="auto", choices=["auto", *TASKS],
+                       help="model head to build (default: from the config; a bare encoder -> seq_cls)")
+        p.add_argument("--num-labels", type=_positive_int("--num-labels"), default=None)
+        p.add_argument("--quantization", default="none", help="none, 8bit or 4bit (bitsandbytes)")
+        p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    check = commands.add_parser("check", help="validate model x strategy x options x quantization x processes")
+    common(check)
+    check.add_argument("--strategy", default="lora", help="lora, bottleneck, prefix, linear_probe, full or a PEFT "
+                                                          "method name (default: lora)")
+    check.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                       help="a strategy option, repeatable: -o r=16 -o targets=query,value")
+    check.add_argument("--processes", type=_positive_int("--processes"), default=1)
+    check.add_argument("--gradient-checkpointing", action="store_true")
+
+    est = commands.add_parser("estimate", help="peak training memory and step cost of every strategy")
+    common(est)
+    est.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
+                     help=f"comma-separated (default: {','.join(DEFAULT_STRATEGIES)})")
+    est.add_argument("--batch-size", type=_positive_int("--batch-size"), default=32)
+    est.add_argument("--seq-len", type=_positive_int("--seq-len"), default=128)
+    est.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    est.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                     help="where training will run (decides which attention kernel is assumed)")
+    flags = sorted({o for p in (check, est) for a in p._actions for o in a.option_strings if o.startswith("--")})
+    for p in (parser, check, est):
+        p.known_flags = flags  # "did you mean" across subcommands: argparse reports leftovers at the top
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        options = dict(_parse_option(o) for o in getattr(args, "option", []))
+        quantization = None if args.quantization in ("none", "") else args.quantization
+        if args.command == "check":
+            return _check(args, options, quantization)
+        return _estimate(args, quantization)
+    except AdaptkitError as exc:  # a bad flag or value, or a model that cannot be read
+        print(f"adaptkit: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _check(args, options: dict[str, Any], quantization: str | None) -> int:
+    from adaptkit.check import check
+
+    report = check(args.model, args.strategy, options=options, task=args.task, num_labels=args.num_labels,
+                   quantization=quantization, processes=args.processes,
+                   gradient_checkpointing=args.gradient_checkpointing, raise_on_error=False)
+    if args.json:
+        print(json.dumps({"ok": report.ok, "model": report.model, "model_class": report.model_class,
+                          "task": report.task, "strategy": report.strategy.to_dict() if report.strategy else None,
+                          "trainable": report.trainable, "total": report.total, "notes": report.notes,
+                          "problems": [{"error": type(p).__name__, "field": p.field, "value": repr(p.value),
+                                        "problem": p.problem, "fix": p.fix, "message": str(p)}
+                                       for p in report.problems]}, indent=2))
+    else:
+        print(report)
+    return EXIT_OK if report.ok else EXIT_PROBLEMS
+
+
+def _estimate(args, quantization: str | None) -> int:
+    from adaptkit.estimate import estimate
+
+    names = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    if not names:
+        raise ConfigError(field="--strategies", value=args.strategies, problem="names no strategy",
+                          fix="pass e.g. --strategies full,lora")
+    result = estimate(args.model, names, batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype,
+                      quantization=quantization, task=args.task, num_labels=args.num_labels, device=args.device)
+    print(json.dumps({"model": result.model, "model_class": result.model_class, "rows": result.as_dicts()}, indent=2)
+          if args.json else result)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

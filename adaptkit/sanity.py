@@ -1,0 +1,338 @@
+"""``adaptkit.sanity_check``: five cheap training sanity checks in one call, before a run spends hours.
+
+    report = adaptkit.sanity_check(model, first_batch, base_model=lambda: load_base())
+
+1. **init** — an adapter at initialisation leaves the outputs unchanged (LoRA and the other PEFT
+   weight adapters, bottleneck adapters; prefix tuning changes outputs by design and is skipped);
+2. **gradients** — every trainable tensor receives a finite gradient, a new task head trains, and no
+   frozen tensor changes;
+3. **loss** — the loss is finite and falls over ``steps`` AdamW steps on this one batch; every trainable
+   tensor changes;
+4. **save_load** — ``adaptkit.save`` then ``adaptkit.load`` onto a fresh base reproduces the outputs;
+5. **merge** — the merged plain model computes what the adapted one does (mergeable strategies).
+
+The model is left as it was found: trained tensors, RNG state and train/eval mode are restored, so a
+run that calls this in its first step continues exactly as one that did not. Checks 4-5 need
+``base_model``, a callable returning a freshly loaded base. A failing check raises
+:class:`SanityCheckError` naming what is wrong and the fix (the full report is its ``.report``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from adaptkit import targets
+from adaptkit.errors import ConfigTypeError, NotAdaptedError, NotMergeableError, SanityCheckError
+
+CHECKS = ("init", "gradients", "loss", "save_load", "merge")
+
+
+@dataclasses.dataclass
+class Result:
+    name: str
+    status: str             # "ok", "skipped" or "failed"
+    detail: str = ""        # what was measured, or why skipped, or what is wrong
+    fix: str | None = None  # for failures
+    value: Any = None
+
+
+@dataclasses.dataclass
+class SanityReport:
+    strategy: str
+    results: list[Result]
+    losses: list[float]
+
+    @property
+    def ok(self) -> bool:
+        return all(r.status != "failed" for r in self.results)
+
+    @property
+    def failures(self) -> list[Result]:
+        return [r for r in self.results if r.status == "failed"]
+
+    def __str__(self) -> str:
+        lines = [f"sanity check ({self.strategy}): " + ("OK" if self.ok else f"{len(self.failures)} failed")]
+        lines += [f"  {r.status:>7}  {r.name}: {r.detail}" + (f" Fix: {r.fix}" if r.fix else "") for r in self.results]
+        return "\n".join(lines)
+
+
+def sanity_check(model: nn.Module, batch: Mapping[str, torch.Tensor], *, steps: int = 3, lr: float = 1e-3,
+                 base_model: Callable[[], nn.Module] | None = None, at_init: bool = True,
+                 loss_fn: Callable[[Any, Mapping], torch.Tensor] | None = None,
+                 atol: float = 1e-5, merge_rtol: float = 1e-4, raise_on_failure: bool = True) -> SanityReport:
+    """Run the checks of the module docstring on ``model`` (from ``adaptkit.adapt``/``load``) and one batch.
+
+    ``batch`` holds the model's inputs and labels (or pass ``loss_fn(outputs, batch)``). ``at_init=False``
+    skips the init check for a model that has already trained (a resumed run).
+    """
+    from adaptkit.core import is_quantized, strategy_of
+
+    strategy = strategy_of(model)
+    if strategy is None:
+        raise NotAdaptedError(field="model", value=type(model).__name__, problem="was not adapted by adaptkit",
+                              fix="call adaptkit.adapt(model, strategy) first, then sanity_check")
+    if not isinstance(batch, Mapping) or not all(isinstance(v, torch.Tensor) for v in batch.values()):
+        raise ConfigTypeError(field="batch", value=type(batch).__name__,
+                              problem="expected a dict of tensors (the model's keyword inputs)",
+                              fix="pass one batch from your DataLoader, e.g. next(iter(loader))")
+    if not isinstance(steps, int) or steps < 2:
+        raise ConfigTypeError(field="steps", value=steps, problem="must be an int >= 2 (LoRA's A moves from step 2)",
+                              fix="use steps=3")
+    quant = is_quantized(model)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    saved = {n: p.detach().clone() for n, p in trainable.items()}
+    frozen = {n: _fingerprint(p) for n, p in model.named_parameters() if not p.requires_grad}
+    rng, was_training = torch.get_rng_state(), model.training
+    results: list[Result] = []
+    losses: list[float] = []
+    try:
+        results.append(_check_init(model, batch, strategy, quant, atol) if at_init
+                       else Result("init", "skipped", "at_init=False (the model has trained already)"))
+        results += _train_checks(model, batch, strategy, trainable, saved, frozen, steps, lr, loss_fn, losses)
+        results += _roundtrip_checks(model, batch, strategy, base_model, quant, atol, merge_rtol)
+    finally:
+        with torch.no_grad():
+            for name, p in trainable.items():
+                p.copy_(saved[name])
+                p.grad = None
+        torch.set_rng_state(rng)
+        model.train(was_training)
+    report = SanityReport(strategy.name, results, losses)
+    if raise_on_failure and not report.ok:
+        first, *others = report.failures
+        also = f" (also failed: {', '.join(r.name for r in others)})" if others else ""
+        error = SanityCheckError(field=f"sanity_check.{first.name}", value=first.value,
+                                 problem=first.detail + also, fix=first.fix)
+        error.report = report
+        raise error
+    return report
+
+
+# ---- 1. init ---------------------------------------------------------------------------------------
+def _check_init(model, batch, strategy, quant, atol) -> Result:
+    if quant == "4bit":  # FACTS.md: an eval forward repacks 4-bit weights on CPU and breaks training after
+        return Result("init", "skipped", "4-bit model: an eval-mode forward would break its training on CPU")
+    disabled = _adapters_disabled(model, strategy)
+    if isinstance(disabled, str):
+        return Result("init", "skipped", disabled)
+    adapted = _outputs(model, batch)
+    with disabled:
+        base = _outputs(model, batch)
+    diff = _max_diff(adapted, base)
+    if diff > atol + atol * float(base.abs().max()):
+        return Result("init", "failed", f"the {strategy.name} adapter changes the outputs at initialisation "
+                      f"(max |difference| {diff:.3g})", value=diff,
+                      fix="initialise it to the identity (LoRA: B = 0, the default init; bottleneck: up = 0), "
+                          "or pass at_init=False if this model has trained already")
+    return Result("init", "ok", f"outputs unchanged by the adapter (max |difference| {diff:.2g})")
+
+
+def _adapters_disabled(model, strategy):
+    """A context that runs the model without its adapter, or a reason why the check does not apply."""
+    from peft import PeftModel, PromptLearningConfig
+
+    from adaptkit.strategies import bottleneck
+    if isinstance(model, PeftModel):
+        if isinstance(model.peft_config[model.active_adapter], PromptLearningConfig):
+            return f"{strategy.name} prepends trained vectors: it changes the outputs by design"
+        return model.disable_adapter()
+    if bottleneck.has_adapters(model):
+        return _bottleneck_hooks_removed(model)
+    return f"{strategy.name} adds no modules: the outputs are the base model's by construction"
+
+
+@contextlib.contextmanager
+def _bottleneck_hooks_removed(model):
+    from adaptkit.strategies import bottleneck
+    removed = []
+    for module in model.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if hook is bottleneck._adapter_hook:
+                removed.append((module, key, module._forward_hooks.pop(key)))
+    try:
+        yield
+    finally:
+        for module, key, hook in removed:
+            module._forward_hooks[key] = hook
+
+
+# ---- 2 + 3. gradients and loss ---------------------------------------------------------------------
+def _train_checks(model, batch, strategy, trainable, saved, frozen, steps, lr, loss_fn, losses) -> list[Result]:
+    if not trainable:
+        return [Result("gradients", "failed", "0 trainable parameters", value=0,
+                       fix="adapt the model with a strategy that trains something (check targets/heads)"),
+                Result("loss", "skipped", "nothing trains")]
+    model.train()
+    start = _fixed_loss(model, batch, loss_fn)
+    optimizer = torch.optim.AdamW(trainable.values(), lr=lr, weight_decay=0.0)  # no decay: a change means a gradient
+    grads: dict[str, torch.Tensor | None] = {}
+    for step in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss = _loss(model, batch, loss_fn)
+        losses.append(float(loss.detach()))
+        if not math.isfinite(losses[-1]):
+            return [Result("gradients", "skipped", "the loss is not finite"),
+                    Result("loss", "failed", f"loss is {losses[-1]} at step {step + 1}", value=losses[-1],
+                           fix="lower the learning rate, check the labels (range, dtype) and the inputs for NaN")]
+        loss.backward()
+        if step == 0:
+            grads = {n: p.grad for n, p in trainable.items()}
+            result = _gradient_result(model, strategy, trainable, grads)
+            if result.status == "failed":
+                return [result, Result("loss", "skipped", "no gradients to follow")]
+        optimizer.step()
+    end = _fixed_loss(model, batch, loss_fn)
+    results = [result]
+    changed_frozen = [n for n, fp in frozen.items() if not torch.equal(fp, _fingerprint(model.get_parameter(n)))]
+    if changed_frozen:
+        results[0] = Result("gradients", "failed", f"{len(changed_frozen)} frozen tensor(s) changed during training: "
+                            f"{changed_frozen[:5]}", value=len(changed_frozen),
+                            fix="something writes into base weights in place; report it with the strategy name")
+    unchanged = [n for n, p in trainable.items() if torch.equal(p.detach(), saved[n])]
+    if unchanged:
+        results.append(Result("loss", "failed", f"{len(unchanged)} trainable tensor(s) did not change in {steps} "
+                              f"steps: {unchanged[:5]}", value=len(unchanged),
+                              fix="their gradients are zero: check that they are on the path to the loss"))
+    elif not end < start:
+        results.append(Result("loss", "failed", f"the loss did not fall over {steps} steps on one batch "
+                              f"({start:.4f} -> {end:.4f})", value=(start, end),
+                              fix=f"try another learning rate (lr={lr} here), check that labels match the inputs"))
+    else:
+        results.append(Result("loss", "ok", f"finite, {start:.4f} -> {end:.4f} over {steps} steps; every "
+                              "trainable tensor changed"))
+    return results
+
+
+def _gradient_result(model, strategy, trainable, grads) -> Result:
+    missing = [n for n, g in grads.items() if g is None]
+    bad = [n for n, g in grads.items() if g is not None and not bool(torch.isfinite(g).all())]
+    if len(missing) == len(trainable):
+        cause = (": gradient checkpointing without input gradients" if _checkpointing(model) else
+                 ": no trainable tensor is on the path from the inputs to the loss")
+        return Result("gradients", "failed", f"0 trainable parameters received gradients{cause}", value=0,
+                      fix="call model.enable_input_require_grads() after gradient_checkpointing_enable(), or "
+                          "enable it with gradient_checkpointing_kwargs={'use_reentrant': False}"
+                      if _checkpointing(model) else "check the strategy's targets and that the loss uses the outputs")
+    if missing:
+        cause = " (gradient checkpointing without input gradients?)" if _checkpointing(model) else ""
+        return Result("gradients", "failed", f"{len(missing)} of {len(trainable)} trainable tensors received no "
+                      f"gradient{cause}: {missing[:5]}", value=len(missing),
+                      fix="freeze tensors the loss does not reach, or fix the targets/heads that name them")
+    if bad:
+        return Result("gradients", "failed", f"{len(bad)} gradient(s) contain NaN/inf: {bad[:5]}", value=len(bad),
+                      fix="lower the learning rate or use fp32/bf16 instead of fp16")
+    if strategy.freezes_base:
+        frozen_heads = [h for h in _new_heads(model) if not any(h in n.split(".") for n in trainable)]
+        if frozen_heads:
+            return Result("gradients", "failed", f"the new task head(s) {frozen_heads} do not train: they stay "
+                          "random", value=frozen_heads,
+                          fix="list them in the strategy's heads option (PEFT: modules_to_save)")
+    return Result("gradients", "ok", f"all {len(trainable)} trainable tensors received finite gradients; "
+                  "frozen tensors unchanged")
+
+
+def _new_heads(model) -> list[str]:
+    from peft import PeftModel
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return targets.new_head_names(base)
+
+
+def _checkpointing(model) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+# ---- 4 + 5. save/load and merge --------------------------------------------------------------------
+def _roundtrip_checks(model, batch, strategy, base_model, quant, atol, merge_rtol) -> list[Result]:
+    import adaptkit
+    if base_model is None:
+        why = "pass base_model=<a callable returning a freshly loaded base> to check it"
+        return [Result("save_load", "skipped", why), Result("merge", "skipped", why)]
+    if quant == "4bit":
+        why = "4-bit model: an eval-mode forward would break its training on CPU"
+        return [Result("save_load", "skipped", why), Result("merge", "skipped", why)]
+    reference = _outputs(model, batch)
+    with tempfile.TemporaryDirectory(prefix=".adaptkit-sanity-") as tmp:
+        adaptkit.save(model, Path(tmp) / "adapter")
+        loaded = adaptkit.load(Path(tmp) / "adapter", base_model())
+    diff = _max_diff(_outputs(loaded, batch), reference)
+    results = [Result("save_load", "ok", f"reloaded outputs match (max |difference| {diff:.2g})")
+               if diff <= atol + atol * float(reference.abs().max()) else
+               Result("save_load", "failed", f"the reloaded adapter computes different outputs "
+                      f"(max |difference| {diff:.3g})", value=diff,
+                      fix="load onto the same base model (same checkpoint, num_labels, dtype) that was adapted")]
+    if not strategy.mergeable or quant:
+        results.append(Result("merge", "skipped", f"{strategy.name} is not mergeable" if not strategy.mergeable
+                              else f"{quant} model: merging needs dequantized weights"))
+        return results
+    try:
+        merged = adaptkit.merge(loaded)
+    except NotMergeableError as exc:
+        results.append(Result("merge", "skipped", str(exc)))
+        return results
+    diff = _max_diff(_outputs(merged, batch), reference)
+    tolerance = atol + merge_rtol * float(reference.abs().max())
+    results.append(Result("merge", "ok", f"merged outputs match (max |difference| {diff:.2g})") if diff <= tolerance
+                   else Result("merge", "failed", f"the merged model computes different outputs (max |difference| "
+                               f"{diff:.3g} > {tolerance:.3g})", value=diff,
+                               fix="report it with the strategy and options; keep the unmerged adapter meanwhile"))
+    return results
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+def _inputs(batch: Mapping) -> dict:
+    return {k: v for k, v in batch.items() if k not in ("labels", "start_positions", "end_positions")}
+
+
+def _outputs(model, batch) -> torch.Tensor:
+    """The main output (logits) in eval mode, in fp32."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(**_inputs(batch))
+    finally:
+        model.train(was)
+    main = getattr(out, "logits", None)
+    if main is None:
+        main = out[0] if isinstance(out, tuple) else next(iter(out.values()))
+    return main.detach().float()
+
+
+def _loss(model, batch, loss_fn) -> torch.Tensor:
+    outputs = model(**(batch if loss_fn is None else _inputs(batch)))
+    loss = loss_fn(outputs, batch) if loss_fn is not None else getattr(outputs, "loss", None)
+    if loss is None:
+        raise ConfigTypeError(field="batch", value=sorted(batch), problem="the model returned no loss",
+                              fix="include 'labels' in the batch, or pass loss_fn(outputs, batch)")
+    return loss
+
+
+def _fixed_loss(model, batch, loss_fn) -> float:
+    """The loss in training mode with the same dropout masks each time (same seed), without gradients."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        return float(_loss(model, batch, loss_fn))
+
+
+def _fingerprint(p: torch.Tensor) -> torch.Tensor:
+    data = p.detach()
+    data = data.double() if data.is_floating_point() else data.to(torch.float64)
+    return torch.stack([data.sum(), data.square().sum()])
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return math.inf
+    return float((a - b).abs().max()) if a.numel() else 0.0
+
+
+__all__ = ["sanity_check", "SanityReport", "Result", "CHECKS"]
