@@ -32,6 +32,15 @@ def head_modules(model: nn.Module, given: list[str] | None, field: str) -> list[
     return targets.new_head_names(model) or None
 
 
+def peft_lora_inits() -> list[str]:
+    """The named initialisations of this PEFT version (``init_lora_weights``'s Literal), e.g. 'pissa'."""
+    import typing
+
+    from peft import LoraConfig
+    hint = typing.get_type_hints(LoraConfig)["init_lora_weights"]
+    return [v for arg in typing.get_args(hint) for v in typing.get_args(arg) if isinstance(v, str)]
+
+
 @register
 @dataclasses.dataclass
 class LoRA(PeftStrategy):
@@ -59,6 +68,11 @@ class LoRA(PeftStrategy):
         if self.targets is not None and not self.targets:
             raise ConfigError(field="LoRA.targets", value=self.targets, problem="is empty",
                               fix="name modules (e.g. ['query', 'value']) or pass None for every linear layer")
+        inits = peft_lora_inits()
+        if self.init != "default" and not any(self.init == i or (i.endswith("]") and re.fullmatch(
+                re.escape(i[: i.index("[")]) + r"\d+", self.init)) for i in inits):
+            raise ConfigError(field="LoRA.init", value=self.init, problem="is not a LoRA initialisation PEFT knows",
+                              fix=f"use one of {['default', *inits]}")
 
     def peft_config(self, model: nn.Module):
         from peft import LoraConfig
