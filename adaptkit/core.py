@@ -199,7 +199,12 @@ def save(model: nn.Module, directory: str | Path) -> Path:
 
 
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished folder ``src`` to ``dst``; an old ``dst`` is moved aside first, then deleted."""
+    """Move the finished folder ``src`` to ``dst``. An old ``dst`` is swapped out in one atomic step where
+    the OS can (Linux renameat2 RENAME_EXCHANGE), so ``dst`` is never missing, even if the process dies
+    here; elsewhere it is moved aside first, then deleted."""
+    if dst.exists() and _exchange(src, dst):
+        shutil.rmtree(src, ignore_errors=True)  # ``src`` now holds the old folder
+        return
     old = None
     if dst.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
@@ -207,6 +212,18 @@ def replace_dir(src: Path, dst: Path) -> None:
     src.rename(dst)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux >= 3.15); False where the call or the filesystem cannot."""
+    import ctypes
+    import os
+    import sys
+    if not sys.platform.startswith("linux"):
+        return False
+    rename = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    at_fdcwd, rename_exchange = -100, 2
+    return rename is not None and rename(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def read_config(directory: Path) -> Strategy:
@@ -250,13 +267,50 @@ def load(directory: str | Path, base_model: nn.Module, trainable: bool = False) 
         raise AdapterFormatError(field="directory", value=str(directory),
                                  problem=f"holds neither {CONFIG_NAME} nor adapter_config.json",
                                  fix="pass the folder written by adaptkit.save")
-    if isinstance(strategy, PeftStrategy):
-        model = strategy.load(directory, base_model, trainable=trainable)
-    else:
-        model = strategy.load(directory, base_model)
-        if not trainable:
-            model.requires_grad_(False)
+    _check_weights(directory, base_model)
+    try:
+        if isinstance(strategy, PeftStrategy):
+            model = strategy.load(directory, base_model, trainable=trainable)
+        else:
+            model = strategy.load(directory, base_model)
+            if not trainable:
+                model.requires_grad_(False)
+    except RuntimeError as exc:  # torch's load_state_dict shape error, typed
+        if "size mismatch" not in str(exc):
+            raise
+        first = next(line.strip() for line in str(exc).splitlines() if "size mismatch" in line)
+        raise AdapterFormatError(field=str(directory), value=type(base_model).__name__,
+                                 problem=f"the saved tensors do not fit this base model ({first})",
+                                 fix="load onto the same base model that was adapted (same checkpoint, num_labels)"
+                                 ) from None
     return _mark(model, strategy, base_model)
+
+
+def _check_weights(directory: Path, base_model: nn.Module) -> None:
+    """Safetensors only (never unpickle), and a saved task head must fit the base's (num_labels)."""
+    from safetensors import safe_open
+
+    from adaptkit import targets
+    from adaptkit.strategies.base import WEIGHTS_NAME
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        pickled = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+        raise AdapterFormatError(field="directory", value=str(directory), problem=f"has no {WEIGHTS_NAME}" + (
+            f"; it holds pickle files {pickled}, which adaptkit never loads (unpickling can run code)" if pickled
+            else ""), fix="save adapters as safetensors (adaptkit.save does; PEFT: safe_serialization=True)")
+    with safe_open(str(weights), "pt") as f:
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    base = _unwrap(base_model)
+    for head in targets.new_head_names(base):
+        for name, p in getattr(base, head).named_parameters():
+            key = f"{head}.{name}"
+            match = next((k for k in saved if k == key or k.endswith("." + key)), None)
+            if match is not None and saved[match] != tuple(p.shape):
+                raise AdapterFormatError(
+                    field=f"{weights.name}:{match}", value=saved[match],
+                    problem=f"the saved task head does not fit this base model's {key} {tuple(p.shape)} "
+                            "(trained with another num_labels?)",
+                    fix="load the base model with the num_labels the adapter was trained with")
 
 
 def merge(model: nn.Module) -> nn.Module:
