@@ -1,0 +1,171 @@
+"""Bad input everywhere a user types something: each case gets a typed error naming field, value and fix,
+raised before any work starts, and nothing is left half-written."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from conftest import tiny_inputs, tiny_model
+
+import adaptkit
+from adaptkit import errors
+from adaptkit.sanity import sanity_check
+from adaptkit.strategies import REGISTRY
+
+FIELDS = [(name, f.name) for name, cls in sorted(REGISTRY.items()) for f in dataclasses.fields(cls)]
+
+
+def test_every_option_of_every_strategy_is_under_test():
+    assert len(FIELDS) >= 15
+    assert {name for name, _ in FIELDS} == {name for name, cls in REGISTRY.items() if dataclasses.fields(cls)}
+
+
+def test_full_takes_no_options():
+    with pytest.raises(errors.UnknownOptionError, match=r"Full options=\['lr'\]: unknown option.*valid options are \[\]"):
+        adaptkit.adapt(tiny_model("bert"), "full", lr=1e-5)
+
+
+@pytest.mark.parametrize("name,field", FIELDS)
+def test_a_wrong_type_names_the_strategy_field_and_its_type(name, field):
+    cls = REGISTRY[name]
+    with pytest.raises(errors.ConfigTypeError, match=rf"{cls.__name__}\.{field}=<object.*expected .*Fix: pass a"):
+        cls(**{field: object()})
+    assert issubclass(errors.ConfigTypeError, TypeError)
+
+
+@pytest.mark.parametrize("name,typo,meant", [("lora", "alpah", "alpha"), ("bottleneck", "reduction_factr",
+                         "reduction_factor"), ("prefix", "num_virtual_token", "num_virtual_tokens"),
+                         ("linear_probe", "head", "heads")])
+def test_a_mistyped_option_gets_did_you_mean(name, typo, meant):
+    with pytest.raises(errors.UnknownOptionError, match=rf"'{typo}' -> did you mean '{meant}'"):
+        adaptkit.adapt(tiny_model("bert"), name, **{typo: 1})
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"r": 0}, r"LoRA.r=0: must be positive. Fix:"),
+    ({"dropout": 1.0}, r"LoRA.dropout=1.0: must be in \[0, 1\)"),
+    ({"targets": []}, r"LoRA.targets=\[\]: is empty"),
+    ({"init": "__import__('os')"}, r"LoRA.init=.*Fix: use one of"),
+])
+def test_bad_lora_values_are_refused_at_construction(options, match):
+    with pytest.raises(errors.ConfigError, match=match):
+        adaptkit.LoRA(**options)
+
+
+def test_bad_values_of_the_other_strategies():
+    with pytest.raises(errors.ConfigError, match=r"Bottleneck.activation='relu6x'.*Fix: choose one of"):
+        adaptkit.Bottleneck(activation="relu6x")
+    with pytest.raises(errors.ConfigError, match=r"Bottleneck.variant=.houlsbi.: must be one of"):
+        adaptkit.Bottleneck(variant="houlsbi")
+    with pytest.raises(errors.ConfigError, match=r"Bottleneck.reduction_factor=64: leaves no bottleneck"):
+        adaptkit.adapt(tiny_model("bert"), "bottleneck", reduction_factor=64)  # hidden 32 // 64 = 0
+    with pytest.raises(errors.ConfigError, match=r"Prefix.projection_hidden=-1"):
+        adaptkit.Prefix(projection_hidden=-1)
+
+
+def test_strategy_names_and_types():
+    with pytest.raises(errors.UnknownStrategyError, match=r"strategy='bottlenek'.*did you mean 'bottleneck'"):
+        adaptkit.adapt(tiny_model("bert"), "bottlenek")
+    with pytest.raises(errors.ConfigTypeError, match=r"strategy=3: expected a name"):
+        adaptkit.adapt(tiny_model("bert"), 3)
+    with pytest.raises(errors.UnknownStrategyError, match=r"strategy='loraa'"):
+        adaptkit.adapt(tiny_model("bert"), {"strategy": "loraa"})
+
+
+@pytest.mark.parametrize("strategy,options,field", [
+    ("lora", {"targets": ["quary"]}, "LoRA.targets"),
+    ("lora", {"heads": ["clasifier"]}, "LoRA.heads"),
+    ("prefix", {"heads": ["classifer"]}, "Prefix.heads"),
+    ("linear_probe", {"heads": ["classifer"]}, "LinearProbe.heads"),
+])
+def test_target_names_that_match_nothing(strategy, options, field):
+    model = tiny_model("bert")
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(errors.TargetNotFoundError, match=rf"{field}='\w+': matches no module.*did you mean"):
+        adaptkit.adapt(model, strategy, **options)
+    assert adaptkit.strategy_of(model) is None  # refused before anything changed
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+
+
+@pytest.mark.parametrize("strategy", ["lora", "bottleneck", "prefix", "linear_probe", "full", "ia3"])
+def test_adapting_twice_is_refused(strategy):
+    model = adaptkit.adapt(tiny_model("bert"), strategy)
+    with pytest.raises(errors.AlreadyAdaptedError, match=r"model=.*already adapted.*Fix: start from a freshly"):
+        adaptkit.adapt(model, "lora")
+
+
+def test_save_merge_and_sanity_check_need_an_adapted_model(tmp_path):
+    plain = tiny_model("bert")
+    for call in (lambda: adaptkit.save(plain, tmp_path / "x"), lambda: adaptkit.merge(plain),
+                 lambda: sanity_check(plain, tiny_inputs("bert"))):
+        with pytest.raises(errors.NotAdaptedError, match=r"model='BertForSequenceClassification': was not adapted"):
+            call()
+    assert not (tmp_path / "x").exists()
+
+
+# ---- saved folders: tampering is refused and nothing in them is executed ------------------------------
+def _saved(tmp_path, strategy="bottleneck"):
+    folder = tmp_path / "adapter"
+    adaptkit.save(adaptkit.adapt(tiny_model("bert"), strategy), folder)
+    return folder, json.loads((folder / "adaptkit_config.json").read_text())
+
+
+def _tamper(folder, data):
+    (folder / "adaptkit_config.json").write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (lambda d: d.update(hook="os.system('touch PWNED')"), errors.AdapterFormatError, r"is not an adaptkit-adapter/1"),
+    (lambda d: d.update(format="adaptkit-adapter/99"), errors.AdapterFormatError, r"adaptkit-adapter/1"),
+    (lambda d: d["strategy"].update(reduction_factor="__import__('os').system('touch PWNED')"),
+     errors.ConfigTypeError, r"Bottleneck.reduction_factor=.*expected int"),
+    (lambda d: d["strategy"].update(extra=1), errors.UnknownOptionError, r"unknown option\(s\)"),
+    (lambda d: d["strategy"].update(strategy="os.system"), errors.UnknownStrategyError, r"strategy='os.system'"),
+    (lambda d: d.update(strategy="bottleneck"), errors.AdapterFormatError, r"strategy='bottleneck': must be an object"),
+])
+def test_a_tampered_config_raises_and_executes_nothing(tmp_path, monkeypatch, change, error, match):
+    folder, data = _saved(tmp_path)
+    change(data)
+    _tamper(folder, data)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error, match=match):
+        adaptkit.load(folder, tiny_model("bert"))
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_config_that_is_not_json(tmp_path):
+    folder, _ = _saved(tmp_path)
+    (folder / "adaptkit_config.json").write_text("{'strategy': 'lora'")
+    with pytest.raises(errors.AdapterFormatError, match=r"cannot be read.*Fix: pass a folder written by"):
+        adaptkit.load(folder, tiny_model("bert"))
+
+
+def test_loading_a_folder_that_is_not_an_adapter(tmp_path):
+    with pytest.raises(errors.AdapterFormatError, match=r"is not a folder"):
+        adaptkit.load(tmp_path / "missing", tiny_model("bert"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(errors.AdapterFormatError, match=r"holds neither adaptkit_config.json nor adapter_config"):
+        adaptkit.load(tmp_path / "empty", tiny_model("bert"))
+
+
+def test_save_refuses_a_folder_or_file_that_is_not_an_adaptkit_adapter(tmp_path):
+    model = adaptkit.adapt(tiny_model("bert"), "lora")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "scores.csv").write_text("1,2\n")
+    (tmp_path / "notes.txt").write_text("mine")
+    for target in ("results", "notes.txt"):
+        with pytest.raises(errors.ConfigError, match=rf"directory=.*{target}.*not an adaptkit folder.*Fix: choose"):
+            adaptkit.save(model, tmp_path / target)
+    assert (tmp_path / "results" / "scores.csv").read_text() == "1,2\n"
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "results"]  # no temp folder left
+
+
+@pytest.mark.parametrize("strategy", ["lora", "bottleneck", "prefix", "linear_probe", "full", "ia3"])
+def test_num_labels_mismatch_on_load_is_a_typed_error(tmp_path, strategy):
+    adaptkit.save(adaptkit.adapt(tiny_model("bert", num_labels=2), strategy), tmp_path / "a")
+    with pytest.raises(errors.AdapterFormatError, match=r"(num_labels|shape)"):
+        adaptkit.load(tmp_path / "a", tiny_model("bert", num_labels=3))
