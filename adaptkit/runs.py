@@ -187,6 +187,25 @@ def make_scheduler(optimizer, args: argparse.Namespace, max_steps: int, num_proc
     return get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * ticks), ticks)
 
 
+@torch.no_grad()
+def evaluate_classifier(model, loader, accelerator, task: str, num_labels: int) -> dict[str, float]:
+    """The task's metrics (adaptkit.metrics) over a prepared loader; every process gets the same result.
+
+    ``num_labels == 1`` means regression (the single logit is the prediction), else the argmax class.
+    Predictions are gathered across processes first (``gather_for_metrics`` drops the samples
+    Accelerate repeats to even out the last batch).
+    """
+    from adaptkit import metrics
+    model.eval()
+    metric = metrics.metric_for_task(task, num_labels=max(2, num_labels))
+    for batch in loader:
+        logits = model(**batch).logits
+        predictions = logits.squeeze(-1).float() if num_labels == 1 else logits.argmax(-1)
+        predictions, references = accelerator.gather_for_metrics((predictions, batch["labels"]))
+        metric.add_batch(predictions=predictions.cpu().numpy(), references=references.cpu().numpy())
+    return {k: float(v) for k, v in metric.compute().items()}
+
+
 # ---- small pieces ------------------------------------------------------------------------------------
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically: a reader sees the old file or the new one, never half of one."""

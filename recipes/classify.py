@@ -26,8 +26,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoTokenizer
 
 import adaptkit
 from adaptkit import data, metrics, runs
@@ -78,13 +77,12 @@ def load_splits(args: argparse.Namespace) -> data.Splits:
         source = {k: v for k, v in source.items() if v}
     splits = data.load_splits(source, text_columns=args.text_columns, label_column=args.label_column,
                               task=args.task, validation_fraction=args.validation_fraction, seed=args.seed)
-    if args.max_train_samples:
-        splits.train = splits.train.subset(range(min(args.max_train_samples, len(splits.train))))
-    if args.max_eval_samples:
-        for name in ("validation", "test"):
-            table = getattr(splits, name)
-            if table is not None:
-                setattr(splits, name, table.subset(range(min(args.max_eval_samples, len(table)))))
+    for name, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples),
+                        ("test", args.max_eval_samples)):
+        table = getattr(splits, name)
+        if limit and table is not None and limit < len(table):
+            setattr(splits, name, table.subset(range(limit)))
+            splits.notes.append(f"{name}: first {limit} rows used (--max-{'train' if name == 'train' else 'eval'}-samples)")
     return splits
 
 
@@ -110,18 +108,6 @@ def load_model(args: argparse.Namespace, table: data.Table, tokenizer):
     if model.config.pad_token_id is None:  # decoder classifiers find each sequence's last token by padding
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
-
-
-@torch.no_grad()
-def evaluate(model, loader, accelerator, task: str, num_labels: int) -> dict[str, float]:
-    model.eval()
-    metric = metrics.metric_for_task(task, num_labels=max(2, num_labels))
-    for batch in loader:
-        logits = model(**batch).logits
-        predictions = logits.squeeze(-1).float() if num_labels == 1 else logits.argmax(-1)
-        predictions, references = accelerator.gather_for_metrics((predictions, batch["labels"]))
-        metric.add_batch(predictions=predictions.cpu().numpy(), references=references.cpu().numpy())
-    return {k: float(v) for k, v in metric.compute().items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -157,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     num_labels = splits.train.num_labels
     run = runs.Run(accelerator, args, model, optimizer, train_loader, max_steps=max_steps,
-                   evaluate=lambda: evaluate(model, val_loader, accelerator, task, num_labels),
+                   evaluate=lambda: runs.evaluate_classifier(model, val_loader, accelerator, task, num_labels),
                    metric=metrics.primary_metric(task))
     run.resume(args.resume)
     model.train()
@@ -179,8 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
         best = adaptkit.load(run.adapter_dir, load_model(args, splits.train, tokenizer))
         if not adaptkit.is_quantized(best):
             best.to(accelerator.device)
-        results["test"] = evaluate(best, accelerator.prepare_data_loader(test_loader), accelerator, task,
-                                   num_labels)
+        results["test"] = runs.evaluate_classifier(best, accelerator.prepare_data_loader(test_loader), accelerator,
+                                                   task, num_labels)
         accelerator.print("test:", results["test"])
     return run.finish(results, summary)
 

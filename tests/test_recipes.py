@@ -116,35 +116,40 @@ class _Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("strategy, extra", [("lora", []), ("bottleneck", ["--gradient-accumulation-steps", "2"])])
-def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, data_root, tiny_bert, monkeypatch,
-                                                                   strategy, extra):
-    classify = recipe("classify")
-    # evaluate only at the end, so the saved adapter is the final weights; dropout is on (RNG matters)
-    argv = ["--strategy", strategy, "--max-steps", "14", "--eval-every", "14", "--checkpoint-every", "4", *extra]
-    classify.main(classify_args(data_root, tiny_bert, tmp_path / "whole", *argv))
-
+def run_interrupted_and_resumed(main, argv_for, tmp_path: Path, monkeypatch, stop_at: int) -> None:
+    """Run ``whole`` uninterrupted; run ``cut`` until the checkpoint at ``stop_at``, kill it, --resume it."""
+    main(argv_for(tmp_path / "whole"))
     checkpoint = runs.Run.checkpoint
 
-    def interrupted(self):  # dies right after writing the step-8 checkpoint, mid-epoch
+    def interrupted(self):  # dies right after writing the checkpoint
         path = checkpoint(self)
-        if self.step == 8:
+        if self.step == stop_at:
             raise _Interrupt
         return path
 
     monkeypatch.setattr(runs.Run, "checkpoint", interrupted)
     with pytest.raises(_Interrupt):
-        classify.main(classify_args(data_root, tiny_bert, tmp_path / "cut", *argv))
+        main(argv_for(tmp_path / "cut"))
     monkeypatch.setattr(runs.Run, "checkpoint", checkpoint)
-    assert runs.latest_checkpoint(tmp_path / "cut").name == "step-0000008"
-    classify.main(classify_args(data_root, tiny_bert, tmp_path / "cut", *argv, "--resume"))
-
+    assert runs.latest_checkpoint(tmp_path / "cut").name == f"step-{stop_at:07d}"
+    main([*argv_for(tmp_path / "cut"), "--resume"])
     whole, resumed = adapter_tensors(tmp_path / "whole"), adapter_tensors(tmp_path / "cut")
     assert whole.keys() == resumed.keys()
     for name in whole:
         assert torch.equal(whole[name], resumed[name]), name
     a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("whole", "cut"))
-    assert a["test"] == b["test"] and a["train_samples"] == b["train_samples"] and b["steps"] == 14
+    assert a["validation"] == b["validation"] and a["train_samples"] == b["train_samples"]
+    assert a.get("test") == b.get("test") and a["steps"] == b["steps"]
+
+
+@pytest.mark.parametrize("strategy, extra", [("lora", []), ("bottleneck", ["--gradient-accumulation-steps", "2"])])
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, data_root, tiny_bert, monkeypatch,
+                                                                   strategy, extra):
+    # evaluate only at the end, so the saved adapter is the final weights; dropout is on (RNG matters);
+    # step 8 is mid-epoch (12 batches per epoch), so the resumed run must skip exactly the batches seen
+    argv = ["--strategy", strategy, "--max-steps", "14", "--eval-every", "14", "--checkpoint-every", "4", *extra]
+    run_interrupted_and_resumed(recipe("classify").main, lambda out: classify_args(data_root, tiny_bert, out, *argv),
+                                tmp_path, monkeypatch, stop_at=8)
 
 
 def test_resume_refuses_changed_flags_and_missing_checkpoints(tmp_path, data_root, tiny_bert):
@@ -179,6 +184,138 @@ def test_classify_refuses_bad_flags(tmp_path, data_root, tiny_bert):
         classify.main(classify_args(data_root, tiny_bert, tmp_path / "d", "--metrics", "sst2", task="stsb"))
     with pytest.raises(DataError, match=r"no such file or folder"):
         classify.main(["--data", str(tmp_path / "missing.tsv"), "--model", str(tiny_bert)])
+
+
+# ---- causal_lm -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_gpt(tmp_path_factory, data_root) -> dict[str, Path]:
+    """A 2-layer GPT-2 with a word-level tokenizer that has an eos and NO pad token, plus SST-2 turned
+    into plain text (.txt) and into prompt/response pairs (review -> positive/negative)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    table = data.read_table(data_root / "sst2" / "train.tsv")
+    sentences = [t[0] for t in table.texts]
+    folder = tmp_path_factory.mktemp("tiny-gpt")
+    words = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    # "=>" marks where the answer starts (a token of its own, in the vocabulary)
+    words.train_from_iterator(sentences + ["=>"] * 5,
+                              trainers.WordLevelTrainer(special_tokens=["[UNK]", "</s>"], vocab_size=4000))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=words, eos_token="</s>", unk_token="[UNK]")
+    tokenizer.save_pretrained(folder / "model")
+    config = transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                                     bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder / "model")
+    pairs = folder / "pairs"
+    pairs.mkdir()
+    with open(pairs / "train.jsonl", "w") as f:
+        for (sentence,), label in list(zip(table.texts, table.labels))[:400]:
+            f.write(json.dumps({"prompt": f"{sentence} =>", "response": ["negative", "positive"][label]}) + "\n")
+    text = folder / "text"
+    text.mkdir()
+    (text / "train.txt").write_text("\n".join(sentences[:160]) + "\n")
+    (text / "test.txt").write_text("\n".join(sentences[160:200]) + "\n")
+    return {"model": folder / "model", "pairs": pairs, "text": text}
+
+
+def test_causal_lm_trains_on_the_response_only_and_learns_to_stop(tmp_path, tiny_gpt):
+    causal_lm = recipe("causal_lm")
+    metrics = causal_lm.main(["--model", str(tiny_gpt["model"]), "--data", str(tiny_gpt["pairs"]), "--strategy", "full",
+                              "--output-dir", str(tmp_path / "run"), "--epochs", "3", "--batch-size", "16",
+                              "--learning-rate", "1e-2", "--num-samples", "4"])
+    assert metrics["format"] == "prompt_response" and metrics["metric"] == "perplexity"
+    # 40 validation pairs, each scored on its 1-word answer + eos only (the prompt is masked)
+    assert metrics["validation"]["num_tokens"] == 80 and metrics["validation"]["perplexity"] < 2.0
+    for sample in metrics["samples"]:  # pad == eos here, yet the eos was trained on: answers end
+        assert sample["stopped"] and sample["generated"] in ("positive", "negative"), sample
+
+
+def test_causal_lm_labels_keep_the_eos_when_pad_is_eos(tiny_gpt):
+    causal_lm = recipe("causal_lm")
+    import transformers
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_gpt["model"])
+    assert tokenizer.pad_token is None
+    eos = tokenizer.eos_token_id
+    short = causal_lm.encode({"prompt": "a fine film :", "response": "positive"}, tokenizer, 64)
+    long = causal_lm.encode({"text": "a fine film with a great cast"}, tokenizer, 64)
+    batch = causal_lm.collate([short, long], pad_id=eos)
+    assert batch["labels"][0].tolist()[:6] == [-100, -100, -100, -100, tokenizer.convert_tokens_to_ids("positive"),
+                                               eos]
+    assert batch["labels"][0, 6:].eq(-100).all() and batch["input_ids"][0, 6:].eq(eos).all()  # padding only
+    assert batch["attention_mask"][0].tolist() == [1] * 6 + [0] * 2
+    assert batch["labels"][1].tolist() == batch["input_ids"][1].tolist() and batch["labels"][1, -1] == eos
+
+
+def test_causal_lm_on_plain_text_reports_test_perplexity_and_reloads(tmp_path, tiny_gpt):
+    out = tmp_path / "text"
+    metrics = recipe("causal_lm").main(["--model", str(tiny_gpt["model"]), "--data", str(tiny_gpt["text"]),
+                                        "--output-dir", str(out), "--max-steps", "6", "--batch-size", "8",
+                                        "--num-samples", "1", "--max-new-tokens", "5"])
+    assert metrics["format"] == "text" and METRIC_FIELDS <= set(metrics)
+    assert {"perplexity", "loss", "num_tokens"} == set(metrics["test"]) and math.isfinite(metrics["test"]["perplexity"])
+    import transformers
+    model = adaptkit.load(out / "adapter", transformers.AutoModelForCausalLM.from_pretrained(tiny_gpt["model"]))
+    assert adaptkit.strategy_of(model).name == "lora"
+
+
+def test_causal_lm_refuses_mixed_formats(tmp_path, tiny_gpt):
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"text": "a"}\n{"prompt": "b", "response": "c"}\n')
+    with pytest.raises(DataError, match=r"mixes two formats"):
+        recipe("causal_lm").main(["--model", str(tiny_gpt["model"]), "--data", str(mixed)])
+
+
+# ---- image_classify ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> dict[str, Path]:
+    """scikit-learn's bundled 8x8 digits as PNG class folders (train/ + test/), and a tiny ViT from config."""
+    import numpy as np
+    import transformers
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    folder = tmp_path_factory.mktemp("digits")
+    bunch = load_digits()
+    for i, (image, label) in enumerate(zip(bunch.images[:600], bunch.target[:600])):
+        target = folder / "data" / ("train" if i < 500 else "test") / str(label)
+        target.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 255 / 16).astype(np.uint8), mode="L").save(target / f"{i}.png")
+    config = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, intermediate_size=128)
+    torch.manual_seed(0)
+    transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(folder / "vit")
+    transformers.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder / "vit")
+    return {"data": folder / "data", "model": folder / "vit"}
+
+
+def image_args(digits: dict, out: Path, *extra: str) -> list[str]:
+    return ["--model", str(digits["model"]), "--data", str(digits["data"]), "--output-dir", str(out),
+            "--batch-size", "16", *extra]
+
+
+def test_image_classify_on_digits(tmp_path, digits):
+    out = tmp_path / "run"
+    metrics = recipe("image_classify").main(image_args(digits, out, "--strategy", "full", "--epochs", "5",
+                                                       "--learning-rate", "1e-3"))
+    assert METRIC_FIELDS <= set(metrics) and metrics["classes"] == [str(d) for d in range(10)]
+    assert set(metrics["test"]) == {"accuracy", "macro_f1"} and metrics["steps"] == 5 * 29  # 450 train / 16
+    assert metrics["test"]["accuracy"] > 0.25  # 10 classes: chance is 0.1 (0.43 measured)
+    import transformers
+    base = transformers.AutoModelForImageClassification.from_pretrained(digits["model"], num_labels=10)
+    assert adaptkit.strategy_of(adaptkit.load(out / "adapter", base)).name == "full"
+
+
+def test_image_classify_resumes_exactly(tmp_path, digits, monkeypatch):
+    argv = ["--strategy", "lora", "--max-steps", "9", "--eval-every", "9", "--checkpoint-every", "3",
+            "--max-train-samples", "96", "--max-eval-samples", "32"]
+    run_interrupted_and_resumed(recipe("image_classify").main, lambda out: image_args(digits, out, *argv),
+                                tmp_path, monkeypatch, stop_at=3)
+
+
+def test_image_classify_refuses_a_folder_without_classes(tmp_path, digits):
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(DataError, match=r"needs 2\+ class folders"):
+        recipe("image_classify").main(["--model", str(digits["model"]), "--data", str(tmp_path / "flat")])
 
 
 # ---- the run machinery -------------------------------------------------------------------------------
