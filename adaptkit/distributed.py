@@ -141,3 +141,22 @@ def require_processes(accelerator: Any = None, expected: int | None = None) -> i
                 f"launch with --num_processes {expected}, or ask for {running} (--processes {running} or "
                 f"{EXPECTED_ENV}={running}) if that is what you want")
     return running
+
+
+def require_whole_copies(accelerator: Any) -> None:
+    """Refuse FSDP and DeepSpeed ZeRO-3, where each process holds only a shard of every parameter.
+
+    ``adaptkit.save`` from the main process writes that process's parameters; under these sharded
+    modes it would write a shard (or empty placeholders) as if it were the adapter. DDP and
+    DeepSpeed ZeRO-1/2 keep whole parameter copies on every process and are accepted.
+    """
+    kind = str(getattr(getattr(accelerator, "distributed_type", None), "value", ""))
+    stage = None
+    if kind == "DEEPSPEED":
+        stage = getattr(getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None), "zero_stage", None)
+    if kind == "FSDP" or stage == 3:
+        raise UnsupportedError(
+            field="distributed_type", value=kind if stage is None else f"DEEPSPEED ZeRO-{stage}",
+            problem="shards every parameter over the processes, so the main process alone cannot save the adapter",
+            fix="use DDP (`accelerate launch --multi_gpu`) or DeepSpeed ZeRO-2 for adapters; "
+                "the adapter is small, so sharding it saves little")

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoTokenizer
 
 import adaptkit
-from adaptkit.distributed import require_processes
+from adaptkit.distributed import require_processes, require_whole_copies
 from adaptkit.quantization import load_model
 
 
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
 
     accelerator = Accelerator(cpu=args.cpu)
     world = require_processes(accelerator, args.processes)
+    require_whole_copies(accelerator)  # FSDP / ZeRO-3 shard parameters: the main process could not save them
     set_seed(args.seed)  # same seed everywhere: every rank builds the same head and adapter
     config = AutoConfig.from_pretrained(args.model, num_labels=2)
     lora = adaptkit.LoRA(r=args.rank)

@@ -118,6 +118,20 @@ def test_single_process_keeps_the_users_device_map(clean_env):
     assert distributed.device_map() == {"": 0 if torch.cuda.is_available() else "cpu"}
 
 
+@pytest.mark.parametrize("kind, stage, refused", [("NO", None, False), ("MULTI_GPU", None, False),
+                                                  ("FSDP", None, True), ("DEEPSPEED", 2, False),
+                                                  ("DEEPSPEED", 3, True)])
+def test_sharded_parameters_are_refused(kind, stage, refused):
+    from accelerate.utils import DistributedType
+    accelerator = SimpleNamespace(distributed_type=DistributedType[kind],
+                                  state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
+    if not refused:
+        distributed.require_whole_copies(accelerator)
+        return
+    with pytest.raises(errors.UnsupportedError, match=r"shards every parameter.*Fix: use DDP"):
+        distributed.require_whole_copies(accelerator)
+
+
 # ---- real launches of recipes/minimal.py -------------------------------------------------------
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
