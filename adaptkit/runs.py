@@ -44,6 +44,7 @@ from adaptkit.errors import ConfigError
 ADAPTER_DIR = "adapter"
 METRICS_FILE = "metrics.json"
 LOG_FILE = "log.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 CHECKPOINTS = "checkpoints"
 RUN_STATE = "run_state.json"
 
@@ -276,16 +277,16 @@ class Logger:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # optional: pip install tensorboard
             return
-        self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
+        self.tensorboard = SummaryWriter(str(output_dir / TENSORBOARD_DIR))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         self.file.write(json.dumps(record, default=str) + "\n")
         self.file.flush()
-        if self.tensorboard is not None:
+        if self.tensorboard is not None and "event" not in record:  # curves only: losses, lr, validation
             for key, value in _flatten(record).items():
-                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "epoch"):
                     self.tensorboard.add_scalar(key, value, record.get("step", 0))
 
     def close(self) -> None:
@@ -339,7 +340,7 @@ class Run:
         self.bar = None
         if accelerator.is_main_process:
             if args.resume is None and args.overwrite:
-                for name in (CHECKPOINTS, ADAPTER_DIR, METRICS_FILE, LOG_FILE):
+                for name in (CHECKPOINTS, ADAPTER_DIR, METRICS_FILE, LOG_FILE, TENSORBOARD_DIR):
                     path = self.output_dir / name
                     shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
             self.output_dir.mkdir(parents=True, exist_ok=True)

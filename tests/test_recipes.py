@@ -351,6 +351,18 @@ def test_write_json_replaces_atomically(tmp_path):
     assert json.loads(path.read_text()) == {"a": 2} and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
+def test_tensorboard_curves_when_tensorboard_is_installed(tmp_path, data_root, tiny_bert):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "tb"
+    recipe("classify").main(classify_args(data_root, tiny_bert, out, "--max-steps", "4", "--eval-every", "2",
+                                          "--log-every", "2"))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {"loss", "lr", "train_seconds", "validation/accuracy"}
+    assert [e.step for e in events.Scalars("validation/accuracy")] == [2, 4]
+
+
 # ---- launched for real -------------------------------------------------------------------------------
 def _env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
