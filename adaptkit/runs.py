@@ -33,8 +33,8 @@ import resource
 import shutil
 import sys
 import time
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -118,8 +118,12 @@ def check_args(args: argparse.Namespace, recipe: str) -> None:
     if args.output_dir is None:
         args.output_dir = Path("outputs") / f"{recipe}-{args.strategy}"
     args.output_dir = Path(args.output_dir)
-    if args.resume is None and not args.overwrite and (args.output_dir / CHECKPOINTS).exists():
-        raise ConfigError(field="--output-dir", value=str(args.output_dir), problem="already holds a run",
+    if args.resume is not None and args.overwrite:
+        raise ConfigError(field="--overwrite", value=True, problem="contradicts --resume (continue or start afresh?)",
+                          fix="drop one of the two")
+    held = [n for n in (CHECKPOINTS, ADAPTER_DIR, METRICS_FILE) if (args.output_dir / n).exists()]
+    if args.resume is None and not args.overwrite and held:
+        raise ConfigError(field="--output-dir", value=str(args.output_dir), problem=f"already holds a run ({held})",
                           fix="pass --resume to continue it, --overwrite to start afresh, or another --output-dir")
 
 

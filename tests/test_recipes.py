@@ -163,6 +163,8 @@ def test_resume_refuses_changed_flags_and_missing_checkpoints(tmp_path, data_roo
                                     "--learning-rate", "0.1", "--resume"))
     with pytest.raises(ConfigError, match=r"--output-dir=.*already holds a run.*--resume.*--overwrite"):
         classify.main(classify_args(data_root, tiny_bert, out, "--max-steps", "4"))
+    with pytest.raises(ConfigError, match=r"--overwrite=True: contradicts --resume"):
+        classify.main(classify_args(data_root, tiny_bert, out, "--max-steps", "4", "--resume", "--overwrite"))
 
 
 def test_early_stopping_stops_when_validation_stops_improving(tmp_path, data_root, tiny_bert):
