@@ -8,6 +8,8 @@
 from adaptkit import errors
 from adaptkit.core import (Summary, adapt, add_adapter, is_quantized, load, merge, save, set_adapter, strategy_of,
                            summary)
+from adaptkit.distributed import require_processes
+from adaptkit.quantization import load_model
 from adaptkit.strategies import REGISTRY as STRATEGIES
 from adaptkit.strategies.base import Strategy
 from adaptkit.strategies.full import Full
@@ -22,5 +24,5 @@ except ImportError:  # pragma: no cover
     pass
 
 __all__ = ["adapt", "summary", "save", "load", "merge", "add_adapter", "set_adapter", "strategy_of",
-           "is_quantized", "Summary", "Strategy", "STRATEGIES", "LoRA", "Prefix", "Bottleneck", "LinearProbe",
+           "is_quantized", "load_model", "require_processes", "Summary", "Strategy", "STRATEGIES", "LoRA", "Prefix", "Bottleneck", "LinearProbe",
            "Full", "PeftMethod", "errors"]

@@ -119,6 +119,11 @@ def adapt(model: nn.Module, strategy: Any = "lora", **options: Any) -> nn.Module
         raise UnsupportedError(field="strategy", value=f"{config.name} on a {quant} model",
                                problem="quantized weights cannot take gradient steps",
                                fix="load the model without quantization for 'full', or use 'lora' on the quantized model")
+    if quant:
+        # models users quantized themselves get the same protection as adaptkit.load_model's:
+        # a quantized head refused with the fix, no fp32 upcast, no 4-bit CPU inference repack
+        from adaptkit.quantization import prepare_kbit
+        prepare_kbit(model)
     adapted = config.apply(model)
     return _mark(adapted, config, model)
 
@@ -163,6 +168,9 @@ def summary(model: nn.Module) -> Summary:
         adapter_bytes = sum(t.numel() * t.element_size() for t in trained_tensors(model).values())
     footprint = sum(p.numel() * p.element_size() for p in params)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    if is_quantized(model):  # bitsandbytes keeps scales/statistics as attributes, not parameters/buffers
+        from adaptkit.quantization import quantization_report
+        footprint += quantization_report(model)["state_bytes"]
     return Summary(strategy.label if strategy else None, trainable, total, adapter_bytes, footprint + buffers,
                    4 * total + buffers)
 
