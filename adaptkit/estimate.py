@@ -16,8 +16,8 @@ How the numbers are made (no weights are loaded, nothing is computed on real dat
    ``torch.utils.flop_counter`` on the same trace (frozen weights get no weight-gradient matmuls).
 
 The attention kernel is chosen as on the target device: on CPU, PyTorch's fused attention runs only
-without attention dropout (with dropout it materialises batch × heads × seq² probabilities), on CUDA
-it is always fused. Two things are not traced: bitsandbytes kernels (a quantized model is traced
+without attention dropout and without a trained attention bias (T5); otherwise it materialises
+batch × heads × seq² probabilities. On CUDA it is taken as always fused. Two things are not traced: bitsandbytes kernels (a quantized model is traced
 unquantized, only its weights are counted quantized) and the attention mask (b × seq² bytes, once).
 
 If a model cannot run on the meta device (data-dependent Python control flow), the documented
@@ -267,12 +267,14 @@ def _fused_attention(device: str):
     original = F.scaled_dot_product_attention
 
     def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if dropout_p > 0.0 and device == "cpu":
+        fused = device == "cuda" or dropout_p == 0.0
+        if not fused or (attn_mask is not None and attn_mask.requires_grad):  # e.g. T5's trained position bias
             return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                             enable_gqa=enable_gqa)
-        if enable_gqa and k.shape[-3] != q.shape[-3]:
-            repeat = q.shape[-3] // k.shape[-3]
-            k, v = k.repeat_interleave(repeat, dim=-3), v.repeat_interleave(repeat, dim=-3)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:  # torch makes it additive, once per call
+            attn_mask = torch.where(attn_mask.logical_not(), float("-inf"), torch.zeros((), dtype=q.dtype,
+                                                                                        device=q.device))
+        # the CPU kernel takes fewer key/value heads (grouped-query attention) as they are
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, is_causal and attn_mask is None, attn_mask=attn_mask, scale=scale)[0]
 

@@ -113,15 +113,23 @@ def infer_task(config) -> str:
     backbone -> ``image_cls``.
     """
     for arch in getattr(config, "architectures", None) or []:
-        for suffix, task in _ARCH_SUFFIXES:
-            if arch.endswith(suffix):
-                return task
-        if arch.endswith("ForConditionalGeneration") and getattr(config, "is_encoder_decoder", False):
-            return "seq2seq"
+        task = task_of_class(arch, config)
+        if task is not None:
+            return task
     for task in ("seq_cls", "image_cls", "causal_lm", "seq2seq"):
         if _model_class(config, task) is not None:
             return task
     return "base"
+
+
+def task_of_class(name: str, config) -> str | None:
+    """``BertForSequenceClassification`` -> ``seq_cls``; None for a bare backbone or an unknown head."""
+    for suffix, task in _ARCH_SUFFIXES:
+        if name.endswith(suffix):
+            return task
+    if name.endswith("ForConditionalGeneration") and getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    return None
 
 
 def _model_class(config, task: str) -> type | None:
@@ -142,7 +150,7 @@ def skeleton(model: Any, task: str = "auto", num_labels: int | None = None) -> S
     if isinstance(model, nn.Module):  # a loaded model: check exactly its class
         model_class = type(model)
         if task == "auto":
-            task = next((t for suffix, t in _ARCH_SUFFIXES if model_class.__name__.endswith(suffix)), "base")
+            task = task_of_class(model_class.__name__, config) or "base"
     else:
         task = infer_task(config) if task == "auto" else task
         model_class = _model_class(config, task)
