@@ -183,6 +183,9 @@ def _train_checks(model, batch, strategy, trainable, saved, frozen, steps, lr, l
             return [Result("gradients", "skipped", "the loss is not finite"),
                     Result("loss", "failed", f"loss is {losses[-1]} at step {step + 1}", value=losses[-1],
                            fix="lower the learning rate, check the labels (range, dtype) and the inputs for NaN")]
+        if not loss.requires_grad:  # the graph from the trainable tensors to the loss is cut
+            return [_gradient_result(model, strategy, trainable, dict.fromkeys(trainable)),
+                    Result("loss", "skipped", "no gradients to follow")]
         loss.backward()
         if step == 0:
             grads = {n: p.grad for n, p in trainable.items()}
