@@ -1,0 +1,101 @@
+"""The ``adaptkit`` command: check and estimate from a config folder; every flag mistake is typed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import FAMILIES
+
+from adaptkit.cli import _parse_option, main
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> str:
+    config = FAMILIES["bert"][0]()
+    config.save_pretrained(tmp_path / "model")  # config.json only: the CLI never needs weights
+    return str(tmp_path / "model")
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_check_ok(capsys, model_dir):
+    code, out, _ = run(capsys, "check", model_dir, "--strategy", "lora", "-o", "r=4", "--option", "targets=query,value")
+    assert code == 0 and "BertForSequenceClassification" in out and out.rstrip().endswith("OK: no problems found")
+
+
+def test_check_reports_every_problem_and_exits_1(capsys, model_dir):
+    code, out, _ = run(capsys, "check", model_dir, "--strategy", "full", "-o", "r=4", "--quantization", "4bit",
+                       "--processes", "99")
+    assert code == 1
+    assert "3 problem(s):" in out and "full on a 4bit model" in out
+    assert "Full options=['r']: unknown option(s)" in out and "processes=99" in out
+
+
+def test_check_json(capsys, model_dir):
+    code, out, _ = run(capsys, "check", model_dir, "--strategy", "lora", "-o", "targets=[\"quary\"]", "--json")
+    data = json.loads(out)
+    assert code == 1 and data["ok"] is False
+    problem = data["problems"][0]
+    assert problem["error"] == "TargetNotFoundError" and problem["field"] == "LoRA.targets"
+    assert problem["value"] == "'quary'" and "did you mean 'query'" in problem["fix"]
+
+
+def test_estimate_prints_one_row_per_strategy(capsys, model_dir):
+    code, out, _ = run(capsys, "estimate", model_dir, "--batch-size", "4", "--seq-len", "16",
+                       "--strategies", "full,lora,linear_probe")
+    assert code == 0
+    rows = [line.split()[0] for line in out.splitlines()[2:5]]
+    assert rows == ["full", "lora", "linear_probe"] and "peak MB" in out
+    code, out, _ = run(capsys, "estimate", model_dir, "--batch-size", "4", "--seq-len", "16", "--strategies", "lora",
+                       "--dtype", "bf16", "--quantization", "8bit", "--json")
+    row = json.loads(out)["rows"][0]
+    assert code == 0 and row["strategy"] == "lora" and row["method"] == "traced" and row["peak"] > row["weights"] > 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["check", "{m}", "--stratgy", "lora"], "flag='--stratgy': is not a flag of 'adaptkit'. Fix: did you mean "
+                                            "--strategy?"),
+    (["chek", "{m}"], "command='chek': is not one of the choices. Fix: did you mean 'check'?"),
+    (["estimate", "{m}", "--dtype", "fp8"], "--dtype='fp8': is not one of the choices. Fix: choose from"),
+    (["check", "{m}", "--processes", "0"], "--processes='0': is not a positive integer"),
+    (["estimate", "{m}", "--batch-size", "many"], "--batch-size='many': is not a positive integer"),
+    (["check", "{m}", "--task", "clasify"], "--task='clasify': is not one of the choices"),
+    (["check"], "model: is required. Fix: run 'adaptkit check --help'"),
+    (["check", "{m}", "-o", "r"], "--option='r': is not KEY=VALUE. Fix: write e.g. --option r=16"),
+    (["estimate", "{m}", "--strategies", ","], "--strategies=',': names no strategy"),
+    (["estimate", "{m}", "--strategies", "lroa"], "strategy='lroa': is not a strategy. Fix: did you mean 'lora'?"),
+    (["estimate", "/no/such/dir"], "model='/no/such/dir': is neither an existing folder nor a hub id"),
+])
+def test_flag_mistakes_exit_2_with_field_value_and_fix(capsys, model_dir, argv, message):
+    code, out, err = run(capsys, *[a.format(m=model_dir) for a in argv])
+    assert code == 2 and out == ""
+    assert err.startswith("adaptkit: error: ") and message in err, err
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("r=16", ("r", 16)), ("dropout=0.1", ("dropout", 0.1)), ("use_dora=true", ("use_dora", True)),
+    ("targets=query,value", ("targets", ["query", "value"])), ('targets=["query"]', ("targets", ["query"])),
+    ("init=gaussian", ("init", "gaussian")), ("heads=null", ("heads", None)),
+])
+def test_option_values(text, expected):
+    assert _parse_option(text) == expected
+
+
+def test_the_console_script_is_installed(model_dir):
+    script = Path(sys.executable).with_name("adaptkit")
+    if not script.exists():
+        pytest.skip("the adaptkit console script is not installed (pip install -e .)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([str(script), "check", model_dir, "--strategy", "bottleneck"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "OK: no problems found" in done.stdout
