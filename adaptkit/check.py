@@ -87,7 +87,7 @@ def check(model: Any, strategy: Any = "lora", *, options: dict[str, Any] | None 
     add = report.problems.append
     sk = _skeleton(model, task, num_labels, report)
     config = _resolve(strategy, dict(options or {}), report)
-    quant = _check_quantization(quantization, config, report)
+    quant = _check_quantization(quantization, config or _strategy_class(strategy), report)
     _check_processes(processes, world_size, report)
     if sk is not None:
         _check_padding(sk, report)
@@ -179,6 +179,14 @@ def _resolve(strategy: Any, options: dict[str, Any], report: CheckReport):
         return None
     report.strategy = config
     return config
+
+
+def _strategy_class(strategy: Any):
+    """The strategy's class even when its options are wrong, so its other limits are still checked."""
+    from adaptkit import strategies
+    if isinstance(strategy, str):
+        return strategies.REGISTRY.get(strategy.strip().lower().replace("-", "_"))
+    return type(strategy) if isinstance(strategy, strategies.Strategy) else None
 
 
 def _collect(call, add) -> None:
