@@ -10,14 +10,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import typing
 from typing import Any
 
 from torch import nn
 
 from adaptkit import targets
-from adaptkit.errors import UnknownStrategyError, UnsupportedError
+from adaptkit.errors import ConfigError, ConfigTypeError, UnknownOptionError, UnknownStrategyError, UnsupportedError
 from adaptkit.strategies import register
-from adaptkit.strategies.base import PeftStrategy
+from adaptkit.strategies.base import PeftStrategy, _describe, _type_ok
 from adaptkit.strategies.lora import backbone_targets
 
 
@@ -56,7 +57,26 @@ class PeftMethod(PeftStrategy):
             raise UnknownStrategyError(field="PeftMethod.method", value=self.method, problem="is not a PEFT method",
                                        fix=(f"did you mean {close[0]!r}? " if close else "") + f"choose from {names}")
         self.method = self.method.lower()
-        self._config_class()(**{k: v for k, v in self.options.items() if k != "peft_type"})  # PEFT checks the options
+        config_class = self._config_class()
+        known = {f.name for f in dataclasses.fields(config_class)}
+        unknown = sorted(set(self.options) - known)
+        if unknown:
+            hints = [f"{u!r} -> did you mean {m[0]!r}?" for u in unknown
+                     if (m := difflib.get_close_matches(u, known, n=1))]
+            raise UnknownOptionError(field=f"{self.method} options", value=unknown, problem="unknown option(s)",
+                                     fix=("; ".join(hints) + "; " if hints else "")
+                                     + f"see peft.{config_class.__name__} for the valid options")
+        hints = typing.get_type_hints(config_class)
+        for key, value in self.options.items():  # PEFT keeps e.g. target_modules=3 and fails at apply time
+            if key in hints and not _type_ok(value, hints[key]):
+                raise ConfigTypeError(field=f"{self.method}.{key}", value=value,
+                                      problem=f"expected {_describe(hints[key])}, got {type(value).__name__}",
+                                      fix=f"see peft.{config_class.__name__}.{key}")
+        try:  # PEFT checks the values; its TypeError/ValueError become typed errors naming the method
+            config_class(**{k: v for k, v in self.options.items() if k != "peft_type"})
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(field=f"{self.method} options", value=self.options, problem=f"refused by PEFT: {exc}",
+                              fix=f"fix the option values (see peft.{config_class.__name__})") from None
 
     @property
     def label(self) -> str:
