@@ -169,3 +169,15 @@ def test_num_labels_mismatch_on_load_is_a_typed_error(tmp_path, strategy):
     adaptkit.save(adaptkit.adapt(tiny_model("bert", num_labels=2), strategy), tmp_path / "a")
     with pytest.raises(errors.AdapterFormatError, match=r"(num_labels|shape)"):
         adaptkit.load(tmp_path / "a", tiny_model("bert", num_labels=3))
+
+
+@pytest.mark.parametrize("options,error,match", [
+    ({"target_modul": ["query"]}, errors.UnknownOptionError, r"ia3 options=\['target_modul'\].*did you mean "
+                                                             r"'target_modules'"),
+    ({"target_modules": 3}, errors.ConfigTypeError, r"ia3.target_modules=3: expected"),
+    ({"target_modules": ["key"], "feedforward_modules": ["query"]}, errors.ConfigError,
+     r"ia3 options=.*refused by PEFT: `feedforward_modules` should be a subset"),
+])
+def test_peft_method_options_are_typed_errors_too(options, error, match):
+    with pytest.raises(error, match=match):
+        adaptkit.adapt(tiny_model("bert"), "ia3", **options)
