@@ -173,3 +173,15 @@ def test_the_task_comes_from_the_config():
     config.architectures = ["T5ForConditionalGeneration"]
     assert infer_task(config) == "seq2seq"
     assert infer_task(_config("vit")) == "image_cls"
+
+
+def test_strategy_objects_dicts_and_peft_configs():
+    from peft import LoraConfig
+
+    import adaptkit
+    assert check(_config("bert"), adaptkit.LoRA(r=4, targets=["query"])).ok
+    assert check(_config("bert"), LoraConfig(r=4, target_modules=["query", "value"])).ok
+    with pytest.raises(errors.ConfigErrors, match=r"LoRA.r=0: must be positive"):
+        check(_config("bert"), {"strategy": "lora", "r": 0})
+    with pytest.raises(errors.ConfigErrors, match=r"LoRA.targets='quary'"):
+        check(_config("bert"), adaptkit.LoRA(targets=["quary"]))
