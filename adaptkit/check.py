@@ -87,7 +87,7 @@ def check(model: Any, strategy: Any = "lora", *, options: dict[str, Any] | None 
     add = report.problems.append
     sk = _skeleton(model, task, num_labels, report)
     config = _resolve(strategy, dict(options or {}), report)
-    quant = _check_quantization(quantization, config or _strategy_class(strategy), report)
+    _check_quantization(quantization, config or _strategy_class(strategy), report)
     _check_processes(processes, world_size, report)
     if sk is not None:
         _check_padding(sk, report)
@@ -112,10 +112,8 @@ def _skeleton(model: Any, task: str, num_labels: Any, report: CheckReport) -> Sk
     except AdaptkitError as exc:
         add(exc)
         return None
-    try:
-        sk = skeleton(original, task)
-        if isinstance(model, nn.Module):  # keep the loaded model's exact class
-            sk = skeleton(model, task)
+    try:  # a loaded model keeps its exact class
+        sk = skeleton(model if isinstance(model, nn.Module) else original, task)
     except AdaptkitError as exc:
         add(exc)
         return None
