@@ -153,7 +153,7 @@ def _estimate_one(sk: Skeleton, config, batch: int, seq: int, dtype: torch.dtype
                   device: str) -> Row:
     from adaptkit.core import adapt
 
-    row = Row(config.name)
+    row = Row(getattr(config, "label", None) or config.name)  # PEFT methods by their own name ("ia3")
     if quantization and not config.supports_quantized:
         row.problem = f"{config.name} cannot train a {quantization} model"
         return row
