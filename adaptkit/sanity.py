@@ -92,6 +92,7 @@ def sanity_check(model: nn.Module, batch: Mapping[str, torch.Tensor], *, steps: 
     saved = {n: p.detach().clone() for n, p in trainable.items()}
     frozen = {n: _fingerprint(p) for n, p in model.named_parameters() if not p.requires_grad}
     rng, was_training = torch.get_rng_state(), model.training
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     results: list[Result] = []
     losses: list[float] = []
     try:
@@ -105,6 +106,8 @@ def sanity_check(model: nn.Module, batch: Mapping[str, torch.Tensor], *, steps: 
                 p.copy_(saved[name])
                 p.grad = None
         torch.set_rng_state(rng)
+        if cuda_rng is not None:  # dropout on a GPU draws from these
+            torch.cuda.set_rng_state_all(cuda_rng)
         model.train(was_training)
     report = SanityReport(strategy.name, results, losses)
     if raise_on_failure and not report.ok:
@@ -321,7 +324,7 @@ def _loss(model, batch, loss_fn) -> torch.Tensor:
 
 def _fixed_loss(model, batch, loss_fn) -> float:
     """The loss in training mode with the same dropout masks each time (same seed), without gradients."""
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    with torch.random.fork_rng(), torch.no_grad():
         torch.manual_seed(0)
         return float(_loss(model, batch, loss_fn))
 
