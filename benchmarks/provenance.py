@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import subprocess
+from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,12 @@ def git() -> dict[str, Any]:
             return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             return ""
-    changed = [line[3:] for line in run("status", "--porcelain", "--untracked-files=no").splitlines()]
+    try:  # porcelain lines are "XY path"; stripping the output would eat the first line's leading space
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        status = ""
+    changed = [line[3:] for line in status.splitlines() if line.strip()]
     return {"sha": run("rev-parse", "HEAD") or None, "dirty_files": changed}
 
 
@@ -90,7 +96,8 @@ def peak_rss_now() -> int | None:
 
 
 def stamp(threads: int | None = None) -> dict[str, Any]:
-    return {"versions": versions(), "git": git(), "machine": machine(threads)}
+    return {"measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions(),
+            "git": git(), "machine": machine(threads)}
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -119,6 +119,8 @@ def _conditions(grid: list[dict], ratios: list[dict]) -> list[str]:
     loads = [x for r in recs for x in (r.get("load_average", {}).get("start") or [])[:1]]
     m = first.get("machine", {})
     steps = {r["task"]: (r.get("recipe_metrics") or {}).get("max_steps") for r in grid}
+    evals = sorted({-(-m["max_steps"] // m["config"]["eval_every"]) for r in grid
+                    if (m := r.get("recipe_metrics") or {}).get("config", {}).get("eval_every")}) or [4]
     budget = ", ".join(f"{t} {steps.get(t) or s}" for t, s in STEPS.items() if t in steps or not grid)
     return [f"Machine: {m.get('cpu')}, {m.get('usable_cores')} usable cores, "
             f"{(m.get('memory_bytes') or 0) / 2**30:.0f} GiB, {m.get('accelerator')}; versions "
@@ -127,7 +129,8 @@ def _conditions(grid: list[dict], ratios: list[dict]) -> list[str]:
             f"1-minute load average when runs started: {min(loads, default=0):.1f}–{max(loads, default=0):.1f} "
             "(the machine was shared with other work; times are noisy, ratios measured interleaved are not).",
             f"Budget per task, the same for every strategy: optimizer steps {budget or '(no grid runs)'}; batch 32, at most 128 tokens, "
-            "length-grouped dynamic padding, AdamW, linear warm-up 6% then decay, 4 evaluations on the validation "
+            f"length-grouped dynamic padding, AdamW, linear warm-up 6% then decay, {'/'.join(map(str, evals))} "
+            "evaluations on the validation "
             "split carved from train (10%, stratified), the best one tested on dev.", ""]
 
 
@@ -137,7 +140,8 @@ def _cost(grid: list[dict], variants: list[str]) -> list[str]:
         by_variant[r["variant"]].append(r)
     lines = ["## Cost per variant", "",
              "Parameters and adapter size from the runs; peak RSS is the whole recipe process (model, data, "
-             "evaluation, the reloaded test model), median over runs; step time and throughput on SST-2.", "",
+             "evaluation, the reloaded test model), median over runs; step time and throughput on SST-2; train seconds "
+             "include building the linear probe's feature cache.", "",
              "| variant | trainable params | % of total | adapter on disk (MB) | peak RSS (MB) | SST-2 median step (ms) "
              "| SST-2 samples/s | train s, one seed of all tasks |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for v in variants:
@@ -147,7 +151,7 @@ def _cost(grid: list[dict], variants: list[str]) -> list[str]:
         sst2 = [r for r in runs if r["task"] == "sst2"]
         step = med("median_step_seconds", sst2)
         sps = med("samples_per_second", sst2)
-        per_task = [statistics.median(r["train_seconds"] for r in runs if r["task"] == t)
+        per_task = [statistics.median(_train_cost(r) for r in runs if r["task"] == t)
                     for t in STEPS if any(r["task"] == t for r in runs)]
         total = f"{sum(per_task):,.0f}" + ("" if len(per_task) == len(STEPS) else f" ({len(per_task)} tasks)")
         r0 = runs[0]
@@ -155,6 +159,12 @@ def _cost(grid: list[dict], variants: list[str]) -> list[str]:
                      f"| {_mb(med('adapter_bytes_on_disk'))} | {_mb(med('peak_rss_bytes'))} "
                      f"| {'–' if step is None else f'{step * 1e3:,.1f}'} | {'–' if sps is None else f'{sps:,.1f}'} | {total} |")
     return lines + ["", "![memory and time per strategy](cost.png)", ""]
+
+
+def _train_cost(r: dict) -> float:
+    """Training seconds, plus building the feature cache where the linear probe used one (it is training work)."""
+    cache = r.get("feature_cache") or {}
+    return r["train_seconds"] + (cache.get("cache_seconds") or 0.0 if cache.get("used", True) else 0.0)
 
 
 def _rates(rates: dict) -> list[str]:
