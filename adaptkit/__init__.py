@@ -8,7 +8,10 @@
 from adaptkit import errors
 from adaptkit.core import (Summary, adapt, add_adapter, is_quantized, load, merge, save, set_adapter, strategy_of,
                            summary)
+from adaptkit.check import CheckReport, check
 from adaptkit.distributed import require_processes
+from adaptkit.estimate import Estimate, estimate
+from adaptkit.sanity import SanityReport, sanity_check
 from adaptkit.quantization import load_model
 from adaptkit.strategies import REGISTRY as STRATEGIES
 from adaptkit.strategies.base import Strategy
@@ -18,11 +21,9 @@ from adaptkit.strategies.lora import LoRA
 from adaptkit.strategies.peft_method import PeftMethod
 from adaptkit.strategies.prefix import Prefix
 
-try:  # written beside this module; absent only while it is being developed
-    from adaptkit.strategies.bottleneck import Bottleneck
-except ImportError:  # pragma: no cover
-    pass
+from adaptkit.strategies.bottleneck import Bottleneck
 
 __all__ = ["adapt", "summary", "save", "load", "merge", "add_adapter", "set_adapter", "strategy_of",
-           "is_quantized", "load_model", "require_processes", "Summary", "Strategy", "STRATEGIES", "LoRA", "Prefix", "Bottleneck", "LinearProbe",
+           "is_quantized", "load_model", "require_processes", "check", "estimate", "sanity_check", "Summary",
+           "CheckReport", "Estimate", "SanityReport", "Strategy", "STRATEGIES", "LoRA", "Prefix", "Bottleneck", "LinearProbe",
            "Full", "PeftMethod", "errors"]
