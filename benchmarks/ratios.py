@@ -315,15 +315,18 @@ def inference(args) -> dict:
     singles = [collate([examples[i]]) for i in random.Random(0).sample(range(len(examples)), (args.steps or 40) + 3)]
     with torch.inference_mode():
         drift = max(float((merged(**b).logits - lora(**b).logits).abs().max()) for b in batched[:3])
+        # control: a copy of the base model, timed like the others; its ratio is the noise floor
         sides = {name: (lambda b, m=m: m(**{k: v for k, v in b.items() if k != "labels"}))
-                 for name, m in (("base", base), ("merged", merged), ("unmerged", lora))}
+                 for name, m in (("base", base), ("merged", merged), ("unmerged", lora),
+                                 ("base copy (control)", copy.deepcopy(base)))}
         out = {"batch 32": interleave(sides, batched[3:], warmup=3), "batch 1": interleave(sides, singles, warmup=3)}
     rows = []
     for size, times in out.items():
-        for name in ("merged", "unmerged"):
+        for name in ("merged", "unmerged", "base copy (control)"):
             r = ratio(times[name], times["base"])
             goal = "1.00 ± 0.02" if name == "merged" else None
-            rows.append({"name": f"inference latency {name} LoRA / base model, {size}", "measured": fmt(r),
+            label = "copy of the base model (control)" if name.startswith("base copy") else f"{name} LoRA"
+            rows.append({"name": f"inference latency {label} / base model, {size}", "measured": fmt(r),
                          "goal": goal, "meets": abs(r["median"] - 1) <= 0.02 if goal else None, "ratio": r})
     return record("inference", rows, args, load_start, merged_vs_unmerged_max_abs_logit_diff=drift, samples=out,
                   median_seconds={s: {k: statistics.median(v) for k, v in t.items()} for s, t in out.items()})

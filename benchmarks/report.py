@@ -35,6 +35,8 @@ def load(results: Path) -> tuple[list[dict], dict, list[dict]]:
     # smoke runs have no sweep behind them; real ones count only at the selected rate
     grid = [r for r in grid if r.get("smoke") or r["learning_rate"] == rates.get(r["variant"], {}).get("learning_rate")]
     ratios = [json.loads(p.read_text()) for p in sorted((results / "ratios").glob("*.json"))]
+    global HISTORY
+    HISTORY = results / "ratios" / "history.jsonl"
     return grid, rates, ratios
 
 
@@ -178,6 +180,15 @@ def _rates(rates: dict) -> list[str]:
     return lines + [""]
 
 
+HISTORY: Path | None = None  # set by main/load: results/ratios/history.jsonl
+
+
+def results_history() -> list[dict]:
+    if HISTORY is None or not HISTORY.is_file():
+        return []
+    return [json.loads(line) for line in HISTORY.read_text().splitlines() if line.strip()]
+
+
 def _ratios(ratios: list[dict]) -> list[str]:
     if not ratios:
         return ["## Ratio benchmarks", "", "Not run yet: `python benchmarks/ratios.py all`.", ""]
@@ -187,7 +198,20 @@ def _ratios(ratios: list[dict]) -> list[str]:
         for row in rec["rows"]:
             lines.append(f"| {row['name']} | {row['measured']} | {row.get('goal') or '–'} | "
                          f"{ {True: 'yes', False: 'no', None: '–'}[row.get('meets')] } | {rec['conditions']} |")
-    return lines + ["", "Details (every sample, commands): `results/ratios/*.json`.", ""]
+    lines += ["", "Details (every sample, commands): `results/ratios/*.json`.", ""]
+    history = results_history()
+    if len(history) > len(ratios):
+        lines += ["Every run so far of the rows that have a goal (`results/ratios/history.jsonl`; the table above is the "
+                  "latest run of each benchmark):", "", "| benchmark | measured, run by run | goal |", "|---|---|---|"]
+        seen: dict[str, list[str]] = defaultdict(list)
+        goals = {}
+        for entry in history:
+            for row in entry["rows"]:
+                if row.get("goal"):
+                    seen[row["name"]].append(f"{row['measured'].split(' (')[0]} ({entry['conditions']})")
+                    goals[row["name"]] = row["goal"]
+        lines += [f"| {name} | {'; '.join(vals)} | {goals[name]} |" for name, vals in seen.items()] + [""]
+    return lines
 
 
 def plots(grid: list[dict], out: Path) -> list[Path]:
