@@ -112,6 +112,15 @@ def _fresh(path: Path, num_labels: int):
     return transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
 
 
+def test_classify_trains_lora_on_an_8bit_base(tmp_path, data_root, tiny_bert):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "8bit"
+    metrics = recipe("classify").main(classify_args(data_root, tiny_bert, out, "--quantization", "8bit",
+                                                    "--max-steps", "4", "--eval-every", "2"))
+    assert metrics["quantization"] == "8bit" and metrics["steps"] == 4 and "accuracy" in metrics["test"]
+    assert adaptkit.strategy_of(adaptkit.load(out / "adapter", _fresh(tiny_bert, 2))).name == "lora"
+
+
 class _Interrupt(Exception):
     pass
 
