@@ -65,8 +65,12 @@ def read_examples(path: Path) -> list[dict]:
     records = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
-            record = json.loads(line)
-            keys = {"prompt", "response"} if "response" in record else {"text"}
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(field=f"{path}, line {n}", value=line[:80], problem=f"is not JSON ({err.msg})",
+                                fix="write one JSON object per line") from None
+            keys = {"prompt", "response"} if isinstance(record, dict) and "response" in record else {"text"}
             if not isinstance(record, dict) or not keys <= set(record) or not all(
                     isinstance(record[k], str) for k in keys):
                 raise DataError(field=f"{path}, line {n}", value=line[:80], problem="is not a text or a "

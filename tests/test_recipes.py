@@ -275,6 +275,10 @@ def test_causal_lm_refuses_mixed_formats(tmp_path, tiny_gpt):
     mixed.write_text('{"text": "a"}\n{"prompt": "b", "response": "c"}\n')
     with pytest.raises(DataError, match=r"mixes two formats"):
         recipe("causal_lm").main(["--model", str(tiny_gpt["model"]), "--data", str(mixed)])
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "a"}\n{"text": \n')
+    with pytest.raises(DataError, match=r"broken.jsonl, line 2.*is not JSON"):
+        recipe("causal_lm").main(["--model", str(tiny_gpt["model"]), "--data", str(broken)])
 
 
 # ---- image_classify ------------------------------------------------------------------------------------
