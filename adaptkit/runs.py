@@ -100,15 +100,12 @@ def add_run_args(parser: argparse.ArgumentParser, *, epochs: int = 3, batch_size
 
 def check_args(args: argparse.Namespace, recipe: str) -> None:
     """Refuse flag values that cannot work, naming the flag and the fix."""
-    positive = ["epochs", "batch_size", "gradient_accumulation_steps", "log_every", "keep_checkpoints"]
-    for name in positive:
-        if getattr(args, name) < 1:
+    for names, least in ((["epochs", "batch_size", "gradient_accumulation_steps", "log_every", "keep_checkpoints"], 1),
+                         (["max_steps", "eval_every", "patience", "checkpoint_every"], 0)):
+        for name in (n for n in names if getattr(args, n) < least):
             raise ConfigError(field=f"--{name.replace('_', '-')}", value=getattr(args, name),
-                              problem="must be at least 1", fix="pass a positive integer")
-    for name in ["max_steps", "eval_every", "patience", "checkpoint_every"]:
-        if getattr(args, name) < 0:
-            raise ConfigError(field=f"--{name.replace('_', '-')}", value=getattr(args, name),
-                              problem="must be >= 0", fix="pass 0 to switch it off, or a positive integer")
+                              problem=f"must be at least {least}",
+                              fix="pass a positive integer" if least else "pass 0 to switch it off, or a positive integer")
     if not 0.0 <= args.warmup_ratio < 1.0:
         raise ConfigError(field="--warmup-ratio", value=args.warmup_ratio, problem="must be in [0, 1)",
                           fix="use 0.06")
@@ -301,13 +298,9 @@ class Logger:
 
 
 def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in record.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}/"))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+    """``{"validation": {"accuracy": 0.9}}`` -> ``{"validation/accuracy": 0.9}`` (TensorBoard tag names)."""
+    return {k: v for key, value in record.items() for k, v in (
+        _flatten(value, f"{prefix}{key}/").items() if isinstance(value, dict) else [(f"{prefix}{key}", value)])}
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:

@@ -189,6 +189,10 @@ def test_classify_refuses_bad_flags(tmp_path, data_root, tiny_bert):
         classify.main(classify_args(data_root, tiny_bert, tmp_path / "a", "--option", "r16"))
     with pytest.raises(ConfigError, match=r"LoRA options=\['rank'\].*did you mean 'r'"):
         classify.main(classify_args(data_root, tiny_bert, tmp_path / "b", "--option", "rank=4"))
+    with pytest.raises(ConfigError, match=r"--epochs=0: must be at least 1"):
+        classify.main(classify_args(data_root, tiny_bert, tmp_path / "e", "--epochs", "0"))
+    with pytest.raises(ConfigError, match=r"--patience=-1: must be at least 0.*0 to switch it off"):
+        classify.main(classify_args(data_root, tiny_bert, tmp_path / "f", "--patience", "-1"))
     with pytest.raises(ConfigError, match=r"--warmup-ratio=1.5: must be in \[0, 1\)"):
         classify.main(classify_args(data_root, tiny_bert, tmp_path / "c", "--warmup-ratio", "1.5"))
     with pytest.raises(ConfigError, match=r"--metrics='sst2'.*scores \(regression\)"):
