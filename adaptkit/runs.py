@@ -219,7 +219,17 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process (Linux reports KiB, macOS bytes)."""
+    """Peak resident memory of this process.
+
+    Linux: VmHWM from /proc, not ru_maxrss, which a child inherits from its parent across fork + exec
+    (a 14 MB child of an 800 MB launcher reports 795 MB). Elsewhere ru_maxrss (macOS reports bytes).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 

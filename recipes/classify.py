@@ -54,6 +54,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
                    help="batch examples of similar length together (less padding, same results on average)")
     parser.add_argument("--model", help="model folder or hub id (default: the bundled all-MiniLM-L6-v2)")
+    parser.add_argument("--feature-cache", choices=["auto", "eval", "off"], default="auto",
+                        help="linear_probe only: run the frozen model once per example and train the head on the "
+                             "cached features (adaptkit.features). auto: when train-mode features equal eval-mode "
+                             "ones (no dropout in the encoder), else end to end, saying why; eval: eval-mode "
+                             "features (encoder dropout off); off: end to end")
     runs.add_run_args(parser, epochs=3, batch_size=32)
     args = parser.parse_args(argv)
     runs.check_args(args, "classify")
@@ -110,6 +115,22 @@ def load_model(args: argparse.Namespace, table: data.Table, tokenizer):
     return model
 
 
+def cached_probe(args: argparse.Namespace, model, train_loader, val_loader):
+    """A linear probe trains on features the frozen model computes once per example (adaptkit.features);
+    with --feature-cache auto, a model the cache cannot replay exactly trains end to end and the reason is kept."""
+    from adaptkit.errors import UnsupportedError
+    from adaptkit.features import CachedProbe
+    try:
+        probe = CachedProbe(model, encoder_mode="match" if args.feature_cache == "auto" else "eval")
+        train = probe.loader(train_loader, shuffle=True, seed=args.seed)
+        val = probe.loader(val_loader, shuffle=False)
+    except UnsupportedError as err:
+        if args.feature_cache == "eval":  # asked for explicitly: refuse rather than run something else
+            raise
+        return model, train_loader, val_loader, {"used": False, "reason": str(err)}
+    return probe, train, val, {"used": True, **probe.report()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     args.model = args.model or default_model()
@@ -136,6 +157,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     train_loader, val_loader = loader(splits.train, True), loader(splits.validation, False)
     test_loader = loader(splits.test, False) if splits.test is not None else None
+    cache = None
+    if adaptkit.strategy_of(model).name == "linear_probe" and args.feature_cache != "off":
+        model, train_loader, val_loader, cache = cached_probe(args, model, train_loader, val_loader)
+        accelerator.print("feature cache:", cache)
     optimizer = runs.make_optimizer(model, args)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     max_steps = runs.plan_steps(args, len(train_loader))
@@ -159,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
         run.step_done(loss)
 
     results = {"task": task, "model": args.model, "strategy": strategy,
-               "quantization": args.quantization, "data": splits.notes}
+               "quantization": args.quantization, "data": splits.notes, "feature_cache": cache}
     if test_loader is not None:
         # Score what users get: the saved adapter, reloaded onto a freshly loaded base model.
         best = adaptkit.load(run.adapter_dir, load_model(args, splits.train, tokenizer))

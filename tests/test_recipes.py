@@ -98,6 +98,23 @@ def test_classify_writes_metrics_and_a_reloadable_adapter(tmp_path, data_root, t
     assert predictions.eq(torch.tensor(test.labels)).float().mean().item() == pytest.approx(on_disk["test"]["accuracy"])
 
 
+def test_linear_probe_uses_the_feature_cache_only_where_it_replays_the_model(tmp_path, data_root, tiny_bert):
+    classify = recipe("classify")
+    # the tiny BERT has dropout on: train-mode features differ, so "auto" trains end to end and says why
+    auto = classify.main(classify_args(data_root, tiny_bert, tmp_path / "auto", "--strategy", "linear_probe",
+                                       "--epochs", "1"))
+    assert auto["feature_cache"]["used"] is False and "dropout" in auto["feature_cache"]["reason"]
+    # "eval" asks for the fixed (eval-mode) feature map: the encoder runs once per example
+    cached = classify.main(classify_args(data_root, tiny_bert, tmp_path / "eval", "--strategy", "linear_probe",
+                                         "--epochs", "2", "--feature-cache", "eval"))
+    assert cached["feature_cache"]["used"] is True and cached["steps"] == 24
+    import transformers
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    reloaded = adaptkit.load(tmp_path / "eval" / "adapter", base)  # the same folder as an end-to-end probe
+    assert set(adapter_tensors(tmp_path / "eval")) == {"classifier.weight", "classifier.bias"}
+    assert adaptkit.strategy_of(reloaded).name == "linear_probe"
+
+
 def test_classify_regression_on_sentence_pairs_with_full_fine_tuning(tmp_path, data_root, tiny_bert):
     metrics = recipe("classify").main(classify_args(data_root, tiny_bert, tmp_path / "stsb", "--strategy", "full",
                                                     "--max-steps", "6", "--eval-every", "3", task="stsb"))
