@@ -38,7 +38,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import adaptkit  # noqa: E402
-from adaptkit import data, runs  # noqa: E402
+from adaptkit import batching, data, runs  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # variant -> (strategy, options), as in the strategy grid (benchmarks/make_experiments.py)
@@ -66,8 +66,8 @@ def sst2(split: str = "train", batch_size: int = 32, seed: int = 0, shuffle: boo
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_path())
     root = Path(os.environ.get("ADAPTKIT_DATA", ROOT.parent / "shared" / "data"))
     table = data.read_table(root / "sst2" / f"{split}.tsv")
-    examples = data.tokenize(table, tokenizer, 128)
-    loader = data.make_dataloader(examples, tokenizer, batch_size, shuffle=shuffle, group_by_length=True, seed=seed)
+    examples = batching.tokenize(table, tokenizer, 128)
+    loader = batching.make_dataloader(examples, tokenizer, batch_size, shuffle=shuffle, group_by_length=True, seed=seed)
     return examples, loader
 
 
@@ -302,7 +302,7 @@ def _rss_now() -> int:
 def inference(args) -> dict:
     load_start = load_average()
     examples, loader = sst2(shuffle=True, seed=3)
-    collate = data.make_collator(transformers.AutoTokenizer.from_pretrained(model_path()))
+    collate = batching.make_collator(transformers.AutoTokenizer.from_pretrained(model_path()))
     base = fresh_model().eval()
     lora = adaptkit.adapt(fresh_model(), "lora")
     lora.train()
@@ -341,7 +341,7 @@ def probe(args) -> dict:
     examples, loader = sst2(seed=0)
     if args.quick:
         examples = examples[:320]
-        loader = data.make_dataloader(examples, loader.collate_fn.tokenizer, 32, shuffle=True, group_by_length=True)
+        loader = batching.make_dataloader(examples, loader.collate_fn.tokenizer, 32, shuffle=True, group_by_length=True)
     e2e = adaptkit.adapt(fresh_model(), "linear_probe").train()
     e2e_step = train_step(e2e, torch.optim.AdamW([p for p in e2e.parameters() if p.requires_grad], lr=1e-2))
     cached_model = adaptkit.adapt(fresh_model(), "linear_probe")

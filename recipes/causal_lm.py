@@ -30,7 +30,7 @@ import torch
 from transformers import AutoTokenizer
 
 import adaptkit
-from adaptkit import data, metrics, runs
+from adaptkit import batching, metrics, runs
 from adaptkit.errors import ConfigError, DataError
 
 SPLITS = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
@@ -126,7 +126,7 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def make_loader(features: list[dict], args, pad_id: int, shuffle: bool):
-    sampler = data.LengthGroupedBatchSampler([len(f["input_ids"]) for f in features], args.batch_size,
+    sampler = batching.LengthGroupedBatchSampler([len(f["input_ids"]) for f in features], args.batch_size,
                                              shuffle=shuffle, seed=args.seed)
     return torch.utils.data.DataLoader(features, batch_sampler=sampler, collate_fn=lambda b: collate(b, pad_id))
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 import adaptkit
-from adaptkit import data, metrics, runs
+from adaptkit import batching, data, metrics, runs
 from adaptkit.errors import ConfigError, MissingDependencyError
 
 GLUE_TASKS = ("sst2", "cola", "mrpc", "rte", "stsb")  # their own metrics (MCC for CoLA, F1 for MRPC, ...)
@@ -150,9 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.print(summary, *splits.notes, sep="\n")
 
     def loader(table, shuffle):
-        features = data.tokenize(table, tokenizer, args.max_length)
+        features = batching.tokenize(table, tokenizer, args.max_length)
         size = args.batch_size if shuffle else 2 * args.batch_size  # no gradients kept: bigger batches fit
-        return data.make_dataloader(features, tokenizer, size, shuffle=shuffle, seed=args.seed,
+        return batching.make_dataloader(features, tokenizer, size, shuffle=shuffle, seed=args.seed,
                                     group_by_length=args.group_by_length)
 
     train_loader, val_loader = loader(splits.train, True), loader(splits.validation, False)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from adaptkit.data import (LengthGroupedBatchSampler, load_splits, make_collator, make_dataloader, read_table,
-                           tokenize)
+from adaptkit.batching import LengthGroupedBatchSampler, make_collator, make_dataloader, tokenize
+from adaptkit.data import load_splits, read_table
 from adaptkit.errors import ConfigError, ConfigTypeError, DataError
 
 

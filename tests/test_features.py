@@ -13,7 +13,7 @@ from adaptkit.features import CachedProbe
 
 
 def _examples(n: int = 12, seed: int = 0, regression: bool = False) -> list[dict]:
-    """Tokenized-looking examples of different lengths (what data.tokenize returns)."""
+    """Tokenized-looking examples of different lengths (what batching.tokenize returns)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):

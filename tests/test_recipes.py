@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 import adaptkit
-from adaptkit import data, runs
+from adaptkit import batching, data, runs
 from adaptkit.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def test_classify_writes_metrics_and_a_reloadable_adapter(tmp_path, data_root, t
     base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
     model = adaptkit.load(out / "adapter", base).eval()
     test = data.read_table(data_root / "sst2" / "test.tsv").subset(range(48))
-    loader = data.make_dataloader(data.tokenize(test, tokenizer), tokenizer, batch_size=16)
+    loader = batching.make_dataloader(batching.tokenize(test, tokenizer), tokenizer, batch_size=16)
     with torch.no_grad():
         predictions = torch.cat([model(**{k: v for k, v in b.items() if k != "labels"}).logits.argmax(-1)
                                  for b in loader])
