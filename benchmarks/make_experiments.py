@@ -22,16 +22,18 @@ EXPERIMENTS = HERE / "experiments"
 STEPS = {"sst2": 250, "cola": 250, "mrpc": 150, "rte": 100, "stsb": 200}
 EVALUATIONS = 4  # validation passes per run (on the split carved from train); the best one is tested
 
-# variant -> (strategy, options, learning-rate candidates for the sweep, recipe flags of its own)
+# variant -> (strategy, options, learning-rate candidates for the sweep, recipe flags of its own).
+# The first sweep had three candidates each and every variant chose its largest, so two larger ones
+# were added to each: a best rate on the edge of the range says the range was too narrow.
 VARIANTS = {
-    "full": ("full", {}, [2e-5, 5e-5, 1e-4], {}),
-    "lora": ("lora", {}, [2e-4, 5e-4, 1e-3], {}),
-    "bottleneck_pfeiffer": ("bottleneck", {"variant": "pfeiffer"}, [3e-4, 1e-3, 3e-3], {}),
-    "bottleneck_houlsby": ("bottleneck", {"variant": "houlsby"}, [3e-4, 1e-3, 3e-3], {}),
-    "prefix": ("prefix", {}, [3e-3, 1e-2, 3e-2], {}),
+    "full": ("full", {}, [2e-5, 5e-5, 1e-4, 2e-4, 3e-4], {}),
+    "lora": ("lora", {}, [2e-4, 5e-4, 1e-3, 2e-3, 5e-3], {}),
+    "bottleneck_pfeiffer": ("bottleneck", {"variant": "pfeiffer"}, [3e-4, 1e-3, 3e-3, 1e-2, 3e-2], {}),
+    "bottleneck_houlsby": ("bottleneck", {"variant": "houlsby"}, [3e-4, 1e-3, 3e-3, 1e-2, 3e-2], {}),
+    "prefix": ("prefix", {}, [3e-3, 1e-2, 3e-2, 1e-1, 3e-1], {}),
     # the frozen encoder runs once per example (adaptkit.features); eval-mode features: README
-    "linear_probe": ("linear_probe", {}, [3e-3, 1e-2, 3e-2], {"feature_cache": "eval"}),
-    "ia3": ("ia3", {}, [1e-3, 3e-3, 1e-2], {}),
+    "linear_probe": ("linear_probe", {}, [3e-3, 1e-2, 3e-2, 1e-1, 3e-1], {"feature_cache": "eval"}),
+    "ia3": ("ia3", {}, [1e-3, 3e-3, 1e-2, 3e-2, 1e-1], {}),
 }
 
 COMMON_FLAGS = {"batch_size": 32, "max_length": 128, "group_by_length": True, "validation_fraction": 0.1,
