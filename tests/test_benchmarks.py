@@ -23,7 +23,10 @@ def test_committed_experiments_match_the_declared_table_and_load():
     assert make_experiments.main(["--check"]) == 0
     experiments = run.load_experiments(BENCH / "experiments")
     grid = [e for e in experiments if e["stage"] == "grid"]
-    assert len(grid) == 5 * 7 and len(experiments) == 5 * 7 + 7
+    variants = len(make_experiments.VARIANTS)
+    assert variants >= 8 and len(grid) == 5 * variants and len(experiments) == 5 * variants + variants
+    # every strategy the issue names is in the grid, ia3 through the PEFT pass-through
+    assert {e["strategy"] for e in grid} == {"full", "lora", "bottleneck", "prefix", "linear_probe", "ia3"}
     # fair budgets: every strategy gets the same steps on a task
     steps = {(e["task"], e["flags"]["max_steps"]) for e in grid}
     assert len(steps) == 5
@@ -49,7 +52,9 @@ def test_grid_waits_for_the_sweep_then_uses_the_best_validation_rate(tmp_path):
     sweep = next(e for e in experiments if e["stage"] == "lr_sweep" and e["variant"] == "lora")
     blocked = run.plan(experiments, {}, ("grid",), ["sst2"], ["lora"], [1], smoke=False)
     assert blocked and all("no learning rate selected" in r["blocked"] for r in blocked)
-    low, mid, high = sweep["learning_rates"]
+    low, mid, high = sweep["learning_rates"][:3]
+    for lr in sweep["learning_rates"][3:]:
+        _sweep_record(tmp_path, sweep, lr, 0.70)
     for lr, score in ((low, 0.80), (mid, 0.85)):
         _sweep_record(tmp_path, sweep, lr, score)
     assert "lora" not in run.select_learning_rates(experiments, tmp_path)  # incomplete sweep: nothing chosen
@@ -97,6 +102,6 @@ def test_report_prints_medians_ranges_retention_and_goals(tmp_path):
     text = report.render(grid, {}, [], tmp_path)
     assert "| full | 0.910 [0.900–0.920] (n=3) |" in text
     assert "| lora | ≥ 1.00 | 0.989 | 0.989 | no |" in text  # 0.90 / 0.91
-    assert "Full fine-tuning on SST-2: 0.910 (goal ≥ 0.90" in text and "Runs recorded: 6 of 105" in text
+    assert "Full fine-tuning on SST-2: 0.910 (goal ≥ 0.90" in text and f"Runs recorded: 6 of {5 * len(make_experiments.VARIANTS) * 3}" in text
     made = report.plots(grid, tmp_path)
     assert [p.name for p in made] == ["quality_vs_params.png", "cost.png"] and all(p.stat().st_size for p in made)
