@@ -100,3 +100,10 @@ def test_feature_cache_stores_one_pooled_vector_per_example():
 
     features = probe.cache(examples, collate, batch_size=3)  # verifies head(cached) == model logits per batch
     assert features.head_inputs.shape == (4, model.config.hidden_size)
+
+
+def test_check_reports_the_missing_pooler_from_the_config_alone():
+    ok = adaptkit.check(tiny_model("bert"), "linear_probe", options={"pooling": "mean"}, raise_on_error=False)
+    bad = adaptkit.check(tiny_model("roberta"), "linear_probe", options={"pooling": "mean"}, raise_on_error=False)
+    assert not ok.problems
+    assert [type(p) for p in bad.problems] == [errors.UnsupportedError] and "pooling='mean'" in str(bad.problems[0])
