@@ -121,8 +121,11 @@ def _conditions(grid: list[dict], ratios: list[dict]) -> list[str]:
     loads = [x for r in recs for x in (r.get("load_average", {}).get("start") or [])[:1]]
     m = first.get("machine", {})
     steps = {r["task"]: (r.get("recipe_metrics") or {}).get("max_steps") for r in grid}
-    evals = sorted({-(-m["max_steps"] // m["config"]["eval_every"]) for r in grid
-                    if (m := r.get("recipe_metrics") or {}).get("config", {}).get("eval_every")}) or [4]
+    evals = sorted({-(-rm["max_steps"] // rm["config"]["eval_every"]) for r in grid
+                    if (rm := r.get("recipe_metrics") or {}).get("config", {}).get("eval_every")}) or [4]
+    threads = defaultdict(set)  # OpenMP threads per run, and which tasks ran that way
+    for r in grid:
+        threads[r.get("threads_env") or "?"].add(r["task"])
     budget = ", ".join(f"{t} {steps.get(t) or s}" for t, s in STEPS.items() if t in steps or not grid)
     return [f"Machine: {m.get('cpu')}, {m.get('usable_cores')} usable cores, "
             f"{(m.get('memory_bytes') or 0) / 2**30:.0f} GiB, {m.get('accelerator')}; versions "
@@ -130,6 +133,10 @@ def _conditions(grid: list[dict], ratios: list[dict]) -> list[str]:
             f"Commits: {', '.join(s[:10] for s in shas)}{f' ({dirty} records from a tree with uncommitted changes)' if dirty else ''}. "
             f"1-minute load average when runs started: {min(loads, default=0):.1f}–{max(loads, default=0):.1f} "
             "(the machine was shared with other work; times are noisy, ratios measured interleaved are not).",
+            "Threads per run: " + "; ".join(f"{n} ({', '.join(t for t in STEPS if t in tasks)})"
+                                            for n, tasks in sorted(threads.items())) + "."
+            + (" 1-thread runs went two side by side, one per core; 2-thread runs had both cores. Compare times "
+               "within a task, as ratios." if len(threads) > 1 else "") if threads else "",
             f"Budget per task, the same for every strategy: optimizer steps {budget or '(no grid runs)'}; batch 32, at most 128 tokens, "
             f"length-grouped dynamic padding, AdamW, linear warm-up 6% then decay, {'/'.join(map(str, evals))} "
             "evaluations on the validation "
