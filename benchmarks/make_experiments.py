@@ -35,7 +35,8 @@ VARIANTS = {
     "linear_probe": ("linear_probe", {}, [3e-3, 1e-2, 3e-2, 1e-1, 3e-1], {"feature_cache": "eval"}),
     # the same probe on mean-pooled features, which sentence-transformers checkpoints such as MiniLM are
     # trained to produce (the default reads BERT's first-token pooler, which MiniLM never trained)
-    "linear_probe_mean": ("linear_probe", {"pooling": "mean"}, [3e-3, 1e-2, 3e-2, 1e-1, 3e-1],
+    # (its sweep began at 3e-3 like the other probe's and chose that edge, so two smaller candidates were added)
+    "linear_probe_mean": ("linear_probe", {"pooling": "mean"}, [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1],
                           {"feature_cache": "eval"}),
     "ia3": ("ia3", {}, [1e-3, 3e-3, 1e-2, 3e-2, 1e-1], {}),
 }
