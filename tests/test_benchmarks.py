@@ -44,7 +44,8 @@ def test_a_typo_in_an_experiment_file_is_refused(tmp_path):
 def _sweep_record(results: Path, exp: dict, lr: float, score: float) -> None:
     path = results / "lr_sweep" / f"{run.run_id(exp, lr, 0)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"validation_primary": score, "metric": "accuracy", "test_primary": 0.0}))
+    path.write_text(json.dumps({"validation_primary": score, "metric": "accuracy", "test_primary": 0.0,
+                                "recipe_metrics": {"data": ["validation: 692 rows carved from train (0.1, seed 0)"]}}))
 
 
 def test_grid_waits_for_the_sweep_then_uses_the_best_validation_rate(tmp_path):
@@ -58,10 +59,15 @@ def test_grid_waits_for_the_sweep_then_uses_the_best_validation_rate(tmp_path):
     for lr, score in ((low, 0.80), (mid, 0.85)):
         _sweep_record(tmp_path, sweep, lr, score)
     assert "lora" not in run.select_learning_rates(experiments, tmp_path)  # incomplete sweep: nothing chosen
+    _sweep_record(tmp_path, sweep, high, 0.86)  # best, but mid is within one SE (sqrt(.86 * .14 / 692) = 0.0132)
+    rates = run.select_learning_rates(experiments, tmp_path)
+    assert rates["lora"]["learning_rate"] == mid and rates["lora"]["best_learning_rate"] == high
+    assert rates["lora"]["standard_error"] == pytest.approx(0.0132, abs=1e-4)
+    assert json.loads((tmp_path / run.RATES_FILE).read_text())["selected"]["lora"]["scores"][f"{high:g}"] == 0.86
+    _sweep_record(tmp_path, sweep, high, 0.87)  # now 2 points clear of mid: more than one SE, the best is taken
+    assert run.select_learning_rates(experiments, tmp_path)["lora"]["learning_rate"] == high
     _sweep_record(tmp_path, sweep, high, 0.85)  # a tie: the smaller rate wins
     rates = run.select_learning_rates(experiments, tmp_path)
-    assert rates["lora"]["learning_rate"] == mid
-    assert json.loads((tmp_path / run.RATES_FILE).read_text())["selected"]["lora"]["scores"][f"{high:g}"] == 0.85
     runs = run.plan(experiments, rates, ("grid",), None, ["lora"], None, smoke=False)
     assert [r["seed"] for r in runs] == sorted(r["seed"] for r in runs) and len(runs) == 15  # seed by seed
     assert all(r["learning_rate"] == mid and not r["blocked"] for r in runs)
