@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from collections import defaultdict
@@ -69,7 +70,27 @@ def retention(scores: dict, variant: str, task: str) -> float | None:
     return statistics.median(mine) / statistics.median(full)
 
 
-def render(grid: list[dict], rates: dict, ratios: list[dict], results: Path) -> str:
+def majority_baselines(data_root: Path | None, metrics: dict[str, str]) -> dict[str, float]:
+    """Each classification task's primary metric on dev when every example gets train's majority label."""
+    import csv
+
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+    score = {"accuracy": accuracy_score, "f1": f1_score, "matthews_correlation": matthews_corrcoef}
+    out = {}
+    for task, metric in metrics.items():
+        files = [data_root / task / f"{split}.tsv" for split in ("train", "dev")] if data_root else []
+        if metric not in score or not all(f.is_file() for f in files):
+            continue
+        train, dev = ([row["label"] for row in csv.DictReader(f.open(newline=""), delimiter="\t",
+                                                             quoting=csv.QUOTE_NONE)] for f in files)
+        majority = max(sorted(set(train)), key=train.count)
+        out[task] = float(score[metric](dev, [majority] * len(dev),
+                                        **({"pos_label": "1"} if metric == "f1" else {})))
+    return out
+
+
+def render(grid: list[dict], rates: dict, ratios: list[dict], results: Path,
+           baselines: dict[str, float] | None = None) -> str:
     scores, tasks, variants = quality(grid)
     metric = {r["task"]: r["metric"] for r in grid}
     smoke = any(r.get("smoke") for r in grid)
@@ -86,19 +107,33 @@ def render(grid: list[dict], rates: dict, ratios: list[dict], results: Path) -> 
                   "| variant | " + " | ".join(f"{t} ({metric[t]})" for t in tasks) + " |",
                   "|---|" + "---:|" * len(tasks)]
         lines += [f"| {v} | " + " | ".join(median_range(scores.get((v, t), [])) for t in tasks) + " |" for v in variants]
+        if baselines:
+            lines += ["| *majority class of train, predicted for every dev example* | "
+                      + " | ".join("–" if baselines.get(t) is None else f"*{baselines[t]:.3f}*" for t in tasks) + " |",
+                      "", "A cell near the majority-class row learned (almost) nothing at this budget: the model "
+                      "predicts one class. STS-B has no such row (a constant prediction has no correlation)."]
+        # retention against a full fine-tuning run that predicts one class measures nothing: those tasks are
+        # shown in parentheses and left out of the median over tasks
+        floor = {t: (baselines or {}).get(t, 0.0) for t in tasks}
+        learned = {t for t in tasks if scores.get(("full", t)) and statistics.median(scores[("full", t)]) > floor[t] + 0.01}
         lines += ["", "## Retention relative to full fine-tuning (median over seeds), against the goals", "",
+                  "Tasks where full fine-tuning's median is not at least 0.01 above the majority-class row (0 for "
+                  "STS-B) are in parentheses and left out of the median over tasks: full fine-tuning learned nothing "
+                  "there, so a ratio to it says nothing. "
+                  f"Counted: {', '.join(t for t in tasks if t in learned) or 'none yet'}.", "",
                   "| variant | goal | " + " | ".join(tasks) + " | median over tasks | meets goal |",
                   "|---|---:|" + "---:|" * (len(tasks) + 2)]
         for v in variants:
             if v == "full":
                 continue
             per_task = [retention(scores, v, t) for t in tasks]
-            known = [x for x in per_task if x is not None]
+            known = [x for x, t in zip(per_task, tasks) if x is not None and t in learned]
             med = statistics.median(known) if known else None
             goal = RETENTION_GOALS.get(v)
             verdict = "–" if goal is None or med is None else ("yes" if med >= goal else "no")
             lines.append(f"| {v} | {'≥ %.2f' % goal if goal else '(none)'} | "
-                         + " | ".join("–" if x is None else f"{x:.3f}" for x in per_task)
+                         + " | ".join("–" if x is None else f"{x:.3f}" if t in learned else f"({x:.3f})"
+                                      for x, t in zip(per_task, tasks))
                          + f" | {'–' if med is None else f'{med:.3f}'} | {verdict} |")
         full_sst2 = scores.get(("full", "sst2"), [])
         if full_sst2:
@@ -268,10 +303,14 @@ def plots(grid: list[dict], out: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=HERE / "results")
+    parser.add_argument("--data-root", type=Path, default=Path(os.environ.get("ADAPTKIT_DATA", HERE.parent.parent /
+                                                                              "shared" / "data")),
+                        help="the GLUE folders, for the majority-class row (left out when absent)")
     args = parser.parse_args(argv)
     grid, rates, ratios = load(args.results)
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "REPORT.md").write_text(render(grid, rates, ratios, args.results))
+    baselines = majority_baselines(args.data_root, {r["task"]: r["metric"] for r in grid})
+    (args.results / "REPORT.md").write_text(render(grid, rates, ratios, args.results, baselines))
     made = plots(grid, args.results)
     print(f"wrote {args.results / 'REPORT.md'}" + "".join(f", {p.name}" for p in made))
     return 0

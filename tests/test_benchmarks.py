@@ -111,3 +111,16 @@ def test_report_prints_medians_ranges_retention_and_goals(tmp_path):
     assert "Full fine-tuning on SST-2: 0.910 (goal ≥ 0.90" in text and f"Runs recorded: 6 of {5 * len(make_experiments.VARIANTS) * 3}" in text
     made = report.plots(grid, tmp_path)
     assert [p.name for p in made] == ["quality_vs_params.png", "cost.png"] and all(p.stat().st_size for p in made)
+
+
+def test_majority_class_row_uses_train_majority_on_dev(tmp_path):
+    for task, train, dev in (("cola", "1 1 0", "1 0 0 0"), ("mrpc", "1 1 0", "1 0 0 1")):
+        (tmp_path / task).mkdir()
+        for name, labels in (("train", train), ("dev", dev)):
+            rows = [f'he said "hi\t{y}' for y in labels.split()]  # a stray quote must not swallow rows
+            (tmp_path / task / f"{name}.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    base = report.majority_baselines(tmp_path, {"cola": "matthews_correlation", "mrpc": "f1", "stsb": "combined"})
+    assert base == {"cola": 0.0, "mrpc": pytest.approx(2 * 0.5 / 1.5)}  # all "1": precision 0.5, recall 1
+    grid = [_grid_record("cola", "full", 1, 0.2)]
+    assert "| *majority class of train, predicted for every dev example* | *0.000* |" in report.render(
+        grid, {}, [], tmp_path, base)
