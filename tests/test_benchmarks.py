@@ -107,7 +107,7 @@ def test_report_prints_medians_ranges_retention_and_goals(tmp_path):
     grid += [_grid_record("sst2", "lora", s, x) for s, x in ((1, 0.89), (2, 0.90), (3, 0.95))]
     text = report.render(grid, {}, [], tmp_path)
     assert "| full | 0.910 [0.900–0.920] (n=3) |" in text
-    assert "| lora | ≥ 1.00 | 0.989 | 0.989 | no |" in text  # 0.90 / 0.91
+    assert "| lora | ≥ 1.00 | 0.989 | 0.989 | 0 of 1 |" in text  # 0.90 / 0.91
     assert "Full fine-tuning on SST-2: 0.910 (goal ≥ 0.90" in text and f"Runs recorded: 6 of {5 * len(make_experiments.VARIANTS) * 3}" in text
     made = report.plots(grid, tmp_path)
     assert [p.name for p in made] == ["quality_vs_params.png", "cost.png"] and all(p.stat().st_size for p in made)
