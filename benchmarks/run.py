@@ -118,10 +118,10 @@ def select_learning_rates(experiments: list[dict], results: Path) -> dict:
 
     The one-standard-error rule (Hastie, Tibshirani & Friedman, *Elements of Statistical Learning*,
     7.10): on a 692-example validation split one SE is ~1.3 accuracy points, and rates closer than
-    that are not told apart by one seed. The larger of two indistinguishable rates is the one that
-    collapses on other tasks (full fine-tuning at 3e-4, the plain argmax on SST-2, predicted only the
-    majority class on CoLA), so the smaller one is taken. Only complete sweeps count (every candidate
-    x seed recorded); the choice and every score behind it go to results/learning_rates.json.
+    that are not told apart by one seed; the smaller of two indistinguishable rates is the safer one
+    to carry to the other tasks (benchmarks/README.md says when and why this replaced the argmax).
+    Only complete sweeps count (every candidate x seed recorded); the choice and every score behind
+    it go to results/learning_rates.json.
     """
     chosen = {}
     for exp in (e for e in experiments if e["stage"] == "lr_sweep"):
