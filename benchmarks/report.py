@@ -70,22 +70,23 @@ def retention(scores: dict, variant: str, task: str) -> float | None:
     return statistics.median(mine) / statistics.median(full)
 
 
-def majority_baselines(data_root: Path | None, metrics: dict[str, str]) -> dict[str, float]:
-    """Each classification task's primary metric on dev when every example gets train's majority label."""
-    import csv
-
-    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
-    score = {"accuracy": accuracy_score, "f1": f1_score, "matthews_correlation": matthews_corrcoef}
+def majority_baselines(data_root: Path | None, tasks) -> dict[str, float]:
+    """Each classification task's primary metric on dev when every example gets train's majority label,
+    read and scored by the same adaptkit code the recipe runs used."""
+    from adaptkit import data, metrics
     out = {}
-    for task, metric in metrics.items():
+    for task in tasks:
         files = [data_root / task / f"{split}.tsv" for split in ("train", "dev")] if data_root else []
-        if metric not in score or not all(f.is_file() for f in files):
+        if not files or not all(f.is_file() for f in files):
             continue
-        train, dev = ([row["label"] for row in csv.DictReader(f.open(newline=""), delimiter="\t",
-                                                             quoting=csv.QUOTE_NONE)] for f in files)
-        majority = max(sorted(set(train)), key=train.count)
-        out[task] = float(score[metric](dev, [majority] * len(dev),
-                                        **({"pos_label": "1"} if metric == "f1" else {})))
+        train = data.read_table(files[0])
+        if train.task != "classification":  # a constant prediction has no correlation
+            continue
+        dev = data.read_table(files[1], num_labels=train.num_labels, label_names=train.label_names)
+        majority = max(sorted(set(train.labels)), key=train.labels.count)
+        metric = metrics.metric_for_task(task, num_labels=train.num_labels)
+        metric.add_batch(predictions=[majority] * len(dev), references=dev.labels)
+        out[task] = float(metric.compute()[metrics.primary_metric(task)[0]])
     return out
 
 
@@ -314,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     grid, rates, ratios = load(args.results)
     args.results.mkdir(parents=True, exist_ok=True)
-    baselines = majority_baselines(args.data_root, {r["task"]: r["metric"] for r in grid})
+    baselines = majority_baselines(args.data_root, sorted({r["task"] for r in grid}))
     (args.results / "REPORT.md").write_text(render(grid, rates, ratios, args.results, baselines))
     made = plots(grid, args.results)
     print(f"wrote {args.results / 'REPORT.md'}" + "".join(f", {p.name}" for p in made))

@@ -119,7 +119,7 @@ def test_majority_class_row_uses_train_majority_on_dev(tmp_path):
         for name, labels in (("train", train), ("dev", dev)):
             rows = [f'he said "hi\t{y}' for y in labels.split()]  # a stray quote must not swallow rows
             (tmp_path / task / f"{name}.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
-    base = report.majority_baselines(tmp_path, {"cola": "matthews_correlation", "mrpc": "f1", "stsb": "combined"})
+    base = report.majority_baselines(tmp_path, ["cola", "mrpc", "stsb"])
     assert base == {"cola": 0.0, "mrpc": pytest.approx(2 * 0.5 / 1.5)}  # all "1": precision 0.5, recall 1
     grid = [_grid_record("cola", "full", 1, 0.2)]
     assert "| *majority class of train, predicted for every dev example* | *0.000* |" in report.render(
