@@ -309,8 +309,13 @@ class Logger:
 
 def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"validation": {"accuracy": 0.9}}`` -> ``{"validation/accuracy": 0.9}`` (TensorBoard tag names)."""
-    return {k: v for key, value in record.items() for k, v in (
-        _flatten(value, f"{prefix}{key}/").items() if isinstance(value, dict) else [(f"{prefix}{key}", value)])}
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:

@@ -13,8 +13,6 @@ from adaptkit.errors import NotMergeableError, UnsupportedError
 from adaptkit.strategies import register
 from adaptkit.strategies.base import Strategy
 
-POOLINGS = ("head", "mean")
-
 
 @register
 @dataclasses.dataclass
