@@ -38,7 +38,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import adaptkit  # noqa: E402
-from adaptkit import batching, data, runs  # noqa: E402
+from adaptkit import batching, data, runs, training  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # variant -> (strategy, options), as in the strategy grid (benchmarks/make_experiments.py)
@@ -145,15 +145,15 @@ def overhead(args) -> dict:
     _, loader = sst2()
     tmp = tempfile.mkdtemp(prefix="adaptkit-overhead-")
     parser = argparse.ArgumentParser()
-    runs.add_run_args(parser)
+    training.add_run_args(parser)
     flags = parser.parse_args(["--output-dir", tmp, "--overwrite", "--checkpoint-every", "0", "--seed", "0",
                                "--max-steps", str(10 * (n + warmup))])
-    runs.check_args(flags, "overhead")
-    accelerator = runs.make_accelerator(flags)
+    training.check_args(flags, "overhead")
+    accelerator = training.make_accelerator(flags)
     model = adaptkit.adapt(fresh_model(), "lora")
-    optimizer = runs.make_optimizer(model, flags)
+    optimizer = training.make_optimizer(model, flags)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    scheduler = accelerator.prepare(runs.make_scheduler(optimizer, flags, flags.max_steps, accelerator.num_processes))
+    scheduler = accelerator.prepare(training.make_scheduler(optimizer, flags, flags.max_steps, accelerator.num_processes))
     run = runs.Run(accelerator, flags, model, optimizer, loader, evaluate=lambda: {"accuracy": 0.0},
                    metric=("accuracy", True), max_steps=flags.max_steps)
     model.train()

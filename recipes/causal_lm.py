@@ -30,7 +30,7 @@ import torch
 from transformers import AutoTokenizer
 
 import adaptkit
-from adaptkit import batching, metrics, runs
+from adaptkit import batching, metrics, runs, training
 from adaptkit.errors import ConfigError, DataError
 
 SPLITS = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
@@ -46,9 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-eval-samples", type=int)
     parser.add_argument("--num-samples", type=int, default=3, help="greedy generations printed at the end")
     parser.add_argument("--max-new-tokens", type=int, default=40)
-    runs.add_run_args(parser, epochs=3, batch_size=8)
+    training.add_run_args(parser, epochs=3, batch_size=8)
     args = parser.parse_args(argv)
-    runs.check_args(args, "causal_lm")
+    training.check_args(args, "causal_lm")
     if not 0 < args.validation_fraction < 1:
         raise ConfigError(field="--validation-fraction", value=args.validation_fraction, problem="must be in (0, 1)",
                           fix="use 0.1")
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     from adaptkit.quantization import load_model
 
     args = parse_args(argv)
-    accelerator = runs.make_accelerator(args)
+    accelerator = training.make_accelerator(args)
     splits, notes = load_splits(args)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.eos_token_id is None:
@@ -179,17 +179,17 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer.pad_token = tokenizer.eos_token
     quantization = None if args.quantization == "none" else args.quantization
     load = lambda: load_model(args.model, "causal_lm", quantization=quantization)
-    model = adaptkit.adapt(load(), args.strategy, **runs.parse_options(args.option))
+    model = adaptkit.adapt(load(), args.strategy, **training.parse_options(args.option))
     summary, strategy = adaptkit.summary(model), adaptkit.strategy_of(model).to_dict()
     accelerator.print(summary, *notes, sep="\n")
 
     features = {role: [encode(e, tokenizer, args.max_length) for e in rows] for role, rows in splits.items()}
     train_loader = make_loader(features["train"], args, tokenizer.pad_token_id, shuffle=True)
     val_loader = make_loader(features["validation"], args, tokenizer.pad_token_id, shuffle=False)
-    optimizer = runs.make_optimizer(model, args)
+    optimizer = training.make_optimizer(model, args)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    max_steps = runs.plan_steps(args, len(train_loader))
-    scheduler = accelerator.prepare(runs.make_scheduler(optimizer, args, max_steps, accelerator.num_processes))
+    max_steps = training.plan_steps(args, len(train_loader))
+    scheduler = accelerator.prepare(training.make_scheduler(optimizer, args, max_steps, accelerator.num_processes))
 
     run = runs.Run(accelerator, args, model, optimizer, train_loader, max_steps=max_steps,
                    evaluate=lambda: evaluate(model, val_loader, accelerator),

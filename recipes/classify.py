@@ -29,7 +29,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 import adaptkit
-from adaptkit import batching, data, metrics, runs
+from adaptkit import batching, data, metrics, runs, training
 from adaptkit.errors import ConfigError, MissingDependencyError
 
 GLUE_TASKS = ("sst2", "cola", "mrpc", "rte", "stsb")  # their own metrics (MCC for CoLA, F1 for MRPC, ...)
@@ -59,9 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "cached features (adaptkit.features). auto: when train-mode features equal eval-mode "
                              "ones (no dropout in the encoder), else end to end, saying why; eval: eval-mode "
                              "features (encoder dropout off); off: end to end")
-    runs.add_run_args(parser, epochs=3, batch_size=32)
+    training.add_run_args(parser, epochs=3, batch_size=32)
     args = parser.parse_args(argv)
-    runs.check_args(args, "classify")
+    training.check_args(args, "classify")
     return args
 
 
@@ -134,7 +134,7 @@ def cached_probe(args: argparse.Namespace, model, train_loader, val_loader):
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     args.model = args.model or default_model()
-    accelerator = runs.make_accelerator(args)
+    accelerator = training.make_accelerator(args)
     splits = load_splits(args)
     task = metric_task(args, splits.train)
     if task not in ("regression", "stsb") and splits.train.task == "regression":
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     if tokenizer.pad_token is None:  # decoders (GPT-2, Llama) ship without one; batches need padding
         tokenizer.pad_token = tokenizer.eos_token
     model = adaptkit.adapt(load_model(args, splits.train, tokenizer), args.strategy,
-                           **runs.parse_options(args.option))
+                           **training.parse_options(args.option))
     summary, strategy = adaptkit.summary(model), adaptkit.strategy_of(model).to_dict()
     accelerator.print(summary, *splits.notes, sep="\n")
 
@@ -161,14 +161,14 @@ def main(argv: list[str] | None = None) -> dict:
     if adaptkit.strategy_of(model).name == "linear_probe" and args.feature_cache != "off":
         model, train_loader, val_loader, cache = cached_probe(args, model, train_loader, val_loader)
         accelerator.print("feature cache:", cache)
-    optimizer = runs.make_optimizer(model, args)
+    optimizer = training.make_optimizer(model, args)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    max_steps = runs.plan_steps(args, len(train_loader))
-    scheduler = accelerator.prepare(runs.make_scheduler(optimizer, args, max_steps, accelerator.num_processes))
+    max_steps = training.plan_steps(args, len(train_loader))
+    scheduler = accelerator.prepare(training.make_scheduler(optimizer, args, max_steps, accelerator.num_processes))
 
     num_labels = splits.train.num_labels
     run = runs.Run(accelerator, args, model, optimizer, train_loader, max_steps=max_steps,
-                   evaluate=lambda: runs.evaluate_classifier(model, val_loader, accelerator, task, num_labels),
+                   evaluate=lambda: training.evaluate_classifier(model, val_loader, accelerator, task, num_labels),
                    metric=metrics.primary_metric(task))
     run.resume(args.resume)
     model.train()
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
         best = adaptkit.load(run.adapter_dir, load_model(args, splits.train, tokenizer))
         if not adaptkit.is_quantized(best):
             best.to(accelerator.device)
-        results["test"] = runs.evaluate_classifier(best, accelerator.prepare_data_loader(test_loader), accelerator,
+        results["test"] = training.evaluate_classifier(best, accelerator.prepare_data_loader(test_loader), accelerator,
                                                    task, num_labels)
         accelerator.print("test:", results["test"])
     return run.finish(results, summary)

@@ -23,7 +23,7 @@ import torch
 from transformers import AutoImageProcessor
 
 import adaptkit
-from adaptkit import metrics, runs
+from adaptkit import metrics, runs, training
 from adaptkit.errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -37,9 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--validation-fraction", type=float, default=0.1)
     parser.add_argument("--max-train-samples", type=int)
     parser.add_argument("--max-eval-samples", type=int)
-    runs.add_run_args(parser, epochs=3, batch_size=32)
+    training.add_run_args(parser, epochs=3, batch_size=32)
     args = parser.parse_args(argv)
-    runs.check_args(args, "image_classify")
+    training.check_args(args, "image_classify")
     return args
 
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     from adaptkit.quantization import load_model
 
     args = parse_args(argv)
-    accelerator = runs.make_accelerator(args)
+    accelerator = training.make_accelerator(args)
     splits, classes, notes = load_splits(args)
     try:
         processor = AutoImageProcessor.from_pretrained(args.model)
@@ -146,20 +146,20 @@ def main(argv: list[str] | None = None) -> dict:
     # a pretrained head for other classes (ImageNet's 1000) is replaced by a fresh one of the right size
     load = lambda: load_model(args.model, "image_cls", quantization=quantization, ignore_mismatched_sizes=True,
                               **labels)
-    model = adaptkit.adapt(load(), args.strategy, **runs.parse_options(args.option))
+    model = adaptkit.adapt(load(), args.strategy, **training.parse_options(args.option))
     summary, strategy = adaptkit.summary(model), adaptkit.strategy_of(model).to_dict()
     accelerator.print(summary, f"classes: {classes}", *notes, sep="\n")
     mode = "L" if getattr(model.config, "num_channels", 3) == 1 else "RGB"
 
     train_loader = make_loader(splits["train"], processor, mode, args, shuffle=True)
     val_loader = make_loader(splits["validation"], processor, mode, args, shuffle=False)
-    optimizer = runs.make_optimizer(model, args)
+    optimizer = training.make_optimizer(model, args)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    max_steps = runs.plan_steps(args, len(train_loader))
-    scheduler = accelerator.prepare(runs.make_scheduler(optimizer, args, max_steps, accelerator.num_processes))
+    max_steps = training.plan_steps(args, len(train_loader))
+    scheduler = accelerator.prepare(training.make_scheduler(optimizer, args, max_steps, accelerator.num_processes))
 
     run = runs.Run(accelerator, args, model, optimizer, train_loader, max_steps=max_steps,
-                   evaluate=lambda: runs.evaluate_classifier(model, val_loader, accelerator, "classification",
+                   evaluate=lambda: training.evaluate_classifier(model, val_loader, accelerator, "classification",
                                                              len(classes)),
                    metric=metrics.primary_metric("classification"))
     run.resume(args.resume)
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not adaptkit.is_quantized(best):
             best.to(accelerator.device)
         test_loader = accelerator.prepare_data_loader(make_loader(splits["test"], processor, mode, args, False))
-        results["test"] = runs.evaluate_classifier(best, test_loader, accelerator, "classification", len(classes))
+        results["test"] = training.evaluate_classifier(best, test_loader, accelerator, "classification", len(classes))
         accelerator.print("test:", results["test"])
     return run.finish(results, summary)
 

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 import adaptkit
-from adaptkit import batching, data, runs
+from adaptkit import batching, data, runs, training
 from adaptkit.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -356,7 +356,7 @@ def test_image_classify_refuses_a_folder_without_classes(tmp_path, digits):
 
 # ---- the run machinery -------------------------------------------------------------------------------
 def test_parse_options_reads_json_lists_and_strings():
-    assert runs.parse_options(["r=16", "targets=query,value", "use_dora=true", "init=gaussian", 'heads=["classifier"]']) \
+    assert training.parse_options(["r=16", "targets=query,value", "use_dora=true", "init=gaussian", 'heads=["classifier"]']) \
         == {"r": 16, "targets": ["query", "value"], "use_dora": True, "init": "gaussian", "heads": ["classifier"]}
 
 

@@ -1,0 +1,183 @@
+"""The pieces of a training loop a recipe builds: its flags, the Accelerator, optimizer, schedule, evaluation.
+
+A recipe parses its flags with :func:`add_run_args` / :func:`check_args`, builds the loop from
+:func:`make_accelerator`, :func:`make_optimizer` and :func:`make_scheduler`, and scores with
+:func:`evaluate_classifier`; ``adaptkit.runs.Run`` then does the bookkeeping around each step. The
+names of what a run writes into ``--output-dir`` live here because :func:`check_args` refuses to
+overwrite a folder that holds one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adaptkit.errors import ConfigError
+
+# what a run writes into --output-dir
+ADAPTER_DIR = "adapter"
+METRICS_FILE = "metrics.json"
+LOG_FILE = "log.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+CHECKPOINTS = "checkpoints"
+RUN_STATE = "run_state.json"
+
+# Learning rates that worked for each strategy on all-MiniLM-L6-v2 / SST-2 (FACTS.md and the
+# strategy comparison); a parameter-efficient method needs a far larger step than full fine-tuning.
+DEFAULT_LR = {"full": 5e-5, "lora": 5e-4, "bottleneck": 1e-3, "prefix": 1e-2, "linear_probe": 1e-2}
+OTHER_LR = 1e-3  # any other PEFT method (ia3, loha, ...)
+
+
+# ---- flags -----------------------------------------------------------------------------------------
+def add_run_args(parser: argparse.ArgumentParser, *, epochs: int = 3, batch_size: int = 32,
+                 strategy: str = "lora") -> None:
+    """The flags every recipe has: strategy, budget, optimisation, evaluation, logging, checkpoints."""
+    g = parser.add_argument_group("strategy")
+    g.add_argument("--strategy", default=strategy,
+                   help="lora, bottleneck, prefix, linear_probe, full, or any PEFT method name (ia3, loha, ...)")
+    g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a strategy option, repeatable: --option r=16 --option targets=query,value "
+                        "(values are JSON when they parse, comma lists become lists)")
+    g.add_argument("--quantization", choices=["none", "8bit", "4bit"], default="none",
+                   help="load the base model quantized with bitsandbytes (train an adapter on top)")
+    g = parser.add_argument_group("training")
+    g.add_argument("--output-dir", type=Path, default=None, help="where logs, checkpoints, adapter and metrics go")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--processes", type=int, default=None,
+                   help="how many processes you launched; checked (`accelerate launch --cpu --num_processes 2` "
+                        "silently runs one)")
+    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--max-steps", type=int, default=0, help="optimizer steps; overrides --epochs when > 0")
+    g.add_argument("--batch-size", type=int, default=batch_size, help="per process, per micro-batch")
+    g.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    g.add_argument("--learning-rate", type=float, default=None,
+                   help=f"default depends on the strategy: {DEFAULT_LR}, other PEFT methods {OTHER_LR}")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--warmup-ratio", type=float, default=0.06, help="linear warm-up over this share of the steps")
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g = parser.add_argument_group("evaluation, logging, checkpoints")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N optimizer steps (0: each epoch)")
+    g.add_argument("--patience", type=int, default=3,
+                   help="stop after this many evaluations without improvement (0: never stop early)")
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--checkpoint-every", type=int, default=200, help="optimizer steps between checkpoints (0: none)")
+    g.add_argument("--keep-checkpoints", type=int, default=1)
+    g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="continue an interrupted run: its latest checkpoint in --output-dir, or this folder")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in an --output-dir that holds a run")
+
+
+def check_args(args: argparse.Namespace, recipe: str) -> None:
+    """Refuse flag values that cannot work, naming the flag and the fix."""
+    for names, least in ((["epochs", "batch_size", "gradient_accumulation_steps", "log_every", "keep_checkpoints"], 1),
+                         (["max_steps", "eval_every", "patience", "checkpoint_every"], 0)):
+        for name in (n for n in names if getattr(args, n) < least):
+            raise ConfigError(field=f"--{name.replace('_', '-')}", value=getattr(args, name),
+                              problem=f"must be at least {least}",
+                              fix="pass a positive integer" if least else "pass 0 to switch it off, or a positive integer")
+    if not 0.0 <= args.warmup_ratio < 1.0:
+        raise ConfigError(field="--warmup-ratio", value=args.warmup_ratio, problem="must be in [0, 1)",
+                          fix="use 0.06")
+    if args.learning_rate is not None and args.learning_rate <= 0:
+        raise ConfigError(field="--learning-rate", value=args.learning_rate, problem="must be positive",
+                          fix="leave it out for the strategy's default")
+    if args.output_dir is None:
+        args.output_dir = Path("outputs") / f"{recipe}-{args.strategy}"
+    args.output_dir = Path(args.output_dir)
+    if args.resume is not None and args.overwrite:
+        raise ConfigError(field="--overwrite", value=True, problem="contradicts --resume (continue or start afresh?)",
+                          fix="drop one of the two")
+    held = [n for n in (CHECKPOINTS, ADAPTER_DIR, METRICS_FILE) if (args.output_dir / n).exists()]
+    if args.resume is None and not args.overwrite and held:
+        raise ConfigError(field="--output-dir", value=str(args.output_dir), problem=f"already holds a run ({held})",
+                          fix="pass --resume to continue it, --overwrite to start afresh, or another --output-dir")
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """``["r=16", "targets=query,value", "use_dora=true"]`` -> ``{"r": 16, "targets": [...], "use_dora": True}``."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(field="--option", value=item, problem="is not KEY=VALUE",
+                              fix="write it like --option r=16")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = [v.strip() for v in text.split(",") if v.strip()] if "," in text else text
+        options[key.strip()] = value
+    return options
+
+
+def learning_rate(args: argparse.Namespace) -> float:
+    if args.learning_rate is not None:
+        return args.learning_rate
+    return DEFAULT_LR.get(args.strategy.strip().lower().replace("-", "_"), OTHER_LR)
+
+
+# ---- accelerate --------------------------------------------------------------------------------------
+def make_accelerator(args: argparse.Namespace):
+    """An Accelerator whose shuffling is reseeded from ``seed + epoch`` (what exact resume relies on)."""
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import set_seed
+
+    from adaptkit.distributed import require_processes, require_whole_copies
+
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
+                                                                         data_seed=args.seed))
+    # a launch that silently runs 1 process, or N processes that each train alone, is refused here
+    require_processes(accelerator, args.processes)
+    require_whole_copies(accelerator)  # FSDP / ZeRO-3 shards parameters: the main process could not save them
+    set_seed(args.seed)
+    return accelerator
+
+
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and normalisation weights (they are not "weights" to shrink)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate(args))
+
+
+def plan_steps(args: argparse.Namespace, batches_per_epoch: int) -> int:
+    """Total optimizer steps: --max-steps, else --epochs over the (per-process) training batches."""
+    return args.max_steps or args.epochs * math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+
+
+def make_scheduler(optimizer, args: argparse.Namespace, max_steps: int, num_processes: int):
+    """Linear warm-up then linear decay to 0 over ``max_steps`` optimizer steps.
+
+    Accelerate steps a prepared scheduler once per process for every optimizer step (each process
+    saw its own batch), so the schedule is laid out in ``max_steps * num_processes`` ticks.
+    """
+    from transformers import get_linear_schedule_with_warmup
+    ticks = max_steps * num_processes
+    return get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * ticks), ticks)
+
+
+@torch.no_grad()
+def evaluate_classifier(model, loader, accelerator, task: str, num_labels: int) -> dict[str, float]:
+    """The task's metrics (adaptkit.metrics) over a prepared loader; every process gets the same result.
+
+    ``num_labels == 1`` means regression (the single logit is the prediction), else the argmax class.
+    Predictions are gathered across processes first (``gather_for_metrics`` drops the samples
+    Accelerate repeats to even out the last batch).
+    """
+    from adaptkit import metrics
+    model.eval()
+    metric = metrics.metric_for_task(task, num_labels=max(2, num_labels))
+    for batch in loader:
+        logits = model(**batch).logits
+        predictions = logits.squeeze(-1).float() if num_labels == 1 else logits.argmax(-1)
+        predictions, references = accelerator.gather_for_metrics((predictions, batch["labels"]))
+        metric.add_batch(predictions=predictions.cpu().numpy(), references=references.cpu().numpy())
+    return {k: float(v) for k, v in metric.compute().items()}
