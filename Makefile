@@ -3,28 +3,45 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 # real datasets are read in place (never copied into the repo); tests needing them skip when absent
 export ADAPTKIT_DATA ?= $(abspath ../shared/data)
 
-.PHONY: install test run clean
+.PHONY: install lock test test-latest run clean
 
 install: $(STAMP)
 
-# torch first, pinned to the CPU wheel: otherwise the resolver may pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+# Exactly the versions the suite passed with (requirements.lock, transitive ones included), then adaptkit
+# itself with --no-deps so nothing is re-resolved. The lock pins torch to the CPU wheel.
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -r $(LOCK)
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+# Regenerate the lock with pip-tools from pyproject's ranges (the newest versions they allow), torch held at
+# the CPU wheel. Run `make test` on the result before committing it.
+lock: install
+	CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --upgrade --strip-extras \
+		--extra dev --extra bitsandbytes --extra tensorboard --extra plots \
+		--constraint requirements/torch-cpu.txt --no-emit-find-links --no-emit-index-url \
+		--output-file $(LOCK) pyproject.toml
+	rm -f $(STAMP)
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The canary: a separate environment with the newest release of every dependency (pyproject's upper bounds
+# ignored, torch held at the CPU wheel), then the suite. Names the tests that break and the versions that
+# moved. Not CI's gate.
+test-latest:
+	PYTHON=$(PYTHON) bash .ci/test-latest
 
 run: install
 	$(BIN)/python recipes/compare.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-latest build *.egg-info .pytest_cache
