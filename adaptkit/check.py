@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaptkit import targets
+from adaptkit import targets, versions
 from adaptkit.errors import (AdaptkitError, ConfigError, ConfigErrors, ConfigTypeError, MissingDependencyError,
                              ProcessCountError, UnsupportedError)
 from adaptkit.skeleton import CLASSIFICATION_TASKS, Skeleton, describe, read_config, skeleton
@@ -84,6 +84,10 @@ def check(model: Any, strategy: Any = "lora", *, options: dict[str, Any] | None 
     Raises :class:`ConfigErrors` (one entry per problem) unless ``raise_on_error=False``.
     """
     report = CheckReport(model=describe(model), quantization=quantization, processes=processes)
+    untested = versions.untested()
+    if untested:  # a failure below may be the version's, not the architecture's: say so up front
+        report.notes.append(f"installed versions outside the tested set: {versions.describe(*untested)}; "
+                            "'adaptkit env' shows all, and pip install -r requirements.lock gives the tested set")
     add = report.problems.append
     sk = _skeleton(model, task, num_labels, report)
     config = _resolve(strategy, dict(options or {}), report)

@@ -3,9 +3,12 @@
     adaptkit check path/to/model --strategy lora --option r=16 --option targets=query,value \\
         --quantization 8bit --processes 2 --num-labels 2
     adaptkit estimate path/to/model --batch-size 32 --seq-len 128 --dtype bfloat16
+    adaptkit env
+
 
 ``check`` prints every problem with its fix and exits 1 when there is any; ``estimate`` prints one row
-per strategy. A mistyped flag or a bad flag value exits 2 with a message naming the flag, the value and
+per strategy; ``env`` prints the library versions and the device, each against the tested set, for a bug
+report. A mistyped flag or a bad flag value exits 2 with a message naming the flag, the value and
 the fix. ``--json`` prints machine-readable output instead.
 """
 
@@ -109,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     est.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                      help="where training will run (decides which attention kernel is assumed)")
+    commands.add_parser("env", help="library versions and device, each against the tested set (for bug reports)")
     flags = sorted({o for p in (check, est) for a in p._actions for o in a.option_strings if o.startswith("--")})
     for p in (parser, check, est):
         p.known_flags = flags  # "did you mean" across subcommands: argparse reports leftovers at the top
@@ -118,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "env":
+            from adaptkit.versions import report
+            print(report())
+            return EXIT_OK
         options = dict(_parse_option(o) for o in getattr(args, "option", []))
         quantization = None if args.quantization in ("none", "") else args.quantization
         if args.command == "check":

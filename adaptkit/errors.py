@@ -24,6 +24,7 @@ __all__ = [
     "NotAdaptedError",
     "UnsupportedError",
     "NotMergeableError",
+    "IncompatibleVersionError",
     "MissingDependencyError",
     "AdapterFormatError",
     "DataError",
@@ -91,6 +92,10 @@ class UnsupportedError(ConfigError):
 
 class NotMergeableError(UnsupportedError):
     """``merge`` on a strategy whose trained pieces cannot be folded into the base weights."""
+
+
+class IncompatibleVersionError(UnsupportedError):
+    """Works with the tested library versions, fails with the installed ones (the message names both)."""
 
 
 class MissingDependencyError(AdaptkitError, ImportError):

@@ -7,8 +7,8 @@ import inspect
 
 from torch import nn
 
-from adaptkit import targets
-from adaptkit.errors import ConfigError, UnsupportedError
+from adaptkit import targets, versions
+from adaptkit.errors import ConfigError, IncompatibleVersionError, UnsupportedError
 from adaptkit.strategies import register
 from adaptkit.strategies.base import PeftStrategy
 from adaptkit.strategies.lora import head_modules
@@ -16,6 +16,13 @@ from adaptkit.strategies.lora import head_modules
 
 def _takes_past(module: nn.Module) -> bool:
     return "past_key_values" in inspect.signature(module.forward).parameters
+
+
+def _takes_renamed_cache(module: nn.Module) -> bool:
+    # transformers 5.24 renamed forward(past_key_values=...) to forward(cache=...) on BERT, GPT-2, Llama, ...
+    # PEFT 0.21.2 still injects past_key_values, so the same architecture that worked now fails: a version
+    # break, not a missing feature of the architecture.
+    return "cache" in inspect.signature(module.forward).parameters
 
 
 def _checkpointing(model: nn.Module) -> bool:
@@ -55,6 +62,13 @@ class Prefix(PeftStrategy):
                 fix="use 'lora', 'bottleneck' or 'linear_probe' for image models")
         backbone = targets.base_module(model)
         if not (_takes_past(model) or (backbone is not None and _takes_past(backbone))):
+            if _takes_renamed_cache(model) or (backbone is not None and _takes_renamed_cache(backbone)):
+                raise IncompatibleVersionError(
+                    field="transformers", value=versions.installed("transformers"),
+                    problem=(f"{type(model).__name__}.forward takes 'cache' where transformers<5.24 took "
+                             "'past_key_values', which PEFT's prefix tuning injects; installed: "
+                             f"{versions.describe('transformers', 'peft')}"),
+                    fix="pip install 'transformers<5.24' (or -r requirements.lock), or use 'lora' or 'bottleneck'")
             raise UnsupportedError(
                 field="strategy", value=f"prefix on {type(model).__name__}",
                 problem="the model's forward takes no past_key_values, which prefix tuning injects",
