@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+import transformers
 from conftest import tiny_model
 
 import adaptkit
 from adaptkit import errors
 from adaptkit.features import CachedProbe
+from adaptkit.strategies.linear_probe import MaskedMeanPool
 
 
 def _batch(lengths=(3, 7), seed=0):
@@ -107,3 +111,48 @@ def test_check_reports_the_missing_pooler_from_the_config_alone():
     bad = adaptkit.check(tiny_model("roberta"), "linear_probe", options={"pooling": "mean"}, raise_on_error=False)
     assert not ok.problems
     assert [type(p) for p in bad.problems] == [errors.UnsupportedError] and "pooling='mean'" in str(bad.problems[0])
+
+
+def _sentence_transformers_folder(tmp_path, family="bert", mean=True):
+    """A checkpoint folder as sentence-transformers writes it: modules.json names a Pooling module."""
+    folder = tmp_path / family
+    tiny_model(family).save_pretrained(folder)
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"pooling_mode_cls_token": not mean, "pooling_mode_mean_tokens": mean}))
+    return folder
+
+
+@pytest.mark.parametrize("mean", [True, False])
+def test_auto_pooling_follows_the_checkpoints_sentence_transformers_config(tmp_path, mean):
+    folder = _sentence_transformers_folder(tmp_path, mean=mean)
+    model = adaptkit.adapt(transformers.AutoModelForSequenceClassification.from_pretrained(folder), "linear_probe")
+    assert adaptkit.strategy_of(model).pooling == ("mean" if mean else "head")
+    assert isinstance(model.bert.pooler, MaskedMeanPool) == mean
+    adaptkit.save(model, tmp_path / "probe")  # the resolved choice is recorded, never "auto"
+    saved = json.loads((tmp_path / "probe" / "adaptkit_config.json").read_text())
+    assert json.dumps(saved).count('"pooling": "' + ("mean" if mean else "head") + '"') == 1
+
+
+def test_auto_pooling_is_head_for_a_plain_transformers_checkpoint(tmp_path):
+    tiny_model("bert").save_pretrained(tmp_path / "plain")
+    model = adaptkit.adapt(transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "plain"),
+                           "linear_probe")
+    assert adaptkit.strategy_of(model).pooling == "head" and not isinstance(model.bert.pooler, MaskedMeanPool)
+
+
+def test_auto_pooling_refuses_a_mean_checkpoint_it_cannot_pool_by_mean(tmp_path):
+    folder = _sentence_transformers_folder(tmp_path, family="roberta")
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(folder)
+    with pytest.raises(errors.UnsupportedError, match=r"pools by the mean.*Fix: pass pooling='head'"):
+        adaptkit.adapt(model, "linear_probe")
+
+
+@pytest.mark.e2e
+def test_auto_pooling_is_mean_on_the_bundled_minilm(minilm_path):
+    model = adaptkit.adapt(transformers.AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2),
+                           "linear_probe")
+    assert adaptkit.strategy_of(model).pooling == "mean"

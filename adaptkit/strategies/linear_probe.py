@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -21,7 +24,11 @@ class LinearProbe(Strategy):
 
     ``pooling`` says which features the head reads:
 
-    * ``"head"`` (default): whatever the model's own head reads. On BERT-style models that is the
+    * ``"auto"`` (default): what the checkpoint was trained to produce. A sentence-transformers folder
+      says it (``modules.json`` -> its Pooling module's ``config.json``): ``pooling_mode_mean_tokens``
+      gives ``"mean"``; any other folder, or another pooling mode, gives ``"head"``. The choice is
+      recorded in the strategy (so ``save`` writes ``"head"`` or ``"mean"``, never ``"auto"``).
+    * ``"head"``: whatever the model's own head reads. On BERT-style models that is the
       pooler, a dense layer over the first token, trained by BERT's next-sentence objective.
     * ``"mean"``: the attention-masked mean of the last hidden states, the sentence embedding that
       sentence-transformers checkpoints (all-MiniLM-L6-v2 among them) are trained to produce. Their
@@ -37,11 +44,11 @@ class LinearProbe(Strategy):
     name = "linear_probe"
 
     heads: list[str] | None = None
-    pooling: Literal["head", "mean"] = "head"
+    pooling: Literal["auto", "head", "mean"] = "auto"
 
     @property
     def mergeable(self) -> bool:  # nothing to fold: merge() returns the plain model, unless the pooling changed
-        return self.pooling == "head"
+        return self.pooling != "mean"  # "auto" is resolved by apply, before a merge can be asked for
 
     def apply(self, model: nn.Module) -> nn.Module:
         heads = (targets.match_targets(model, self.heads, "LinearProbe.heads") if self.heads
@@ -51,6 +58,14 @@ class LinearProbe(Strategy):
                 field="LinearProbe.heads", value=None,
                 problem=f"{type(model).__name__} has no task head to train",
                 fix="load a task model (e.g. AutoModelForSequenceClassification) or name the head modules")
+        if self.pooling == "auto":
+            self.pooling, source = checkpoint_pooling(model)
+            if self.pooling == "mean" and not _has_pooler(model):
+                raise UnsupportedError(
+                    field="LinearProbe.pooling", value="auto",
+                    problem=f"the checkpoint ({source}) pools by the mean of its tokens, but "
+                            f"{type(model).__name__} has no pooler layer to replace with that mean",
+                    fix="pass pooling='head' to probe the model's own head features, or use 'lora'")
         if self.pooling == "mean":
             _pool_by_mean(model)
         model.requires_grad_(False)
@@ -63,7 +78,7 @@ class LinearProbe(Strategy):
         return model
 
     def merge(self, model: nn.Module) -> nn.Module:
-        if self.pooling != "head":
+        if self.pooling == "mean":
             raise NotMergeableError(
                 field="LinearProbe.pooling", value=self.pooling,
                 problem="a merged model must be a plain transformers model, and from_pretrained would put the "
@@ -109,10 +124,53 @@ class MaskedMeanPool(nn.Module):
         return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
 
 
-def _pool_by_mean(model: nn.Module) -> None:
+def checkpoint_pooling(model: nn.Module) -> tuple[str, str]:
+    """("mean" or "head", where that was read) from the sentence-transformers files beside the checkpoint.
+
+    Read from the folder the model was loaded from, or from the local hub cache for a hub id; nothing is
+    downloaded. A folder without ``modules.json`` is a plain transformers checkpoint: its head is "head".
+    """
+    source = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", "")
+    modules = _checkpoint_file(source, "modules.json")
+    if modules is None:
+        return "head", f"{source or 'the model'} has no sentence-transformers modules.json"
+    try:
+        entries = json.loads(Path(modules).read_text())
+        (pooling_dir,) = [e.get("path", "") for e in entries if str(e.get("type", "")).endswith(".Pooling")]
+        config_file = _checkpoint_file(source, f"{pooling_dir}/config.json" if pooling_dir else "config.json")
+        mean = bool(config_file and json.loads(Path(config_file).read_text()).get("pooling_mode_mean_tokens"))
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        raise UnsupportedError(
+            field="LinearProbe.pooling", value="auto",
+            problem=f"cannot read the pooling of {modules} ({type(exc).__name__}: {exc})",
+            fix="pass pooling='mean' or pooling='head'") from exc
+    return ("mean" if mean else "head"), str(modules)
+
+
+def _checkpoint_file(source: str, name: str) -> str | None:
+    if not source:
+        return None
+    folder = Path(os.path.expanduser(source))
+    if folder.is_dir():
+        path = folder / name
+        return str(path) if path.is_file() else None
+    try:  # a hub id: only what is already in the local cache
+        from huggingface_hub import try_to_load_from_cache
+        cached = try_to_load_from_cache(source, name)
+    except Exception:  # not a valid repo id: a path that does not exist (any more)
+        return None
+    return cached if isinstance(cached, str) else None
+
+
+def _has_pooler(model: nn.Module) -> bool:
     backbone = targets.base_module(model)
     pooler = getattr(backbone, "pooler", None) if backbone is not None else None
-    if not isinstance(pooler, nn.Module) or isinstance(pooler, MaskedMeanPool):
+    return isinstance(pooler, nn.Module) and not isinstance(pooler, MaskedMeanPool)
+
+
+def _pool_by_mean(model: nn.Module) -> None:
+    backbone = targets.base_module(model)
+    if not _has_pooler(model):
         raise UnsupportedError(
             field="LinearProbe.pooling", value="mean",
             problem=f"{type(model).__name__} has no pooler layer between its encoder and its head to replace "
