@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml $(LOCK)
 # the CPU wheel. Run `make test` on the result before committing it.
 lock: install
 	CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --upgrade --strip-extras \
-		--extra dev --extra bitsandbytes --extra tensorboard --extra plots \
+		--extra dev --extra recipes --extra bitsandbytes --extra tensorboard --extra plots \
 		--constraint requirements/torch-cpu.txt --no-emit-find-links --no-emit-index-url \
 		--output-file $(LOCK) pyproject.toml
 	rm -f $(STAMP)

@@ -21,14 +21,12 @@ import torch
 from torch import nn
 
 from adaptkit import targets, versions
+from adaptkit.distributed import CPU_LAUNCH
+from adaptkit.quantization import QUANTIZATIONS
 from adaptkit.errors import (AdaptkitError, ConfigError, ConfigErrors, ConfigTypeError, MissingDependencyError,
                              ProcessCountError, UnsupportedError)
 from adaptkit.skeleton import CLASSIFICATION_TASKS, Skeleton, describe, read_config, skeleton
 
-QUANTIZATIONS = (None, "8bit", "4bit")
-# the launch line that really starts N CPU processes (FACTS.md: `accelerate launch --cpu` silently runs one)
-CPU_LAUNCH = ("ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {n} --num_machines 1 "
-              "--mixed_precision no --dynamo_backend no <script> ...")
 
 
 @dataclasses.dataclass
@@ -222,7 +220,7 @@ def _check_quantization(quantization: Any, config, report: CheckReport) -> str |
         return None
     if quantization not in QUANTIZATIONS:
         add(ConfigError(field="quantization", value=quantization, problem="is not a quantization adaptkit knows",
-                        fix="choose 'none', '8bit' or '4bit'"))
+                        fix=f"choose 'none' or one of {list(QUANTIZATIONS)}"))
         return None
     if importlib.util.find_spec("bitsandbytes") is None:
         add(MissingDependencyError(field="quantization", value=quantization,
@@ -319,4 +317,4 @@ def _dry_run(sk: Skeleton, config, gradient_checkpointing: bool, report: CheckRe
             fix="name targets or heads that exist in this model"))
 
 
-__all__ = ["check", "CheckReport", "QUANTIZATIONS"]
+__all__ = ["check", "CheckReport"]

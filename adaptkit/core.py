@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaptkit import strategies
+from adaptkit import strategies, targets
 from adaptkit.errors import (AdapterFormatError, AlreadyAdaptedError, ConfigError, ConfigTypeError,
                              NotAdaptedError, UnsupportedError)
 from adaptkit.strategies.base import CONFIG_NAME, MARKER, PeftStrategy, Strategy, trained_tensors, write_config
@@ -150,18 +150,12 @@ class Summary:
                 f"in memory {self.footprint_bytes / 1e6:.1f} MB (fp32: {self.fp32_bytes / 1e6:.1f} MB)")
 
 
-def _numel(p: torch.Tensor) -> int:
-    # bitsandbytes 4-bit packs two weights per byte; its quant_state remembers the real shape
-    state = getattr(p, "quant_state", None)
-    return int(torch.Size(state.shape).numel()) if state is not None and hasattr(state, "shape") else p.numel()
-
-
 def summary(model: nn.Module) -> Summary:
     """Trainable / total parameters, % trainable, adapter size on disk, memory footprint."""
     strategy = strategy_of(model)
     params = {id(p): p for p in model.parameters()}.values()
-    total = sum(_numel(p) for p in params)
-    trainable = sum(_numel(p) for p in params if p.requires_grad)
+    total = sum(targets.numel(p) for p in params)
+    trainable = sum(targets.numel(p) for p in params if p.requires_grad)
     if strategy is not None and not strategy.freezes_base:
         adapter_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     else:
@@ -298,7 +292,6 @@ def _check_weights(directory: Path, base_model: nn.Module) -> None:
     """Safetensors only (never unpickle), and a saved task head must fit the base's (num_labels)."""
     from safetensors import safe_open
 
-    from adaptkit import targets
     from adaptkit.strategies.base import WEIGHTS_NAME
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():

@@ -28,8 +28,9 @@ from adaptkit.errors import ConfigError, ProcessCountError, UnsupportedError
 
 EXPECTED_ENV = "ADAPTKIT_PROCESSES"  # "I asked for N processes", for launchers that drop the count
 
-_CPU_LAUNCH = ("ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {n} --num_machines 1 "
-               "--mixed_precision no --dynamo_backend no script.py")
+# the launch line that really starts N CPU processes (`accelerate launch --cpu --num_processes 2` runs one)
+CPU_LAUNCH = ("ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {n} --num_machines 1 "
+              "--mixed_precision no --dynamo_backend no <script> ...")
 
 
 def _env_int(name: str) -> int | None:
@@ -124,7 +125,7 @@ def require_processes(accelerator: Any = None, expected: int | None = None) -> i
         raise ConfigError(field="expected processes", value=expected, problem="must be a positive integer",
                           fix="pass the --num_processes value given to the launcher, e.g. 2")
     world = launched_world_size()
-    cpu_hint = f"on CPU launch with `{_CPU_LAUNCH.format(n=expected or world or 2)}`"
+    cpu_hint = f"on CPU launch with `{CPU_LAUNCH.format(n=expected or world or 2)}`"
     if world is not None and world != running:
         raise ProcessCountError(
             field="WORLD_SIZE", value=world,

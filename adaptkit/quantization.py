@@ -33,19 +33,11 @@ import torch
 from torch import nn
 
 from adaptkit import distributed, targets
+from adaptkit.skeleton import TASKS
 from adaptkit.errors import (ConfigError, ConfigTypeError, MissingDependencyError, UnknownOptionError,
                              UnsupportedError)
 
 QUANTIZATIONS = ("8bit", "4bit")
-TASKS = {
-    "seq_cls": "AutoModelForSequenceClassification",
-    "token_cls": "AutoModelForTokenClassification",
-    "question_answering": "AutoModelForQuestionAnswering",
-    "causal_lm": "AutoModelForCausalLM",
-    "seq2seq": "AutoModelForSeq2SeqLM",
-    "image_cls": "AutoModelForImageClassification",
-    "base": "AutoModel",
-}
 # QLoRA's defaults; anything here can be overridden through ``quantization_options``
 _DEFAULTS = {"4bit": {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}, "8bit": {}}
 
@@ -251,9 +243,8 @@ def quantization_report(model: nn.Module) -> dict[str, Any]:
     ``state_bytes`` are kept as attributes, not parameters or buffers, so ``adaptkit.summary``'s
     footprint does not see them; ``bytes_per_weight`` counts them (the honest figure).
     """
-    from adaptkit.core import _numel
     layers = quantized_linears(model)
-    weights = sum(_numel(m.weight) for m in layers.values())
+    weights = sum(targets.numel(m.weight) for m in layers.values())
     weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in layers.values())
     state_bytes = sum(t.numel() * t.element_size() for m in layers.values() for t in _state_tensors(m.weight))
     return {"quantized_linears": len(layers), "weights": weights, "weight_bytes": weight_bytes,

@@ -11,9 +11,11 @@ from __future__ import annotations
 import difflib
 import re
 
+import torch
 from torch import nn
 
 from adaptkit.errors import TargetNotFoundError
+from adaptkit.skeleton import task_of_class
 
 # transformers' GPT-2 style Conv1D is a linear layer with a transposed weight.
 try:
@@ -147,22 +149,18 @@ def match_targets(model: nn.Module, names: list[str], field: str, candidates: li
     return list(names)
 
 
-_TASK_SUFFIXES = [
-    ("ForSequenceClassification", "SEQ_CLS"),
-    ("ForTokenClassification", "TOKEN_CLS"),
-    ("ForQuestionAnswering", "QUESTION_ANS"),
-    ("ForCausalLM", "CAUSAL_LM"),
-    ("LMHeadModel", "CAUSAL_LM"),
-]
+def numel(p: torch.Tensor) -> int:
+    """How many weights a parameter holds; bitsandbytes 4-bit packs two per byte, and its quant_state
+    remembers the real shape."""
+    state = getattr(p, "quant_state", None)
+    return int(torch.Size(state.shape).numel()) if state is not None and hasattr(state, "shape") else p.numel()
+
+
+# adaptkit's task names (adaptkit.skeleton.TASKS) -> PEFT's TaskType
+_PEFT_TASK_TYPES = {"seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS", "qa": "QUESTION_ANS", "causal_lm": "CAUSAL_LM",
+                    "seq2seq": "SEQ_2_SEQ_LM"}
 
 
 def peft_task_type(model: nn.Module) -> str | None:
     """PEFT's TaskType for a transformers model, from its class and config (None: plain backbone)."""
-    cls = type(model).__name__
-    for suffix, task in _TASK_SUFFIXES:
-        if cls.endswith(suffix):
-            return task
-    config = getattr(model, "config", None)
-    if cls.endswith("ForConditionalGeneration") and getattr(config, "is_encoder_decoder", False):
-        return "SEQ_2_SEQ_LM"
-    return None
+    return _PEFT_TASK_TYPES.get(task_of_class(type(model).__name__, getattr(model, "config", None)))

@@ -31,7 +31,7 @@ VARIANTS = {
     "bottleneck_pfeiffer": ("bottleneck", {"variant": "pfeiffer"}, [3e-4, 1e-3, 3e-3, 1e-2, 3e-2], {}),
     "bottleneck_houlsby": ("bottleneck", {"variant": "houlsby"}, [3e-4, 1e-3, 3e-3, 1e-2, 3e-2], {}),
     "prefix": ("prefix", {}, [3e-3, 1e-2, 3e-2, 1e-1, 3e-1], {}),
-    # the frozen encoder runs once per example (adaptkit.features); eval-mode features: README
+    # the frozen encoder runs once per example (adaptkit.recipes.features); eval-mode features: README
     "linear_probe": ("linear_probe", {}, [3e-3, 1e-2, 3e-2, 1e-1, 3e-1], {"feature_cache": "eval"}),
     # the same probe on mean-pooled features, which sentence-transformers checkpoints such as MiniLM are
     # trained to produce (the default reads BERT's first-token pooler, which MiniLM never trained)

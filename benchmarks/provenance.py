@@ -85,7 +85,7 @@ def peak_rss_now() -> int | None:
 
     Not ``getrusage().ru_maxrss``: Linux carries a parent's peak into a child across fork + exec, so a
     child started by a 1.5 GB process reports at least 1.5 GB there whatever it used itself.
-    The same read as ``adaptkit.runs.peak_rss_bytes``, kept here on purpose: importing adaptkit loads
+    The same read as ``adaptkit.recipes.runs.peak_rss_bytes``, kept here on purpose: importing adaptkit loads
     torch, and this module must stay torch-free so the runner's own (inherited) peak stays small.
     """
     try:

@@ -38,7 +38,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import adaptkit  # noqa: E402
-from adaptkit import batching, data, runs, training  # noqa: E402
+from adaptkit.recipes import batching, data, runs, training  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # variant -> (strategy, options), as in the strategy grid (benchmarks/make_experiments.py)
@@ -336,7 +336,7 @@ def inference(args) -> dict:
 def probe(args) -> dict:
     """Time per epoch over SST-2 train (6,920 sentences). Cached features are the eval-mode (dropout off)
     features of the frozen encoder; the end-to-end probe runs it in train mode, as the recipe does."""
-    from adaptkit.features import CachedProbe
+    from adaptkit.recipes.features import CachedProbe
     load_start = load_average()
     examples, loader = sst2(seed=0)
     if args.quick:

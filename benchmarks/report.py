@@ -73,7 +73,7 @@ def retention(scores: dict, variant: str, task: str) -> float | None:
 def majority_baselines(data_root: Path | None, tasks) -> dict[str, float]:
     """Each classification task's primary metric on dev when every example gets train's majority label,
     read and scored by the same adaptkit code the recipe runs used."""
-    from adaptkit import data, metrics
+    from adaptkit.recipes import data, metrics
     out = {}
     for task in tasks:
         files = [data_root / task / f"{split}.tsv" for split in ("train", "dev")] if data_root else []

@@ -30,7 +30,7 @@ import torch
 from transformers import AutoTokenizer
 
 import adaptkit
-from adaptkit import batching, metrics, runs, training
+from adaptkit.recipes import batching, metrics, runs, training
 from adaptkit.errors import ConfigError, DataError
 
 SPLITS = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}

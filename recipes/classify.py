@@ -29,7 +29,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 import adaptkit
-from adaptkit import batching, data, metrics, runs, training
+from adaptkit.recipes import batching, data, metrics, runs, training
 from adaptkit.errors import ConfigError, MissingDependencyError
 
 GLUE_TASKS = ("sst2", "cola", "mrpc", "rte", "stsb")  # their own metrics (MCC for CoLA, F1 for MRPC, ...)
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", help="model folder or hub id (default: the bundled all-MiniLM-L6-v2)")
     parser.add_argument("--feature-cache", choices=["auto", "eval", "off"], default="auto",
                         help="linear_probe only: run the frozen model once per example and train the head on the "
-                             "cached features (adaptkit.features). auto: when train-mode features equal eval-mode "
+                             "cached features (adaptkit.recipes.features). auto: when train-mode features equal eval-mode "
                              "ones (no dropout in the encoder), else end to end, saying why; eval: eval-mode "
                              "features (encoder dropout off); off: end to end")
     training.add_run_args(parser, epochs=3, batch_size=32)
@@ -116,10 +116,10 @@ def load_model(args: argparse.Namespace, table: data.Table, tokenizer):
 
 
 def cached_probe(args: argparse.Namespace, model, train_loader, val_loader):
-    """A linear probe trains on features the frozen model computes once per example (adaptkit.features);
+    """A linear probe trains on features the frozen model computes once per example (adaptkit.recipes.features);
     with --feature-cache auto, a model the cache cannot replay exactly trains end to end and the reason is kept."""
     from adaptkit.errors import UnsupportedError
-    from adaptkit.features import CachedProbe
+    from adaptkit.recipes.features import CachedProbe
     try:
         probe = CachedProbe(model, encoder_mode="match" if args.feature_cache == "auto" else "eval")
         train = probe.loader(train_loader, shuffle=True, seed=args.seed)

@@ -23,7 +23,7 @@ import torch
 from transformers import AutoImageProcessor
 
 import adaptkit
-from adaptkit import metrics, runs, training
+from adaptkit.recipes import metrics, runs, training
 from adaptkit.errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}

@@ -1,4 +1,4 @@
-"""adaptkit.data: reading files into checked tables, splits, tokenizing and batching.
+"""adaptkit.recipes.data: reading files into checked tables, splits, tokenizing and batching.
 
 Small files written per test cover every error; the real GLUE copies under $ADAPTKIT_DATA check the
 counts published in its README.
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from adaptkit.batching import LengthGroupedBatchSampler, make_collator, make_dataloader, tokenize
-from adaptkit.data import load_splits, read_table
+from adaptkit.recipes.batching import LengthGroupedBatchSampler, make_collator, make_dataloader, tokenize
+from adaptkit.recipes.data import load_splits, read_table
 from adaptkit.errors import ConfigError, ConfigTypeError, DataError
 
 

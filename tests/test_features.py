@@ -9,7 +9,7 @@ from conftest import tiny_model
 
 import adaptkit
 from adaptkit import errors
-from adaptkit.features import CachedProbe
+from adaptkit.recipes.features import CachedProbe
 
 
 def _examples(n: int = 12, seed: int = 0, regression: bool = False) -> list[dict]:

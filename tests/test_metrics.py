@@ -1,4 +1,4 @@
-"""adaptkit.metrics against scikit-learn / scipy computed directly, offline and with no cache folder."""
+"""adaptkit.recipes.metrics against scikit-learn / scipy computed directly, offline and with no cache folder."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from adaptkit.errors import ConfigError, DataError
-from adaptkit.metrics import (TASKS, F1, Accuracy, MatthewsCorrelation, PearsonSpearman, Perplexity,
+from adaptkit.recipes.metrics import (TASKS, F1, Accuracy, MatthewsCorrelation, PearsonSpearman, Perplexity,
                               metric_for_task, primary_metric)
 
 
@@ -152,7 +152,7 @@ def test_fresh_read_only_home_offline_writes_nothing(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     home.chmod(0o555)
-    code = ("from adaptkit.metrics import metric_for_task as m\n"
+    code = ("from adaptkit.recipes.metrics import metric_for_task as m\n"
             "c = m('mrpc'); c.add_batch(predictions=[1, 0], references=[1, 1])\n"
             "print(c.compute()['accuracy'])\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "XDG_"))}

@@ -11,7 +11,7 @@ from conftest import tiny_model
 
 import adaptkit
 from adaptkit import errors
-from adaptkit.features import CachedProbe
+from adaptkit.recipes.features import CachedProbe
 from adaptkit.strategies.linear_probe import MaskedMeanPool
 
 

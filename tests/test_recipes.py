@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 import adaptkit
-from adaptkit import batching, data, runs, training
+from adaptkit.recipes import batching, data, runs, training
 from adaptkit.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,8 +11,8 @@ import math
 import numpy as np
 import torch
 
-from .data import Table
-from .errors import ConfigError
+from adaptkit.recipes.data import Table
+from adaptkit.errors import ConfigError
 
 
 def tokenize(table: Table, tokenizer, max_length: int = 128) -> list[dict]:

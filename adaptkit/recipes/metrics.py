@@ -49,7 +49,7 @@ import numpy as np
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from .errors import ConfigError, DataError
+from adaptkit.errors import ConfigError, DataError
 
 __all__ = ["Accuracy", "F1", "MatthewsCorrelation", "PearsonSpearman", "Perplexity", "TASKS",
            "metric_for_task", "primary_metric"]

@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from adaptkit.errors import ConfigError
-from adaptkit.training import (ADAPTER_DIR, CHECKPOINTS, LOG_FILE, METRICS_FILE, RUN_STATE, TENSORBOARD_DIR,
+from adaptkit.recipes.training import (ADAPTER_DIR, CHECKPOINTS, LOG_FILE, METRICS_FILE, RUN_STATE, TENSORBOARD_DIR,
                                learning_rate)
 
 

@@ -42,7 +42,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from .errors import ConfigError, ConfigTypeError, DataError
+from adaptkit.errors import ConfigError, ConfigTypeError, DataError
 
 __all__ = ["Table", "Splits", "read_table", "load_splits", "TEXT_COLUMN_CANDIDATES", "EXTENSIONS"]
 

@@ -172,7 +172,7 @@ def evaluate_classifier(model, loader, accelerator, task: str, num_labels: int) 
     Predictions are gathered across processes first (``gather_for_metrics`` drops the samples
     Accelerate repeats to even out the last batch).
     """
-    from adaptkit import metrics
+    from adaptkit.recipes import metrics
     model.eval()
     metric = metrics.metric_for_task(task, num_labels=max(2, num_labels))
     for batch in loader:
