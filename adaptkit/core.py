@@ -9,21 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from adaptkit import strategies, targets
+from adaptkit import folders, strategies, targets
 from adaptkit.errors import (AdapterFormatError, AlreadyAdaptedError, ConfigError, ConfigTypeError,
                              NotAdaptedError, UnsupportedError)
-from adaptkit.strategies.base import CONFIG_NAME, MARKER, PeftStrategy, Strategy, trained_tensors, write_config
+from adaptkit.strategies.base import (CONFIG_NAME, MARKER, OWNED, WEIGHTS_NAME, PeftStrategy, Strategy, owned_tensors,
+                                      write_config)
 
 FORMAT = "adaptkit-adapter/1"
-_FILE_KEYS = {"format", "adaptkit_version", "base_model", "strategy"}
+_FILE_KEYS = {"format", "adaptkit_version", "base_model", "strategy", "adapters", "files"}
 
 
 # ---- resolving what the user asked for -------------------------------------------------------------
@@ -125,6 +126,8 @@ def adapt(model: nn.Module, strategy: Any = "lora", **options: Any) -> nn.Module
         from adaptkit.quantization import prepare_kbit
         prepare_kbit(model)
     adapted = config.apply(model)
+    if not isinstance(config, PeftStrategy):
+        adapted.__dict__[OWNED] = [n for n, p in adapted.named_parameters() if p.requires_grad]
     return _mark(adapted, config, model)
 
 
@@ -159,7 +162,7 @@ def summary(model: nn.Module) -> Summary:
     if strategy is not None and not strategy.freezes_base:
         adapter_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     else:
-        adapter_bytes = sum(t.numel() * t.element_size() for t in trained_tensors(model).values())
+        adapter_bytes = sum(t.numel() * t.element_size() for t in owned_tensors(model).values())
     footprint = sum(p.numel() * p.element_size() for p in params)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     if is_quantized(model):  # bitsandbytes keeps scales/statistics as attributes, not parameters/buffers
@@ -172,60 +175,53 @@ def summary(model: nn.Module) -> Summary:
 def save(model: nn.Module, directory: str | Path) -> Path:
     """Write only what the strategy trained (+ the task head) as safetensors, atomically.
 
-    The folder is built under a temporary name beside the target and renamed into place, so a crash
-    never leaves a half-written adapter; an existing adaptkit folder there is replaced.
+    The files are built in a temporary folder beside the target and swapped into place in one step,
+    so a crash never leaves a half-written adapter. In an existing adaptkit folder only the files the
+    previous save wrote (listed in its ``adaptkit_config.json``) are replaced; the user's own files
+    there stay. ``~`` is expanded and a symlinked folder keeps its link.
     """
     strategy = strategy_of(model)
     if strategy is None:
         raise NotAdaptedError(field="model", value=type(model).__name__, problem="was not adapted by adaptkit",
                               fix="call adaptkit.adapt(model, strategy) first (or save a plain model with save_pretrained)")
-    directory = Path(directory)
-    if directory.exists() and not (directory.is_dir() and (not any(directory.iterdir())
-                                                           or (directory / CONFIG_NAME).is_file())):
+    target = folders.resolve_target(directory)
+    if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or (target / CONFIG_NAME).is_file())):
         raise ConfigError(field="directory", value=str(directory),
                           problem="exists and is not an adaptkit folder; refusing to overwrite it",
                           fix="choose a new or empty folder")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    tmp = folders.make_temp(target)
     try:
         strategy.save(model, tmp)
         base = _unwrap(model)
-        write_config({"format": FORMAT, "adaptkit_version": _version(),
-                      "base_model": getattr(getattr(base, "config", None), "name_or_path", None) or None,
-                      "strategy": strategy.to_dict()}, tmp / CONFIG_NAME)
-        replace_dir(tmp, directory)
+        config = {"format": FORMAT, "adaptkit_version": _version(),
+                  "base_model": getattr(getattr(base, "config", None), "name_or_path", None) or None,
+                  "strategy": strategy.to_dict()}
+        if len(getattr(model, "peft_config", None) or {}) > 1:  # named adapters: PEFT writes each in <name>/
+            config["adapters"] = {"names": sorted(model.peft_config), "active": model.active_adapter}
+        config["files"] = sorted({*folders.files_under(tmp), CONFIG_NAME})  # the manifest: what this save owns
+        write_config(config, tmp / CONFIG_NAME)
+        folders.replace_owned(tmp, target, _owned_files(target))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return directory
+    return Path(os.path.expanduser(os.fspath(directory)))
 
 
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished folder ``src`` to ``dst``. An old ``dst`` is swapped out in one atomic step where
-    the OS can (Linux renameat2 RENAME_EXCHANGE), so ``dst`` is never missing, even if the process dies
-    here; elsewhere it is moved aside first, then deleted."""
-    if dst.exists() and _exchange(src, dst):
-        shutil.rmtree(src, ignore_errors=True)  # ``src`` now holds the old folder
-        return
-    old = None
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-        dst.rename(old / "previous")
-    src.rename(dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically (Linux >= 3.15); False where the call or the filesystem cannot."""
-    import ctypes
-    import os
-    import sys
-    if not sys.platform.startswith("linux"):
-        return False
-    rename = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    at_fdcwd, rename_exchange = -100, 2
-    return rename is not None and rename(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+def _owned_files(folder: Path) -> set[str]:
+    """The files an earlier adaptkit.save wrote into ``folder`` (its manifest); for folders saved before
+    manifests existed, the names adaptkit and PEFT write."""
+    try:
+        files = json.loads((folder / CONFIG_NAME).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        files = None
+    if isinstance(files, list) and all(isinstance(f, str) for f in files):
+        return set(files)
+    owned = {CONFIG_NAME, WEIGHTS_NAME}
+    if (folder / "adapter_config.json").is_file():
+        owned |= {"adapter_config.json", "README.md"}
+        owned |= {f"{p.parent.name}/{n}" for p in folder.glob("*/adapter_config.json")
+                  for n in ("adapter_config.json", WEIGHTS_NAME)}
+    return owned
 
 
 def read_config(directory: Path) -> Strategy:
@@ -252,66 +248,179 @@ def load(directory: str | Path, base_model: nn.Module, trainable: bool = False) 
 
     ``base_model`` must be a freshly loaded copy of the model that was adapted. With
     ``trainable=True`` the loaded adapter keeps training (PEFT loads adapters frozen by default).
+    Every saved tensor must land in the model and every adapter tensor must come from the file;
+    named adapters come back with the one that was active.
     """
-    directory = Path(directory)
+    directory = Path(os.path.expanduser(os.fspath(directory)))
     if not directory.is_dir():
         raise AdapterFormatError(field="directory", value=str(directory), problem="is not a folder",
                                  fix="pass the folder written by adaptkit.save")
     _refuse_if_adapted(base_model)
+    adapters = {"names": ["default"], "active": "default"}
     if (directory / CONFIG_NAME).is_file():
         strategy = read_config(directory)
+        adapters = _read_adapters(directory)
+        if isinstance(strategy, PeftStrategy):
+            read_peft_config(directory)
     elif (directory / "adapter_config.json").is_file():  # a plain PEFT folder
-        from peft import PeftConfig
-
         from adaptkit.strategies.peft_method import PeftMethod
-        strategy = PeftMethod.from_peft_config(PeftConfig.from_pretrained(str(directory)))
+        strategy = PeftMethod.from_peft_config(read_peft_config(directory))
     else:
         raise AdapterFormatError(field="directory", value=str(directory),
                                  problem=f"holds neither {CONFIG_NAME} nor adapter_config.json",
                                  fix="pass the folder written by adaptkit.save")
-    _check_weights(directory, base_model)
+    folder_of = {name: directory if name == "default" else directory / name for name in adapters["names"]}
+    for name, folder in folder_of.items():
+        if name != "default":
+            read_peft_config(folder)
+        _check_weights(folder, base_model)
+        if isinstance(strategy, PeftStrategy):
+            _check_prompt_shape(folder, base_model)
+    names_before: list[str] = []
     try:
         if isinstance(strategy, PeftStrategy):
             model = strategy.load(directory, base_model, trainable=trainable)
+            for name, folder in folder_of.items():
+                if name != "default":
+                    model.load_adapter(str(folder), adapter_name=name, is_trainable=trainable)
+            model.set_adapter(adapters["active"], inference_mode=not trainable)
+            for name, folder in folder_of.items():
+                _check_peft_keys(model, name, folder)
+            if not trainable:  # PEFT leaves a loaded prefix's prompt encoder trainable
+                model.requires_grad_(False)
         else:
             model = strategy.load(directory, base_model)
+            names_before = [n for n, p in model.named_parameters() if p.requires_grad]  # what save must write back, frozen or not
             if not trainable:
                 model.requires_grad_(False)
-    except RuntimeError as exc:  # torch's load_state_dict shape error, typed
-        if "size mismatch" not in str(exc):
-            raise
-        first = next(line.strip() for line in str(exc).splitlines() if "size mismatch" in line)
-        raise AdapterFormatError(field=str(directory), value=type(base_model).__name__,
-                                 problem=f"the saved tensors do not fit this base model ({first})",
-                                 fix="load onto the same base model that was adapted (same checkpoint, num_labels)"
-                                 ) from None
+    except (RuntimeError, KeyError) as exc:  # torch's size mismatch, PEFT's KeyError on another architecture
+        text = str(exc)
+        first = next((line.strip() for line in text.splitlines() if "size mismatch" in line), text[:300])
+        raise AdapterFormatError(field=str(directory), value=type(_unwrap(base_model)).__name__,
+                                 problem=f"the saved tensors do not fit this base model ({type(exc).__name__}: {first})",
+                                 fix="load onto the same base model that was adapted (same architecture, sizes and "
+                                     "num_labels)") from None
+    if names_before:
+        model.__dict__[OWNED] = names_before
     return _mark(model, strategy, base_model)
 
 
-def _check_weights(directory: Path, base_model: nn.Module) -> None:
-    """Safetensors only (never unpickle), and a saved task head must fit the base's (num_labels)."""
-    from safetensors import safe_open
+def read_peft_config(folder: Path):
+    """``adapter_config.json`` as a peft.PeftConfig; a file that is not JSON, names an unknown PEFT
+    method or holds fields PEFT refuses is a typed error naming the file."""
+    from peft import PeftConfig, PeftType
+    path = folder / "adapter_config.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise AdapterFormatError(field=str(path), value=type(exc).__name__, problem=f"cannot be read: {exc}",
+                                 fix="restore the folder from a good copy, or save the adapter again") from None
+    known = sorted(t.value for t in PeftType)
+    if not isinstance(data, dict) or data.get("peft_type") not in known:
+        value = data.get("peft_type") if isinstance(data, dict) else type(data).__name__
+        raise AdapterFormatError(field=f"{path}:peft_type", value=value, problem="is not a PEFT method",
+                                 fix=f"the file must name one of {known}; restore it or save the adapter again")
+    from adaptkit.strategies.peft_method import PeftMethod
+    try:
+        config = PeftConfig.from_pretrained(str(folder))
+        PeftMethod.from_peft_config(config)  # field types: PEFT keeps r="8" and fails deep inside a layer
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise AdapterFormatError(field=str(path), value=data.get("peft_type"),
+                                 problem=f"refused by PEFT: {type(exc).__name__}: {exc}",
+                                 fix="restore the file from a good copy, or save the adapter again") from None
+    return config
 
-    from adaptkit.strategies.base import WEIGHTS_NAME
+
+def _read_adapters(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_NAME
+    spec = json.loads(path.read_text()).get("adapters") or {"names": ["default"], "active": "default"}
+    names, active = spec.get("names") if isinstance(spec, dict) else None, spec.get("active") if isinstance(spec, dict) else None
+    if (not isinstance(names, list) or "default" not in names or active not in names
+            or not all(isinstance(n, str) and n and "/" not in n and not n.startswith(".") for n in names)):
+        raise AdapterFormatError(field=f"{path}:adapters", value=spec,
+                                 problem="must list the adapter names (including 'default') and the active one",
+                                 fix="save the adapter again with adaptkit.save")
+    return {"names": names, "active": active}
+
+
+def _check_prompt_shape(folder: Path, base_model: nn.Module) -> None:
+    """PEFT builds a prefix from the sizes in adapter_config.json, not the model's: a prefix trained on
+    another width or depth loads, then fails at the first forward. Compare them up front."""
+    from peft.utils.other import _prepare_prompt_learning_config
+    config = read_peft_config(folder)
+    if not config.is_prompt_learning:
+        return
+    model_config = getattr(_unwrap(base_model), "config", None)
+    if model_config is None:
+        return
+    fresh = type(config)(num_virtual_tokens=config.num_virtual_tokens, task_type=config.task_type)
+    try:
+        fresh = _prepare_prompt_learning_config(fresh, model_config)
+    except ValueError:
+        return
+    for field in ("token_dim", "num_layers", "num_attention_heads"):
+        saved, here = getattr(config, field, None), getattr(fresh, field, None)
+        if saved is not None and here is not None and saved != here:
+            raise AdapterFormatError(
+                field=f"{folder / 'adapter_config.json'}:{field}", value=saved,
+                problem=f"the prefix was trained on a model with {field}={saved}; this base model has {here}",
+                fix="load it onto the base model it was trained on (same width and depth)")
+
+
+def _check_peft_keys(model: nn.Module, name: str, folder: Path) -> None:
+    """Every tensor in the file must have been loaded into an adapter module, and every adapter module
+    must have come from the file (PEFT only warns about either)."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+    with safe_open(str(folder / WEIGHTS_NAME), "pt") as f:
+        saved = set(f.keys())
+    expected = set(get_peft_model_state_dict(model, adapter_name=name))
+    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+    if missing or unexpected:
+        raise AdapterFormatError(
+            field=str(folder / WEIGHTS_NAME), value={"missing": missing[:3], "unexpected": unexpected[:3]},
+            problem=f"the weights do not match the model's adapter modules ({len(missing)} missing, "
+                    f"{len(unexpected)} unexpected): adapter_config.json and the weights disagree, or this is "
+                    "another base model",
+            fix="load onto the base model (task class and architecture) the adapter was trained on, with the "
+                "adapter_config.json saved beside the weights")
+
+
+def _check_weights(directory: Path, base_model: nn.Module) -> None:
+    """Safetensors only (never unpickle), readable, and a saved task head must fit the base's."""
+    from safetensors import SafetensorError, safe_open
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         pickled = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
         raise AdapterFormatError(field="directory", value=str(directory), problem=f"has no {WEIGHTS_NAME}" + (
             f"; it holds pickle files {pickled}, which adaptkit never loads (unpickling can run code)" if pickled
             else ""), fix="save adapters as safetensors (adaptkit.save does; PEFT: safe_serialization=True)")
-    with safe_open(str(weights), "pt") as f:
-        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    try:
+        with safe_open(str(weights), "pt") as f:
+            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterFormatError(field=str(weights), value=f"{weights.stat().st_size} bytes",
+                                 problem=f"is not a readable safetensors file (truncated or corrupt?): {exc}",
+                                 fix="restore the folder from a good copy, or save the adapter again") from None
     base = _unwrap(base_model)
     for head in targets.new_head_names(base):
         for name, p in getattr(base, head).named_parameters():
             key = f"{head}.{name}"
             match = next((k for k in saved if k == key or k.endswith("." + key)), None)
-            if match is not None and saved[match] != tuple(p.shape):
+            if match is None or saved[match] == tuple(p.shape):
+                continue
+            got, want = saved[match], tuple(p.shape)
+            if len(got) == len(want) and got[1:] == want[1:]:  # only the output rows differ: the label count
                 raise AdapterFormatError(
-                    field=f"{weights.name}:{match}", value=saved[match],
-                    problem=f"the saved task head does not fit this base model's {key} {tuple(p.shape)} "
-                            "(trained with another num_labels?)",
-                    fix="load the base model with the num_labels the adapter was trained with")
+                    field=f"{weights.name}:{match}", value=got,
+                    problem=f"the saved task head has {got[0]} outputs; this base model's {key} has {want[0]} "
+                            "(trained with another num_labels)",
+                    fix=f"load the base model with num_labels={got[0]}, the count the adapter was trained with")
+            raise AdapterFormatError(
+                field=f"{weights.name}:{match}", value=got,
+                problem=f"the saved task head does not fit this base model's {key} {want}: the adapter was "
+                        "trained on a model of another hidden size",
+                fix="load it onto the base checkpoint it was trained on (same hidden size)")
 
 
 def merge(model: nn.Module) -> nn.Module:

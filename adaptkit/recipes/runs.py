@@ -310,7 +310,7 @@ class Run:
 
     def checkpoint(self) -> Path:
         """Save everything needed to continue exactly from here; atomic (temporary folder, then rename)."""
-        from adaptkit.core import replace_dir
+        from adaptkit.folders import replace_dir
         running = self._pause()
         folder = self.output_dir / CHECKPOINTS
         final, tmp = folder / f"step-{self.step:07d}", folder / f".tmp-step-{self.step:07d}"

@@ -29,6 +29,9 @@ from adaptkit.errors import AdapterFormatError, ConfigError, ConfigTypeError, No
 CONFIG_NAME = "adaptkit_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"  # same name PEFT uses, so a folder looks familiar
 MARKER = "_adaptkit_strategy"  # attribute set on every model adapt() returns
+# names of the tensors a native strategy trains, recorded when it is applied or loaded: a model loaded
+# frozen (or frozen by the user) still saves them, instead of writing an empty adapter
+OWNED = "_adaptkit_owned"
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -129,7 +132,7 @@ class Strategy:
 
     def save(self, model: nn.Module, directory: Path) -> None:
         """Write what this strategy trained into ``directory`` (an empty temporary folder)."""
-        save_tensors(trained_tensors(model), directory / WEIGHTS_NAME)
+        save_tensors(owned_tensors(model), directory / WEIGHTS_NAME)
 
     def load(self, directory: Path, base_model: nn.Module) -> nn.Module:
         """Apply this config to ``base_model`` and load the saved tensors into it."""
@@ -153,6 +156,17 @@ def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             seen.add(id(p))
             out[name] = p.detach().cpu().contiguous()
     return out
+
+
+def owned_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What ``save`` writes for a native strategy: the tensors it trains when applied (recorded then,
+    so freezing them later does not drop them) plus anything the user made trainable since."""
+    out = trained_tensors(model)
+    recorded = model.__dict__.get(OWNED, ())
+    if recorded:
+        params = dict(model.named_parameters())
+        out = {name: params[name].detach().cpu().contiguous() for name in recorded if name in params} | out
+    return dict(sorted(out.items()))
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -209,8 +223,16 @@ class PeftStrategy(Strategy):
         model.save_pretrained(str(directory), safe_serialization=True)
 
     def load(self, directory: Path, base_model: nn.Module, trainable: bool = False) -> nn.Module:
-        from peft import PeftModel
-        return PeftModel.from_pretrained(base_model, str(directory), is_trainable=trainable)
+        from peft import PeftConfig, PeftModel
+        if not (trainable and PeftConfig.from_pretrained(str(directory)).is_prompt_learning):
+            return PeftModel.from_pretrained(base_model, str(directory), is_trainable=trainable)
+        # PEFT refuses is_trainable for prompt learning; a loaded prefix must keep training all the same
+        # (resuming, or tuning further), so load it frozen and unfreeze what adapt would train
+        model = PeftModel.from_pretrained(base_model, str(directory))
+        model.peft_config[model.active_adapter].inference_mode = False
+        model.prompt_encoder[model.active_adapter].requires_grad_(True)
+        model.set_adapter(model.active_adapter, inference_mode=False)
+        return model
 
     def merge(self, model: nn.Module) -> nn.Module:
         from peft import PromptLearningConfig

@@ -1,0 +1,179 @@
+"""adaptkit.save loses nothing: the user's files in the folder stay, load -> save gives back the same
+adapter for every strategy, named adapters come back with the active one, and the paths users type
+(``~``, ``.``, a symlink) mean what they mean in a shell."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_inputs, tiny_model
+from safetensors.torch import load_file
+
+import adaptkit
+from adaptkit import errors
+
+STRATEGIES = [("lora", {}), ("prefix", {}), ("bottleneck", {}), ("bottleneck", {"variant": "houlsby"}), ("full", {}),
+              ("ia3", {}), ("linear_probe", {}), ("linear_probe", {"pooling": "mean"})]
+
+
+def _logits(model):
+    model.eval()
+    with torch.no_grad():
+        return model(**tiny_inputs("bert")).logits
+
+
+def _trained(strategy="bottleneck", seed=0, **options):
+    model = adaptkit.adapt(tiny_model("bert"), strategy, **options)
+    torch.manual_seed(seed)
+    with torch.no_grad():  # move every trained tensor, so a dropped or stale one shows
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _user_files(folder: Path) -> dict[str, str]:
+    files = {"tokenizer.json": '{"mine": 1}', "notes.txt": "keep me", "sub/eval.csv": "a,b\n1,2\n"}
+    for rel, text in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(text)
+    return files
+
+
+def test_resaving_keeps_the_users_files(tmp_path):
+    adaptkit.save(_trained(), tmp_path / "a")
+    files = _user_files(tmp_path / "a")
+    (tmp_path / "a" / "empty").mkdir()
+    adaptkit.save(_trained("lora", seed=1), tmp_path / "a")  # another strategy: different files
+    for rel, text in files.items():
+        assert (tmp_path / "a" / rel).read_text() == text
+    assert (tmp_path / "a" / "empty").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temporary folder left
+    manifest = json.loads((tmp_path / "a" / "adaptkit_config.json").read_text())["files"]
+    assert "notes.txt" not in manifest and "adapter_model.safetensors" in manifest
+
+
+def test_a_file_from_the_previous_save_that_the_new_one_does_not_write_goes(tmp_path):
+    adaptkit.save(_trained("lora"), tmp_path / "a")          # writes adapter_config.json + README.md
+    adaptkit.save(_trained("bottleneck"), tmp_path / "a")    # does not
+    assert not (tmp_path / "a" / "adapter_config.json").exists()
+    assert adaptkit.strategy_of(adaptkit.load(tmp_path / "a", tiny_model("bert"))).name == "bottleneck"
+
+
+def test_a_users_file_with_the_name_of_a_new_adaptkit_file_is_refused(tmp_path):
+    adaptkit.save(_trained("bottleneck"), tmp_path / "a")
+    (tmp_path / "a" / "README.md").write_text("my own readme")
+    with pytest.raises(errors.ConfigError, match=r"README.md.*adaptkit did not write.*Fix: move or rename"):
+        adaptkit.save(_trained("lora"), tmp_path / "a")  # PEFT writes a README.md
+    assert (tmp_path / "a" / "README.md").read_text() == "my own readme"
+    assert adaptkit.strategy_of(adaptkit.load(tmp_path / "a", tiny_model("bert"))).name == "bottleneck"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+@pytest.mark.parametrize("strategy,options", STRATEGIES)
+def test_load_then_save_is_an_identity(tmp_path, strategy, options, trainable):
+    model = _trained(strategy, **options)
+    adaptkit.save(model, tmp_path / "a")
+    expected = _logits(model)
+    before = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    loaded = adaptkit.load(tmp_path / "a", tiny_model("bert"), trainable=trainable)
+    assert adaptkit.summary(loaded).trainable == (adaptkit.summary(model).trainable if trainable else 0)
+    adaptkit.save(loaded, tmp_path / "a")  # over the same folder
+    after = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    assert before.keys() == after.keys() and before
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(_logits(adaptkit.load(tmp_path / "a", tiny_model("bert"))), expected)
+
+
+def test_named_adapters_round_trip_with_the_active_one(tmp_path):
+    model = _trained("lora", seed=0)
+    first = _logits(model)
+    adaptkit.add_adapter(model, "b", "lora", r=4)
+    model.train()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    second = _logits(model)
+    assert not torch.equal(first, second)
+    adaptkit.save(model, tmp_path / "a")
+    loaded = adaptkit.load(tmp_path / "a", tiny_model("bert"))
+    assert sorted(loaded.peft_config) == ["b", "default"] and loaded.active_adapter == "b"
+    assert not any(p.requires_grad for p in loaded.parameters())
+    assert torch.equal(_logits(loaded), second)
+    adaptkit.set_adapter(loaded, "default")
+    assert torch.equal(_logits(loaded), first)
+
+
+def test_temporary_folders_of_a_killed_save_are_removed_by_the_next(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".a.tmp-{int(dead.stdout)}-xyz"   # what a save killed by SIGKILL leaves
+    (stale / "sub").mkdir(parents=True)
+    (stale / "sub" / "adapter_model.safetensors").write_bytes(b"half")
+    live = tmp_path / f".a.tmp-{os.getppid()}-abc"          # a save still running in a live process
+    live.mkdir()
+    other = tmp_path / ".b.tmp-1-x"                          # another target's: not ours to judge
+    other.mkdir()
+    adaptkit.save(_trained(), tmp_path / "a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a", live.name, other.name])
+
+
+def test_tilde_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    adaptkit.save(_trained(), "~/x")
+    assert (tmp_path / "home" / "x" / "adaptkit_config.json").is_file()
+    assert not (tmp_path / "~").exists()
+    adaptkit.load("~/x", tiny_model("bert"))
+
+
+def test_dot_works_and_the_process_stays_in_the_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    monkeypatch.chdir(folder)
+    with pytest.raises(errors.ConfigError, match=r"not an adaptkit folder"):  # a folder of someone else's
+        adaptkit.save(_trained(), ".")
+    (folder / "notes.txt").unlink()
+    model = _trained()
+    adaptkit.save(model, ".")
+    (folder / "notes.txt").write_text("keep me")
+    adaptkit.save(model, ".")  # again, over itself
+    assert Path(os.getcwd()) == folder and Path(".").resolve() == folder and (Path("notes.txt").read_text() == "keep me")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert torch.equal(_logits(adaptkit.load(".", tiny_model("bert"))), _logits(model))
+
+
+def test_a_symlinked_target_keeps_its_link(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    adaptkit.save(_trained(), tmp_path / "link")
+    adaptkit.save(_trained(seed=1), tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and os.readlink(tmp_path / "link") == str(tmp_path / "real")
+    assert (tmp_path / "real" / "adaptkit_config.json").is_file()
+
+
+def test_a_saver_that_loses_the_race_to_create_the_folder_swaps_it_instead(tmp_path, monkeypatch):
+    from adaptkit import folders
+    target, rename, raced = tmp_path / "a", os.rename, []
+
+    def rename_after_a_rival(src, dst, *args, **kwargs):
+        if Path(dst) == target and not raced:  # another process saves the same new folder first
+            raced.append(True)
+            adaptkit.save(_trained(seed=1), target)
+            (target / "notes.txt").write_text("theirs")
+        return rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(folders.os, "rename", rename_after_a_rival)
+    model = _trained(seed=2)
+    adaptkit.save(model, target)
+    assert raced and (target / "notes.txt").read_text() == "theirs"
+    assert torch.equal(_logits(adaptkit.load(target, tiny_model("bert"))), _logits(model))  # the last save wins
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
