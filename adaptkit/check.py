@@ -82,10 +82,6 @@ def check(model: Any, strategy: Any = "lora", *, options: dict[str, Any] | None 
     Raises :class:`ConfigErrors` (one entry per problem) unless ``raise_on_error=False``.
     """
     report = CheckReport(model=describe(model), quantization=quantization, processes=processes)
-    untested = versions.untested()
-    if untested:  # a failure below may be the version's, not the architecture's: say so up front
-        report.notes.append(f"installed versions outside the tested set: {versions.describe(*untested)}; "
-                            "'adaptkit env' shows all, and pip install -r requirements.lock gives the tested set")
     add = report.problems.append
     sk = _skeleton(model, task, num_labels, report)
     config = _resolve(strategy, dict(options or {}), report)
@@ -101,6 +97,10 @@ def check(model: Any, strategy: Any = "lora", *, options: dict[str, Any] | None 
             gradient_checkpointing = False
         if _check_targets(_named_targets(config, strategy, options or {}), base, report) and config is not None:
             _dry_run(sk, config, gradient_checkpointing, report)
+    untested = versions.untested()
+    if untested:  # a problem above may be the installed version's, not the architecture's: say which differ
+        report.notes.append(f"installed versions outside the tested set: {versions.describe(*untested)}; "
+                            "'adaptkit env' shows all, and pip install -r requirements.lock gives the tested set")
     if raise_on_error:
         report.raise_for_problems()
     return report

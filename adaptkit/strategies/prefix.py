@@ -62,10 +62,11 @@ class Prefix(PeftStrategy):
                 fix="use 'lora', 'bottleneck' or 'linear_probe' for image models")
         backbone = targets.base_module(model)
         if not (_takes_past(model) or (backbone is not None and _takes_past(backbone))):
-            if _takes_renamed_cache(model) or (backbone is not None and _takes_renamed_cache(backbone)):
+            renamed = next((m for m in (model, backbone) if m is not None and _takes_renamed_cache(m)), None)
+            if renamed is not None:
                 raise IncompatibleVersionError(
                     field="transformers", value=versions.installed("transformers"),
-                    problem=(f"{type(model).__name__}.forward takes 'cache' where transformers<5.24 took "
+                    problem=(f"{type(renamed).__name__}.forward takes 'cache' where transformers<5.24 took "
                              "'past_key_values', which PEFT's prefix tuning injects; installed: "
                              f"{versions.describe('transformers', 'peft')}"),
                     fix="pip install 'transformers<5.24' (or -r requirements.lock), or use 'lora' or 'bottleneck'")
