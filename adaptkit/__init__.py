@@ -23,6 +23,10 @@ from adaptkit.strategies.prefix import Prefix
 
 from adaptkit.strategies.bottleneck import Bottleneck
 
+from adaptkit import hf as _hf
+
+_hf.register_auto_classes()  # AutoModel*.from_pretrained on an adapter folder names adaptkit.load
+
 __all__ = ["adapt", "summary", "save", "load", "merge", "add_adapter", "set_adapter", "strategy_of",
            "is_quantized", "load_model", "require_processes", "check", "estimate", "sanity_check", "Summary",
            "CheckReport", "Estimate", "SanityReport", "Strategy", "STRATEGIES", "LoRA", "Prefix", "Bottleneck", "LinearProbe",

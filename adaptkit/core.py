@@ -17,14 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaptkit import folders, strategies, targets
+from adaptkit import folders, hf, layout, strategies, targets
 from adaptkit.errors import (AdapterFormatError, AlreadyAdaptedError, ConfigError, ConfigTypeError,
                              NotAdaptedError, UnsupportedError)
 from adaptkit.strategies.base import (CONFIG_NAME, MARKER, OWNED, WEIGHTS_NAME, PeftStrategy, Strategy, owned_tensors,
-                                      write_config)
+                                      weights_file)
 
-FORMAT = "adaptkit-adapter/1"
-_FILE_KEYS = {"format", "adaptkit_version", "base_model", "strategy", "adapters", "files"}
+FORMAT = layout.FORMAT
+_FILE_KEYS = layout.FILE_KEYS
 
 
 # ---- resolving what the user asked for -------------------------------------------------------------
@@ -100,6 +100,7 @@ def _refuse_if_adapted(model: nn.Module) -> None:
 def _mark(model: nn.Module, strategy: Strategy, *also: nn.Module) -> nn.Module:
     for m in (model, *also):
         m.__dict__[MARKER] = strategy  # plain attribute, not a submodule/parameter/buffer
+    hf.install(model)  # its save_pretrained (the Trainer's way of saving) writes the adapter folder
     return model
 
 
@@ -191,16 +192,8 @@ def save(model: nn.Module, directory: str | Path) -> Path:
                           fix="choose a new or empty folder")
     tmp = folders.make_temp(target)
     try:
-        strategy.save(model, tmp)
-        base = _unwrap(model)
-        config = {"format": FORMAT, "adaptkit_version": _version(),
-                  "base_model": getattr(getattr(base, "config", None), "name_or_path", None) or None,
-                  "strategy": strategy.to_dict()}
-        if len(getattr(model, "peft_config", None) or {}) > 1:  # named adapters: PEFT writes each in <name>/
-            config["adapters"] = {"names": sorted(model.peft_config), "active": model.active_adapter}
-        config["files"] = sorted({*folders.files_under(tmp), CONFIG_NAME})  # the manifest: what this save owns
-        write_config(config, tmp / CONFIG_NAME)
-        folders.replace_owned(tmp, target, _owned_files(target))
+        layout.write_folder(model, tmp)
+        folders.replace_owned(tmp, target, lambda: _owned_files(target))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -226,6 +219,10 @@ def _owned_files(folder: Path) -> set[str]:
 
 def read_config(directory: Path) -> Strategy:
     """Read and validate ``adaptkit_config.json``: unknown keys or wrong types raise, nothing executes."""
+    return _read_file(directory)[0]
+
+
+def _read_file(directory: Path) -> tuple[Strategy, dict[str, Any]]:
     path = directory / CONFIG_NAME
     try:
         data = json.loads(path.read_text())
@@ -240,7 +237,7 @@ def read_config(directory: Path) -> Strategy:
     if not isinstance(spec, dict):
         raise AdapterFormatError(field=f"{path}:strategy", value=spec, problem="must be an object",
                                  fix="re-save the adapter with adaptkit.save")
-    return strategies.get(str(spec.get("strategy"))).from_dict(spec)
+    return strategies.get(str(spec.get("strategy"))).from_dict(spec), data
 
 
 def load(directory: str | Path, base_model: nn.Module, trainable: bool = False) -> nn.Module:
@@ -257,14 +254,16 @@ def load(directory: str | Path, base_model: nn.Module, trainable: bool = False) 
                                  fix="pass the folder written by adaptkit.save")
     _refuse_if_adapted(base_model)
     adapters = {"names": ["default"], "active": "default"}
+    peft_config, saved = None, {}
     if (directory / CONFIG_NAME).is_file():
-        strategy = read_config(directory)
+        strategy, saved = _read_file(directory)
         adapters = _read_adapters(directory)
         if isinstance(strategy, PeftStrategy):
             read_peft_config(directory)
     elif (directory / "adapter_config.json").is_file():  # a plain PEFT folder
         from adaptkit.strategies.peft_method import PeftMethod
-        strategy = PeftMethod.from_peft_config(read_peft_config(directory))
+        peft_config = read_peft_config(directory)
+        strategy = PeftMethod.from_peft_config(peft_config)
     else:
         raise AdapterFormatError(field="directory", value=str(directory),
                                  problem=f"holds neither {CONFIG_NAME} nor adapter_config.json",
@@ -273,13 +272,23 @@ def load(directory: str | Path, base_model: nn.Module, trainable: bool = False) 
     for name, folder in folder_of.items():
         if name != "default":
             read_peft_config(folder)
-        _check_weights(folder, base_model)
+        saved_keys = _check_weights(folder, base_model, strategy)
         if isinstance(strategy, PeftStrategy):
             _check_prompt_shape(folder, base_model)
+    layout.check_base(directory, saved, base_model)
+    if peft_config is not None:  # no task_type: complete it from the saved head, or refuse
+        options = dict(strategy.options)
+        layout.fill_task_type(directory, options, base_model, saved_keys)
+        if options != strategy.options:
+            peft_config.task_type, peft_config.modules_to_save = options["task_type"], options["modules_to_save"]
+            strategy = PeftMethod.from_peft_config(peft_config)
+        else:
+            peft_config = None
+    layout.restore_labels(saved, base_model)
     names_before: list[str] = []
     try:
         if isinstance(strategy, PeftStrategy):
-            model = strategy.load(directory, base_model, trainable=trainable)
+            model = strategy.load(directory, base_model, trainable=trainable, config=peft_config)
             for name, folder in folder_of.items():
                 if name != "default":
                     model.load_adapter(str(folder), adapter_name=name, is_trainable=trainable)
@@ -386,13 +395,14 @@ def _check_peft_keys(model: nn.Module, name: str, folder: Path) -> None:
                 "adapter_config.json saved beside the weights")
 
 
-def _check_weights(directory: Path, base_model: nn.Module) -> None:
-    """Safetensors only (never unpickle), readable, and a saved task head must fit the base's."""
+def _check_weights(directory: Path, base_model: nn.Module, strategy: Strategy) -> list[str]:
+    """Safetensors only (never unpickle), readable, and a saved task head must fit the base's.
+    Returns the saved tensor names."""
     from safetensors import SafetensorError, safe_open
-    weights = directory / WEIGHTS_NAME
+    weights = weights_file(directory, strategy)
     if not weights.is_file():
         pickled = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
-        raise AdapterFormatError(field="directory", value=str(directory), problem=f"has no {WEIGHTS_NAME}" + (
+        raise AdapterFormatError(field="directory", value=str(directory), problem=f"has no {weights.name}" + (
             f"; it holds pickle files {pickled}, which adaptkit never loads (unpickling can run code)" if pickled
             else ""), fix="save adapters as safetensors (adaptkit.save does; PEFT: safe_serialization=True)")
     try:
@@ -421,6 +431,7 @@ def _check_weights(directory: Path, base_model: nn.Module) -> None:
                 problem=f"the saved task head does not fit this base model's {key} {want}: the adapter was "
                         "trained on a model of another hidden size",
                 fix="load it onto the base checkpoint it was trained on (same hidden size)")
+    return list(saved)
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -432,6 +443,7 @@ def merge(model: nn.Module) -> nn.Module:
     merged = strategy.merge(model)
     for m in (model, merged):
         m.__dict__.pop(MARKER, None)
+    hf.uninstall(model, merged)
     return merged
 
 
@@ -460,11 +472,3 @@ def set_adapter(model: nn.Module, name: str) -> nn.Module:
                           fix=f"choose one of {names}")
     model.set_adapter(name)
     return model
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("adaptkit")
-    except PackageNotFoundError:
-        return "unknown"

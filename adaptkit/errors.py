@@ -27,6 +27,7 @@ __all__ = [
     "IncompatibleVersionError",
     "MissingDependencyError",
     "AdapterFormatError",
+    "BaseMismatchError",
     "DataError",
     "ProcessCountError",
     "SanityCheckError",
@@ -125,3 +126,7 @@ class ConfigErrors(ConfigError):
         self.errors = list(errors)
         lines = [f"{len(self.errors)} problem(s):"] + [f"  - {e}" for e in self.errors]
         super().__init__("\n".join(lines))
+
+
+class BaseMismatchError(AdapterFormatError):
+    """An adapter loaded onto a base model other than the one it was trained on."""

@@ -18,7 +18,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from adaptkit.errors import ConfigError
 
@@ -74,11 +74,11 @@ def files_under(folder: Path) -> list[str]:
     return sorted(out)
 
 
-def replace_owned(new: Path, target: Path, owned: Iterable[str]) -> None:
+def replace_owned(new: Path, target: Path, owned: Callable[[], Iterable[str]]) -> None:
     """Put the finished folder ``new`` at ``target``, keeping every entry of an old ``target`` that is
-    not in ``owned`` (the old folder's manifest). Refuses, before changing anything, when the new
-    folder would overwrite a file adaptkit did not write."""
-    owned = set(owned)
+    not in ``owned()`` (the old folder's manifest, read again whenever a concurrent save changed the
+    folder). Refuses, before changing anything, when the new folder would overwrite a file adaptkit
+    did not write."""
     for _ in range(5):  # a concurrent saver may create or swap the target between our steps
         if not target.exists():
             try:
@@ -88,7 +88,8 @@ def replace_owned(new: Path, target: Path, owned: Iterable[str]) -> None:
                 if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                     raise
                 continue  # another save created it first: carry its user files over, then swap
-        _carry_over(target, new, owned)
+        owned_now = set(owned())
+        _carry_over(target, new, owned_now)
         cwd = _cwd_inside(target)
         if _exchange(new, target):
             old = new  # after the swap the temporary name holds the previous folder
@@ -104,7 +105,7 @@ def replace_owned(new: Path, target: Path, owned: Iterable[str]) -> None:
         if cwd is not None:  # the process stood in the old folder; stand in the new one at the same path
             os.chdir(cwd)
         # files the user wrote into the old folder while this save ran
-        _carry_over(old, target, owned, move=True)
+        _carry_over(old, target, owned_now, move=True)
         shutil.rmtree(old if old.parent == target.parent else old.parent, ignore_errors=True)
         return
     raise ConfigError(field="directory", value=str(target), problem="kept changing while saving into it",

@@ -12,7 +12,7 @@ from torch import nn
 from adaptkit import targets
 from adaptkit.errors import (AlreadyAdaptedError, ConfigError, ConfigTypeError, NotMergeableError,
                              UnknownOptionError, UnsupportedError)
-from adaptkit.strategies.base import WEIGHTS_NAME, Strategy
+from adaptkit.strategies.base import Strategy
 from adaptkit.strategies.bottleneck import Bottleneck, BottleneckAdapter, adapter_hosts, remove_adapters
 from conftest import FAMILY_TASKS, tiny_inputs, tiny_labels, tiny_model
 
@@ -112,7 +112,7 @@ def test_training_changes_exactly_the_trainable_tensors_and_round_trips(family, 
 
     config.save(model, tmp_path)
     from safetensors.torch import load_file
-    assert set(load_file(str(tmp_path / WEIGHTS_NAME))) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(load_file(str(tmp_path / config.weights_name))) == {n for n, p in model.named_parameters() if p.requires_grad}
     fresh = tiny_model(family, task)  # same base weights; adapters are re-created by load, then filled
     loaded = config.load(tmp_path, fresh)
     assert loaded is fresh and torch.equal(_logits(loaded, inputs), logits)

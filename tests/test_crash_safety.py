@@ -33,7 +33,6 @@ sys.path.insert(0, {tests!r})
 import torch
 from conftest import tiny_model
 import adaptkit
-from adaptkit.strategies.base import WEIGHTS_NAME
 
 target, strategy, moment, ready = Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4])
 model = adaptkit.adapt(tiny_model("bert"), strategy)
@@ -51,9 +50,9 @@ def stop_here():
 cls = type(adaptkit.strategy_of(model))
 if moment in ("mid-write", "first-save"):
     original = cls.save
-    def half_save(self, model, directory):
-        original(self, model, directory)
-        weights = Path(directory) / WEIGHTS_NAME
+    def half_save(self, model, directory, **kwargs):
+        original(self, model, directory, **kwargs)
+        weights = Path(directory) / self.weights_name
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # half written
         stop_here()
     cls.save = half_save

@@ -38,8 +38,9 @@ def _edit_json(path, change):
 ])
 def test_corrupt_weights_name_the_file_and_the_fix(tmp_path, strategy, damage, detail):
     folder = _saved(tmp_path, strategy)
-    (folder / WEIGHTS).write_bytes(damage((folder / WEIGHTS).read_bytes()))
-    with pytest.raises(errors.AdapterFormatError, match=rf"{WEIGHTS}=.*is not a readable safetensors file.*{detail}"
+    weights = WEIGHTS if strategy == "lora" else "model.safetensors"  # native strategies' file
+    (folder / weights).write_bytes(damage((folder / weights).read_bytes()))
+    with pytest.raises(errors.AdapterFormatError, match=rf"{weights}=.*is not a readable safetensors file.*{detail}"
                                                         r".*Fix: restore the folder from a good copy"):
         adaptkit.load(folder, tiny_model("bert"))
 
@@ -86,8 +87,10 @@ def test_a_classifier_adapter_on_a_bare_backbone(tmp_path):
 
 def test_a_bert_adapter_on_roberta(tmp_path):
     folder = _saved(tmp_path)
-    with pytest.raises(errors.AdapterFormatError, match=r"='RobertaForSequenceClassification': the saved tensors do "
-                                                        r"not fit this base model.*Fix: load onto the same base model"):
+    # the recorded base fingerprint catches it before any tensor is read
+    with pytest.raises(errors.BaseMismatchError, match=r"='RobertaForSequenceClassification': is not the base this "
+                                                       r"adapter was trained on, BertForSequenceClassification: "
+                                                       r"model_type 'roberta' != saved 'bert'.*Fix: load the base"):
         adaptkit.load(folder, tiny_model("roberta"))
 
 

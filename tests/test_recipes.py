@@ -67,7 +67,9 @@ def classify_args(data_root: Path, model: Path, out: Path, *extra: str, task: st
 
 
 def adapter_tensors(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    # PEFT strategies write adapter_model.safetensors, native ones model.safetensors
+    peft = out / "adapter" / "adapter_model.safetensors"
+    return load_file(str(peft if peft.is_file() else out / "adapter" / "model.safetensors"))
 
 
 # ---- classify ----------------------------------------------------------------------------------------

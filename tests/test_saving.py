@@ -68,10 +68,10 @@ def test_a_file_from_the_previous_save_that_the_new_one_does_not_write_goes(tmp_
 
 def test_a_users_file_with_the_name_of_a_new_adaptkit_file_is_refused(tmp_path):
     adaptkit.save(_trained("bottleneck"), tmp_path / "a")
-    (tmp_path / "a" / "README.md").write_text("my own readme")
-    with pytest.raises(errors.ConfigError, match=r"README.md.*adaptkit did not write.*Fix: move or rename"):
-        adaptkit.save(_trained("lora"), tmp_path / "a")  # PEFT writes a README.md
-    assert (tmp_path / "a" / "README.md").read_text() == "my own readme"
+    (tmp_path / "a" / "adapter_config.json").write_text("my own notes")
+    with pytest.raises(errors.ConfigError, match=r"adapter_config.json.*adaptkit did not write.*Fix: move or rename"):
+        adaptkit.save(_trained("lora"), tmp_path / "a")  # PEFT writes an adapter_config.json
+    assert (tmp_path / "a" / "adapter_config.json").read_text() == "my own notes"
     assert adaptkit.strategy_of(adaptkit.load(tmp_path / "a", tiny_model("bert"))).name == "bottleneck"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
@@ -82,11 +82,12 @@ def test_load_then_save_is_an_identity(tmp_path, strategy, options, trainable):
     model = _trained(strategy, **options)
     adaptkit.save(model, tmp_path / "a")
     expected = _logits(model)
-    before = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    weights = tmp_path / "a" / adaptkit.strategy_of(model).weights_name
+    before = load_file(str(weights))
     loaded = adaptkit.load(tmp_path / "a", tiny_model("bert"), trainable=trainable)
     assert adaptkit.summary(loaded).trainable == (adaptkit.summary(model).trainable if trainable else 0)
     adaptkit.save(loaded, tmp_path / "a")  # over the same folder
-    after = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    after = load_file(str(weights))
     assert before.keys() == after.keys() and before
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert torch.equal(_logits(adaptkit.load(tmp_path / "a", tiny_model("bert"))), expected)

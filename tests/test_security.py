@@ -107,7 +107,10 @@ def test_load_never_unpickles(tmp_path, monkeypatch, strategy):
 
 def test_a_folder_with_pickle_weights_is_refused(tmp_path):
     peft_model = adaptkit.adapt(tiny_model("bert"), "lora")
-    peft_model.save_pretrained(str(tmp_path / "a"), safe_serialization=False)  # adapter_model.bin
+    with pytest.raises(errors.ConfigError, match="safe_serialization=False: adaptkit never pickles weights"):
+        peft_model.save_pretrained(str(tmp_path / "a"), safe_serialization=False)
+    # a folder plain PEFT wrote with pickles
+    type(peft_model).save_pretrained(peft_model, str(tmp_path / "a"), safe_serialization=False)  # adapter_model.bin
     assert (tmp_path / "a" / "adapter_model.bin").is_file()
     with pytest.raises(errors.AdapterFormatError, match=r"has no adapter_model.safetensors.*pickle files "
                                                         r"\['adapter_model.bin'\].*never loads"):

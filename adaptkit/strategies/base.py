@@ -27,7 +27,10 @@ from torch import nn
 from adaptkit.errors import AdapterFormatError, ConfigError, ConfigTypeError, NotMergeableError, UnknownOptionError
 
 CONFIG_NAME = "adaptkit_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"  # same name PEFT uses, so a folder looks familiar
+WEIGHTS_NAME = "adapter_model.safetensors"  # PEFT's name: PEFT strategies' tensors (and older native folders)
+# native strategies' tensors: the name the stock transformers Trainer reloads checkpoints and the best model
+# from (it would look for pytorch_model.bin beside an adapter_model.safetensors of a non-PEFT model)
+NATIVE_WEIGHTS_NAME = "model.safetensors"
 MARKER = "_adaptkit_strategy"  # attribute set on every model adapt() returns
 # names of the tensors a native strategy trains, recorded when it is applied or loaded: a model loaded
 # frozen (or frozen by the user) still saves them, instead of writing an empty adapter
@@ -73,6 +76,7 @@ class Strategy:
     mergeable: ClassVar[bool] = False          # can merge() fold it into the base weights?
     supports_quantized: ClassVar[bool] = True  # can it train on an 8-bit / 4-bit base?
     freezes_base: ClassVar[bool] = True        # False only for full fine-tuning
+    weights_name: ClassVar[str] = NATIVE_WEIGHTS_NAME
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -130,14 +134,15 @@ class Strategy:
         """Return the adapted model (may be the same object, changed in place). Base must not be adapted."""
         raise NotImplementedError
 
-    def save(self, model: nn.Module, directory: Path) -> None:
-        """Write what this strategy trained into ``directory`` (an empty temporary folder)."""
-        save_tensors(owned_tensors(model), directory / WEIGHTS_NAME)
+    def save(self, model: nn.Module, directory: Path, state_dict: dict | None = None) -> None:
+        """Write what this strategy trained into ``directory`` (an empty temporary folder). ``state_dict``
+        is a gathered one (FSDP, DeepSpeed) to take the tensors from instead of the model's own."""
+        save_tensors(owned_tensors(model, state_dict), directory / self.weights_name)
 
     def load(self, directory: Path, base_model: nn.Module) -> nn.Module:
         """Apply this config to ``base_model`` and load the saved tensors into it."""
         model = self.apply(base_model)
-        load_tensors_into(model, directory / WEIGHTS_NAME)
+        load_tensors_into(model, weights_file(directory, self))
         return model
 
     def merge(self, model: nn.Module) -> nn.Module:
@@ -158,15 +163,26 @@ def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def owned_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def owned_tensors(model: nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
     """What ``save`` writes for a native strategy: the tensors it trains when applied (recorded then,
-    so freezing them later does not drop them) plus anything the user made trainable since."""
+    so freezing them later does not drop them) plus anything the user made trainable since; taken
+    from ``state_dict`` where one is given."""
     out = trained_tensors(model)
     recorded = model.__dict__.get(OWNED, ())
     if recorded:
         params = dict(model.named_parameters())
         out = {name: params[name].detach().cpu().contiguous() for name in recorded if name in params} | out
+    if state_dict is not None:
+        out = {name: state_dict[name].detach().cpu().contiguous() for name in out}
     return dict(sorted(out.items()))
+
+
+def weights_file(directory: Path, strategy: "Strategy") -> Path:
+    """The strategy's weights file in ``directory``. Native folders written before the native name
+    existed used PEFT's."""
+    path = directory / strategy.weights_name
+    legacy = directory / WEIGHTS_NAME
+    return legacy if not path.is_file() and legacy.is_file() else path
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -219,16 +235,21 @@ class PeftStrategy(Strategy):
         from peft import get_peft_model
         return get_peft_model(model, self.peft_config(model))
 
-    def save(self, model: nn.Module, directory: Path) -> None:
-        model.save_pretrained(str(directory), safe_serialization=True)
+    weights_name: ClassVar[str] = WEIGHTS_NAME
 
-    def load(self, directory: Path, base_model: nn.Module, trainable: bool = False) -> nn.Module:
+    def save(self, model: nn.Module, directory: Path, state_dict: dict | None = None) -> None:
+        # the class's method: the instance's own save_pretrained is adaptkit's (adaptkit.hf), which calls this
+        type(model).save_pretrained(model, str(directory), safe_serialization=True,
+                                    **({"state_dict": state_dict} if state_dict is not None else {}))
+
+    def load(self, directory: Path, base_model: nn.Module, trainable: bool = False, config=None) -> nn.Module:
+        """``config``: a PeftConfig to use instead of the folder's adapter_config.json (one completed on load)."""
         from peft import PeftConfig, PeftModel
         if not (trainable and PeftConfig.from_pretrained(str(directory)).is_prompt_learning):
-            return PeftModel.from_pretrained(base_model, str(directory), is_trainable=trainable)
+            return PeftModel.from_pretrained(base_model, str(directory), is_trainable=trainable, config=config)
         # PEFT refuses is_trainable for prompt learning; a loaded prefix must keep training all the same
         # (resuming, or tuning further), so load it frozen and unfreeze what adapt would train
-        model = PeftModel.from_pretrained(base_model, str(directory))
+        model = PeftModel.from_pretrained(base_model, str(directory), config=config)
         model.peft_config[model.active_adapter].inference_mode = False
         model.prompt_encoder[model.active_adapter].requires_grad_(True)
         model.set_adapter(model.active_adapter, inference_mode=False)

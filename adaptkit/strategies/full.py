@@ -9,7 +9,7 @@ from torch import nn
 
 from adaptkit.errors import AdapterFormatError
 from adaptkit.strategies import register
-from adaptkit.strategies.base import WEIGHTS_NAME, Strategy
+from adaptkit.strategies.base import Strategy, weights_file
 
 
 @register
@@ -25,17 +25,36 @@ class Full(Strategy):
     def apply(self, model: nn.Module) -> nn.Module:
         return model.requires_grad_(True)
 
-    # The whole state dict (buffers too, e.g. batch-norm statistics), tied weights written once.
-    def save(self, model: nn.Module, directory: Path) -> None:
-        from safetensors.torch import save_model
-        save_model(model, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    # The whole state dict (buffers too), tied weights written once, under the live model's names: the
+    # names the stock Trainer reloads checkpoints with (transformers' own save_pretrained may rename keys
+    # to an older hub layout, e.g. ViT's). With the model's config.json beside it the folder is also a
+    # plain checkpoint that from_pretrained loads exactly.
+    def save(self, model: nn.Module, directory: Path, state_dict: dict | None = None) -> None:
+        from safetensors.torch import save_file, save_model
+        path = str(directory / self.weights_name)
+        if state_dict is None:
+            save_model(model, path, metadata={"format": "pt"})
+        else:
+            names = set(dict(model.named_parameters()).keys()) | {n for n, _ in model.named_buffers()}
+            save_file({k: v.contiguous() for k, v in state_dict.items() if k in names}, path, metadata={"format": "pt"})
+        config = getattr(model, "config", None)
+        if hasattr(config, "save_pretrained"):
+            config.save_pretrained(str(directory))
+        generation = getattr(model, "generation_config", None)
+        if hasattr(generation, "save_pretrained") and getattr(model, "can_generate", lambda: False)():
+            generation.save_pretrained(str(directory))
 
     def load(self, directory: Path, base_model: nn.Module) -> nn.Module:
         from safetensors.torch import load_model
         model = self.apply(base_model)
-        missing, unexpected = load_model(model, str(directory / WEIGHTS_NAME), strict=False)
+        path = weights_file(directory, self)
+        missing, unexpected = load_model(model, str(path), strict=False)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()  # transformers writes tied weights once
+            tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+            missing = [m for m in missing if m not in tied]
         if missing or unexpected:
-            raise AdapterFormatError(field=str(directory / WEIGHTS_NAME),
+            raise AdapterFormatError(field=str(path),
                                      value={"missing": sorted(missing)[:5], "unexpected": sorted(unexpected)[:5]},
                                      problem="weights do not match the base model",
                                      fix="load into the same architecture (and num_labels) that was saved")

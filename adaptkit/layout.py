@@ -1,0 +1,181 @@
+"""What an adapter folder records besides its tensors, and the checks ``load`` makes with it.
+
+Every folder ``adaptkit.save`` (or an adapted model's ``save_pretrained``) writes holds:
+
+* ``adaptkit_config.json``: the strategy and its options, the base model (an absolute path or a hub
+  id with its revision, its class, and a fingerprint of its config) and the label names;
+* the trained tensors: PEFT's ``adapter_model.safetensors`` (+ ``adapter_config.json``) for PEFT
+  strategies, ``model.safetensors`` for native ones (the name the stock ``Trainer`` reloads
+  checkpoints and the best model from; for ``bottleneck`` and ``linear_probe`` it holds only the trained
+  tensors, for ``full`` the whole model);
+* ``config.json``: for ``full`` the model's own (``from_pretrained`` loads the folder exactly); for the
+  other native strategies and PEFT prompt learning (prefix) a config of model type ``adaptkit``, so
+  ``AutoModel*.from_pretrained`` refuses the folder (naming ``adaptkit.load``) instead of filling a
+  base model with a few tensors or failing inside PEFT; LoRA-family folders have none, and
+  transformers' PEFT integration loads them onto the recorded base exactly;
+* ``README.md``: the model card (``adaptkit.card``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from adaptkit import card, folders, targets
+from adaptkit.errors import AdapterFormatError, BaseMismatchError
+from adaptkit.strategies.base import CONFIG_NAME, MARKER, PeftStrategy, write_config
+
+FORMAT = "adaptkit-adapter/1"
+FILE_KEYS = {"format", "adaptkit_version", "base_model", "base", "labels", "strategy", "adapters", "files"}
+ADAPTKIT_MODEL_TYPE = "adaptkit"  # config.json's model_type in native partial folders
+# the base config's fields that decide whether saved tensors can fit it
+FINGERPRINT = ("model_type", "hidden_size", "vocab_size", "num_hidden_layers")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    from peft import PeftModel
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def base_record(model: nn.Module) -> dict[str, Any]:
+    """Where the base came from (absolute if local, so the folder works from any working directory),
+    its revision, its class, and the fields of its config that saved tensors depend on."""
+    base = unwrap(model)
+    config = getattr(base, "config", None)
+    name = getattr(config, "name_or_path", None) or None
+    if name and Path(name).exists():
+        name = str(Path(name).resolve())
+    return {"name_or_path": name, "revision": getattr(config, "_commit_hash", None),
+            "class": type(base).__name__,
+            "config": {key: _plain(getattr(config, key, None)) for key in FINGERPRINT}}
+
+
+def _plain(value: Any) -> Any:
+    return value if value is None or isinstance(value, (int, str, float)) else str(value)
+
+
+def label_names(model: nn.Module) -> dict[str, dict] | None:
+    """id2label / label2id of a model with a new task head (a classifier), else None."""
+    base = unwrap(model)
+    config = getattr(base, "config", None)
+    if not targets.new_head_names(base) or not getattr(config, "id2label", None):
+        return None
+    return {"id2label": {str(i): str(n) for i, n in config.id2label.items()},
+            "label2id": {str(n): int(i) for n, i in config.label2id.items()}}
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as installed
+    try:
+        return installed("adaptkit")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def metadata(model: nn.Module) -> dict[str, Any]:
+    strategy = model.__dict__[MARKER]
+    record = base_record(model)
+    return {"format": FORMAT, "adaptkit_version": version(), "base_model": record["name_or_path"], "base": record,
+            "labels": label_names(model), "strategy": strategy.to_dict()}
+
+
+def write_folder(model: nn.Module, directory: Path, state_dict: dict | None = None) -> None:
+    """Write every file of an adapter folder into ``directory`` (an empty temporary folder); the last is
+    adaptkit_config.json, whose ``files`` list (the manifest) names every file this save owns."""
+    strategy = model.__dict__[MARKER]
+    strategy.save(model, directory, state_dict=state_dict)
+    data = metadata(model)
+    if len(getattr(model, "peft_config", None) or {}) > 1:  # named adapters: PEFT writes each in <name>/
+        data["adapters"] = {"names": sorted(model.peft_config), "active": model.active_adapter}
+    if isinstance(strategy, PeftStrategy):
+        _absolute_peft_base(directory, data["base_model"])
+    if _refuse_from_pretrained(model, strategy):
+        import transformers
+        write_config({"model_type": ADAPTKIT_MODEL_TYPE, "transformers_version": transformers.__version__,
+                      "adaptkit": "an adaptkit adapter, not a whole model: load it with "
+                                  "adaptkit.load(folder, base_model)"}, directory / "config.json")
+    (directory / "README.md").write_text(card.model_card(model, data))
+    data["files"] = sorted({*folders.files_under(directory), CONFIG_NAME})
+    write_config(data, directory / CONFIG_NAME)
+
+
+def _refuse_from_pretrained(model: nn.Module, strategy) -> bool:
+    """Folders that transformers' from_pretrained cannot load exactly: native partial ones, and prompt
+    learning (prefix, prompt tuning), which its PEFT integration cannot inject. A config.json beside
+    adapter_config.json also keeps from_pretrained from switching to the recorded base."""
+    if isinstance(strategy, PeftStrategy):
+        config = model.peft_config[model.active_adapter]
+        return bool(getattr(config, "is_prompt_learning", False))
+    return strategy.freezes_base
+
+
+def _absolute_peft_base(directory: Path, base: str | None) -> None:
+    """PEFT records the base as it was typed (often relative); from_pretrained of the folder elsewhere
+    would then look for it on the hub. Record the resolved path."""
+    for path in directory.rglob("adapter_config.json"):
+        config = json.loads(path.read_text())
+        if base and config.get("base_model_name_or_path") != base:
+            config["base_model_name_or_path"] = base
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+# ---- reading ------------------------------------------------------------------------------------------
+def check_base(directory: Path, saved: dict[str, Any], base_model: nn.Module) -> None:
+    """Refuse a base whose architecture, hidden size, vocabulary or depth differs from the saved one."""
+    record = saved.get("base") or {}
+    expected = record.get("config") or {}
+    actual = base_record(base_model)
+    wrong = {k: (v, actual["config"].get(k)) for k, v in expected.items()
+             if v is not None and actual["config"].get(k) is not None and actual["config"][k] != v}
+    if wrong:
+        detail = ", ".join(f"{k} {a!r} != saved {s!r}" for k, (s, a) in wrong.items())
+        def named(cls, path):
+            return f"{cls} ({path})" if path else str(cls)
+        raise BaseMismatchError(
+            field="base_model", value=named(actual["class"], actual["name_or_path"]),
+            problem=f"is not the base this adapter was trained on, "
+                    f"{named(record.get('class'), record.get('name_or_path'))}: {detail}",
+            fix=f"load the base recorded in {directory / CONFIG_NAME} and pass it to adaptkit.load")
+
+
+def restore_labels(saved: dict[str, Any], base_model: nn.Module) -> None:
+    """Put the saved label names on the base's config, so outputs and pipelines name the classes."""
+    labels = saved.get("labels")
+    config = getattr(unwrap(base_model), "config", None)
+    if not labels or config is None:
+        return
+    try:
+        id2label = {int(i): str(n) for i, n in labels["id2label"].items()}
+        label2id = {str(n): int(i) for n, i in labels["label2id"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise AdapterFormatError(field=f"{CONFIG_NAME}:labels", value=labels,
+                                 problem="must hold id2label and label2id maps",
+                                 fix="re-save the adapter with adaptkit.save") from None
+    if len(id2label) != config.num_labels:
+        return  # the head-shape check names the mismatch; no half-renamed labels here
+    config.id2label, config.label2id = id2label, label2id
+
+
+def fill_task_type(directory: Path, options: dict[str, Any], base_model: nn.Module, saved_keys: list[str]) -> None:
+    """A PEFT folder saved without ``task_type`` would load onto a classifier as a plain PeftModel and
+    leave its head as the base has it (random when freshly added). Fill the task type (and the head in
+    ``modules_to_save``) in ``options`` when the saved tensors hold the head; refuse when they do not."""
+    base = unwrap(base_model)
+    heads = targets.new_head_names(base)
+    if options.get("task_type") is not None or not heads:
+        return
+    def saved(head: str) -> bool:
+        return any(k.startswith(f"base_model.model.{head}.") for k in saved_keys)
+    if all(saved(h) for h in heads):
+        options["task_type"] = targets.peft_task_type(base)
+        options["modules_to_save"] = sorted(set(options.get("modules_to_save") or []) | set(heads))
+        return
+    raise AdapterFormatError(
+        field=f"{directory / 'adapter_config.json'}:task_type", value=None,
+        problem=f"the folder holds no trained {heads} for this {type(base).__name__}; loaded, its head would "
+                "stay as the base has it (random if freshly added)",
+        fix="re-save the adapter with task_type set (e.g. 'SEQ_CLS'; PEFT then saves the head), or load it "
+            "onto a model without a task head (AutoModel)")
