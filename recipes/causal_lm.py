@@ -1,121 +1,128 @@
-"""Fine-tune a decoder (GPT-2, Llama, ...) on plain text or prompt/response pairs with any strategy.
+"""Fine-tune a decoder (GPT-2, Llama, ...) on text, prompt/response pairs, instructions or chats with any strategy.
 
 The same file runs on CPU, one GPU and N GPUs:
 
-    python recipes/causal_lm.py --model gpt2 --data notes.txt                       # plain text, LoRA
-    python recipes/causal_lm.py --model ./my-llama --data qa/ --strategy full       # prompt/response jsonl
+    python recipes/causal_lm.py --model gpt2 --data notes.txt --block-size 512         # plain text, packed, LoRA
+    python recipes/causal_lm.py --model ./my-llama --data chats/ --strategy full       # chat messages jsonl
+    python recipes/causal_lm.py --model ./my-llama --dataset-name tatsu-lab/alpaca      # instructions, the hub
     accelerate launch recipes/causal_lm.py --model ./my-llama --data qa/ --quantization 4bit
 
-Data (``--data``): a file, or a folder with ``train`` and optionally ``validation``/``val``/``dev``
-and ``test`` files (without a validation file, ``--validation-fraction`` of train is held out):
+Data, read by ``datasets`` (``adaptkit.recipes.data``: files, folders, ``save_to_disk``, ``--dataset-name``),
+one format per split, found from its columns:
 
-* ``.txt``: every non-empty line is one example;
-* ``.jsonl``: ``{"text": ...}`` records, or ``{"prompt": ..., "response": ...}`` records. With a
-  response the loss is on the response only: the prompt's tokens are labelled -100.
+* ``text`` (``.txt`` lines, or records): the loss is on every token;
+* ``prompt`` + ``response``, alpaca's ``instruction`` (+ ``input``) + ``output`` (in Alpaca's prompt), or
+  chat ``messages`` (rendered by the tokenizer's chat template): the loss is on the response / the
+  assistant's turns only; the rest is labelled -100.
 
 Every example ends with the end-of-sequence token, and that token is always trained on. A tokenizer
 without a padding token gets ``pad = eos``; the usual collator then turns every label equal to the pad
 id into -100 and the model never learns to stop. Here labels are built per example before padding,
-so only the padding is masked. Reports perplexity on validation (each epoch, or --eval-every) and on
-test, and prints a few greedy generations from the saved adapter.
+so only the padding is masked. ``--block-size N`` packs the examples end to end into blocks of N
+tokens (run_clm.py's ``group_texts``; the masks stay). Reports perplexity on validation and on test,
+and prints a few greedy generations from the saved adapter.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
 import adaptkit
-from adaptkit.recipes import batching, metrics, runs, training
+from adaptkit.recipes import batching, data, metrics, runs, training
 from adaptkit.errors import ConfigError, DataError
-
-SPLITS = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model folder or hub id of a decoder")
-    parser.add_argument("--data", required=True, help=".txt/.jsonl file, or a folder with train/validation/test files")
-    parser.add_argument("--validation-fraction", type=float, default=0.1)
+    data.add_data_args(parser)
     parser.add_argument("--max-length", type=int, default=256, help="tokens per example (longer ones are cut)")
-    parser.add_argument("--max-train-samples", type=int)
-    parser.add_argument("--max-eval-samples", type=int)
+    parser.add_argument("--block-size", type=int, default=0, help="pack examples into blocks of N tokens (0: no packing)")
     parser.add_argument("--num-samples", type=int, default=3, help="greedy generations printed at the end")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     training.add_run_args(parser, epochs=3, batch_size=8)
     args = parser.parse_args(argv)
     training.check_args(args, "causal_lm")
-    if not 0 < args.validation_fraction < 1:
-        raise ConfigError(field="--validation-fraction", value=args.validation_fraction, problem="must be in (0, 1)",
-                          fix="use 0.1")
+    if args.block_size < 0:
+        raise ConfigError(field="--block-size", value=args.block_size, problem="must be at least 0",
+                          fix="pass 0 (no packing) or the tokens per block, e.g. 512")
     return args
 
 
-def read_examples(path: Path) -> list[dict]:
-    """Records with ``text``, or with ``prompt`` + ``response``; one format per file."""
-    if path.suffix == ".txt":
-        return [{"text": line} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if path.suffix != ".jsonl":
-        raise DataError(field="--data", value=str(path), problem="is neither .txt nor .jsonl",
-                        fix="write one example per line (.txt) or one JSON object per line (.jsonl)")
-    records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(field=f"{path}, line {n}", value=line[:80], problem=f"is not JSON ({err.msg})",
-                                fix="write one JSON object per line") from None
-            keys = {"prompt", "response"} if isinstance(record, dict) and "response" in record else {"text"}
-            if not isinstance(record, dict) or not keys <= set(record) or not all(
-                    isinstance(record[k], str) for k in keys):
-                raise DataError(field=f"{path}, line {n}", value=line[:80], problem="is not a text or a "
-                                "prompt/response record", fix='write {"text": "..."} or {"prompt": "...", "response": "..."}')
-            records.append({k: record[k] for k in keys})
-    if len({"response" in r for r in records}) > 1:
-        raise DataError(field=str(path), value="text and prompt/response records", problem="mixes two formats",
-                        fix="use one format per file")
-    return records
+FORMATS = {"messages": ("messages",), "alpaca": ("instruction", "output"), "prompt_response": ("prompt", "response"),
+           "text": ("text",)}
+# Alpaca's own prompt (tatsu-lab/stanford_alpaca), with and without an input
+ALPACA = ("Below is an instruction that describes a task{0}. Write a response that appropriately completes the "
+          "request.\n\n### Instruction:\n{1}\n\n{2}### Response:\n")
 
 
-def load_splits(args: argparse.Namespace) -> tuple[dict[str, list[dict]], list[str]]:
-    source = Path(args.data)
-    files = {"train": source} if source.is_file() else {
-        role: hits[0] for role, stems in SPLITS.items()
-        if (hits := sorted(p for p in source.glob("*") if p.stem in stems and p.suffix in (".txt", ".jsonl")))}
-    if "train" not in files:
-        raise DataError(field="--data", value=str(source), problem="no train file (train.txt or train.jsonl) there",
-                        fix="pass a .txt/.jsonl file or a folder holding train.txt / train.jsonl")
-    splits = {role: read_examples(path) for role, path in files.items()}
-    notes = [f"{role}: {files[role]} ({len(rows)} examples)" for role, rows in splits.items()]
-    if "validation" not in splits:  # carve it from train, seeded, so a resumed run gets the same split
-        order = torch.randperm(len(splits["train"]), generator=torch.Generator().manual_seed(args.seed)).tolist()
-        held = max(1, int(len(order) * args.validation_fraction))
-        splits["validation"] = [splits["train"][i] for i in sorted(order[:held])]
-        splits["train"] = [splits["train"][i] for i in sorted(order[held:])]
-        notes.append(f"validation: {held} examples carved from train ({args.validation_fraction:g}, seed {args.seed})")
-    for role, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples),
-                        ("test", args.max_eval_samples)):
-        if limit and role in splits:
-            splits[role] = splits[role][:limit]
-    return splits, notes
+def data_format(ds, name: str) -> str:
+    """The first format of FORMATS whose columns the split has; every row must fill them (one format per file)."""
+    fmt = next((f for f, cols in FORMATS.items() if set(cols) <= set(ds.column_names)), None)
+    if fmt is None:
+        raise DataError(field=name, value=ds.column_names, problem="has none of the known formats",
+                        fix='write {"text": ...}, {"prompt": ..., "response": ...}, {"instruction": ..., "input": ..., '
+                            '"output": ...} or {"messages": [{"role": ..., "content": ...}, ...]} records, or .txt lines')
+    for i, row in enumerate(ds.select_columns(list(FORMATS[fmt]))):
+        if any(v is None for v in row.values()):
+            raise DataError(field=f"{name}, row {i + 1}", value=row, problem=f"mixes two formats (this is {fmt})",
+                            fix="use one format per file")
+    return fmt
+
+
+def chat_ids(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
+    """The chat rendered by the tokenizer's template; only the assistant's turns are labelled."""
+    ids, labels = [], []
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:k], add_generation_prompt=True, tokenize=True, return_dict=False)
+        full = tokenizer.apply_chat_template(messages[:k + 1], tokenize=True, return_dict=False)
+        if full[:len(ids)] != ids or prompt[:len(ids)] != ids or full[:len(prompt)] != prompt:
+            raise ConfigError(field="tokenizer.chat_template", value=messages[k]["content"][:40], problem="renders "
+                              "a conversation differently from its start, so the assistant's turns cannot be told apart",
+                              fix="use a template whose renderings of a longer chat extend those of a shorter one")
+        labels += [-100] * (len(prompt) - len(ids)) + full[len(prompt):]
+        ids = full
+    if not ids:
+        raise DataError(field="messages", value=[m["role"] for m in messages], problem="has no assistant turn to "
+                        "train on", fix="drop the conversation, or add the assistant's answer")
+    if ids[-1] != tokenizer.eos_token_id:  # templates that end turns with their own marker still learn to stop
+        ids, labels = ids + [tokenizer.eos_token_id], labels + [tokenizer.eos_token_id]
+    return ids, labels
 
 
 def encode(example: dict, tokenizer, max_length: int) -> dict:
-    """Token ids and labels for one example; the eos is appended and labelled, the prompt is masked."""
-    if "response" in example:
-        prompt = tokenizer(example["prompt"])["input_ids"]
-        answer = tokenizer(example["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids, labels = prompt + answer, [-100] * len(prompt) + answer
+    """Token ids and labels for one example; the eos is appended and labelled; prompts are masked (-100)."""
+    if "messages" in example:
+        ids, labels = chat_ids(example["messages"], tokenizer)
     else:
-        ids = tokenizer(example["text"])["input_ids"] + [tokenizer.eos_token_id]
-        labels = list(ids)
-    ids, labels = ids[:max_length], labels[:max_length]
+        if "instruction" in example:
+            extra = example.get("input") or ""
+            example = {"prompt": ALPACA.format(", paired with an input that provides further context" if extra else "",
+                                               example["instruction"], f"### Input:\n{extra}\n\n" if extra else ""),
+                       "response": example["output"]}
+        if "response" in example:
+            prompt = tokenizer(example["prompt"])["input_ids"]
+            answer = tokenizer(example["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            ids, labels = prompt + answer, [-100] * len(prompt) + answer
+        else:
+            ids = tokenizer(example["text"])["input_ids"] + [tokenizer.eos_token_id]
+            labels = list(ids)
+    if max_length:
+        ids, labels = ids[:max_length], labels[:max_length]
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def pack(features: list[dict], block_size: int) -> list[dict]:
+    """run_clm's group_texts: every example end to end, cut into blocks of block_size (the rest is dropped)."""
+    ids = [t for f in features for t in f["input_ids"]]
+    labels = [t for f in features for t in f["labels"]]
+    return [{"input_ids": ids[i:i + block_size], "attention_mask": [1] * block_size, "labels": labels[i:i + block_size]}
+            for i in range(0, len(ids) - block_size + 1, block_size)]
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -146,19 +153,26 @@ def evaluate(model, loader, accelerator) -> dict[str, float]:
     return {k: float(v) for k, v in metric.compute().items()}
 
 
-def sample_generations(model, tokenizer, examples: list[dict], args) -> list[dict]:
+def prompt_ids(example: dict, tokenizer) -> list[int]:
+    """What the model continues in a sample: the prompt (up to the last assistant turn), or half a text."""
+    if "messages" in example:
+        last = max(i for i, m in enumerate(example["messages"]) if m["role"] == "assistant")
+        return tokenizer.apply_chat_template(example["messages"][:last], add_generation_prompt=True, tokenize=True,
+                                             return_dict=False)
+    encoded = encode(example, tokenizer, 0)
+    if "text" in example:
+        return encoded["input_ids"][: max(1, (len(encoded["input_ids"]) - 1) // 2)]
+    return encoded["input_ids"][: encoded["labels"].count(-100)]  # the masked prompt
+
+
+def sample_generations(model, tokenizer, examples, args) -> list[dict]:
     samples = []
-    for example in examples[: args.num_samples]:
-        if "prompt" in example:
-            prompt_ids = tokenizer(example["prompt"], return_tensors="pt")["input_ids"]
-        else:  # continue the first half of a text
-            ids = tokenizer(example["text"], return_tensors="pt")["input_ids"]
-            prompt_ids = ids[:, : max(1, ids.shape[1] // 2)]
-        prompt_ids = prompt_ids.to(next(model.parameters()).device)
-        output = model.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids), do_sample=False,
+    for example in examples.select(range(min(args.num_samples, len(examples)))):
+        ids = torch.tensor([prompt_ids(example, tokenizer)], device=next(model.parameters()).device)
+        output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                 max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-        new = output[0, prompt_ids.shape[1]:]
-        samples.append({"prompt": tokenizer.decode(prompt_ids[0], skip_special_tokens=True),
+        new = output[0, ids.shape[1]:]
+        samples.append({"prompt": tokenizer.decode(ids[0], skip_special_tokens=True),
                         "generated": tokenizer.decode(new, skip_special_tokens=True),
                         "stopped": bool(new.eq(tokenizer.eos_token_id).any())})
     return samples
@@ -169,7 +183,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     args = parse_args(argv)
     accelerator = training.make_accelerator(args)
-    splits, notes = load_splits(args)
+    blank = lambda ds: ds.filter(lambda row: bool(row["text"].strip())) if ds.column_names == ["text"] else ds
+    splits, notes = data.splits_from_args(args, prepare=blank)  # .txt files: blank lines are no examples
+    fmt = data_format(splits["train"], "train")
+    for split, ds in splits.items():
+        if data_format(ds, split) != fmt:
+            raise DataError(field=split, value=data_format(ds, split), problem=f"has another format than train ({fmt})",
+                            fix="use one format in every split")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.eos_token_id is None:
         raise ConfigError(field="tokenizer.eos_token", value=None, problem="the tokenizer has no end-of-sequence "
@@ -183,7 +203,14 @@ def main(argv: list[str] | None = None) -> dict:
     summary, strategy = adaptkit.summary(model), adaptkit.strategy_of(model).to_dict()
     accelerator.print(summary, *notes, sep="\n")
 
-    features = {role: [encode(e, tokenizer, args.max_length) for e in rows] for role, rows in splits.items()}
+    features = {split: [encode(e, tokenizer, 0 if args.block_size else args.max_length) for e in ds]
+                for split, ds in splits.items()}
+    if args.block_size:
+        features = {split: pack(f, args.block_size) for split, f in features.items()}
+        if not all(features.values()):
+            raise DataError(field="--block-size", value=args.block_size, problem="a split holds fewer tokens than "
+                            f"one block ({ {s: len(f) for s, f in features.items()} } blocks)", fix="use a smaller "
+                            "--block-size, or more data")
     train_loader = make_loader(features["train"], args, tokenizer.pad_token_id, shuffle=True)
     val_loader = make_loader(features["validation"], args, tokenizer.pad_token_id, shuffle=False)
     optimizer = training.make_optimizer(model, args)
@@ -212,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not adaptkit.is_quantized(best):
         best.to(accelerator.device)
     results = {"task": "language_model", "model": args.model, "strategy": strategy, "quantization": args.quantization,
-               "data": notes, "format": "prompt_response" if "prompt" in splits["train"][0] else "text"}
+               "data": notes, "format": fmt, "block_size": args.block_size}
     if "test" in features:
         test_loader = accelerator.prepare_data_loader(make_loader(features["test"], args, tokenizer.pad_token_id, False))
         results["test"] = evaluate(best, test_loader, accelerator)

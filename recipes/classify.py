@@ -4,18 +4,20 @@ The same file runs on CPU, one GPU and N GPUs:
 
     python recipes/classify.py --data $ADAPTKIT_DATA/sst2                      # LoRA on the bundled MiniLM
     python recipes/classify.py --data $ADAPTKIT_DATA/stsb --strategy full      # regression (float labels)
-    python recipes/classify.py --data glue/sst2 --strategy bottleneck         # a hub dataset (needs a network)
+    python recipes/classify.py --dataset-name glue --dataset-config sst2 --strategy bottleneck   # the hub
     python recipes/classify.py --data reviews.csv --text-columns review --option r=16 --option alpha=32
     accelerate launch recipes/classify.py --data ... --model bert-base-uncased --quantization 8bit
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
         --mixed_precision no --dynamo_backend no recipes/classify.py --data ... --processes 2   # 2 CPU processes
 
-Data (``--data``): a folder with ``train`` and optionally ``dev``/``validation`` and ``test`` files, one
-file, or a hub name. Files are .tsv (tab-separated, quoting off), .csv or .jsonl with a header; the
-text columns are ``sentence``, ``sentence1`` + ``sentence2`` or ``text`` unless ``--text-columns``
-names them; integer labels mean classification, other numbers regression. A GLUE folder (train +
-dev) uses dev as the test set; without a validation file, ``--validation-fraction`` of train is held
-out for early stopping and for picking the adapter that is saved.
+Data, read by ``datasets`` (``adaptkit.recipes.data``): ``--data`` a folder of split files (.tsv with
+quoting off, .csv, .json/.jsonl, .parquet, .arrow) or a ``save_to_disk`` folder, or one file;
+``--train-file``/``--validation-file``/``--test-file``; or ``--dataset-name`` (+ ``--dataset-config``).
+The text columns are ``sentence``, ``sentence1`` + ``sentence2`` or ``text`` unless ``--text-columns``
+names them; integer labels (or a ``ClassLabel``) mean classification, other numbers regression. Splits
+follow one convention: ``dev`` is validation; without a labelled test split validation becomes the
+test set (GLUE) and ``--validation-fraction`` of train is carved off for early stopping and for
+picking the adapter that is saved.
 
 ``--output-dir`` receives ``log.jsonl``, ``checkpoints/`` (``--resume`` continues from the latest),
 ``adapter/`` (the best on validation; ``adaptkit.load(dir, base_model)`` reloads it) and ``metrics.json``.
@@ -37,20 +39,15 @@ GLUE_TASKS = ("sst2", "cola", "mrpc", "rte", "stsb")  # their own metrics (MCC f
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = parser.add_argument_group("data")
-    g.add_argument("--data", required=True, help="folder, file (.tsv/.csv/.jsonl) or hub name such as glue/sst2")
-    g.add_argument("--validation-file", help="use this file for validation instead of carving it from train")
-    g.add_argument("--test-file", help="evaluate the final adapter on this file")
+    data.add_data_args(parser)
+    g = parser.add_argument_group("columns and tokens")
     g.add_argument("--text-columns", nargs="+", help="1 or 2 column names (default: detected)")
     g.add_argument("--label-column", default="label")
     g.add_argument("--task", choices=["classification", "regression"], help="default: from the labels")
     g.add_argument("--metrics", choices=sorted(k for k in metrics.TASKS if k != "language_model"),
                    help="which metrics to report (default: the GLUE task named by the data folder, else "
                         "classification or regression)")
-    g.add_argument("--validation-fraction", type=float, default=0.1)
     g.add_argument("--max-length", type=int, default=128, help="tokens per example (pairs truncated longest first)")
-    g.add_argument("--max-train-samples", type=int, help="train on the first N training examples only")
-    g.add_argument("--max-eval-samples", type=int, help="validate and test on the first N examples only")
     g.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
                    help="batch examples of similar length together (less padding, same results on average)")
     parser.add_argument("--model", help="model folder or hub id (default: the bundled all-MiniLM-L6-v2)")
@@ -76,27 +73,18 @@ def default_model() -> str:
 
 
 def load_splits(args: argparse.Namespace) -> data.Splits:
-    source = args.data
-    if args.validation_file or args.test_file:  # explicit files: --data is the train file
-        source = {"train": args.data, "validation": args.validation_file, "test": args.test_file}
-        source = {k: v for k, v in source.items() if v}
-    splits = data.load_splits(source, text_columns=args.text_columns, label_column=args.label_column,
-                              task=args.task, validation_fraction=args.validation_fraction, seed=args.seed)
-    for name, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples),
-                        ("test", args.max_eval_samples)):
-        table = getattr(splits, name)
-        if limit and table is not None and limit < len(table):
-            setattr(splits, name, table.subset(range(limit)))
-            splits.notes.append(f"{name}: first {limit} rows used (--max-{'train' if name == 'train' else 'eval'}-samples)")
-    return splits
+    return data.load_splits(data.source_of(args), dataset_name=args.dataset_name, dataset_config=args.dataset_config,
+                            text_columns=args.text_columns, label_column=args.label_column, task=args.task,
+                            validation_fraction=args.validation_fraction, seed=args.seed,
+                            max_train=args.max_train_samples, max_eval=args.max_eval_samples)
 
 
 def metric_task(args: argparse.Namespace, table: data.Table) -> str:
     if args.metrics:
         return args.metrics
-    path = Path(args.data)
-    name = (path.parent.name if path.is_file() else path.name).lower()  # folder, file's folder, or glue/sst2
-    return name if name in GLUE_TASKS else table.task
+    path = Path(args.data or args.train_file or "")
+    name = args.dataset_config or (path.parent.name if path.is_file() else path.name)  # glue config, or folder
+    return name.lower() if name.lower() in GLUE_TASKS else table.task
 
 
 def load_model(args: argparse.Namespace, table: data.Table, tokenizer):

@@ -8,7 +8,7 @@ reads each run's ``metrics.json``:
     python recipes/compare.py --strategies lora full --steps 400
 
 Data: ``$ADAPTKIT_DATA/sst2`` when ADAPTKIT_DATA is set (train.tsv for training, dev.tsv as the test
-set, as GLUE does), else the hub's ``glue/sst2`` (needs a network). A validation split is carved
+set, as GLUE does), else the hub's ``glue`` ``sst2`` (needs a network). A validation split is carved
 from train for picking each run's best adapter; "dev accuracy" is that adapter, reloaded, on dev.
 """
 
@@ -46,14 +46,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def data_args(folder: str | None) -> list[str]:
     folder = folder or (str(Path(os.environ["ADAPTKIT_DATA"]) / "sst2") if os.environ.get("ADAPTKIT_DATA") else None)
     if folder is None:
-        return ["--data", "glue/sst2", "--metrics", "sst2"]  # the hub's validation split becomes the test set
+        # GLUE's test labels are hidden: its validation split becomes the test set (recipes' split convention)
+        return ["--dataset-name", "nyu-mll/glue", "--dataset-config", "sst2", "--metrics", "sst2"]
     train, dev = Path(folder) / "train.tsv", Path(folder) / "dev.tsv"
     if not (train.is_file() and dev.is_file()):
         raise DataError(field="--data", value=folder, problem="needs train.tsv and dev.tsv",
                         fix="point ADAPTKIT_DATA at a folder holding sst2/train.tsv and sst2/dev.tsv, or unset it "
                             "to use the hub's glue/sst2")
     # dev is the test set (GLUE convention); validation is carved from train
-    return ["--data", str(train), "--test-file", str(dev), "--metrics", "sst2"]
+    return ["--train-file", str(train), "--test-file", str(dev), "--metrics", "sst2"]
 
 
 def run_one(strategy: str, args: argparse.Namespace, data: list[str]) -> tuple[dict | None, float, Path]:

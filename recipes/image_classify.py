@@ -3,123 +3,73 @@
 The same file runs on CPU, one GPU and N GPUs:
 
     python recipes/image_classify.py --model google/vit-base-patch16-224 --data photos/       # LoRA
-    python recipes/image_classify.py --model ./my-vit --data beans --strategy bottleneck       # a hub dataset
+    python recipes/image_classify.py --model ./my-vit --dataset-name beans --strategy bottleneck   # the hub
     accelerate launch recipes/image_classify.py --model ./my-vit --data photos/ --strategy full
 
-Data (``--data``): an image folder, one sub-folder per class (``photos/cat/1.png``), either directly
-or under ``train/`` with optional ``validation/``/``val/``/``dev/`` and ``test/`` beside it; or a hub
-dataset with an ``image`` (or ``img``) and a ``label`` column (needs a network). Without a
-validation split, ``--validation-fraction`` of train is held out, stratified by class. Images are
-resized and normalised by the model's own image processor (``preprocessor_config.json`` in the
-model folder); no augmentation is applied.
+Data, read by ``datasets``: ``--data`` an image folder (``imagefolder``: one sub-folder per class,
+``photos/cat/1.png``, directly or under ``train/`` with optional ``validation/`` and ``test/``) or a
+``save_to_disk`` folder; or ``--dataset-name`` (+ ``--dataset-config``) with an ``image`` (or ``img``)
+and a ``label`` column (``--image-column``/``--label-column``). Splits follow the recipes' one
+convention (``adaptkit.recipes.data``). Images are resized and normalised by the model's own image
+processor (``preprocessor_config.json`` in the model folder); no augmentation is applied.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 from transformers import AutoImageProcessor
 
 import adaptkit
-from adaptkit.recipes import metrics, runs, training
+from adaptkit.recipes import data, metrics, runs, training
 from adaptkit.errors import ConfigError, DataError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-SPLITS = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model folder or hub id (with an image processor)")
-    parser.add_argument("--data", required=True, help="image folder (class sub-folders) or hub dataset name")
-    parser.add_argument("--validation-fraction", type=float, default=0.1)
-    parser.add_argument("--max-train-samples", type=int)
-    parser.add_argument("--max-eval-samples", type=int)
+    data.add_data_args(parser, what="class folders")
+    parser.add_argument("--image-column", help="default: image or img")
+    parser.add_argument("--label-column", default="label")
     training.add_run_args(parser, epochs=3, batch_size=32)
     args = parser.parse_args(argv)
     training.check_args(args, "image_classify")
     return args
 
 
-def folder_split(folder: Path, classes: list[str] | None) -> tuple[list[tuple[Path, int]], list[str]]:
-    """(image path, class id) pairs from ``folder/<class>/*``; the train split fixes the class list."""
-    found = sorted(d.name for d in folder.iterdir() if d.is_dir())
-    classes = classes or found
-    unknown = sorted(set(found) - set(classes))
-    if unknown or len(classes) < 2:
-        raise DataError(field=str(folder), value=unknown or found,
-                        problem="has class folders the train split lacks" if unknown else "needs 2+ class folders",
-                        fix="put each class's images in a sub-folder named after the class, the same in every split")
-    items = [(p, i) for i, name in enumerate(classes) if (folder / name).is_dir()
-             for p in sorted((folder / name).rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
-    if not items:
-        raise DataError(field=str(folder), value=classes, problem="no images in the class folders",
-                        fix=f"add image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return items, classes
-
-
-def load_splits(args: argparse.Namespace) -> tuple[dict[str, list], list[str], list[str]]:
-    """Splits of (image, label) pairs (images as paths or PIL images), class names, and notes."""
-    root = Path(args.data)
-    if root.is_dir():
-        roles = {role: root / d.name for role, names in SPLITS.items() for d in root.iterdir()
-                 if d.is_dir() and d.name.lower() in names}
-        roles.setdefault("train", root)  # no split folders: the class folders are right here
-        splits, classes = {}, None
-        for role in ("train", "validation", "test"):
-            if role in roles:
-                splits[role], classes = folder_split(roles[role], classes)
-    else:
-        splits, classes = hub_splits(args.data)
-    notes = [f"{role}: {len(items)} images" for role, items in splits.items()]
-    if "validation" not in splits:
-        from sklearn.model_selection import train_test_split
-        train, held = train_test_split(splits["train"], test_size=args.validation_fraction, random_state=args.seed,
-                                       stratify=[label for _, label in splits["train"]])
-        splits["train"], splits["validation"] = train, held
-        notes.append(f"validation: {len(held)} images carved from train ({args.validation_fraction:g}, stratified); "
-                     f"train keeps {len(train)}")
-    for role, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples),
-                        ("test", args.max_eval_samples)):
-        if limit and role in splits and limit < len(splits[role]):  # a seeded random subset: folders are class-sorted
-            keep = torch.randperm(len(splits[role]), generator=torch.Generator().manual_seed(args.seed))[:limit]
-            splits[role] = [splits[role][i] for i in sorted(keep.tolist())]
-            notes.append(f"{role}: {limit} of them used (--max-{'train' if role == 'train' else 'eval'}-samples)")
-    return splits, classes, notes
-
-
-def hub_splits(name: str) -> tuple[dict[str, list], list[str]]:
-    import datasets
-    try:
-        loaded = datasets.load_dataset(name)
-    except (OSError, ValueError) as err:
-        raise DataError(field="--data", value=name, problem=f"is no local folder and the hub failed ({err})",
-                        fix="pass an image folder with one sub-folder per class") from None
-    columns = loaded["train"].column_names
-    image = next((c for c in ("image", "img") if c in columns), None)
-    if image is None or "label" not in columns:
-        raise DataError(field="--data", value=columns, problem="needs an image/img and a label column",
-                        fix="use an image classification dataset, or an image folder")
-    roles = {"train": "train", "validation": "validation", "valid": "validation", "test": "test"}
-    splits = {roles[s]: list(zip(ds[image], ds["label"])) for s, ds in loaded.items() if s in roles}
-    return splits, list(loaded["train"].features["label"].names)
+def load_splits(args: argparse.Namespace):
+    """Splits of (image, label) rows as ``datasets`` reads them (``imagefolder``, the hub, ``save_to_disk``),
+    arranged by the recipes' one split convention; class names come from the train split's ClassLabel."""
+    splits, notes = data.splits_from_args(args, label_column=args.label_column,
+                                          strata=lambda ds: ds[args.label_column])
+    train = splits["train"]
+    image = args.image_column or next((c for c in ("image", "img") if c in train.column_names), None)
+    missing = [c for c in (image, args.label_column) if c not in train.column_names]
+    if image is None or missing:
+        raise DataError(field="--image-column/--label-column", value=missing or None,
+                        problem=f"not among the columns {train.column_names}",
+                        fix="name them with --image-column/--label-column, or use one sub-folder per class")
+    feature = train.features[args.label_column]
+    classes = list(feature.names) if hasattr(feature, "names") else [str(c) for c in sorted(set(train[args.label_column]))]
+    if len(classes) < 2:
+        raise DataError(field=str(args.data or args.dataset_name), value=classes, problem="needs 2+ class folders "
+                        "(classes)", fix="put each class's images in a sub-folder named after the class")
+    return {split: ds.select_columns([image, args.label_column]) for split, ds in splits.items()}, classes, notes
 
 
 class Images(torch.utils.data.Dataset):
-    """Opens and preprocesses each image when it is used (a folder may not fit in memory)."""
+    """Decodes and preprocesses each image when it is used (a folder may not fit in memory)."""
 
-    def __init__(self, items: list, processor, mode: str):
+    def __init__(self, items, processor, mode: str):
         self.items, self.processor, self.mode = items, processor, mode
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
-        from PIL import Image
-        image, label = self.items[i]
-        image = Image.open(image) if isinstance(image, (str, Path)) else image
+        image, label = self.items[i].values()  # decoded by datasets when the row is read
         pixels = self.processor(image.convert(self.mode), return_tensors="pt")["pixel_values"][0]
         return {"pixel_values": pixels, "labels": label}
 

@@ -1,4 +1,4 @@
-"""adaptkit.recipes.data: reading files into checked tables, splits, tokenizing and batching.
+"""adaptkit.recipes.data: files read by datasets into checked tables, the split convention, tokenizing, batching.
 
 Small files written per test cover every error; the real GLUE copies under $ADAPTKIT_DATA check the
 counts published in its README.
@@ -80,16 +80,16 @@ def test_utf8_bom_is_dropped(tmp_path):
                                         r"to .tsv"),
     ("d.tsv", "sentence,label\na,1\n", r"wrong delimiter.*holding commas.*rename the file to .csv"),
     ("dup.tsv", "sentence\tsentence\tlabel\na\tb\t1\n", "empty or repeated column names"),
-    ("el.tsv", "sentence\tlabel\na\t1\nb\t\n", r"el.tsv, line 3, column 'label'=''.*empty label"),
-    ("et.tsv", "sentence\tlabel\na\t1\n \t0\n", r"et.tsv, line 3, column 'sentence'.*text is empty"),
-    ("m.tsv", "sentence\tlabel\na\t1\nb\tpos\n", r"mixed label types: a number at line 2 and a string at line 3"),
-    ("n.tsv", "sentence\tlabel\na\t1\nb\t-1\n", r"n.tsv, line 3, label='-1'.*negative.*GLUE writes -1"),
+    ("el.tsv", "sentence\tlabel\na\t1\nb\t\n", r"el.tsv, row 2, column 'label'=''.*empty label"),
+    ("et.tsv", "sentence\tlabel\na\t1\n \t0\n", r"et.tsv, row 2, column 'sentence'.*text is empty"),
+    ("m.tsv", "sentence\tlabel\na\t1\nb\tpos\n", r"mixed label types: a number at row 1 and a string at row 2"),
+    ("n.tsv", "sentence\tlabel\na\t1\nb\t-1\n", r"n.tsv, row 2, label='-1'.*negative.*GLUE writes -1"),
     ("o.tsv", "sentence\tlabel\na\t0\nb\t0\n", r"only one class; classification needs at least 2"),
-    ("nan.tsv", "sentence\tlabel\na\t0.5\nb\tnan\n", r"line 3, label='nan'.*not a finite number"),
-    ("j.jsonl", '{"sentence": "a", "label": 1}\n{"sentence": "b", "label": 0\n', r"j.jsonl, line 2.*not valid JSON"),
-    ("k.jsonl", '{"sentence": "a", "label": 1}\n{"sentence": "b"}\n', r"k.jsonl, line 2='label'.*no such key"),
+    ("nan.tsv", "sentence\tlabel\na\t0.5\nb\tnan\n", r"row 2, label='nan'.*not a finite number"),
+    ("j.jsonl", '{"sentence": "a", "label": 1}\n{"sentence": "b", "label": 0\n', r"j.jsonl, record 2.*not valid JSON"),
+    ("k.jsonl", '{"sentence": "a", "label": 1}\n{"sentence": "b"}\n', r"k.jsonl, row 2='label'.*no such key"),
     ("b.jsonl", '{"sentence": "a", "label": true}\n', "a label must be a number or a string"),
-    ("x.jsonl", '[1, 2]\n', "is not a JSON object"),
+    ("x.jsonl", '[1, 2]\n', r"no text column; the columns are \['text'\]|no such column"),
 ])
 def test_bad_files_raise_dataerror_naming_the_problem(tmp_path, name, content, match):
     with pytest.raises(DataError, match=match):
@@ -101,8 +101,8 @@ def test_bad_paths(tmp_path):
         read_table(tmp_path / "nope.tsv")
     with pytest.raises(DataError, match=r"is a folder, not a file. Fix: pass a file such as .*train.tsv"):
         read_table(tmp_path)
-    with pytest.raises(DataError, match=r"unknown extension '.txt'.*\['.tsv', '.csv', '.jsonl', '.json'\]"):
-        read_table(write(tmp_path, "x.txt", "sentence\tlabel\na\t1\n"))
+    with pytest.raises(DataError, match=r"unknown extension '.xlsx'.*\['.tsv', '.csv', '.jsonl', '.json', '.parquet'"):
+        read_table(write(tmp_path, "x.xlsx", "sentence\tlabel\na\t1\n"))
 
 
 def test_non_utf8_names_byte_offset_and_line(tmp_path):
@@ -113,7 +113,7 @@ def test_non_utf8_names_byte_offset_and_line(tmp_path):
 
 def test_label_range_and_label_set_checks(tmp_path):
     path = write(tmp_path, "r.tsv", "sentence\tlabel\na\t0\nb\t5\n")
-    with pytest.raises(DataError, match=r"r.tsv, line 3, label='5': is out of range for num_labels=2.*0..1"):
+    with pytest.raises(DataError, match=r"r.tsv, row 2, label='5': is out of range for num_labels=2.*0..1"):
         read_table(path, num_labels=2)
     names = write(tmp_path, "n.tsv", "sentence\tlabel\na\tpos\nb\tmaybe\n")
     with pytest.raises(DataError, match=r"label='maybe': is not one of the known classes \['neg', 'pos'\]"):
@@ -134,7 +134,7 @@ def test_more_bad_inputs(tmp_path):
         read_table(path, text_columns=["premise", "hyp"])
     with pytest.raises(ConfigError, match="num_labels=2: regression has one output"):
         read_table(write(tmp_path, "r.tsv", "text\tlabel\na\t0.5\n"), num_labels=2)
-    with pytest.raises(DataError, match=r"a.json, line 1.*not valid JSON"):
+    with pytest.raises(DataError, match=r"a.json.*not valid JSON"):
         read_table(write(tmp_path, "a.json", '[{"text": "a", "label": 1},]'))
 
 
@@ -188,7 +188,7 @@ def test_split_label_set_comes_from_train(tmp_path):
     (tmp_path / "f").mkdir()
     folder = _folder(tmp_path / "f", train_tsv="sentence\tlabel\na\tneg\nb\tpos\nc\tneg\nd\tpos\n",
                      validation_tsv="sentence\tlabel\na\tpos\n", test_tsv="sentence\tlabel\nz\tmaybe\n")
-    with pytest.raises(DataError, match=r"test.tsv, line 2, label='maybe': is not one of the known classes"):
+    with pytest.raises(DataError, match=r"test.tsv, row 1, label='maybe': is not one of the known classes"):
         load_splits(folder)
 
 
@@ -201,7 +201,7 @@ def test_split_errors(tmp_path):
         load_splits(tmp_path)
     (tmp_path / "train.csv").unlink()
     write(tmp_path, "validation.tsv", ROWS)
-    with pytest.raises(DataError, match=r"both a dev and a validation file"):
+    with pytest.raises(DataError, match=r"\['dev.tsv', 'validation.tsv'\]: several validation files"):
         load_splits(tmp_path)
     with pytest.raises(DataError, match=r"source='.*missing.tsv': no such file or folder"):
         load_splits(str(tmp_path / "missing.tsv"))
@@ -213,7 +213,7 @@ def test_split_errors(tmp_path):
 def test_hub_name_offline_fails_fast_with_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.monotonic()
-    with pytest.raises(DataError, match=r"source='glue/sst2': no local file or folder.*hub failed.*"
+    with pytest.raises(DataError, match=r"--dataset-name='nyu-mll/glue sst2': the Hugging Face hub.*failed.*"
                                         r"Fix: pass a local folder"):
         load_splits("glue/sst2")
     assert time.monotonic() - start < 10
@@ -313,3 +313,40 @@ def test_make_dataloader_covers_every_example(tmp_path, tokenizer):
         assert passes[0] != passes[1]  # each pass reshuffles ...
         again = make()
         assert passes == [[b["labels"].tolist() + b["input_ids"].sum(1).tolist() for b in again] for _ in range(2)]
+
+
+# ------------------------------------------------------------------- formats and sources of datasets
+
+def test_parquet_save_to_disk_and_dataset_name_read_through_datasets(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    feats = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+    part = lambda n, seed: datasets.Dataset.from_dict(  # noqa: E731
+        {"text": [f"t{seed}-{i}" for i in range(n)], "label": [i % 2 for i in range(n)]}, features=feats)
+    dd = datasets.DatasetDict(train=part(20, 0), validation=part(6, 1), test=part(4, 2))
+    dd.save_to_disk(tmp_path / "saved")  # a DatasetDict folder: train/ validation/ test/ + dataset_dict.json
+    saved = load_splits(tmp_path / "saved")
+    assert (len(saved.train), len(saved.validation), len(saved.test)) == (20, 6, 4)
+    assert saved.train.label_names == ["neg", "pos"]  # from the ClassLabel, not sorted strings
+    (tmp_path / "pq").mkdir()
+    for split, ds in dd.items():
+        ds.to_parquet(tmp_path / "pq" / f"{split}.parquet")
+    pq = load_splits(tmp_path / "pq")
+    assert pq.validation.texts == saved.validation.texts and pq.train.label_names == ["neg", "pos"]
+    named = load_splits(dataset_name=str(tmp_path / "pq"))  # load_dataset(name): a hub id or a local folder
+    assert named.test.texts == saved.test.texts
+    one = read_table(tmp_path / "pq" / "test.parquet")
+    assert one.labels == [0, 1, 0, 1] and one.path.endswith("test.parquet")
+
+
+def test_one_split_convention_dev_is_validation_and_no_test_makes_it_the_test_set(tmp_path):
+    dev = "sentence\tlabel\n" + "".join(f"d{i}\t{i % 2}\n" for i in range(6))
+    (tmp_path / "a").mkdir()
+    glue = load_splits(_folder(tmp_path / "a", train_tsv=ROWS, dev_tsv=dev))
+    assert len(glue.test) == 6 and any("validation is the test set" in n for n in glue.notes)
+    sampled = load_splits(tmp_path / "a", max_train=10, max_eval=3, seed=5)
+    assert len(sampled.train) == 10 and len(sampled.validation) == 3 and len(sampled.test) == 3
+    assert sampled.train.texts != glue.train.texts[:10]  # a seeded random subset, not the first rows ...
+    assert sampled.train.texts == load_splits(tmp_path / "a", max_train=10, seed=5).train.texts  # ... repeatably
+    everything = read_table(tmp_path / "a" / "train.tsv").texts
+    order = [everything.index(t) for t in sampled.train.texts]
+    assert order == sorted(order)  # kept in file order

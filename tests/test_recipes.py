@@ -92,7 +92,7 @@ def test_classify_writes_metrics_and_a_reloadable_adapter(tmp_path, data_root, t
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_bert)
     base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
     model = adaptkit.load(out / "adapter", base).eval()
-    test = data.read_table(data_root / "sst2" / "test.tsv").subset(range(48))
+    test = data.read_table(data_root / "sst2" / "test.tsv").select(range(48))
     loader = batching.make_dataloader(batching.tokenize(test, tokenizer), tokenizer, batch_size=16)
     with torch.no_grad():
         predictions = torch.cat([model(**{k: v for k, v in b.items() if k != "labels"}).logits.argmax(-1)
@@ -281,6 +281,50 @@ def test_causal_lm_labels_keep_the_eos_when_pad_is_eos(tiny_gpt):
     assert batch["labels"][1].tolist() == batch["input_ids"][1].tolist() and batch["labels"][1, -1] == eos
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} \n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant :{% endif %}")
+
+
+def test_causal_lm_masks_alpaca_and_chat_prompts_and_packs_blocks(tiny_gpt):
+    causal_lm = recipe("causal_lm")
+    import transformers
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_gpt["model"])
+    eos, word = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids
+    alpaca = causal_lm.encode({"instruction": "rate it", "input": "a fine film", "output": "positive"}, tokenizer, 0)
+    assert alpaca["labels"][-2:] == [word("positive"), eos] and set(alpaca["labels"][:-2]) == {-100}
+    tokenizer.chat_template = CHAT_TEMPLATE
+    chat = [{"role": "user", "content": "a fine film"}, {"role": "assistant", "content": "positive"},
+            {"role": "user", "content": "a dull film"}, {"role": "assistant", "content": "negative"}]
+    encoded = causal_lm.encode({"messages": chat}, tokenizer, 0)
+    trained = [t for t, label in zip(encoded["input_ids"], encoded["labels"]) if label != -100]
+    # only the assistant's words (and what its template line puts after them) are trained on, the eos too
+    assert word("positive") in trained and word("negative") in trained and word("fine") not in trained
+    assert encoded["labels"][-1] == eos and word("dull") not in trained
+    blocks = causal_lm.pack([alpaca, encoded, alpaca], 8)
+    total = 2 * len(alpaca["input_ids"]) + len(encoded["input_ids"])
+    assert len(blocks) == total // 8 and all(len(b["input_ids"]) == len(b["labels"]) == 8 for b in blocks)
+    assert [t for b in blocks for t in b["labels"]] == (alpaca["labels"] + encoded["labels"] + alpaca["labels"])[:len(blocks) * 8]
+
+
+def test_causal_lm_trains_on_packed_chats(tmp_path, tiny_gpt):
+    import transformers
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_gpt["model"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(tmp_path / "model")
+    shutil.copy(tiny_gpt["model"] / "config.json", tmp_path / "model")
+    shutil.copy(tiny_gpt["model"] / "model.safetensors", tmp_path / "model")
+    rows = [json.loads(line) for line in (tiny_gpt["pairs"] / "train.jsonl").read_text().splitlines()[:60]]
+    with open(tmp_path / "chats.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps({"messages": [{"role": "user", "content": row["prompt"]},
+                                             {"role": "assistant", "content": row["response"]}]}) + "\n")
+    metrics = recipe("causal_lm").main(["--model", str(tmp_path / "model"), "--data", str(tmp_path / "chats.jsonl"),
+                                        "--output-dir", str(tmp_path / "run"), "--block-size", "32", "--max-steps",
+                                        "4", "--batch-size", "4", "--num-samples", "1", "--max-new-tokens", "3"])
+    assert metrics["format"] == "messages" and metrics["block_size"] == 32 and metrics["steps"] == 4
+    assert math.isfinite(metrics["validation"]["perplexity"]) and metrics["samples"][0]["prompt"].endswith("=>")
+
+
 def test_causal_lm_on_plain_text_reports_test_perplexity_and_reloads(tmp_path, tiny_gpt):
     out = tmp_path / "text"
     metrics = recipe("causal_lm").main(["--model", str(tiny_gpt["model"]), "--data", str(tiny_gpt["text"]),
@@ -300,7 +344,7 @@ def test_causal_lm_refuses_mixed_formats(tmp_path, tiny_gpt):
         recipe("causal_lm").main(["--model", str(tiny_gpt["model"]), "--data", str(mixed)])
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "a"}\n{"text": \n')
-    with pytest.raises(DataError, match=r"broken.jsonl, line 2.*is not JSON"):
+    with pytest.raises(DataError, match=r"broken.jsonl, record 2.*not valid JSON"):
         recipe("causal_lm").main(["--model", str(tiny_gpt["model"]), "--data", str(broken)])
 
 
@@ -352,8 +396,11 @@ def test_image_classify_resumes_exactly(tmp_path, digits, monkeypatch):
 
 def test_image_classify_refuses_a_folder_without_classes(tmp_path, digits):
     (tmp_path / "flat").mkdir()
-    with pytest.raises(DataError, match=r"needs 2\+ class folders"):
+    with pytest.raises(DataError, match=r"the folder has no train file.*image class folders"):
         recipe("image_classify").main(["--model", str(digits["model"]), "--data", str(tmp_path / "flat")])
+    shutil.copytree(digits["data"] / "train" / "3", tmp_path / "one" / "3")
+    with pytest.raises(DataError, match=r"one\[train\]=\['image'\]: the train split has no labels.*2\+ class sub-folders"):
+        recipe("image_classify").main(["--model", str(digits["model"]), "--data", str(tmp_path / "one")])
 
 
 # ---- the run machinery -------------------------------------------------------------------------------
