@@ -138,21 +138,6 @@ def make_loader(features: list[dict], args, pad_id: int, shuffle: bool):
     return torch.utils.data.DataLoader(features, batch_sampler=sampler, collate_fn=lambda b: collate(b, pad_id))
 
 
-@torch.no_grad()
-def evaluate(model, loader, accelerator) -> dict[str, float]:
-    """Perplexity over every labelled token: per-sequence NLL sums, so padding and batch sizes do not weigh in."""
-    model.eval()
-    metric = metrics.metric_for_task("language_model")
-    for batch in loader:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        labels = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100,
-                                                reduction="none").sum(-1)
-        nll, tokens = accelerator.gather_for_metrics((nll, labels.ne(-100).sum(-1)))
-        metric.add_batch(nll=nll.cpu().numpy(), num_tokens=tokens.cpu().numpy())
-    return {k: float(v) for k, v in metric.compute().items()}
-
-
 def prompt_ids(example: dict, tokenizer) -> list[int]:
     """What the model continues in a sample: the prompt (up to the last assistant turn), or half a text."""
     if "messages" in example:
@@ -219,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     scheduler = accelerator.prepare(training.make_scheduler(optimizer, args, max_steps, accelerator.num_processes))
 
     run = runs.Run(accelerator, args, model, optimizer, train_loader, max_steps=max_steps,
-                   evaluate=lambda: evaluate(model, val_loader, accelerator),
+                   evaluate=lambda: training.evaluate_perplexity(model, val_loader, accelerator),
                    metric=metrics.primary_metric("language_model"))
     run.resume(args.resume)
     model.train()
@@ -242,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
                "data": notes, "format": fmt, "block_size": args.block_size}
     if "test" in features:
         test_loader = accelerator.prepare_data_loader(make_loader(features["test"], args, tokenizer.pad_token_id, False))
-        results["test"] = evaluate(best, test_loader, accelerator)
+        results["test"] = training.evaluate_perplexity(best, test_loader, accelerator)
     if accelerator.is_main_process and args.num_samples:
         results["samples"] = sample_generations(best, tokenizer, splits.get("test", splits["validation"]), args)
         for s in results["samples"]:

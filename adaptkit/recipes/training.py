@@ -181,3 +181,22 @@ def evaluate_classifier(model, loader, accelerator, task: str, num_labels: int) 
         predictions, references = accelerator.gather_for_metrics((predictions, batch["labels"]))
         metric.add_batch(predictions=predictions.cpu().numpy(), references=references.cpu().numpy())
     return {k: float(v) for k, v in metric.compute().items()}
+
+
+@torch.no_grad()
+def evaluate_perplexity(model, loader, accelerator) -> dict[str, float]:
+    """Perplexity over every labelled token of a prepared loader (labels -100 are not scored).
+
+    Per-sequence NLL sums and token counts are gathered, so padding, batch sizes and processes do not weigh in.
+    """
+    from adaptkit.recipes import metrics
+    model.eval()
+    metric = metrics.metric_for_task("language_model")
+    for batch in loader:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100,
+                                                reduction="none").sum(-1)
+        nll, tokens = accelerator.gather_for_metrics((nll, labels.ne(-100).sum(-1)))
+        metric.add_batch(nll=nll.cpu().numpy(), num_tokens=tokens.cpu().numpy())
+    return {k: float(v) for k, v in metric.compute().items()}
