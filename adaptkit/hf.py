@@ -25,19 +25,37 @@ from typing import Any
 from torch import nn
 
 from adaptkit import folders, layout
-from adaptkit.errors import AdapterFormatError, ConfigError
+from adaptkit.errors import AdapterFormatError, ConfigError, UnsupportedError
 
 _SAVE = "save_pretrained"
 
 
+_CHECKPOINTING = ("activation_checkpointing_enable", "gradient_checkpointing_enable")
+
+
 def install(model: nn.Module) -> None:
-    """Give this adapted model (the instance only) a save_pretrained that writes the adapter folder."""
+    """Give this adapted model (the instance only) a save_pretrained that writes the adapter folder, and
+    on prefix tuning a checkpointing switch that refuses (the Trainer flips it on from its arguments)."""
     model.__dict__[_SAVE] = types.MethodType(save_pretrained, model)
+    config = (getattr(model, "peft_config", None) or {}).get(getattr(model, "active_adapter", None))
+    if getattr(getattr(config, "peft_type", None), "value", None) == "PREFIX_TUNING":
+        for name in _CHECKPOINTING:
+            model.__dict__[name] = _refuse_checkpointing
 
 
 def uninstall(*models: nn.Module) -> None:
     for model in models:
-        model.__dict__.pop(_SAVE, None)
+        for name in (_SAVE, *_CHECKPOINTING):
+            model.__dict__.pop(name, None)
+
+
+def _refuse_checkpointing(*args: Any, **kwargs: Any) -> None:
+    # PEFT refuses prefix tuning on a model with checkpointing on; switched on afterwards, the prefix
+    # silently gets no gradient (measured: the Trainer's optimizer never saw one)
+    raise UnsupportedError(field="gradient_checkpointing", value=True,
+                           problem="PEFT refuses prefix tuning with it; switched on after adapt, the prefix gets "
+                                   "no gradient and never trains",
+                           fix="set gradient_checkpointing=False (TrainingArguments), or use 'lora'")
 
 
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, is_main_process: bool = True,
