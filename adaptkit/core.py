@@ -163,7 +163,11 @@ def summary(model: nn.Module) -> Summary:
     if strategy is not None and not strategy.freezes_base:
         adapter_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     else:
-        adapter_bytes = sum(t.numel() * t.element_size() for t in owned_tensors(model).values())
+        # sizes only: no copy (a 7B full-model copy would double memory; under FSDP's meta loading
+        # rank > 0 holds no data yet, and copying it raises)
+        owned = set(model.__dict__.get(OWNED, ()))  # what save writes (owned_tensors), counted without a copy
+        adapter_bytes = sum(_numel(p) * p.element_size() for n, p in model.named_parameters()
+                            if p.requires_grad or n in owned)
     footprint = sum(p.numel() * p.element_size() for p in params)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     if is_quantized(model):  # bitsandbytes keeps scales/statistics as attributes, not parameters/buffers
@@ -173,18 +177,23 @@ def summary(model: nn.Module) -> Summary:
                    4 * total + buffers)
 
 
-def save(model: nn.Module, directory: str | Path) -> Path:
+def save(model: nn.Module, directory: str | Path, *, _gathered: dict[str, torch.Tensor] | None = None) -> Path:
     """Write only what the strategy trained (+ the task head) as safetensors, atomically.
 
     The files are built in a temporary folder beside the target and swapped into place in one step,
     so a crash never leaves a half-written adapter. In an existing adaptkit folder only the files the
     previous save wrote (listed in its ``adaptkit_config.json``) are replaced; the user's own files
-    there stay. ``~`` is expanded and a symlinked folder keeps its link.
+    there stay. ``~`` is expanded and a symlinked folder keeps its link. A model sharded by FSDP2
+    is saved with ``adaptkit.distributed.save_adapter`` (it passes ``_gathered``).
     """
     strategy = strategy_of(model)
     if strategy is None:
         raise NotAdaptedError(field="model", value=type(model).__name__, problem="was not adapted by adaptkit",
                               fix="call adaptkit.adapt(model, strategy) first (or save a plain model with save_pretrained)")
+    if _gathered is None and _is_sharded(model):
+        raise UnsupportedError(field="model", value="parameters sharded by FSDP (DTensor)",
+                               problem="this process holds only its shard; saving it would write a partial adapter",
+                               fix="call adaptkit.distributed.save_adapter(accelerator, model, directory) on every process")
     target = folders.resolve_target(directory)
     if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or (target / CONFIG_NAME).is_file())):
         raise ConfigError(field="directory", value=str(directory),
@@ -192,7 +201,7 @@ def save(model: nn.Module, directory: str | Path) -> Path:
                           fix="choose a new or empty folder")
     tmp = folders.make_temp(target)
     try:
-        layout.write_folder(model, tmp)
+        layout.write_folder(model, tmp, _gathered)
         folders.replace_owned(tmp, target, lambda: _owned_files(target))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -215,6 +224,11 @@ def _owned_files(folder: Path) -> set[str]:
         owned |= {f"{p.parent.name}/{n}" for p in folder.glob("*/adapter_config.json")
                   for n in ("adapter_config.json", WEIGHTS_NAME)}
     return owned
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def read_config(directory: Path) -> Strategy:

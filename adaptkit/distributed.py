@@ -71,6 +71,13 @@ def device_map(requested: Any = None) -> Any:
     Under several processes only a single-device map is accepted; ``"auto"``, ``"balanced"`` and
     maps over several devices are refused (one sharded copy per process cannot be data-parallel).
     """
+    if fsdp_requested():
+        if requested is not None:
+            raise UnsupportedError(
+                field="device_map", value=requested,
+                problem="under FSDP the model must load whole on the CPU; FSDP places each process's shard itself",
+                fix="leave device_map unset")
+        return None  # FSDP (and FSDP + QLoRA) loads on the CPU and shards from there
     if requested is None:
         return {"": process_device()}
     world = launched_world_size() or 1
@@ -144,20 +151,134 @@ def require_processes(accelerator: Any = None, expected: int | None = None) -> i
     return running
 
 
-def require_whole_copies(accelerator: Any) -> None:
-    """Refuse FSDP and DeepSpeed ZeRO-3, where each process holds only a shard of every parameter.
+def fsdp_requested() -> bool:
+    """Whether the launcher asked for FSDP (``accelerate launch --use_fsdp`` or an FSDP config)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() in {"1", "true", "yes"}
 
-    ``adaptkit.save`` from the main process writes that process's parameters; under these sharded
-    modes it would write a shard (or empty placeholders) as if it were the adapter. DDP and
-    DeepSpeed ZeRO-1/2 keep whole parameter copies on every process and are accepted.
+
+def _kind(accelerator: Any) -> str:
+    return str(getattr(getattr(accelerator, "distributed_type", None), "value", ""))
+
+
+def check_sharding(accelerator: Any) -> None:
+    """Refuse the sharded setups that crash or could not be saved correctly, each with its fix; accept FSDP2.
+
+    Called before any weights load. Accepted: DDP, DeepSpeed ZeRO-1/2 (whole parameter copies on every
+    process) and FSDP2 (``fully_shard``: every parameter a ``DTensor`` under its own name, which
+    :func:`save_adapter` gathers). Refused:
+
+    * FSDP1: it flattens parameters into buffers with other names; only FSDP2 is tested here.
+    * FSDP2 with ``cpu_ram_efficient_loading`` on CPU (Accelerate's default): processes other than the
+      first build the model on the meta device, and on CPU Accelerate moves it with ``.to("cpu")``
+      before sharding, which fails with ``Cannot copy out of meta tensor; no data!`` on rank 1.
+    * DeepSpeed ZeRO-3: shards parameters in a way :func:`save_adapter` does not gather, and
+      ``deepspeed`` could not be tested here.
     """
-    kind = str(getattr(getattr(accelerator, "distributed_type", None), "value", ""))
-    stage = None
+    kind = _kind(accelerator)
+    state = getattr(accelerator, "state", None)
+    if kind == "FSDP":
+        plugin = getattr(state, "fsdp_plugin", None)
+        version = getattr(plugin, "fsdp_version", 1)
+        if version != 2:
+            raise UnsupportedError(
+                field="fsdp_version", value=version,
+                problem="FSDP1 flattens parameters into buffers under other names; adaptkit gathers and saves "
+                        "adapters from FSDP2's per-parameter shards only",
+                fix="launch with `--fsdp_version 2` (or fsdp_version: 2 in the accelerate config)")
+        device = getattr(accelerator, "device", None)
+        if getattr(plugin, "cpu_ram_efficient_loading", False) and getattr(device, "type", None) == "cpu":
+            raise UnsupportedError(
+                field="fsdp_cpu_ram_efficient_loading", value=True,
+                problem="on CPU, processes other than the first build the model on the meta device and "
+                        "Accelerate then moves it with .to('cpu'): `Cannot copy out of meta tensor; no data!`",
+                fix="launch with `--fsdp_cpu_ram_efficient_loading false` "
+                    "(or fsdp_cpu_ram_efficient_loading: false in the accelerate config)")
     if kind == "DEEPSPEED":
-        stage = getattr(getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None), "zero_stage", None)
-    if kind == "FSDP" or stage == 3:
+        stage = getattr(getattr(state, "deepspeed_plugin", None), "zero_stage", None)
+        if stage == 3:
+            raise UnsupportedError(
+                field="distributed_type", value=f"DEEPSPEED ZeRO-{stage}",
+                problem="shards parameters in a way adaptkit does not gather for saving (untested: "
+                        "deepspeed could not be tested here)",
+                fix="use FSDP2 (`accelerate launch --use_fsdp --fsdp_version 2`), DeepSpeed ZeRO-2, or DDP")
+
+
+def check_sharded_model(accelerator: Any, model: Any) -> None:
+    """Under FSDP2, refuse an adapted model whose pieces cannot be sharded or saved; else do nothing.
+
+    Call it after ``adaptkit.adapt`` and before ``accelerator.prepare``.
+
+    * Prompt-learning methods (``prefix``, prompt tuning, P-tuning): PEFT saves their prompt encoder
+      from the module itself, not from the state dict adaptkit gathers, so a sharded run would save
+      this process's shard.
+    * 8-bit weights: bitsandbytes' ``Int8Params`` cannot be sharded by FSDP.
+    * 4-bit weights stored as integers: Accelerate leaves them unsharded (every process keeps all of
+      them), which defeats FSDP; :func:`adaptkit.load_model` stores them in the model's float dtype
+      under FSDP (``bnb_4bit_quant_storage``), as FSDP + QLoRA needs.
+    """
+    if _kind(accelerator) != "FSDP":
+        return
+    from adaptkit.core import is_quantized, strategy_of
+    strategy = strategy_of(model)
+    peft_config = getattr(model, "peft_config", {}) or {}
+    if any(getattr(c, "is_prompt_learning", False) for c in peft_config.values()):
         raise UnsupportedError(
-            field="distributed_type", value=kind if stage is None else f"DEEPSPEED ZeRO-{stage}",
-            problem="shards every parameter over the processes, so the main process alone cannot save the adapter",
-            fix="use DDP (`accelerate launch --multi_gpu`) or DeepSpeed ZeRO-2 for adapters; "
-                "the adapter is small, so sharding it saves little")
+            field="strategy", value=strategy.label if strategy else "a prompt-learning PEFT method",
+            problem="under FSDP; PEFT saves prompt encoders from the module, which holds only this process's shard",
+            fix="use lora or bottleneck under FSDP, or DDP (`accelerate launch --multi_gpu`) for prefix tuning")
+    quant = is_quantized(model)
+    if quant == "8bit":
+        raise UnsupportedError(field="quantization", value="8bit", problem="under FSDP: 8-bit weights cannot be sharded",
+                               fix="use quantization='4bit' (FSDP + QLoRA) or DDP for 8-bit")
+    if quant == "4bit":
+        from adaptkit.quantization import quantized_linears
+        storage = sorted({str(m.weight.dtype) for m in quantized_linears(model).values()
+                          if not m.weight.dtype.is_floating_point})
+        if storage:
+            raise UnsupportedError(
+                field="bnb_4bit_quant_storage", value=storage,
+                problem="under FSDP, 4-bit weights stored as integers are left unsharded on every process",
+                fix="load with adaptkit.load_model(..., quantization='4bit') under the FSDP launch (it sets "
+                    "bnb_4bit_quant_storage to the model's dtype), or pass "
+                    "quantization_options={'bnb_4bit_quant_storage': torch.bfloat16} and dtype=torch.bfloat16")
+
+
+def gather_trained(model: Any) -> dict[str, torch.Tensor] | None:
+    """Every tensor ``adaptkit.save`` writes, whole, on the CPU; None when nothing is sharded.
+
+    Under FSDP2 a parameter is a ``DTensor`` holding this process's shard. Every process must call
+    this (it all-gathers): trainable parameters only for strategies that freeze the base (an adapter
+    is small), the whole state dict for full fine-tuning. Names are the model's own (FSDP2 keeps them).
+    """
+    from torch.distributed.tensor import DTensor
+
+    from adaptkit.core import strategy_of
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return None
+    strategy = strategy_of(model)
+    if strategy is not None and not strategy.freezes_base:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    from adaptkit.strategies.base import OWNED
+    owned = set(model.__dict__.get(OWNED, ()))  # what a native strategy trains, even if frozen since
+    out = {}
+    for name, p in model.named_parameters():  # the same order on every process: the all-gathers pair up
+        if p.requires_grad or name in owned:
+            t = p.detach()
+            out[name] = (t.full_tensor() if isinstance(t, DTensor) else t).cpu().contiguous()
+    return out
+
+
+def save_adapter(accelerator: Any, model: Any, directory: Any) -> None:
+    """``adaptkit.save`` for a multi-process run: every process calls it, the main process writes once.
+
+    Under DDP the main process's copy is whole; under FSDP2 the adapter (or, for ``full``, the whole
+    model) is first gathered from the shards of every process, so the folder holds whole tensors.
+    """
+    from adaptkit.core import save
+    unwrapped = accelerator.unwrap_model(model)
+    tensors = gather_trained(unwrapped)
+    if accelerator.is_main_process:
+        save(unwrapped, directory, _gathered=tensors)
+    accelerator.wait_for_everyone()

@@ -47,6 +47,14 @@ def _compute_dtype() -> torch.dtype:
     if torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.float16
     return torch.bfloat16
+def _dtype_arg(hf_kwargs: dict[str, Any]) -> torch.dtype:
+    """The dtype ``from_pretrained`` will load the unquantized weights in (``dtype``/``torch_dtype``; fp32 default)."""
+    value = hf_kwargs.get("dtype", hf_kwargs.get("torch_dtype"))
+    if isinstance(value, str) and value != "auto":
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else torch.float32
+
+
 # from_pretrained arguments that also decide which config (and so which head names) a model has
 _CONFIG_KWARGS = ("revision", "trust_remote_code", "cache_dir", "token", "subfolder", "local_files_only")
 
@@ -101,8 +109,12 @@ def unquantized_modules(name_or_path: str, auto_class: Any, hf_kwargs: dict[str,
     return sorted(names)
 
 
-def bnb_config(quantization: str, skip_modules: list[str], options: dict[str, Any] | None = None):
-    """The BitsAndBytesConfig for ``quantization``, with ``skip_modules`` kept in full precision."""
+def bnb_config(quantization: str, skip_modules: list[str], options: dict[str, Any] | None = None,
+               storage: torch.dtype | None = None):
+    """The BitsAndBytesConfig for ``quantization``, with ``skip_modules`` kept in full precision.
+
+    ``storage``: the float dtype 4-bit weights are packed into (FSDP + QLoRA needs the model's dtype).
+    """
     from transformers import BitsAndBytesConfig
     options = dict(options or {})
     user_skips = options.pop("llm_int8_skip_modules", None) or []
@@ -121,6 +133,8 @@ def bnb_config(quantization: str, skip_modules: list[str], options: dict[str, An
     defaults = dict(_DEFAULTS[quantization])
     if quantization == "4bit":
         defaults["bnb_4bit_compute_dtype"] = _compute_dtype()
+        if storage is not None:  # FSDP shards 4-bit weights only when they are stored in its float dtype
+            defaults["bnb_4bit_quant_storage"] = storage
     fields = {**defaults, **options,
               "llm_int8_skip_modules": sorted(set(skip_modules) | set(user_skips)) or None}
     try:
@@ -153,7 +167,9 @@ def load_model(name_or_path: str, task: Any = "seq_cls", quantization: str | Non
     if quantization is not None:
         require_bitsandbytes(quantization)
         skips = unquantized_modules(name_or_path, auto_class, hf_kwargs)
-        hf_kwargs["quantization_config"] = bnb_config(quantization, skips, quantization_options)
+        # FSDP + QLoRA: 4-bit weights packed in the dtype of the other weights, so FSDP can shard them
+        storage = _dtype_arg(hf_kwargs) if distributed.fsdp_requested() and quantization == "4bit" else None
+        hf_kwargs["quantization_config"] = bnb_config(quantization, skips, quantization_options, storage)
     model = auto_class.from_pretrained(name_or_path, **hf_kwargs)
     if quantization is not None:
         prepare_kbit(model)

@@ -32,6 +32,7 @@ from transformers import AutoTokenizer
 
 import adaptkit
 from adaptkit.recipes import batching, data, metrics, runs, training
+from adaptkit.distributed import check_sharded_model
 from adaptkit.errors import ConfigError, MissingDependencyError
 
 GLUE_TASKS = ("sst2", "cola", "mrpc", "rte", "stsb")  # their own metrics (MCC for CoLA, F1 for MRPC, ...)
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer.pad_token = tokenizer.eos_token
     model = adaptkit.adapt(load_model(args, splits.train, tokenizer), args.strategy,
                            **training.parse_options(args.option))
+    check_sharded_model(accelerator, model)  # FSDP: prefix, 8-bit, integer-stored 4-bit refused with the fix
     summary, strategy = adaptkit.summary(model), adaptkit.strategy_of(model).to_dict()
     accelerator.print(summary, *splits.notes, sep="\n")
 

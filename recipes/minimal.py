@@ -1,7 +1,7 @@
 """Minimal LoRA fine-tuning with Accelerate: the same file on CPU, one GPU or many.
 
 Trains a LoRA adapter (optionally on an 8-bit or 4-bit base) on ``sentence<TAB>label`` TSV files,
-evaluates on the dev file, and saves the adapter once, from the main process, with adaptkit.save.
+evaluates on the dev file, and saves the adapter once, from the main process (adaptkit.distributed.save_adapter).
 Every process writes ``ranks/rank<i>.json``, so a run shows how many processes it really was.
 
     # one process (CPU or one GPU)
@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoTokenizer
 
 import adaptkit
-from adaptkit.distributed import require_processes, require_whole_copies
+from adaptkit.distributed import check_sharding, require_processes, save_adapter
 from adaptkit.quantization import load_model
 
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
 
     accelerator = Accelerator(cpu=args.cpu)
     world = require_processes(accelerator, args.processes)
-    require_whole_copies(accelerator)  # FSDP / ZeRO-3 shard parameters: the main process could not save them
+    check_sharding(accelerator)  # FSDP1 / ZeRO-3 refused with the fix; FSDP2 is gathered when saving
     set_seed(args.seed)  # same seed everywhere: every rank builds the same head and adapter
     config = AutoConfig.from_pretrained(args.model, num_labels=2)
     lora = adaptkit.LoRA(r=args.rank)
@@ -118,9 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     (ranks / f"rank{accelerator.process_index}.json").write_text(json.dumps(
         {"rank": accelerator.process_index, "world_size": world, "device": str(accelerator.device),
          "steps": len(losses)}))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:  # one writer: the adapter and results exist exactly once
-        adaptkit.save(accelerator.unwrap_model(model), args.out / "adapter")
+    save_adapter(accelerator, model, args.out / "adapter")  # every process takes part; the main one writes once
+    if accelerator.is_main_process:  # one writer: the results exist exactly once
         accuracy = (logits.argmax(-1) == labels).float().mean().item()
         (args.out / "results.json").write_text(json.dumps(
             {"processes": world, "global_batch": world * args.per_device_batch, "losses": losses,

@@ -303,10 +303,8 @@ class Run:
         self._resume_clock(running)
 
     def save_adapter(self) -> None:
-        import adaptkit
-        if self.accelerator.is_main_process:
-            adaptkit.save(self.accelerator.unwrap_model(self.model), self.adapter_dir)
-        self.accelerator.wait_for_everyone()
+        from adaptkit.distributed import save_adapter
+        save_adapter(self.accelerator, self.model, self.adapter_dir)  # every process: FSDP shards are gathered
 
     def checkpoint(self) -> Path:
         """Save everything needed to continue exactly from here; atomic (temporary folder, then rename)."""

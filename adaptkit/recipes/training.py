@@ -126,14 +126,14 @@ def make_accelerator(args: argparse.Namespace):
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import set_seed
 
-    from adaptkit.distributed import require_processes, require_whole_copies
+    from adaptkit.distributed import check_sharding, require_processes
 
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
                                                                          data_seed=args.seed))
     # a launch that silently runs 1 process, or N processes that each train alone, is refused here
     require_processes(accelerator, args.processes)
-    require_whole_copies(accelerator)  # FSDP / ZeRO-3 shards parameters: the main process could not save them
+    check_sharding(accelerator)  # FSDP1, ZeRO-3, FSDP2 with meta loading on CPU: refused with the fix
     set_seed(args.seed)
     return accelerator
 
