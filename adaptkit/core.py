@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from adaptkit import folders, hf, layout, strategies, targets
+from adaptkit.precision import fp32_new_heads, keep_trainable_fp32
 from adaptkit.errors import (AdapterFormatError, AlreadyAdaptedError, ConfigError, ConfigTypeError,
                              NotAdaptedError, UnsupportedError)
 from adaptkit.strategies.base import (CONFIG_NAME, MARKER, OWNED, WEIGHTS_NAME, PeftStrategy, Strategy, owned_tensors,
@@ -126,7 +127,11 @@ def adapt(model: nn.Module, strategy: Any = "lora", **options: Any) -> nn.Module
         # a quantized head refused with the fix, no fp32 upcast, no 4-bit CPU inference repack
         from adaptkit.quantization import prepare_kbit
         prepare_kbit(model)
+    if config.freezes_base:  # bf16/fp16 base: what trains is kept fp32 (adaptkit/precision.py says why)
+        fp32_new_heads(model)
     adapted = config.apply(model)
+    if config.freezes_base:
+        keep_trainable_fp32(adapted)
     if not isinstance(config, PeftStrategy):
         adapted.__dict__[OWNED] = [n for n, p in adapted.named_parameters() if p.requires_grad]
     return _mark(adapted, config, model)
@@ -300,6 +305,8 @@ def load(directory: str | Path, base_model: nn.Module, trainable: bool = False) 
             peft_config = None
     layout.restore_labels(saved, base_model)
     names_before: list[str] = []
+    if strategy.freezes_base:  # as adapt did: the saved fp32 head loads into an fp32 head, without rounding
+        fp32_new_heads(base_model)
     try:
         if isinstance(strategy, PeftStrategy):
             model = strategy.load(directory, base_model, trainable=trainable, config=peft_config)

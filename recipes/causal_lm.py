@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
     if tokenizer.pad_token is None:  # safe here: padding is masked by position, not by token id (see above)
         tokenizer.pad_token = tokenizer.eos_token
     quantization = None if args.quantization == "none" else args.quantization
-    load = lambda: load_model(args.model, "causal_lm", quantization=quantization)
+    load = lambda: load_model(args.model, "causal_lm", quantization=quantization,
+                              **training.load_kwargs(args))
     model = adaptkit.adapt(load(), args.strategy, **training.parse_options(args.option))
     summary, strategy = adaptkit.summary(model), adaptkit.strategy_of(model).to_dict()
     accelerator.print(summary, *notes, sep="\n")

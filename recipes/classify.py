@@ -98,7 +98,7 @@ def load_model(args: argparse.Namespace, table: data.Table, tokenizer):
         options["id2label"] = dict(enumerate(table.label_names))
         options["label2id"] = {name: i for i, name in enumerate(table.label_names)}
     model = load(args.model, "seq_cls", quantization=None if args.quantization == "none" else args.quantization,
-                 **options)
+                 **training.load_kwargs(args), **options)
     if model.config.pad_token_id is None:  # decoder classifiers find each sequence's last token by padding
         model.config.pad_token_id = tokenizer.pad_token_id
     return model

@@ -118,18 +118,25 @@ def test_single_process_keeps_the_users_device_map(clean_env):
     assert distributed.device_map() == {"": 0 if torch.cuda.is_available() else "cpu"}
 
 
-@pytest.mark.parametrize("kind, stage, refused", [("NO", None, False), ("MULTI_GPU", None, False),
-                                                  ("FSDP", None, True), ("DEEPSPEED", 2, False),
-                                                  ("DEEPSPEED", 3, True)])
-def test_sharded_parameters_are_refused(kind, stage, refused):
+@pytest.mark.parametrize("kind, extra, match", [
+    ("NO", {}, None), ("MULTI_GPU", {}, None), ("DEEPSPEED", {"zero_stage": 2}, None),
+    ("FSDP", {"fsdp_version": 2, "cpu_ram_efficient_loading": False}, None),
+    ("FSDP", {"fsdp_version": 1}, r"fsdp_version=1: FSDP1 flattens.*Fix: launch with `--fsdp_version 2`"),
+    ("FSDP", {"fsdp_version": 2, "cpu_ram_efficient_loading": True},
+     r"fsdp_cpu_ram_efficient_loading=True: on CPU.*Cannot copy out of meta tensor.*"
+     r"Fix: launch with `--fsdp_cpu_ram_efficient_loading false`"),
+    ("DEEPSPEED", {"zero_stage": 3}, r"DEEPSPEED ZeRO-3'?: shards parameters.*Fix: use FSDP2"),
+])
+def test_sharded_setups_are_accepted_or_refused_with_the_fix(kind, extra, match):
     from accelerate.utils import DistributedType
-    accelerator = SimpleNamespace(distributed_type=DistributedType[kind],
-                                  state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
-    if not refused:
-        distributed.require_whole_copies(accelerator)
+    plugin = SimpleNamespace(**extra)
+    accelerator = SimpleNamespace(distributed_type=DistributedType[kind], device=torch.device("cpu"),
+                                  state=SimpleNamespace(deepspeed_plugin=plugin, fsdp_plugin=plugin))
+    if match is None:
+        distributed.check_sharding(accelerator)
         return
-    with pytest.raises(errors.UnsupportedError, match=r"shards every parameter.*Fix: use DDP"):
-        distributed.require_whole_copies(accelerator)
+    with pytest.raises(errors.UnsupportedError, match=match):
+        distributed.check_sharding(accelerator)
 
 
 # ---- real launches of recipes/minimal.py -------------------------------------------------------

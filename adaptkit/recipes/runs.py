@@ -353,6 +353,7 @@ class Run:
             "trainable_parameters": summary.trainable, "total_parameters": summary.total,
             "trainable_percent": round(summary.percent, 4), "adapter_bytes": summary.adapter_bytes,
             "peak_rss_bytes": int(peak), "num_processes": acc.num_processes, "device": str(acc.device),
+            "distributed_type": str(acc.distributed_type.value), "mixed_precision": str(acc.mixed_precision),
             "adapter_dir": ADAPTER_DIR, "learning_rate": learning_rate(self.args), "config": self.config(),
             "versions": versions(),
         }

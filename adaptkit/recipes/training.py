@@ -45,6 +45,11 @@ def add_run_args(parser: argparse.ArgumentParser, *, epochs: int = 3, batch_size
                         "(values are JSON when they parse, comma lists become lists)")
     g.add_argument("--quantization", choices=["none", "8bit", "4bit"], default="none",
                    help="load the base model quantized with bitsandbytes (train an adapter on top)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="dtype the base weights load in (default: transformers', the checkpoint's); adapters and "
+                        "new heads stay fp32 (adaptkit/precision.py), full fine-tuning trains in this dtype")
+    g.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default=None,
+                   help="Accelerate autocast (bf16 runs on CPU too); default: the launcher's --mixed_precision")
     g = parser.add_argument_group("training")
     g.add_argument("--output-dir", type=Path, default=None, help="where logs, checkpoints, adapter and metrics go")
     g.add_argument("--seed", type=int, default=42)
@@ -114,6 +119,11 @@ def parse_options(items: list[str]) -> dict[str, Any]:
     return options
 
 
+def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``from_pretrained`` arguments the shared flags decide (``--dtype``)."""
+    return {} if args.dtype is None else {"dtype": getattr(torch, args.dtype)}
+
+
 def learning_rate(args: argparse.Namespace) -> float:
     if args.learning_rate is not None:
         return args.learning_rate
@@ -129,6 +139,7 @@ def make_accelerator(args: argparse.Namespace):
     from adaptkit.distributed import check_sharding, require_processes
 
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision=args.mixed_precision,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
                                                                          data_seed=args.seed))
     # a launch that silently runs 1 process, or N processes that each train alone, is refused here

@@ -1,0 +1,69 @@
+"""Which trained tensors stay fp32 when the base model is loaded in bf16 or fp16, and why.
+
+A bf16 number keeps 8 significant bits: an update smaller than about 1/256 of a weight's value is
+rounded away. AdamW's steps are about the learning rate in size (1e-4 to 1e-3 for adapters), so a
+trained tensor held in bf16 silently stops moving once its values grow past ~0.1. The frozen base
+never changes, so it can stay in bf16 and halve its memory; what trains should be fp32:
+
+* **Adapters** are created in fp32 whatever the base's dtype: PEFT upcasts LoRA, IA3 and prompt
+  encoders (``autocast_adapter_dtype=True``), and adaptkit's bottleneck adapters are built fp32.
+  They are small (0.1-2% of the weights), so fp32 costs almost nothing.
+* **Task heads that train** (a new classifier, PEFT's ``modules_to_save`` copy of it, a linear
+  probe's head) are loaded in the base's dtype by transformers. New heads are upcast before the
+  strategy is applied (:func:`fp32_new_heads`, in ``adapt`` and in ``load``, so PEFT copies an fp32
+  head and a saved head reloads without rounding); anything else that trains in low precision is
+  upcast after (:func:`keep_trainable_fp32`, e.g. a linear probe's untied ``lm_head``). Each upcast
+  module casts its floating inputs to fp32 (a forward pre-hook), so logits and the loss are fp32.
+* **Not upcast**: a head whose weight is shared with the input embedding (GPT-2's tied ``lm_head``):
+  an fp32 embedding would feed fp32 activations into bf16 layers. It trains in the base's dtype.
+* **Full fine-tuning** trains every weight in the dtype it was loaded in (pure bf16, as torchtune
+  does): upcasting everything would undo the bf16 load. For fp32 master weights load in fp32 and
+  train under ``--mixed-precision bf16`` (Accelerate's autocast) instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _to_fp32(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    # a module-level function (not a closure): a deep-copied model keeps a working hook
+    cast = lambda x: x.float() if isinstance(x, torch.Tensor) and x.dtype in LOW_PRECISION else x  # noqa: E731
+    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+
+def fp32_new_heads(model: nn.Module) -> list[str]:
+    """Upcast the new task heads (``targets.new_head_names``: classifier, score, ...) of a bf16/fp16 model."""
+    from adaptkit import targets
+    heads = tuple(targets.new_head_names(model))
+    return _upcast(model, lambda name, p: any(name == h or name.startswith(h + ".") for h in heads))
+
+
+def keep_trainable_fp32(model: nn.Module) -> list[str]:
+    """Upcast every bf16/fp16 parameter that trains, except one tied to the input embedding."""
+    return _upcast(model, lambda name, p: p.requires_grad)
+
+
+def _upcast(model: nn.Module, wanted) -> list[str]:
+    """Upcast low-precision parameters ``wanted(name, p)`` selects, never one shared with the input
+    embedding; each module holding one gets a pre-hook casting its floating inputs to fp32. Returns
+    the upcast names; a model with none is left untouched."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = {id(p) for p in embedding.parameters()} if isinstance(embedding, nn.Module) else set()
+    upcast = []
+    for module_name, module in model.named_modules():
+        mine = [(n, p) for n, p in module.named_parameters(recurse=False)
+                if p.dtype in LOW_PRECISION and id(p) not in tied
+                and wanted(f"{module_name}.{n}" if module_name else n, p)]
+        if not mine:
+            continue
+        for name, p in mine:
+            p.data = p.data.float()
+            upcast.append(f"{module_name}.{name}" if module_name else name)
+        if not getattr(module, "_adaptkit_fp32_inputs", False):
+            module.register_forward_pre_hook(_to_fp32, with_kwargs=True)
+            module._adaptkit_fp32_inputs = True
+    return upcast
