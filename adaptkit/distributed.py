@@ -167,15 +167,26 @@ def check_sharding(accelerator: Any) -> None:
     process) and FSDP2 (``fully_shard``: every parameter a ``DTensor`` under its own name, which
     :func:`save_adapter` gathers). Refused:
 
-    * FSDP1: it flattens parameters into buffers with other names; only FSDP2 is tested here.
-    * FSDP2 with ``cpu_ram_efficient_loading`` on CPU (Accelerate's default): processes other than the
-      first build the model on the meta device, and on CPU Accelerate moves it with ``.to("cpu")``
-      before sharding, which fails with ``Cannot copy out of meta tensor; no data!`` on rank 1.
+    * FSDP asked for where Accelerate does not run it: Accelerate 1.15 enables FSDP only on GPU-like
+      devices; with ``ACCELERATE_USE_CPU=1`` it silently runs DDP (every process a whole copy), while
+      transformers, reading the same ``ACCELERATE_USE_FSDP``, builds the model on the meta device in
+      processes > 0, which then fails with ``Cannot copy out of meta tensor; no data!`` on rank 1.
+    * FSDP1: it flattens parameters into buffers with other names; only FSDP2 is handled here.
+    * FSDP2 with ``cpu_ram_efficient_loading`` (GPU only): untested here, so refused with the fix.
     * DeepSpeed ZeRO-3: shards parameters in a way :func:`save_adapter` does not gather, and
       ``deepspeed`` could not be tested here.
     """
     kind = _kind(accelerator)
     state = getattr(accelerator, "state", None)
+    if fsdp_requested() and kind != "FSDP":
+        raise UnsupportedError(
+            field="accelerate launch --use_fsdp", value=f"running as {kind or 'one process'}",
+            problem="Accelerate enables FSDP on GPUs only and runs a CPU launch as DDP (every process a whole "
+                    "copy), while transformers still builds the model on the meta device in processes > 0 "
+                    "(`Cannot copy out of meta tensor; no data!`)",
+            fix="on CPU drop --use_fsdp (DDP: `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 "
+                "...`) or apply torch's fully_shard yourself and save with adaptkit.distributed.save_adapter; "
+                "on GPUs launch without ACCELERATE_USE_CPU")
     if kind == "FSDP":
         plugin = getattr(state, "fsdp_plugin", None)
         version = getattr(plugin, "fsdp_version", 1)
@@ -185,12 +196,11 @@ def check_sharding(accelerator: Any) -> None:
                 problem="FSDP1 flattens parameters into buffers under other names; adaptkit gathers and saves "
                         "adapters from FSDP2's per-parameter shards only",
                 fix="launch with `--fsdp_version 2` (or fsdp_version: 2 in the accelerate config)")
-        device = getattr(accelerator, "device", None)
-        if getattr(plugin, "cpu_ram_efficient_loading", False) and getattr(device, "type", None) == "cpu":
+        if getattr(plugin, "cpu_ram_efficient_loading", False):
             raise UnsupportedError(
                 field="fsdp_cpu_ram_efficient_loading", value=True,
-                problem="on CPU, processes other than the first build the model on the meta device and "
-                        "Accelerate then moves it with .to('cpu'): `Cannot copy out of meta tensor; no data!`",
+                problem="processes other than the first then build the model and its adapter on the meta device "
+                        "and get their weights broadcast at prepare; adaptkit has not tested that path",
                 fix="launch with `--fsdp_cpu_ram_efficient_loading false` "
                     "(or fsdp_cpu_ram_efficient_loading: false in the accelerate config)")
     if kind == "DEEPSPEED":

@@ -32,6 +32,7 @@ from transformers import AutoTokenizer
 
 import adaptkit
 from adaptkit.recipes import batching, data, metrics, runs, training
+from adaptkit.distributed import check_sharded_model
 from adaptkit.errors import ConfigError, DataError
 
 
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     load = lambda: load_model(args.model, "causal_lm", quantization=quantization,
                               **training.load_kwargs(args))
     model = adaptkit.adapt(load(), args.strategy, **training.parse_options(args.option))
+    check_sharded_model(accelerator, model)  # FSDP: prefix, 8-bit, integer-stored 4-bit refused with the fix
     summary, strategy = adaptkit.summary(model), adaptkit.strategy_of(model).to_dict()
     accelerator.print(summary, *notes, sep="\n")
 

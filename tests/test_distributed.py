@@ -29,7 +29,7 @@ RECIPE = ROOT / "recipes" / "minimal.py"
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 CPU_LAUNCH = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no"]
-LAUNCH_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_CPU", distributed.EXPECTED_ENV)
+LAUNCH_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_CPU", "ACCELERATE_USE_FSDP", distributed.EXPECTED_ENV)
 
 
 # ---- the checks, without launching -------------------------------------------------------------
@@ -123,12 +123,14 @@ def test_single_process_keeps_the_users_device_map(clean_env):
     ("FSDP", {"fsdp_version": 2, "cpu_ram_efficient_loading": False}, None),
     ("FSDP", {"fsdp_version": 1}, r"fsdp_version=1: FSDP1 flattens.*Fix: launch with `--fsdp_version 2`"),
     ("FSDP", {"fsdp_version": 2, "cpu_ram_efficient_loading": True},
-     r"fsdp_cpu_ram_efficient_loading=True: on CPU.*Cannot copy out of meta tensor.*"
+     r"fsdp_cpu_ram_efficient_loading=True: processes other than the first.*"
      r"Fix: launch with `--fsdp_cpu_ram_efficient_loading false`"),
     ("DEEPSPEED", {"zero_stage": 3}, r"DEEPSPEED ZeRO-3'?: shards parameters.*Fix: use FSDP2"),
 ])
-def test_sharded_setups_are_accepted_or_refused_with_the_fix(kind, extra, match):
+def test_sharded_setups_are_accepted_or_refused_with_the_fix(clean_env, kind, extra, match):
     from accelerate.utils import DistributedType
+    if kind == "FSDP":
+        clean_env.setenv("ACCELERATE_USE_FSDP", "true")
     plugin = SimpleNamespace(**extra)
     accelerator = SimpleNamespace(distributed_type=DistributedType[kind], device=torch.device("cpu"),
                                   state=SimpleNamespace(deepspeed_plugin=plugin, fsdp_plugin=plugin))
@@ -137,6 +139,15 @@ def test_sharded_setups_are_accepted_or_refused_with_the_fix(kind, extra, match)
         return
     with pytest.raises(errors.UnsupportedError, match=match):
         distributed.check_sharding(accelerator)
+
+
+def test_fsdp_asked_for_but_run_as_ddp_on_cpu_is_refused(clean_env):
+    # Accelerate 1.15 turns `ACCELERATE_USE_CPU=1 accelerate launch --use_fsdp` into MULTI_CPU (DDP), silently
+    from accelerate.utils import DistributedType
+    clean_env.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(errors.UnsupportedError, match=r"--use_fsdp='running as MULTI_CPU': Accelerate enables FSDP "
+                                                      r"on GPUs only.*Fix: on CPU drop --use_fsdp"):
+        distributed.check_sharding(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
 
 
 # ---- real launches of recipes/minimal.py -------------------------------------------------------
