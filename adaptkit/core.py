@@ -21,7 +21,7 @@ from adaptkit import folders, hf, layout, strategies, targets
 from adaptkit.precision import fp32_new_heads, keep_trainable_fp32
 from adaptkit.errors import (AdapterFormatError, AlreadyAdaptedError, ConfigError, ConfigTypeError,
                              NotAdaptedError, UnsupportedError)
-from adaptkit.strategies.base import (CONFIG_NAME, MARKER, OWNED, WEIGHTS_NAME, PeftStrategy, Strategy, owned_tensors,
+from adaptkit.strategies.base import (CONFIG_NAME, MARKER, OWNED, WEIGHTS_NAME, PeftStrategy, Strategy,
                                       weights_file)
 
 FORMAT = layout.FORMAT
@@ -168,10 +168,9 @@ def summary(model: nn.Module) -> Summary:
     if strategy is not None and not strategy.freezes_base:
         adapter_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     else:
-        # sizes only: no copy (a 7B full-model copy would double memory; under FSDP's meta loading
-        # rank > 0 holds no data yet, and copying it raises)
-        owned = set(model.__dict__.get(OWNED, ()))  # what save writes (owned_tensors), counted without a copy
-        adapter_bytes = sum(_numel(p) * p.element_size() for n, p in model.named_parameters()
+        # what save writes (owned_tensors), counted without copying it (a meta tensor cannot be copied)
+        owned = set(model.__dict__.get(OWNED, ()))
+        adapter_bytes = sum(targets.numel(p) * p.element_size() for n, p in model.named_parameters()
                             if p.requires_grad or n in owned)
     footprint = sum(p.numel() * p.element_size() for p in params)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())

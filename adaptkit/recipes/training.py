@@ -144,7 +144,7 @@ def make_accelerator(args: argparse.Namespace):
                                                                          data_seed=args.seed))
     # a launch that silently runs 1 process, or N processes that each train alone, is refused here
     require_processes(accelerator, args.processes)
-    check_sharding(accelerator)  # FSDP1, ZeRO-3, FSDP2 with meta loading on CPU: refused with the fix
+    check_sharding(accelerator)  # FSDP on CPU (Accelerate runs DDP), FSDP1, ZeRO-3: refused with the fix
     set_seed(args.seed)
     return accelerator
 
