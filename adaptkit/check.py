@@ -266,7 +266,7 @@ def _check_processes(processes: Any, world_size: int | None, report: CheckReport
 _TARGET_FIELDS = ("targets", "heads", "target_modules", "modules_to_save")
 
 
-def _named_targets(config, strategy: Any, options: dict[str, Any]) -> dict[str, list[str]]:
+def _named_targets(config, strategy: Any, options: dict[str, Any]) -> dict[str, list[str] | str]:
     """Every option that names modules of the model, by field; read from the raw options when the
     strategy could not be resolved, so bad target names are reported beside bad option values."""
     if config is not None:
@@ -274,15 +274,21 @@ def _named_targets(config, strategy: Any, options: dict[str, Any]) -> dict[str, 
         values = {**vars(config), **(getattr(config, "options", None) or {})}
     else:
         label, values = "options", options
-    return {f"{label}.{key}": list(values[key]) for key in _TARGET_FIELDS
-            if isinstance(values.get(key), (list, tuple)) and all(isinstance(v, str) for v in values[key])}
+    named: dict[str, Any] = {f"{label}.{key}": list(values[key]) for key in _TARGET_FIELDS
+                             if isinstance(values.get(key), (list, tuple)) and all(isinstance(v, str) for v in values[key])}
+    # one string is a regex full-matched against whole names, as in PEFT
+    named |= {f"{label}.{key}": values[key] for key in ("targets", "target_modules") if isinstance(values.get(key), str)}
+    return named
 
 
-def _check_targets(named: dict[str, list[str]], base: nn.Module, report: CheckReport) -> bool:
+def _check_targets(named: dict[str, list[str] | str], base: nn.Module, report: CheckReport) -> bool:
     """Match each target name on its own, so every unmatched name is reported. True if all match."""
     found = len(report.problems)
     candidates = targets.linear_names(base)
     for field, names in named.items():
+        if isinstance(names, str):
+            _collect(lambda names=names, field=field: targets.match_regex(base, names, field), report.problems.append)
+            continue
         for name in names:
             _collect(lambda name=name, field=field: targets.match_targets(
                 base, [name], field, candidates=candidates if field.endswith("targets") else None),

@@ -161,6 +161,21 @@ _PEFT_TASK_TYPES = {"seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS", "qa": "QUEST
                     "seq2seq": "SEQ_2_SEQ_LM"}
 
 
+def match_regex(model: nn.Module, pattern: str, field: str) -> str:
+    """A string target as PEFT reads it: a regex full-matched against whole module names. Refused when
+    it matches no linear layer (PEFT would raise deep inside), with the list form as the likely fix."""
+    names = linear_names(model)
+    if any(re.fullmatch(pattern, n) for n in names):
+        return pattern
+    suffix = [n for n in names if n == pattern or n.endswith("." + pattern)]
+    raise TargetNotFoundError(
+        field=field, value=pattern,
+        problem="a string is a regex full-matched against whole module names (as in PEFT) and this one matches "
+                "no linear layer",
+        fix=(f"pass a list to match names or suffixes ({field}=[{pattern!r}] matches {len(suffix)} layers) "
+             f"or a regex such as {'.*' + pattern!r}" if suffix else f"linear layers are named like {names[:3]}"))
+
+
 def peft_task_type(model: nn.Module) -> str | None:
     """PEFT's TaskType for a transformers model, from its class and config (None: plain backbone)."""
     return _PEFT_TASK_TYPES.get(task_of_class(type(model).__name__, getattr(model, "config", None)))

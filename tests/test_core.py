@@ -59,8 +59,8 @@ def test_unknown_option_is_refused_with_a_suggestion():
 def test_bad_option_values_name_field_value_and_fix():
     with pytest.raises(errors.ConfigError, match=r"LoRA.r=0: must be positive. Fix: use r=8"):
         adaptkit.LoRA(r=0)
-    with pytest.raises(errors.ConfigTypeError, match=r"LoRA.targets='query'.*expected"):
-        adaptkit.LoRA(targets="query")
+    with pytest.raises(errors.ConfigTypeError, match=r"LoRA.targets=3.*expected"):
+        adaptkit.LoRA(targets=3)
     with pytest.raises(errors.ConfigError, match=r"Prefix.num_virtual_tokens=0"):
         adaptkit.Prefix(num_virtual_tokens=0)
     with pytest.raises(errors.UnknownStrategyError, match=r"PeftMethod.method='ia4'.*did you mean 'ia3'"):
@@ -279,3 +279,34 @@ def test_minilm_every_strategy_trains_and_roundtrips(strategy, minilm_path, data
         assert size < 2_000_000, f"{strategy} adapter is {size} bytes; only trained tensors should be written"
     if os.environ.get("ADAPTKIT_PRINT_TABLE"):
         print(f"\n{strategy}: {adaptkit.summary(model)}; folder {size} bytes")
+
+
+# ---- PEFT's option names ---------------------------------------------------------------------------------
+def test_peft_option_names_are_aliases_with_the_same_errors():
+    by_peft = adaptkit.adapt(tiny_model("bert"), "lora", r=4, target_modules=["query"], lora_alpha=32,
+                             lora_dropout=0.1, modules_to_save=["classifier"], init_lora_weights=True)
+    assert adaptkit.strategy_of(by_peft) == adaptkit.LoRA(r=4, targets=["query"], alpha=32, dropout=0.1,
+                                                          heads=["classifier"])
+    assert adaptkit.LoRA(lora_alpha=8).alpha == 8 and adaptkit.Prefix(prefix_projection=True).projection
+    assert adaptkit.LinearProbe(modules_to_save=["classifier"]).heads == ["classifier"]
+    assert adaptkit.LoRA.from_dict({"strategy": "lora", "target_modules": ["value"]}).targets == ["value"]
+    with pytest.raises(errors.ConfigError, match=r"LoRA.targets=\['value'\]: given twice"):
+        adaptkit.LoRA(targets=["query"], target_modules=["value"])
+    # typed configs give from_dict's did-you-mean for unknown keywords, PEFT's names included
+    with pytest.raises(errors.UnknownOptionError, match=r"'rank' -> did you mean 'r'\?"):
+        adaptkit.LoRA(rank=8)
+    with pytest.raises(errors.UnknownOptionError, match=r"'target_module' -> did you mean 'target_modules'\?"):
+        adaptkit.LoRA(target_module=["query"])
+    with pytest.raises(errors.UnknownOptionError, match=r"'num_virtual_token' -> did you mean 'num_virtual_tokens'"):
+        adaptkit.Prefix(num_virtual_token=10)
+
+
+def test_a_string_target_is_a_peft_regex_full_match():
+    model = adaptkit.adapt(tiny_model("bert"), "lora", target_modules=r".*\.(query|value)")
+    adapted = [n.split(".lora_A")[0].rsplit(".", 1)[1] for n, p in model.named_parameters() if "lora_A" in n]
+    assert sorted(adapted) == ["query", "query", "value", "value"]
+    with pytest.raises(errors.TargetNotFoundError, match=r"LoRA.targets='query': a string is a regex full-matched "
+                                                         r"against whole module names.*\['query'\] matches 2 layers"):
+        adaptkit.adapt(tiny_model("bert"), "lora", targets="query")
+    with pytest.raises(errors.ConfigError, match=r"LoRA.targets='\(query': is not a regex"):
+        adaptkit.LoRA(targets="(query")

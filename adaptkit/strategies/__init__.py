@@ -7,6 +7,7 @@ files on disk agree, so a file that forgot ``@register`` (or a stale entry) fail
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import pkgutil
 
@@ -24,6 +25,13 @@ def register(cls: type[Strategy]) -> type[Strategy]:
         raise ValueError(f"strategy name {cls.name!r} is registered twice: {REGISTRY[cls.name].__name__} "
                          f"and {cls.__name__}; rename one of them")
     REGISTRY[cls.name] = cls
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):  # PEFT's names and did-you-mean for typed configs too
+        init(self, *args, **cls.resolve_options(kwargs))
+
+    cls.__init__ = __init__
     return cls
 
 

@@ -77,6 +77,8 @@ class Strategy:
     supports_quantized: ClassVar[bool] = True  # can it train on an 8-bit / 4-bit base?
     freezes_base: ClassVar[bool] = True        # False only for full fine-tuning
     weights_name: ClassVar[str] = NATIVE_WEIGHTS_NAME
+    aliases: ClassVar[dict[str, str]] = {}   # PEFT's option name -> this config's field
+    alias_values: ClassVar[dict[str, Any]] = {}  # PEFT's option name -> converts its value, where they differ
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -118,16 +120,33 @@ class Strategy:
         if given != cls.name:
             raise UnknownOptionError(field="strategy", value=given, problem=f"this dict is not a {cls.name} config",
                                      fix=f"use the config class registered as {given!r}")
+        return cls(**data)  # unknown keys and PEFT's names: see resolve_options()
+
+    @classmethod
+    def resolve_options(cls, given: dict[str, Any]) -> dict[str, Any]:
+        """``given`` with PEFT's option names (``aliases``) renamed to this config's; unknown names refused
+        with "did you mean". Every way of building a config passes through here (``register`` wraps
+        ``__init__``), so ``LoRA(rank=8)`` fails the way ``from_dict({"rank": 8})`` does."""
+        out: dict[str, Any] = {}
+        for key, value in given.items():
+            name = cls.aliases.get(key, key)
+            if name in out or (name != key and name in given):
+                raise ConfigError(field=f"{cls.__name__}.{name}", value=value,
+                                  problem=f"given twice (as {name!r} and as PEFT's {key!r})", fix="pass it once")
+            convert = cls.alias_values.get(key)
+            out[name] = convert(value) if convert is not None else value
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(out) - known)
         if unknown:
             import difflib
+            names = known | set(cls.aliases)
             hints = [f"{u!r} -> did you mean {m[0]!r}?" for u in unknown
-                     if (m := difflib.get_close_matches(u, known, n=1, cutoff=0.4))]
+                     if (m := difflib.get_close_matches(u, names, n=1, cutoff=0.4))]
             raise UnknownOptionError(
                 field=f"{cls.__name__} options", value=unknown, problem="unknown option(s)",
-                fix=("; ".join(hints) + "; " if hints else "") + f"valid options are {sorted(known)}")
-        return cls(**data)
+                fix=("; ".join(hints) + "; " if hints else "") + f"valid options are {sorted(known)}"
+                    + (f" (or PEFT's names {sorted(cls.aliases)})" if cls.aliases else ""))
+        return out
 
     # ---- behaviour -----------------------------------------------------------------------------
     def apply(self, model: nn.Module) -> nn.Module:

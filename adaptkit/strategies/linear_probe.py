@@ -42,6 +42,7 @@ class LinearProbe(Strategy):
     """
 
     name = "linear_probe"
+    aliases = {"modules_to_save": "heads"}
 
     heads: list[str] | None = None
     pooling: Literal["auto", "head", "mean"] = "auto"

@@ -49,6 +49,9 @@ class LoRA(PeftStrategy):
 
     name = "lora"
     mergeable = True
+    aliases = {"target_modules": "targets", "lora_alpha": "alpha", "lora_dropout": "dropout",
+               "modules_to_save": "heads", "init_lora_weights": "init"}
+    alias_values = {"init_lora_weights": lambda v: "default" if v is True else v}
 
     r: int = 8
     alpha: int = 16
@@ -56,7 +59,8 @@ class LoRA(PeftStrategy):
     # which on MiniLM costs more activation memory than full fine-tuning saves in optimizer state
     # (benchmarks/ratios.py: 0.66x full's tensor memory with 0.05, 0.50x with 0)
     dropout: float = 0.0
-    targets: list[str] | None = None
+    # names or dotted suffixes (a list), or, as in PEFT, one regex full-matched against whole module names
+    targets: list[str] | str | None = None
     heads: list[str] | None = None  # trained + saved in full; None = the task head(s) found automatically
     use_dora: bool = False
     init: str = "default"           # PEFT init_lora_weights: "default" (B = 0), "gaussian", "pissa", ...
@@ -68,6 +72,12 @@ class LoRA(PeftStrategy):
             raise ConfigError(field="LoRA.alpha", value=self.alpha, problem="must be positive", fix="use alpha=2*r")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(field="LoRA.dropout", value=self.dropout, problem="must be in [0, 1)", fix="use 0.0 (or 0.05-0.1 against overfitting small data)")
+        if isinstance(self.targets, str):
+            try:
+                re.compile(self.targets)
+            except re.error as exc:
+                raise ConfigError(field="LoRA.targets", value=self.targets, problem=f"is not a regex: {exc}",
+                                  fix="pass a list of module names, e.g. ['query', 'value'], or a valid regex") from None
         if self.targets is not None and not self.targets:
             raise ConfigError(field="LoRA.targets", value=self.targets, problem="is empty",
                               fix="name modules (e.g. ['query', 'value']) or pass None for every linear layer")
@@ -81,6 +91,8 @@ class LoRA(PeftStrategy):
         from peft import LoraConfig
         if self.targets is None:
             target_modules, exclude = backbone_targets(model)
+        elif isinstance(self.targets, str):
+            target_modules, exclude = targets.match_regex(model, self.targets, "LoRA.targets"), backbone_targets(model)[1]
         else:
             target_modules = targets.match_targets(model, self.targets, "LoRA.targets",
                                                    candidates=targets.linear_names(model))

@@ -39,6 +39,8 @@ class Prefix(PeftStrategy):
 
     name = "prefix"
     mergeable = False
+    aliases = {"prefix_projection": "projection", "encoder_hidden_size": "projection_hidden",
+               "modules_to_save": "heads"}
 
     num_virtual_tokens: int = 20
     projection: bool = False          # reparametrise through an MLP (more params, often more stable)
