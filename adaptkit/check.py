@@ -72,13 +72,15 @@ class CheckReport:
 
 def check(model: Any, strategy: Any = "lora", *, options: dict[str, Any] | None = None, task: str = "auto",
           num_labels: int | None = None, quantization: str | None = None, processes: int = 1,
-          gradient_checkpointing: bool = False, world_size: int | None = None,
+          gradient_checkpointing: bool = False, world_size: int | None = None, max_length: int | None = None,
           raise_on_error: bool = True) -> CheckReport:
     """Validate a whole training setup from the config alone; report every problem at once.
 
     ``model`` is a folder, a hub id (read from the local cache first), a ``PretrainedConfig`` or a
     loaded model (only its config and class are used). ``world_size`` is how many processes the
     launcher started; default: the ``WORLD_SIZE`` environment variable when a launcher set it.
+    ``max_length`` (tokens per example) is checked against the model's positions, with the virtual
+    tokens of prefix / prompt tuning counted.
     Raises :class:`ConfigErrors` (one entry per problem) unless ``raise_on_error=False``.
     """
     report = CheckReport(model=describe(model), quantization=quantization, processes=processes)
@@ -97,6 +99,7 @@ def check(model: Any, strategy: Any = "lora", *, options: dict[str, Any] | None 
             gradient_checkpointing = False
         if _check_targets(_named_targets(config, strategy, options or {}), base, report) and config is not None:
             _dry_run(sk, config, gradient_checkpointing, report)
+        _check_length(base, config, max_length, report)
     untested = versions.untested()
     if untested:  # a problem above may be the installed version's, not the architecture's: say which differ
         report.notes.append(f"installed versions outside the tested set: {versions.describe(*untested)}; "
@@ -294,6 +297,27 @@ def _check_targets(named: dict[str, list[str] | str], base: nn.Module, report: C
                 base, [name], field, candidates=candidates if field.endswith("targets") else None),
                 report.problems.append)
     return len(report.problems) == found
+
+
+def _check_length(base: nn.Module, config, max_length: Any, report: CheckReport) -> None:
+    """Sequence length + virtual tokens against the model's position table (a longer input crashes)."""
+    from adaptkit import lengths
+    limit, extra = lengths.max_positions(base), lengths.virtual_tokens(config) if config is not None else 0
+    if max_length is not None:
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+            report.problems.append(ConfigError(field="max_length", value=max_length, problem="must be a positive int",
+                                               fix="pass the tokens per example, e.g. 128"))
+            return
+        error = lengths.length_error(base, max_length, config)
+        if error is not None:
+            report.problems.append(error)
+    elif limit is not None and extra >= limit:
+        report.problems.append(ConfigError(field="num_virtual_tokens", value=extra,
+                                           problem=f"leaves no room for text in the model's {limit} positions",
+                                           fix=f"use num_virtual_tokens < {limit} (typically 10-100)"))
+    elif limit is not None and extra:
+        report.notes.append(f"{extra} virtual tokens take positions: sequences must be <= {limit - extra} tokens "
+                            f"(the model has {limit}); pass max_length to check yours")
 
 
 def _dry_run(sk: Skeleton, config, gradient_checkpointing: bool, report: CheckReport) -> None:

@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a strategy option, repeatable: -o r=16 -o targets=query,value")
     check.add_argument("--processes", type=_positive_int("--processes"), default=1)
     check.add_argument("--gradient-checkpointing", action="store_true")
+    check.add_argument("--max-length", type=_positive_int("--max-length"), default=None,
+                       help="tokens per example, checked against the model's positions (virtual tokens included)")
 
     est = commands.add_parser("estimate", help="peak training memory and step cost of every strategy")
     common(est)
@@ -141,7 +143,8 @@ def _check(args, options: dict[str, Any], quantization: str | None) -> int:
 
     report = check(args.model, args.strategy, options=options, task=args.task, num_labels=args.num_labels,
                    quantization=quantization, processes=args.processes,
-                   gradient_checkpointing=args.gradient_checkpointing, raise_on_error=False)
+                   gradient_checkpointing=args.gradient_checkpointing, max_length=args.max_length,
+                   raise_on_error=False)
     if args.json:
         print(json.dumps({"ok": report.ok, "model": report.model, "model_class": report.model_class,
                           "task": report.task, "strategy": report.strategy.to_dict() if report.strategy else None,

@@ -31,6 +31,9 @@ __all__ = [
     "DataError",
     "ProcessCountError",
     "SanityCheckError",
+    "NonFiniteError",
+    "RunLockedError",
+    "CheckpointError",
     "ConfigErrors",
 ]
 
@@ -117,6 +120,18 @@ class ProcessCountError(AdaptkitError, RuntimeError):
 
 class SanityCheckError(AdaptkitError, RuntimeError):
     """A training sanity check failed (no gradients, non-finite loss, outputs changed at init, ...)."""
+
+
+class NonFiniteError(AdaptkitError, FloatingPointError):
+    """Training produced a NaN or infinite loss or weight; the run stops instead of saving it."""
+
+
+class RunLockedError(AdaptkitError, RuntimeError):
+    """Another run is writing to the same output folder."""
+
+
+class CheckpointError(AdaptkitError, ValueError):
+    """A checkpoint to resume from is incomplete, damaged, or was made on other data."""
 
 
 class ConfigErrors(ConfigError):

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -156,6 +158,8 @@ def load_model(name_or_path: str, task: Any = "seq_cls", quantization: str | Non
     """
     auto_class = _auto_class(task)
     quantization = _check_quantization(quantization)
+    refuse_remote_code(name_or_path, hf_kwargs.get("trust_remote_code"))
+    hf_kwargs["trust_remote_code"] = False  # None would let transformers ask at a terminal, and "y" runs the code
     if "quantization_config" in hf_kwargs:
         raise ConfigError(field="quantization_config", value=type(hf_kwargs["quantization_config"]).__name__,
                           problem="load_model builds it, keeping task heads unquantized",
@@ -170,12 +174,48 @@ def load_model(name_or_path: str, task: Any = "seq_cls", quantization: str | Non
         # FSDP + QLoRA: 4-bit weights packed in the dtype of the other weights, so FSDP can shard them
         storage = _dtype_arg(hf_kwargs) if distributed.fsdp_requested() and quantization == "4bit" else None
         hf_kwargs["quantization_config"] = bnb_config(quantization, skips, quantization_options, storage)
-    model = auto_class.from_pretrained(name_or_path, **hf_kwargs)
+    try:
+        model = auto_class.from_pretrained(name_or_path, **hf_kwargs)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc) or "custom code" in str(exc):
+            raise _remote_code_error(name_or_path, "its files reference custom code") from None
+        raise
     if quantization is not None:
         prepare_kbit(model)
     if gradient_checkpointing:
         enable_checkpointing(model)
     return model
+
+
+_CODE_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json",
+               "feature_extractor_config.json", "image_processor_config.json")
+
+
+def refuse_remote_code(name_or_path: Any, trust_remote_code: Any = None) -> None:
+    """Refuse a model whose files name custom code (``auto_map``) before transformers sees it: given
+    ``trust_remote_code=None`` it asks "Do you wish to run the custom code? [y/N]" at a terminal, and
+    "y" runs code from the model folder. adaptkit never runs it; the recipes call this first too."""
+    import json
+    if trust_remote_code:
+        raise _remote_code_error(name_or_path, "trust_remote_code=True was passed")
+    folder = Path(os.path.expanduser(str(name_or_path))) if isinstance(name_or_path, (str, os.PathLike)) else None
+    if folder is None or not folder.is_dir():
+        return  # a hub id: from_pretrained runs with trust_remote_code=False and refuses it (typed above)
+    for name in _CODE_FILES:
+        try:
+            data = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("auto_map"):
+            raise _remote_code_error(name_or_path, f"{name} names custom code (auto_map: {sorted(data['auto_map'])})")
+
+
+def _remote_code_error(name_or_path: Any, why: str) -> UnsupportedError:
+    return UnsupportedError(field="model", value=str(name_or_path),
+                            problem=f"needs custom code from the model repository (trust_remote_code): {why}",
+                            fix="adaptkit never runs remote code; use a model type transformers ships, or review "
+                                "the code, load the model yourself with from_pretrained(..., trust_remote_code=True) "
+                                "and pass the loaded model to adaptkit.adapt")
 
 
 # ---- preparing a quantized model for adapter training ---------------------------------------------

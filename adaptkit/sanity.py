@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from adaptkit import targets
-from adaptkit.errors import ConfigTypeError, NotAdaptedError, NotMergeableError, SanityCheckError
+from adaptkit.errors import ConfigError, ConfigTypeError, NotAdaptedError, NotMergeableError, SanityCheckError
 
 CHECKS = ("init", "gradients", "loss", "save_load", "merge")
 
@@ -87,6 +87,7 @@ def sanity_check(model: nn.Module, batch: Mapping[str, torch.Tensor], *, steps: 
     if not isinstance(steps, int) or steps < 2:
         raise ConfigTypeError(field="steps", value=steps, problem="must be an int >= 2 (LoRA's A moves from step 2)",
                               fix="use steps=3")
+    _check_batch(model, batch)
     quant = is_quantized(model)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     saved = {n: p.detach().clone() for n, p in trainable.items()}
@@ -118,6 +119,39 @@ def sanity_check(model: nn.Module, batch: Mapping[str, torch.Tensor], *, steps: 
         error.report = report
         raise error
     return report
+
+
+def _check_batch(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> None:
+    """Token ids, labels and length the model can take; otherwise the forward pass fails with an IndexError
+    deep inside an embedding or the loss, without saying which input is wrong."""
+    from adaptkit import lengths
+    ids = batch.get("input_ids")
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if ids is not None and ids.numel() and vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise ConfigError(field="batch['input_ids']", value=bad, problem=f"is outside the model's vocabulary 0..{vocab - 1}",
+                          fix="tokenize with the model's own tokenizer (a tokenizer with a larger vocabulary gives "
+                              "ids the embedding table does not have)")
+    if ids is not None and ids.dim() == 2:
+        lengths.check_length(model, ids.shape[1], field="batch['input_ids'] length")
+    labels = batch.get("labels")
+    if labels is None or labels.is_floating_point() or not labels.numel():
+        return
+    config = getattr(model, "config", None)
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None and getattr(out, "out_features", None):  # language model: labels are token ids
+        classes, what = out.out_features, "the vocabulary"
+    elif getattr(config, "problem_type", None) != "regression" and getattr(config, "num_labels", 1) > 1:
+        classes, what = config.num_labels, f"num_labels={config.num_labels}"
+    else:
+        return
+    real = labels[labels != -100]  # -100: positions the loss ignores
+    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= classes):
+        bad = int(real.min()) if int(real.min()) < 0 else int(real.max())
+        raise ConfigError(field="batch['labels']", value=bad, problem=f"is outside 0..{classes - 1} ({what})",
+                          fix="map the labels to class ids 0..K-1 and load the model with num_labels=K "
+                              "(-100 marks positions to ignore)")
 
 
 # ---- 1. init ---------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import torch
 from transformers import AutoTokenizer
 
 import adaptkit
-from adaptkit.recipes import batching, data, metrics, runs, training
+from adaptkit.recipes import batching, data, guards, metrics, runs, training
 from adaptkit.distributed import check_sharded_model
 from adaptkit.errors import ConfigError, DataError
 
@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model folder or hub id of a decoder")
     data.add_data_args(parser)
-    parser.add_argument("--max-length", type=int, default=256, help="tokens per example (longer ones are cut)")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="tokens per example (longer ones are cut); default 256, or what the model has room for")
     parser.add_argument("--block-size", type=int, default=0, help="pack examples into blocks of N tokens (0: no packing)")
     parser.add_argument("--num-samples", type=int, default=3, help="greedy generations printed at the end")
     parser.add_argument("--max-new-tokens", type=int, default=40)
@@ -165,18 +166,20 @@ def sample_generations(model, tokenizer, examples, args) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from adaptkit.quantization import load_model
+    from adaptkit.quantization import load_model, refuse_remote_code
 
     args = parse_args(argv)
+    refuse_remote_code(args.model)
     accelerator = training.make_accelerator(args)
     blank = lambda ds: ds.filter(lambda row: bool(row["text"].strip())) if ds.column_names == ["text"] else ds
     splits, notes = data.splits_from_args(args, prepare=blank)  # .txt files: blank lines are no examples
+    guards.require_examples(len(splits["train"]), notes[0].partition(": ")[2] or "--data")
     fmt = data_format(splits["train"], "train")
     for split, ds in splits.items():
         if data_format(ds, split) != fmt:
             raise DataError(field=split, value=data_format(ds, split), problem=f"has another format than train ({fmt})",
                             fix="use one format in every split")
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
     if tokenizer.eos_token_id is None:
         raise ConfigError(field="tokenizer.eos_token", value=None, problem="the tokenizer has no end-of-sequence "
                           "token, so the model cannot learn where an answer ends",
@@ -189,6 +192,9 @@ def main(argv: list[str] | None = None) -> dict:
     model = adaptkit.adapt(load(), args.strategy, **training.parse_options(args.option))
     check_sharded_model(accelerator, model)  # FSDP: prefix, 8-bit, integer-stored 4-bit refused with the fix
     summary, strategy = adaptkit.summary(model), adaptkit.strategy_of(model).to_dict()
+    if args.block_size:  # packed blocks are the sequences the model reads
+        guards.check_fits(model, args.block_size, "--block-size")
+    args.max_length = guards.fit_max_length(model, args.max_length, 256, notes)
     accelerator.print(summary, *notes, sep="\n")
 
     features = {split: [encode(e, tokenizer, 0 if args.block_size else args.max_length) for e in ds]

@@ -31,9 +31,10 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 import adaptkit
-from adaptkit.recipes import batching, data, metrics, runs, training
+from adaptkit.recipes import batching, data, guards, metrics, runs, training
 from adaptkit.distributed import check_sharded_model
 from adaptkit.errors import ConfigError, MissingDependencyError
+from adaptkit.quantization import refuse_remote_code
 
 GLUE_TASKS = ("sst2", "cola", "mrpc", "rte", "stsb")  # their own metrics (MCC for CoLA, F1 for MRPC, ...)
 
@@ -48,7 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--metrics", choices=sorted(k for k in metrics.TASKS if k != "language_model"),
                    help="which metrics to report (default: the GLUE task named by the data folder, else "
                         "classification or regression)")
-    g.add_argument("--max-length", type=int, default=128, help="tokens per example (pairs truncated longest first)")
+    g.add_argument("--max-length", type=int, default=None,
+                   help="tokens per example (pairs truncated longest first); default 128, or what the model has room for")
     g.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
                    help="batch examples of similar length together (less padding, same results on average)")
     parser.add_argument("--model", help="model folder or hub id (default: the bundled all-MiniLM-L6-v2)")
@@ -123,20 +125,24 @@ def cached_probe(args: argparse.Namespace, model, train_loader, val_loader):
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     args.model = args.model or default_model()
+    refuse_remote_code(args.model)
     accelerator = training.make_accelerator(args)
     splits = load_splits(args)
+    if splits.train.task == "classification":
+        guards.require_classes(splits.train.labels, splits.train.path or "--data")
     task = metric_task(args, splits.train)
     if task not in ("regression", "stsb") and splits.train.task == "regression":
         raise ConfigError(field="--metrics", value=task, problem="is a classification metric but the labels are "
                           "scores (regression)", fix="use --metrics regression, or --task classification")
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
     if tokenizer.pad_token is None:  # decoders (GPT-2, Llama) ship without one; batches need padding
         tokenizer.pad_token = tokenizer.eos_token
     model = adaptkit.adapt(load_model(args, splits.train, tokenizer), args.strategy,
                            **training.parse_options(args.option))
     check_sharded_model(accelerator, model)  # FSDP: prefix, 8-bit, integer-stored 4-bit refused with the fix
     summary, strategy = adaptkit.summary(model), adaptkit.strategy_of(model).to_dict()
+    args.max_length = guards.fit_max_length(model, args.max_length, 128, splits.notes)
     accelerator.print(summary, *splits.notes, sep="\n")
 
     def loader(table, shuffle):

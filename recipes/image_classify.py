@@ -80,13 +80,14 @@ def make_loader(items: list, processor, mode: str, args, shuffle: bool):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from adaptkit.quantization import load_model
+    from adaptkit.quantization import load_model, refuse_remote_code
 
     args = parse_args(argv)
+    refuse_remote_code(args.model)
     accelerator = training.make_accelerator(args)
     splits, classes, notes = load_splits(args)
     try:
-        processor = AutoImageProcessor.from_pretrained(args.model)
+        processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise ConfigError(field="--model", value=args.model, problem=f"has no image processor ({err})",
                           fix="save one beside the model: AutoImageProcessor...save_pretrained(model_dir)") from None

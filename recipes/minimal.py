@@ -32,7 +32,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 import adaptkit
 from adaptkit.distributed import check_sharding, require_processes, save_adapter
-from adaptkit.quantization import load_model
+from adaptkit.quantization import load_model, refuse_remote_code
 
 
 def read_tsv(path: Path) -> list[tuple[str, int]]:
@@ -68,12 +68,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cpu", action="store_true", help="force CPU (same as ACCELERATE_USE_CPU=1)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    refuse_remote_code(args.model)  # before AutoConfig, which would ask at a terminal whether to run it
 
     accelerator = Accelerator(cpu=args.cpu)
     world = require_processes(accelerator, args.processes)
     check_sharding(accelerator)  # FSDP1 / ZeRO-3 refused with the fix; FSDP2 is gathered when saving
     set_seed(args.seed)  # same seed everywhere: every rank builds the same head and adapter
-    config = AutoConfig.from_pretrained(args.model, num_labels=2)
+    config = AutoConfig.from_pretrained(args.model, num_labels=2, trust_remote_code=False)
     lora = adaptkit.LoRA(r=args.rank)
     if args.dropout is not None:
         for key, value in config.to_dict().items():
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     model = adaptkit.adapt(model, lora)
     accelerator.print(adaptkit.summary(model))
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
     train = make_loader(read_tsv(args.data / "train.tsv"), tokenizer, args.per_device_batch, True, args.seed,
                         args.max_length)
     dev = make_loader(read_tsv(args.data / "dev.tsv"), tokenizer, args.per_device_batch, False, args.seed,

@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from adaptkit.errors import ConfigError
+from adaptkit.recipes import guards
 from adaptkit.recipes.training import (ADAPTER_DIR, CHECKPOINTS, LOG_FILE, METRICS_FILE, RUN_STATE, TENSORBOARD_DIR,
                                learning_rate)
 
@@ -192,7 +193,10 @@ class Run:
         self._started = time.perf_counter()
         self._clock: float | None = None
         self.bar = None
+        guards.require_examples(self.batches_per_epoch, getattr(args, "data", "the training data"), "training batches")
+        self._data: dict[str, str] | None = None
         if accelerator.is_main_process:
+            self._lock = guards.lock_output_dir(self.output_dir)  # before --overwrite deletes anything
             if args.resume is None and args.overwrite:
                 for name in (CHECKPOINTS, ADAPTER_DIR, METRICS_FILE, LOG_FILE, TENSORBOARD_DIR):
                     path = self.output_dir / name
@@ -216,7 +220,7 @@ class Run:
             raise ConfigError(field="--resume", value=str(path or self.output_dir / CHECKPOINTS),
                               problem="no complete checkpoint there",
                               fix="point --resume at a checkpoints/step-N folder, or drop --resume to start afresh")
-        state = json.loads((path / RUN_STATE).read_text())
+        state = guards.read_checkpoint(path, RUN_STATE)
         saved, now = state["config"], self.config()
         changed = sorted(k for k in set(saved) | set(now)
                          if k not in _RESUMABLE_CHANGES and saved.get(k) != now.get(k))
@@ -224,12 +228,20 @@ class Run:
             raise ConfigError(field="--resume", value={k: [saved.get(k), now.get(k)] for k in changed},
                               problem="these flags differ from the interrupted run (was, now)",
                               fix="resume with the same flags, or start a new run in another --output-dir")
+        guards.check_same_data(state.get("data"), self.data_fingerprint())
         self.accelerator.load_state(str(path))
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.samples, self.train_seconds = state["samples"], state["train_seconds"]
         self.last_eval_step, self.best_metrics = state["last_eval_step"], state["best_metrics"]
         self.stopper.load_state_dict(state["early_stopping"])
         self.logger.log({"step": self.step, "event": "resumed", "checkpoint": str(path)})
+
+    def data_fingerprint(self) -> dict[str, str]:
+        """Checksums of the local data files, kept in each checkpoint: a resume on changed data is refused."""
+        if self._data is None:
+            self._data = guards.data_fingerprint(getattr(self.args, key, None)
+                                                 for key in ("data", "train_file", "validation_file", "test_file"))
+        return self._data
 
     # ---- the loop --------------------------------------------------------------------------------
     def batches(self, loader) -> Iterator[Any]:
@@ -254,7 +266,9 @@ class Run:
 
     def step_done(self, loss: torch.Tensor) -> None:
         """Call after every micro-batch. At an optimizer step: log, evaluate, stop, checkpoint when due."""
-        self._loss_sum += float(loss.detach())
+        value = float(loss.detach())
+        guards.check_finite_loss(value, self.step + 1)
+        self._loss_sum += value
         self._loss_count += 1
         if not self.accelerator.sync_gradients:
             return
@@ -304,6 +318,7 @@ class Run:
 
     def save_adapter(self) -> None:
         from adaptkit.distributed import save_adapter
+        guards.check_finite_weights(self.accelerator.unwrap_model(self.model), self.step)  # a NaN is never "best"
         save_adapter(self.accelerator, self.model, self.adapter_dir)  # every process: FSDP shards are gathered
 
     def checkpoint(self) -> Path:
@@ -323,7 +338,8 @@ class Run:
                 "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "samples": self.samples, "train_seconds": self.train_seconds,
                 "last_eval_step": self.last_eval_step, "best_metrics": self.best_metrics,
-                "early_stopping": self.stopper.state_dict(), "config": self.config()})
+                "early_stopping": self.stopper.state_dict(), "config": self.config(),
+                "data": self.data_fingerprint(), "files": guards.digests(tmp, skip=[RUN_STATE])})
             replace_dir(tmp, final)
             old = sorted((p for p in folder.glob("step-*") if p != final), key=lambda p: p.name)
             for stale in old[: max(0, len(old) - self.args.keep_checkpoints + 1)]:

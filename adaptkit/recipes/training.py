@@ -79,6 +79,8 @@ def add_run_args(parser: argparse.ArgumentParser, *, epochs: int = 3, batch_size
 
 def check_args(args: argparse.Namespace, recipe: str) -> None:
     """Refuse flag values that cannot work, naming the flag and the fix."""
+    from adaptkit.recipes import guards
+    guards.check_numbers(args)
     for names, least in ((["epochs", "batch_size", "gradient_accumulation_steps", "log_every", "keep_checkpoints"], 1),
                          (["max_steps", "eval_every", "patience", "checkpoint_every"], 0)):
         for name in (n for n in names if getattr(args, n) < least):

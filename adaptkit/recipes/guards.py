@@ -1,0 +1,224 @@
+"""Guards the recipes call so that a run never ends silently wrong: each is one function, raising a
+typed error that names the flag, file or step and the fix.
+
+* :func:`check_numbers` — flag values that are NaN, infinite or negative, before anything loads;
+* :func:`fit_max_length` — ``--max-length`` against the model's positions (virtual tokens included);
+* :func:`require_examples`, :func:`require_classes`, :func:`read_utf8` — data that cannot train;
+* :func:`lock_output_dir` — one run per output folder;
+* :func:`check_finite_loss`, :func:`check_finite_weights` — a run that diverged stops, and no NaN
+  adapter is saved as the best;
+* :func:`digests`, :func:`read_checkpoint`, :func:`data_fingerprint` — resume only from a checkpoint
+  that is complete and unchanged, on the same data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from adaptkit.errors import CheckpointError, ConfigError, DataError, NonFiniteError, RunLockedError
+
+# flag -> (smallest allowed value, whether the smallest itself is allowed); every float flag must be finite
+_FLOAT_FLAGS = {"learning_rate": (0.0, False), "weight_decay": (0.0, True), "warmup_ratio": (0.0, True),
+                "max_grad_norm": (0.0, True), "validation_fraction": (0.0, True)}
+_COUNT_FLAGS = {"max_length": 1, "max_train_samples": 1, "max_eval_samples": 1, "num_samples": 0,
+                "max_new_tokens": 1, "steps": 1, "batch_size": 1}
+
+
+def check_numbers(args: Any) -> None:
+    """Refuse NaN / infinite / negative hyper-parameters (argparse's ``type=float`` takes "inf" and "nan";
+    a learning rate of inf trains to an all-NaN adapter and exits 0)."""
+    for name, (least, inclusive) in _FLOAT_FLAGS.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        if not math.isfinite(value):
+            raise ConfigError(field=flag, value=value, problem="is not a finite number",
+                              fix=f"pass a finite value (or leave {flag} out for the default)")
+        if value < least or (value == least and not inclusive):
+            raise ConfigError(field=flag, value=value,
+                              problem=f"must be {'at least' if inclusive else 'greater than'} {least:g}",
+                              fix=f"pass a {'non-negative' if inclusive else 'positive'} value "
+                                  f"(or leave {flag} out for the default)")
+    for name, least in _COUNT_FLAGS.items():
+        value = getattr(args, name, None)
+        if value is not None and value < least:
+            raise ConfigError(field=f"--{name.replace('_', '-')}", value=value, problem=f"must be at least {least}",
+                              fix=f"pass an integer >= {least}, or leave the flag out")
+
+
+def fit_max_length(model: torch.nn.Module, asked: int | None, default: int, notes: list[str] | None = None) -> int:
+    """``--max-length`` for this model: an explicit value that does not fit its positions (prefix and
+    prompt virtual tokens included) is refused; the recipe's default is clamped to what fits, and
+    the clamp is noted, because the user never asked for that length."""
+    from adaptkit import lengths
+    if asked is not None:
+        lengths.check_length(model, asked, field="--max-length")
+        return asked
+    error = lengths.length_error(model, default, field="--max-length")
+    if error is None:
+        return default
+    room = lengths.max_positions(model) - lengths.virtual_tokens(model)
+    if room < 1:
+        raise error
+    if notes is not None:
+        notes.append(f"--max-length: default {default} clamped to {room}, what {type(model).__name__} has room for")
+    return room
+
+
+def check_fits(model: torch.nn.Module, length: int, flag: str) -> None:
+    """A sequence length the user chose (e.g. ``--block-size``) that the model's positions cannot hold is refused."""
+    from adaptkit import lengths
+    lengths.check_length(model, length, field=flag)
+
+
+def require_examples(count: int, source: Any, what: str = "training examples") -> None:
+    """An empty training set is refused (a loop over zero batches would spin at 100% CPU forever)."""
+    if count < 1:
+        raise DataError(field=str(source), value=count, problem=f"holds no {what}",
+                        fix="point at a file with at least one non-blank example")
+
+
+def require_classes(labels: Iterable[int], source: Any) -> None:
+    """A classification train set needs two classes; with one, the model learns a constant and its
+    validation accuracy on the same class reads 1.0."""
+    seen = sorted(set(int(v) for v in labels))
+    if len(seen) < 2:
+        raise DataError(field=f"{source} labels", value=seen, problem="the training examples hold only one class",
+                        fix="train on examples of at least two classes (check --max-train-samples and the label "
+                            "column), or use --task regression for scores")
+
+
+def read_utf8(path: Path) -> str:
+    """A text file as UTF-8, or a DataError naming the file and the first bad byte."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(field=str(path), value=f"byte 0x{err.object[err.start]:02x} at offset {err.start}",
+                        problem="is not UTF-8 text",
+                        fix=f"convert it, e.g. iconv -f latin1 -t utf-8 {Path(path).name} > fixed.txt") from None
+
+
+# ---- one run per output folder -------------------------------------------------------------------------
+LOCK_NAME = ".adaptkit-run.lock"
+
+
+def lock_output_dir(output_dir: Path):
+    """Hold an exclusive lock on ``output_dir`` for the life of this process (the OS drops it when the
+    process ends, even by SIGKILL). A second run on the same folder is refused instead of mixing logs
+    and overwriting the other's adapter. Returns the open lock file; keep it referenced."""
+    try:
+        import fcntl
+    except ImportError:  # no POSIX locks (Windows): nothing to hold
+        return None
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(output_dir / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunLockedError(field="--output-dir", value=str(output_dir), problem=f"is in use by a run ({holder})",
+                             fix="wait for that run to finish, or pass another --output-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+# ---- divergence ---------------------------------------------------------------------------------------
+def check_finite_loss(loss: float, step: int) -> None:
+    if not math.isfinite(loss):
+        raise NonFiniteError(field="loss", value=loss, problem=f"is not finite at step {step}; the run stopped "
+                             "(the adapter saved before, if any, is the last finite best)",
+                             fix="lower --learning-rate, keep --max-grad-norm > 0, and check the data for NaN/inf")
+
+
+def check_finite_weights(model: torch.nn.Module, step: int) -> None:
+    """Before an adapter is saved as the best: every trained tensor finite."""
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p.detach()).all()]
+    if bad:
+        raise NonFiniteError(field="trained weights", value=bad[:3],
+                             problem=f"{len(bad)} tensor(s) hold NaN/inf at step {step}; not saved as the best",
+                             fix="lower --learning-rate, keep --max-grad-norm > 0, and check the data for NaN/inf")
+
+
+# ---- resume --------------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def digests(folder: Path, skip: Iterable[str] = ()) -> dict[str, str]:
+    """sha256 of every file below ``folder`` (relative POSIX paths), ``skip`` left out."""
+    folder, skip = Path(folder), set(skip)
+    return {p.relative_to(folder).as_posix(): _sha256(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.relative_to(folder).as_posix() not in skip}
+
+
+_STATE_KEYS = ("step", "epoch", "batch_in_epoch", "samples", "train_seconds", "last_eval_step", "best_metrics",
+               "early_stopping", "config")
+
+
+def read_checkpoint(folder: Path, state_name: str) -> dict[str, Any]:
+    """The run state of a checkpoint, after checking that it parses and that every file the checkpoint
+    listed is there with the content it had when written (a truncated optimizer state or RNG state
+    would otherwise resume without a word, and no longer bit-identically)."""
+    path = Path(folder) / state_name
+    fix = (f"resume from an earlier checkpoint (--resume {Path(folder).parent}/step-N), or start afresh "
+           "with --overwrite")
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(field=str(path), value=type(exc).__name__, problem=f"cannot be read: {exc}",
+                              fix=fix) from None
+    missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(field=str(path), value=missing, problem="lacks these entries", fix=fix)
+    for rel, expected in (state.get("files") or {}).items():
+        file = Path(folder) / rel
+        if not file.is_file():
+            raise CheckpointError(field=str(file), value=None, problem="is missing from the checkpoint", fix=fix)
+        if _sha256(file) != expected:
+            raise CheckpointError(field=str(file), value=f"{file.stat().st_size} bytes",
+                                  problem="changed since the checkpoint was written (truncated or damaged)", fix=fix)
+    return state
+
+
+def data_fingerprint(sources: Iterable[Any]) -> dict[str, str]:
+    """sha256 of each local data file a run reads (a folder: the files in it); hub names are skipped."""
+    out: dict[str, str] = {}
+    for source in sources:
+        if source is None:
+            continue
+        path = Path(os.path.expanduser(str(source)))
+        if path.is_file():
+            out[str(path)] = _sha256(path)
+        elif path.is_dir():
+            out.update({str(path / rel): h for rel, h in digests(path).items()})
+    return out
+
+
+def check_same_data(saved: dict[str, str] | None, now: dict[str, str]) -> None:
+    if saved is None:  # a checkpoint from before fingerprints were kept
+        return
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if changed:
+        raise CheckpointError(field="--resume", value=changed[:3],
+                              problem="the data changed since the interrupted run started (checksums differ); "
+                                      "resuming would continue on other examples",
+                              fix="restore the original data files, or start a new run (--overwrite or another "
+                                  "--output-dir)")
