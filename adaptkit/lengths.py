@@ -63,8 +63,8 @@ def length_error(model: nn.Module, length: int, strategy: Any = None, field: str
     fix = f"use {field} <= {room}" if room > 0 else "use fewer virtual tokens"
     if extra and room > 0:
         fix += f", or fewer virtual tokens (num_virtual_tokens <= {limit - length})" if limit > length else ""
-    return ConfigError(field=field, value=length,
-                       problem=f"{length}{because} tokens do not fit {type(model).__name__}'s {limit} positions",
+    name = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
+    return ConfigError(field=field, value=length, problem=f"{length}{because} tokens do not fit {name}'s {limit} positions",
                        fix=fix)
 
 

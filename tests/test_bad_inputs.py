@@ -1,0 +1,156 @@
+"""Inputs the core calls cannot use: sequences longer than the model's positions (virtual tokens of prefix
+and prompt tuning included) in ``check``; token ids, labels and lengths out of range in ``sanity_check``;
+models that need remote code in ``load_model``. Each is a typed error with the fix, never an
+IndexError from inside an embedding, and nothing is run."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from conftest import tiny_inputs, tiny_model
+
+import adaptkit
+from adaptkit import errors, lengths
+from adaptkit.sanity import sanity_check
+
+
+# ---- positions ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family,task,limit", [("bert", "seq_cls", 64), ("roberta", "seq_cls", 64),
+                                               ("distilbert", "seq_cls", 64), ("gpt2", "causal_lm", 64),
+                                               ("llama", "causal_lm", None), ("t5", "seq2seq", None)])
+def test_max_positions_is_where_the_forward_pass_breaks(family, task, limit):
+    model = tiny_model(family, task)
+    assert lengths.max_positions(model) == limit
+    if limit is None:
+        return
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.full((1, limit), 5))
+        with pytest.raises((RuntimeError, IndexError)):  # what users got before the check
+            model(input_ids=torch.full((1, limit + 1), 5))
+
+
+@pytest.mark.parametrize("strategy,options,length,match", [
+    ("lora", {}, 65, r"max_length=65: 65 tokens do not fit BertForSequenceClassification's 64 positions. "
+                     r"Fix: use max_length <= 64"),
+    ("prefix", {}, 64, r"max_length=64: 64 \+ 20 virtual tokens of the prefix/prompt = 84 tokens do not fit .*64 "
+                       r"positions. Fix: use max_length <= 44"),
+    ("prompt_tuning", {"num_virtual_tokens": 10}, 60, r"60 \+ 10 virtual tokens .* Fix: use max_length <= 54, or "
+                                                      r"fewer virtual tokens \(num_virtual_tokens <= 4\)"),
+])
+def test_check_refuses_a_sequence_length_beyond_the_positions(strategy, options, length, match):
+    report = adaptkit.check(tiny_model("bert"), strategy, options=options, max_length=length, raise_on_error=False)
+    assert len(report.problems) == 1 and isinstance(report.problems[0], errors.ConfigError)
+    assert re.search(match, str(report.problems[0])), str(report.problems[0])
+    assert "OK: no problems found" not in str(report)
+
+
+def test_check_passes_what_fits_and_says_what_prefix_leaves():
+    assert adaptkit.check(tiny_model("bert"), "prefix", max_length=44, raise_on_error=False).ok
+    report = adaptkit.check(tiny_model("bert"), "prefix", raise_on_error=False)
+    assert report.ok and any("sequences must be <= 44 tokens (the model has 64)" in n for n in report.notes)
+    too_many = adaptkit.check(tiny_model("bert"), "prefix", options={"num_virtual_tokens": 64}, raise_on_error=False)
+    assert "num_virtual_tokens=64: leaves no room for text in the model's 64 positions" in str(too_many)
+
+
+def test_the_cli_takes_max_length(tmp_path, capsys):
+    from adaptkit.cli import main
+    tiny_model("bert").config.save_pretrained(tmp_path / "m")
+    assert main(["check", str(tmp_path / "m"), "--strategy", "prefix", "--max-length", "64"]) == 1
+    assert "= 84 tokens do not fit" in capsys.readouterr().out
+
+
+# ---- sanity_check's batch -----------------------------------------------------------------------------------
+def _batch(**change):
+    batch = {**tiny_inputs("bert"), "labels": torch.tensor([0, 1])}
+    return {**batch, **change}
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"labels": torch.tensor([0, 2])}, r"batch\['labels'\]=2: is outside 0..1 \(num_labels=2\). Fix: map the labels"),
+    ({"labels": torch.tensor([-1, 0])}, r"batch\['labels'\]=-1: is outside 0..1"),
+    ({"input_ids": torch.tensor([[5, 99, 7], [5, 6, 7]]), "attention_mask": torch.ones(2, 3, dtype=torch.long)},
+     r"batch\['input_ids'\]=99: is outside the model's vocabulary 0..98. Fix: tokenize with the model's own"),
+    ({"input_ids": torch.tensor([[-3, 6, 7], [5, 6, 7]]), "attention_mask": torch.ones(2, 3, dtype=torch.long)},
+     r"batch\['input_ids'\]=-3: is outside the model's vocabulary"),
+    ({"input_ids": torch.full((2, 65), 5), "attention_mask": torch.ones(2, 65, dtype=torch.long)},
+     r"batch\['input_ids'\] length=65: 65 tokens do not fit .*64 positions"),
+])
+def test_sanity_check_refuses_inputs_the_model_cannot_take(change, match):
+    model = adaptkit.adapt(tiny_model("bert"), "lora")
+    with pytest.raises(errors.ConfigError, match=match):
+        sanity_check(model, _batch(**change))
+
+
+def test_sanity_check_counts_prefix_tokens_and_accepts_ignored_labels():
+    model = adaptkit.adapt(tiny_model("bert"), "prefix")
+    with pytest.raises(errors.ConfigError, match=r"length=50: 50 \+ 20 virtual tokens"):
+        sanity_check(model, _batch(input_ids=torch.full((2, 50), 5), attention_mask=torch.ones(2, 50, dtype=torch.long)))
+    lm = adaptkit.adapt(tiny_model("gpt2", "causal_lm"), "lora")
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    with pytest.raises(errors.ConfigError, match=r"batch\['labels'\]=99: is outside 0..98 \(the vocabulary\)"):
+        sanity_check(lm, {"input_ids": ids, "labels": torch.tensor([[5, 6, 7, 99], [9, 10, 11, 12]])})
+    sanity_check(lm, {"input_ids": ids, "labels": torch.tensor([[-100, 6, 7, 8], [9, 10, 11, -100]])})
+
+
+# ---- remote code -----------------------------------------------------------------------------------------------
+@pytest.fixture
+def custom_code_model(tmp_path):
+    """A model folder whose config names custom code that would leave a marker file if it ran."""
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    tiny_model("bert").config.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig",
+                          "AutoModelForSequenceClassification": "modeling_evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "EXECUTED"
+    for name in ("configuration_evil.py", "modeling_evil.py"):
+        (folder / name).write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    return folder, marker
+
+
+def test_load_model_refuses_remote_code_before_transformers_can_ask(custom_code_model, monkeypatch):
+    folder, marker = custom_code_model
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda *a: asked.append(a) or "y")  # a user who would say yes
+    with pytest.raises(errors.UnsupportedError, match=r"model=.*evil.: needs custom code from the model repository "
+                                                      r"\(trust_remote_code\): config.json names custom code"
+                                                      r".*Fix: adaptkit never runs remote code"):
+        adaptkit.load_model(str(folder), "seq_cls")
+    assert asked == [] and not marker.exists()
+
+
+def test_load_model_refuses_trust_remote_code_true(custom_code_model):
+    folder, marker = custom_code_model
+    with pytest.raises(errors.UnsupportedError, match=r"trust_remote_code=True was passed.*review the code, load the "
+                                                      r"model yourself"):
+        adaptkit.load_model(str(folder), "seq_cls", trust_remote_code=True)
+    assert not marker.exists()
+
+
+def test_a_custom_tokenizer_is_refused_too(tmp_path):
+    folder = tmp_path / "m"
+    tiny_model("bert").config.save_pretrained(folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["tok_evil.T", None]}}))
+    with pytest.raises(errors.UnsupportedError, match=r"tokenizer_config.json names custom code"):
+        adaptkit.load_model(str(folder), "seq_cls")
+
+
+@pytest.mark.parametrize("name", ["classify", "causal_lm"])
+def test_the_recipes_refuse_remote_code_first(custom_code_model, tmp_path, monkeypatch, name):
+    import importlib.util
+    from pathlib import Path
+    folder, marker = custom_code_model
+    monkeypatch.setattr("builtins.input", lambda *a: "y")
+    path = Path(__file__).resolve().parents[1] / "recipes" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (tmp_path / "train.txt").write_text("a b\n")
+    with pytest.raises(errors.UnsupportedError, match=r"needs custom code"):
+        module.main(["--model", str(folder), "--data", str(tmp_path / "train.txt"), "--output-dir", str(tmp_path / "o")])
+    assert not marker.exists() and not (tmp_path / "o").exists()

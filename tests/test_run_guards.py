@@ -1,0 +1,256 @@
+"""The recipes never end silently wrong: bad flag values, data that cannot train, a diverging run, two
+runs on one folder and a damaged or stale checkpoint each end in a typed error naming the flag, file
+or step and the fix. Tiny models with 64 positions, data written here (a few dozen rows), in process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adaptkit import errors
+from adaptkit.recipes import guards
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = "good bad fine awful great poor nice dull film plot acting story music long short".split()
+
+
+def recipe(name: str):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sentences(n: int, seed: int = 0) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (6,), generator=g).tolist()) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    """A 64-position BERT and GPT-2 (word-level tokenizer) on disk, a labelled TSV and a text corpus."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    root = tmp_path_factory.mktemp("guards")
+    words = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.train_from_iterator(WORDS, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]",
+                                                                               "</s>"]))
+    bert_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]", pad_token="[PAD]",
+                                                    cls_token="[CLS]", sep_token="[SEP]", eos_token="</s>")
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(vocab_size=len(bert_tok), max_position_embeddings=64,
+                                                   **small)).save_pretrained(root / "bert")
+    bert_tok.save_pretrained(root / "bert")
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=len(bert_tok), n_embd=32, n_layer=2, n_head=4, n_positions=64, eos_token_id=4,
+        bos_token_id=4)).save_pretrained(root / "gpt2")
+    bert_tok.save_pretrained(root / "gpt2")
+    (root / "sst").mkdir()
+    rows = [f"{s}\t{i % 2}" for i, s in enumerate(_sentences(60))]
+    (root / "sst" / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(rows[:48]) + "\n")
+    (root / "sst" / "dev.tsv").write_text("sentence\tlabel\n" + "\n".join(rows[48:]) + "\n")
+    (root / "text").mkdir()
+    (root / "text" / "train.txt").write_text("\n".join(_sentences(40, seed=1)) + "\n")
+    return {"bert": root / "bert", "gpt2": root / "gpt2", "sst": root / "sst", "text": root / "text"}
+
+
+def classify(assets, out: Path, *extra: str) -> list[str]:
+    return ["--data", str(assets["sst"]), "--model", str(assets["bert"]), "--output-dir", str(out),
+            "--batch-size", "8", "--max-length", "32", *extra]
+
+
+def causal(assets, out: Path, data: Path, *extra: str) -> list[str]:
+    return ["--data", str(data), "--model", str(assets["gpt2"]), "--output-dir", str(out), "--batch-size", "8",
+            "--max-steps", "2", "--num-samples", "0", *extra]
+
+
+# ---- flag values: refused before anything loads ---------------------------------------------------------
+@pytest.mark.parametrize("flag,value,match", [
+    ("--learning-rate", "inf", r"--learning-rate=inf: is not a finite number"),
+    ("--learning-rate", "nan", r"--learning-rate=nan: is not a finite number"),
+    ("--learning-rate", "0", r"--learning-rate=0.0: must be greater than 0"),
+    ("--weight-decay", "nan", r"--weight-decay=nan: is not a finite number"),
+    ("--weight-decay", "-0.1", r"--weight-decay=-0.1: must be at least 0. Fix: pass a non-negative value"),
+    ("--max-grad-norm", "inf", r"--max-grad-norm=inf: is not a finite number"),
+    ("--warmup-ratio", "nan", r"--warmup-ratio=nan: is not a finite number"),
+    ("--validation-fraction", "-0.2", r"--validation-fraction=-0.2: must be at least 0"),
+    ("--max-train-samples", "-5", r"--max-train-samples=-5: must be at least 1. Fix: pass an integer >= 1"),
+    ("--max-eval-samples", "0", r"--max-eval-samples=0: must be at least 1"),
+    ("--max-length", "-1", r"--max-length=-1: must be at least 1"),
+])
+def test_non_finite_or_negative_flags_are_refused_before_training(tmp_path, assets, flag, value, match):
+    module = recipe("classify")
+    with pytest.raises(errors.ConfigError, match=match):
+        module.parse_args(classify(assets, tmp_path / "out", flag, value))
+    assert not (tmp_path / "out").exists()
+
+
+# ---- data that cannot train -------------------------------------------------------------------------------
+def test_a_single_class_train_set_is_refused(tmp_path, assets):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{s}\t1\n" for s in _sentences(30)))
+    args = classify(assets, tmp_path / "out")
+    args[1] = str(tmp_path / "one")
+    with pytest.raises(errors.DataError, match=r"train.tsv labels=\[1\]: the training examples hold only one class"):
+        recipe("classify").main(args)
+
+
+@pytest.mark.parametrize("content", ["", "\n \n\t\n"])
+def test_an_empty_or_blank_corpus_is_refused_not_a_hang(tmp_path, assets, content):
+    (tmp_path / "train.txt").write_text(content)
+    start = time.monotonic()
+    with pytest.raises(errors.DataError, match=r"train.txt.*(empty|holds no training examples)"):
+        recipe("causal_lm").main(causal(assets, tmp_path / "out", tmp_path / "train.txt", "--max-steps", "5"))
+    assert time.monotonic() - start < 60
+
+
+def test_a_corpus_that_is_not_utf8_names_the_file(tmp_path, assets):
+    (tmp_path / "latin.txt").write_bytes("caf\xe9 good film\nnice plot\n".encode("latin-1"))
+    with pytest.raises(errors.DataError, match=r"latin.txt.*(UTF-8|utf-8)"):
+        recipe("causal_lm").main(causal(assets, tmp_path / "out", tmp_path / "latin.txt"))
+
+
+# ---- sequence length against the model's 64 positions -------------------------------------------------------
+def test_classify_max_length_beyond_the_positions(tmp_path, assets):
+    with pytest.raises(errors.ConfigError, match=r"--max-length=512: 512 tokens do not fit "
+                                                 r"BertForSequenceClassification's 64 positions. Fix: use --max-length <= 64"):
+        recipe("classify").main(classify(assets, tmp_path / "out", "--max-length", "512"))
+
+
+def test_prefix_virtual_tokens_count_against_the_positions(tmp_path, assets):
+    with pytest.raises(errors.ConfigError, match=r"--max-length=64: 64 \+ 20 virtual tokens .* = 84 tokens do not "
+                                                 r"fit .*64 positions. Fix: use --max-length <= 44"):
+        recipe("classify").main(classify(assets, tmp_path / "out", "--max-length", "64", "--strategy", "prefix"))
+
+
+def test_the_default_max_length_is_clamped_and_said(tmp_path, assets):
+    args = [a for a in classify(assets, tmp_path / "out", "--max-steps", "2", "--strategy", "prefix")]
+    i = args.index("--max-length")
+    del args[i:i + 2]  # the recipe's default, 128, does not fit
+    metrics = recipe("classify").main(args)
+    assert any("--max-length: default 128 clamped to 44" in note for note in metrics["data"])
+    assert metrics["config"]["max_length"] == 44
+
+
+def test_causal_lm_max_length_and_block_size_beyond_the_positions(tmp_path, assets):
+    with pytest.raises(errors.ConfigError, match=r"--max-length=200: 200 tokens do not fit GPT2LMHeadModel's 64 "
+                                                 r"positions"):
+        recipe("causal_lm").main(causal(assets, tmp_path / "a", assets["text"], "--max-length", "200"))
+    with pytest.raises(errors.ConfigError, match=r"--block-size=128: 128 tokens do not fit GPT2LMHeadModel's 64"):
+        recipe("causal_lm").main(causal(assets, tmp_path / "b", assets["text"], "--block-size", "128"))
+
+
+# ---- a run that diverges ----------------------------------------------------------------------------------
+def test_a_non_finite_loss_stops_the_run_and_no_nan_adapter_is_saved(tmp_path, assets):
+    out = tmp_path / "out"
+    with pytest.raises(errors.NonFiniteError, match=r"loss=(nan|inf): is not finite at step (\d+); the run stopped"
+                                                    r".*Fix: lower --learning-rate") as caught:
+        recipe("classify").main(classify(assets, out, "--learning-rate", "1e30", "--max-grad-norm", "0",
+                                         "--max-steps", "12", "--eval-every", "1", "--warmup-ratio", "0",
+                                         "--strategy", "full"))
+    assert isinstance(caught.value, FloatingPointError)
+    assert not (out / "metrics.json").exists()
+    weights = out / "adapter" / "model.safetensors"
+    if weights.exists():  # a best saved before the loss broke holds no NaN
+        assert all(torch.isfinite(t).all() for t in load_file(str(weights)).values())
+
+
+def test_weights_that_went_non_finite_are_not_saved_as_the_best(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(errors.NonFiniteError, match=r"trained weights=\['weight'\]: 1 tensor\(s\) hold NaN/inf at "
+                                                    r"step 7; not saved as the best"):
+        guards.check_finite_weights(model, 7)
+
+
+# ---- one run per output folder ----------------------------------------------------------------------------
+def test_a_second_run_on_the_same_output_folder_is_refused(tmp_path, assets):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "f.write('pid 4242\\n'); f.flush(); print('locked', flush=True); time.sleep(60)"),
+        str(out / guards.LOCK_NAME)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(errors.RunLockedError, match=r"--output-dir=.*out.: is in use by a run \(pid 4242\)"
+                                                        r"\. Fix: wait for that run to finish"):
+            recipe("classify").main(classify(assets, out, "--max-steps", "1", "--overwrite"))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in out.iterdir()) == [guards.LOCK_NAME]  # --overwrite deleted nothing
+    recipe("classify").main(classify(assets, out, "--max-steps", "1"))  # the lock died with its process
+
+
+# ---- resume ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished_run(assets, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("resume")
+    shutil.copytree(assets["sst"], root / "data")
+    args = classify(assets, root / "run", "--max-steps", "4", "--checkpoint-every", "2", "--keep-checkpoints", "3")
+    args[1] = str(root / "data")
+    recipe("classify").main(args)
+    return root
+
+
+def _resume(finished_run: Path, tmp_path: Path, assets) -> tuple[list[str], Path]:
+    """A copy of the finished run's folder (the data stays where the run read it), resumed at step 2."""
+    shutil.copytree(finished_run / "run", tmp_path / "run")
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-0000002"
+    args = classify(assets, tmp_path / "run", "--max-steps", "4", "--checkpoint-every", "2", "--keep-checkpoints",
+                    "3", "--resume", str(checkpoint))
+    args[1] = str(finished_run / "data")
+    return args, checkpoint
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda c: _truncate(c / "run_state.json"), r"run_state.json='JSONDecodeError': cannot be read"),
+    (lambda c: (c / "run_state.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((c / "run_state.json").read_text()).items() if k != "early_stopping"})),
+     r"run_state.json=\['early_stopping'\]: lacks these entries"),
+    (lambda c: _truncate(c / "optimizer.bin"), r"optimizer.bin='\d+ bytes': changed since the checkpoint was written"),
+    (lambda c: _truncate(c / "random_states_0.pkl"), r"random_states_0.pkl='\d+ bytes': changed since"),
+    (lambda c: (c / "random_states_0.pkl").unlink(), r"random_states_0.pkl=None: is missing from the checkpoint"),
+])
+def test_resume_refuses_a_damaged_checkpoint(tmp_path, assets, finished_run, damage, match):
+    args, checkpoint = _resume(finished_run, tmp_path, assets)
+    damage(checkpoint)
+    with pytest.raises(errors.CheckpointError, match=match + r".*Fix: resume from an earlier checkpoint"):
+        recipe("classify").main(args)
+
+
+def test_resume_refuses_a_changed_train_file(tmp_path, assets, finished_run):
+    args, _ = _resume(finished_run, tmp_path, assets)
+    train = finished_run / "data" / "train.tsv"
+    original = train.read_text()
+    train.write_text(original.replace("\t0\n", "\t1\n", 1))  # one label flipped
+    try:
+        with pytest.raises(errors.CheckpointError, match=r"--resume=\[.*train.tsv'\]: the data changed since the "
+                                                         r"interrupted run started \(checksums differ\)"):
+            recipe("classify").main(args)
+    finally:
+        train.write_text(original)
+
+
+def test_an_intact_checkpoint_still_resumes(tmp_path, assets, finished_run):
+    args, _ = _resume(finished_run, tmp_path, assets)
+    assert recipe("classify").main(args)["steps"] == 4
