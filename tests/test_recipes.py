@@ -159,7 +159,11 @@ def run_interrupted_and_resumed(main, argv_for, tmp_path: Path, monkeypatch, sto
     with pytest.raises(_Interrupt):
         main(argv_for(tmp_path / "cut"))
     monkeypatch.setattr(runs.Run, "checkpoint", checkpoint)
-    assert runs.latest_checkpoint(tmp_path / "cut").name == f"step-{stop_at:07d}"
+    latest = runs.latest_checkpoint(tmp_path / "cut")
+    assert latest.name == f"step-{stop_at:07d}"
+    # the checkpoint holds what trains (here: adapter + head, as many values as the saved adapter), not the model
+    in_checkpoint = load_file(str(latest / "model.safetensors"))
+    assert sum(t.numel() for t in in_checkpoint.values()) == sum(t.numel() for t in adapter_tensors(tmp_path / "whole").values())
     main([*argv_for(tmp_path / "cut"), "--resume"])
     whole, resumed = adapter_tensors(tmp_path / "whole"), adapter_tensors(tmp_path / "cut")
     assert whole.keys() == resumed.keys()

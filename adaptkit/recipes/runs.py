@@ -14,7 +14,7 @@ checkpoints that resume exactly, and ``metrics.json``::
         run.step_done(loss)                      # logs; evaluates, saves the best adapter, checkpoints
     run.finish({...task metrics...}, summary)    # metrics.json beside the saved adapter
 
-Exact resume: a checkpoint is ``accelerator.save_state`` (model, optimizer, scheduler, every process's
+Exact resume: a checkpoint is ``accelerator.save_state`` (the trained tensors, optimizer, scheduler, every process's
 RNG states, accelerate's accumulation counter) plus ``run_state.json`` (step, epoch, position in the
 epoch, early-stopping state, time and samples so far). Shuffling is reseeded from ``seed + epoch``
 every epoch, so the resumed run skips exactly the micro-batches already seen
@@ -160,6 +160,47 @@ def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def adapter_only_checkpoints(accelerator) -> None:
+    """Make ``accelerator.save_state`` write only the tensors that train (plus buffers, which a frozen
+    base can still update, e.g. batch-norm statistics) instead of the whole model, and ``load_state``
+    put them back, refusing a checkpoint that lacks any of them. Whole models (full fine-tuning) are
+    saved whole. FSDP and DeepSpeed save their own way and pass through untouched."""
+    if getattr(accelerator, "_adaptkit_adapter_only", False):
+        return
+    accelerator._adaptkit_adapter_only = True
+    accelerator.register_save_state_pre_hook(_keep_trained)
+    accelerator.register_load_state_pre_hook(_load_trained)
+
+
+def _kept_names(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> set[str]:
+    trained = {p.data_ptr() for p in model.parameters() if p.requires_grad}
+    buffers = {name for name, _ in model.named_buffers()}
+    return {k for k, v in state.items() if v.data_ptr() in trained or k in buffers}
+
+
+def _keep_trained(models: list, weights: list, output_dir: str) -> None:
+    for i, (model, state) in enumerate(zip(models, weights)):
+        if any(not p.requires_grad for p in model.parameters()):
+            weights[i] = {k: v for k, v in state.items() if k in _kept_names(model, state)}
+
+
+def _load_trained(models: list, input_dir: str) -> None:
+    from safetensors.torch import load_file
+    for i, model in enumerate(models):
+        path = Path(input_dir) / f"model{f'_{i}' if i else ''}.safetensors"
+        saved = load_file(str(path), device=str(next(model.parameters()).device))
+        unexpected = model.load_state_dict(saved, strict=False).unexpected_keys
+        state = model.state_dict()
+        covered = {state[k].data_ptr() for k in saved if k in state}  # shared tensors are written once
+        lost = sorted(k for k in _kept_names(model, state) if state[k].data_ptr() not in covered)
+        if unexpected or lost:
+            raise ConfigError(field="--resume", value=str(path),
+                              problem=f"the checkpoint does not hold this model's trained tensors (missing "
+                                      f"{lost[:3]}, unexpected {sorted(unexpected)[:3]})",
+                              fix="resume with the strategy and options the checkpoint was written with")
+    models.clear()  # loaded here; accelerate would load them strictly, as whole models
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
     """The newest complete checkpoint (complete = has run_state.json; temporary folders start with '.')."""
     folder = Path(output_dir) / CHECKPOINTS
@@ -195,6 +236,7 @@ class Run:
         self.bar = None
         guards.require_examples(self.batches_per_epoch, getattr(args, "data", "the training data"), "training batches")
         self._data: dict[str, str] | None = None
+        adapter_only_checkpoints(accelerator)
         if accelerator.is_main_process:
             self._lock = guards.lock_output_dir(self.output_dir)  # before --overwrite deletes anything
             if args.resume is None and args.overwrite:
