@@ -156,6 +156,7 @@ def sample_generations(model, tokenizer, examples, args) -> list[dict]:
     samples = []
     for example in examples.select(range(min(args.num_samples, len(examples)))):
         ids = torch.tensor([prompt_ids(example, tokenizer)], device=next(model.parameters()).device)
+        ids = ids[:, -(guards.prompt_room(model, args.max_new_tokens) or ids.shape[1]):]  # the shown prompt is what fits
         output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                 max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
         new = output[0, ids.shape[1]:]
@@ -195,6 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.block_size:  # packed blocks are the sequences the model reads
         guards.check_fits(model, args.block_size, "--block-size")
     args.max_length = guards.fit_max_length(model, args.max_length, 256, notes)
+    if args.num_samples:
+        guards.prompt_room(model, args.max_new_tokens)
     accelerator.print(summary, *notes, sep="\n")
 
     features = {split: [encode(e, tokenizer, 0 if args.block_size else args.max_length) for e in ds]

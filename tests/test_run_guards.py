@@ -153,6 +153,19 @@ def test_causal_lm_max_length_and_block_size_beyond_the_positions(tmp_path, asse
         recipe("causal_lm").main(causal(assets, tmp_path / "b", assets["text"], "--block-size", "128"))
 
 
+def test_generation_past_the_positions_is_refused_up_front_and_long_prompts_are_cut(tmp_path, assets):
+    with pytest.raises(errors.ConfigError, match=r"--max-new-tokens=64: leaves no room for a prompt in the model's "
+                                                 r"64 positions. Fix: use --max-new-tokens <= 63"):
+        recipe("causal_lm").main(causal(assets, tmp_path / "a", assets["text"], "--max-new-tokens", "64",
+                                        "--num-samples", "1"))
+    long = tmp_path / "long"
+    long.mkdir()
+    (long / "train.txt").write_text("\n".join(" ".join(_sentences(12, seed=i)) for i in range(20)) + "\n")  # 72 words
+    metrics = recipe("causal_lm").main(causal(assets, tmp_path / "b", long, "--max-new-tokens", "30",
+                                              "--num-samples", "2"))
+    assert len(metrics["samples"]) == 2 and all(len(s["prompt"].split()) <= 34 for s in metrics["samples"])
+
+
 # ---- a run that diverges ----------------------------------------------------------------------------------
 def test_a_non_finite_loss_stops_the_run_and_no_nan_adapter_is_saved(tmp_path, assets):
     out = tmp_path / "out"

@@ -79,6 +79,21 @@ def check_fits(model: torch.nn.Module, length: int, flag: str) -> None:
     lengths.check_length(model, length, field=flag)
 
 
+def prompt_room(model: torch.nn.Module, max_new_tokens: int) -> int | None:
+    """Tokens of prompt that fit beside ``max_new_tokens`` generated ones in the model's positions (None:
+    no limit). Generating past the last position is an IndexError inside the embeddings."""
+    from adaptkit import lengths
+    limit = lengths.max_positions(model)
+    if limit is None:
+        return None
+    limit -= lengths.virtual_tokens(model)
+    if max_new_tokens >= limit:
+        raise ConfigError(field="--max-new-tokens", value=max_new_tokens,
+                          problem=f"leaves no room for a prompt in the model's {limit} positions",
+                          fix=f"use --max-new-tokens <= {limit - 1}, or --num-samples 0")
+    return limit - max_new_tokens
+
+
 def require_examples(count: int, source: Any, what: str = "training examples") -> None:
     """An empty training set is refused (a loop over zero batches would spin at 100% CPU forever)."""
     if count < 1:
