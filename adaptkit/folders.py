@@ -123,7 +123,7 @@ def _carry_over(src: Path, dst: Path, owned: set[str], move: bool = False) -> No
             continue
         a, b = src / rel, dst / rel
         if b.exists() or b.is_symlink():
-            if move:
+            if move or (b.exists() and os.path.samefile(a, b)):  # linked on an earlier try of this save
                 continue
             raise ConfigError(field="directory", value=str(src / rel),
                               problem="is a file adaptkit did not write, and the new save writes a file of that name",

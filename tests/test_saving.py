@@ -59,6 +59,16 @@ def test_resaving_keeps_the_users_files(tmp_path):
     assert "notes.txt" not in manifest and "adapter_model.safetensors" in manifest
 
 
+def test_the_users_files_stay_where_the_os_cannot_swap_folders(tmp_path, monkeypatch):
+    from adaptkit import folders
+    monkeypatch.setattr(folders, "_exchange", lambda a, b: False)  # no renameat2: move aside, then rename
+    adaptkit.save(_trained(), tmp_path / "a")
+    files = _user_files(tmp_path / "a")
+    adaptkit.save(_trained("lora", seed=1), tmp_path / "a")
+    assert all((tmp_path / "a" / rel).read_text() == text for rel, text in files.items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
 def test_a_file_from_the_previous_save_that_the_new_one_does_not_write_goes(tmp_path):
     adaptkit.save(_trained("lora"), tmp_path / "a")          # writes adapter_config.json + README.md
     adaptkit.save(_trained("bottleneck"), tmp_path / "a")    # does not
