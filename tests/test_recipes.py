@@ -86,6 +86,9 @@ def test_classify_writes_metrics_and_a_reloadable_adapter(tmp_path, data_root, t
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "validation" in r] == [12, 24]  # once per epoch
     assert any("loss" in r for r in records) and (out / "checkpoints").is_dir()
+    card = (out / "adapter" / "README.md").read_text()  # the model card names the data and the results
+    assert f"Data: {data_root / 'sst2'}: 192 training samples, 24 optimizer steps" in card
+    assert f"| test/accuracy | {on_disk['test']['accuracy']:.4f} |" in card
 
     # the adapter reloads onto a fresh base and scores exactly what metrics.json says
     import transformers

@@ -419,10 +419,23 @@ class Run:
             metrics["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated())
         if acc.is_main_process:
             write_json(self.output_dir / METRICS_FILE, metrics)
+            self._card(results)
         self.logger.log({"step": self.step, "event": "finished", **{k: v for k, v in results.items()}})
         self.logger.close()
         acc.wait_for_everyone()
         return metrics
+
+    def _card(self, results: dict[str, Any]) -> None:
+        """Name the data and the measured metrics in the saved adapter's model card."""
+        from adaptkit import card
+        if not (self.adapter_dir / "README.md").is_file():
+            return
+        args = self.args
+        source = getattr(args, "data", None) or getattr(args, "dataset_name", None) or getattr(args, "train_file", None)
+        numbers = {k: v for k, v in _flatten({"validation": self.best_metrics, **results}).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        card.write_training(self.adapter_dir, data=f"{source or 'not recorded'}: {self.samples:,} training samples, "
+                                                   f"{self.step} optimizer steps", metrics=numbers)
 
     # ---- time: train_seconds counts training steps only, not evaluation or checkpoint writing ------
     def _now(self) -> float:
