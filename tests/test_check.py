@@ -155,6 +155,12 @@ def test_peft_methods_and_their_targets():
         check(_config("vit"), "ia3")
 
 
+def test_a_string_target_is_checked_as_peft_reads_it():
+    assert check(_config("bert"), "lora", options={"target_modules": r".*\.(query|value)"}).ok
+    with pytest.raises(errors.ConfigErrors, match=r"LoRA.targets='query': a string is a regex full-matched"):
+        check(_config("bert"), "lora", options={"targets": "query"})
+
+
 def test_the_report_prints_and_serialises(tmp_path):
     report = check(_config("bert"), "bogus", raise_on_error=False)
     text = str(report)
