@@ -134,7 +134,7 @@ def record(name: str, rows: list[dict], args, load_start: list[float], **details
 
 # ---- 1. framework overhead ------------------------------------------------------------------------
 def overhead(args) -> dict:
-    """adaptkit's LoRA step as recipes/classify.py runs it (accelerate, runs.Run bookkeeping) vs the loop a user
+    """adaptkit's LoRA step as recipes/classify.py runs it (accelerate, runs.Progress and runs.Log bookkeeping) vs the loop a user
     writes by hand with PEFT + Accelerate, on the same batches. Both clip gradients at 1.0; checkpointing off."""
     from accelerate import Accelerator
     from peft import LoraConfig, get_peft_model
@@ -154,8 +154,9 @@ def overhead(args) -> dict:
     optimizer = training.make_optimizer(model, flags)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     scheduler = accelerator.prepare(training.make_scheduler(optimizer, flags, flags.max_steps, accelerator.num_processes))
-    run = runs.Run(accelerator, flags, model, optimizer, loader, evaluate=lambda: {"accuracy": 0.0},
-                   metric=("accuracy", True), max_steps=flags.max_steps)
+    progress = runs.Progress(flags, accelerator, flags.max_steps, len(loader), metric=("accuracy", True))
+    accelerator.register_for_checkpointing(progress)
+    log = runs.Log(accelerator, flags, progress, "overhead")
     model.train()
 
     def adaptkit_step(batch):  # the loop body of recipes/classify.py, verbatim
@@ -167,7 +168,8 @@ def overhead(args) -> dict:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
-        run.step_done(loss)
+        if progress.optimizer_step(loss):
+            log.step(optimizer)
 
     # the hand-written side: what PEFT's and Accelerate's examples show
     hand = Accelerator()
@@ -191,7 +193,7 @@ def overhead(args) -> dict:
     if same[0] != same[1]:
         raise RuntimeError(f"the two sides train different parameter counts {same}: not a like-for-like comparison")
     batches = []
-    for batch in run.batches(loader):  # the recipe's own iteration (epoch seeding, resume bookkeeping)
+    for batch in progress.epoch_batches(loader):  # the recipe's own iteration (epoch seeding, resume bookkeeping)
         batches.append(batch)
         if len(batches) == n + warmup:
             break

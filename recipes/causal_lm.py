@@ -127,19 +127,6 @@ def pack(features: list[dict], block_size: int) -> list[dict]:
             for i in range(0, len(ids) - block_size + 1, block_size)]
 
 
-def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad; padding gets attention 0 and label -100 (never the real eos, even when pad == eos)."""
-    width = max(len(e["input_ids"]) for e in examples)
-    pad = lambda key, value: torch.tensor([e[key] + [value] * (width - len(e[key])) for e in examples])
-    return {"input_ids": pad("input_ids", pad_id), "attention_mask": pad("attention_mask", 0), "labels": pad("labels", -100)}
-
-
-def make_loader(features: list[dict], args, pad_id: int, shuffle: bool):
-    sampler = batching.LengthGroupedBatchSampler([len(f["input_ids"]) for f in features], args.batch_size,
-                                             shuffle=shuffle, seed=args.seed)
-    return torch.utils.data.DataLoader(features, batch_sampler=sampler, collate_fn=lambda b: collate(b, pad_id))
-
-
 def prompt_ids(example: dict, tokenizer) -> list[int]:
     """What the model continues in a sample: the prompt (up to the last assistant turn), or half a text."""
     if "messages" in example:
@@ -208,43 +195,62 @@ def main(argv: list[str] | None = None) -> dict:
             raise DataError(field="--block-size", value=args.block_size, problem="a split holds fewer tokens than "
                             f"one block ({ {s: len(f) for s, f in features.items()} } blocks)", fix="use a smaller "
                             "--block-size, or more data")
-    train_loader = make_loader(features["train"], args, tokenizer.pad_token_id, shuffle=True)
-    val_loader = make_loader(features["validation"], args, tokenizer.pad_token_id, shuffle=False)
+    train_loader = batching.causal_lm_loader(features["train"], args.batch_size, tokenizer.pad_token_id, True, args.seed)
+    val_loader = batching.causal_lm_loader(features["validation"], args.batch_size, tokenizer.pad_token_id, False)
     optimizer = training.make_optimizer(model, args)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     max_steps = training.plan_steps(args, len(train_loader))
     scheduler = accelerator.prepare(training.make_scheduler(optimizer, args, max_steps, accelerator.num_processes))
 
-    run = runs.Run(accelerator, args, model, optimizer, train_loader, max_steps=max_steps,
-                   evaluate=lambda: training.evaluate_perplexity(model, val_loader, accelerator),
-                   metric=metrics.primary_metric("language_model"))
-    run.resume(args.resume)
+    # The loop: evaluate every --eval-every steps (0: each epoch) and at the end, keep the adapter that is best
+    # on validation, stop after --patience evaluations without improvement, checkpoint every --checkpoint-every.
+    progress = runs.Progress(args, accelerator, max_steps, len(train_loader), metric=metrics.primary_metric("language_model"))
+    accelerator.register_for_checkpointing(progress)  # saved and restored with the model, optimizer and RNGs
+    runs.resume(accelerator, args, progress)  # --resume: exactly where it stopped; refuses changed flags
+    log = runs.Log(accelerator, args, progress, "causal_lm")
     model.train()
-    for batch in run.batches(train_loader):
-        with accelerator.accumulate(model):
-            loss = model(**batch).loss
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-        run.step_done(loss)
+    while not progress.done:
+        for batch in progress.epoch_batches(train_loader):  # skips the batches a resumed run already saw
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if not progress.optimizer_step(loss):  # still accumulating gradients
+                continue
+            log.step(optimizer)  # the bar; a loss line every --log-every steps
+            if progress.due(args.eval_every):
+                with progress.paused():
+                    scores = training.evaluate_perplexity(model, val_loader, accelerator)
+                    if best := progress.improved(scores):
+                        runs.save_adapter(accelerator, model, args, progress.step)
+                    log.evaluation(scores, best)
+                model.train()
+                if progress.stopper.should_stop:
+                    accelerator.set_trigger()
+                progress.stopped_early = accelerator.check_trigger()  # on any process: all stop together
+            if args.checkpoint_every and progress.step % args.checkpoint_every == 0 and not progress.done:
+                runs.checkpoint(accelerator, args, progress)
+            if progress.done:
+                break
 
     # Score and sample what users get: the saved adapter, reloaded onto a freshly loaded base model.
-    best = adaptkit.load(run.adapter_dir, load()).eval()
+    best = adaptkit.load(args.output_dir / training.ADAPTER_DIR, load()).eval()
     if not adaptkit.is_quantized(best):
         best.to(accelerator.device)
     results = {"task": "language_model", "model": args.model, "strategy": strategy, "quantization": args.quantization,
                "data": notes, "format": fmt, "block_size": args.block_size}
     if "test" in features:
-        test_loader = accelerator.prepare_data_loader(make_loader(features["test"], args, tokenizer.pad_token_id, False))
+        test_loader = accelerator.prepare_data_loader(batching.causal_lm_loader(features["test"], args.batch_size, tokenizer.pad_token_id, False))
         results["test"] = training.evaluate_perplexity(best, test_loader, accelerator)
     if accelerator.is_main_process and args.num_samples:
         results["samples"] = sample_generations(best, tokenizer, splits.get("test", splits["validation"]), args)
         for s in results["samples"]:
             accelerator.print(f"--- {s['prompt']!r}\n  → {s['generated']!r}{'' if s['stopped'] else ' (no eos)'}")
-    return run.finish(results, summary)
+    return runs.finish(accelerator, args, model, progress, log, results, summary)
 
 
 if __name__ == "__main__":

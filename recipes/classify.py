@@ -163,33 +163,52 @@ def main(argv: list[str] | None = None) -> dict:
     scheduler = accelerator.prepare(training.make_scheduler(optimizer, args, max_steps, accelerator.num_processes))
 
     num_labels = splits.train.num_labels
-    run = runs.Run(accelerator, args, model, optimizer, train_loader, max_steps=max_steps,
-                   evaluate=lambda: training.evaluate_classifier(model, val_loader, accelerator, task, num_labels),
-                   metric=metrics.primary_metric(task))
-    run.resume(args.resume)
+    # The loop: evaluate every --eval-every steps (0: each epoch) and at the end, keep the adapter that is best
+    # on validation, stop after --patience evaluations without improvement, checkpoint every --checkpoint-every.
+    progress = runs.Progress(args, accelerator, max_steps, len(train_loader), metric=metrics.primary_metric(task))
+    accelerator.register_for_checkpointing(progress)  # saved and restored with the model, optimizer and RNGs
+    runs.resume(accelerator, args, progress)  # --resume: exactly where it stopped; refuses changed flags
+    log = runs.Log(accelerator, args, progress, "classify")
     model.train()
-    for batch in run.batches(train_loader):
-        with accelerator.accumulate(model):
-            loss = model(**batch).loss
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-        run.step_done(loss)
+    while not progress.done:
+        for batch in progress.epoch_batches(train_loader):  # skips the batches a resumed run already saw
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if not progress.optimizer_step(loss):  # still accumulating gradients
+                continue
+            log.step(optimizer)  # the bar; a loss line every --log-every steps
+            if progress.due(args.eval_every):
+                with progress.paused():
+                    scores = training.evaluate_classifier(model, val_loader, accelerator, task, num_labels)
+                    if best := progress.improved(scores):
+                        runs.save_adapter(accelerator, model, args, progress.step)
+                    log.evaluation(scores, best)
+                model.train()
+                if progress.stopper.should_stop:
+                    accelerator.set_trigger()
+                progress.stopped_early = accelerator.check_trigger()  # on any process: all stop together
+            if args.checkpoint_every and progress.step % args.checkpoint_every == 0 and not progress.done:
+                runs.checkpoint(accelerator, args, progress)
+            if progress.done:
+                break
 
     results = {"task": task, "model": args.model, "strategy": strategy,
                "quantization": args.quantization, "data": splits.notes, "feature_cache": cache}
     if test_loader is not None:
         # Score what users get: the saved adapter, reloaded onto a freshly loaded base model.
-        best = adaptkit.load(run.adapter_dir, load_model(args, splits.train, tokenizer))
+        best = adaptkit.load(args.output_dir / training.ADAPTER_DIR, load_model(args, splits.train, tokenizer))
         if not adaptkit.is_quantized(best):
             best.to(accelerator.device)
         results["test"] = training.evaluate_classifier(best, accelerator.prepare_data_loader(test_loader), accelerator,
                                                    task, num_labels)
         accelerator.print("test:", results["test"])
-    return run.finish(results, summary)
+    return runs.finish(accelerator, args, model, progress, log, results, summary)
 
 
 if __name__ == "__main__":

@@ -109,34 +109,53 @@ def main(argv: list[str] | None = None) -> dict:
     max_steps = training.plan_steps(args, len(train_loader))
     scheduler = accelerator.prepare(training.make_scheduler(optimizer, args, max_steps, accelerator.num_processes))
 
-    run = runs.Run(accelerator, args, model, optimizer, train_loader, max_steps=max_steps,
-                   evaluate=lambda: training.evaluate_classifier(model, val_loader, accelerator, "classification",
-                                                             len(classes)),
-                   metric=metrics.primary_metric("classification"))
-    run.resume(args.resume)
+    # The loop: evaluate every --eval-every steps (0: each epoch) and at the end, keep the adapter that is best
+    # on validation, stop after --patience evaluations without improvement, checkpoint every --checkpoint-every.
+    progress = runs.Progress(args, accelerator, max_steps, len(train_loader), metric=metrics.primary_metric("classification"))
+    accelerator.register_for_checkpointing(progress)  # saved and restored with the model, optimizer and RNGs
+    runs.resume(accelerator, args, progress)  # --resume: exactly where it stopped; refuses changed flags
+    log = runs.Log(accelerator, args, progress, "image_classify")
     model.train()
-    for batch in run.batches(train_loader):
-        with accelerator.accumulate(model):
-            loss = model(**batch).loss
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-        run.step_done(loss)
+    while not progress.done:
+        for batch in progress.epoch_batches(train_loader):  # skips the batches a resumed run already saw
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if not progress.optimizer_step(loss):  # still accumulating gradients
+                continue
+            log.step(optimizer)  # the bar; a loss line every --log-every steps
+            if progress.due(args.eval_every):
+                with progress.paused():
+                    scores = training.evaluate_classifier(model, val_loader, accelerator, "classification",
+                                                           len(classes))
+                    if best := progress.improved(scores):
+                        runs.save_adapter(accelerator, model, args, progress.step)
+                    log.evaluation(scores, best)
+                model.train()
+                if progress.stopper.should_stop:
+                    accelerator.set_trigger()
+                progress.stopped_early = accelerator.check_trigger()  # on any process: all stop together
+            if args.checkpoint_every and progress.step % args.checkpoint_every == 0 and not progress.done:
+                runs.checkpoint(accelerator, args, progress)
+            if progress.done:
+                break
 
     results = {"task": "classification", "model": args.model, "strategy": strategy, "quantization": args.quantization,
                "classes": classes, "data": notes}
     if "test" in splits:
         # Score what users get: the saved adapter, reloaded onto a freshly loaded base model.
-        best = adaptkit.load(run.adapter_dir, load())
+        best = adaptkit.load(args.output_dir / training.ADAPTER_DIR, load())
         if not adaptkit.is_quantized(best):
             best.to(accelerator.device)
         test_loader = accelerator.prepare_data_loader(make_loader(splits["test"], processor, mode, args, False))
         results["test"] = training.evaluate_classifier(best, test_loader, accelerator, "classification", len(classes))
         accelerator.print("test:", results["test"])
-    return run.finish(results, summary)
+    return runs.finish(accelerator, args, model, progress, log, results, summary)
 
 
 if __name__ == "__main__":

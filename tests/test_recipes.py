@@ -95,7 +95,7 @@ def test_classify_writes_metrics_and_a_reloadable_adapter(tmp_path, data_root, t
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_bert)
     base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
     model = adaptkit.load(out / "adapter", base).eval()
-    test = data.read_table(data_root / "sst2" / "test.tsv").select(range(48))
+    test = data.sample(data.read_table(data_root / "sst2" / "test.tsv"), 48, seed=42)  # --max-eval-samples
     loader = batching.make_dataloader(batching.tokenize(test, tokenizer), tokenizer, batch_size=16)
     with torch.no_grad():
         predictions = torch.cat([model(**{k: v for k, v in b.items() if k != "labels"}).logits.argmax(-1)
@@ -150,18 +150,18 @@ class _Interrupt(Exception):
 def run_interrupted_and_resumed(main, argv_for, tmp_path: Path, monkeypatch, stop_at: int) -> None:
     """Run ``whole`` uninterrupted; run ``cut`` until the checkpoint at ``stop_at``, kill it, --resume it."""
     main(argv_for(tmp_path / "whole"))
-    checkpoint = runs.Run.checkpoint
+    checkpoint = runs.checkpoint
 
-    def interrupted(self):  # dies right after writing the checkpoint
-        path = checkpoint(self)
-        if self.step == stop_at:
+    def interrupted(accelerator, args, progress):  # dies right after writing the checkpoint
+        path = checkpoint(accelerator, args, progress)
+        if progress.step == stop_at:
             raise _Interrupt
         return path
 
-    monkeypatch.setattr(runs.Run, "checkpoint", interrupted)
+    monkeypatch.setattr(runs, "checkpoint", interrupted)
     with pytest.raises(_Interrupt):
         main(argv_for(tmp_path / "cut"))
-    monkeypatch.setattr(runs.Run, "checkpoint", checkpoint)
+    monkeypatch.setattr(runs, "checkpoint", checkpoint)
     latest = runs.latest_checkpoint(tmp_path / "cut")
     assert latest.name == f"step-{stop_at:07d}"
     # the checkpoint holds what trains (here: adapter + head, as many values as the saved adapter), not the model
@@ -280,7 +280,7 @@ def test_causal_lm_labels_keep_the_eos_when_pad_is_eos(tiny_gpt):
     eos = tokenizer.eos_token_id
     short = causal_lm.encode({"prompt": "a fine film :", "response": "positive"}, tokenizer, 64)
     long = causal_lm.encode({"text": "a fine film with a great cast"}, tokenizer, 64)
-    batch = causal_lm.collate([short, long], pad_id=eos)
+    batch = batching.pad_causal_lm([short, long], pad_id=eos)
     assert batch["labels"][0].tolist()[:6] == [-100, -100, -100, -100, tokenizer.convert_tokens_to_ids("positive"),
                                                eos]
     assert batch["labels"][0, 6:].eq(-100).all() and batch["input_ids"][0, 6:].eq(eos).all()  # padding only
@@ -449,10 +449,29 @@ def test_tensorboard_curves_when_tensorboard_is_installed(tmp_path, data_root, t
     out = tmp_path / "tb"
     recipe("classify").main(classify_args(data_root, tiny_bert, out, "--max-steps", "4", "--eval-every", "2",
                                           "--log-every", "2"))
-    events = EventAccumulator(str(out / "tensorboard"))
+    events = EventAccumulator(str(out / "tensorboard" / "classify"))
     events.Reload()
     assert set(events.Tags()["scalars"]) == {"loss", "lr", "train_seconds", "validation/accuracy"}
     assert [e.step for e in events.Scalars("validation/accuracy")] == [2, 4]
+
+
+def test_each_evaluation_prints_one_console_line(tmp_path, data_root, tiny_bert, capsys):
+    recipe("classify").main(classify_args(data_root, tiny_bert, tmp_path / "c", "--max-steps", "4", "--eval-every", "2",
+                                          "--report-to", "none"))
+    lines = [line for line in capsys.readouterr().out.splitlines() if ": validation accuracy" in line]
+    assert [line.split(":")[0] for line in lines] == ["step 2/4", "step 4/4"] and "best accuracy" in lines[0]
+    assert not (tmp_path / "c" / "tensorboard").exists()  # --report-to none: log.jsonl only
+
+
+def test_report_to_a_missing_tracker_fails_before_anything_is_written(tmp_path, data_root, tiny_bert):
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    from adaptkit.errors import MissingDependencyError
+    with pytest.raises(MissingDependencyError, match=r"--report-to='wandb': needs the wandb package.*pip install wandb"):
+        recipe("classify").main(classify_args(data_root, tiny_bert, tmp_path / "w", "--report-to", "wandb"))
+    assert not (tmp_path / "w").exists()
+    with pytest.raises(ConfigError, match=r"'none' contradicts the others"):
+        recipe("classify").main(classify_args(data_root, tiny_bert, tmp_path / "n", "--report-to", "none", "tensorboard"))
 
 
 # ---- launched for real -------------------------------------------------------------------------------

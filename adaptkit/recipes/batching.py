@@ -85,3 +85,22 @@ def make_dataloader(features: list[dict], tokenizer, batch_size: int, *, shuffle
     gen = torch.Generator().manual_seed(seed) if shuffle else None
     return torch.utils.data.DataLoader(features, batch_size=batch_size, shuffle=shuffle, generator=gen,
                                        collate_fn=collate)
+
+
+def pad_causal_lm(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token ids and labels built per example; padding gets attention 0 and label -100.
+
+    Masking by position, not by token id, keeps the real eos labelled when pad == eos (transformers'
+    ``DataCollatorForLanguageModeling`` labels every pad id -100, so the model would never learn to stop).
+    """
+    width = max(len(e["input_ids"]) for e in examples)
+    pad = lambda key, value: torch.tensor([e[key] + [value] * (width - len(e[key])) for e in examples])  # noqa: E731
+    return {"input_ids": pad("input_ids", pad_id), "attention_mask": pad("attention_mask", 0),
+            "labels": pad("labels", -100)}
+
+
+def causal_lm_loader(features: list[dict], batch_size: int, pad_id: int, shuffle: bool, seed: int = 0):
+    """Length-grouped batches of ``pad_causal_lm``-padded examples; seeded, so runs repeat exactly."""
+    sampler = LengthGroupedBatchSampler([len(f["input_ids"]) for f in features], batch_size, shuffle=shuffle,
+                                        seed=seed)
+    return torch.utils.data.DataLoader(features, batch_sampler=sampler, collate_fn=lambda b: pad_causal_lm(b, pad_id))

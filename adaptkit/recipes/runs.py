@@ -1,31 +1,28 @@
-"""The bookkeeping the recipes share, so each recipe keeps only its task-specific code in view.
+"""What a recipe's loop calls for what Accelerate does not do: exact resume, the flag guard, logs, metrics.json.
 
-A recipe owns its model, data and training step; a :class:`Run` does everything around the step:
-the evaluation schedule, early stopping, logs (JSONL, TensorBoard when installed), a tqdm bar,
-checkpoints that resume exactly, and ``metrics.json``::
+The loop itself is in each recipe, where it can be read (as in accelerate's
+``examples/by_feature/checkpointing.py`` and litgpt's ``finetune/lora.py``). The pieces here:
 
-    run = Run(accelerator, args, model, optimizer, train_loader, evaluate=lambda: evaluate(model, val_loader),
-              metric=("accuracy", True), max_steps=max_steps)
-    run.resume(args.resume)                      # no-op without --resume
-    for batch in run.batches(train_loader):      # epochs, resume position, stops at max steps / early stop
-        with accelerator.accumulate(model):
-            loss = model(**batch).loss
-            ...
-        run.step_done(loss)                      # logs; evaluates, saves the best adapter, checkpoints
-    run.finish({...task metrics...}, summary)    # metrics.json beside the saved adapter
-
-Exact resume: a checkpoint is ``accelerator.save_state`` (the trained tensors, optimizer, scheduler, every process's
-RNG states, accelerate's accumulation counter) plus ``run_state.json`` (step, epoch, position in the
-epoch, early-stopping state, time and samples so far). Shuffling is reseeded from ``seed + epoch``
-every epoch, so the resumed run skips exactly the micro-batches already seen
-(``accelerator.skip_first_batches``) and continues with the same batches, dropout masks and learning
-rates as an uninterrupted run. Checkpoints are written to a temporary folder and renamed into place,
-so a crash while saving never leaves a checkpoint that looks complete.
+* :class:`Progress`: step, epoch, position in the epoch, samples, training time and the early-stopping
+  state. Registered with ``accelerator.register_for_checkpointing``, so ``save_state`` /
+  ``load_state`` carry it with the model, optimizer, scheduler and every process's RNG states.
+  ``Progress.epoch(loader)`` yields one epoch's micro-batches from where a resumed run stopped
+  (``accelerate.skip_first_batches``); shuffling is reseeded from ``seed + epoch``, so a resumed run
+  sees the same batches, dropout masks and learning rates as an uninterrupted one.
+* :func:`checkpoint` writes ``save_state`` (only the tensors that train: :func:`adapter_only_checkpoints`,
+  plus optimizer, scheduler, RNG states and the Progress) into a temporary folder, then ``run_state.json`` (the
+  flags), then renames it into place and drops the oldest beyond ``--keep-checkpoints``: a crash
+  while saving never leaves a checkpoint that looks complete, nor deletes the last good one first
+  (Accelerate's ``automatic_checkpoint_naming`` + ``total_limit`` deletes before it saves).
+* :func:`resume` refuses flags that differ from the interrupted run's, then ``load_state``.
+* :class:`Log`: ``log.jsonl``, the ``--report-to`` trackers (``accelerator.log``), a progress bar and one
+  console line per evaluation. :func:`finish` writes ``metrics.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -35,20 +32,18 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 
 from adaptkit.errors import ConfigError
 from adaptkit.recipes import guards
-from adaptkit.recipes.training import (ADAPTER_DIR, CHECKPOINTS, LOG_FILE, METRICS_FILE, RUN_STATE, TENSORBOARD_DIR,
-                               learning_rate)
-
+from adaptkit.recipes.training import (ADAPTER_DIR, CHECKPOINTS, LOG_FILE, METRICS_FILE, RUN_STATE, learning_rate)
 
 # Flags that may change between a run and its resumption; every other flag must match, or the
 # resumed run would silently train something else than the interrupted one.
 _RESUMABLE_CHANGES = {"output_dir", "resume", "overwrite", "log_every", "checkpoint_every", "keep_checkpoints",
-                      "processes"}
+                      "processes", "report_to"}
 
 
 # ---- small pieces ------------------------------------------------------------------------------------
@@ -117,38 +112,6 @@ class EarlyStopping:
         self.best, self.best_step, self.bad_evals = state["best"], state["best_step"], state["bad_evals"]
 
 
-class Logger:
-    """JSON lines (and TensorBoard scalars when tensorboard is installed), written by the main process only."""
-
-    def __init__(self, output_dir: Path, enabled: bool, append: bool):
-        self.enabled = enabled
-        self.file = self.tensorboard = None
-        if not enabled:
-            return
-        output_dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(output_dir / LOG_FILE, "a" if append else "w", encoding="utf-8")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # optional: pip install tensorboard
-            return
-        self.tensorboard = SummaryWriter(str(output_dir / TENSORBOARD_DIR))
-
-    def log(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(record, default=str) + "\n")
-        self.file.flush()
-        if self.tensorboard is not None and "event" not in record:  # curves only: losses, lr, validation
-            for key, value in _flatten(record).items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "epoch"):
-                    self.tensorboard.add_scalar(key, value, record.get("step", 0))
-
-    def close(self) -> None:
-        for handle in (self.file, self.tensorboard):
-            if handle is not None:
-                handle.close()
-
-
 def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"validation": {"accuracy": 0.9}}`` -> ``{"validation/accuracy": 0.9}`` (TensorBoard tag names)."""
     out = {}
@@ -208,252 +171,258 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-# ---- the run ---------------------------------------------------------------------------------------
-class Run:
-    """Schedule and state of one training run (see the module docstring for the loop it drives).
+class Progress:
+    """Where a run is: optimizer steps, epoch and micro-batch in it, samples and training seconds, early stopping.
 
-    ``evaluate`` is called with no arguments and returns the validation metrics; ``metric`` is
-    ``(key, higher_is_better)`` of the one early stopping and best-adapter selection watch.
+    ``state_dict`` / ``load_state_dict`` make it checkpointable (``accelerator.register_for_checkpointing``).
+    Training time counts training steps only: evaluation and checkpoints run inside ``paused()``.
     """
 
-    def __init__(self, accelerator, args: argparse.Namespace, model: torch.nn.Module,
-                 optimizer: torch.optim.Optimizer, train_loader, *, evaluate: Callable[[], dict[str, float]],
-                 metric: tuple[str, bool], max_steps: int):
-        self.accelerator, self.args, self.model, self.optimizer = accelerator, args, model, optimizer
-        self.evaluate, (self.metric, higher) = evaluate, metric
-        self.output_dir = Path(args.output_dir)
-        self.adapter_dir = self.output_dir / ADAPTER_DIR
-        self.max_steps, self.batches_per_epoch = max_steps, len(train_loader)
+    def __init__(self, args: argparse.Namespace, accelerator, max_steps: int, batches_per_epoch: int,
+                 metric: tuple[str, bool]):
+        self.args, self.accelerator, self.max_steps, self.batches_per_epoch = args, accelerator, max_steps, batches_per_epoch
+        guards.require_examples(batches_per_epoch, getattr(args, "data", None) or "the training data", "training batches")
+        adapter_only_checkpoints(accelerator)  # save_state / load_state: the trained tensors, not the whole model
+        self.metric, higher = metric
         self.stopper = EarlyStopping(args.patience, higher)
-        self.step = self.epoch = self.batch_in_epoch = 0
-        self.samples, self.train_seconds = 0, 0.0
-        self.done = self.stopped_early = False
-        self.last_eval_step: int | None = None
+        self.step = self.epoch = self.batch_in_epoch = self.samples = 0
+        self.train_seconds, self.epoch_end, self.stopped_early = 0.0, False, False
         self.best_metrics: dict[str, float] = {}
-        self._loss_sum, self._loss_count = 0.0, 0
-        self._started = time.perf_counter()
+        self._loss = [0.0, 0]  # sum and count of micro-batch losses since the last log line
         self._clock: float | None = None
-        self.bar = None
-        guards.require_examples(self.batches_per_epoch, getattr(args, "data", "the training data"), "training batches")
-        self._data: dict[str, str] | None = None
-        adapter_only_checkpoints(accelerator)
-        if accelerator.is_main_process:
-            self._lock = guards.lock_output_dir(self.output_dir)  # before --overwrite deletes anything
-            if args.resume is None and args.overwrite:
-                for name in (CHECKPOINTS, ADAPTER_DIR, METRICS_FILE, LOG_FILE, TENSORBOARD_DIR):
-                    path = self.output_dir / name
-                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-        accelerator.wait_for_everyone()
-        self.logger = Logger(self.output_dir, accelerator.is_main_process, append=args.resume is not None)
+        self._started = time.perf_counter()
 
-    # ---- resume ----------------------------------------------------------------------------------
-    def config(self) -> dict[str, Any]:
-        """The flags (and process count) this run was started with; a resumed run must match them."""
-        flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(self.args).items())}
-        return {**flags, "num_processes": self.accelerator.num_processes}
+    @property
+    def done(self) -> bool:
+        return self.stopped_early or self.step >= self.max_steps
 
-    def resume(self, where: str | None) -> None:
-        """Restore everything from a checkpoint (``"latest"``: the newest in --output-dir); None: fresh start."""
-        if where is None:
-            return
-        path = latest_checkpoint(self.output_dir) if where == "latest" else Path(where)
-        if path is None or not (path / RUN_STATE).is_file():
-            raise ConfigError(field="--resume", value=str(path or self.output_dir / CHECKPOINTS),
-                              problem="no complete checkpoint there",
-                              fix="point --resume at a checkpoints/step-N folder, or drop --resume to start afresh")
-        state = guards.read_checkpoint(path, RUN_STATE)
-        saved, now = state["config"], self.config()
-        changed = sorted(k for k in set(saved) | set(now)
-                         if k not in _RESUMABLE_CHANGES and saved.get(k) != now.get(k))
-        if changed:
-            raise ConfigError(field="--resume", value={k: [saved.get(k), now.get(k)] for k in changed},
-                              problem="these flags differ from the interrupted run (was, now)",
-                              fix="resume with the same flags, or start a new run in another --output-dir")
-        guards.check_same_data(state.get("data"), self.data_fingerprint())
-        self.accelerator.load_state(str(path))
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        self.samples, self.train_seconds = state["samples"], state["train_seconds"]
-        self.last_eval_step, self.best_metrics = state["last_eval_step"], state["best_metrics"]
-        self.stopper.load_state_dict(state["early_stopping"])
-        self.logger.log({"step": self.step, "event": "resumed", "checkpoint": str(path)})
-
-    def data_fingerprint(self) -> dict[str, str]:
-        """Checksums of the local data files, kept in each checkpoint: a resume on changed data is refused."""
-        if self._data is None:
-            self._data = guards.data_fingerprint(getattr(self.args, key, None)
-                                                 for key in ("data", "train_file", "validation_file", "test_file"))
-        return self._data
-
-    # ---- the loop --------------------------------------------------------------------------------
-    def batches(self, loader) -> Iterator[Any]:
-        """Micro-batches until max steps or early stopping, starting where a resumed run stopped."""
+    def epoch_batches(self, loader) -> Iterator[Any]:
+        """This epoch's micro-batches, skipping those a resumed run already trained on."""
         from accelerate import skip_first_batches
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=self.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
-                        disable=not self.accelerator.is_local_main_process)
+        loader.set_epoch(self.epoch)  # reseeds shuffling: epoch e always sees the same order
+        source = skip_first_batches(loader, self.batch_in_epoch) if self.batch_in_epoch else loader
         self._clock = time.perf_counter()
-        while not self.done and self.step < self.max_steps:
-            loader.set_epoch(self.epoch)  # reseeds shuffling: epoch e always sees the same order
-            source = skip_first_batches(loader, self.batch_in_epoch) if self.batch_in_epoch else loader
-            for batch in _rng_neutral(source):
-                self.batch_in_epoch += 1
-                self.samples += _batch_len(batch) * self.accelerator.num_processes
-                yield batch
-                if self.done:
-                    break
-        self._pause()
-        self.bar.close()
+        for batch in _rng_neutral(source):
+            self.batch_in_epoch += 1
+            self.samples += _batch_len(batch) * self.accelerator.num_processes
+            yield batch
 
-    def step_done(self, loss: torch.Tensor) -> None:
-        """Call after every micro-batch. At an optimizer step: log, evaluate, stop, checkpoint when due."""
+    def optimizer_step(self, loss: torch.Tensor) -> bool:
+        """Count one micro-batch; True when it completed an optimizer step (gradient accumulation aside)."""
         value = float(loss.detach())
-        guards.check_finite_loss(value, self.step + 1)
-        self._loss_sum += value
-        self._loss_count += 1
+        guards.check_finite_loss(value, self.step + 1)  # a NaN or inf loss stops the run, naming the step
+        self._loss[0] += value
+        self._loss[1] += 1
         if not self.accelerator.sync_gradients:
-            return
+            return False
         self.step += 1
-        epoch_end = self.batch_in_epoch >= self.batches_per_epoch
-        if epoch_end:  # roll over now, so a checkpoint taken here resumes at the next epoch's start
+        self.epoch_end = self.batch_in_epoch >= self.batches_per_epoch
+        if self.epoch_end:  # roll over now, so a checkpoint taken here resumes at the next epoch's start
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        self.bar.update(1)
-        if self.step % self.args.log_every == 0 or self.step == self.max_steps:
-            self._log_loss()
-        every = self.args.eval_every
-        if (every and self.step % every == 0) or (not every and epoch_end) or self.step >= self.max_steps:
-            self._evaluate()
-        if self.step >= self.max_steps:
-            self.done = True
-        every = self.args.checkpoint_every
-        if every and self.step % every == 0 and not self.done:
-            self.checkpoint()
+        return True
 
-    def _log_loss(self) -> None:
-        totals = self.accelerator.reduce(torch.tensor([self._loss_sum, self._loss_count],
-                                                      device=self.accelerator.device), reduction="sum")
-        loss = (totals[0] / totals[1]).item()
-        self._loss_sum, self._loss_count = 0.0, 0
-        self.bar.set_postfix(loss=f"{loss:.4f}")
-        self.logger.log({"step": self.step, "epoch": self.epoch, "loss": loss,
-                         "lr": self.optimizer.param_groups[0]["lr"], "train_seconds": round(self._now(), 3)})
+    def due(self, every: int) -> bool:
+        """Every ``every`` steps (0: at each epoch's end), and at the last step."""
+        return (every and self.step % every == 0) or (not every and self.epoch_end) or self.step >= self.max_steps
 
-    def _evaluate(self) -> None:
-        running = self._pause()
-        metrics = self.evaluate()
-        self.model.train()
-        if self.metric not in metrics:
-            raise ConfigError(field="metric", value=self.metric, problem=f"not among the results {sorted(metrics)}",
+    def mean_loss(self) -> float:
+        """The mean micro-batch loss since the last call, over every process."""
+        totals = self.accelerator.reduce(torch.tensor(self._loss, device=self.accelerator.device), reduction="sum")
+        self._loss = [0.0, 0]
+        return (totals[0] / totals[1]).item()
+
+    def improved(self, scores: dict[str, float]) -> bool:
+        """Record an evaluation; True when it is the best so far on the watched metric (keep this adapter)."""
+        if self.metric not in scores:
+            raise ConfigError(field="metric", value=self.metric, problem=f"not among the results {sorted(scores)}",
                               fix="watch one of the keys the evaluation returns")
-        self.last_eval_step = self.step
-        improved = self.stopper.update(float(metrics[self.metric]), self.step)
-        if improved:
-            self.best_metrics = {k: float(v) for k, v in metrics.items()}
-            self.save_adapter()
-        self.logger.log({"step": self.step, "epoch": self.epoch, "validation": metrics, "best": improved})
-        if self.stopper.should_stop:
-            self.done = self.stopped_early = True
-            self.logger.log({"step": self.step, "event": "early_stop",
-                             "reason": f"{self.args.patience} evaluations without a better {self.metric}"})
-        self._resume_clock(running)
+        better = self.stopper.update(float(scores[self.metric]), self.step)
+        if better:
+            self.best_metrics = {k: float(v) for k, v in scores.items()}
+        return better
 
-    def save_adapter(self) -> None:
-        from adaptkit.distributed import save_adapter
-        guards.check_finite_weights(self.accelerator.unwrap_model(self.model), self.step)  # a NaN is never "best"
-        save_adapter(self.accelerator, self.model, self.adapter_dir)  # every process: FSDP shards are gathered
+    @contextlib.contextmanager
+    def paused(self):
+        """Stop the training clock for evaluation or checkpointing."""
+        running = self._clock is not None
+        self.train_seconds = self.seconds()
+        self._clock = None
+        try:
+            yield
+        finally:
+            if running:
+                self._clock = time.perf_counter()
 
-    def checkpoint(self) -> Path:
-        """Save everything needed to continue exactly from here; atomic (temporary folder, then rename)."""
-        from adaptkit.folders import replace_dir
-        running = self._pause()
-        folder = self.output_dir / CHECKPOINTS
-        final, tmp = folder / f"step-{self.step:07d}", folder / f".tmp-step-{self.step:07d}"
-        if self.accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp))  # every process writes its own RNG states
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            write_json(tmp / RUN_STATE, {
-                "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "samples": self.samples, "train_seconds": self.train_seconds,
-                "last_eval_step": self.last_eval_step, "best_metrics": self.best_metrics,
-                "early_stopping": self.stopper.state_dict(), "config": self.config(),
-                "data": self.data_fingerprint(), "files": guards.digests(tmp, skip=[RUN_STATE])})
-            replace_dir(tmp, final)
-            old = sorted((p for p in folder.glob("step-*") if p != final), key=lambda p: p.name)
-            for stale in old[: max(0, len(old) - self.args.keep_checkpoints + 1)]:
-                shutil.rmtree(stale, ignore_errors=True)
-            self.logger.log({"step": self.step, "event": "checkpoint", "path": str(final)})
-        self.accelerator.wait_for_everyone()
-        self._resume_clock(running)
-        return final
-
-    # ---- the end ---------------------------------------------------------------------------------
-    def finish(self, results: dict[str, Any], summary) -> dict[str, Any]:
-        """Write metrics.json beside the adapter: task results + parameters, memory, time, throughput."""
-        if self.last_eval_step is None:  # stopped before any evaluation: the last weights are all there is
-            self._evaluate()
-        if not self.adapter_dir.is_dir():  # no evaluation ever improved (e.g. NaN): keep the last weights
-            self.save_adapter()
-        acc = self.accelerator
-        peak = acc.gather(torch.tensor([peak_rss_bytes()], device=acc.device)).max().item()
-        metrics = {
-            **results,
-            "validation": self.best_metrics, "metric": self.metric, "best_step": self.stopper.best_step,
-            "steps": self.step, "max_steps": self.max_steps, "epochs": round(self.step / max(1, math.ceil(
-                self.batches_per_epoch / self.args.gradient_accumulation_steps)), 3),
-            "stopped_early": self.stopped_early, "train_samples": self.samples,
-            "train_seconds": round(self.train_seconds, 3), "total_seconds": round(self._wall(), 3),
-            "samples_per_second": round(self.samples / self.train_seconds, 3) if self.train_seconds else None,
-            "trainable_parameters": summary.trainable, "total_parameters": summary.total,
-            "trainable_percent": round(summary.percent, 4), "adapter_bytes": summary.adapter_bytes,
-            "peak_rss_bytes": int(peak), "num_processes": acc.num_processes, "device": str(acc.device),
-            "distributed_type": str(acc.distributed_type.value), "mixed_precision": str(acc.mixed_precision),
-            "adapter_dir": ADAPTER_DIR, "learning_rate": learning_rate(self.args), "config": self.config(),
-            "versions": versions(),
-        }
-        if torch.cuda.is_available():
-            metrics["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated())
-        if acc.is_main_process:
-            write_json(self.output_dir / METRICS_FILE, metrics)
-            self._card(results)
-        self.logger.log({"step": self.step, "event": "finished", **{k: v for k, v in results.items()}})
-        self.logger.close()
-        acc.wait_for_everyone()
-        return metrics
-
-    def _card(self, results: dict[str, Any]) -> None:
-        """Name the data and the measured metrics in the saved adapter's model card."""
-        from adaptkit import card
-        if not (self.adapter_dir / "README.md").is_file():
-            return
-        args = self.args
-        source = getattr(args, "data", None) or getattr(args, "dataset_name", None) or getattr(args, "train_file", None)
-        numbers = {k: v for k, v in _flatten({"validation": self.best_metrics, **results}).items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        card.write_training(self.adapter_dir, data=f"{source or 'not recorded'}: {self.samples:,} training samples, "
-                                                   f"{self.step} optimizer steps", metrics=numbers)
-
-    # ---- time: train_seconds counts training steps only, not evaluation or checkpoint writing ------
-    def _now(self) -> float:
+    def seconds(self) -> float:
         return self.train_seconds + (time.perf_counter() - self._clock if self._clock is not None else 0.0)
 
-    def _pause(self) -> bool:
-        """Stop the training clock; True when it was running."""
-        running = self._clock is not None
-        self.train_seconds = self._now()
-        self._clock = None
-        return running
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "samples": self.samples,
+                "train_seconds": self.seconds(), "best_metrics": self.best_metrics,
+                "early_stopping": self.stopper.state_dict()}
 
-    def _resume_clock(self, running: bool) -> None:
-        if running:
-            self._clock = time.perf_counter()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.samples, self.train_seconds, self.best_metrics = state["samples"], state["train_seconds"], state["best_metrics"]
+        self.stopper.load_state_dict(state["early_stopping"])
 
-    def _wall(self) -> float:
-        return time.perf_counter() - self._started
+
+class Log:
+    """``log.jsonl`` and the ``--report-to`` trackers (main process), a progress bar, a console line per evaluation."""
+
+    def __init__(self, accelerator, args: argparse.Namespace, progress: Progress, name: str):
+        from tqdm.auto import tqdm
+        self.accelerator, self.args, self.progress = accelerator, args, progress
+        self.file = None
+        if accelerator.is_main_process:
+            self.file = open(Path(args.output_dir) / LOG_FILE, "a" if args.resume else "w", encoding="utf-8")
+        flags = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in sorted(vars(args).items())}
+        accelerator.init_trackers(name, config=flags)
+        self.bar = tqdm(total=progress.max_steps, initial=progress.step, desc="train", dynamic_ncols=True,
+                        disable=not accelerator.is_local_main_process)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps({"step": self.progress.step, **record}, default=str) + "\n")
+            self.file.flush()
+        if "event" not in record:  # curves only: losses, learning rate, validation
+            self.accelerator.log({k: v for k, v in _flatten(record).items() if isinstance(v, (int, float))
+                                  and not isinstance(v, bool) and k != "epoch"}, step=self.progress.step)
+
+    def step(self, optimizer) -> None:
+        """After each optimizer step: the bar, and a loss line every --log-every steps and at the last."""
+        self.bar.update(1)
+        if self.progress.step % self.args.log_every == 0 or self.progress.step >= self.progress.max_steps:
+            self.loss(optimizer)
+
+    def loss(self, optimizer) -> None:
+        loss = self.progress.mean_loss()
+        self.bar.set_postfix(loss=f"{loss:.4f}")
+        self.write({"epoch": self.progress.epoch, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
+                    "train_seconds": round(self.progress.seconds(), 3)})
+
+    def evaluation(self, scores: dict[str, float], best: bool) -> None:
+        p = self.progress
+        self.write({"epoch": p.epoch, "validation": scores, "best": best})
+        if self.accelerator.is_local_main_process:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+            self.bar.write(f"step {p.step}/{p.max_steps}: validation {shown}; best {p.metric} "
+                           f"{p.stopper.best} at step {p.stopper.best_step}" + (", adapter kept" if best else ""))
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.file is not None:
+            self.file.close()
+        self.accelerator.end_training()
+
+
+# ---- what Accelerate does not do ----------------------------------------------------------------------
+def run_config(args: argparse.Namespace, accelerator) -> dict[str, Any]:
+    """The flags (and process count) a run was started with; a resumed run must match them."""
+    flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())}
+    return {**flags, "num_processes": accelerator.num_processes}
+
+
+def resume(accelerator, args: argparse.Namespace, progress: Progress) -> None:
+    """``--resume``: refuse changed flags, then ``load_state`` (model, optimizer, scheduler, RNGs, Progress)."""
+    if args.resume is None:
+        return
+    path = latest_checkpoint(args.output_dir) if args.resume == "latest" else Path(args.resume)
+    if path is None or not (path / RUN_STATE).is_file():
+        raise ConfigError(field="--resume", value=str(path or Path(args.output_dir) / CHECKPOINTS),
+                          problem="no complete checkpoint there",
+                          fix="point --resume at a checkpoints/step-N folder, or drop --resume to start afresh")
+    state = guards.read_checkpoint(path, RUN_STATE)  # refuses a damaged checkpoint (checksums of its files)
+    saved, now = state["config"], run_config(args, accelerator)
+    changed = sorted(k for k in set(saved) | set(now) if k not in _RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    if changed:
+        raise ConfigError(field="--resume", value={k: [saved.get(k), now.get(k)] for k in changed},
+                          problem="these flags differ from the interrupted run (was, now)",
+                          fix="resume with the same flags, or start a new run in another --output-dir")
+    guards.check_same_data(state.get("data"), data_fingerprint(args))
+    accelerator.load_state(str(path))
+    accelerator.print(f"resumed from {path} at step {progress.step}")
+
+
+def checkpoint(accelerator, args: argparse.Namespace, progress: Progress) -> Path:
+    """Save everything needed to continue exactly from here; atomic (temporary folder, then rename)."""
+    from adaptkit.folders import replace_dir
+    folder = Path(args.output_dir) / CHECKPOINTS
+    final, tmp = folder / f"step-{progress.step:07d}", folder / f".tmp-step-{progress.step:07d}"
+    with progress.paused():
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))  # every process writes its own RNG states
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_json(tmp / RUN_STATE, {"step": progress.step, "config": run_config(args, accelerator),
+                                         "data": data_fingerprint(args), "files": guards.digests(tmp, skip=[RUN_STATE])})
+            replace_dir(tmp, final)
+            old = sorted((p for p in folder.glob("step-*") if p != final), key=lambda p: p.name)
+            for stale in old[: max(0, len(old) - args.keep_checkpoints + 1)]:
+                shutil.rmtree(stale, ignore_errors=True)
+        accelerator.wait_for_everyone()
+    return final
+
+
+def data_fingerprint(args: argparse.Namespace) -> dict[str, str]:
+    """Checksums of the local data files, kept in each checkpoint: a resume on changed data is refused."""
+    return guards.data_fingerprint(getattr(args, key, None) for key in ("data", "train_file", "validation_file",
+                                                                      "test_file"))
+
+
+def save_adapter(accelerator, model, args: argparse.Namespace, step: int) -> None:
+    """``adaptkit.save`` into ``--output-dir/adapter``; every process takes part (FSDP shards are gathered)."""
+    from adaptkit.distributed import save_adapter
+    guards.check_finite_weights(accelerator.unwrap_model(model), step)  # a NaN is never "best"
+    save_adapter(accelerator, model, Path(args.output_dir) / ADAPTER_DIR)
+
+
+def finish(accelerator, args, model, progress: Progress, log: Log, results: dict[str, Any], summary) -> dict[str, Any]:
+    """Write metrics.json beside the adapter: task results + parameters, memory, time, throughput."""
+    if not (Path(args.output_dir) / ADAPTER_DIR).is_dir():  # no evaluation ever improved (NaN): keep the last weights
+        save_adapter(accelerator, model, args, progress.step)
+    peak = accelerator.gather(torch.tensor([peak_rss_bytes()], device=accelerator.device)).max().item()
+    p = progress
+    metrics = {
+        **results,
+        "validation": p.best_metrics, "metric": p.metric, "best_step": p.stopper.best_step,
+        "steps": p.step, "max_steps": p.max_steps, "epochs": round(p.step / max(1, math.ceil(
+            p.batches_per_epoch / args.gradient_accumulation_steps)), 3),
+        "stopped_early": p.stopped_early, "train_samples": p.samples,
+        "train_seconds": round(p.train_seconds, 3), "total_seconds": round(time.perf_counter() - p._started, 3),
+        "samples_per_second": round(p.samples / p.train_seconds, 3) if p.train_seconds else None,
+        "trainable_parameters": summary.trainable, "total_parameters": summary.total,
+        "trainable_percent": round(summary.percent, 4), "adapter_bytes": summary.adapter_bytes,
+        "peak_rss_bytes": int(peak), "num_processes": accelerator.num_processes, "device": str(accelerator.device),
+        "distributed_type": str(accelerator.distributed_type.value), "mixed_precision": str(accelerator.mixed_precision),
+        "adapter_dir": ADAPTER_DIR, "learning_rate": learning_rate(args), "config": run_config(args, accelerator),
+        "versions": versions(),
+    }
+    if torch.cuda.is_available():
+        metrics["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated())
+    if accelerator.is_main_process:
+        write_json(Path(args.output_dir) / METRICS_FILE, metrics)
+        _card(args, progress, results)
+    log.write({"event": "finished", **results})
+    accelerator.wait_for_everyone()
+    log.close()  # accelerator.end_training: closes the trackers and ends the process group
+    return metrics
+
+
+def _card(args, progress: Progress, results: dict[str, Any]) -> None:
+    """Name the data and the measured metrics in the saved adapter's model card."""
+    from adaptkit import card
+    adapter_dir = Path(args.output_dir) / ADAPTER_DIR
+    if not (adapter_dir / "README.md").is_file():
+        return
+    source = getattr(args, "data", None) or getattr(args, "dataset_name", None) or getattr(args, "train_file", None)
+    numbers = {k: v for k, v in _flatten({"validation": progress.best_metrics, **results}).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    card.write_training(adapter_dir, data=f"{source or 'not recorded'}: {progress.samples:,} training samples, "
+                                          f"{progress.step} optimizer steps", metrics=numbers)
 
 
 def _rng_neutral(loader) -> Iterator[Any]:

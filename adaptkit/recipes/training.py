@@ -2,9 +2,9 @@
 
 A recipe parses its flags with :func:`add_run_args` / :func:`check_args`, builds the loop from
 :func:`make_accelerator`, :func:`make_optimizer` and :func:`make_scheduler`, and scores with
-:func:`evaluate_classifier`; ``adaptkit.runs.Run`` then does the bookkeeping around each step. The
-names of what a run writes into ``--output-dir`` live here because :func:`check_args` refuses to
-overwrite a folder that holds one.
+:func:`evaluate_classifier` / :func:`evaluate_perplexity`; ``adaptkit.recipes.runs`` has what the
+loop calls besides. The names of what a run writes into ``--output-dir`` live here because
+:func:`check_args` refuses to overwrite a folder that holds one.
 """
 
 from __future__ import annotations
@@ -17,13 +17,15 @@ from typing import Any
 
 import torch
 
-from adaptkit.errors import ConfigError
+from adaptkit.errors import ConfigError, MissingDependencyError
 
 # what a run writes into --output-dir
 ADAPTER_DIR = "adapter"
 METRICS_FILE = "metrics.json"
 LOG_FILE = "log.jsonl"
-TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_DIR = "tensorboard"  # the trackers' logging_dir: `tensorboard --logdir OUTPUT_DIR/tensorboard`
+# --report-to name -> the package its tracker needs (as the Trainer's report_to)
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 CHECKPOINTS = "checkpoints"
 RUN_STATE = "run_state.json"
 
@@ -70,6 +72,9 @@ def add_run_args(parser: argparse.ArgumentParser, *, epochs: int = 3, batch_size
     g.add_argument("--patience", type=int, default=3,
                    help="stop after this many evaluations without improvement (0: never stop early)")
     g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--report-to", nargs="+", default=["tensorboard"], choices=[*TRACKERS, "all", "none"],
+                   help="trackers that get the losses and validation metrics (accelerate's log_with; all: every "
+                        "installed one); log.jsonl is always written")
     g.add_argument("--checkpoint-every", type=int, default=200, help="optimizer steps between checkpoints (0: none)")
     g.add_argument("--keep-checkpoints", type=int, default=1)
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
@@ -103,6 +108,25 @@ def check_args(args: argparse.Namespace, recipe: str) -> None:
     if args.resume is None and not args.overwrite and held:
         raise ConfigError(field="--output-dir", value=str(args.output_dir), problem=f"already holds a run ({held})",
                           fix="pass --resume to continue it, --overwrite to start afresh, or another --output-dir")
+    trackers(args.report_to)  # a missing wandb/mlflow fails now, not after the model loaded
+
+
+def trackers(report_to: list[str]) -> list[str]:
+    """accelerate's ``log_with`` for --report-to; a named tracker that is not installed is refused."""
+    import importlib.util
+    if "none" in report_to:
+        if len(report_to) > 1:
+            raise ConfigError(field="--report-to", value=report_to, problem="'none' contradicts the others",
+                              fix="pass 'none' alone, or only tracker names")
+        return []
+    if "all" in report_to:
+        return [name for name, package in TRACKERS.items() if importlib.util.find_spec(package) is not None]
+    for name in report_to:
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise MissingDependencyError(field="--report-to", value=name, problem=f"needs the {TRACKERS[name]} "
+                                         "package, which is not installed",
+                                         fix=f"pip install {TRACKERS[name]}, or --report-to tensorboard / none")
+    return list(dict.fromkeys(report_to))
 
 
 def parse_options(items: list[str]) -> dict[str, Any]:
@@ -134,16 +158,33 @@ def learning_rate(args: argparse.Namespace) -> float:
 
 # ---- accelerate --------------------------------------------------------------------------------------
 def make_accelerator(args: argparse.Namespace):
-    """An Accelerator whose shuffling is reseeded from ``seed + epoch`` (what exact resume relies on)."""
+    """An Accelerator whose shuffling is reseeded from ``seed + epoch`` (what exact resume relies on), logging
+    to the --report-to trackers under ``--output-dir/tensorboard``; ``--overwrite`` clears what a run wrote."""
+    import shutil
+
     from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.utils import set_seed
+    from accelerate.utils import ProjectConfiguration, set_seed
 
     from adaptkit.distributed import check_sharding, require_processes
+    from adaptkit.recipes import guards
 
+    out = Path(args.output_dir)
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                               mixed_precision=args.mixed_precision,
+                              log_with=trackers(args.report_to) or None,
+                              project_config=ProjectConfiguration(project_dir=str(out),
+                                                                  logging_dir=str(out / TENSORBOARD_DIR)),
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
                                                                          data_seed=args.seed))
+    if accelerator.is_main_process:
+        # one run per folder, held until this Accelerator is gone (taken before --overwrite deletes anything)
+        accelerator.output_dir_lock = guards.lock_output_dir(out)
+        if args.resume is None and args.overwrite:  # only what a run writes; anything else in the folder stays
+            for name in (CHECKPOINTS, ADAPTER_DIR, METRICS_FILE, LOG_FILE, TENSORBOARD_DIR):
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
     # a launch that silently runs 1 process, or N processes that each train alone, is refused here
     require_processes(accelerator, args.processes)
     check_sharding(accelerator)  # FSDP on CPU (Accelerate runs DDP), FSDP1, ZeRO-3: refused with the fix
