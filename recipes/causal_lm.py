@@ -15,12 +15,10 @@ one format per split, found from its columns:
   chat ``messages`` (rendered by the tokenizer's chat template): the loss is on the response / the
   assistant's turns only; the rest is labelled -100.
 
-Every example ends with the end-of-sequence token, and that token is always trained on. A tokenizer
-without a padding token gets ``pad = eos``; the usual collator then turns every label equal to the pad
-id into -100 and the model never learns to stop. Here labels are built per example before padding,
-so only the padding is masked. ``--block-size N`` packs the examples end to end into blocks of N
-tokens (run_clm.py's ``group_texts``; the masks stay). Reports perplexity on validation and on test,
-and prints a few greedy generations from the saved adapter.
+Every example ends with the end-of-sequence token, always trained on: labels are built per example and
+padding is masked by position (``pad = eos`` is safe). ``--block-size N`` packs examples end to end into
+blocks of N tokens (run_clm.py's ``group_texts``; masks kept). Reports perplexity on validation and
+test, and prints a few greedy generations from the saved adapter.
 """
 
 from __future__ import annotations
@@ -48,9 +46,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     training.add_run_args(parser, epochs=3, batch_size=8)
     args = parser.parse_args(argv)
     training.check_args(args, "causal_lm")
-    if args.block_size < 0:
-        raise ConfigError(field="--block-size", value=args.block_size, problem="must be at least 0",
-                          fix="pass 0 (no packing) or the tokens per block, e.g. 512")
     return args
 
 
@@ -123,6 +118,9 @@ def pack(features: list[dict], block_size: int) -> list[dict]:
     """run_clm's group_texts: every example end to end, cut into blocks of block_size (the rest is dropped)."""
     ids = [t for f in features for t in f["input_ids"]]
     labels = [t for f in features for t in f["labels"]]
+    if len(ids) < block_size:
+        raise DataError(field="--block-size", value=block_size, problem=f"a split holds {len(ids)} tokens, fewer than "
+                        "one block", fix="use a smaller --block-size, or more data")
     return [{"input_ids": ids[i:i + block_size], "attention_mask": [1] * block_size, "labels": labels[i:i + block_size]}
             for i in range(0, len(ids) - block_size + 1, block_size)]
 
@@ -191,10 +189,6 @@ def main(argv: list[str] | None = None) -> dict:
                 for split, ds in splits.items()}
     if args.block_size:
         features = {split: pack(f, args.block_size) for split, f in features.items()}
-        if not all(features.values()):
-            raise DataError(field="--block-size", value=args.block_size, problem="a split holds fewer tokens than "
-                            f"one block ({ {s: len(f) for s, f in features.items()} } blocks)", fix="use a smaller "
-                            "--block-size, or more data")
     train_loader = batching.causal_lm_loader(features["train"], args.batch_size, tokenizer.pad_token_id, True, args.seed)
     val_loader = batching.causal_lm_loader(features["validation"], args.batch_size, tokenizer.pad_token_id, False)
     optimizer = training.make_optimizer(model, args)
@@ -204,7 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # The loop: evaluate every --eval-every steps (0: each epoch) and at the end, keep the adapter that is best
     # on validation, stop after --patience evaluations without improvement, checkpoint every --checkpoint-every.
-    progress = runs.Progress(args, accelerator, max_steps, len(train_loader), metric=metrics.primary_metric("language_model"))
+    progress = runs.Progress(args, accelerator, max_steps, len(train_loader),
+                             metric=metrics.primary_metric("language_model"))
     accelerator.register_for_checkpointing(progress)  # saved and restored with the model, optimizer and RNGs
     runs.resume(accelerator, args, progress)  # --resume: exactly where it stopped; refuses changed flags
     log = runs.Log(accelerator, args, progress, "causal_lm")
@@ -244,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"task": "language_model", "model": args.model, "strategy": strategy, "quantization": args.quantization,
                "data": notes, "format": fmt, "block_size": args.block_size}
     if "test" in features:
-        test_loader = accelerator.prepare_data_loader(batching.causal_lm_loader(features["test"], args.batch_size, tokenizer.pad_token_id, False))
+        test_loader = batching.causal_lm_loader(features["test"], args.batch_size, tokenizer.pad_token_id, False)
+        test_loader = accelerator.prepare_data_loader(test_loader)
         results["test"] = training.evaluate_perplexity(best, test_loader, accelerator)
     if accelerator.is_main_process and args.num_samples:
         results["samples"] = sample_generations(best, tokenizer, splits.get("test", splits["validation"]), args)

@@ -28,7 +28,7 @@ from adaptkit.errors import CheckpointError, ConfigError, DataError, NonFiniteEr
 _FLOAT_FLAGS = {"learning_rate": (0.0, False), "weight_decay": (0.0, True), "warmup_ratio": (0.0, True),
                 "max_grad_norm": (0.0, True), "validation_fraction": (0.0, True)}
 _COUNT_FLAGS = {"max_length": 1, "max_train_samples": 1, "max_eval_samples": 1, "num_samples": 0,
-                "max_new_tokens": 1, "steps": 1, "batch_size": 1}
+                "max_new_tokens": 1, "steps": 1, "batch_size": 1, "block_size": 0}
 
 
 def check_numbers(args: Any) -> None:

@@ -188,6 +188,7 @@ class Progress:
         self.step = self.epoch = self.batch_in_epoch = self.samples = 0
         self.train_seconds, self.epoch_end, self.stopped_early = 0.0, False, False
         self.best_metrics: dict[str, float] = {}
+        self.last_eval_step: int | None = None
         self._loss = [0.0, 0]  # sum and count of micro-batch losses since the last log line
         self._clock: float | None = None
         self._started = time.perf_counter()
@@ -236,6 +237,7 @@ class Progress:
         if self.metric not in scores:
             raise ConfigError(field="metric", value=self.metric, problem=f"not among the results {sorted(scores)}",
                               fix="watch one of the keys the evaluation returns")
+        self.last_eval_step = self.step
         better = self.stopper.update(float(scores[self.metric]), self.step)
         if better:
             self.best_metrics = {k: float(v) for k, v in scores.items()}
@@ -259,11 +261,12 @@ class Progress:
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "samples": self.samples,
                 "train_seconds": self.seconds(), "best_metrics": self.best_metrics,
-                "early_stopping": self.stopper.state_dict()}
+                "last_eval_step": self.last_eval_step, "early_stopping": self.stopper.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.samples, self.train_seconds, self.best_metrics = state["samples"], state["train_seconds"], state["best_metrics"]
+        self.last_eval_step = state["last_eval_step"]
         self.stopper.load_state_dict(state["early_stopping"])
 
 
@@ -357,7 +360,9 @@ def checkpoint(accelerator, args: argparse.Namespace, progress: Progress) -> Pat
         accelerator.save_state(str(tmp))  # every process writes its own RNG states
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            write_json(tmp / RUN_STATE, {"step": progress.step, "config": run_config(args, accelerator),
+            # the position again, readable (load_state restores it from the registered Progress), the flags, the
+            # data's checksums and every file's, which resume checks before it loads anything
+            write_json(tmp / RUN_STATE, {**progress.state_dict(), "config": run_config(args, accelerator),
                                          "data": data_fingerprint(args), "files": guards.digests(tmp, skip=[RUN_STATE])})
             replace_dir(tmp, final)
             old = sorted((p for p in folder.glob("step-*") if p != final), key=lambda p: p.name)

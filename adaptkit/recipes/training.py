@@ -29,6 +29,8 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 CHECKPOINTS = "checkpoints"
 RUN_STATE = "run_state.json"
 
+_LOCKS: dict[Path, Any] = {}  # output folder -> the open lock file this process holds (adaptkit.recipes.guards)
+
 # Learning rates that worked for each strategy on all-MiniLM-L6-v2 / SST-2 (FACTS.md and the
 # strategy comparison); a parameter-efficient method needs a far larger step than full fine-tuning.
 DEFAULT_LR = {"full": 5e-5, "lora": 5e-4, "bottleneck": 1e-3, "prefix": 1e-2, "linear_probe": 1e-2}
@@ -176,18 +178,22 @@ def make_accelerator(args: argparse.Namespace):
                                                                   logging_dir=str(out / TENSORBOARD_DIR)),
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
                                                                          data_seed=args.seed))
+    # a launch that silently runs 1 process, or N processes that each train alone, is refused here
+    require_processes(accelerator, args.processes)
+    check_sharding(accelerator)  # FSDP on CPU (Accelerate runs DDP), FSDP1, ZeRO-3: refused with the fix
     if accelerator.is_main_process:
-        # one run per folder, held until this Accelerator is gone (taken before --overwrite deletes anything)
-        accelerator.output_dir_lock = guards.lock_output_dir(out)
+        # one run per folder (taken before --overwrite deletes anything), held until this process ends or runs
+        # again here: runs in one process follow each other, so an earlier one that raised holds it no more
+        stale = _LOCKS.pop(out.resolve(), None)
+        if stale is not None:
+            stale.close()
+        _LOCKS[out.resolve()] = guards.lock_output_dir(out)
         if args.resume is None and args.overwrite:  # only what a run writes; anything else in the folder stays
             for name in (CHECKPOINTS, ADAPTER_DIR, METRICS_FILE, LOG_FILE, TENSORBOARD_DIR):
                 path = out / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    # a launch that silently runs 1 process, or N processes that each train alone, is refused here
-    require_processes(accelerator, args.processes)
-    check_sharding(accelerator)  # FSDP on CPU (Accelerate runs DDP), FSDP1, ZeRO-3: refused with the fix
     set_seed(args.seed)
     return accelerator
 
