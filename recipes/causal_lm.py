@@ -148,6 +148,7 @@ def sample_generations(model, tokenizer, examples, args) -> list[dict]:
         samples.append({"prompt": tokenizer.decode(ids[0], skip_special_tokens=True),
                         "generated": tokenizer.decode(new, skip_special_tokens=True),
                         "stopped": bool(new.eq(tokenizer.eos_token_id).any())})
+        print(f"--- {samples[-1]['prompt']!r}\n  → {samples[-1]['generated']!r}" + ("" if samples[-1]["stopped"] else " (no eos)"))
     return samples
 
 
@@ -160,11 +161,10 @@ def main(argv: list[str] | None = None) -> dict:
     blank = lambda ds: ds.filter(lambda row: bool(row["text"].strip())) if ds.column_names == ["text"] else ds
     splits, notes = data.splits_from_args(args, prepare=blank)  # .txt files: blank lines are no examples
     guards.require_examples(len(splits["train"]), notes[0].partition(": ")[2] or "--data")
-    fmt = data_format(splits["train"], "train")
-    for split, ds in splits.items():
-        if data_format(ds, split) != fmt:
-            raise DataError(field=split, value=data_format(ds, split), problem=f"has another format than train ({fmt})",
-                            fix="use one format in every split")
+    formats = {split: data_format(ds, split) for split, ds in splits.items()}
+    if len(set(formats.values())) > 1:
+        raise DataError(field="splits", value=formats, problem="differ in format", fix="use one format in every split")
+    fmt = formats["train"]
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
     if tokenizer.eos_token_id is None:
         raise ConfigError(field="tokenizer.eos_token", value=None, problem="the tokenizer has no end-of-sequence "
@@ -173,8 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     if tokenizer.pad_token is None:  # safe here: padding is masked by position, not by token id (see above)
         tokenizer.pad_token = tokenizer.eos_token
     quantization = None if args.quantization == "none" else args.quantization
-    load = lambda: load_model(args.model, "causal_lm", quantization=quantization,
-                              **training.load_kwargs(args))
+    load = lambda: load_model(args.model, "causal_lm", quantization=quantization, **training.load_kwargs(args))
     model = adaptkit.adapt(load(), args.strategy, **training.parse_options(args.option))
     check_sharded_model(accelerator, model)  # FSDP: prefix, 8-bit, integer-stored 4-bit refused with the fix
     summary, strategy = adaptkit.summary(model), adaptkit.strategy_of(model).to_dict()
@@ -244,8 +243,6 @@ def main(argv: list[str] | None = None) -> dict:
         results["test"] = training.evaluate_perplexity(best, test_loader, accelerator)
     if accelerator.is_main_process and args.num_samples:
         results["samples"] = sample_generations(best, tokenizer, splits.get("test", splits["validation"]), args)
-        for s in results["samples"]:
-            accelerator.print(f"--- {s['prompt']!r}\n  → {s['generated']!r}{'' if s['stopped'] else ' (no eos)'}")
     return runs.finish(accelerator, args, model, progress, log, results, summary)
 
 
