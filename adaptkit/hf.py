@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import types
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +35,23 @@ _CHECKPOINTING = ("activation_checkpointing_enable", "gradient_checkpointing_ena
 def install(model: nn.Module) -> None:
     """Give this adapted model (the instance only) a save_pretrained that writes the adapter folder, and
     on prefix tuning a checkpointing switch that refuses (the Trainer flips it on from its arguments)."""
-    model.__dict__[_SAVE] = types.MethodType(save_pretrained, model)
+    model.__dict__[_SAVE] = _SavePretrained(model)
     config = (getattr(model, "peft_config", None) or {}).get(getattr(model, "active_adapter", None))
     if getattr(getattr(config, "peft_type", None), "value", None) == "PREFIX_TUNING":
         for name in _CHECKPOINTING:
             model.__dict__[name] = _refuse_checkpointing
+
+
+class _SavePretrained:
+    """``model.save_pretrained`` of one adapted model. An object holding the model rather than a bound
+    method: pickling a bound method stores ``getattr(model, "save_pretrained")``, which on unpickling
+    resolves to transformers' method before the instance's own attributes are back."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        save_pretrained(self.model, *args, **kwargs)
 
 
 def uninstall(*models: nn.Module) -> None:

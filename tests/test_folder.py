@@ -137,3 +137,19 @@ def test_the_model_card_is_a_filled_hf_card(tmp_path, strategy):
     text = (tmp_path / "a" / "README.md").read_text()
     assert text.count("## Training data and results") == 1 and "| accuracy | 0.9000 |" in text
     assert not (tmp_path / "a" / ".README.md.tmp").exists()
+
+
+def test_save_pretrained_stays_adaptkits_on_a_copy_and_after_pickling(tmp_path):
+    import copy
+    import io
+    model = adaptkit.adapt(tiny_model("bert"), "bottleneck")
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    inputs = tiny_inputs("bert")
+    for i, other in enumerate((copy.deepcopy(model), torch.load(buffer, weights_only=False))):
+        _perturbed(other)  # the copy's own tensors differ from the original's
+        other.save_pretrained(tmp_path / str(i))
+        assert (tmp_path / str(i) / "adaptkit_config.json").is_file()
+        assert torch.equal(_logits(adaptkit.load(tmp_path / str(i), tiny_model("bert")), inputs),
+                           _logits(other, inputs))
