@@ -151,9 +151,13 @@ def require_processes(accelerator: Any = None, expected: int | None = None) -> i
     return running
 
 
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes"}
+
+
 def fsdp_requested() -> bool:
     """Whether the launcher asked for FSDP (``accelerate launch --use_fsdp`` or an FSDP config)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() in {"1", "true", "yes"}
+    return _flag("ACCELERATE_USE_FSDP")
 
 
 def _kind(accelerator: Any) -> str:
@@ -167,7 +171,7 @@ def check_sharding(accelerator: Any) -> None:
     process) and FSDP2 (``fully_shard``: every parameter a ``DTensor`` under its own name, which
     :func:`save_adapter` gathers). Refused:
 
-    * FSDP asked for where Accelerate does not run it: Accelerate 1.15 enables FSDP only on GPU-like
+    * FSDP or DeepSpeed asked for where Accelerate does not run it: Accelerate 1.15 enables them only on GPU-like
       devices; with ``ACCELERATE_USE_CPU=1`` it silently runs DDP (every process a whole copy), while
       transformers, reading the same ``ACCELERATE_USE_FSDP``, builds the model on the meta device in
       processes > 0, which then fails with ``Cannot copy out of meta tensor; no data!`` on rank 1.
@@ -187,6 +191,12 @@ def check_sharding(accelerator: Any) -> None:
             fix="on CPU drop --use_fsdp (DDP: `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 "
                 "...`) or apply torch's fully_shard yourself and save with adaptkit.distributed.save_adapter; "
                 "on GPUs launch without ACCELERATE_USE_CPU")
+    if _flag("ACCELERATE_USE_DEEPSPEED") and kind != "DEEPSPEED":
+        raise UnsupportedError(
+            field="accelerate launch --use_deepspeed", value=f"running as {kind or 'one process'}",
+            problem="Accelerate enables DeepSpeed on GPUs only and runs a CPU launch as DDP: no ZeRO sharding",
+            fix="on CPU drop --use_deepspeed (DDP: `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
+                "--num_processes 2 ...`); on GPUs launch without ACCELERATE_USE_CPU")
     if kind == "FSDP":
         plugin = getattr(state, "fsdp_plugin", None)
         version = getattr(plugin, "fsdp_version", 1)

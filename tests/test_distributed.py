@@ -29,7 +29,8 @@ RECIPE = ROOT / "recipes" / "minimal.py"
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 CPU_LAUNCH = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no"]
-LAUNCH_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_CPU", "ACCELERATE_USE_FSDP", distributed.EXPECTED_ENV)
+LAUNCH_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_CPU", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED",
+              distributed.EXPECTED_ENV)
 
 
 # ---- the checks, without launching -------------------------------------------------------------
@@ -139,6 +140,15 @@ def test_sharded_setups_are_accepted_or_refused_with_the_fix(clean_env, kind, ex
         return
     with pytest.raises(errors.UnsupportedError, match=match):
         distributed.check_sharding(accelerator)
+
+
+def test_deepspeed_asked_for_but_run_as_ddp_on_cpu_is_refused(clean_env):
+    # measured with deepspeed 0.19.8 in a throwaway venv: ZeRO-2 under ACCELERATE_USE_CPU=1 ran as MULTI_CPU
+    from accelerate.utils import DistributedType
+    clean_env.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(errors.UnsupportedError, match=r"--use_deepspeed='running as MULTI_CPU': Accelerate enables "
+                                                      r"DeepSpeed on GPUs only.*Fix: on CPU drop --use_deepspeed"):
+        distributed.check_sharding(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
 
 
 def test_fsdp_asked_for_but_run_as_ddp_on_cpu_is_refused(clean_env):
