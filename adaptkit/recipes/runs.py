@@ -38,7 +38,8 @@ import torch
 
 from adaptkit.errors import ConfigError
 from adaptkit.recipes import guards
-from adaptkit.recipes.training import (ADAPTER_DIR, CHECKPOINTS, LOG_FILE, METRICS_FILE, RUN_STATE, learning_rate)
+from adaptkit.recipes.training import (ADAPTER_DIR, CHECKPOINTS, LOG_FILE, METRICS_FILE, RUN_STATE, TENSORBOARD_DIR,
+                                       learning_rate)
 
 # Flags that may change between a run and its resumption; every other flag must match, or the
 # resumed run would silently train something else than the interrupted one.
@@ -183,6 +184,7 @@ class Progress:
         self.args, self.accelerator, self.max_steps, self.batches_per_epoch = args, accelerator, max_steps, batches_per_epoch
         guards.require_examples(batches_per_epoch, getattr(args, "data", None) or "the training data", "training batches")
         adapter_only_checkpoints(accelerator)  # save_state / load_state: the trained tensors, not the whole model
+        claim_output_dir(accelerator, args)
         self.metric, higher = metric
         self.stopper = EarlyStopping(args.patience, higher)
         self.step = self.epoch = self.batch_in_epoch = self.samples = 0
@@ -320,6 +322,27 @@ class Log:
 
 
 # ---- what Accelerate does not do ----------------------------------------------------------------------
+_LOCKS: dict[Path, Any] = {}  # output folder -> the open lock file this process holds (adaptkit.recipes.guards)
+
+
+def claim_output_dir(accelerator, args: argparse.Namespace) -> None:
+    """Lock ``--output-dir`` for this run (one run per folder), then, with ``--overwrite``, delete what an earlier
+    run wrote there (nothing else). Called once data and model are ready, so a refused start writes nothing."""
+    out = Path(args.output_dir)
+    if accelerator.is_main_process:
+        # held until this process ends or runs again here: runs in one process follow each other, so an
+        # earlier one that raised holds it no more
+        stale = _LOCKS.pop(out.resolve(), None)
+        if stale is not None:
+            stale.close()
+        _LOCKS[out.resolve()] = guards.lock_output_dir(out)
+        if args.resume is None and args.overwrite:
+            for name in (CHECKPOINTS, ADAPTER_DIR, METRICS_FILE, LOG_FILE, TENSORBOARD_DIR):
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+
+
 def run_config(args: argparse.Namespace, accelerator) -> dict[str, Any]:
     """The flags (and process count) a run was started with; a resumed run must match them."""
     flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())}

@@ -29,8 +29,6 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 CHECKPOINTS = "checkpoints"
 RUN_STATE = "run_state.json"
 
-_LOCKS: dict[Path, Any] = {}  # output folder -> the open lock file this process holds (adaptkit.recipes.guards)
-
 # Learning rates that worked for each strategy on all-MiniLM-L6-v2 / SST-2 (FACTS.md and the
 # strategy comparison); a parameter-efficient method needs a far larger step than full fine-tuning.
 DEFAULT_LR = {"full": 5e-5, "lora": 5e-4, "bottleneck": 1e-3, "prefix": 1e-2, "linear_probe": 1e-2}
@@ -161,14 +159,11 @@ def learning_rate(args: argparse.Namespace) -> float:
 # ---- accelerate --------------------------------------------------------------------------------------
 def make_accelerator(args: argparse.Namespace):
     """An Accelerator whose shuffling is reseeded from ``seed + epoch`` (what exact resume relies on), logging
-    to the --report-to trackers under ``--output-dir/tensorboard``; ``--overwrite`` clears what a run wrote."""
-    import shutil
-
+    to the --report-to trackers under ``--output-dir/tensorboard``. Nothing is written yet."""
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import ProjectConfiguration, set_seed
 
     from adaptkit.distributed import check_sharding, require_processes
-    from adaptkit.recipes import guards
 
     out = Path(args.output_dir)
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -181,19 +176,6 @@ def make_accelerator(args: argparse.Namespace):
     # a launch that silently runs 1 process, or N processes that each train alone, is refused here
     require_processes(accelerator, args.processes)
     check_sharding(accelerator)  # FSDP on CPU (Accelerate runs DDP), FSDP1, ZeRO-3: refused with the fix
-    if accelerator.is_main_process:
-        # one run per folder (taken before --overwrite deletes anything), held until this process ends or runs
-        # again here: runs in one process follow each other, so an earlier one that raised holds it no more
-        stale = _LOCKS.pop(out.resolve(), None)
-        if stale is not None:
-            stale.close()
-        _LOCKS[out.resolve()] = guards.lock_output_dir(out)
-        if args.resume is None and args.overwrite:  # only what a run writes; anything else in the folder stays
-            for name in (CHECKPOINTS, ADAPTER_DIR, METRICS_FILE, LOG_FILE, TENSORBOARD_DIR):
-                path = out / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
     set_seed(args.seed)
     return accelerator
 
