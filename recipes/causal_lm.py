@@ -36,7 +36,7 @@ from adaptkit.errors import ConfigError, DataError
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model folder or hub id of a decoder")
+    training.add_model_args(parser, "model folder or hub id of a decoder")
     data.add_data_args(parser)
     parser.add_argument("--max-length", type=int, default=None,
                         help="tokens per example (longer ones are cut); default 256, or what the model has room for")
@@ -153,10 +153,8 @@ def sample_generations(model, tokenizer, examples, args) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from adaptkit.quantization import load_model, refuse_remote_code
-
     args = parse_args(argv)
-    refuse_remote_code(args.model)
+    training.refuse_remote_code(args)
     accelerator = training.make_accelerator(args)
     blank = lambda ds: ds.filter(lambda row: bool(row["text"].strip())) if ds.column_names == ["text"] else ds
     splits, notes = data.splits_from_args(args, prepare=blank)  # .txt files: blank lines are no examples
@@ -165,15 +163,14 @@ def main(argv: list[str] | None = None) -> dict:
     if len(set(formats.values())) > 1:
         raise DataError(field="splits", value=formats, problem="differ in format", fix="use one format in every split")
     fmt = formats["train"]
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(training.preprocessor_name(args), trust_remote_code=False)
     if tokenizer.eos_token_id is None:
         raise ConfigError(field="tokenizer.eos_token", value=None, problem="the tokenizer has no end-of-sequence "
                           "token, so the model cannot learn where an answer ends",
                           fix="use a decoder tokenizer with an eos token, or set tokenizer.eos_token and save it")
     if tokenizer.pad_token is None:  # safe here: padding is masked by position, not by token id (see above)
         tokenizer.pad_token = tokenizer.eos_token
-    quantization = None if args.quantization == "none" else args.quantization
-    load = lambda: load_model(args.model, "causal_lm", quantization=quantization, **training.load_kwargs(args))
+    load = lambda: training.load_base(args, "causal_lm")  # --model, its weights in --config-name, or a config alone
     model = adaptkit.adapt(load(), args.strategy, **training.parse_options(args.option))
     check_sharded_model(accelerator, model)  # FSDP: prefix, 8-bit, integer-stored 4-bit refused with the fix
     summary, strategy = adaptkit.summary(model), adaptkit.strategy_of(model).to_dict()

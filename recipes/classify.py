@@ -34,7 +34,6 @@ import adaptkit
 from adaptkit.recipes import batching, data, guards, metrics, runs, training
 from adaptkit.distributed import check_sharded_model
 from adaptkit.errors import ConfigError, MissingDependencyError
-from adaptkit.quantization import refuse_remote_code
 
 GLUE_TASKS = ("sst2", "cola", "mrpc", "rte", "stsb")  # their own metrics (MCC for CoLA, F1 for MRPC, ...)
 
@@ -53,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="tokens per example (pairs truncated longest first); default 128, or what the model has room for")
     g.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
                    help="batch examples of similar length together (less padding, same results on average)")
-    parser.add_argument("--model", help="model folder or hub id (default: the bundled all-MiniLM-L6-v2)")
+    training.add_model_args(parser, "model folder or hub id (default: the bundled all-MiniLM-L6-v2)")
     parser.add_argument("--feature-cache", choices=["auto", "eval", "off"], default="auto",
                         help="linear_probe only: run the frozen model once per example and train the head on the "
                              "cached features (adaptkit.recipes.features). auto: when train-mode features equal eval-mode "
@@ -92,15 +91,13 @@ def metric_task(args: argparse.Namespace, table: data.Table) -> str:
 
 def load_model(args: argparse.Namespace, table: data.Table, tokenizer):
     """The base model with a fresh head sized for the labels (placed and quantized by adaptkit)."""
-    from adaptkit.quantization import load_model as load
     options = {"num_labels": table.num_labels}
     if table.task == "regression":
         options["problem_type"] = "regression"
     if table.label_names:
         options["id2label"] = dict(enumerate(table.label_names))
         options["label2id"] = {name: i for i, name in enumerate(table.label_names)}
-    model = load(args.model, "seq_cls", quantization=None if args.quantization == "none" else args.quantization,
-                 **training.load_kwargs(args), **options)
+    model = training.load_base(args, "seq_cls", **options)
     if model.config.pad_token_id is None:  # decoder classifiers find each sequence's last token by padding
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -124,8 +121,9 @@ def cached_probe(args: argparse.Namespace, model, train_loader, val_loader):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    args.model = args.model or default_model()
-    refuse_remote_code(args.model)
+    if args.model is None and args.config_name is None:
+        args.model = default_model()
+    training.refuse_remote_code(args)
     accelerator = training.make_accelerator(args)
     splits = load_splits(args)
     if splits.train.task == "classification":
@@ -135,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise ConfigError(field="--metrics", value=task, problem="is a classification metric but the labels are "
                           "scores (regression)", fix="use --metrics regression, or --task classification")
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(training.preprocessor_name(args), trust_remote_code=False)
     if tokenizer.pad_token is None:  # decoders (GPT-2, Llama) ship without one; batches need padding
         tokenizer.pad_token = tokenizer.eos_token
     model = adaptkit.adapt(load_model(args, splits.train, tokenizer), args.strategy,

@@ -29,7 +29,7 @@ from adaptkit.errors import ConfigError, DataError
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model folder or hub id (with an image processor)")
+    training.add_model_args(parser, "model folder or hub id (with an image processor)")
     data.add_data_args(parser, what="class folders")
     parser.add_argument("--image-column", help="default: image or img")
     parser.add_argument("--label-column", default="label")
@@ -80,23 +80,19 @@ def make_loader(items: list, processor, mode: str, args, shuffle: bool):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from adaptkit.quantization import load_model, refuse_remote_code
-
     args = parse_args(argv)
-    refuse_remote_code(args.model)
+    training.refuse_remote_code(args)
     accelerator = training.make_accelerator(args)
     splits, classes, notes = load_splits(args)
     try:
-        processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=False)
+        processor = AutoImageProcessor.from_pretrained(training.preprocessor_name(args), trust_remote_code=False)
     except (OSError, ValueError) as err:
-        raise ConfigError(field="--model", value=args.model, problem=f"has no image processor ({err})",
+        raise ConfigError(field="--model", value=training.preprocessor_name(args), problem=f"has no image processor ({err})",
                           fix="save one beside the model: AutoImageProcessor...save_pretrained(model_dir)") from None
     labels = {"num_labels": len(classes), "id2label": dict(enumerate(classes)),
               "label2id": {c: i for i, c in enumerate(classes)}}
-    quantization = None if args.quantization == "none" else args.quantization
     # a pretrained head for other classes (ImageNet's 1000) is replaced by a fresh one of the right size
-    load = lambda: load_model(args.model, "image_cls", quantization=quantization, ignore_mismatched_sizes=True,
-                              **labels)
+    load = lambda: training.load_base(args, "image_cls", {"ignore_mismatched_sizes": True}, **labels)
     model = adaptkit.adapt(load(), args.strategy, **training.parse_options(args.option))
     summary, strategy = adaptkit.summary(model), adaptkit.strategy_of(model).to_dict()
     accelerator.print(summary, f"classes: {classes}", *notes, sep="\n")

@@ -227,6 +227,19 @@ def test_classify_refuses_bad_flags(tmp_path, data_root, tiny_bert):
         classify.main(["--data", str(tmp_path / "missing.tsv"), "--model", str(tiny_bert)])
 
 
+def test_classify_trains_a_model_built_from_a_config_alone(tmp_path, data_root, tiny_bert):
+    classify = recipe("classify")
+    argv = ["--data", str(data_root / "sst2"), "--config-name", str(tiny_bert), "--tokenizer-name", str(tiny_bert),
+            "--max-train-samples", "64", "--max-eval-samples", "32", "--batch-size", "8", "--max-steps", "3"]
+    metrics = classify.main([*argv, "--output-dir", str(tmp_path / "scratch"), "--strategy", "lora"])
+    assert metrics["config"]["model"] is None and "accuracy" in metrics["test"]
+    # random weights, seeded: a second build is the same model, so the saved LoRA adapter scores the same again
+    again = classify.main([*argv, "--output-dir", str(tmp_path / "again"), "--strategy", "lora"])
+    assert again["test"] == metrics["test"]
+    with pytest.raises(ConfigError, match=r"--quantization='8bit': a model built from --config-name alone"):
+        classify.main([*argv, "--output-dir", str(tmp_path / "q"), "--quantization", "8bit"])
+
+
 # ---- causal_lm -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_gpt(tmp_path_factory, data_root) -> dict[str, Path]:

@@ -145,6 +145,57 @@ def parse_options(items: list[str]) -> dict[str, Any]:
     return options
 
 
+def add_model_args(parser: argparse.ArgumentParser, model_help: str) -> None:
+    """--model, --config-name, --tokenizer-name, as in transformers' run_clm.py / run_glue.py."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", help=model_help)
+    g.add_argument("--config-name", help="a config (folder or hub id) to build the model from: with --model its "
+                                         "weights load into this config; without, the model starts from random "
+                                         "weights (seeded by --seed), for tiny or experimental models")
+    g.add_argument("--tokenizer-name", help="tokenizer (image_classify: image processor) folder or hub id; default: "
+                                            "--model, else --config-name")
+
+
+def refuse_remote_code(args: argparse.Namespace) -> None:
+    """--model, --config-name and --tokenizer-name are refused before anything loads if they name custom code."""
+    from adaptkit.quantization import refuse_remote_code as refuse
+    for name in (args.model, args.config_name, args.tokenizer_name):
+        if name:
+            refuse(name)
+
+
+def preprocessor_name(args: argparse.Namespace) -> str:
+    name = args.tokenizer_name or args.model or args.config_name
+    if name is None:
+        raise ConfigError(field="--model", value=None, problem="no model, config or tokenizer given",
+                          fix="pass --model PATH (pretrained), or --config-name CONFIG --tokenizer-name TOKENIZER")
+    return name
+
+
+def load_base(args: argparse.Namespace, task: str, from_pretrained: dict | None = None, **config_options):
+    """The base model the flags name: ``--model`` (``adaptkit.load_model``: quantized and placed), its weights
+    in ``--config-name``'s config, or ``--config-name`` alone (random weights, the same for every call with the
+    same --seed, so the reloaded adapter meets the base it trained on). ``config_options``: num_labels, ...."""
+    import transformers
+
+    from adaptkit.quantization import load_model
+    from adaptkit.skeleton import TASKS
+    quantization = None if args.quantization == "none" else args.quantization
+    if args.config_name is None:
+        return load_model(args.model, task, quantization=quantization, **(from_pretrained or {}), **config_options,
+                          **load_kwargs(args))
+    config = transformers.AutoConfig.from_pretrained(args.config_name, trust_remote_code=False, **config_options)
+    if args.model is not None:
+        return load_model(args.model, task, quantization=quantization, config=config, **(from_pretrained or {}),
+                          **load_kwargs(args))
+    if quantization is not None:
+        raise ConfigError(field="--quantization", value=quantization, problem="a model built from --config-name "
+                          "alone has no pretrained weights to quantize", fix="drop --quantization, or pass --model")
+    with torch.random.fork_rng(devices=[]):  # the training run's RNG stream stays as it was
+        torch.manual_seed(args.seed)
+        return getattr(transformers, TASKS[task]).from_config(config, **load_kwargs(args))
+
+
 def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """``from_pretrained`` arguments the shared flags decide (``--dtype``)."""
     return {} if args.dtype is None else {"dtype": getattr(torch, args.dtype)}
