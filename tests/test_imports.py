@@ -2,8 +2,8 @@
 
 The recipe kit (``adaptkit.recipes``) and its extra (datasets, evaluate, scikit-learn, scipy, tqdm,
 tensorboard) stay out of a plain ``import adaptkit``. scipy and tqdm are imported by the dependencies
-themselves in this environment (torch imports tqdm; bitsandbytes, pulled in by peft when installed,
-imports scipy), so they are compared against what the five dependencies alone load.
+themselves in this environment (``import torch`` loads tqdm; transformers' loss modules, loaded through
+peft, import scipy when it is installed), so they are compared against what the five dependencies load.
 """
 
 from __future__ import annotations
