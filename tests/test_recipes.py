@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -495,7 +496,11 @@ def _env() -> dict[str, str]:
 def test_classify_under_accelerate_launch_with_two_processes(tmp_path, data_root, tiny_bert):
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
     out = tmp_path / "ddp"
+    with socket.socket() as probe:  # a free port: the default 29500 may be taken by another launch on this machine
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
     command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--main_process_port", port,
                "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "recipes" / "classify.py"),
                *classify_args(data_root, tiny_bert, out, "--max-steps", "6", "--checkpoint-every", "3",
                               "--processes", "2")]
