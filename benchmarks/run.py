@@ -1,20 +1,25 @@
 """Run the strategy benchmark: every run a fresh process of recipes/classify.py, one JSON result per run.
 
-    python benchmarks/run.py                  # LR sweep, LR selection, then the grid; resumable
-    python benchmarks/run.py --stage grid --seeds 1                     # one seed of everything
-    python benchmarks/run.py --stage grid --tasks sst2 rte --variants lora full
-    python benchmarks/run.py --list           # every planned run: recorded, to run, or blocked (why)
-    python benchmarks/run.py --smoke          # 2 tasks x 2 variants x 10 steps -> benchmarks/results/smoke/
+    python benchmarks/run.py --list                       # every planned run: recorded, to run, blocked (why)
+    python benchmarks/run.py --stage sweep --tasks mrpc rte --threads 1 --commit   # one of two side-by-side runners
+    python benchmarks/run.py --stage headline --threads 1 --commit
+    python benchmarks/run.py --stage seeds --tasks sst2 cola --threads 1 --commit
+    python benchmarks/run.py                              # sweep, headline, seeds: everything, resumable
+    python benchmarks/run.py --smoke                      # 2 tasks x 2 variants x 10 steps -> results/smoke/
 
-Experiments are the JSON files in benchmarks/experiments/{lr_sweep,grid}/ (one per task x strategy
-variant). A run is recorded as benchmarks/results/<stage>/<run id>.json once its process finished;
-recorded runs are skipped, so an interrupted benchmark continues where it stopped. Runs go seed by
-seed, so one seed of everything is complete before the next starts. A failed run records nothing
-(it runs again next time); its log stays in benchmarks/work/.
+Experiments are the JSON files in benchmarks/experiments/{grid,headline}/ (one per task x strategy variant;
+make_experiments.py writes them from one table). A run is recorded as benchmarks/results/records/<run id>.json
+once its process finished; recorded runs are skipped, so an interrupted benchmark continues where it
+stopped (kill it at any time: at most the run in progress is lost). A failed run records nothing (it
+runs again next time); its log stays in benchmarks/work/. ``--commit`` commits each record as it lands.
 
-Learning rates: the grid's experiments say "selected"; after the sweep (SST-2, seed 0, every
-candidate) each variant's rate is the candidate with the best score on the validation split the
-recipe carves from train. Dev (the test set here) is never looked at. See benchmarks/README.md.
+Stages (benchmarks/README.md, "Protocol"):
+  sweep     per task and variant, seed 1 at the ladder's start rates; while the best validation score is on an
+            edge of the rates run so far, the next rate beyond it (so the plan grows as results come in).
+            The chosen rate: the smallest within one standard error of the best on validation. Dev is the
+            test set and is never read for a choice.
+  seeds     seeds 2 and 3 at the chosen rate (the sweep's run at that rate is seed 1).
+  headline  full fine-tuning and LoRA on the 67k-row GLUE SST-2 at the rates chosen on sentence-level SST-2.
 """
 
 from __future__ import annotations
@@ -34,10 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import ROOT, load_average, peak_rss_now, stamp, write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-STAGES = ("lr_sweep", "grid")
-RATES_FILE = "learning_rates.json"
+STAGES = ("sweep", "headline", "seeds")
+RUNS, RATES_FILE = "records", "learning_rates.json"
 SMOKE = {"tasks": ["sst2", "rte"], "variants": ["lora", "linear_probe"], "seeds": [1],
-         "flags": {"max_steps": 10, "eval_every": 5, "max_train_samples": 320, "max_eval_samples": 96}}
+         "flags": {"epochs": 1, "max_steps": 10, "eval_every": 5, "max_train_samples": 320, "max_eval_samples": 96}}
 
 
 class ConfigError(ValueError):
@@ -49,12 +54,14 @@ class ConfigError(ValueError):
 
 
 _KEYS = {"name": str, "stage": str, "task": str, "variant": str, "strategy": str, "options": dict,
-         "learning_rates": (list, str), "seeds": list, "train_file": str, "test_file": str, "flags": dict}
+         "learning_rates": dict, "sweep_seed": (int, type(None)), "seeds": list, "train_file": str,
+         "test_file": str, "flags": dict}
+_FOLDERS = {"grid": "grid", "headline": "headline"}
 
 
 # ---- experiments -------------------------------------------------------------------------------------
 def load_experiments(folder: Path) -> list[dict]:
-    """Every experiment JSON under ``folder``/<stage>/, checked: a typo must not silently change a run."""
+    """Every experiment JSON under ``folder``/{grid,headline}/, checked: a typo must not silently change a run."""
     out = []
     for path in sorted(Path(folder).glob("*/*.json")):
         data = json.loads(path.read_text())
@@ -65,15 +72,21 @@ def load_experiments(folder: Path) -> list[dict]:
             if not isinstance(data[key], kind):
                 raise ConfigError(field=f"{path}:{key}", value=data[key], problem="has the wrong type",
                                   fix=f"use a {kind}")
-        if data["stage"] not in STAGES or path.parent.name != data["stage"]:
-            raise ConfigError(field=f"{path}:stage", value=data["stage"], problem=f"must be one of {STAGES} and "
-                              "match the folder", fix="move the file or fix its stage")
+        if data["stage"] not in _FOLDERS or path.parent.name != data["stage"]:
+            raise ConfigError(field=f"{path}:stage", value=data["stage"], problem=f"must be one of {sorted(_FOLDERS)} "
+                              "and match the folder", fix="move the file or fix its stage")
         rates = data["learning_rates"]
-        if (rates == "selected" and data["stage"] != "grid") or (isinstance(rates, str) and rates != "selected") \
-                or (isinstance(rates, list) and not (rates and all(isinstance(r, float) and r > 0 for r in rates))):
-            raise ConfigError(field=f"{path}:learning_rates", value=data["learning_rates"],
-                              problem="must be a list of numbers, or 'selected' in the grid",
-                              fix="list the candidates, or use 'selected' to take the sweep's choice")
+        if data["stage"] == "grid":
+            ladder, start = rates.get("ladder"), rates.get("start")
+            ok = set(rates) == {"ladder", "start"} and isinstance(ladder, list) and ladder == sorted(set(ladder)) \
+                and all(isinstance(r, float) and r > 0 for r in ladder) and isinstance(start, list) and start \
+                and set(start) <= set(ladder) and data["sweep_seed"] in data["seeds"]
+            fix = "give {'ladder': [increasing rates], 'start': [some of them]} and a sweep_seed among the seeds"
+        else:
+            ok = set(rates) == {"from_task"} and isinstance(rates["from_task"], str)
+            fix = "give {'from_task': <the task whose chosen rate the headline uses>}"
+        if not ok:
+            raise ConfigError(field=f"{path}:learning_rates", value=rates, problem="is not a valid rate plan", fix=fix)
         out.append(data)
     return out
 
@@ -82,83 +95,137 @@ def run_id(exp: dict, lr: float, seed: int) -> str:
     return f"{exp['name']}__lr{lr:g}__seed{seed}"
 
 
-def plan(experiments: list[dict], rates: dict, stages, tasks, variants, seeds, smoke: bool) -> list[dict]:
-    """Runs in order seed -> task -> variant; a grid run whose rate is not selected yet is 'blocked'."""
-    sweep_candidates = {e["variant"]: e["learning_rates"] for e in experiments if e["stage"] == "lr_sweep"}
-    runs = []
-    for exp in experiments:
-        if exp["stage"] not in stages or (tasks and exp["task"] not in tasks) or \
-                (variants and exp["variant"] not in variants):
-            continue
-        if exp["learning_rates"] != "selected":
-            lrs, blocked = exp["learning_rates"], None
-        elif smoke:  # no sweep behind a smoke run: the middle candidate, declared in its record
-            lrs, blocked = [sorted(sweep_candidates[exp["variant"]])[len(sweep_candidates[exp["variant"]]) // 2]], None
-        elif exp["variant"] in rates:
-            lrs, blocked = [rates[exp["variant"]]["learning_rate"]], None
-        else:
-            lrs, blocked = [float("nan")], f"no learning rate selected for {exp['variant']} yet (run the lr_sweep stage)"
-        for seed in (seeds or exp["seeds"]):
-            for lr in lrs:
-                runs.append({"experiment": exp, "learning_rate": lr, "seed": seed, "blocked": blocked,
-                             "id": run_id(exp, lr, seed) if not blocked else f"{exp['name']}__lr?__seed{seed}"})
-    order = {s: i for i, s in enumerate(STAGES)}
-    return sorted(runs, key=lambda r: (order[r["experiment"]["stage"]], r["seed"], r["experiment"]["task"],
-                                       r["experiment"]["variant"], r["learning_rate"]))
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
-# ---- learning-rate selection -------------------------------------------------------------------------
-PROTOCOL = ("the smallest candidate whose median validation accuracy over the sweep seeds is within one standard "
-            "error of the best (binomial SE of the best score on the validation split); the validation split is "
-            "carved from train; dev is never read")
+def _score(record: dict) -> float:
+    """The run's validation score; NaN (a constant prediction has no correlation) counts as the worst."""
+    value = record.get("validation_primary")
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else -math.inf
 
 
-def select_learning_rates(experiments: list[dict], results: Path) -> dict:
-    """Per variant, the smallest sweep rate within one standard error of the best validation score.
+# ---- the learning-rate sweep -------------------------------------------------------------------------
+PROTOCOL = ("per task and variant, seed 1 at the ladder's start rates, extended one rung at a time beyond an edge "
+            "while the best validation score is on that edge; chosen: the smallest rate whose validation score is "
+            "within one standard error of the best (the one-standard-error rule); validation is carved from train; "
+            "dev is never read")
 
-    The one-standard-error rule (Hastie, Tibshirani & Friedman, *Elements of Statistical Learning*,
-    7.10): on a 692-example validation split one SE is ~1.3 accuracy points, and rates closer than
-    that are not told apart by one seed; the smaller of two indistinguishable rates is the safer one
-    to carry to the other tasks (benchmarks/README.md says when and why this replaced the argmax).
-    Only complete sweeps count (every candidate x seed recorded); the choice and every score behind
-    it go to results/learning_rates.json.
+
+def standard_error(metric: str, value: float, n: int) -> float:
+    """One standard error of a validation score over n examples.
+
+    Accuracy and F1: binomial, sqrt(p (1 - p) / n) (for F1 an approximation: its denominator is not n).
+    Correlations (Matthews, Pearson/Spearman and their mean): (1 - r^2) / sqrt(n - 1), the large-sample SE of
+    a correlation coefficient. A worst-possible score (-inf) has no SE: 0.
     """
-    chosen = {}
-    for exp in (e for e in experiments if e["stage"] == "lr_sweep"):
-        scores = {}
-        for lr in exp["learning_rates"]:
-            recs = [_read(results / "lr_sweep" / f"{run_id(exp, lr, s)}.json") for s in exp["seeds"]]
-            if any(r is None for r in recs):
-                break
-            scores[lr] = statistics.median(r["validation_primary"] for r in recs)
-        else:
-            best = max(sorted(scores), key=lambda lr: scores[lr])  # max keeps the first (smallest) on ties
-            se = _binomial_se(scores[best], recs[0])
-            pick = min(lr for lr in scores if scores[lr] >= scores[best] - se)
-            chosen[exp["variant"]] = {"learning_rate": pick, "best_learning_rate": best, "standard_error": se,
-                                      "task": exp["task"], "seeds": exp["seeds"],
-                                      "metric": f"validation {recs[0]['metric']} (split carved from train)",
-                                      "scores": {f"{lr:g}": scores[lr] for lr in sorted(scores)}}
-    if chosen:
-        write_json(results / RATES_FILE, {"protocol": PROTOCOL, "selected": chosen})
-    return chosen
+    if not math.isfinite(value):
+        return 0.0
+    if metric in ("accuracy", "f1", "macro_f1"):
+        return math.sqrt(max(value * (1 - value), 0.0) / n)
+    if metric in ("matthews_correlation", "combined", "pearson", "spearmanr"):
+        return (1 - value ** 2) / math.sqrt(n - 1)
+    raise ConfigError(field="metric", value=metric, problem="has no standard error formula here",
+                      fix="add one to benchmarks/run.py:standard_error")
 
 
-def _binomial_se(accuracy: float, record: dict) -> float:
-    """sqrt(p (1 - p) / n), n = the validation rows the recipe reported carving from train."""
-    if record.get("metric") != "accuracy":
-        raise ConfigError(field="lr_sweep metric", value=record.get("metric"),
-                          problem="the one-standard-error rule here uses the binomial SE of an accuracy",
-                          fix="sweep on a task whose primary metric is accuracy (SST-2)")
+def validation_rows(record: dict) -> int:
+    """How many validation rows the recipe carved from train (it says so in metrics.json's data notes)."""
     lines = [x for x in (record.get("recipe_metrics") or {}).get("data", []) if x.startswith("validation: ")]
     if not lines or not lines[0].split()[1].isdigit():
         raise ConfigError(field="recipe_metrics.data", value=lines, problem="does not say how many validation rows "
                           "were carved from train", fix="record sweep runs with benchmarks/run.py")
-    return math.sqrt(accuracy * (1 - accuracy) / int(lines[0].split()[1]))
+    return int(lines[0].split()[1])
 
 
-def _read(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+def sweep(exp: dict, results: Path) -> dict:
+    """Where the sweep of one experiment stands: the rates to run next, or the choice and every score behind it."""
+    ladder, seed = exp["learning_rates"]["ladder"], exp["sweep_seed"]
+    records = {lr: _read(results / RUNS / f"{run_id(exp, lr, seed)}.json") for lr in ladder}
+    ran = sorted(set(exp["learning_rates"]["start"]))
+    while True:
+        todo = [lr for lr in ran if records[lr] is None]
+        if todo:
+            return {"complete": False, "todo": todo}
+        scores = {lr: _score(records[lr]) for lr in ran}
+        best = max(ran, key=lambda lr: scores[lr])  # max keeps the first (smallest) rate on ties
+        i = ladder.index(best)
+        if best == ran[0] and i > 0 and ladder[i - 1] not in ran:
+            ran = [ladder[i - 1], *ran]
+        elif best == ran[-1] and i + 1 < len(ladder) and ladder[i + 1] not in ran:
+            ran = [*ran, ladder[i + 1]]
+        else:
+            break
+    metric = records[best]["metric"]
+    se = standard_error(metric, scores[best], validation_rows(records[best]))
+    pick = min(lr for lr in ran if scores[lr] >= scores[best] - se)
+    return {"complete": True, "todo": [], "learning_rate": pick, "best_learning_rate": best, "standard_error": se,
+            "metric": f"validation {metric} (split carved from train)", "seed": seed,
+            "on_ladder_edge": best in (ladder[0], ladder[-1]),
+            "scores": {f"{lr:g}": (scores[lr] if math.isfinite(scores[lr]) else None) for lr in ran}}
+
+
+def select_learning_rates(experiments: list[dict], results: Path) -> dict:
+    """{task: {variant: choice}} for every complete sweep; written to results/learning_rates.json."""
+    chosen: dict[str, dict] = {}
+    for exp in (e for e in experiments if e["stage"] == "grid"):
+        state = sweep(exp, results)
+        if state["complete"]:
+            chosen.setdefault(exp["task"], {})[exp["variant"]] = {k: v for k, v in state.items()
+                                                                  if k not in ("complete", "todo")}
+    if chosen:
+        old = _read(results / RATES_FILE)
+        new = {"protocol": PROTOCOL, "selected": chosen}
+        if old != new:
+            write_json(results / RATES_FILE, new)
+    return chosen
+
+
+# ---- the plan ----------------------------------------------------------------------------------------
+def plan(experiments: list[dict], results: Path, stage: str, tasks=None, variants=None, seeds=None,
+         smoke: bool = False, order=None) -> list[dict]:
+    """The runs of one stage, in the order they run; those that wait on the sweep are 'blocked'.
+
+    The sweep goes variant by variant in ``order`` (default: make_experiments' order), then task and rate;
+    seeds and the headline go seed by seed, then task and variant.
+    """
+    if order is None:
+        from make_experiments import VARIANTS
+        order = list(VARIANTS)
+    order = {v: i for i, v in enumerate(order)}
+    rates = {} if smoke else select_learning_rates(experiments, results)
+    runs = []
+    for exp in experiments:
+        if (tasks and exp["task"] not in tasks) or (variants and exp["variant"] not in variants):
+            continue
+        wanted = []  # (lr, seed, blocked)
+        if smoke:  # no sweep behind a smoke run: the middle start rate, declared in its record
+            if exp["stage"] == "grid" and stage == "seeds":
+                start = exp["learning_rates"]["start"]
+                wanted = [(start[len(start) // 2], s, None) for s in (seeds or exp["seeds"])]
+        elif exp["stage"] == "grid" and stage == "sweep":
+            wanted = [(lr, exp["sweep_seed"], None) for lr in sweep(exp, results)["todo"]]
+        elif exp["stage"] == "grid" and stage == "seeds":
+            choice = rates.get(exp["task"], {}).get(exp["variant"])
+            for s in (seeds or exp["seeds"]):
+                if s == exp["sweep_seed"]:
+                    continue  # the sweep's run at the chosen rate
+                wanted.append((choice["learning_rate"], s, None) if choice else
+                              (math.nan, s, f"the sweep of {exp['name']} is not complete"))
+        elif exp["stage"] == "headline" and stage == "headline":
+            source = exp["learning_rates"]["from_task"]
+            choice = rates.get(source, {}).get(exp["variant"])
+            for s in (seeds or exp["seeds"]):
+                wanted.append((choice["learning_rate"], s, None) if choice else
+                              (math.nan, s, f"no rate chosen for {source} x {exp['variant']} yet (its sweep)"))
+        for lr, seed, blocked in wanted:
+            runs.append({"experiment": exp, "learning_rate": lr, "seed": seed, "blocked": blocked, "stage": stage,
+                         "id": run_id(exp, lr, seed) if not blocked else f"{exp['name']}__lr?__seed{seed}"})
+    rank = (lambda r: (order.get(r["experiment"]["variant"], len(order)), r["experiment"]["task"],
+                       r["experiment"]["variant"], r["learning_rate"])) if stage == "sweep" else \
+        (lambda r: (r["seed"], r["experiment"]["task"], order.get(r["experiment"]["variant"], len(order)),
+                    r["experiment"]["variant"]))
+    return sorted(runs, key=rank)
 
 
 # ---- one run -------------------------------------------------------------------------------------------
@@ -188,9 +255,45 @@ def step_times(log: Path) -> list[float]:
     return [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(points, points[1:]) if s1 > s0]
 
 
+def claim(work: Path, rid: str) -> Path | None:
+    """Take run ``rid`` for this process (two runners may share one plan); None when a live process holds it.
+
+    The claim is a file created exclusively, holding host and pid; one left by a dead process is taken over."""
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / f"{rid}.claim"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if holder_alive(path):
+                return None
+            path.unlink(missing_ok=True)  # its process died (kill -9, a session's end): the run is free again
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.uname().nodename} {os.getpid()}\n")
+        return path
+    return None
+
+
+def holder_alive(path: Path) -> bool:
+    try:
+        host, pid = path.read_text().split()
+    except (OSError, ValueError):
+        return True  # being written this instant: treat as held
+    if host != os.uname().nodename:
+        return True  # another machine's process: cannot tell, so leave it
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def execute(run: dict, args: argparse.Namespace) -> dict:
     exp = run["experiment"]
-    out_dir = args.work / exp["stage"] / run["id"]
+    out_dir = args.work / run["id"]
     out_dir.mkdir(parents=True, exist_ok=True)
     cmd = command(run, args.data_root, out_dir, args.python, args.recipe, args.smoke)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
@@ -209,12 +312,13 @@ def execute(run: dict, args: argparse.Namespace) -> dict:
     adapter = out_dir / metrics.get("adapter_dir", "adapter")
     metric = metrics["metric"]
     record = {
-        "run_id": run["id"], "stage": exp["stage"], "experiment": exp["name"], "task": exp["task"],
+        "run_id": run["id"], "stage": run["stage"], "experiment": exp["name"], "task": exp["task"],
         "variant": exp["variant"], "strategy": exp["strategy"], "options": exp["options"], "seed": run["seed"],
         "learning_rate": run["learning_rate"], "smoke": args.smoke, "metric": metric,
         "test": metrics.get("test", {}), "test_primary": metrics.get("test", {}).get(metric),
         "validation": metrics.get("validation", {}), "validation_primary": metrics.get("validation", {}).get(metric),
         "best_step": metrics.get("best_step"), "steps": metrics.get("steps"), "epochs": metrics.get("epochs"),
+        "max_steps": metrics.get("max_steps"), "stopped_early": metrics.get("stopped_early"),
         "trainable_parameters": metrics.get("trainable_parameters"), "total_parameters": metrics.get("total_parameters"),
         "adapter_bytes_on_disk": sum(f.stat().st_size for f in adapter.rglob("*") if f.is_file()),
         "peak_rss_bytes": metrics.get("peak_rss_bytes"), "runner_peak_rss_bytes": parent_rss,
@@ -227,10 +331,29 @@ def execute(run: dict, args: argparse.Namespace) -> dict:
         "command": [str(c) for c in cmd], **stamp(args.threads or os.cpu_count()),
         "recipe_versions": metrics.get("versions"), "recipe_metrics": metrics,
     }
-    write_json(args.results / exp["stage"] / f"{run['id']}.json", record)
+    path = args.results / RUNS / f"{run['id']}.json"
+    write_json(path, record)
+    if args.commit:
+        commit([path, args.results / RATES_FILE], f"bench: {run['id']}: {metric} {record['test_primary']} on dev "
+               f"(validation {record['validation_primary']}), {record['train_seconds']} s train")
     if not args.keep_work:
         shutil.rmtree(out_dir, ignore_errors=True)
     return record
+
+
+def commit(paths: list[Path], message: str) -> None:
+    """Commit just these files (another runner, or a person, may be committing beside us: retry on the lock)."""
+    paths = [p for p in paths if p.is_file()]
+    repo = paths[0].parent
+    for attempt in range(30):
+        add = subprocess.run(["git", "-C", str(repo), "add", "--", *map(str, paths)], capture_output=True, text=True)
+        if add.returncode == 0:
+            done = subprocess.run(["git", "-C", str(repo), "commit", "-q", "-m", message, "--", *map(str, paths)],
+                                  capture_output=True, text=True)
+            if done.returncode == 0 or "nothing to commit" in done.stdout + done.stderr:
+                return
+        time.sleep(1 + attempt % 5)
+    print(f"warning: could not commit {paths}: {add.stderr or done.stderr}", file=sys.stderr, flush=True)
 
 
 def missing_flags(runs: list[dict], args: argparse.Namespace) -> dict[str, list[str]]:
@@ -252,7 +375,7 @@ def missing_flags(runs: list[dict], args: argparse.Namespace) -> dict[str, list[
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=[*STAGES, "all"], default="all")
-    p.add_argument("--tasks", nargs="+"), p.add_argument("--variants", nargs="+")
+    p.add_argument("--tasks", nargs="+"), p.add_argument("--variants", nargs="+", help="also the order they run in")
     p.add_argument("--seeds", nargs="+", type=int, help="default: each experiment's own seeds")
     p.add_argument("--smoke", action="store_true", help=f"tiny budget {SMOKE} into results/smoke/ (not the benchmark)")
     p.add_argument("--list", action="store_true", help="print the plan and exit")
@@ -264,10 +387,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the runs (default: torch's, all cores)")
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "classify.py")
+    p.add_argument("--commit", action="store_true", help="git-commit each record (and the chosen rates) as it lands")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
     args = p.parse_args(argv)
     if args.smoke:
-        args.stage = "grid"
+        args.stage = "seeds"
         args.tasks, args.variants, args.seeds = (args.tasks or SMOKE["tasks"], args.variants or SMOKE["variants"],
                                                  args.seeds or SMOKE["seeds"])
     args.results = args.results or HERE / "results" / ("smoke" if args.smoke else "")
@@ -280,25 +404,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     experiments = load_experiments(args.experiments)
-    failed = []
+    failed: list[str] = []
     for stage in (STAGES if args.stage == "all" else (args.stage,)):
-        rates = {} if args.smoke else select_learning_rates(experiments, args.results)
-        runs = plan(experiments, rates, (stage,), args.tasks, args.variants, args.seeds, args.smoke)
-        done = {r["id"] for r in runs if (args.results / stage / f"{r['id']}.json").is_file()}
-        todo = [r for r in runs if r["id"] not in done and not r["blocked"]]
+        def current() -> list[dict]:
+            return plan(experiments, args.results, stage, args.tasks, args.variants, args.seeds, args.smoke,
+                        order=args.variants)
+        runs = current()
+        done = {r["id"] for r in runs if (args.results / RUNS / f"{r['id']}.json").is_file()}
         if args.list:
             for r in runs:
-                status = "recorded" if r["id"] in done else (f"blocked: {r['blocked']}" if r["blocked"] else "to run")
+                status = "recorded" if r["id"] in done else (f"blocked: {r['blocked']}" if r["blocked"] else
+                                                             "running" if (args.work / f"{r['id']}.claim").is_file()
+                                                             and holder_alive(args.work / f"{r['id']}.claim")
+                                                             else "to run")
                 print(f"{stage:8s} {r['id']:60s} {status}")
             continue
-        missing = missing_flags(todo, args)
+        missing = missing_flags([r for r in runs if not r["blocked"]], args)
         for name, flags in missing.items():
             print(f"skipping {name}: {args.recipe.name} has no {', '.join(flags)}", file=sys.stderr)
-        todo = [r for r in todo if r["experiment"]["name"] not in missing]
-        print(f"{stage}: {len(runs)} planned, {len(done)} recorded, {len(todo)} to run, "
-              f"{sum(bool(r['blocked']) for r in runs)} blocked", flush=True)
-        for i, r in enumerate(todo, 1):
+        print(f"{stage}: {len(runs)} to run now, {sum(bool(r['blocked']) for r in runs)} blocked "
+              "(the sweep adds rates as results come in)", flush=True)
+        count = 0
+        while True:  # re-plan after every run: the sweep's next rate depends on the last result
+            todo = [r for r in current() if not r["blocked"] and r["id"] not in failed and
+                    r["experiment"]["name"] not in missing and not (args.results / RUNS / f"{r['id']}.json").is_file()]
+            if not todo:
+                break
+            held = None
+            for r in todo:
+                if (held := claim(args.work, r["id"])) is not None:
+                    break
+            if held is None:
+                break  # every runnable run is in another runner's hands
+            count += 1
             try:
+                if (args.results / RUNS / f"{r['id']}.json").is_file():
+                    continue  # recorded by another runner between our plan and our claim
                 rec = execute(r, args)
             except RuntimeError as err:
                 failed.append(r["id"])
@@ -306,9 +447,12 @@ def main(argv: list[str] | None = None) -> int:
                 if args.fail_fast:
                     return 1
                 continue
-            print(f"[{i}/{len(todo)}] {r['id']}: {rec['metric']} {rec['test_primary']} (validation "
-                  f"{rec['validation_primary']}), {rec['train_seconds']} s train, {rec['process_wall_seconds']} s "
-                  f"process, load {rec['load_average']['end']}", flush=True)
+            finally:
+                held.unlink(missing_ok=True)
+            print(f"[{stage} {count}] {r['id']}: {rec['metric']} {rec['test_primary']} on dev (validation "
+                  f"{rec['validation_primary']}), {rec['steps']} steps{' (stopped early)' if rec['stopped_early'] else ''}, "
+                  f"{rec['train_seconds']} s train, {rec['process_wall_seconds']} s process, "
+                  f"load {rec['load_average']['end']}", flush=True)
         failed += [f"{name} (recipe lacks {', '.join(flags)})" for name, flags in missing.items()]
     if failed:
         print(f"{len(failed)} run(s) failed or skipped: {failed}", file=sys.stderr)
