@@ -3,16 +3,17 @@
     python benchmarks/report.py                              # benchmarks/results/ -> REPORT.md + PNGs
     python benchmarks/report.py --results benchmarks/results/smoke
 
-Reads results/grid/*.json (only runs at the selected learning rates, see results/learning_rates.json),
-results/lr_sweep/*.json and results/ratios/*.json. Every number printed comes from those files; a
-missing run shows as a gap and the header says how many of the planned runs are there. The goals
-the results are held against are printed beside them.
+Reads results/records/*.json (the runs; a cell counts the runs at the rate its sweep chose, see
+results/learning_rates.json) and results/ratios/*.json. Every number printed comes from those files, and
+so do the words of the per-task paragraphs; a missing run shows as a gap and the header says how many of
+the planned runs are there. The goals the results are held against are printed beside them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -20,54 +21,84 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_experiments import GRID_SEEDS, STEPS, VARIANTS  # noqa: E402
+from make_experiments import EPOCHS, HEADLINE, SEEDS, VARIANTS  # noqa: E402
+from run import RATES_FILE, RUNS, standard_error, validation_rows  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+TASKS = list(EPOCHS)
 # Accuracy retention relative to full fine-tuning (median over seeds); held per task and over tasks.
 RETENTION_GOALS = {"lora": 1.00, "bottleneck_pfeiffer": 1.00, "bottleneck_houlsby": 1.00, "prefix": 0.97,
-                   "linear_probe": 0.93, "linear_probe_mean": 0.93}
+                   "linear_probe": 0.93}
 FULL_SST2_GOAL, FULL_SST2_PUBLISHED = 0.90, 0.915  # published all-MiniLM-L6 full fine-tuning on SST-2 dev: 91.5
+# "Learned": full fine-tuning beats the majority class by this much (classification), or reaches these bars
+LEARNED_MARGIN, LEARNED_BARS = 0.05, {"cola": 0.25, "stsb": 0.80}
+REGRESSION_FLOOR = 0.2  # a correlation below this on STS-B is (near-)constant output, not a weak model
+# Which recipe default (adaptkit/recipes/training.py:DEFAULT_LR) each variant runs under
+DEFAULT_KEY = {"full": "full", "lora": "lora", "bottleneck_pfeiffer": "bottleneck", "bottleneck_houlsby": "bottleneck",
+               "prefix": "prefix", "linear_probe": "linear_probe", "ia3": "other PEFT methods"}
 
 
-def load(results: Path) -> tuple[list[dict], dict, list[dict]]:
-    rates = json.loads((results / "learning_rates.json").read_text()).get("selected", {}) \
-        if (results / "learning_rates.json").is_file() else {}
-    grid = [json.loads(p.read_text()) for p in sorted((results / "grid").glob("*.json"))]
-    # smoke runs have no sweep behind them; real ones count only at the selected rate
-    grid = [r for r in grid if r.get("smoke") or r["learning_rate"] == rates.get(r["variant"], {}).get("learning_rate")]
+# ---- loading -----------------------------------------------------------------------------------------
+def load(results: Path) -> dict:
+    """Records split into the grid's cells (runs at the chosen rate), the sweep, and the headline."""
+    rates = (json.loads((results / RATES_FILE).read_text()).get("selected", {})
+             if (results / RATES_FILE).is_file() else {})
+    records = [json.loads(p.read_text()) for p in sorted((results / RUNS).glob("*.json"))]
+    smoke = any(r.get("smoke") for r in records)
+    chosen = lambda r: rates.get(r["task"], {}).get(r["variant"], {}).get("learning_rate")  # noqa: E731
+    grid = [r for r in records if r["task"] in EPOCHS and (smoke or r["learning_rate"] == chosen(r))]
+    sweep = [r for r in records if r["task"] in EPOCHS and r.get("stage") == "sweep"]
+    headline = [r for r in records if r["task"] == HEADLINE["task"]]
     ratios = [json.loads(p.read_text()) for p in sorted((results / "ratios").glob("*.json"))]
-    global HISTORY
-    HISTORY = results / "ratios" / "history.jsonl"
-    return grid, rates, ratios
+    return {"grid": grid, "sweep": sweep, "headline": headline, "rates": rates, "ratios": ratios,
+            "history": results / "ratios" / "history.jsonl", "smoke": smoke}
 
 
 def median_range(values: list[float]) -> str:
+    """Median [range] (n): a NaN seed (constant prediction) counts as the worst in the median and is named."""
     if not values:
         return "–"
+    finite = [v for v in values if not math.isnan(v)]
+    constant = f"; {len(values) - len(finite)} constant" if len(finite) < len(values) else ""
+    if not finite:
+        return f"NaN (n={len(values)}{constant})"
     if len(values) == 1:
         return f"{values[0]:.3f} (n=1)"
-    return f"{statistics.median(values):.3f} [{min(values):.3f}–{max(values):.3f}] (n={len(values)})"
+    return f"{_median(values):.3f} [{min(finite):.3f}–{max(finite):.3f}] (n={len(values)}{constant})"
 
 
-def _mb(x: float | None) -> str:
-    return "–" if x is None else f"{x / 1e6:,.1f}"
+def _f(x: float | None, spec: str = ".3f") -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _num(x) -> float:
+    """A dev score; NaN (a constant prediction has no correlation) stays NaN so it is visible, not dropped."""
+    return float("nan") if x is None else float(x)
 
 
 def quality(grid: list[dict]) -> tuple[dict, list[str], list[str]]:
     scores = defaultdict(list)
     for r in grid:
-        if r.get("test_primary") is not None:
-            scores[(r["variant"], r["task"])].append(r["test_primary"])
-    tasks = [t for t in STEPS if any(k[1] == t for k in scores)]
+        scores[(r["variant"], r["task"])].append(_num(r.get("test_primary")))
+    tasks = [t for t in TASKS if any(k[1] == t for k in scores)]
     variants = [v for v in VARIANTS if any(k[0] == v for k in scores)]
     return scores, tasks, variants
 
 
-def retention(scores: dict, variant: str, task: str) -> float | None:
-    mine, full = scores.get((variant, task)), scores.get(("full", task))
-    if not mine or not full or statistics.median(full) == 0:
+def _median(values: list[float] | None) -> float | None:
+    """Median over seeds, a NaN seed (constant output) ranking as the worst score; NaN when every seed is."""
+    if not values:
         return None
-    return statistics.median(mine) / statistics.median(full)
+    if all(math.isnan(v) for v in values):
+        return float("nan")
+    return statistics.median([-1.0 if math.isnan(v) else v for v in values])
+
+
+def retention(scores: dict, variant: str, task: str) -> float | None:
+    mine, full = _median(scores.get((variant, task))), _median(scores.get(("full", task)))
+    if mine is None or full is None or not full or math.isnan(full) or math.isnan(mine):
+        return None
+    return mine / full
 
 
 def majority_baselines(data_root: Path | None, tasks) -> dict[str, float]:
@@ -90,154 +121,321 @@ def majority_baselines(data_root: Path | None, tasks) -> dict[str, float]:
     return out
 
 
-def render(grid: list[dict], rates: dict, ratios: list[dict], results: Path,
-           baselines: dict[str, float] | None = None) -> str:
+def learned_bar(task: str, baselines: dict[str, float]) -> float:
+    """What full fine-tuning must reach on ``task`` to count as having learned it."""
+    if task in LEARNED_BARS:
+        return LEARNED_BARS[task]
+    return baselines.get(task, 0.0) + LEARNED_MARGIN
+
+
+# ---- the sweep and the defaults ----------------------------------------------------------------------
+def sweep_table(sweep: list[dict]) -> dict[tuple[str, str], dict[float, dict]]:
+    """(task, variant) -> {rate: record} over the seed-1 sweep runs."""
+    out: dict = defaultdict(dict)
+    for r in sweep:
+        out[(r["task"], r["variant"])][r["learning_rate"]] = r
+    return out
+
+
+def _val(r: dict) -> float:
+    v = r.get("validation_primary")
+    return v if isinstance(v, (int, float)) and math.isfinite(v) else -math.inf
+
+
+def holds(table: dict, task: str, variant: str, rate: float) -> bool | None:
+    """Is ``rate`` within one SE of the best validation score of this (task, variant)'s sweep? None: not run."""
+    runs = table.get((task, variant), {})
+    if rate not in runs:
+        return None
+    best = max(runs.values(), key=_val)
+    if not math.isfinite(_val(best)):
+        return False
+    se = standard_error(best["metric"], _val(best), validation_rows(best))
+    return _val(runs[rate]) >= _val(best) - se
+
+
+def default_rates(sweep: list[dict], rates: dict) -> list[dict]:
+    """Per recipe default (DEFAULT_LR key): the rates within one SE of the best on every task and variant
+    it covers; failing one, a rate per task type (classification, regression)."""
+    table = sweep_table(sweep)
+    groups = defaultdict(list)
+    for v in VARIANTS:
+        groups[DEFAULT_KEY[v]].append(v)
+    out = []
+    for key, variants in groups.items():
+        cells = [(t, v) for t in TASKS for v in variants if (t, v) in table]
+        complete = [(t, v) for t, v in cells if v in rates.get(t, {})]
+        ladder = sorted({lr for t, v in cells for lr in table[(t, v)]})
+        verdicts = {lr: {c: holds(table, *c, lr) for c in complete} for lr in ladder}
+        everywhere = [lr for lr in ladder if complete and all(verdicts[lr].values())]
+        by_type = {}
+        for kind, tasks in (("classification", [t for t in TASKS if t != "stsb"]), ("regression", ["stsb"])):
+            sub = [c for c in complete if c[0] in tasks]
+            by_type[kind] = [lr for lr in ladder if sub and all(verdicts[lr][c] for c in sub)]
+        out.append({"key": key, "variants": variants, "cells": len(cells), "complete": len(complete),
+                    "planned": len(TASKS) * len(variants), "everywhere": everywhere, "by_type": by_type,
+                    "verdicts": verdicts})
+    return out
+
+
+def current_defaults() -> dict[str, float]:
+    from adaptkit.recipes import training
+    return {**training.DEFAULT_LR, "other PEFT methods": training.OTHER_LR}
+
+
+# ---- rendering ---------------------------------------------------------------------------------------
+def render(data: dict, results: Path, baselines: dict[str, float] | None = None) -> str:
+    grid, rates, ratios = data["grid"], data["rates"], data["ratios"]
+    baselines = baselines or {}
     scores, tasks, variants = quality(grid)
-    metric = {r["task"]: r["metric"] for r in grid}
-    smoke = any(r.get("smoke") for r in grid)
+    metric = {r["task"]: r["metric"] for r in grid + data["sweep"]}
     lines = ["# Strategy benchmark: all-MiniLM-L6-v2 on five GLUE tasks", ""]
-    if smoke:
+    if data["smoke"]:
         lines += ["**SMOKE RUN: a 10-step budget on a few hundred examples. These numbers check the pipeline; they "
                   "say nothing about the strategies.**", ""]
-    lines += _conditions(grid, ratios)
-    planned = len(STEPS) * len(VARIANTS) * len(GRID_SEEDS)
-    lines += [f"Runs recorded: {len(grid)} of {planned} planned ({len(STEPS)} tasks x {len(VARIANTS)} variants x "
-              f"{len(GRID_SEEDS)} seeds). Missing cells show as –.", ""]
+    lines += _conditions(data)
+    planned = len(TASKS) * len(VARIANTS) * len(SEEDS)
+    lines += [f"Cells: {len(grid)} of {planned} runs recorded ({len(TASKS)} tasks x {len(VARIANTS)} variants x "
+              f"{len(SEEDS)} seeds, at the rate each cell's sweep chose); sweep runs recorded: {len(data['sweep'])}; "
+              f"headline runs: {len(data['headline'])} of {len(HEADLINE['variants']) * len(HEADLINE['seeds'])}. "
+              "Missing cells show as –. Protocol: `benchmarks/README.md`.", ""]
+    learned = {t for t in tasks if (m := _median(scores.get(("full", t)))) is not None and not math.isnan(m)
+               and m >= learned_bar(t, baselines)}
     if grid:
+        lines += ["## Which should I pick?", ""] + paragraphs(scores, tasks, variants, baselines, learned, grid, rates)
         lines += ["## Quality on dev (the test set here): median [range] over seeds", "",
                   "| variant | " + " | ".join(f"{t} ({metric[t]})" for t in tasks) + " |",
                   "|---|" + "---:|" * len(tasks)]
-        lines += [f"| {v} | " + " | ".join(median_range(scores.get((v, t), [])) for t in tasks) + " |" for v in variants]
-        if baselines:
-            lines += ["| *majority class of train, predicted for every dev example* | "
-                      + " | ".join("–" if baselines.get(t) is None else f"*{baselines[t]:.3f}*" for t in tasks) + " |",
-                      "", "A cell near the majority-class row learned (almost) nothing at this budget: the model "
-                      "predicts one class. STS-B has no such row (a constant prediction has no correlation)."]
-        # retention against a full fine-tuning run that predicts one class measures nothing: those tasks are
-        # shown in parentheses and left out of the median over tasks
-        floor = {t: (baselines or {}).get(t, 0.0) for t in tasks}
-        learned = {t for t in tasks if scores.get(("full", t)) and statistics.median(scores[("full", t)]) > floor[t] + 0.01}
-        lines += ["", "## Retention relative to full fine-tuning (median over seeds), against the goals", "",
-                  "Tasks where full fine-tuning's median is not at least 0.01 above the majority-class row (0 for "
-                  "STS-B) are in parentheses and left out of the median over tasks: full fine-tuning learned nothing "
-                  "there, so a ratio to it says nothing. "
-                  f"Counted: {', '.join(t for t in tasks if t in learned) or 'none yet'}.", "",
-                  "| variant | goal | " + " | ".join(tasks) + " | median over tasks | counted tasks meeting the goal |",
-                  "|---|---:|" + "---:|" * (len(tasks) + 2)]
-        for v in variants:
-            if v == "full":
-                continue
-            per_task = [retention(scores, v, t) for t in tasks]
-            known = [x for x, t in zip(per_task, tasks) if x is not None and t in learned]
-            med = statistics.median(known) if known else None
-            goal = RETENTION_GOALS.get(v)
-            # per counted task, not the median over tasks: a median hides one task where a strategy collapsed
-            verdict = "–" if goal is None or not known else f"{sum(x >= goal for x in known)} of {len(known)}"
-            lines.append(f"| {v} | {'≥ %.2f' % goal if goal else '(none)'} | "
-                         + " | ".join("–" if x is None else f"{x:.3f}" if t in learned else f"({x:.3f})"
-                                      for x, t in zip(per_task, tasks))
-                         + f" | {'–' if med is None else f'{med:.3f}'} | {verdict} |")
-        full_sst2 = scores.get(("full", "sst2"), [])
-        if full_sst2:
-            m = statistics.median(full_sst2)
-            lines += ["", f"Full fine-tuning on SST-2: {m:.3f} (goal ≥ {FULL_SST2_GOAL:.2f}; published all-MiniLM-L6 "
-                      f"full fine-tuning {FULL_SST2_PUBLISHED * 100:.1f}): {'meets' if m >= FULL_SST2_GOAL else 'misses'} "
-                      "the goal."]
-        lines += ["", "![metric vs trainable parameters](quality_vs_params.png)", ""] + _cost(grid, variants)
-    lines += _rates(rates) + _ratios(ratios)
+        lines += [f"| {v} | " + " | ".join(median_range(scores.get((v, t), [])) for t in tasks) + " |"
+                  for v in variants]
+        lines += ["| *majority class of train, predicted for every dev example* | "
+                  + " | ".join("–" if baselines.get(t) is None else f"*{baselines[t]:.3f}*" for t in tasks) + " |",
+                  "| *full fine-tuning counts as learned at* | "
+                  + " | ".join(f"*{learned_bar(t, baselines):.3f}*" for t in tasks) + " |",
+                  "", "A NaN is a constant prediction (its correlation is undefined); it ranks as the worst score. "
+                  f"Full fine-tuning learned: {', '.join(t for t in tasks if t in learned) or 'none yet'}"
+                  + (f"; not (yet): {', '.join(t for t in tasks if t not in learned)}" if set(tasks) - learned else "")
+                  + ".", ""]
+        lines += _retention(scores, tasks, variants, learned)
+        lines += _headline(data["headline"], scores)
+        lines += ["![quality against trainable memory and training time](pareto.png)", ""]
+        lines += _cost(grid, variants)
+    lines += _rates(data["sweep"], rates, tasks)
+    lines += _defaults(data["sweep"], rates)
+    lines += _ratios(ratios, data["history"])
     return "\n".join(lines) + "\n"
 
 
-def _conditions(grid: list[dict], ratios: list[dict]) -> list[str]:
-    recs = grid + ratios
+def _conditions(data: dict) -> list[str]:
+    recs = data["grid"] + data["sweep"] + data["headline"] + data["ratios"]
     if not recs:
-        return ["No results recorded yet: run `python benchmarks/run.py` (README).", ""]
+        return ["No results recorded yet: run `benchmarks/bench.sh` (README).", ""]
+    runs = data["grid"] + data["sweep"] + data["headline"]
     first = recs[0]
-    shas = sorted({(r.get("git") or {}).get("sha") or "?" for r in recs})
-    dirty = sum(bool((r.get("git") or {}).get("dirty_files")) for r in recs)
-    loads = [x for r in recs for x in (r.get("load_average", {}).get("start") or [])[:1]]
+    shas = sorted({(r.get("git") or {}).get("sha") or "?" for r in runs})
+    dirty = sum(bool((r.get("git") or {}).get("dirty_files")) for r in runs)
+    loads = [x for r in runs for x in (r.get("load_average", {}).get("start") or [])[:1]]
     m = first.get("machine", {})
-    steps = {r["task"]: (r.get("recipe_metrics") or {}).get("max_steps") for r in grid}
-    evals = sorted({-(-rm["max_steps"] // rm["config"]["eval_every"]) for r in grid
-                    if (rm := r.get("recipe_metrics") or {}).get("config", {}).get("eval_every")}) or [4]
-    threads = defaultdict(set)  # OpenMP threads per run, and which tasks ran that way
-    for r in grid:
-        threads[r.get("threads_env") or "?"].add(r["task"])
-    budget = ", ".join(f"{t} {steps.get(t) or s}" for t, s in STEPS.items() if t in steps or not grid)
+    threads = sorted({str(r.get("threads_env") or "?") for r in runs})
+    early = sum(bool(r.get("stopped_early")) for r in runs)
     return [f"Machine: {m.get('cpu')}, {m.get('usable_cores')} usable cores, "
             f"{(m.get('memory_bytes') or 0) / 2**30:.0f} GiB, {m.get('accelerator')}; versions "
             + ", ".join(f"{k} {v}" for k, v in first.get("versions", {}).items()) + ".",
-            f"Commits: {', '.join(s[:10] for s in shas)}{f' ({dirty} records from a tree with uncommitted changes)' if dirty else ''}. "
-            f"1-minute load average when runs started: {min(loads, default=0):.1f}–{max(loads, default=0):.1f} "
-            "(the machine was shared with other work; times are noisy, ratios measured interleaved are not).",
-            "Threads per run: " + "; ".join(f"{n} ({', '.join(t for t in STEPS if t in tasks)})"
-                                            for n, tasks in sorted(threads.items())) + "."
-            + (" 1-thread runs went two side by side, one per core; 2-thread runs had both cores. Compare times "
-               "within a task, as ratios." if len(threads) > 1 else "") if threads else "",
-            f"Budget per task, the same for every strategy: optimizer steps {budget or '(no grid runs)'}; batch 32, at most 128 tokens, "
-            f"length-grouped dynamic padding, AdamW, linear warm-up 6% then decay, {'/'.join(map(str, evals))} "
-            "evaluations on the validation "
-            "split carved from train (10%, stratified), the best one tested on dev.", ""]
+            f"Benchmark commits: {', '.join(s[:10] for s in shas) or '–'}"
+            f"{f' ({dirty} records from a tree with uncommitted changes)' if dirty else ''}. 1-minute load average "
+            f"when runs started: {min(loads, default=0):.1f}–{max(loads, default=0):.1f}. Threads per run: "
+            f"{', '.join(threads)} (two 1-thread runs side by side, one per core): compare times as ratios "
+            "within a task.",
+            "Budget per task, the same for every strategy: at most "
+            + ", ".join(f"{t} {e}" for t, e in EPOCHS.items()) + " epochs; batch 32, at most 128 tokens, "
+            "length-grouped dynamic padding, AdamW, linear warm-up 6% then decay, validation every half epoch on "
+            "the split carved from train (10%, stratified), early stopping after one epoch without improvement, "
+            f"the best evaluation's adapter tested on dev. {early} of {len(runs)} runs stopped early.", ""]
 
 
-def _cost(grid: list[dict], variants: list[str]) -> list[str]:
-    by_variant = defaultdict(list)
+def paragraphs(scores, tasks, variants, baselines, learned, grid, rates) -> list[str]:
+    """One paragraph per task, in words, written from the numbers (nothing here is typed per task)."""
+    out = []
+    cost = _relative_time(grid)
+    for t in tasks:
+        full = _median(scores.get(("full", t)))
+        metric = next(r["metric"] for r in grid if r["task"] == t)
+        ranked = sorted(((v, _median(scores.get((v, t)))) for v in variants if scores.get((v, t))),
+                        key=lambda x: -(x[1] if x[1] is not None and not math.isnan(x[1]) else -9))
+        best_v, best = ranked[0]
+        n = min(len(scores.get((v, t), [])) for v, _ in ranked)
+        words = [f"**{t}** ({metric} on dev, median of up to {max(len(scores.get((v, t), [])) for v, _ in ranked)} "
+                 f"seeds{'; some cells have fewer' if n < len(SEEDS) else ''}):"]
+        if full is None:
+            words.append("full fine-tuning has no runs yet, so nothing is compared to it.")
+        elif t not in learned:
+            words.append(f"full fine-tuning reaches {_f(full)}, under the {learned_bar(t, baselines):.2f} that counts "
+                         "as learned, so retention against it means little here.")
+        else:
+            words.append(f"full fine-tuning reaches {_f(full)}"
+                         + (f" against {baselines[t]:.3f} for always predicting the majority class" if t in baselines
+                            else "") + ".")
+        words.append(f"The best median is {best_v}'s {_f(best)}.")
+        if full and t in learned:
+            near = [v for v, s in ranked if v != "full" and s is not None and not math.isnan(s) and s >= full - 0.01]
+            if near:
+                cheapest = min(near, key=lambda v: _params(grid, v))
+                words.append(f"Within one point of full fine-tuning: {', '.join(near)}; the one that trains the fewest "
+                             f"parameters is {cheapest} ({_params(grid, cheapest):,})"
+                             + (f", at {cost[(cheapest, t)]:.2f}x full fine-tuning's training time"
+                                if (cheapest, t) in cost else "") + ".")
+            else:
+                words.append("No parameter-efficient variant comes within one point of full fine-tuning.")
+        collapsed = [v for v, s in ranked if s is None or math.isnan(s) or
+                     (t in baselines and s <= baselines[t] + 0.01) or (t not in baselines and s < REGRESSION_FLOOR)]
+        if collapsed:
+            words.append(f"Learned (almost) nothing at its chosen rate: {', '.join(collapsed)}.")
+        edge = [v for v in variants if rates.get(t, {}).get(v, {}).get("on_ladder_edge")]
+        if edge:
+            words.append(f"The sweep's best rate is on the end of the ladder for {', '.join(edge)}: a wider ladder "
+                         "might do better.")
+        out += [" ".join(words), ""]
+    return out
+
+
+def _params(grid: list[dict], variant: str) -> int:
+    return next(r["trainable_parameters"] for r in grid if r["variant"] == variant)
+
+
+def _relative_time(grid: list[dict]) -> dict[tuple[str, str], float]:
+    """(variant, task) -> median training seconds / full fine-tuning's, per optimizer step (early stopping
+    makes runs differ in length; the probe's feature cache counts as training)."""
+    per = defaultdict(list)
     for r in grid:
-        by_variant[r["variant"]].append(r)
-    lines = ["## Cost per variant", "",
-             "Parameters and adapter size from the runs; peak RSS is the whole recipe process (model, data, "
-             "evaluation, the reloaded test model), median over runs; step time and throughput on SST-2; train seconds "
-             "include building the linear probe's feature cache. SST-2 runs kept from the first grid had two threads, the "
-             "re-run ones one (the threads column): compare speed across strategies with the interleaved ratio "
-             "benchmarks below, not this table.", "",
-             "| variant | trainable params | % of total | adapter on disk (MB) | peak RSS (MB) | SST-2 median step (ms) "
-             "| SST-2 samples/s | SST-2 threads | train s, one seed of all tasks |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for v in variants:
-        runs = by_variant[v]
-        med = lambda key, rs=runs: statistics.median(x[key] for x in rs if x.get(key) is not None) \
-            if any(x.get(key) is not None for x in rs) else None  # noqa: E731
-        sst2 = [r for r in runs if r["task"] == "sst2"]
-        step = med("median_step_seconds", sst2)
-        sps = med("samples_per_second", sst2)
-        threads = "/".join(sorted({str(r.get("threads_env") or "?") for r in sst2}))
-        per_task = [statistics.median(_train_cost(r) for r in runs if r["task"] == t)
-                    for t in STEPS if any(r["task"] == t for r in runs)]
-        total = f"{sum(per_task):,.0f}" + ("" if len(per_task) == len(STEPS) else f" ({len(per_task)} tasks)")
-        r0 = runs[0]
-        lines.append(f"| {v} | {r0['trainable_parameters']:,} | {100 * r0['trainable_parameters'] / r0['total_parameters']:.2f} "
-                     f"| {_mb(med('adapter_bytes_on_disk'))} | {_mb(med('peak_rss_bytes'))} "
-                     f"| {'–' if step is None else f'{step * 1e3:,.1f}'} | {'–' if sps is None else f'{sps:,.1f}'} "
-                     f"| {threads} | {total} |")
-    return lines + ["", "![memory and time per strategy](cost.png)", ""]
+        if r.get("steps"):
+            per[(r["variant"], r["task"])].append(_train_cost(r) / r["steps"])
+    out = {}
+    for (v, t), xs in per.items():
+        if per.get(("full", t)):
+            out[(v, t)] = statistics.median(xs) / statistics.median(per[("full", t)])
+    return out
 
 
 def _train_cost(r: dict) -> float:
     """Training seconds, plus building the feature cache where the linear probe used one (it is training work)."""
     cache = r.get("feature_cache") or {}
-    return r["train_seconds"] + (cache.get("cache_seconds") or 0.0 if cache.get("used", True) else 0.0)
+    return r["train_seconds"] + ((cache.get("cache_seconds") or 0.0) if cache.get("used", True) else 0.0)
 
 
-def _rates(rates: dict) -> list[str]:
-    if not rates:
-        return ["## Learning rates", "", "Not selected yet (the lr_sweep stage has not finished).", ""]
-    lines = ["## Learning rates (chosen on the validation split carved from SST-2 train, never on dev)", "",
-             "| variant | selected | validation score per candidate |", "|---|---:|---|"]
-    for v, info in rates.items():
-        lines.append(f"| {v} | {info['learning_rate']:g} | "
-                     + ", ".join(f"{lr}: {s:.3f}" for lr, s in info["scores"].items()) + " |")
+def _retention(scores, tasks, variants, learned) -> list[str]:
+    lines = ["## Retention relative to full fine-tuning (median over seeds), against the goals", "",
+             "Tasks where full fine-tuning did not learn (the row above) are in parentheses and left out of the "
+             f"median over tasks. Counted: {', '.join(t for t in tasks if t in learned) or 'none yet'}.", "",
+             "| variant | goal | " + " | ".join(tasks) + " | median over counted tasks | counted tasks meeting the goal |",
+             "|---|---:|" + "---:|" * (len(tasks) + 2)]
+    for v in variants:
+        if v == "full":
+            continue
+        per_task = [retention(scores, v, t) for t in tasks]
+        known = [x for x, t in zip(per_task, tasks) if x is not None and t in learned]
+        med = statistics.median(known) if known else None
+        goal = RETENTION_GOALS.get(v)
+        # per counted task, not only the median: a median hides one task where a strategy collapsed
+        verdict = "–" if goal is None or not known else f"{sum(x >= goal for x in known)} of {len(known)}"
+        lines.append(f"| {v} | {'≥ %.2f' % goal if goal else '(none)'} | "
+                     + " | ".join("–" if x is None else f"{x:.3f}" if t in learned else f"({x:.3f})"
+                                  for x, t in zip(per_task, tasks))
+                     + f" | {_f(med)} | {verdict} |")
     return lines + [""]
 
 
-HISTORY: Path | None = None  # set by main/load: results/ratios/history.jsonl
+def _headline(headline: list[dict], scores: dict) -> list[str]:
+    lines = [f"## Headline: {HEADLINE['task']} (GLUE's 67,349-phrase SST-2 train set), dev accuracy", ""]
+    if not headline:
+        return lines + ["Not run yet (it waits for the SST-2 sweep of full fine-tuning and LoRA).", ""]
+    lines += ["| variant | rate (chosen on sst2) | dev accuracy | validation | epochs run | train s |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for r in sorted(headline, key=lambda r: list(VARIANTS).index(r["variant"])):
+        lines.append(f"| {r['variant']} | {r['learning_rate']:g} | {_f(r.get('test_primary'))} | "
+                     f"{_f(r.get('validation_primary'))} | {_f(r.get('epochs'), '.2f')} | {_f(r.get('train_seconds'), ',.0f')} |")
+    full = [r["test_primary"] for r in headline if r["variant"] == "full" and r.get("test_primary") is not None]
+    if full:
+        lines += ["", f"Full fine-tuning on {HEADLINE['task']}: {full[0]:.3f} (goal ≥ {FULL_SST2_GOAL:.2f}; published "
+                  f"all-MiniLM-L6 full fine-tuning {FULL_SST2_PUBLISHED * 100:.1f}): "
+                  f"{'meets' if full[0] >= FULL_SST2_GOAL else 'misses'} the goal."]
+    return lines + [""]
 
 
-def results_history() -> list[dict]:
-    if HISTORY is None or not HISTORY.is_file():
-        return []
-    return [json.loads(line) for line in HISTORY.read_text().splitlines() if line.strip()]
+def _cost(grid: list[dict], variants: list[str]) -> list[str]:
+    rel = _relative_time(grid)
+    by_variant = defaultdict(list)
+    for r in grid:
+        by_variant[r["variant"]].append(r)
+    lines = ["## Cost per variant", "",
+             "Trainable-state memory is what training adds per trainable parameter in fp32 (weight, gradient and "
+             "AdamW's two moments: 16 bytes each). Peak RSS is the whole recipe process (libraries, model, data, "
+             "evaluation, the reloaded test model), median over runs. Training time per step relative to full "
+             "fine-tuning, median over tasks (runs went two side by side on one thread each; the interleaved ratio "
+             "benchmarks below are the precise speed comparison).", "",
+             "| variant | trainable params | % of total | trainable-state memory (MB) | adapter on disk (MB) "
+             "| peak RSS (MB) | time per step / full |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for v in variants:
+        runs = by_variant[v]
+        rss = [x["peak_rss_bytes"] for x in runs if x.get("peak_rss_bytes")]
+        disk = [x["adapter_bytes_on_disk"] for x in runs if x.get("adapter_bytes_on_disk") is not None]
+        times = [rel[(v, t)] for t in TASKS if (v, t) in rel]
+        r0 = runs[0]
+        lines.append(f"| {v} | {r0['trainable_parameters']:,} | "
+                     f"{100 * r0['trainable_parameters'] / r0['total_parameters']:.2f} | "
+                     f"{16 * r0['trainable_parameters'] / 1e6:,.1f} | {_f(statistics.median(disk) / 1e6 if disk else None, ',.1f')} "
+                     f"| {_f(statistics.median(rss) / 1e6 if rss else None, ',.0f')} "
+                     f"| {_f(statistics.median(times) if times else None, '.2f')} |")
+    return lines + [""]
 
 
-def _ratios(ratios: list[dict]) -> list[str]:
+def _rates(sweep: list[dict], rates: dict, tasks: list[str]) -> list[str]:
+    lines = ["## Learning rates: chosen per task and variant on validation (never on dev)", ""]
+    if not sweep:
+        return lines + ["No sweep run recorded yet.", ""]
+    table = sweep_table(sweep)
+    lines += ["Chosen: the smallest rate within one standard error of the best validation score (seed 1). "
+              "Bold: chosen; `*`: the best score; `edge`: the best sits on the ladder's end.", "",
+              "| variant | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]
+    for v in VARIANTS:
+        cells = []
+        for t in TASKS:
+            runs = table.get((t, v), {})
+            choice = rates.get(t, {}).get(v, {})
+            parts = []
+            for lr in sorted(runs):
+                s = f"{lr:g}: {_f(runs[lr].get('validation_primary'))}"
+                s = f"**{s}**" if lr == choice.get("learning_rate") else s
+                parts.append(s + ("`*`" if lr == choice.get("best_learning_rate") else ""))
+            status = "" if choice or not runs else " (sweep running)"
+            cells.append("<br>".join(parts) + (" `edge`" if choice.get("on_ladder_edge") else "") + status or "–")
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _defaults(sweep: list[dict], rates: dict) -> list[str]:
+    lines = ["## The recipe's default learning rates against the sweep", ""]
+    if not sweep:
+        return lines + ["No sweep run recorded yet.", ""]
+    current = current_defaults()
+    lines += ["For each default in `adaptkit/recipes/training.py` (`DEFAULT_LR`), the rates that are within one "
+              "standard error of the best validation score on every task and variant it covers (only cells whose "
+              "sweep is complete count), and failing one rate for all, the rates that hold on the classification "
+              "tasks and on the regression task (STS-B) separately.", "",
+              "| default | covers | sweeps complete | default now | holds on every task | classification only | "
+              "regression only | where the current default fails |", "|---|---|---:|---:|---|---|---|---|"]
+    for d in default_rates(sweep, rates):
+        now = current.get(d["key"])
+        fails = [f"{t}/{v}" for (t, v), ok in d["verdicts"].get(now, {}).items() if ok is False]
+        untested = now not in d["verdicts"]
+        lines.append(f"| {d['key']} | {', '.join(d['variants'])} | {d['complete']} of {d['planned']} | {now:g} | "
+                     f"{', '.join(f'{x:g}' for x in d['everywhere']) or 'none'} | "
+                     f"{', '.join(f'{x:g}' for x in d['by_type']['classification']) or 'none'} | "
+                     f"{', '.join(f'{x:g}' for x in d['by_type']['regression']) or 'none'} | "
+                     f"{'no complete sweep yet' if not d['complete'] else 'not on the ladder' if untested else ', '.join(fails) or 'none'} |")
+    return lines + [""]
+
+
+def _ratios(ratios: list[dict], history_file: Path) -> list[str]:
     if not ratios:
         return ["## Ratio benchmarks", "", "Not run yet: `python benchmarks/ratios.py all`.", ""]
     lines = ["## Ratio benchmarks (both sides measured in one run, interleaved)", "",
@@ -247,7 +445,8 @@ def _ratios(ratios: list[dict]) -> list[str]:
             lines.append(f"| {row['name']} | {row['measured']} | {row.get('goal') or '–'} | "
                          f"{ {True: 'yes', False: 'no', None: '–'}[row.get('meets')] } | {rec['conditions']} |")
     lines += ["", "Details (every sample, commands): `results/ratios/*.json`.", ""]
-    history = results_history()
+    history = [json.loads(x) for x in history_file.read_text().splitlines() if x.strip()] \
+        if history_file.is_file() else []
     if len(history) > len(ratios):
         lines += ["Every run so far of the rows that have a goal (`results/ratios/history.jsonl`; the table above is the "
                   "latest run of each benchmark):", "", "| benchmark | measured, run by run | goal |", "|---|---|---|"]
@@ -262,48 +461,58 @@ def _ratios(ratios: list[dict]) -> list[str]:
     return lines
 
 
-def plots(grid: list[dict], out: Path) -> list[Path]:
+# ---- plots -------------------------------------------------------------------------------------------
+def pareto_points(grid: list[dict], baselines: dict[str, float]) -> list[dict]:
+    """Per variant: median retention over the tasks full fine-tuning learned, trainable-state memory, and
+    training time per step relative to full; ``pareto``: no other variant is at least as good on all three
+    and better on one."""
+    scores, tasks, variants = quality(grid)
+    learned = [t for t in tasks if (m := _median(scores.get(("full", t)))) is not None and not math.isnan(m)
+               and m >= learned_bar(t, baselines)]
+    rel = _relative_time(grid)
+    pts = []
+    for v in variants:
+        ret = [retention(scores, v, t) for t in learned]
+        ret = [x for x in ret if x is not None] if v != "full" else [1.0] * len(learned)
+        times = [rel[(v, t)] for t in tasks if (v, t) in rel]
+        if ret and times:
+            pts.append({"variant": v, "retention": statistics.median(ret), "memory_mb": 16 * _params(grid, v) / 1e6,
+                        "time": statistics.median(times)})
+    for p in pts:
+        p["pareto"] = not any(q is not p and q["retention"] >= p["retention"] and q["memory_mb"] <= p["memory_mb"]
+                              and q["time"] <= p["time"] and (q["retention"], -q["memory_mb"], -q["time"])
+                              != (p["retention"], -p["memory_mb"], -p["time"]) for q in pts)
+    return pts
+
+
+def plots(grid: list[dict], out: Path, baselines: dict[str, float] | None = None) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scores, tasks, variants = quality(grid)
-    if not tasks:
+    pts = pareto_points(grid, baselines or {})
+    if not pts:
         return []
-    params = {r["variant"]: r["trainable_parameters"] for r in grid}
     colors = {v: plt.cm.tab10(i) for i, v in enumerate(VARIANTS)}
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        for v in variants:
-            vals = scores.get((v, task))
-            if vals:
-                med = statistics.median(vals)
-                ax.errorbar(params[v], med, yerr=[[med - min(vals)], [max(vals) - med]], fmt="o", color=colors[v],
-                            label=v, capsize=3)
-        ax.set_xscale("log")
-        ax.set_title(f"{task} ({grid[[r['task'] for r in grid].index(task)]['metric']})")
-        ax.set_xlabel("trainable parameters")
-    axes[0][0].legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label, log in ((axes[0], "memory_mb", "trainable-state memory, MB (16 B per trainable parameter)", True),
+                                (axes[1], "time", "training time per step / full fine-tuning", False)):
+        for p in pts:
+            ax.scatter(p[key], p["retention"], s=90 if p["pareto"] else 40, color=colors[p["variant"]],
+                       edgecolors="black" if p["pareto"] else "none", zorder=3)
+            ax.annotate(p["variant"] + (" *" if p["pareto"] else ""), (p[key], p["retention"]), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")
+        ax.set_xscale("log" if log else "linear")
+        ax.set_xlabel(label)
+        ax.set_ylabel("quality / full fine-tuning (median over learned tasks)")
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Which strategy: quality against memory and time (* = Pareto-optimal on all three)", fontsize=10)
     fig.tight_layout()
-    first = out / "quality_vs_params.png"
-    fig.savefig(first, dpi=110)
+    path = out / "pareto.png"
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    rss = [statistics.median(r["peak_rss_bytes"] for r in grid if r["variant"] == v) / 1e6 for v in variants]
-    step = [statistics.median([r["median_step_seconds"] for r in grid if r["variant"] == v and r["task"] == "sst2"
-                               and r.get("median_step_seconds") is not None] or [float("nan")]) * 1e3 for v in variants]
-    a.bar(variants, rss, color=[colors[v] for v in variants])
-    a.set_ylabel("peak RSS of the run (MB)")
-    b.bar(variants, step, color=[colors[v] for v in variants])
-    b.set_ylabel("median step on SST-2 (ms)")
-    for ax in (a, b):
-        ax.tick_params(axis="x", rotation=45, labelsize=8)
-    fig.tight_layout()
-    second = out / "cost.png"
-    fig.savefig(second, dpi=110)
-    plt.close(fig)
-    return [first, second]
+    return [path]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,11 +522,14 @@ def main(argv: list[str] | None = None) -> int:
                                                                               "shared" / "data")),
                         help="the GLUE folders, for the majority-class row (left out when absent)")
     args = parser.parse_args(argv)
-    grid, rates, ratios = load(args.results)
+    data = load(args.results)
     args.results.mkdir(parents=True, exist_ok=True)
-    baselines = majority_baselines(args.data_root, sorted({r["task"] for r in grid}))
-    (args.results / "REPORT.md").write_text(render(grid, rates, ratios, args.results, baselines))
-    made = plots(grid, args.results)
+    baselines = majority_baselines(args.data_root, sorted({r["task"] for r in data["grid"]}))
+    text = render(data, args.results, baselines)
+    tmp = args.results / ".REPORT.md.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, args.results / "REPORT.md")
+    made = plots(data["grid"], args.results, baselines)
     print(f"wrote {args.results / 'REPORT.md'}" + "".join(f", {p.name}" for p in made))
     return 0
 

@@ -24,63 +24,128 @@ def test_committed_experiments_match_the_declared_table_and_load():
     experiments = run.load_experiments(BENCH / "experiments")
     grid = [e for e in experiments if e["stage"] == "grid"]
     variants = len(make_experiments.VARIANTS)
-    assert variants >= 8 and len(grid) == 5 * variants and len(experiments) == 5 * variants + variants
+    assert len(grid) == 5 * variants and len([e for e in experiments if e["stage"] == "headline"]) == 2
     # every strategy the issue names is in the grid, ia3 through the PEFT pass-through
     assert {e["strategy"] for e in grid} == {"full", "lora", "bottleneck", "prefix", "linear_probe", "ia3"}
-    # fair budgets: every strategy gets the same steps on a task
-    steps = {(e["task"], e["flags"]["max_steps"]) for e in grid}
-    assert len(steps) == 5
+    # fair budgets: every strategy gets the same epochs, evaluations and patience on a task
+    budgets = {(e["task"], e["flags"]["epochs"], e["flags"]["eval_every"], e["flags"]["patience"]) for e in grid}
+    assert len(budgets) == 5 and all(epochs >= 3 for _, epochs, _, _ in budgets)
+    # the default probe is the one benchmarked: no pooling override (it follows the checkpoint)
+    assert all(e["options"] == {} for e in grid if e["strategy"] == "linear_probe")
 
 
 def test_a_typo_in_an_experiment_file_is_refused(tmp_path):
     (tmp_path / "grid").mkdir()
-    exp = make_experiments.experiment("grid", "sst2", "lora")
+    exp = make_experiments.experiment("sst2", "lora")
     exp["seed"] = 3
     (tmp_path / "grid" / "x.json").write_text(json.dumps(exp))
     with pytest.raises(run.ConfigError, match=r"x.json=\['seed'\]: missing or unknown keys. Fix: use exactly"):
         run.load_experiments(tmp_path)
+    del exp["seed"]
+    exp["learning_rates"]["start"] = [0.123]  # not on the ladder: the sweep could never extend from it
+    (tmp_path / "grid" / "x.json").write_text(json.dumps(exp))
+    with pytest.raises(run.ConfigError, match="is not a valid rate plan"):
+        run.load_experiments(tmp_path)
 
 
-def _sweep_record(results: Path, exp: dict, lr: float, score: float) -> None:
-    path = results / "lr_sweep" / f"{run.run_id(exp, lr, 0)}.json"
+def _record(results: Path, exp: dict, lr: float, seed: int, val: float | None, test: float | None = 0.5,
+            **extra) -> None:
+    metric = {"stsb": "combined", "cola": "matthews_correlation", "mrpc": "f1"}.get(exp["task"], "accuracy")
+    rec = {"run_id": run.run_id(exp, lr, seed), "stage": "sweep" if seed == exp.get("sweep_seed") else "seeds",
+           "task": exp["task"], "variant": exp["variant"], "seed": seed, "learning_rate": lr, "metric": metric,
+           "validation_primary": val, "test_primary": test, "smoke": False, "steps": 100,
+           "trainable_parameters": 10**6 if exp["variant"] == "full" else 1000, "total_parameters": 10**6,
+           "adapter_bytes_on_disk": 4000, "peak_rss_bytes": 10**9, "train_seconds": 100.0,
+           "recipe_metrics": {"data": ["validation: 575 rows carved from train (0.1, seed 1)"]},
+           "load_average": {"start": [2.0]}, **extra}
+    path = results / run.RUNS / f"{rec['run_id']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"validation_primary": score, "metric": "accuracy", "test_primary": 0.0,
-                                "recipe_metrics": {"data": ["validation: 692 rows carved from train (0.1, seed 0)"]}}))
+    path.write_text(json.dumps(rec))
 
 
-def test_grid_waits_for_the_sweep_then_uses_the_best_validation_rate(tmp_path):
+def _exp(experiments, name):
+    return next(e for e in experiments if e["name"] == name)
+
+
+def test_sweep_extends_past_an_edge_then_takes_the_smallest_rate_within_one_se(tmp_path):
     experiments = run.load_experiments(BENCH / "experiments")
-    sweep = next(e for e in experiments if e["stage"] == "lr_sweep" and e["variant"] == "lora")
-    blocked = run.plan(experiments, {}, ("grid",), ["sst2"], ["lora"], [1], smoke=False)
-    assert blocked and all("no learning rate selected" in r["blocked"] for r in blocked)
-    low, mid, high = sweep["learning_rates"][:3]
-    for lr in sweep["learning_rates"][3:]:
-        _sweep_record(tmp_path, sweep, lr, 0.70)
-    for lr, score in ((low, 0.80), (mid, 0.85)):
-        _sweep_record(tmp_path, sweep, lr, score)
-    assert "lora" not in run.select_learning_rates(experiments, tmp_path)  # incomplete sweep: nothing chosen
-    _sweep_record(tmp_path, sweep, high, 0.86)  # best, but mid is within one SE (sqrt(.86 * .14 / 692) = 0.0132)
+    exp = _exp(experiments, "stsb__lora")
+    start = exp["learning_rates"]["start"]
+    assert run.sweep(exp, tmp_path) == {"complete": False, "todo": start}
+    assert [r["learning_rate"] for r in run.plan(experiments, tmp_path, "sweep", ["stsb"], ["lora"])] == start
+    # seeds 2-3 and the headline wait for the sweep
+    assert all(r["blocked"] for r in run.plan(experiments, tmp_path, "seeds", ["stsb"], ["lora"]))
+    low, mid, high = start
+    _record(tmp_path, exp, low, 1, 0.80)
+    _record(tmp_path, exp, mid, 1, 0.50)
+    _record(tmp_path, exp, high, 1, float("nan"))  # a constant prediction: the worst score, not a crash
+    ladder = exp["learning_rates"]["ladder"]
+    below = ladder[ladder.index(low) - 1]
+    assert run.sweep(exp, tmp_path) == {"complete": False, "todo": [below]}  # best on the low edge: one rung down
+    _record(tmp_path, exp, below, 1, 0.81)
+    further = ladder[ladder.index(below) - 1]
+    assert run.sweep(exp, tmp_path)["todo"] == [further]
+    _record(tmp_path, exp, further, 1, 0.70)
+    state = run.sweep(exp, tmp_path)
+    # best `below` (0.81) is interior now; `low` (0.80) is within one SE ((1 - 0.81^2) / sqrt(574) = 0.0144) but
+    # larger, and the rule takes the smallest rate within reach of the best
+    assert state["complete"] and state["best_learning_rate"] == below and state["learning_rate"] == below
+    assert state["standard_error"] == pytest.approx((1 - 0.81 ** 2) / 574 ** 0.5)
+    assert state["scores"][f"{high:g}"] is None
     rates = run.select_learning_rates(experiments, tmp_path)
-    assert rates["lora"]["learning_rate"] == mid and rates["lora"]["best_learning_rate"] == high
-    assert rates["lora"]["standard_error"] == pytest.approx(0.0132, abs=1e-4)
-    assert json.loads((tmp_path / run.RATES_FILE).read_text())["selected"]["lora"]["scores"][f"{high:g}"] == 0.86
-    _sweep_record(tmp_path, sweep, high, 0.87)  # now 2 points clear of mid: more than one SE, the best is taken
-    assert run.select_learning_rates(experiments, tmp_path)["lora"]["learning_rate"] == high
-    _sweep_record(tmp_path, sweep, high, 0.85)  # a tie: the smaller rate wins
-    rates = run.select_learning_rates(experiments, tmp_path)
-    runs = run.plan(experiments, rates, ("grid",), None, ["lora"], None, smoke=False)
-    assert [r["seed"] for r in runs] == sorted(r["seed"] for r in runs) and len(runs) == 15  # seed by seed
-    assert all(r["learning_rate"] == mid and not r["blocked"] for r in runs)
+    assert rates["stsb"]["lora"]["learning_rate"] == below
+    assert json.loads((tmp_path / run.RATES_FILE).read_text())["selected"]["stsb"]["lora"]["scores"][f"{low:g}"] == 0.8
+    seeds = run.plan(experiments, tmp_path, "seeds", ["stsb"], ["lora"])
+    assert [(r["seed"], r["learning_rate"], r["blocked"]) for r in seeds] == [(2, below, None), (3, below, None)]
+
+
+def test_one_se_rule_prefers_the_smaller_rate_and_uses_the_metric_s_standard_error(tmp_path):
+    experiments = run.load_experiments(BENCH / "experiments")
+    exp = _exp(experiments, "sst2__full")
+    low, mid, high = exp["learning_rates"]["start"]
+    for lr, score in ((low, 0.80), (mid, 0.85), (high, 0.86)):  # best inside? no: high is the top edge
+        _record(tmp_path, exp, lr, 1, score)
+    ladder = exp["learning_rates"]["ladder"]
+    above = ladder[ladder.index(high) + 1]
+    assert run.sweep(exp, tmp_path)["todo"] == [above]
+    _record(tmp_path, exp, above, 1, 0.70)
+    state = run.sweep(exp, tmp_path)
+    # binomial SE of 0.86 on 575 rows = 0.0145: mid (0.85) is within it, so the smaller rate is chosen
+    assert state["learning_rate"] == mid and state["best_learning_rate"] == high
+    assert run.standard_error("accuracy", 0.86, 575) == pytest.approx((0.86 * 0.14 / 575) ** 0.5)
+    with pytest.raises(run.ConfigError, match="no standard error formula"):
+        run.standard_error("perplexity", 3.0, 100)
+
+
+def test_headline_takes_the_rate_chosen_on_sst2(tmp_path):
+    experiments = run.load_experiments(BENCH / "experiments")
+    assert all("no rate chosen for sst2" in r["blocked"] for r in run.plan(experiments, tmp_path, "headline"))
+    exp = _exp(experiments, "sst2__lora")
+    for lr, score in zip(exp["learning_rates"]["start"], (0.80, 0.86, 0.82)):
+        _record(tmp_path, exp, lr, 1, score)
+    runs = run.plan(experiments, tmp_path, "headline")
+    lora = [r for r in runs if r["experiment"]["variant"] == "lora"]
+    assert [(r["learning_rate"], r["blocked"]) for r in lora] == [(exp["learning_rates"]["start"][1], None)]
+    assert all(r["blocked"] for r in runs if r["experiment"]["variant"] == "full")
+
+
+def test_two_runners_never_take_the_same_run_and_a_dead_runner_s_claim_is_freed(tmp_path):
+    first = run.claim(tmp_path, "x")
+    assert first is not None and run.claim(tmp_path, "x") is None  # held by this (live) process
+    first.write_text(f"{__import__('os').uname().nodename} 999999999\n")  # a pid that cannot be alive
+    again = run.claim(tmp_path, "x")
+    assert again is not None and again.read_text().split()[1] == str(__import__("os").getpid())
 
 
 def test_command_renders_flags_options_and_smoke_budget(tmp_path):
     experiments = run.load_experiments(BENCH / "experiments")
-    exp = next(e for e in experiments if e["name"] == "rte__bottleneck_houlsby" and e["stage"] == "grid")
+    exp = _exp(experiments, "rte__bottleneck_houlsby")
     r = {"experiment": exp, "learning_rate": 1e-3, "seed": 2}
     cmd = run.command(r, Path("/data"), tmp_path, "python", Path("classify.py"), smoke=False)
     text = " ".join(cmd)
     assert "--data /data/rte/train.tsv --test-file /data/rte/dev.tsv --strategy bottleneck" in text
-    assert '--option variant="houlsby"' in text and "--group-by-length" in text and "--max-steps 100" in text
+    assert '--option variant="houlsby"' in text and "--group-by-length" in text and "--epochs 3" in text
+    assert "--patience 2" in text and f"--eval-every {-(-71 // 2)}" in text  # ceil(0.9 * 2490 / 32) = 71 steps
     assert "--learning-rate 0.001 --seed 2" in text
     smoke = " ".join(run.command(r, Path("/data"), tmp_path, "python", Path("classify.py"), smoke=True))
     assert "--max-steps 10" in smoke and "--max-train-samples 320" in smoke
@@ -94,23 +159,52 @@ def test_step_times_come_from_the_recipe_log(tmp_path):
     assert run.step_times(log) == pytest.approx([0.4, 0.5])
 
 
-def _grid_record(task: str, variant: str, seed: int, score: float) -> dict:
-    return {"task": task, "variant": variant, "seed": seed, "metric": "accuracy", "test_primary": score,
-            "learning_rate": 1e-3, "smoke": False, "trainable_parameters": 1000 if variant != "full" else 10**6,
-            "total_parameters": 10**6, "adapter_bytes_on_disk": 4000, "peak_rss_bytes": 10**9,
-            "median_step_seconds": 0.5, "samples_per_second": 64.0, "train_seconds": 100.0,
-            "recipe_metrics": {"max_steps": 250}, "load_average": {"start": [2.0]}}
+def _cell(results, experiments, name, lr, seeds_scores, val=0.8, **extra):
+    exp = _exp(experiments, name)
+    for seed, score in seeds_scores:
+        _record(results, exp, lr, seed, val if seed == 1 else None, score, **extra)
 
 
-def test_report_prints_medians_ranges_retention_and_goals(tmp_path):
-    grid = [_grid_record("sst2", "full", s, x) for s, x in ((1, 0.90), (2, 0.92), (3, 0.91))]
-    grid += [_grid_record("sst2", "lora", s, x) for s, x in ((1, 0.89), (2, 0.90), (3, 0.95))]
-    text = report.render(grid, {}, [], tmp_path)
-    assert "| full | 0.910 [0.900–0.920] (n=3) |" in text
-    assert "| lora | ≥ 1.00 | 0.989 | 0.989 | 0 of 1 |" in text  # 0.90 / 0.91
-    assert "Full fine-tuning on SST-2: 0.910 (goal ≥ 0.90" in text and f"Runs recorded: 6 of {5 * len(make_experiments.VARIANTS) * 3}" in text
-    made = report.plots(grid, tmp_path)
-    assert [p.name for p in made] == ["quality_vs_params.png", "cost.png"] and all(p.stat().st_size for p in made)
+def _sweep_around(results, experiments, name, chosen_score=0.85):
+    """A complete sweep whose middle start rate wins clearly; returns that rate."""
+    exp = _exp(experiments, name)
+    low, mid, high = exp["learning_rates"]["start"]
+    for lr, val in ((low, chosen_score - 0.2), (mid, chosen_score), (high, chosen_score - 0.2)):
+        _record(results, exp, lr, 1, val, 0.5)
+    return mid
+
+
+def test_report_prints_cells_retention_learned_tasks_headline_and_defaults(tmp_path):
+    experiments = run.load_experiments(BENCH / "experiments")
+    for name in ("sst2__full", "sst2__lora", "stsb__full", "stsb__lora"):
+        _sweep_around(tmp_path, experiments, name)
+    run.select_learning_rates(experiments, tmp_path)
+    rate = lambda n: _exp(experiments, n)["learning_rates"]["start"][1]  # noqa: E731
+    _cell(tmp_path, experiments, "sst2__full", rate("sst2__full"), ((1, 0.90), (2, 0.92), (3, 0.91)))
+    _cell(tmp_path, experiments, "sst2__lora", rate("sst2__lora"), ((1, 0.89), (2, 0.90), (3, 0.95)))
+    _cell(tmp_path, experiments, "stsb__full", rate("stsb__full"), ((1, 0.85), (2, 0.86), (3, 0.84)))
+    _cell(tmp_path, experiments, "stsb__lora", rate("stsb__lora"), ((1, None), (2, 0.10), (3, 0.12)))
+    head = _exp(experiments, "sst2_glue__full")
+    _record(tmp_path, head, rate("sst2__full"), 1, 0.93, 0.905, epochs=2.5)
+    data = report.load(tmp_path)
+    assert len(data["grid"]) == 12 and len(data["headline"]) == 1 and len(data["sweep"]) == 12
+    text = report.render(data, tmp_path, {"sst2": 0.509})
+    assert "| full | 0.910 [0.900–0.920] (n=3) | 0.850 [0.840–0.860] (n=3) |" in text
+    # a constant prediction (NaN) is shown and ranks as the worst seed, not dropped
+    assert "| lora | 0.900 [0.890–0.950] (n=3) | 0.100 [0.100–0.120] (n=3; 1 constant) |" in text
+    assert "| lora | ≥ 1.00 | 0.989 | 0.118 | 0.553 | 0 of 2 |" in text  # 0.90/0.91; 0.10/0.85
+    assert "Full fine-tuning learned: sst2, stsb." in text
+    assert "Full fine-tuning on sst2_glue: 0.905 (goal ≥ 0.90" in text and "meets the goal" in text
+    assert "Learned (almost) nothing at its chosen rate: lora." in text  # STS-B paragraph
+    assert "**sst2** (accuracy on dev" in text and "**stsb** (combined on dev" in text
+    # defaults: the sweep's chosen rates against DEFAULT_LR, per task type
+    assert "## The recipe's default learning rates against the sweep" in text
+    lora_row = next(line for line in text.splitlines() if line.startswith("| lora | lora |"))
+    assert f"| {rate('sst2__lora'):g} |" in lora_row
+    made = report.plots(data["grid"], tmp_path, {"sst2": 0.509})
+    assert [p.name for p in made] == ["pareto.png"] and made[0].stat().st_size > 1000
+    points = {p["variant"]: p for p in report.pareto_points(data["grid"], {"sst2": 0.509})}
+    assert points["full"]["retention"] == 1.0 and points["full"]["pareto"] and points["lora"]["pareto"]
 
 
 def test_majority_class_row_uses_train_majority_on_dev(tmp_path):
@@ -121,6 +215,4 @@ def test_majority_class_row_uses_train_majority_on_dev(tmp_path):
             (tmp_path / task / f"{name}.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
     base = report.majority_baselines(tmp_path, ["cola", "mrpc", "stsb"])
     assert base == {"cola": 0.0, "mrpc": pytest.approx(2 * 0.5 / 1.5)}  # all "1": precision 0.5, recall 1
-    grid = [_grid_record("cola", "full", 1, 0.2)]
-    assert "| *majority class of train, predicted for every dev example* | *0.000* |" in report.render(
-        grid, {}, [], tmp_path, base)
+    assert report.learned_bar("cola", base) == 0.25 and report.learned_bar("mrpc", base) == pytest.approx(0.7167, 1e-3)
