@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
             if progress.done:
                 break
 
+    runs.keep_adapter(accelerator, model, args, progress)  # none kept (NaN at every evaluation): the last weights
     # Score and sample what users get: the saved adapter, reloaded onto a freshly loaded base model.
     best = adaptkit.load(args.output_dir / training.ADAPTER_DIR, load()).eval()
     if not adaptkit.is_quantized(best):

@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
             if progress.done:
                 break
 
+    runs.keep_adapter(accelerator, model, args, progress)  # none kept (NaN at every evaluation): the last weights
     results = {"task": task, "model": args.model, "strategy": strategy,
                "quantization": args.quantization, "data": splits.notes, "feature_cache": cache}
     if test_loader is not None:

@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
             if progress.done:
                 break
 
+    runs.keep_adapter(accelerator, model, args, progress)  # none kept (NaN at every evaluation): the last weights
     results = {"task": "classification", "model": args.model, "strategy": strategy, "quantization": args.quantization,
                "classes": classes, "data": notes}
     if "test" in splits:

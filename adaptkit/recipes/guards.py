@@ -7,6 +7,8 @@ typed error that names the flag, file or step and the fix.
 * :func:`lock_output_dir` — one run per output folder;
 * :func:`check_finite_loss`, :func:`check_finite_weights` — a run that diverged stops, and no NaN
   adapter is saved as the best;
+* :func:`output_spread`, :func:`constant_output`, :func:`collapse_warning` — predictions that are the same for
+  every example (a model that collapsed) are named in the log, in metrics.json and at the end of the run;
 * :func:`digests`, :func:`read_checkpoint`, :func:`data_fingerprint` — resume only from a checkpoint
   that is complete and unchanged, on the same data.
 """
@@ -20,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 
 from adaptkit.errors import CheckpointError, ConfigError, DataError, NonFiniteError, RunLockedError
@@ -166,6 +169,68 @@ def check_finite_weights(model: torch.nn.Module, step: int) -> None:
         raise NonFiniteError(field="trained weights", value=bad[:3],
                              problem=f"{len(bad)} tensor(s) hold NaN/inf at step {step}; not saved as the best",
                              fix="lower --learning-rate, keep --max-grad-norm > 0, and check the data for NaN/inf")
+
+
+# ---- collapsed output ----------------------------------------------------------------------------------
+# A regression output whose spread is below this fraction of the labels' is one number up to float32 rounding:
+# any correlation it shows is noise (LoRA on MiniLM at 30x its default rate: 1.4e-7, or exactly 0).
+CONSTANT_SPREAD = 1e-6
+# Below this fraction the predictions are nearly constant; with no correlation either (|pearson| < 0.1) the
+# model has collapsed onto about one value: LoRA at 2e-3 on STS-B, spread 0.006, test correlation -0.04.
+# A slowly learning head can be as narrow and still correlate (a bottleneck at its default rate on MiniLM,
+# spread 0.006, pearson 0.7), so narrowness alone is not flagged.
+NEAR_CONSTANT_SPREAD, NO_CORRELATION = 1e-2, 0.1
+
+
+def output_spread(predictions: np.ndarray, references: np.ndarray, regression: bool) -> dict[str, float]:
+    """How varied an evaluation's predictions are, reported beside its metrics so a collapse shows.
+
+    Regression: ``prediction_spread``, the std of the predictions over the std of the labels (1: as varied as the
+    labels, 0: one number for everything; NaN when the labels themselves are constant). Classification:
+    ``predicted_classes``, how many different classes were predicted.
+    """
+    if regression:
+        label_std = float(np.std(references))
+        return {"prediction_spread": float(np.std(predictions)) / label_std if label_std > 0 else math.nan}
+    return {"predicted_classes": float(len(np.unique(predictions)))}
+
+
+def constant_output(scores: dict[str, float]) -> str | None:
+    """Why an evaluation's predictions say nothing about their inputs (one value, or one class), or None.
+
+    Reads what :func:`output_spread` added to the scores. One class for every example is a state training can
+    pass through (and the right answer if the references hold one class), so it is named, not refused.
+    """
+    if "prediction_spread" in scores:
+        spread, pearson = scores["prediction_spread"], scores.get("pearson", math.nan)
+        if spread < CONSTANT_SPREAD:
+            return f"constant predictions (their spread is {spread:.2g} of the labels')"
+        if spread < NEAR_CONSTANT_SPREAD and not abs(pearson) >= NO_CORRELATION:
+            return f"near-constant predictions (spread {spread:.2g} of the labels', pearson {pearson:.2f})"
+    elif scores.get("predicted_classes") == 1:
+        return "one class predicted for every example"
+    return None
+
+
+def collapse_warning(kept: dict[str, dict[str, float]], learning_rate: float) -> str | None:
+    """The end-of-run warning when the adapter kept gives collapsed output, or None. ``kept``: split -> its scores.
+
+    Constant output (float rounding apart) comes from a rate too high: LoRA at 30x its default rate. Nearly
+    constant, uncorrelated output can come from either side: at its default rate a bottleneck's regression
+    output stayed near 1e-3 of the labels' spread where 30x the rate learned (pearson 0.98).
+    """
+    found = {split: why for split, scores in kept.items() if scores and (why := constant_output(scores))}
+    if not found:
+        return None
+    where = "; ".join(f"{split}: {why}" for split, why in found.items())
+    if any(scores.get("prediction_spread", 1.0) < CONSTANT_SPREAD for scores in kept.values() if scores):
+        cause = (f"--learning-rate {learning_rate:g} is too high for this task and strategy: the output collapsed "
+                 f"onto one value. Fix: run again with a lower rate, e.g. --learning-rate {learning_rate / 10:g}")
+    else:
+        cause = (f"--learning-rate {learning_rate:g} does not suit this task and strategy: too high and the output "
+                 f"collapses, too low (or too few steps) and it never learns to vary. Fix: run again with "
+                 f"--learning-rate {learning_rate / 10:g} and with {learning_rate * 10:g}, or train longer")
+    return f"WARNING: the adapter kept gives {where}: it learned nothing usable. {cause}."
 
 
 # ---- resume --------------------------------------------------------------------------------------------

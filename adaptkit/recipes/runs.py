@@ -190,6 +190,8 @@ class Progress:
         self.step = self.epoch = self.batch_in_epoch = self.samples = 0
         self.train_seconds, self.epoch_end, self.stopped_early = 0.0, False, False
         self.best_metrics: dict[str, float] = {}
+        self.last_metrics: dict[str, float] = {}  # what the last weights scored: the kept ones if none was best
+        self.constant_steps: list[int] = []  # evaluations whose predictions collapsed (guards.constant_output)
         self.last_eval_step: int | None = None
         self._loss = [0.0, 0]  # sum and count of micro-batch losses since the last log line
         self._clock: float | None = None
@@ -240,10 +242,17 @@ class Progress:
             raise ConfigError(field="metric", value=self.metric, problem=f"not among the results {sorted(scores)}",
                               fix="watch one of the keys the evaluation returns")
         self.last_eval_step = self.step
+        self.last_metrics = {k: float(v) for k, v in scores.items()}
+        if guards.constant_output(scores):
+            self.constant_steps.append(self.step)
         better = self.stopper.update(float(scores[self.metric]), self.step)
         if better:
-            self.best_metrics = {k: float(v) for k, v in scores.items()}
+            self.best_metrics = dict(self.last_metrics)
         return better
+
+    def kept_metrics(self) -> dict[str, float]:
+        """Validation scores of the adapter a run keeps: the best, or the last weights when none improved (NaN)."""
+        return self.best_metrics or self.last_metrics
 
     @contextlib.contextmanager
     def paused(self):
@@ -263,13 +272,16 @@ class Progress:
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "samples": self.samples,
                 "train_seconds": self.seconds(), "best_metrics": self.best_metrics,
-                "last_eval_step": self.last_eval_step, "early_stopping": self.stopper.state_dict()}
+                "last_eval_step": self.last_eval_step, "early_stopping": self.stopper.state_dict(),
+                "last_metrics": self.last_metrics, "constant_steps": self.constant_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.samples, self.train_seconds, self.best_metrics = state["samples"], state["train_seconds"], state["best_metrics"]
         self.last_eval_step = state["last_eval_step"]
         self.stopper.load_state_dict(state["early_stopping"])
+        # absent from checkpoints written before these were kept
+        self.last_metrics, self.constant_steps = state.get("last_metrics", {}), state.get("constant_steps", [])
 
 
 class Log:
@@ -311,8 +323,10 @@ class Log:
         self.write({"epoch": p.epoch, "validation": scores, "best": best})
         if self.accelerator.is_local_main_process:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+            collapsed = guards.constant_output(scores)
             self.bar.write(f"step {p.step}/{p.max_steps}: validation {shown}; best {p.metric} "
-                           f"{p.stopper.best} at step {p.stopper.best_step}" + (", adapter kept" if best else ""))
+                           f"{p.stopper.best} at step {p.stopper.best_step}" + (", adapter kept" if best else "")
+                           + (f"; WARNING: {collapsed}" if collapsed else ""))
 
     def close(self) -> None:
         self.bar.close()
@@ -408,15 +422,33 @@ def save_adapter(accelerator, model, args: argparse.Namespace, step: int) -> Non
     save_adapter(accelerator, model, Path(args.output_dir) / ADAPTER_DIR)
 
 
+def keep_adapter(accelerator, model, args: argparse.Namespace, progress: Progress) -> None:
+    """After the loop: when no evaluation ever improved (its metric was NaN each time, e.g. constant predictions),
+    no adapter was kept; keep the last weights, and say so, so that the test split and ``adaptkit.load`` find one."""
+    if (Path(args.output_dir) / ADAPTER_DIR).is_dir():
+        return
+    accelerator.print(f"no evaluation improved on validation ({progress.metric} was NaN each time): "
+                      f"the adapter kept is the last weights, step {progress.step}")
+    save_adapter(accelerator, model, args, progress.step)
+
+
 def finish(accelerator, args, model, progress: Progress, log: Log, results: dict[str, Any], summary) -> dict[str, Any]:
     """Write metrics.json beside the adapter: task results + parameters, memory, time, throughput."""
-    if not (Path(args.output_dir) / ADAPTER_DIR).is_dir():  # no evaluation ever improved (NaN): keep the last weights
-        save_adapter(accelerator, model, args, progress.step)
+    keep_adapter(accelerator, model, args, progress)
+    # An adapter kept although its output collapsed (one value, one class) is warned about, not refused: the run did
+    # what was asked, metrics.json reports the collapsed model truthfully, and a learning-rate sweep is meant to find
+    # such rates. What must not happen is that it goes unnoticed.
+    collapsed = guards.collapse_warning({"validation": progress.kept_metrics(), "test": results.get("test") or {}},
+                                        learning_rate(args))
+    warnings = [collapsed] if collapsed else []
     peak = accelerator.gather(torch.tensor([peak_rss_bytes()], device=accelerator.device)).max().item()
     p = progress
     metrics = {
         **results,
-        "validation": p.best_metrics, "metric": p.metric, "best_step": p.stopper.best_step,
+        "validation": p.kept_metrics(), "metric": p.metric, "best_step": p.stopper.best_step,
+        "constant_predictions": [f"validation at step {step}" for step in p.constant_steps]
+                                + (["test"] if guards.constant_output(results.get("test") or {}) else []),
+        "warnings": warnings,
         "steps": p.step, "max_steps": p.max_steps, "epochs": round(p.step / max(1, math.ceil(
             p.batches_per_epoch / args.gradient_accumulation_steps)), 3),
         "stopped_early": p.stopped_early, "train_samples": p.samples,
@@ -435,6 +467,8 @@ def finish(accelerator, args, model, progress: Progress, log: Log, results: dict
         write_json(Path(args.output_dir) / METRICS_FILE, metrics)
         _card(args, progress, results)
     log.write({"event": "finished", **results})
+    for warning in warnings:  # last, below the bar and the test line, where it is seen
+        accelerator.print(warning, file=sys.stderr)
     accelerator.wait_for_everyone()
     log.close()  # accelerator.end_training: closes the trackers and ends the process group
     return metrics

@@ -263,17 +263,23 @@ def evaluate_classifier(model, loader, accelerator, task: str, num_labels: int) 
 
     ``num_labels == 1`` means regression (the single logit is the prediction), else the argmax class.
     Predictions are gathered across processes first (``gather_for_metrics`` drops the samples
-    Accelerate repeats to even out the last batch).
+    Accelerate repeats to even out the last batch). Beside the metrics comes how varied the predictions
+    were (``guards.output_spread``), so that a model that collapsed onto one output is named, not only scored.
     """
-    from adaptkit.recipes import metrics
+    import numpy as np
+
+    from adaptkit.recipes import guards, metrics
     model.eval()
     metric = metrics.metric_for_task(task, num_labels=max(2, num_labels))
+    seen: list[tuple[np.ndarray, np.ndarray]] = []
     for batch in loader:
         logits = model(**batch).logits
         predictions = logits.squeeze(-1).float() if num_labels == 1 else logits.argmax(-1)
         predictions, references = accelerator.gather_for_metrics((predictions, batch["labels"]))
-        metric.add_batch(predictions=predictions.cpu().numpy(), references=references.cpu().numpy())
-    return {k: float(v) for k, v in metric.compute().items()}
+        seen.append((predictions.cpu().numpy(), references.cpu().numpy()))
+        metric.add_batch(predictions=seen[-1][0], references=seen[-1][1])
+    scores = {k: float(v) for k, v in metric.compute().items()}
+    return {**scores, **guards.output_spread(*(np.concatenate(part) for part in zip(*seen)), num_labels == 1)}
 
 
 @torch.no_grad()
