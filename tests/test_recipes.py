@@ -29,7 +29,8 @@ from adaptkit.errors import ConfigError, DataError
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_FIELDS = {"task", "test", "validation", "metric", "best_step", "steps", "trainable_parameters",
                  "total_parameters", "trainable_percent", "peak_rss_bytes", "train_seconds", "samples_per_second",
-                 "train_samples", "num_processes", "adapter_dir", "strategy", "config", "versions"}
+                 "train_samples", "num_processes", "adapter_dir", "strategy", "config", "versions",
+                 "constant_predictions", "warnings"}
 
 
 def recipe(name: str):
@@ -80,7 +81,8 @@ def test_classify_writes_metrics_and_a_reloadable_adapter(tmp_path, data_root, t
                                                     "--checkpoint-every", "5"))
     on_disk = json.loads((out / "metrics.json").read_text())
     assert METRIC_FIELDS <= set(on_disk) and on_disk["steps"] == metrics["steps"] == 24
-    assert set(on_disk["test"]) == {"accuracy"} and 0.0 <= on_disk["test"]["accuracy"] <= 1.0
+    assert set(on_disk["test"]) == {"accuracy", "predicted_classes"} and 0.0 <= on_disk["test"]["accuracy"] <= 1.0
+    assert on_disk["test"]["predicted_classes"] in (1.0, 2.0)  # 1: every example got one class (named, not refused)
     assert on_disk["trainable_parameters"] < on_disk["total_parameters"] and on_disk["train_samples"] == 192
     assert on_disk["peak_rss_bytes"] > 100e6 and on_disk["samples_per_second"] > 0
     assert on_disk["strategy"]["strategy"] == "lora" and on_disk["num_processes"] == 1
@@ -401,7 +403,7 @@ def test_image_classify_on_digits(tmp_path, digits):
     metrics = recipe("image_classify").main(image_args(digits, out, "--strategy", "full", "--epochs", "5",
                                                        "--learning-rate", "1e-3"))
     assert METRIC_FIELDS <= set(metrics) and metrics["classes"] == [str(d) for d in range(10)]
-    assert set(metrics["test"]) == {"accuracy", "macro_f1"} and metrics["steps"] == 5 * 29  # 450 train / 16
+    assert set(metrics["test"]) == {"accuracy", "macro_f1", "predicted_classes"} and metrics["steps"] == 5 * 29  # 450/16
     assert metrics["test"]["accuracy"] > 0.25  # 10 classes: chance is 0.1 (0.43 measured)
     import transformers
     base = transformers.AutoModelForImageClassification.from_pretrained(digits["model"], num_labels=10)
@@ -465,7 +467,8 @@ def test_tensorboard_curves_when_tensorboard_is_installed(tmp_path, data_root, t
                                           "--log-every", "2"))
     events = EventAccumulator(str(out / "tensorboard" / "classify"))
     events.Reload()
-    assert set(events.Tags()["scalars"]) == {"loss", "lr", "train_seconds", "validation/accuracy"}
+    assert set(events.Tags()["scalars"]) == {"loss", "lr", "train_seconds", "validation/accuracy",
+                                             "validation/predicted_classes"}
     assert [e.step for e in events.Scalars("validation/accuracy")] == [2, 4]
 
 
