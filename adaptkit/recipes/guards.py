@@ -177,8 +177,8 @@ def check_finite_weights(model: torch.nn.Module, step: int) -> None:
 CONSTANT_SPREAD = 1e-6
 # Below this fraction the predictions are nearly constant; with no correlation either (|pearson| < 0.1) the
 # model has collapsed onto about one value: LoRA at 2e-3 on STS-B, spread 0.006, test correlation -0.04.
-# A slowly learning head can be as narrow and still correlate (a bottleneck at its default rate on MiniLM,
-# spread 0.006, pearson 0.7), so narrowness alone is not flagged.
+# A slowly learning head can be as narrow and still correlate (a bottleneck at its default rate, MiniLM on a
+# word-count score: spread 0.006, pearson 0.7), so narrowness alone is not flagged.
 NEAR_CONSTANT_SPREAD, NO_CORRELATION = 1e-2, 0.1
 
 
@@ -217,7 +217,7 @@ def collapse_warning(kept: dict[str, dict[str, float]], learning_rate: float) ->
 
     Constant output (float rounding apart) comes from a rate too high: LoRA at 30x its default rate. Nearly
     constant, uncorrelated output can come from either side: at its default rate a bottleneck's regression
-    output stayed near 1e-3 of the labels' spread where 30x the rate learned (pearson 0.98).
+    output on a word-count score stayed near 1e-3 of the labels' spread where 30x the rate learned (pearson 0.98).
     """
     found = {split: why for split, scores in kept.items() if scores and (why := constant_output(scores))}
     if not found:
