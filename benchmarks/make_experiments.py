@@ -50,6 +50,12 @@ SEEDS, SWEEP_SEED = [1, 2, 3], 1  # the sweep runs seed 1; its run at the chosen
 # on the sentence-level SST-2 (the 67k set is too big to sweep here), one seed.
 HEADLINE = {"task": "sst2_glue", "rates_from": "sst2", "variants": ["full", "lora"], "epochs": 3, "seeds": [1]}
 
+# Evidence, added 2026-12-01 before its runs (README, "Protocol"): where full fine-tuning stayed at the majority
+# class through its whole 3-epoch sweep (MRPC, RTE), one longer run at the rate that sweep chose shows whether
+# MiniLM can learn the task at all: 10 epochs, stopping only after 3 epochs without improvement. Reported
+# beside the grid, never in its cells.
+EVIDENCE = {"tasks": ["mrpc", "rte"], "variants": ["full"], "epochs": 10, "patience": 6, "seeds": [1]}
+
 COMMON_FLAGS = {"batch_size": BATCH, "max_length": 128, "group_by_length": True,
                 "validation_fraction": VALIDATION_FRACTION, "patience": PATIENCE, "checkpoint_every": 0,
                 "log_every": 10, "warmup_ratio": 0.06, "weight_decay": 0.01}
@@ -88,6 +94,17 @@ def headline(variant: str) -> dict:
     }
 
 
+def evidence(task: str, variant: str) -> dict:
+    strategy, options, _, _, own_flags = VARIANTS[variant]
+    return {
+        "name": f"{task}__{variant}__long", "stage": "evidence", "task": task, "variant": variant,
+        "strategy": strategy, "options": options, "learning_rates": {"from_task": task},
+        "sweep_seed": None, "seeds": EVIDENCE["seeds"],
+        "train_file": f"{task}/train.tsv", "test_file": f"{task}/dev.tsv",
+        "flags": {**_flags(task, EVIDENCE["epochs"], own_flags), "patience": EVIDENCE["patience"]},
+    }
+
+
 def all_experiments() -> dict[Path, dict]:
     out = {}
     for variant in VARIANTS:
@@ -95,6 +112,9 @@ def all_experiments() -> dict[Path, dict]:
             out[EXPERIMENTS / "grid" / f"{task}__{variant}.json"] = experiment(task, variant)
     for variant in HEADLINE["variants"]:
         out[EXPERIMENTS / "headline" / f"{HEADLINE['task']}__{variant}.json"] = headline(variant)
+    for task in EVIDENCE["tasks"]:
+        for variant in EVIDENCE["variants"]:
+            out[EXPERIMENTS / "evidence" / f"{task}__{variant}.json"] = evidence(task, variant)
     return out
 
 

@@ -21,7 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_experiments import EPOCHS, HEADLINE, SEEDS, VARIANTS  # noqa: E402
+from make_experiments import EPOCHS, EVIDENCE, HEADLINE, SEEDS, VARIANTS  # noqa: E402
 from run import RATES_FILE, RUNS, standard_error, validation_rows  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -46,11 +46,12 @@ def load(results: Path) -> dict:
     records = [json.loads(p.read_text()) for p in sorted((results / RUNS).glob("*.json"))]
     smoke = any(r.get("smoke") for r in records)
     chosen = lambda r: rates.get(r["task"], {}).get(r["variant"], {}).get("learning_rate")  # noqa: E731
-    grid = [r for r in records if r["task"] in EPOCHS and (smoke or r["learning_rate"] == chosen(r))]
-    sweep = [r for r in records if r["task"] in EPOCHS and r.get("stage") == "sweep"]
-    headline = [r for r in records if r["task"] == HEADLINE["task"]]
+    grid = [r for r in records if r.get("stage") in ("sweep", "seeds") and (smoke or r["learning_rate"] == chosen(r))]
+    sweep = [r for r in records if r.get("stage") == "sweep"]
+    headline = [r for r in records if r.get("stage") == "headline"]
+    evidence = [r for r in records if r.get("stage") == "evidence"]
     ratios = [json.loads(p.read_text()) for p in sorted((results / "ratios").glob("*.json"))]
-    return {"grid": grid, "sweep": sweep, "headline": headline, "rates": rates, "ratios": ratios,
+    return {"grid": grid, "sweep": sweep, "headline": headline, "evidence": evidence, "rates": rates, "ratios": ratios,
             "history": results / "ratios" / "history.jsonl", "smoke": smoke}
 
 
@@ -217,6 +218,7 @@ def render(data: dict, results: Path, baselines: dict[str, float] | None = None)
                   + (f"; not (yet): {', '.join(t for t in tasks if t not in learned)}" if set(tasks) - learned else "")
                   + ".", ""]
         lines += _retention(scores, tasks, variants, learned)
+        lines += _evidence(data.get("evidence", []), baselines)
         lines += _headline(data["headline"], scores)
         lines += ["![quality against trainable memory and training time](pareto.png)", ""]
         lines += _cost(grid, variants)
@@ -341,6 +343,20 @@ def _retention(scores, tasks, variants, learned) -> list[str]:
                      + " | ".join("–" if x is None else f"{x:.3f}" if t in learned else f"({x:.3f})"
                                   for x, t in zip(per_task, tasks))
                      + f" | {_f(med)} | {verdict} |")
+    return lines + [""]
+
+
+def _evidence(evidence: list[dict], baselines: dict[str, float]) -> list[str]:
+    lines = ["## Can MiniLM learn it at all? Full fine-tuning with a longer budget (evidence, not a cell)", ""]
+    if not evidence:
+        return lines + [f"Planned for {', '.join(EVIDENCE['tasks'])} ({EVIDENCE['epochs']} epochs, at the rate the "
+                        "task's sweep chose); not run yet.", ""]
+    lines += ["| task | rate | dev | learned bar | validation | epochs run | stopped early |",
+              "|---|---:|---:|---:|---:|---:|---|"]
+    for r in evidence:
+        lines.append(f"| {r['task']} | {r['learning_rate']:g} | {_f(r.get('test_primary'))} | "
+                     f"{learned_bar(r['task'], baselines):.3f} | {_f(r.get('validation_primary'))} | "
+                     f"{_f(r.get('epochs'), '.1f')} | {'yes' if r.get('stopped_early') else 'no'} |")
     return lines + [""]
 
 

@@ -19,7 +19,10 @@ Stages (benchmarks/README.md, "Protocol"):
             The chosen rate: the smallest within one standard error of the best on validation. Dev is the
             test set and is never read for a choice.
   seeds     seeds 2 and 3 at the chosen rate (the sweep's run at that rate is seed 1).
+  evidence  one 10-epoch full fine-tuning run where the 3-epoch sweep stayed at the majority class (MRPC, RTE).
   headline  full fine-tuning and LoRA on the 67k-row GLUE SST-2 at the rates chosen on sentence-level SST-2.
+
+To stop gracefully: `touch benchmarks/work/STOP`; each runner finishes its run in flight, then exits.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import ROOT, load_average, peak_rss_now, stamp, write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-STAGES = ("sweep", "headline", "seeds")
+STAGES = ("sweep", "evidence", "headline", "seeds")
+STOP_FILE = "STOP"  # in --work: runners finish the run in flight, then exit (bench.sh too)
 RUNS, RATES_FILE = "records", "learning_rates.json"
 SMOKE = {"tasks": ["sst2", "rte"], "variants": ["lora", "linear_probe"], "seeds": [1],
          "flags": {"epochs": 1, "max_steps": 10, "eval_every": 5, "max_train_samples": 320, "max_eval_samples": 96}}
@@ -56,7 +60,7 @@ class ConfigError(ValueError):
 _KEYS = {"name": str, "stage": str, "task": str, "variant": str, "strategy": str, "options": dict,
          "learning_rates": dict, "sweep_seed": (int, type(None)), "seeds": list, "train_file": str,
          "test_file": str, "flags": dict}
-_FOLDERS = {"grid": "grid", "headline": "headline"}
+_FOLDERS = {"grid": "grid", "headline": "headline", "evidence": "evidence"}
 
 
 # ---- experiments -------------------------------------------------------------------------------------
@@ -212,7 +216,7 @@ def plan(experiments: list[dict], results: Path, stage: str, tasks=None, variant
                     continue  # the sweep's run at the chosen rate
                 wanted.append((choice["learning_rate"], s, None) if choice else
                               (math.nan, s, f"the sweep of {exp['name']} is not complete"))
-        elif exp["stage"] == "headline" and stage == "headline":
+        elif exp["stage"] == stage and stage in ("headline", "evidence"):
             source = exp["learning_rates"]["from_task"]
             choice = rates.get(source, {}).get(exp["variant"])
             for s in (seeds or exp["seeds"]):
@@ -426,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
               "(the sweep adds rates as results come in)", flush=True)
         count = 0
         while True:  # re-plan after every run: the sweep's next rate depends on the last result
+            if (args.work / STOP_FILE).exists():
+                print(f"{args.work / STOP_FILE} exists: stopping before the next run", flush=True)
+                return 1 if failed else 0
             todo = [r for r in current() if not r["blocked"] and r["id"] not in failed and
                     r["experiment"]["name"] not in missing and not (args.results / RUNS / f"{r['id']}.json").is_file()]
             if not todo:

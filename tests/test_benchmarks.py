@@ -25,6 +25,8 @@ def test_committed_experiments_match_the_declared_table_and_load():
     grid = [e for e in experiments if e["stage"] == "grid"]
     variants = len(make_experiments.VARIANTS)
     assert len(grid) == 5 * variants and len([e for e in experiments if e["stage"] == "headline"]) == 2
+    longer = [e for e in experiments if e["stage"] == "evidence"]
+    assert longer and all(e["flags"]["epochs"] > 3 and e["learning_rates"] == {"from_task": e["task"]} for e in longer)
     # every strategy the issue names is in the grid, ia3 through the PEFT pass-through
     assert {e["strategy"] for e in grid} == {"full", "lora", "bottleneck", "prefix", "linear_probe", "ia3"}
     # fair budgets: every strategy gets the same epochs, evaluations and patience on a task
@@ -51,7 +53,8 @@ def test_a_typo_in_an_experiment_file_is_refused(tmp_path):
 def _record(results: Path, exp: dict, lr: float, seed: int, val: float | None, test: float | None = 0.5,
             **extra) -> None:
     metric = {"stsb": "combined", "cola": "matthews_correlation", "mrpc": "f1"}.get(exp["task"], "accuracy")
-    rec = {"run_id": run.run_id(exp, lr, seed), "stage": "sweep" if seed == exp.get("sweep_seed") else "seeds",
+    stage = exp["stage"] if exp["stage"] != "grid" else "sweep" if seed == exp["sweep_seed"] else "seeds"
+    rec = {"run_id": run.run_id(exp, lr, seed), "stage": stage,
            "task": exp["task"], "variant": exp["variant"], "seed": seed, "learning_rate": lr, "metric": metric,
            "validation_primary": val, "test_primary": test, "smoke": False, "steps": 100,
            "trainable_parameters": 10**6 if exp["variant"] == "full" else 1000, "total_parameters": 10**6,
@@ -186,14 +189,16 @@ def test_report_prints_cells_retention_learned_tasks_headline_and_defaults(tmp_p
     _cell(tmp_path, experiments, "stsb__lora", rate("stsb__lora"), ((1, None), (2, 0.10), (3, 0.12)))
     head = _exp(experiments, "sst2_glue__full")
     _record(tmp_path, head, rate("sst2__full"), 1, 0.93, 0.905, epochs=2.5)
+    _record(tmp_path, _exp(experiments, "mrpc__full__long"), 2e-5, 1, 0.81, 0.83, epochs=7.5, stopped_early=True)
     data = report.load(tmp_path)
-    assert len(data["grid"]) == 12 and len(data["headline"]) == 1 and len(data["sweep"]) == 12
+    assert len(data["evidence"]) == 1 and len(data["grid"]) == 12 and len(data["headline"]) == 1 and len(data["sweep"]) == 12
     text = report.render(data, tmp_path, {"sst2": 0.509})
     assert "| full | 0.910 [0.900–0.920] (n=3) | 0.850 [0.840–0.860] (n=3) |" in text
     # a constant prediction (NaN) is shown and ranks as the worst seed, not dropped
     assert "| lora | 0.900 [0.890–0.950] (n=3) | 0.100 [0.100–0.120] (n=3; 1 constant) |" in text
     assert "| lora | ≥ 1.00 | 0.989 | 0.118 | 0.553 | 0 of 2 |" in text  # 0.90/0.91; 0.10/0.85
     assert "Full fine-tuning learned: sst2, stsb." in text
+    assert "| mrpc | 2e-05 | 0.830 | 0.050 | 0.810 | 7.5 | yes |" in text  # no baseline given for mrpc here
     assert "Full fine-tuning on sst2_glue: 0.905 (goal ≥ 0.90" in text and "meets the goal" in text
     assert "Learned (almost) nothing at its chosen rate: lora." in text  # STS-B paragraph
     assert "**sst2** (accuracy on dev" in text and "**stsb** (combined on dev" in text
