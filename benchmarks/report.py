@@ -265,9 +265,11 @@ def paragraphs(scores, tasks, variants, baselines, learned, grid, rates) -> list
         ranked = sorted(((v, _median(scores.get((v, t)))) for v in variants if scores.get((v, t))),
                         key=lambda x: -(x[1] if x[1] is not None and not math.isnan(x[1]) else -9))
         best_v, best = ranked[0]
-        n = min(len(scores.get((v, t), [])) for v, _ in ranked)
-        words = [f"**{t}** ({metric} on dev, median of up to {max(len(scores.get((v, t), [])) for v, _ in ranked)} "
-                 f"seeds{'; some cells have fewer' if n < len(SEEDS) else ''}):"]
+        have = sorted({len(scores.get((v, t), [])) for v, _ in ranked})
+        seeds = f"{have[0]}" if len(have) == 1 else f"{have[0]}-{have[-1]}"
+        words = [f"**{t}** ({metric} on dev; {seeds} of {len(SEEDS)} seeds per cell so far"
+                 f"{'' if have[0] == len(SEEDS) else ', so read it as provisional'}; "
+                 f"{len(ranked)} of {len(VARIANTS)} variants):"]
         if full is None:
             words.append("full fine-tuning has no runs yet, so nothing is compared to it.")
         elif t not in learned:
