@@ -106,6 +106,16 @@ def test_classify_writes_metrics_and_a_reloadable_adapter(tmp_path, data_root, t
     assert predictions.eq(torch.tensor(test.labels)).float().mean().item() == pytest.approx(on_disk["test"]["accuracy"])
 
 
+def test_train_seconds_never_fall_back_across_epochs(tmp_path, data_root, tiny_bert):
+    # evaluations at steps 5 and 10 of a 12-step epoch: steps 11-12 run after the last pause and must still count
+    out = tmp_path / "run"
+    metrics = recipe("classify").main(classify_args(data_root, tiny_bert, out, "--epochs", "2", "--eval-every", "5",
+                                                    "--log-every", "1", "--checkpoint-every", "0", "--patience", "0"))
+    seconds = [json.loads(line)["train_seconds"] for line in (out / "log.jsonl").read_text().splitlines()
+               if "train_seconds" in json.loads(line)]
+    assert len(seconds) == 24 and seconds == sorted(seconds) and metrics["train_seconds"] >= seconds[-1]
+
+
 def test_linear_probe_uses_the_feature_cache_only_where_it_replays_the_model(tmp_path, data_root, tiny_bert):
     classify = recipe("classify")
     # the tiny BERT has dropout on: train-mode features differ, so "auto" trains end to end and says why

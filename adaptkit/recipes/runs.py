@@ -206,7 +206,9 @@ class Progress:
         from accelerate import skip_first_batches
         loader.set_epoch(self.epoch)  # reseeds shuffling: epoch e always sees the same order
         source = skip_first_batches(loader, self.batch_in_epoch) if self.batch_in_epoch else loader
-        self._clock = time.perf_counter()
+        # bank the time since the last pause before restarting the clock: resetting it alone dropped the end of every
+        # epoch that did not close with an evaluation (train_seconds then fell back at each new epoch)
+        self.train_seconds, self._clock = self.seconds(), time.perf_counter()
         for batch in _rng_neutral(source):
             self.batch_in_epoch += 1
             self.samples += _batch_len(batch) * self.accelerator.num_processes
