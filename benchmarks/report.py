@@ -312,7 +312,7 @@ def _relative_time(grid: list[dict]) -> dict[tuple[str, str], float]:
     per = defaultdict(list)
     for r in grid:
         if r.get("steps"):
-            per[(r["variant"], r["task"])].append(_train_cost(r) / r["steps"])
+            per[(r["variant"], r["task"])].append(_step_cost(r))
     out = {}
     for (v, t), xs in per.items():
         if per.get(("full", t)):
@@ -320,10 +320,14 @@ def _relative_time(grid: list[dict]) -> dict[tuple[str, str], float]:
     return out
 
 
-def _train_cost(r: dict) -> float:
-    """Training seconds, plus building the feature cache where the linear probe used one (it is training work)."""
+def _step_cost(r: dict) -> float:
+    """Seconds per optimizer step: the median step from the run's log (robust to evaluation pauses, and to the
+    recipe's train_seconds before commit 026c41c, which dropped the end of each epoch), plus the linear probe's
+    feature-cache build spread over its steps (building the cache is training work)."""
     cache = r.get("feature_cache") or {}
-    return r["train_seconds"] + ((cache.get("cache_seconds") or 0.0) if cache.get("used", True) else 0.0)
+    build = (cache.get("cache_seconds") or 0.0) if cache.get("used", True) else 0.0
+    step = r.get("median_step_seconds")
+    return (step if step and step > 0 else r["train_seconds"] / r["steps"]) + build / r["steps"]
 
 
 def _retention(scores, tasks, variants, learned) -> list[str]:
