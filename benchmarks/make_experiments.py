@@ -51,7 +51,7 @@ SEEDS, SWEEP_SEED = [1, 2, 3], 1  # the sweep runs seed 1; its run at the chosen
 HEADLINE = {"task": "sst2_glue", "rates_from": "sst2", "variants": ["full", "lora"], "epochs": 3, "seeds": [1]}
 
 # Evidence, added 2026-12-01 before its runs (README, "Protocol"): where full fine-tuning stayed at the majority
-# class through its whole 3-epoch sweep (MRPC, RTE), one longer run at the rate that sweep chose shows whether
+# class through its whole 3-epoch sweep (MRPC, RTE), one longer run at that sweep's best rate shows whether
 # MiniLM can learn the task at all: 10 epochs, stopping only after 3 epochs without improvement. Reported
 # beside the grid, never in its cells.
 EVIDENCE = {"tasks": ["mrpc", "rte"], "variants": ["full"], "epochs": 10, "patience": 6, "seeds": [1]}

@@ -219,8 +219,11 @@ def plan(experiments: list[dict], results: Path, stage: str, tasks=None, variant
         elif exp["stage"] == stage and stage in ("headline", "evidence"):
             source = exp["learning_rates"]["from_task"]
             choice = rates.get(source, {}).get(exp["variant"])
+            # evidence asks whether the task can be learned at all: the sweep's best rate, not the one-SE choice (when
+            # every rate scores level, as at the majority class, the one-SE rule picks the ladder's smallest)
+            key = "best_learning_rate" if stage == "evidence" else "learning_rate"
             for s in (seeds or exp["seeds"]):
-                wanted.append((choice["learning_rate"], s, None) if choice else
+                wanted.append((choice[key], s, None) if choice else
                               (math.nan, s, f"no rate chosen for {source} x {exp['variant']} yet (its sweep)"))
         for lr, seed, blocked in wanted:
             runs.append({"experiment": exp, "learning_rate": lr, "seed": seed, "blocked": blocked, "stage": stage,
@@ -426,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         missing = missing_flags([r for r in runs if not r["blocked"]], args)
         for name, flags in missing.items():
             print(f"skipping {name}: {args.recipe.name} has no {', '.join(flags)}", file=sys.stderr)
-        print(f"{stage}: {len(runs)} to run now, {sum(bool(r['blocked']) for r in runs)} blocked "
+        print(f"{stage}: {sum(not r['blocked'] for r in runs)} to run now, {sum(bool(r['blocked']) for r in runs)} blocked "
               "(the sweep adds rates as results come in)", flush=True)
         count = 0
         while True:  # re-plan after every run: the sweep's next rate depends on the last result

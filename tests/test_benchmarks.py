@@ -132,6 +132,19 @@ def test_headline_takes_the_rate_chosen_on_sst2(tmp_path):
     assert all(r["blocked"] for r in runs if r["experiment"]["variant"] == "full")
 
 
+def test_evidence_runs_at_the_sweep_s_best_rate_not_the_one_se_choice(tmp_path):
+    experiments = run.load_experiments(BENCH / "experiments")
+    exp = _exp(experiments, "mrpc__full")
+    ladder = exp["learning_rates"]["ladder"]
+    scores = {ladder[0]: 0.806, ladder[1]: 0.815, ladder[2]: 0.808, ladder[3]: 0.811}  # level: majority class
+    for lr, score in scores.items():
+        _record(tmp_path, exp, lr, 1, score)
+    state = run.sweep(exp, tmp_path)
+    assert state["learning_rate"] == ladder[0] and state["best_learning_rate"] == ladder[1]
+    longer = run.plan(experiments, tmp_path, "evidence", ["mrpc"])
+    assert [(r["learning_rate"], r["blocked"]) for r in longer] == [(ladder[1], None)]
+
+
 def test_two_runners_never_take_the_same_run_and_a_dead_runner_s_claim_is_freed(tmp_path):
     first = run.claim(tmp_path, "x")
     assert first is not None and run.claim(tmp_path, "x") is None  # held by this (live) process
