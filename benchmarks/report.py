@@ -288,8 +288,10 @@ def paragraphs(scores, tasks, variants, baselines, learned, grid, rates) -> list
                              f"parameters is {cheapest} ({_params(grid, cheapest):,})"
                              + (f", at {cost[(cheapest, t)]:.2f}x full fine-tuning's training time"
                                 if (cheapest, t) in cost else "") + ".")
-            else:
+            elif len(ranked) > 1:
                 words.append("No parameter-efficient variant comes within one point of full fine-tuning.")
+            else:
+                words.append("No other variant has a cell here yet.")
         collapsed = [v for v, s in ranked if s is None or math.isnan(s) or
                      (t in baselines and s <= baselines[t] + 0.01) or (t not in baselines and s < REGRESSION_FLOOR)]
         if collapsed:
@@ -355,8 +357,8 @@ def _retention(scores, tasks, variants, learned) -> list[str]:
 def _evidence(evidence: list[dict], baselines: dict[str, float]) -> list[str]:
     lines = ["## Can MiniLM learn it at all? Full fine-tuning with a longer budget (evidence, not a cell)", ""]
     if not evidence:
-        return lines + [f"Planned for {', '.join(EVIDENCE['tasks'])} ({EVIDENCE['epochs']} epochs, at the rate the "
-                        "task's sweep chose); not run yet.", ""]
+        return lines + [f"Planned for {', '.join(EVIDENCE['tasks'])} ({EVIDENCE['epochs']} epochs, at the rate with "
+                        "the best validation score in the task's sweep); not run yet.", ""]
     lines += ["| task | rate | dev | learned bar | validation | epochs run | stopped early |",
               "|---|---:|---:|---:|---:|---:|---|"]
     for r in evidence:
