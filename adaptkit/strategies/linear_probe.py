@@ -33,8 +33,8 @@ class LinearProbe(Strategy):
     * ``"mean"``: the attention-masked mean of the last hidden states, the sentence embedding that
       sentence-transformers checkpoints (all-MiniLM-L6-v2 among them) are trained to produce. Their
       first-token pooler was never trained for anything, so probing it wastes the model (SST-2 with
-      MiniLM: 0.70 with the CLS pooler vs 0.78 mean-pooled, benchmarks/results/v1/REPORT.md). Needs a backbone with a pooler layer to replace
-      (BERT, MiniLM, ALBERT, ...); other models are refused. The result is not a transformers
+      MiniLM: 0.70 with the CLS pooler vs 0.78 mean-pooled, benchmarks/results/v1/REPORT.md). Needs a
+      backbone with a pooler layer to replace (BERT, MiniLM, ALBERT, ...); other models are refused. The result is not a transformers
       architecture any more, so ``merge`` refuses it: save and load it with adaptkit.
 
     On a causal LM the head is ``lm_head``, which is usually tied to the input embeddings: probing it
