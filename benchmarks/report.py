@@ -501,7 +501,7 @@ def pareto_points(grid: list[dict], baselines: dict[str, float]) -> list[dict]:
         times = [rel[(v, t)] for t in tasks if (v, t) in rel]
         if ret and times:
             pts.append({"variant": v, "retention": statistics.median(ret), "memory_mb": 16 * _params(grid, v) / 1e6,
-                        "time": statistics.median(times)})
+                        "time": statistics.median(times), "tasks": len(ret)})
     for p in pts:
         p["pareto"] = not any(q is not p and q["retention"] >= p["retention"] and q["memory_mb"] <= p["memory_mb"]
                               and q["time"] <= p["time"] and (q["retention"], -q["memory_mb"], -q["time"])
@@ -524,7 +524,8 @@ def plots(grid: list[dict], out: Path, baselines: dict[str, float] | None = None
         for p in pts:
             ax.scatter(p[key], p["retention"], s=90 if p["pareto"] else 40, color=colors[p["variant"]],
                        edgecolors="black" if p["pareto"] else "none", zorder=3)
-            ax.annotate(p["variant"] + (" *" if p["pareto"] else ""), (p[key], p["retention"]), fontsize=7,
+            ax.annotate(f"{p['variant']}{' *' if p['pareto'] else ''} ({p['tasks']} tasks)", (p[key], p["retention"]),
+                        fontsize=7,
                         xytext=(4, 3), textcoords="offset points")
         ax.set_xscale("log" if log else "linear")
         ax.set_xlabel(label)
