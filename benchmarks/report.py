@@ -232,7 +232,9 @@ def _conditions(data: dict) -> list[str]:
     recs = data["grid"] + data["sweep"] + data["headline"] + data["ratios"]
     if not recs:
         return ["No results recorded yet: run `benchmarks/bench.sh` (README).", ""]
-    runs = data["grid"] + data["sweep"] + data["headline"]
+    # a cell's seed-1 run is also a sweep run: count each record once
+    runs = list({r["run_id"]: r for r in data["grid"] + data["sweep"] + data["headline"] + data.get("evidence", [])
+                 }.values())
     first = recs[0]
     shas = sorted({(r.get("git") or {}).get("sha") or "?" for r in runs})
     dirty = sum(bool((r.get("git") or {}).get("dirty_files")) for r in runs)
