@@ -21,6 +21,16 @@ import transformers  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps one process-wide state, and an Accelerator made later inherits it. A bf16 recipe test
+    would otherwise leave bf16 autocast on for every in-process recipe run after it (the regression-defaults
+    test then saw bf16-rounded, constant-looking predictions), so every test starts from none."""
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+
+
 _SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 
 # family -> (config factory, {task: model class name})
