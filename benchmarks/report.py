@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_experiments import EPOCHS, EVIDENCE, HEADLINE, SEEDS, VARIANTS  # noqa: E402
-from run import RATES_FILE, RUNS, standard_error, validation_rows  # noqa: E402
+from run import RATES_FILE, RUNS  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TASKS = list(EPOCHS)
@@ -138,42 +138,33 @@ def sweep_table(sweep: list[dict]) -> dict[tuple[str, str], dict[float, dict]]:
     return out
 
 
-def _val(r: dict) -> float:
-    v = r.get("validation_primary")
-    return v if isinstance(v, (int, float)) and math.isfinite(v) else -math.inf
-
-
-def holds(table: dict, task: str, variant: str, rate: float) -> bool | None:
-    """Is ``rate`` within one SE of the best validation score of this (task, variant)'s sweep? None: not run."""
-    runs = table.get((task, variant), {})
-    if rate not in runs:
+def holds(choice: dict, rate: float) -> bool | None:
+    """Is ``rate`` within one SE of the best validation score of a complete sweep? ``choice`` is what run.sweep
+    wrote to learning_rates.json for it (every score, the best rate, the SE). None: the rate was not run there."""
+    scores = choice["scores"]
+    if f"{rate:g}" not in scores:
         return None
-    best = max(runs.values(), key=_val)
-    if not math.isfinite(_val(best)):
-        return False
-    se = standard_error(best["metric"], _val(best), validation_rows(best))
-    return _val(runs[rate]) >= _val(best) - se
+    best, mine = scores[f"{choice['best_learning_rate']:g}"], scores[f"{rate:g}"]
+    return best is not None and mine is not None and mine >= best - choice["standard_error"]
 
 
-def default_rates(sweep: list[dict], rates: dict) -> list[dict]:
+def default_rates(rates: dict) -> list[dict]:
     """Per recipe default (DEFAULT_LR key): the rates within one SE of the best on every task and variant
-    it covers; failing one, a rate per task type (classification, regression)."""
-    table = sweep_table(sweep)
+    it covers (complete sweeps only); failing one, a rate per task type (classification, regression)."""
     groups = defaultdict(list)
     for v in VARIANTS:
         groups[DEFAULT_KEY[v]].append(v)
     out = []
     for key, variants in groups.items():
-        cells = [(t, v) for t in TASKS for v in variants if (t, v) in table]
-        complete = [(t, v) for t, v in cells if v in rates.get(t, {})]
-        ladder = sorted({lr for t, v in cells for lr in table[(t, v)]})
-        verdicts = {lr: {c: holds(table, *c, lr) for c in complete} for lr in ladder}
+        complete = {(t, v): rates[t][v] for t in TASKS for v in variants if v in rates.get(t, {})}
+        ladder = sorted({float(lr) for choice in complete.values() for lr in choice["scores"]})
+        verdicts = {lr: {c: holds(choice, lr) for c, choice in complete.items()} for lr in ladder}
         everywhere = [lr for lr in ladder if complete and all(verdicts[lr].values())]
         by_type = {}
         for kind, tasks in (("classification", [t for t in TASKS if t != "stsb"]), ("regression", ["stsb"])):
             sub = [c for c in complete if c[0] in tasks]
             by_type[kind] = [lr for lr in ladder if sub and all(verdicts[lr][c] for c in sub)]
-        out.append({"key": key, "variants": variants, "cells": len(cells), "complete": len(complete),
+        out.append({"key": key, "variants": variants, "complete": len(complete),
                     "planned": len(TASKS) * len(variants), "everywhere": everywhere, "by_type": by_type,
                     "verdicts": verdicts})
     return out
@@ -449,7 +440,7 @@ def _defaults(sweep: list[dict], rates: dict) -> list[str]:
               "tasks and on the regression task (STS-B) separately.", "",
               "| default | covers | sweeps complete | default now | holds on every task | classification only | "
               "regression only | where the current default fails |", "|---|---|---:|---:|---|---|---|---|"]
-    for d in default_rates(sweep, rates):
+    for d in default_rates(rates):
         now = current.get(d["key"])
         fails = [f"{t}/{v}" for (t, v), ok in d["verdicts"].get(now, {}).items() if ok is False]
         untested = now not in d["verdicts"]
