@@ -70,39 +70,33 @@ def _flags(task: str, epochs: int, own: dict) -> dict:
             **own}
 
 
-def experiment(task: str, variant: str) -> dict:
-    strategy, options, ladder, start, own_flags = VARIANTS[variant]
+def _experiment(stage: str, name: str, task: str, variant: str, epochs: int, learning_rates: dict,
+                sweep_seed: int | None, seeds: list[int], **flags) -> dict:
+    strategy, options, _, _, own_flags = VARIANTS[variant]
     return {
-        "name": f"{task}__{variant}", "stage": "grid", "task": task, "variant": variant,
-        "strategy": strategy, "options": options,
-        "learning_rates": {"ladder": ladder, "start": start}, "sweep_seed": SWEEP_SEED, "seeds": SEEDS,
+        "name": name, "stage": stage, "task": task, "variant": variant, "strategy": strategy, "options": options,
+        "learning_rates": learning_rates, "sweep_seed": sweep_seed, "seeds": seeds,
         # GLUE ships train + dev: dev is the test set; validation is carved from train by the recipe
         "train_file": f"{task}/train.tsv", "test_file": f"{task}/dev.tsv",
-        "flags": _flags(task, EPOCHS[task], own_flags),
+        "flags": {**_flags(task, epochs, own_flags), **flags},
     }
+
+
+def experiment(task: str, variant: str) -> dict:
+    _, _, ladder, start, _ = VARIANTS[variant]
+    return _experiment("grid", f"{task}__{variant}", task, variant, EPOCHS[task], {"ladder": ladder, "start": start},
+                       SWEEP_SEED, SEEDS)
 
 
 def headline(variant: str) -> dict:
-    strategy, options, _, _, own_flags = VARIANTS[variant]
     task = HEADLINE["task"]
-    return {
-        "name": f"{task}__{variant}", "stage": "headline", "task": task, "variant": variant,
-        "strategy": strategy, "options": options, "learning_rates": {"from_task": HEADLINE["rates_from"]},
-        "sweep_seed": None, "seeds": HEADLINE["seeds"],
-        "train_file": f"{task}/train.tsv", "test_file": f"{task}/dev.tsv",
-        "flags": _flags(task, HEADLINE["epochs"], own_flags),
-    }
+    return _experiment("headline", f"{task}__{variant}", task, variant, HEADLINE["epochs"],
+                       {"from_task": HEADLINE["rates_from"]}, None, HEADLINE["seeds"])
 
 
 def evidence(task: str, variant: str) -> dict:
-    strategy, options, _, _, own_flags = VARIANTS[variant]
-    return {
-        "name": f"{task}__{variant}__long", "stage": "evidence", "task": task, "variant": variant,
-        "strategy": strategy, "options": options, "learning_rates": {"from_task": task},
-        "sweep_seed": None, "seeds": EVIDENCE["seeds"],
-        "train_file": f"{task}/train.tsv", "test_file": f"{task}/dev.tsv",
-        "flags": {**_flags(task, EVIDENCE["epochs"], own_flags), "patience": EVIDENCE["patience"]},
-    }
+    return _experiment("evidence", f"{task}__{variant}__long", task, variant, EVIDENCE["epochs"], {"from_task": task},
+                       None, EVIDENCE["seeds"], patience=EVIDENCE["patience"])
 
 
 def all_experiments() -> dict[Path, dict]:
