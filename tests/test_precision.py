@@ -126,3 +126,23 @@ def test_classify_recipe_with_bf16_weights_and_autocast(tmp_path, data_root, tin
     saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert saved["peft_type"] == "LORA"
     assert 0.0 <= metrics["test"]["accuracy"] <= 1.0
+
+
+def test_a_second_in_process_run_does_not_inherit_the_first_runs_bf16(tmp_path, data_root, tiny_bert, monkeypatch):
+    # Accelerate keeps one state per process: without the check, a run that asked for no precision trained
+    # silently under the earlier run's bf16 autocast. It is refused before anything is written.
+    from adaptkit.errors import ConfigError
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    first = recipe("classify").main(classify_args(data_root, tiny_bert, tmp_path / "bf16", "--max-steps", "2",
+                                                  "--checkpoint-every", "0", "--mixed-precision", "bf16"))
+    assert first["mixed_precision"] == "bf16"
+    for extra in ([], ["--mixed-precision", "no"]):
+        out = tmp_path / f"second{len(extra)}"
+        with pytest.raises(ConfigError, match=r"--mixed-precision.*'no'.*'bf16'.*own process"):
+            recipe("classify").main(classify_args(data_root, tiny_bert, out, "--max-steps", "2",
+                                                  "--checkpoint-every", "0", *extra))
+        assert not out.exists()
+    # the same precision again is fine: nothing changes
+    again = recipe("classify").main(classify_args(data_root, tiny_bert, tmp_path / "again", "--max-steps", "2",
+                                                  "--checkpoint-every", "0", "--mixed-precision", "bf16"))
+    assert again["mixed_precision"] == "bf16"

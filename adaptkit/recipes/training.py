@@ -211,6 +211,30 @@ def learning_rate(args: argparse.Namespace) -> float:
 
 
 # ---- accelerate --------------------------------------------------------------------------------------
+def wanted_precision(args: argparse.Namespace) -> str:
+    """The mixed precision this run asks for: --mixed-precision, else the launcher's (Accelerate's own default).
+
+    Accelerate keeps one state per process and, asked for no precision, silently reuses whatever an earlier
+    Accelerator in the same process set up: a second in-process run would train under the first one's bf16
+    autocast. So the precision is resolved here and an initialised state that disagrees is refused.
+    """
+    import os
+
+    from accelerate.state import AcceleratorState
+
+    wanted = (args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")).lower()
+    state = AcceleratorState._shared_state  # the class attribute: reading it initialises nothing
+    if state and state.get("_mixed_precision") not in (None, wanted):
+        source = "--mixed-precision" if args.mixed_precision else "--mixed-precision (unset: the launcher's)"
+        raise ConfigError(
+            f"{source}: this run asks for {wanted!r}, but an earlier Accelerator in this process set up "
+            f"{state['_mixed_precision']!r}, and Accelerate cannot change it within a process. Run each "
+            "recipe in its own process (`accelerate launch` / `python recipe.py`), or, calling main() twice "
+            "in one process, reset it in between: "
+            "`accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)`.")
+    return wanted
+
+
 def make_accelerator(args: argparse.Namespace):
     """An Accelerator whose shuffling is reseeded from ``seed + epoch`` (what exact resume relies on), logging
     to the --report-to trackers under ``--output-dir/tensorboard``. Nothing is written yet."""
@@ -220,8 +244,9 @@ def make_accelerator(args: argparse.Namespace):
     from adaptkit.distributed import check_sharding, require_processes
 
     out = Path(args.output_dir)
+    precision = wanted_precision(args)
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=args.mixed_precision,
+                              mixed_precision=precision,
                               log_with=trackers(args.report_to) or None,
                               project_config=ProjectConfiguration(project_dir=str(out),
                                                                   logging_dir=str(out / TENSORBOARD_DIR)),
