@@ -7,20 +7,30 @@ save records the files it wrote (its manifest), and everything else in the old f
 into the new one as hard links before the swap, so the swap replaces only adaptkit's files.
 
 Temporary folders are named ``.<name>.tmp-<pid>-<random>``; one whose process is gone was left by
-a killed save and is removed by the next save to the same target.
+a killed save and is removed by the next save to the same target. One file is written the same way
+(:func:`write_json`: a temporary name, then a rename).
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from adaptkit.errors import ConfigError
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 def resolve_target(directory: str | Path) -> Path:

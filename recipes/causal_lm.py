@@ -29,7 +29,7 @@ import torch
 from transformers import AutoTokenizer
 
 import adaptkit
-from adaptkit.recipes import batching, data, guards, metrics, runs, training
+from adaptkit.recipes import batching, checkpoints, data, guards, metrics, runs, training
 from adaptkit.distributed import check_sharded_model
 from adaptkit.errors import ConfigError, DataError
 
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     progress = runs.Progress(args, accelerator, max_steps, len(train_loader),
                              metric=metrics.primary_metric("language_model"))
     accelerator.register_for_checkpointing(progress)  # saved and restored with the model, optimizer and RNGs
-    runs.resume(accelerator, args, progress)  # --resume: exactly where it stopped; refuses changed flags
+    checkpoints.resume(accelerator, args, progress)  # --resume: exactly where it stopped; refuses changed flags
     log = runs.Log(accelerator, args, progress, "causal_lm")
     model.train()
     while not progress.done:
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
                     accelerator.set_trigger()
                 progress.stopped_early = accelerator.check_trigger()  # on any process: all stop together
             if args.checkpoint_every and progress.step % args.checkpoint_every == 0 and not progress.done:
-                runs.checkpoint(accelerator, args, progress)
+                checkpoints.checkpoint(accelerator, args, progress)
             if progress.done:
                 break
 

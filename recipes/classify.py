@@ -31,7 +31,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 import adaptkit
-from adaptkit.recipes import batching, data, guards, metrics, runs, training
+from adaptkit.recipes import batching, checkpoints, data, guards, metrics, runs, training
 from adaptkit.distributed import check_sharded_model
 from adaptkit.errors import ConfigError, MissingDependencyError
 
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     # on validation, stop after --patience evaluations without improvement, checkpoint every --checkpoint-every.
     progress = runs.Progress(args, accelerator, max_steps, len(train_loader), metric=metrics.primary_metric(task))
     accelerator.register_for_checkpointing(progress)  # saved and restored with the model, optimizer and RNGs
-    runs.resume(accelerator, args, progress)  # --resume: exactly where it stopped; refuses changed flags
+    checkpoints.resume(accelerator, args, progress)  # --resume: exactly where it stopped; refuses changed flags
     log = runs.Log(accelerator, args, progress, "classify")
     model.train()
     while not progress.done:
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
                     accelerator.set_trigger()
                 progress.stopped_early = accelerator.check_trigger()  # on any process: all stop together
             if args.checkpoint_every and progress.step % args.checkpoint_every == 0 and not progress.done:
-                runs.checkpoint(accelerator, args, progress)
+                checkpoints.checkpoint(accelerator, args, progress)
             if progress.done:
                 break
 

@@ -22,7 +22,7 @@ import torch
 from transformers import AutoImageProcessor
 
 import adaptkit
-from adaptkit.recipes import data, metrics, runs, training
+from adaptkit.recipes import checkpoints, data, metrics, runs, training
 from adaptkit.errors import ConfigError, DataError
 
 
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     # on validation, stop after --patience evaluations without improvement, checkpoint every --checkpoint-every.
     progress = runs.Progress(args, accelerator, max_steps, len(train_loader), metric=metrics.primary_metric("classification"))
     accelerator.register_for_checkpointing(progress)  # saved and restored with the model, optimizer and RNGs
-    runs.resume(accelerator, args, progress)  # --resume: exactly where it stopped; refuses changed flags
+    checkpoints.resume(accelerator, args, progress)  # --resume: exactly where it stopped; refuses changed flags
     log = runs.Log(accelerator, args, progress, "image_classify")
     model.train()
     while not progress.done:
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
                     accelerator.set_trigger()
                 progress.stopped_early = accelerator.check_trigger()  # on any process: all stop together
             if args.checkpoint_every and progress.step % args.checkpoint_every == 0 and not progress.done:
-                runs.checkpoint(accelerator, args, progress)
+                checkpoints.checkpoint(accelerator, args, progress)
             if progress.done:
                 break
 

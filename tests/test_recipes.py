@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import load_file
 
 import adaptkit
-from adaptkit.recipes import batching, data, runs, training
+from adaptkit.folders import write_json
+from adaptkit.recipes import batching, checkpoints, data, runs, training
 from adaptkit.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,7 +164,7 @@ class _Interrupt(Exception):
 def run_interrupted_and_resumed(main, argv_for, tmp_path: Path, monkeypatch, stop_at: int) -> None:
     """Run ``whole`` uninterrupted; run ``cut`` until the checkpoint at ``stop_at``, kill it, --resume it."""
     main(argv_for(tmp_path / "whole"))
-    checkpoint = runs.checkpoint
+    checkpoint = checkpoints.checkpoint
 
     def interrupted(accelerator, args, progress):  # dies right after writing the checkpoint
         path = checkpoint(accelerator, args, progress)
@@ -171,11 +172,11 @@ def run_interrupted_and_resumed(main, argv_for, tmp_path: Path, monkeypatch, sto
             raise _Interrupt
         return path
 
-    monkeypatch.setattr(runs, "checkpoint", interrupted)
+    monkeypatch.setattr(checkpoints, "checkpoint", interrupted)
     with pytest.raises(_Interrupt):
         main(argv_for(tmp_path / "cut"))
-    monkeypatch.setattr(runs, "checkpoint", checkpoint)
-    latest = runs.latest_checkpoint(tmp_path / "cut")
+    monkeypatch.setattr(checkpoints, "checkpoint", checkpoint)
+    latest = checkpoints.latest_checkpoint(tmp_path / "cut")
     assert latest.name == f"step-{stop_at:07d}"
     # the checkpoint holds what trains (here: adapter + head, as many values as the saved adapter), not the model
     in_checkpoint = load_file(str(latest / "model.safetensors"))
@@ -457,15 +458,15 @@ def test_latest_checkpoint_skips_incomplete_folders(tmp_path):
         folder = tmp_path / "checkpoints" / name
         folder.mkdir(parents=True)
         if complete:
-            (folder / runs.RUN_STATE).write_text("{}")
-    assert runs.latest_checkpoint(tmp_path).name == "step-0000012"
-    assert runs.latest_checkpoint(tmp_path / "nothing") is None
+            (folder / checkpoints.RUN_STATE).write_text("{}")
+    assert checkpoints.latest_checkpoint(tmp_path).name == "step-0000012"
+    assert checkpoints.latest_checkpoint(tmp_path / "nothing") is None
 
 
 def test_write_json_replaces_atomically(tmp_path):
     path = tmp_path / "metrics.json"
-    runs.write_json(path, {"a": 1})
-    runs.write_json(path, {"a": 2})
+    write_json(path, {"a": 1})
+    write_json(path, {"a": 2})
     assert json.loads(path.read_text()) == {"a": 2} and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
