@@ -10,9 +10,9 @@ Every folder ``adaptkit.save`` (or an adapted model's ``save_pretrained``) write
   tensors, for ``full`` the whole model);
 * ``config.json``: for ``full`` the model's own (``from_pretrained`` loads the folder exactly); for the
   other native strategies and PEFT prompt learning (prefix) a config of model type ``adaptkit``, so
-  ``AutoModel*.from_pretrained`` refuses the folder (naming ``adaptkit.load``) instead of filling a
-  base model with a few tensors or failing inside PEFT; LoRA-family folders have none, and
-  transformers' PEFT integration loads them onto the recorded base exactly;
+  ``from_pretrained`` refuses the folder (naming ``adaptkit.load``), through an ``Auto`` class or a
+  concrete one, instead of filling a base model with a few tensors or failing inside PEFT; LoRA-family
+  folders have none, and transformers' PEFT integration loads them onto the recorded base exactly;
 * ``README.md``: the model card (``adaptkit.card``).
 """
 
@@ -94,12 +94,29 @@ def write_folder(model: nn.Module, directory: Path, state_dict: dict | None = No
         _absolute_peft_base(directory, data["base_model"])
     if _refuse_from_pretrained(model, strategy):
         import transformers
-        write_config({"model_type": ADAPTKIT_MODEL_TYPE, "transformers_version": transformers.__version__,
-                      "adaptkit": "an adaptkit adapter, not a whole model: load it with "
-                                  "adaptkit.load(folder, base_model)"}, directory / "config.json")
+        write_config(refusing_config(transformers.__version__), directory / "config.json")
     (directory / "README.md").write_text(card.model_card(model, data))
     data["files"] = sorted({*folders.files_under(directory), CONFIG_NAME})
     write_config(data, directory / CONFIG_NAME)
+
+
+def refusing_config(transformers_version: str) -> dict[str, Any]:
+    """config.json of a folder that from_pretrained must refuse.
+
+    ``AutoModel*`` reads model type ``adaptkit`` and reaches ``adaptkit.hf``'s stand-in, which raises the fix. A
+    concrete class (``BertForSequenceClassification.from_pretrained(folder)``) skips the model type: it
+    builds its own config class from these keys with defaults for the rest, and on a base of default sizes
+    (BERT-base) it would load the few saved tensors into a randomly initialised model. transformers' configs
+    are strict dataclasses, so the size fields every architecture has under one of these names hold the
+    fix as text: the concrete class's config refuses the folder and its error shows that text.
+    """
+    fix = "an adaptkit adapter, not a whole model: load it with adaptkit.load(folder, base_model)"
+    return {"model_type": ADAPTKIT_MODEL_TYPE, "transformers_version": transformers_version, "adaptkit": fix,
+            **{key: fix for key in _SIZE_FIELDS}}
+
+
+# size fields, named as the config classes name them (BERT/ViT/Llama, T5/BART, GPT-2)
+_SIZE_FIELDS = ("vocab_size", "hidden_size", "d_model", "n_embd")
 
 
 def _refuse_from_pretrained(model: nn.Module, strategy) -> bool:

@@ -56,6 +56,21 @@ def test_from_pretrained_on_a_folder_loads_exactly_or_names_adaptkit_load(tmp_pa
         else:
             with pytest.raises(errors.AdapterFormatError, match=r"adaptkit\.load\(folder, base_model\)"):
                 _load_base(out)
+            # a concrete class skips the model type; its strict config refuses the folder, showing the fix
+            with pytest.raises(Exception, match=r"adaptkit\.load\(folder, base_model\)"):
+                transformers.BertForSequenceClassification.from_pretrained(str(out))
+
+
+@pytest.mark.parametrize("strategy", ["bottleneck", "linear_probe"])
+def test_a_concrete_class_refuses_a_folder_of_a_default_sized_base(tmp_path, strategy):
+    # BERT-base's sizes are BertConfig's defaults: reading the folder's config as a default BERT config used to
+    # load the few saved tensors into a randomly initialised BERT-base, with only a MISSING report
+    base = transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=2))
+    adaptkit.save(adaptkit.adapt(base, strategy), tmp_path / "out")
+    with pytest.raises(Exception, match=r"adaptkit\.load\(folder, base_model\)"):
+        transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "out"))
+    with pytest.raises(errors.AdapterFormatError, match=r"adaptkit\.load"):
+        transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "out"))
 
 
 def test_label_names_round_trip_into_a_pipeline(tmp_path, base_dir):
