@@ -1,4 +1,4 @@
-"""What an adapter folder records besides its tensors, and the checks ``load`` makes with it.
+"""What an adapter folder records besides its tensors, how ``load`` reads it, and the checks it makes first.
 
 Every folder ``adaptkit.save`` (or an adapted model's ``save_pretrained``) writes holds:
 
@@ -24,9 +24,9 @@ from typing import Any
 
 from torch import nn
 
-from adaptkit import card, folders, targets
+from adaptkit import card, folders, strategies, targets
 from adaptkit.errors import AdapterFormatError, BaseMismatchError
-from adaptkit.strategies.base import CONFIG_NAME, MARKER, PeftStrategy, write_config
+from adaptkit.strategies.base import CONFIG_NAME, MARKER, WEIGHTS_NAME, PeftStrategy, Strategy, weights_file, write_config
 
 FORMAT = "adaptkit-adapter/1"
 FILE_KEYS = {"format", "adaptkit_version", "base_model", "base", "labels", "strategy", "adapters", "files"}
@@ -196,3 +196,146 @@ def fill_task_type(directory: Path, options: dict[str, Any], base_model: nn.Modu
                 "stay as the base has it (random if freshly added)",
         fix="re-save the adapter with task_type set (e.g. 'SEQ_CLS'; PEFT then saves the head), or load it "
             "onto a model without a task head (AutoModel)")
+
+
+def read_config(directory: Path) -> Strategy:
+    """Read and validate ``adaptkit_config.json``: unknown keys or wrong types raise, nothing executes."""
+    return read_file(directory)[0]
+
+
+def read_file(directory: Path) -> tuple[Strategy, dict[str, Any]]:
+    path = directory / CONFIG_NAME
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AdapterFormatError(field=str(path), value=type(exc).__name__, problem=f"cannot be read: {exc}",
+                                 fix="pass a folder written by adaptkit.save") from None
+    if not isinstance(data, dict) or set(data) - FILE_KEYS or data.get("format") != FORMAT:
+        raise AdapterFormatError(field=str(path), value=sorted(data) if isinstance(data, dict) else data,
+                                 problem=f"is not an {FORMAT} file",
+                                 fix="pass a folder written by adaptkit.save of this version")
+    spec = data.get("strategy")
+    if not isinstance(spec, dict):
+        raise AdapterFormatError(field=f"{path}:strategy", value=spec, problem="must be an object",
+                                 fix="re-save the adapter with adaptkit.save")
+    return strategies.get(str(spec.get("strategy"))).from_dict(spec), data
+
+
+def read_peft_config(folder: Path):
+    """``adapter_config.json`` as a peft.PeftConfig; a file that is not JSON, names an unknown PEFT
+    method or holds fields PEFT refuses is a typed error naming the file."""
+    from peft import PeftConfig, PeftType
+    path = folder / "adapter_config.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise AdapterFormatError(field=str(path), value=type(exc).__name__, problem=f"cannot be read: {exc}",
+                                 fix="restore the folder from a good copy, or save the adapter again") from None
+    known = sorted(t.value for t in PeftType)
+    if not isinstance(data, dict) or data.get("peft_type") not in known:
+        value = data.get("peft_type") if isinstance(data, dict) else type(data).__name__
+        raise AdapterFormatError(field=f"{path}:peft_type", value=value, problem="is not a PEFT method",
+                                 fix=f"the file must name one of {known}; restore it or save the adapter again")
+    from adaptkit.strategies.peft_method import PeftMethod
+    try:
+        config = PeftConfig.from_pretrained(str(folder))
+        PeftMethod.from_peft_config(config)  # field types: PEFT keeps r="8" and fails deep inside a layer
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise AdapterFormatError(field=str(path), value=data.get("peft_type"),
+                                 problem=f"refused by PEFT: {type(exc).__name__}: {exc}",
+                                 fix="restore the file from a good copy, or save the adapter again") from None
+    return config
+
+
+def read_adapters(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_NAME
+    spec = json.loads(path.read_text()).get("adapters") or {"names": ["default"], "active": "default"}
+    names, active = spec.get("names") if isinstance(spec, dict) else None, spec.get("active") if isinstance(spec, dict) else None
+    if (not isinstance(names, list) or "default" not in names or active not in names
+            or not all(isinstance(n, str) and n and "/" not in n and not n.startswith(".") for n in names)):
+        raise AdapterFormatError(field=f"{path}:adapters", value=spec,
+                                 problem="must list the adapter names (including 'default') and the active one",
+                                 fix="save the adapter again with adaptkit.save")
+    return {"names": names, "active": active}
+
+
+def check_prompt_shape(folder: Path, base_model: nn.Module) -> None:
+    """PEFT builds a prefix from the sizes in adapter_config.json, not the model's: a prefix trained on
+    another width or depth loads, then fails at the first forward. Compare them up front."""
+    from peft.utils.other import _prepare_prompt_learning_config
+    config = read_peft_config(folder)
+    if not config.is_prompt_learning:
+        return
+    model_config = getattr(unwrap(base_model), "config", None)
+    if model_config is None:
+        return
+    fresh = type(config)(num_virtual_tokens=config.num_virtual_tokens, task_type=config.task_type)
+    try:
+        fresh = _prepare_prompt_learning_config(fresh, model_config)
+    except ValueError:
+        return
+    for field in ("token_dim", "num_layers", "num_attention_heads"):
+        saved, here = getattr(config, field, None), getattr(fresh, field, None)
+        if saved is not None and here is not None and saved != here:
+            raise AdapterFormatError(
+                field=f"{folder / 'adapter_config.json'}:{field}", value=saved,
+                problem=f"the prefix was trained on a model with {field}={saved}; this base model has {here}",
+                fix="load it onto the base model it was trained on (same width and depth)")
+
+
+def check_peft_keys(model: nn.Module, name: str, folder: Path) -> None:
+    """Every tensor in the file must have been loaded into an adapter module, and every adapter module
+    must have come from the file (PEFT only warns about either)."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+    with safe_open(str(folder / WEIGHTS_NAME), "pt") as f:
+        saved = set(f.keys())
+    expected = set(get_peft_model_state_dict(model, adapter_name=name))
+    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+    if missing or unexpected:
+        raise AdapterFormatError(
+            field=str(folder / WEIGHTS_NAME), value={"missing": missing[:3], "unexpected": unexpected[:3]},
+            problem=f"the weights do not match the model's adapter modules ({len(missing)} missing, "
+                    f"{len(unexpected)} unexpected): adapter_config.json and the weights disagree, or this is "
+                    "another base model",
+            fix="load onto the base model (task class and architecture) the adapter was trained on, with the "
+                "adapter_config.json saved beside the weights")
+
+
+def check_weights(directory: Path, base_model: nn.Module, strategy: Strategy) -> list[str]:
+    """Safetensors only (never unpickle), readable, and a saved task head must fit the base's.
+    Returns the saved tensor names."""
+    from safetensors import SafetensorError, safe_open
+    weights = weights_file(directory, strategy)
+    if not weights.is_file():
+        pickled = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+        raise AdapterFormatError(field="directory", value=str(directory), problem=f"has no {weights.name}" + (
+            f"; it holds pickle files {pickled}, which adaptkit never loads (unpickling can run code)" if pickled
+            else ""), fix="save adapters as safetensors (adaptkit.save does; PEFT: safe_serialization=True)")
+    try:
+        with safe_open(str(weights), "pt") as f:
+            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterFormatError(field=str(weights), value=f"{weights.stat().st_size} bytes",
+                                 problem=f"is not a readable safetensors file (truncated or corrupt?): {exc}",
+                                 fix="restore the folder from a good copy, or save the adapter again") from None
+    base = unwrap(base_model)
+    for head in targets.new_head_names(base):
+        for name, p in getattr(base, head).named_parameters():
+            key = f"{head}.{name}"
+            match = next((k for k in saved if k == key or k.endswith("." + key)), None)
+            if match is None or saved[match] == tuple(p.shape):
+                continue
+            got, want = saved[match], tuple(p.shape)
+            if len(got) == len(want) and got[1:] == want[1:]:  # only the output rows differ: the label count
+                raise AdapterFormatError(
+                    field=f"{weights.name}:{match}", value=got,
+                    problem=f"the saved task head has {got[0]} outputs; this base model's {key} has {want[0]} "
+                            "(trained with another num_labels)",
+                    fix=f"load the base model with num_labels={got[0]}, the count the adapter was trained with")
+            raise AdapterFormatError(
+                field=f"{weights.name}:{match}", value=got,
+                problem=f"the saved task head does not fit this base model's {key} {want}: the adapter was "
+                        "trained on a model of another hidden size",
+                fix="load it onto the base checkpoint it was trained on (same hidden size)")
+    return list(saved)
