@@ -37,20 +37,20 @@ MARKER = "_adaptkit_strategy"  # attribute set on every model adapt() returns
 OWNED = "_adaptkit_owned"
 
 
-def _type_ok(value: Any, hint: Any) -> bool:
+def type_ok(value: Any, hint: Any) -> bool:
     """A small runtime check for the annotation shapes strategy configs use."""
     origin = typing.get_origin(hint)
     if hint is Any:
         return True
     if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
+        return any(type_ok(value, arg) for arg in typing.get_args(hint))
     if origin is typing.Literal:
         return value in typing.get_args(hint)
     if hint is type(None):
         return value is None
     if origin in (list, tuple):
         (item,) = typing.get_args(hint)[:1] or (Any,)
-        return isinstance(value, (list, tuple)) and all(_type_ok(v, item) for v in value)
+        return isinstance(value, (list, tuple)) and all(type_ok(v, item) for v in value)
     if origin is dict:
         return isinstance(value, dict)
     if hint is float:
@@ -62,7 +62,8 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return True
 
 
-def _describe(hint: Any) -> str:
+def describe_type(hint: Any) -> str:
+    """An annotation in words, for error messages (``Literal`` as its choices)."""
     if typing.get_origin(hint) is typing.Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
     return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
@@ -94,11 +95,11 @@ class Strategy:
                 allowed = ", ".join(repr(a) for a in typing.get_args(hint))
                 raise ConfigError(field=f"{type(self).__name__}.{f.name}", value=value,
                                   problem=f"must be one of {allowed}", fix=f"use one of {allowed} (default: {f.default!r})")
-            if not _type_ok(value, hint):
+            if not type_ok(value, hint):
                 raise ConfigTypeError(
                     field=f"{type(self).__name__}.{f.name}", value=value,
-                    problem=f"expected {_describe(hints[f.name])}, got {type(value).__name__}",
-                    fix=f"pass a {_describe(hints[f.name])} (default: {f.default!r})")
+                    problem=f"expected {describe_type(hints[f.name])}, got {type(value).__name__}",
+                    fix=f"pass a {describe_type(hints[f.name])} (default: {f.default!r})")
         self.validate()
 
     @property

@@ -18,7 +18,7 @@ from torch import nn
 from adaptkit import targets
 from adaptkit.errors import ConfigError, ConfigTypeError, UnknownOptionError, UnknownStrategyError, UnsupportedError
 from adaptkit.strategies import register
-from adaptkit.strategies.base import PeftStrategy, _describe, _type_ok
+from adaptkit.strategies.base import PeftStrategy, describe_type, type_ok
 from adaptkit.strategies.lora import backbone_targets
 
 
@@ -68,9 +68,9 @@ class PeftMethod(PeftStrategy):
                                      + f"see peft.{config_class.__name__} for the valid options")
         hints = typing.get_type_hints(config_class)
         for key, value in self.options.items():  # PEFT keeps e.g. target_modules=3 and fails at apply time
-            if key in hints and not _type_ok(value, hints[key]):
+            if key in hints and not type_ok(value, hints[key]):
                 raise ConfigTypeError(field=f"{self.method}.{key}", value=value,
-                                      problem=f"expected {_describe(hints[key])}, got {type(value).__name__}",
+                                      problem=f"expected {describe_type(hints[key])}, got {type(value).__name__}",
                                       fix=f"see peft.{config_class.__name__}.{key}")
         try:  # PEFT checks the values; its TypeError/ValueError become typed errors naming the method
             config_class(**{k: v for k, v in self.options.items() if k != "peft_type"})
