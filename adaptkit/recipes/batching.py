@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-from adaptkit.recipes.data import Table
+from adaptkit.recipes.tables import Table
 from adaptkit.errors import ConfigError
 
 
