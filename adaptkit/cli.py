@@ -30,7 +30,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises a typed error (flag, value, fix; "did you mean") instead of printing usage."""
 
     def error(self, message: str):
-        known = getattr(self, "known_flags", None) or [o for a in self._actions for o in a.option_strings]
+        known = [o for a in self._actions for o in a.option_strings]
         unknown = re.match(r"unrecognized arguments: (\S+)", message)
         if unknown:
             flag = unknown.group(1)
@@ -114,16 +114,38 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     est.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                      help="where training will run (decides which attention kernel is assumed)")
-    commands.add_parser("env", help="library versions and device, each against the tested set (for bug reports)")
-    flags = sorted({o for p in (check, est) for a in p._actions for o in a.option_strings if o.startswith("--")})
-    for p in (parser, check, est):
-        p.known_flags = flags  # "did you mean" across subcommands: argparse reports leftovers at the top
+    env = commands.add_parser("env", help="library versions and device, each against the tested set (for bug reports)")
+    parser.commands = {"check": check, "estimate": est, "env": env}
     return parser
+
+
+def _refuse_extra(parser: _Parser, command: str, extra: list[str]) -> None:
+    """argparse reports a subcommand's unknown flags at the top, against the top's flags; say them against
+    the subcommand's own (``estimate --strategy`` -> did you mean --strategies), and name another
+    subcommand that takes the flag as written."""
+    if not extra:
+        return
+    sub, flag = parser.commands[command], extra[0]
+    if not flag.startswith("-"):  # most often a strategy typed as a second positional
+        example = {"check": f"--strategy {flag}", "estimate": f"--strategies {flag}"}.get(command)
+        raise ConfigError(field="argument", value=flag, problem=f"is one argument too many for '{sub.prog}'",
+                          fix=(f"give it as a flag's value, e.g. {example}; " if example else "") +
+                              f"run '{sub.prog} --help'")
+    own = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
+    close = difflib.get_close_matches(flag.split("=")[0], own, n=1)
+    elsewhere = [name for name, p in parser.commands.items() if name != command
+                 and any(flag.split("=")[0] in a.option_strings for a in p._actions)]
+    hint = (f"did you mean {close[0]}? " if close else "") + \
+        (f"{flag.split('=')[0]} is a flag of 'adaptkit {elsewhere[0]}'; " if elsewhere else "")
+    raise ConfigError(field="flag", value=flag, problem=f"is not a flag of '{sub.prog}'",
+                      fix=f"{hint}run '{sub.prog} --help'")
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        _refuse_extra(parser, args.command, extra)
         if args.command == "env":
             from adaptkit.versions import report
             print(report())

@@ -62,8 +62,14 @@ def test_estimate_prints_one_row_per_strategy(capsys, model_dir):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["check", "{m}", "--stratgy", "lora"], "flag='--stratgy': is not a flag of 'adaptkit'. Fix: did you mean "
-                                            "--strategy?"),
+    (["check", "{m}", "--stratgy", "lora"], "flag='--stratgy': is not a flag of 'adaptkit check'. Fix: did you "
+                                            "mean --strategy?"),
+    # each subcommand's own flags: estimate takes --strategies (check's --strategy is named as check's)
+    (["estimate", "{m}", "--strategy", "lora"], "flag='--strategy': is not a flag of 'adaptkit estimate'. Fix: did "
+                                               "you mean --strategies? --strategy is a flag of 'adaptkit check'"),
+    (["check", "{m}", "lora"], "argument='lora': is one argument too many for 'adaptkit check'. Fix: give it as a "
+                               "flag's value, e.g. --strategy lora"),
+    (["env", "--json"], "flag='--json': is not a flag of 'adaptkit env'. Fix: --json is a flag of 'adaptkit check'"),
     (["chek", "{m}"], "command='chek': is not one of the choices. Fix: did you mean 'check'?"),
     (["estimate", "{m}", "--dtype", "fp8"], "--dtype='fp8': is not one of the choices. Fix: choose from"),
     (["check", "{m}", "--processes", "0"], "--processes='0': is not a positive integer"),
