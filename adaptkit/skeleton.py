@@ -80,6 +80,8 @@ def read_config(model: Any):
     if not path.is_dir() and looks_like_path:
         raise ConfigError(field="model", value=str(model), problem="is neither an existing folder nor a hub id",
                           fix="check the path (it must hold config.json)")
+    if path.is_dir():
+        _refuse_adapter_folder(path)
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false")
     try:
         # local first: a hub id that is already cached must not wait on network retries
@@ -103,6 +105,30 @@ def read_config(model: Any):
     except (OSError, ValueError) as exc:
         raise ConfigError(field="model", value=str(model), problem=f"its config cannot be read: {exc}",
                           fix="pass a local folder holding config.json, or check the hub id") from None
+
+
+def _refuse_adapter_folder(path: Path) -> None:
+    """An adapter folder (adaptkit's or PEFT's) holds a few trained tensors, not a model to check or estimate:
+    name the base it was trained on instead of failing on its stand-in config (or its missing config.json)."""
+    import json
+
+    from adaptkit.errors import AdapterFormatError
+    from adaptkit.layout import ADAPTKIT_MODEL_TYPE
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    if model_type not in (None, ADAPTKIT_MODEL_TYPE):
+        return  # a whole model: a full fine-tuning folder is one
+    for name, key in (("adaptkit_config.json", "base_model"), ("adapter_config.json", "base_model_name_or_path")):
+        if (path / name).is_file():
+            try:
+                base = json.loads((path / name).read_text()).get(key)
+            except (OSError, ValueError, AttributeError):
+                base = None
+            raise AdapterFormatError(field="model", value=str(path),
+                                     problem=f"is an adapter folder ({name}), not a model",
+                                     fix=f"pass the base model it was trained on{f' ({base})' if base else ''}")
 
 
 def infer_task(config) -> str:

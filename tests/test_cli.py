@@ -32,6 +32,25 @@ def test_check_ok(capsys, model_dir):
     assert code == 0 and "BertForSequenceClassification" in out and out.rstrip().endswith("OK: no problems found")
 
 
+@pytest.mark.parametrize("strategy", ["bottleneck", "lora"])
+def test_an_adapter_folder_is_named_as_one_not_checked_as_a_model(capsys, tmp_path, strategy):
+    # it crashed with a traceback (its stand-in config's model class takes no arguments), or said "no config.json"
+    import adaptkit
+    from conftest import tiny_model
+    base = tiny_model("bert")
+    base.config.name_or_path = "org/base-model"
+    folder = str(adaptkit.save(adaptkit.adapt(base, strategy), tmp_path / strategy))
+    code, out, _ = run(capsys, "check", folder, "--strategy", "lora")
+    assert code == 1 and "is an adapter folder (adaptkit_config.json), not a model" in out
+    assert "pass the base model it was trained on (org/base-model)" in out
+    code, _, err = run(capsys, "estimate", folder)
+    assert code == 2 and "is an adapter folder" in err
+    # a full fine-tuning folder is a whole model: checked like any other
+    full = str(adaptkit.save(adaptkit.adapt(tiny_model("bert"), "full"), tmp_path / "full"))
+    code, out, _ = run(capsys, "check", full, "--strategy", "lora")
+    assert code == 0 and out.rstrip().endswith("OK: no problems found")
+
+
 def test_check_reports_every_problem_and_exits_1(capsys, model_dir):
     code, out, _ = run(capsys, "check", model_dir, "--strategy", "full", "-o", "r=4", "--quantization", "4bit",
                        "--processes", "99")
