@@ -53,7 +53,18 @@ def test_check_passes_what_fits_and_says_what_prefix_leaves():
     report = adaptkit.check(tiny_model("bert"), "prefix", raise_on_error=False)
     assert report.ok and any("sequences must be <= 44 tokens (the model has 64)" in n for n in report.notes)
     too_many = adaptkit.check(tiny_model("bert"), "prefix", options={"num_virtual_tokens": 64}, raise_on_error=False)
-    assert "num_virtual_tokens=64: leaves no room for text in the model's 64 positions" in str(too_many)
+    assert len(too_many.problems) == 1
+    assert "num_virtual_tokens=64: leaves no room for text in BertForSequenceClassification's 64 positions" in str(too_many)
+
+
+@pytest.mark.parametrize("strategy,options", [("prefix", {"num_virtual_tokens": 64}),
+                                              ("prompt_tuning", {"num_virtual_tokens": 500, "task_type": "SEQ_CLS"})])
+def test_adapt_refuses_virtual_tokens_that_fill_the_positions(strategy, options):
+    # adapted, such a model failed at its first forward with "The expanded size of the tensor (4) must match ... (0)"
+    with pytest.raises(errors.ConfigError, match=r"num_virtual_tokens=\d+: leaves no room for text in "
+                                                 r"BertForSequenceClassification's 64 positions. Fix: use "
+                                                 r"num_virtual_tokens < 64"):
+        adaptkit.adapt(tiny_model("bert"), strategy, **options)
 
 
 def test_the_cli_takes_max_length(tmp_path, capsys):

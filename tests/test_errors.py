@@ -55,6 +55,27 @@ def test_bad_lora_values_are_refused_at_construction(options, match):
         adaptkit.LoRA(**options)
 
 
+def test_a_lora_rank_above_what_the_layers_can_hold_is_refused_before_anything_is_built():
+    # tiny BERT: hidden 32, intermediate 64; PEFT would build 2 x r x 32 parameters per layer (r=10**6: 64M each)
+    with pytest.raises(errors.ConfigError, match=r"LoRA.r=1000000: exceeds the rank an update of .* \(32, 32\) can "
+                                                 r"have \(32\).*Fix: use r <= 32"):
+        adaptkit.adapt(tiny_model("bert"), "lora", r=10**6)
+    # the bound is the smallest targeted layer: only the 32 x 64 intermediate layer adapted allows r = 32, not 33
+    assert adaptkit.adapt(tiny_model("bert"), "lora", r=32, targets=["intermediate.dense"])
+    with pytest.raises(errors.ConfigError, match=r"LoRA.r=33: .*intermediate.dense \(32, 64\)"):
+        adaptkit.adapt(tiny_model("bert"), "lora", r=33, targets=["intermediate.dense"])
+
+
+@pytest.mark.parametrize("given,match", [
+    (["nope"], r"ia3.target_modules='nope': matches no module in this model. Fix: module names here include"),
+    ("nope", r"ia3.target_modules='nope': a string is a regex .* matches no module. Fix: .*'\.\*nope'"),
+])
+def test_a_peft_pass_through_target_that_matches_nothing_is_a_typed_error(given, match):
+    # PEFT raised its own NoMatchingPeftModuleError ("No modules were targeted ...") without the names there are
+    with pytest.raises(errors.TargetNotFoundError, match=match):
+        adaptkit.adapt(tiny_model("bert"), "ia3", target_modules=given, feedforward_modules=[])
+
+
 def test_bad_values_of_the_other_strategies():
     with pytest.raises(errors.ConfigError, match=r"Bottleneck.activation='relu6x'.*Fix: choose one of"):
         adaptkit.Bottleneck(activation="relu6x")

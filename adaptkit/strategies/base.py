@@ -253,7 +253,17 @@ class PeftStrategy(Strategy):
 
     def apply(self, model: nn.Module) -> nn.Module:
         from peft import get_peft_model
-        return get_peft_model(model, self.peft_config(model))
+
+        from adaptkit import lengths
+        config = self.peft_config(model)
+        # virtual tokens (prefix, prompt tuning, P-tuning) take positions: as many as the model has fail only at
+        # the first forward, deep in the embeddings
+        limit, extra = lengths.max_positions(model), lengths.virtual_tokens(self)
+        if limit is not None and extra >= limit:
+            raise ConfigError(field=f"{type(self).__name__}.num_virtual_tokens", value=extra,
+                              problem=f"leaves no room for text in {type(model).__name__}'s {limit} positions",
+                              fix=f"use num_virtual_tokens < {limit} (typically 10-100)")
+        return get_peft_model(model, config)
 
     weights_name: ClassVar[str] = WEIGHTS_NAME
 

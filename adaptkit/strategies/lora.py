@@ -100,8 +100,23 @@ class LoRA(PeftStrategy):
         # GPT-2's Conv1D stores weights transposed; PEFT only warns and flips the flag itself
         fan_in_fan_out = any(isinstance(m, targets.Conv1D) for m in model.modules()
                              if targets.is_linear(m)) if targets.Conv1D else False
-        return LoraConfig(fan_in_fan_out=fan_in_fan_out,
+        config = LoraConfig(fan_in_fan_out=fan_in_fan_out,
             r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=target_modules,
             exclude_modules=exclude, modules_to_save=head_modules(model, self.heads, "LoRA.heads"),
             task_type=targets.peft_task_type(model), use_dora=self.use_dora,
             init_lora_weights=True if self.init == "default" else self.init)
+        self._check_rank(model, config)
+        return config
+
+    def _check_rank(self, model: nn.Module, config) -> None:
+        """An update ``B A`` of a (in x out) layer has rank <= min(in, out): a larger r only adds parameters (and,
+        far larger, allocates them until memory runs out). PEFT accepts it; refuse it before anything is built."""
+        from peft.tuners.tuners_utils import check_target_module_exists
+        sizes = [(min(targets.linear_features(m)), name) for name, m in model.named_modules()
+                 if targets.is_linear(m) and check_target_module_exists(config, name)]
+        if sizes and self.r > min(sizes)[0]:
+            rank, name = min(sizes)
+            raise ConfigError(field="LoRA.r", value=self.r,
+                              problem=f"exceeds the rank an update of {name} {targets.linear_features(model.get_submodule(name))} "
+                                      f"can have ({rank}): more parameters than training the layer, and no more expressive",
+                              fix=f"use r <= {rank} (typical 4-64), or the 'full' strategy")

@@ -10,13 +10,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import re
 import typing
 from typing import Any
 
 from torch import nn
 
 from adaptkit import targets
-from adaptkit.errors import ConfigError, ConfigTypeError, UnknownOptionError, UnknownStrategyError, UnsupportedError
+from adaptkit.errors import (ConfigError, ConfigTypeError, TargetNotFoundError, UnknownOptionError, UnknownStrategyError,
+                             UnsupportedError)
 from adaptkit.strategies import register
 from adaptkit.strategies.base import PeftStrategy, describe_type, type_ok
 from adaptkit.strategies.lora import backbone_targets
@@ -99,6 +101,17 @@ class PeftMethod(PeftStrategy):
             config.task_type = targets.peft_task_type(model)
         if getattr(config, "modules_to_save", None) is None and targets.new_head_names(model):
             config.modules_to_save = targets.new_head_names(model)
+        # a target that matches nothing: PEFT's "No modules were targeted" said with the names there are (any
+        # module, not only linears: some methods adapt norms or embeddings)
+        given = self.options.get("target_modules")
+        if isinstance(given, str) and not any(re.fullmatch(given, n) for n, _ in model.named_modules()):
+            raise TargetNotFoundError(field=f"{self.method}.target_modules", value=given,
+                                      problem="a string is a regex full-matched against whole module names (as in "
+                                              "PEFT) and this one matches no module",
+                                      fix=f"pass a list of names or suffixes (e.g. [{given!r}]) or a regex such as "
+                                          f"{'.*' + given!r}")
+        if isinstance(given, (list, tuple)) and given:
+            targets.match_targets(model, list(given), f"{self.method}.target_modules")
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if (not isinstance(config, PromptLearningConfig) and hasattr(config, "target_modules")
                 and config.target_modules is None and not _peft_knows(self.method, model_type)):
