@@ -90,6 +90,8 @@ def causal(assets, out: Path, data: Path, *extra: str) -> list[str]:
     ("--max-train-samples", "-5", r"--max-train-samples=-5: must be at least 1. Fix: pass an integer >= 1"),
     ("--max-eval-samples", "0", r"--max-eval-samples=0: must be at least 1"),
     ("--max-length", "-1", r"--max-length=-1: must be at least 1"),
+    ("--seed", "-1", r"--seed=-1: must be in \[0, 2\*\*32 - 1\]"),  # was numpy's bare ValueError at set_seed
+    ("--seed", str(2**32), r"--seed=4294967296: must be in"),
 ])
 def test_non_finite_or_negative_flags_are_refused_before_training(tmp_path, assets, flag, value, match):
     module = recipe("classify")

@@ -55,6 +55,9 @@ def check_numbers(args: Any) -> None:
         if value is not None and value < least:
             raise ConfigError(field=f"--{name.replace('_', '-')}", value=value, problem=f"must be at least {least}",
                               fix=f"pass an integer >= {least}, or leave the flag out")
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed < 2**32:  # numpy's seed range; set_seed raised a bare ValueError
+        raise ConfigError(field="--seed", value=seed, problem="must be in [0, 2**32 - 1]", fix="pass e.g. --seed 0")
 
 
 def fit_max_length(model: torch.nn.Module, asked: int | None, default: int, notes: list[str] | None = None) -> int:
