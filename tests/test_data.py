@@ -75,6 +75,9 @@ def test_utf8_bom_is_dropped(tmp_path):
     ("w.tsv", "sentence\tlabel\na\t1\nb\tc\t0\nd\t1\n", r"w.tsv, line 3.*has 3 fields but the header has 2.*"
                                                         r"wrong delimiter or quoting"),
     ("q.csv", 'sentence,label\na,1\nb, c,0\n', r"q.csv, line 3.*has 3 fields.*quote fields that hold commas"),
+    # one field too many in the FIRST data row: pandas took column 1 as an index and shifted every column
+    ("f.tsv", "sentence\tlabel\na\t1\tx\nb\t0\n", r"f.tsv, line 2.*has 3 fields but the header has 2"),
+    ("f.csv", "sentence,label\na good film,1,x\nb,0\n", r"f.csv, line 2.*has 3 fields but the header has 2"),
     ("u.csv", 'sentence,label\n"open,1\n', r"u.csv, line 2.*malformed CSV"),
     ("d.csv", "sentence\tlabel\na\t1\n", r"wrong delimiter: the header is one column holding tabs.*rename the file "
                                         r"to .tsv"),

@@ -29,6 +29,7 @@ task and label set for the others.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -88,9 +89,14 @@ def read_file(path) -> "datasets.Dataset":
                         fix=f"save the data as one of {list(EXTENSIONS)}")
     options = {}
     if FORMATS[ext] == "csv":  # cells stay text (no NaN guessing); .tsv: tabs, quoting off
-        options = dict(keep_default_na=False, na_filter=False, **({"sep": "\t", "quoting": 3} if ext == ".tsv" else {}))
+        # index_col=False: pandas otherwise takes a first data row with one field more than the header as
+        # "the first column is the index" and shifts every column of the file by one, silently
+        options = dict(keep_default_na=False, na_filter=False, index_col=False,
+                       **({"sep": "\t", "quoting": 3} if ext == ".tsv" else {}))
     try:
-        ds = _datasets().load_dataset(FORMATS[ext], data_files={"train": str(p)}, **options)["train"]
+        with warnings.catch_warnings():  # ... and then only warns that it drops the extra field: an error here
+            warnings.simplefilter("error", _pandas_parser_warning())
+            ds = _datasets().load_dataset(FORMATS[ext], data_files={"train": str(p)}, **options)["train"]
     except Exception as err:  # noqa: BLE001 - re-said below with the file and the fix, or re-raised
         raise _read_error(err, p, ext) from None
     columns = ds.column_names
@@ -106,6 +112,11 @@ def read_file(path) -> "datasets.Dataset":
         raise DataError(field="path", value=str(p), problem=f"has a header {columns} but no data rows",
                         fix="add data rows below the header")
     return ds
+
+
+def _pandas_parser_warning() -> type[Warning]:
+    import pandas as pd
+    return pd.errors.ParserWarning
 
 
 def _read_error(err: Exception, p: Path, ext: str) -> Exception:
@@ -133,6 +144,10 @@ def _read_error(err: Exception, p: Path, ext: str) -> Exception:
         columns = header[0].split("\t" if ext == ".tsv" else ",") if FORMATS[ext] == "csv" else header
         return DataError(field="path", value=str(p), problem=f"has a header {columns} but no data rows",
                          fix="add data rows below the header")
+    if "Length of header or names does not match length of data" in text:  # the first data row, one field more
+        header = p.read_text(encoding="utf-8", errors="replace").splitlines()[0]
+        count = len(header.split("\t" if ext == ".tsv" else ","))
+        text = f"Expected {count} fields in line 2, saw {count + 1}"
     if match := re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", text):
         fix = ("a text holds a tab, or the file is not tab-separated; quoting is off in .tsv, so quotes do not "
                "protect tabs: remove them" if ext == ".tsv" else
