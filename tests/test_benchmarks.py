@@ -236,3 +236,14 @@ def test_majority_class_row_uses_train_majority_on_dev(tmp_path):
     base = report.majority_baselines(tmp_path, ["cola", "mrpc", "stsb"])
     assert base == {"cola": 0.0, "mrpc": pytest.approx(2 * 0.5 / 1.5)}  # all "1": precision 0.5, recall 1
     assert report.learned_bar("cola", base) == 0.25 and report.learned_bar("mrpc", base) == pytest.approx(0.7167, 1e-3)
+
+
+def test_a_task_full_fine_tuning_did_not_learn_names_the_evidence_run_and_the_published_figure():
+    grid = [{"task": "mrpc", "metric": "f1", "variant": "full", "seed": 1, "trainable_parameters": 10**6,
+             "steps": 100, "train_seconds": 100.0, "test_primary": 0.812}]
+    evidence = [{"task": "mrpc", "test_primary": 0.841, "test": {"accuracy": 0.762, "f1": 0.841}}]
+    words = " ".join(report.paragraphs({("full", "mrpc"): [0.812]}, ["mrpc"], ["full"], {"mrpc": 0.812}, set(), grid,
+                                       {}, evidence))
+    assert "under the 0.86 that counts as learned" in words
+    assert ("With up to 10 epochs (the evidence run below) it reaches 0.841, still under that bar; MiniLM-L6-H384 as "
+            "published reaches accuracy 0.866 (this run: 0.762).") in words
