@@ -30,13 +30,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises a typed error (flag, value, fix; "did you mean") instead of printing usage."""
 
     def error(self, message: str):
-        known = [o for a in self._actions for o in a.option_strings]
-        unknown = re.match(r"unrecognized arguments: (\S+)", message)
-        if unknown:
-            flag = unknown.group(1)
-            close = difflib.get_close_matches(flag.split("=")[0], known, n=1)
-            raise ConfigError(field="flag", value=flag, problem=f"is not a flag of '{self.prog}'",
-                              fix=(f"did you mean {close[0]}? " if close else "") + f"run '{self.prog} --help'")
+        # unknown flags never reach here: main parses with parse_known_args and _refuse_extra says them
         argument = re.match(r"argument (\S+?)(?:/\S+)?: (.*)", message, re.DOTALL)
         if argument:
             flag, problem = argument.groups()

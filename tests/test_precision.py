@@ -88,18 +88,8 @@ def test_an_untied_lm_head_that_trains_is_upcast():
     assert out.logits.dtype == torch.float32 and torch.isfinite(out.loss)
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    # Accelerate keeps one process-wide state and refuses a second Accelerator with another mixed precision,
-    # so an in-process recipe test that ran earlier (fp32) would make this test fail by order alone.
-    from accelerate.state import AcceleratorState
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.mark.parametrize("strategy", ["lora", "bottleneck", "full"])
-def test_bf16_autocast_step_through_accelerate(strategy, fresh_accelerate_state):
+def test_bf16_autocast_step_through_accelerate(strategy):  # conftest gives it a fresh Accelerate state
     from accelerate import Accelerator
     accelerator = Accelerator(cpu=True, mixed_precision="bf16")
     model = adaptkit.adapt(tiny_model("bert"), strategy)

@@ -94,8 +94,9 @@ def read_file(path) -> "datasets.Dataset":
         options = dict(keep_default_na=False, na_filter=False, index_col=False,
                        **({"sep": "\t", "quoting": 3} if ext == ".tsv" else {}))
     try:
+        from pandas.errors import ParserWarning  # pandas comes with datasets
         with warnings.catch_warnings():  # ... and then only warns that it drops the extra field: an error here
-            warnings.simplefilter("error", _pandas_parser_warning())
+            warnings.simplefilter("error", ParserWarning)
             ds = _datasets().load_dataset(FORMATS[ext], data_files={"train": str(p)}, **options)["train"]
     except Exception as err:  # noqa: BLE001 - re-said below with the file and the fix, or re-raised
         raise _read_error(err, p, ext) from None
@@ -112,11 +113,6 @@ def read_file(path) -> "datasets.Dataset":
         raise DataError(field="path", value=str(p), problem=f"has a header {columns} but no data rows",
                         fix="add data rows below the header")
     return ds
-
-
-def _pandas_parser_warning() -> type[Warning]:
-    import pandas as pd
-    return pd.errors.ParserWarning
 
 
 def _read_error(err: Exception, p: Path, ext: str) -> Exception:

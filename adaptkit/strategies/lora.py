@@ -112,11 +112,12 @@ class LoRA(PeftStrategy):
         """An update ``B A`` of a (in x out) layer has rank <= min(in, out): a larger r only adds parameters (and,
         far larger, allocates them until memory runs out). PEFT accepts it; refuse it before anything is built."""
         from peft.tuners.tuners_utils import check_target_module_exists
-        sizes = [(min(targets.linear_features(m)), name) for name, m in model.named_modules()
-                 if targets.is_linear(m) and check_target_module_exists(config, name)]
+        sizes = [(min(features), name, features) for name, m in model.named_modules()
+                 if targets.is_linear(m) and check_target_module_exists(config, name)
+                 for features in [targets.linear_features(m)]]
         if sizes and self.r > min(sizes)[0]:
-            rank, name = min(sizes)
+            rank, name, features = min(sizes)
             raise ConfigError(field="LoRA.r", value=self.r,
-                              problem=f"exceeds the rank an update of {name} {targets.linear_features(model.get_submodule(name))} "
-                                      f"can have ({rank}): more parameters than training the layer, and no more expressive",
+                              problem=f"exceeds the rank an update of {name} {features} can have ({rank}): more "
+                                      "parameters than training the layer, and no more expressive",
                               fix=f"use r <= {rank} (typical 4-64), or the 'full' strategy")
