@@ -161,7 +161,10 @@ def default_rates(rates: dict) -> list[dict]:
         groups[DEFAULT_KEY[v]].append(v)
     out = []
     for key, variants in groups.items():
-        complete = {(t, v): rates[t][v] for t in TASKS for v in variants if v in rates.get(t, {})}
+        done = {(t, v): rates[t][v] for t in TASKS for v in variants if v in rates.get(t, {})}
+        # a flat sweep (every rate scored the same constant) says nothing about which rate is best: left out
+        flat = [c for c, choice in done.items() if choice.get("learned_nothing")]
+        complete = {c: choice for c, choice in done.items() if c not in flat}
         ladder = sorted({float(lr) for choice in complete.values() for lr in choice["scores"]})
         verdicts = {lr: {c: holds(choice, lr) for c, choice in complete.items()} for lr in ladder}
         everywhere = [lr for lr in ladder if complete and all(verdicts[lr].values())]
@@ -169,7 +172,7 @@ def default_rates(rates: dict) -> list[dict]:
         for kind, tasks in (("classification", [t for t in TASKS if t != "stsb"]), ("regression", ["stsb"])):
             sub = [c for c in complete if c[0] in tasks]
             by_type[kind] = [lr for lr in ladder if sub and all(verdicts[lr][c] for c in sub)]
-        out.append({"key": key, "variants": variants, "complete": len(complete),
+        out.append({"key": key, "variants": variants, "complete": len(done), "flat": flat,
                     "planned": len(TASKS) * len(variants), "everywhere": everywhere, "by_type": by_type,
                     "verdicts": verdicts})
     return out
@@ -444,7 +447,9 @@ def _rates(sweep: list[dict], rates: dict, tasks: list[str]) -> list[str]:
                 s = f"**{s}**" if lr == choice.get("learning_rate") else s
                 parts.append(s + ("`*`" if lr == choice.get("best_learning_rate") else ""))
             status = "" if choice or not runs else " (sweep running)"
-            cells.append("<br>".join(parts) + (" `edge`" if choice.get("on_ladder_edge") else "") + status or "–")
+            flat = "<br>learned nothing at any rate" if choice.get("learned_nothing") else ""
+            cells.append("<br>".join(parts) + (" `edge`" if choice.get("on_ladder_edge") else "") + flat + status
+                         or "–")
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -457,9 +462,12 @@ def _defaults(sweep: list[dict], rates: dict) -> list[str]:
     lines += ["For each default in `adaptkit/recipes/training.py` (`DEFAULT_LR`), the rates that are within one "
               "standard error of the best validation score on every task and variant it covers (only cells whose "
               "sweep is complete count), and failing one rate for all, the rates that hold on the classification "
-              "tasks and on the regression task (STS-B) separately.", "",
+              "tasks and on the regression task (STS-B) separately. A sweep that learned nothing at any rate (every "
+              "rate scored the same constant) cannot rank rates and is left out of those columns: no default helps "
+              "there.", "",
               "| default | covers | sweeps complete | default now | holds on every task | classification only | "
-              "regression only | where the current default fails |", "|---|---|---:|---:|---|---|---|---|"]
+              "regression only | where the current default fails | learned nothing at any rate |",
+              "|---|---|---:|---:|---|---|---|---|---|"]
     for d in default_rates(rates):
         now = current.get(d["key"])
         fails = [f"{t}/{v}" for (t, v), ok in d["verdicts"].get(now, {}).items() if ok is False]
@@ -468,7 +476,8 @@ def _defaults(sweep: list[dict], rates: dict) -> list[str]:
                      f"{', '.join(f'{x:g}' for x in d['everywhere']) or 'none'} | "
                      f"{', '.join(f'{x:g}' for x in d['by_type']['classification']) or 'none'} | "
                      f"{', '.join(f'{x:g}' for x in d['by_type']['regression']) or 'none'} | "
-                     f"{'no complete sweep yet' if not d['complete'] else 'not on the ladder' if untested else ', '.join(fails) or 'none'} |")
+                     f"{'no complete sweep yet' if not d['complete'] else 'not on the ladder' if untested else ', '.join(fails) or 'none'} | "
+                     f"{', '.join(f'{t}/{v}' for t, v in d['flat']) or 'none'} |")
     return lines + [""]
 
 

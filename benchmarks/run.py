@@ -15,7 +15,8 @@ runs again next time); its log stays in benchmarks/work/. ``--commit`` commits e
 
 Stages (benchmarks/README.md, "Protocol"):
   sweep     per task and variant, seed 1 at the ladder's start rates; while the best validation score is on an
-            edge of the rates run so far, the next rate beyond it (so the plan grows as results come in).
+            edge of the rates run so far, the next rate beyond it (so the plan grows as results come in). When
+            every rate scores exactly the same (nothing learned), the next rate above, up to the ladder's top.
             The chosen rate: the smallest within one standard error of the best on validation. Dev is the
             test set and is never read for a choice.
   seeds     seeds 2 and 3 at the chosen rate (the sweep's run at that rate is seed 1).
@@ -111,7 +112,8 @@ def _score(record: dict) -> float:
 
 # ---- the learning-rate sweep -------------------------------------------------------------------------
 PROTOCOL = ("per task and variant, seed 1 at the ladder's start rates, extended one rung at a time beyond an edge "
-            "while the best validation score is on that edge; chosen: the smallest rate whose validation score is "
+            "while the best validation score is on that edge, and upward to the ladder's top while every rate scores the "
+            "same (a flat sweep: learned nothing, no seeds 2-3); chosen: the smallest rate whose validation score is "
             "within one standard error of the best (the one-standard-error rule); validation is carved from train; "
             "dev is never read")
 
@@ -154,6 +156,16 @@ def sweep(exp: dict, results: Path) -> dict:
         scores = {lr: _score(records[lr]) for lr in ran}
         best = max(ran, key=lambda lr: scores[lr])  # max keeps the first (smallest) rate on ties
         i = ladder.index(best)
+        flat = len(ran) > 1 and len({scores[lr] for lr in ran}) == 1
+        if flat:
+            # Every rate scores exactly the same: the model still predicts what it did untrained (the majority
+            # class, a constant). The tie-break would call the smallest rate best and walk the ladder down, to
+            # steps smaller still; a flat sweep climbs instead, and is complete (learned nothing) at the top.
+            top = ladder.index(ran[-1])
+            if top + 1 < len(ladder):
+                ran = [*ran, ladder[top + 1]]
+                continue
+            break
         if best == ran[0] and i > 0 and ladder[i - 1] not in ran:
             ran = [ladder[i - 1], *ran]
         elif best == ran[-1] and i + 1 < len(ladder) and ladder[i + 1] not in ran:
@@ -165,7 +177,7 @@ def sweep(exp: dict, results: Path) -> dict:
     pick = min(lr for lr in ran if scores[lr] >= scores[best] - se)
     return {"complete": True, "todo": [], "learning_rate": pick, "best_learning_rate": best, "standard_error": se,
             "metric": f"validation {metric} (split carved from train)", "seed": seed,
-            "on_ladder_edge": best in (ladder[0], ladder[-1]),
+            "on_ladder_edge": best in (ladder[0], ladder[-1]) and not flat, "learned_nothing": flat,
             "scores": {f"{lr:g}": (scores[lr] if math.isfinite(scores[lr]) else None) for lr in ran}}
 
 
@@ -214,8 +226,11 @@ def plan(experiments: list[dict], results: Path, stage: str, tasks=None, variant
             for s in (seeds or exp["seeds"]):
                 if s == exp["sweep_seed"]:
                     continue  # the sweep's run at the chosen rate
-                wanted.append((choice["learning_rate"], s, None) if choice else
-                              (math.nan, s, f"the sweep of {exp['name']} is not complete"))
+                if choice and choice["learned_nothing"]:  # another seed would score the same constant again
+                    wanted.append((math.nan, s, f"the sweep of {exp['name']} learned nothing at any rate"))
+                else:
+                    wanted.append((choice["learning_rate"], s, None) if choice else
+                                  (math.nan, s, f"the sweep of {exp['name']} is not complete"))
         elif exp["stage"] == stage and stage in ("headline", "evidence"):
             source = exp["learning_rates"]["from_task"]
             choice = rates.get(source, {}).get(exp["variant"])

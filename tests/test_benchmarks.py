@@ -102,6 +102,37 @@ def test_sweep_extends_past_an_edge_then_takes_the_smallest_rate_within_one_se(t
     assert [(r["seed"], r["learning_rate"], r["blocked"]) for r in seeds] == [(2, below, None), (3, below, None)]
 
 
+def test_a_flat_sweep_climbs_to_the_ladder_s_top_then_learned_nothing_skips_seeds_and_the_default_vote(tmp_path):
+    experiments = run.load_experiments(BENCH / "experiments")
+    exp = _exp(experiments, "mrpc__bottleneck_pfeiffer")
+    ladder, start = exp["learning_rates"]["ladder"], exp["learning_rates"]["start"]
+    majority = 0.8065040650406504  # F1 of always predicting "paraphrase": the same at every rate
+    for lr in start:
+        _record(tmp_path, exp, lr, 1, majority)
+    # the tie-break would call the smallest rate best and go down the ladder; a flat sweep goes up
+    above = ladder[ladder.index(start[-1]) + 1]
+    assert run.sweep(exp, tmp_path) == {"complete": False, "todo": [above]}
+    for lr in ladder[ladder.index(above):]:
+        assert run.sweep(exp, tmp_path)["todo"] == [lr]
+        _record(tmp_path, exp, lr, 1, majority)
+    state = run.sweep(exp, tmp_path)
+    assert state["complete"] and state["learned_nothing"] and not state["on_ladder_edge"]
+    assert state["learning_rate"] == start[0]  # its seed-1 run stays the cell, so retention counts the failure
+    assert [(r["seed"], r["blocked"]) for r in run.plan(experiments, tmp_path, "seeds", ["mrpc"],
+                                                        ["bottleneck_pfeiffer"])] == \
+        [(2, "the sweep of mrpc__bottleneck_pfeiffer learned nothing at any rate"),
+         (3, "the sweep of mrpc__bottleneck_pfeiffer learned nothing at any rate")]
+    rates = run.select_learning_rates(experiments, tmp_path)
+    bottleneck = next(d for d in report.default_rates(rates) if "bottleneck_pfeiffer" in d["variants"])
+    assert bottleneck["flat"] == [("mrpc", "bottleneck_pfeiffer")] and bottleneck["everywhere"] == []
+    # once a higher rate learns, it is an ordinary sweep again: best on the top edge, so it keeps climbing
+    other = _exp(experiments, "cola__bottleneck_pfeiffer")
+    for lr in start:
+        _record(tmp_path, other, lr, 1, 0.0)
+    _record(tmp_path, other, above, 1, 0.2)
+    assert run.sweep(other, tmp_path)["todo"] == [ladder[ladder.index(above) + 1]]
+
+
 def test_one_se_rule_prefers_the_smaller_rate_and_uses_the_metric_s_standard_error(tmp_path):
     experiments = run.load_experiments(BENCH / "experiments")
     exp = _exp(experiments, "sst2__full")
