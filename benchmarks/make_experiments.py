@@ -49,6 +49,11 @@ SEEDS, SWEEP_SEED = [1, 2, 3], 1  # the sweep runs seed 1; its run at the chosen
 # The headline: full fine-tuning and LoRA on GLUE's 67k-phrase SST-2 train set, at the rates the sweep chose
 # on the sentence-level SST-2 (the 67k set is too big to sweep here), one seed.
 HEADLINE = {"task": "sst2_glue", "rates_from": "sst2", "variants": ["full", "lora"], "epochs": 3, "seeds": [1]}
+# The headline with a longer budget, added 2026-12-01 before its runs (README, "Protocol"): at 3 epochs full
+# fine-tuning reached 0.889, under the 0.90 goal, with its best validation score at its last evaluation (still
+# improving). The same runs with up to 6 epochs, stopping after 3 epochs without improvement, say whether the
+# budget or the model stands between it and the goal. Named "<task>__<variant>__long"; the 3-epoch rows stay.
+HEADLINE_LONG = {"epochs": 6, "patience": 6}
 
 # Evidence, added 2026-12-01 before its runs (README, "Protocol"): where full fine-tuning stayed at the majority
 # class through its whole 3-epoch sweep (MRPC, RTE), one longer run at that sweep's best rate shows whether
@@ -88,10 +93,11 @@ def experiment(task: str, variant: str) -> dict:
                        SWEEP_SEED, SEEDS)
 
 
-def headline(variant: str) -> dict:
-    task = HEADLINE["task"]
-    return _experiment("headline", f"{task}__{variant}", task, variant, HEADLINE["epochs"],
-                       {"from_task": HEADLINE["rates_from"]}, None, HEADLINE["seeds"])
+def headline(variant: str, long: bool = False) -> dict:
+    task, flags = HEADLINE["task"], {"patience": HEADLINE_LONG["patience"]} if long else {}
+    return _experiment("headline", f"{task}__{variant}" + ("__long" if long else ""), task, variant,
+                       HEADLINE_LONG["epochs"] if long else HEADLINE["epochs"], {"from_task": HEADLINE["rates_from"]},
+                       None, HEADLINE["seeds"], **flags)
 
 
 def evidence(task: str, variant: str) -> dict:
@@ -106,6 +112,7 @@ def all_experiments() -> dict[Path, dict]:
             out[EXPERIMENTS / "grid" / f"{task}__{variant}.json"] = experiment(task, variant)
     for variant in HEADLINE["variants"]:
         out[EXPERIMENTS / "headline" / f"{HEADLINE['task']}__{variant}.json"] = headline(variant)
+        out[EXPERIMENTS / "headline" / f"{HEADLINE['task']}__{variant}__long.json"] = headline(variant, long=True)
     for task in EVIDENCE["tasks"]:
         for variant in EVIDENCE["variants"]:
             out[EXPERIMENTS / "evidence" / f"{task}__{variant}.json"] = evidence(task, variant)

@@ -384,20 +384,31 @@ def _evidence(evidence: list[dict], baselines: dict[str, float]) -> list[str]:
     return lines + [""]
 
 
+def _budget(record: dict) -> int:
+    """The run's epoch ceiling, read from the command that ran it."""
+    command = record["command"]
+    return int(command[command.index("--epochs") + 1])
+
+
 def _headline(headline: list[dict], scores: dict) -> list[str]:
     lines = [f"## Headline: {HEADLINE['task']} (GLUE's 67,349-phrase SST-2 train set), dev accuracy", ""]
     if not headline:
         return lines + ["Not run yet (it waits for the SST-2 sweep of full fine-tuning and LoRA).", ""]
-    lines += ["| variant | rate (chosen on sst2) | dev accuracy | validation | epochs run | train s |",
-              "|---|---:|---:|---:|---:|---:|"]
-    for r in sorted(headline, key=lambda r: list(VARIANTS).index(r["variant"])):
-        lines.append(f"| {r['variant']} | {r['learning_rate']:g} | {_f(r.get('test_primary'))} | "
+    lines += ["The protocol's budget is 3 epochs; the longer one (up to 6, stopping after 3 without improvement) asks "
+              "whether the budget or the model stands between full fine-tuning and the goal.", "",
+              "| variant | epochs at most | rate (chosen on sst2) | dev accuracy | validation | epochs run | train s |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(headline, key=lambda r: (list(VARIANTS).index(r["variant"]), _budget(r))):
+        lines.append(f"| {r['variant']} | {_budget(r)} | {r['learning_rate']:g} | {_f(r.get('test_primary'))} | "
                      f"{_f(r.get('validation_primary'))} | {_f(r.get('epochs'), '.2f')} | {_f(r.get('train_seconds'), ',.0f')} |")
-    full = [r["test_primary"] for r in headline if r["variant"] == "full" and r.get("test_primary") is not None]
+    full = sorted((_budget(r), r["test_primary"]) for r in headline
+                  if r["variant"] == "full" and r.get("test_primary") is not None)
     if full:
-        lines += ["", f"Full fine-tuning on {HEADLINE['task']}: {full[0]:.3f} (goal ≥ {FULL_SST2_GOAL:.2f}; published "
-                  f"all-MiniLM-L6 full fine-tuning {FULL_SST2_PUBLISHED * 100:.1f}): "
-                  f"{'meets' if full[0] >= FULL_SST2_GOAL else 'misses'} the goal."]
+        lines.append("")
+    for budget, x in full:
+        lines.append(f"Full fine-tuning on {HEADLINE['task']}, at most {budget} epochs: {x:.3f} (goal ≥ "
+                     f"{FULL_SST2_GOAL:.2f}; published all-MiniLM-L6 full fine-tuning {FULL_SST2_PUBLISHED * 100:.1f}): "
+                     f"{'meets' if x >= FULL_SST2_GOAL else 'misses'} the goal.")
     return lines + [""]
 
 

@@ -24,7 +24,7 @@ def test_committed_experiments_match_the_declared_table_and_load():
     experiments = run.load_experiments(BENCH / "experiments")
     grid = [e for e in experiments if e["stage"] == "grid"]
     variants = len(make_experiments.VARIANTS)
-    assert len(grid) == 5 * variants and len([e for e in experiments if e["stage"] == "headline"]) == 2
+    assert len(grid) == 5 * variants and len([e for e in experiments if e["stage"] == "headline"]) == 4
     longer = [e for e in experiments if e["stage"] == "evidence"]
     assert longer and all(e["flags"]["epochs"] > 3 and e["learning_rates"] == {"from_task": e["task"]} for e in longer)
     # every strategy the issue names is in the grid, ia3 through the PEFT pass-through
@@ -57,6 +57,7 @@ def _record(results: Path, exp: dict, lr: float, seed: int, val: float | None, t
     rec = {"run_id": run.run_id(exp, lr, seed), "stage": stage,
            "task": exp["task"], "variant": exp["variant"], "seed": seed, "learning_rate": lr, "metric": metric,
            "validation_primary": val, "test_primary": test, "smoke": False, "steps": 100,
+           "command": ["python", "recipes/classify.py", "--epochs", str(exp["flags"]["epochs"])],
            "trainable_parameters": 10**6 if exp["variant"] == "full" else 1000, "total_parameters": 10**6,
            "adapter_bytes_on_disk": 4000, "peak_rss_bytes": 10**9, "train_seconds": 100.0,
            "recipe_metrics": {"data": ["validation: 575 rows carved from train (0.1, seed 1)"]},
@@ -159,7 +160,10 @@ def test_headline_takes_the_rate_chosen_on_sst2(tmp_path):
         _record(tmp_path, exp, lr, 1, score)
     runs = run.plan(experiments, tmp_path, "headline")
     lora = [r for r in runs if r["experiment"]["variant"] == "lora"]
-    assert [(r["learning_rate"], r["blocked"]) for r in lora] == [(exp["learning_rates"]["start"][1], None)]
+    # the 3-epoch headline and the longer one, both at sst2's chosen rate
+    assert [(r["id"], r["learning_rate"], r["blocked"]) for r in lora] == \
+        [(f"sst2_glue__lora{s}__lr0.001__seed1", exp["learning_rates"]["start"][1], None) for s in ("", "__long")]
+    assert [r["experiment"]["flags"]["epochs"] for r in lora] == [3, 6]
     assert all(r["blocked"] for r in runs if r["experiment"]["variant"] == "full")
 
 
@@ -232,10 +236,11 @@ def test_report_prints_cells_retention_learned_tasks_headline_and_defaults(tmp_p
     _cell(tmp_path, experiments, "stsb__full", rate("stsb__full"), ((1, 0.85), (2, 0.86), (3, 0.84)))
     _cell(tmp_path, experiments, "stsb__lora", rate("stsb__lora"), ((1, None), (2, 0.10), (3, 0.12)))
     head = _exp(experiments, "sst2_glue__full")
-    _record(tmp_path, head, rate("sst2__full"), 1, 0.93, 0.905, epochs=2.5)
+    _record(tmp_path, head, rate("sst2__full"), 1, 0.93, 0.895, epochs=3.0)
+    _record(tmp_path, _exp(experiments, "sst2_glue__full__long"), rate("sst2__full"), 1, 0.95, 0.905, epochs=4.5)
     _record(tmp_path, _exp(experiments, "mrpc__full__long"), 2e-5, 1, 0.81, 0.83, epochs=7.5, stopped_early=True)
     data = report.load(tmp_path)
-    assert len(data["evidence"]) == 1 and len(data["grid"]) == 12 and len(data["headline"]) == 1 and len(data["sweep"]) == 12
+    assert len(data["evidence"]) == 1 and len(data["grid"]) == 12 and len(data["headline"]) == 2 and len(data["sweep"]) == 12
     text = report.render(data, tmp_path, {"sst2": 0.509})
     assert "| full | 0.910 [0.900–0.920] (n=3) | 0.850 [0.840–0.860] (n=3) |" in text
     # a constant prediction (NaN) is shown and ranks as the worst seed, not dropped
@@ -245,7 +250,10 @@ def test_report_prints_cells_retention_learned_tasks_headline_and_defaults(tmp_p
     # no baseline given for mrpc here; no dev accuracy in the record; the published accuracy beside it
     assert "| mrpc | 2e-05 | f1 0.830 | 0.050 | – | 0.866 | 0.810 | 7.5 | yes |" in text
     assert "microsoft/xtremedistil-l6-h384-uncased" in text
-    assert "Full fine-tuning on sst2_glue: 0.905 (goal ≥ 0.90" in text and "meets the goal" in text
+    # the 3-epoch headline and the longer one, each with its own verdict against the goal
+    assert "Full fine-tuning on sst2_glue, at most 3 epochs: 0.895 (goal ≥ 0.90" in text and "misses the goal" in text
+    assert "Full fine-tuning on sst2_glue, at most 6 epochs: 0.905 (goal ≥ 0.90" in text and "meets the goal" in text
+    assert "| full | 6 | " in text and "| 0.905 | 0.950 | 4.50 |" in text
     assert "Learned (almost) nothing at its chosen rate: lora." in text  # STS-B paragraph
     assert "**sst2** (accuracy on dev" in text and "**stsb** (combined on dev" in text
     # defaults: the sweep's chosen rates against DEFAULT_LR, per task type
