@@ -46,6 +46,7 @@ HERE = Path(__file__).resolve().parent
 STAGES = ("sweep", "evidence", "headline", "seeds")
 STOP_FILE = "STOP"  # in --work: runners finish the run in flight, then exit (bench.sh too)
 RUNS, RATES_FILE = "records", "learning_rates.json"
+NOT_RUN = "not run: "  # a blocked run whose reason starts so never runs (--list shows it; bench.sh stops counting it)
 SMOKE = {"tasks": ["sst2", "rte"], "variants": ["lora", "linear_probe"], "seeds": [1],
          "flags": {"epochs": 1, "max_steps": 10, "eval_every": 5, "max_train_samples": 320, "max_eval_samples": 96}}
 
@@ -227,7 +228,7 @@ def plan(experiments: list[dict], results: Path, stage: str, tasks=None, variant
                 if s == exp["sweep_seed"]:
                     continue  # the sweep's run at the chosen rate
                 if choice and choice["learned_nothing"]:  # another seed would score the same constant again
-                    wanted.append((math.nan, s, f"the sweep of {exp['name']} learned nothing at any rate"))
+                    wanted.append((math.nan, s, f"{NOT_RUN}the sweep of {exp['name']} learned nothing at any rate"))
                 else:
                     wanted.append((choice["learning_rate"], s, None) if choice else
                                   (math.nan, s, f"the sweep of {exp['name']} is not complete"))
@@ -435,7 +436,9 @@ def main(argv: list[str] | None = None) -> int:
         done = {r["id"] for r in runs if (args.results / RUNS / f"{r['id']}.json").is_file()}
         if args.list:
             for r in runs:
-                status = "recorded" if r["id"] in done else (f"blocked: {r['blocked']}" if r["blocked"] else
+                blocked = r["blocked"] or ""
+                status = "recorded" if r["id"] in done else (blocked if blocked.startswith(NOT_RUN) else
+                                                             f"blocked: {blocked}" if blocked else
                                                              "running" if (args.work / f"{r['id']}.claim").is_file()
                                                              and holder_alive(args.work / f"{r['id']}.claim")
                                                              else "to run")

@@ -103,7 +103,7 @@ def test_sweep_extends_past_an_edge_then_takes_the_smallest_rate_within_one_se(t
     assert [(r["seed"], r["learning_rate"], r["blocked"]) for r in seeds] == [(2, below, None), (3, below, None)]
 
 
-def test_a_flat_sweep_climbs_to_the_ladder_s_top_then_learned_nothing_skips_seeds_and_the_default_vote(tmp_path):
+def test_a_flat_sweep_climbs_to_the_ladder_s_top_then_learned_nothing_skips_seeds_and_the_default_vote(tmp_path, capsys):
     experiments = run.load_experiments(BENCH / "experiments")
     exp = _exp(experiments, "mrpc__bottleneck_pfeiffer")
     ladder, start = exp["learning_rates"]["ladder"], exp["learning_rates"]["start"]
@@ -121,8 +121,16 @@ def test_a_flat_sweep_climbs_to_the_ladder_s_top_then_learned_nothing_skips_seed
     assert state["learning_rate"] == start[0]  # its seed-1 run stays the cell, so retention counts the failure
     assert [(r["seed"], r["blocked"]) for r in run.plan(experiments, tmp_path, "seeds", ["mrpc"],
                                                         ["bottleneck_pfeiffer"])] == \
-        [(2, "the sweep of mrpc__bottleneck_pfeiffer learned nothing at any rate"),
-         (3, "the sweep of mrpc__bottleneck_pfeiffer learned nothing at any rate")]
+        [(2, "not run: the sweep of mrpc__bottleneck_pfeiffer learned nothing at any rate"),
+         (3, "not run: the sweep of mrpc__bottleneck_pfeiffer learned nothing at any rate")]
+    # --list says so, and bench.sh stops counting those runs as left to do (else it would wait on them forever)
+    (tmp_path / "data" / "sst2").mkdir(parents=True)
+    (tmp_path / "data" / "sst2" / "train.tsv").write_text("")
+    run.main(["--list", "--stage", "seeds", "--tasks", "mrpc", "--variants", "bottleneck_pfeiffer",
+              "--results", str(tmp_path), "--data-root", str(tmp_path / "data")])
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == 2 and all(line.endswith("not run: the sweep of mrpc__bottleneck_pfeiffer learned "
+                                                  "nothing at any rate") for line in listed)
     rates = run.select_learning_rates(experiments, tmp_path)
     bottleneck = next(d for d in report.default_rates(rates) if "bottleneck_pfeiffer" in d["variants"])
     assert bottleneck["flat"] == [("mrpc", "bottleneck_pfeiffer")] and bottleneck["everywhere"] == []
