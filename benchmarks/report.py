@@ -302,8 +302,13 @@ def paragraphs(scores, tasks, variants, baselines, learned, grid, rates, evidenc
                 words.append("No parameter-efficient variant comes within one point of full fine-tuning.")
             else:
                 words.append("No other variant has a cell here yet.")
-        collapsed = [v for v, s in ranked if s is None or math.isnan(s) or
-                     (t in baselines and s <= baselines[t] + 0.01) or (t not in baselines and s < REGRESSION_FLOOR)]
+        flat = [v for v in variants if rates.get(t, {}).get(v, {}).get("learned_nothing")]
+        if flat:
+            words.append(f"Learned nothing at any rate of its ladder (every rate scored the same constant; seeds 2-3 "
+                         f"not run): {', '.join(flat)}.")
+        collapsed = [v for v, s in ranked if v not in flat and (
+                     s is None or math.isnan(s) or (t in baselines and s <= baselines[t] + 0.01)
+                     or (t not in baselines and s < REGRESSION_FLOOR))]
         if collapsed:
             words.append(f"Learned (almost) nothing at its chosen rate: {', '.join(collapsed)}.")
         edge = [v for v in variants if rates.get(t, {}).get(v, {}).get("on_ladder_edge")]

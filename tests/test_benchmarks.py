@@ -132,6 +132,10 @@ def test_a_flat_sweep_climbs_to_the_ladder_s_top_then_learned_nothing_skips_seed
     assert len(listed) == 2 and all(line.endswith("not run: the sweep of mrpc__bottleneck_pfeiffer learned "
                                                   "nothing at any rate") for line in listed)
     rates = run.select_learning_rates(experiments, tmp_path)
+    text = report.render(report.load(tmp_path), tmp_path, {"mrpc": majority})
+    assert "Learned nothing at any rate of its ladder (every rate scored the same constant; seeds 2-3 not run): " \
+           "bottleneck_pfeiffer." in text
+    assert "<br>learned nothing at any rate |" in text  # the sweep table's cell says it too
     bottleneck = next(d for d in report.default_rates(rates) if "bottleneck_pfeiffer" in d["variants"])
     assert bottleneck["flat"] == [("mrpc", "bottleneck_pfeiffer")] and bottleneck["everywhere"] == []
     # once a higher rate learns, it is an ordinary sweep again: best on the top edge, so it keeps climbing
