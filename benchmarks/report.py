@@ -150,6 +150,9 @@ def holds(choice: dict, rate: float) -> bool | None:
     if f"{rate:g}" not in scores:
         return None
     best, mine = scores[f"{choice['best_learning_rate']:g}"], scores[f"{rate:g}"]
+    constant = choice.get("constant", [])
+    if f"{rate:g}" in constant and f"{choice['best_learning_rate']:g}" not in constant:
+        return False  # predicted one class: never a default that holds, however close its score (run.sweep)
     return best is not None and mine is not None and mine >= best - choice["standard_error"]
 
 
@@ -451,7 +454,8 @@ def _rates(sweep: list[dict], rates: dict, tasks: list[str]) -> list[str]:
     if not sweep:
         return lines + ["No sweep run recorded yet.", ""]
     table = sweep_table(sweep)
-    lines += ["Chosen: the smallest rate within one standard error of the best validation score (seed 1). "
+    lines += ["Chosen: the smallest rate within one standard error of the best validation score (seed 1), never "
+              "one whose run predicted a single class (`constant`) while the best did not. "
               "Bold: chosen; `*`: the best score; `edge`: the best sits on the ladder's end.", "",
               "| variant | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]
     for v in VARIANTS:
@@ -461,7 +465,8 @@ def _rates(sweep: list[dict], rates: dict, tasks: list[str]) -> list[str]:
             choice = rates.get(t, {}).get(v, {})
             parts = []
             for lr in sorted(runs):
-                s = f"{lr:g}: {_f(runs[lr].get('validation_primary'))}"
+                s = f"{lr:g}: {_f(runs[lr].get('validation_primary'))}" + \
+                    (" `constant`" if f"{lr:g}" in choice.get("constant", []) else "")
                 s = f"**{s}**" if lr == choice.get("learning_rate") else s
                 parts.append(s + ("`*`" if lr == choice.get("best_learning_rate") else ""))
             status = "" if choice or not runs else " (sweep running)"

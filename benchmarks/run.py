@@ -111,11 +111,20 @@ def _score(record: dict) -> float:
     return value if isinstance(value, (int, float)) and math.isfinite(value) else -math.inf
 
 
+def _constant(record: dict) -> bool:
+    """Did the evaluation the run kept predict one class for every validation example? (The recipe says so since
+    it reports ``predicted_classes``; earlier records say nothing and count as not constant.)"""
+    kept = f"validation at step {record.get('best_step')}"
+    return (record.get("validation") or {}).get("predicted_classes") == 1 or \
+        kept in ((record.get("recipe_metrics") or {}).get("constant_predictions") or [])
+
+
 # ---- the learning-rate sweep -------------------------------------------------------------------------
 PROTOCOL = ("per task and variant, seed 1 at the ladder's start rates, extended one rung at a time beyond an edge "
             "while the best validation score is on that edge, and upward to the ladder's top while every rate scores the "
             "same (a flat sweep: learned nothing, no seeds 2-3); chosen: the smallest rate whose validation score is "
-            "within one standard error of the best (the one-standard-error rule); validation is carved from train; "
+            "within one standard error of the best (the one-standard-error rule), never a rate whose run predicted "
+            "one class while the best did not; validation is carved from train; "
             "dev is never read")
 
 
@@ -175,11 +184,16 @@ def sweep(exp: dict, results: Path) -> dict:
             break
     metric = records[best]["metric"]
     se = standard_error(metric, scores[best], validation_rows(records[best]))
-    pick = min(lr for lr in ran if scores[lr] >= scores[best] - se)
+    # A rate whose run predicted one class can sit within one SE of the best (MRPC's majority F1 is 0.807), but
+    # a constant is no model, not a simpler one: it is never chosen while the best run predicted more than that.
+    constant = [lr for lr in ran if _constant(records[lr])]
+    barred = constant if best not in constant else []
+    pick = min(lr for lr in ran if scores[lr] >= scores[best] - se and lr not in barred)
     return {"complete": True, "todo": [], "learning_rate": pick, "best_learning_rate": best, "standard_error": se,
             "metric": f"validation {metric} (split carved from train)", "seed": seed,
             "on_ladder_edge": best in (ladder[0], ladder[-1]) and not flat, "learned_nothing": flat,
-            "scores": {f"{lr:g}": (scores[lr] if math.isfinite(scores[lr]) else None) for lr in ran}}
+            "scores": {f"{lr:g}": (scores[lr] if math.isfinite(scores[lr]) else None) for lr in ran},
+            "constant": [f"{lr:g}" for lr in constant]}
 
 
 def select_learning_rates(experiments: list[dict], results: Path) -> dict:

@@ -146,6 +146,32 @@ def test_a_flat_sweep_climbs_to_the_ladder_s_top_then_learned_nothing_skips_seed
     assert run.sweep(other, tmp_path)["todo"] == [ladder[ladder.index(above) + 1]]
 
 
+def test_one_se_rule_never_chooses_a_run_that_predicted_one_class_and_such_a_rate_never_holds(tmp_path):
+    experiments = run.load_experiments(BENCH / "experiments")
+    exp = _exp(experiments, "mrpc__full")
+    low, mid, high = exp["learning_rates"]["start"]
+    ladder = exp["learning_rates"]["ladder"]
+    below = ladder[ladder.index(low) - 1]
+    one_class = {"validation": {"f1": 0.8065, "predicted_classes": 1.0}}
+    # MRPC as it ran: the smallest rate predicted "paraphrase" for everything (F1 0.8065), within one SE of the best
+    for lr, score, extra in ((below, 0.8065, one_class), (low, 0.8146, {}), (mid, 0.8081, {}), (high, 0.8105, {})):
+        _record(tmp_path, exp, lr, 1, score, **extra)
+    state = run.sweep(exp, tmp_path)
+    assert state["best_learning_rate"] == low and 0.8146 - state["standard_error"] < 0.8065
+    assert state["learning_rate"] == low and state["constant"] == [f"{below:g}"]
+    assert report.holds(state, below) is False and report.holds(state, mid) is True
+    # older records carry no predicted_classes; the recipe's list of constant evaluations says it too
+    _record(tmp_path, exp, below, 1, 0.8065, best_step=52,
+            recipe_metrics={"data": ["validation: 367 rows carved from train (0.1, seed 1)"],
+                            "constant_predictions": ["validation at step 52", "test"]})
+    assert run.sweep(exp, tmp_path)["learning_rate"] == low
+    # where every run is constant the sweep is flat, and the rule has nothing else to pick: it stays as it was
+    flat = _exp(experiments, "cola__lora")
+    for lr in flat["learning_rates"]["ladder"]:
+        _record(tmp_path, flat, lr, 1, 0.0, validation={"predicted_classes": 1.0})
+    assert run.sweep(flat, tmp_path)["learning_rate"] == flat["learning_rates"]["start"][0]
+
+
 def test_one_se_rule_prefers_the_smaller_rate_and_uses_the_metric_s_standard_error(tmp_path):
     experiments = run.load_experiments(BENCH / "experiments")
     exp = _exp(experiments, "sst2__full")
