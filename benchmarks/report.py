@@ -1,6 +1,6 @@
-"""Turn recorded benchmark runs into benchmarks/results/REPORT.md and two PNG plots.
+"""Turn recorded benchmark runs into benchmarks/results/REPORT.md and its Pareto plot (pareto.png).
 
-    python benchmarks/report.py                              # benchmarks/results/ -> REPORT.md + PNGs
+    python benchmarks/report.py                              # benchmarks/results/ -> REPORT.md + pareto.png
     python benchmarks/report.py --results benchmarks/results/smoke
 
 Reads results/records/*.json (the runs; a cell counts the runs at the rate its sweep chose, see
