@@ -218,7 +218,9 @@ def read_file(directory: Path) -> tuple[Strategy, dict[str, Any]]:
     if not isinstance(spec, dict):
         raise AdapterFormatError(field=f"{path}:strategy", value=spec, problem="must be an object",
                                  fix="re-save the adapter with adaptkit.save")
-    return strategies.get(str(spec.get("strategy"))).from_dict(spec), data
+    cls = strategies.get(str(spec.get("strategy")))
+    # an option added since the folder was saved takes the value the folder was trained with, not today's default
+    return cls.from_dict({**cls.saved_before, **spec}), data
 
 
 def read_peft_config(folder: Path):

@@ -7,7 +7,8 @@
   (``'Parameter' object has no attribute 'CB'`` in 8-bit), and a quantized head could not train
   anyway. The heads are found from the model's structure (a model built on the meta device, no
   weights read) and put in ``llm_int8_skip_modules`` together with the output embedding (``lm_head``),
-  which transformers keeps unquantized by default and would stop doing once a skip list is given.
+  which transformers keeps unquantized by default and would stop doing once a skip list is given, and
+  with the pooler a head reads (BERT's; bottleneck adapters train it).
 * **One whole copy per process.** Under a multi-process launch the model goes to this process's
   device (``device_map={"": local index}``), never ``device_map="auto"`` (see distributed.py).
 * **No hidden fp32 upcast.** ``peft.prepare_model_for_kbit_training`` casts every fp16/bf16
@@ -106,6 +107,10 @@ def unquantized_modules(name_or_path: str, auto_class: Any, hf_kwargs: dict[str,
     with torch.device("meta"):
         skeleton = auto_class.from_config(config, **extra)
     names = set(targets.head_names(skeleton))
+    # the pooler a head reads counts as part of it: BERT's pooler plays the part of the dense layer RoBERTa's
+    # head owns, and bottleneck adapters train it (strategies/bottleneck.py); it is one hidden x hidden layer
+    if names and (pooler := targets.pooler_name(skeleton)):
+        names.add(pooler)
     out = skeleton.get_output_embeddings() if hasattr(skeleton, "get_output_embeddings") else None
     names.update(n for n, m in skeleton.named_modules() if out is not None and m is out)
     return sorted(names)

@@ -44,6 +44,16 @@ def base_module(model: nn.Module) -> nn.Module | None:
     return inner if isinstance(inner, nn.Module) and inner is not model else None
 
 
+def pooler_name(model: nn.Module) -> str | None:
+    """Dotted name of the backbone's pooler (BERT's dense + tanh over the first token, which its
+    classification head reads), or None: RoBERTa's and DistilBERT's heads pool for themselves."""
+    backbone = base_module(model)
+    pooler = getattr(backbone, "pooler", None) if backbone is not None else None
+    if not isinstance(pooler, nn.Module) or not any(True for _ in pooler.parameters()):
+        return None
+    return f"{model.base_model_prefix}.pooler"
+
+
 def head_names(model: nn.Module) -> list[str]:
     """Top-level module names of the task head(s): children with parameters outside the backbone.
 

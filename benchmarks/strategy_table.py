@@ -21,8 +21,8 @@ import adaptkit  # noqa: E402
 
 ROWS = [
     ("lora", {}, "rank-8 updates on every backbone linear layer + head", "r=8, alpha=16, dropout=0, all linear layers"),
-    ("bottleneck", {}, "Pfeiffer adapter after each FFN + head", "variant=pfeiffer, reduction_factor=16, relu"),
-    ("bottleneck", {"variant": "houlsby"}, "Houlsby adapters after attention and FFN + head",
+    ("bottleneck", {}, "Pfeiffer adapter after each FFN + head and the pooler it reads", "variant=pfeiffer, reduction_factor=16, relu"),
+    ("bottleneck", {"variant": "houlsby"}, "Houlsby adapters after attention and FFN + head and pooler",
      "variant=houlsby, reduction_factor=16"),
     ("prefix", {}, "20 key/value prefix vectors per layer + head", "num_virtual_tokens=20, no projection"),
     ("linear_probe", {}, "the task head only", "head found from the model structure"),

@@ -89,6 +89,10 @@ def test_identity_at_init_and_only_adapters_and_new_heads_train(family, task, va
     assert torch.equal(_logits(adapted, inputs), _logits(base, inputs))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     heads = {f"{h}.{n}" for h in targets.new_head_names(model) for n, _ in getattr(model, h).named_parameters()}
+    # the pooler a fresh head reads trains with it (BERT's; the other families' heads hold that layer themselves)
+    pooler = targets.pooler_name(model) if heads else None
+    heads |= {f"{pooler}.{n}" for n, _ in model.get_submodule(pooler).named_parameters()} if pooler else set()
+    assert (pooler is not None) == (family == "bert" and task == "seq_cls")
     assert trainable == _adapter_param_names(model) | heads
     assert set(dict(model.named_parameters())) - trainable == base_names - heads  # base names unchanged, frozen
     if task in ("seq_cls", "image_cls"):
@@ -222,14 +226,59 @@ def test_8bit_base_trains_fp32_adapters(tmp_path):
     quant = transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["classifier"])
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
         tmp_path / "base", quantization_config=quant, device_map="cpu").eval()
+    # the pooler the head reads is quantized here: it cannot train, and the default would train it
+    with pytest.raises(UnsupportedError, match=r"Bottleneck.train_pooler=True: the head reads bert.pooler, which "
+                                               r"is quantized.*Fix: load with adaptkit.load_model"):
+        Bottleneck(variant="houlsby").apply(model)
+    assert not hasattr(model.bert.encoder.layer[0].output.dense, "bottleneck_adapter")  # refused before any change
     inputs = tiny_inputs("bert")
     base_logits = _logits(model, inputs)
-    Bottleneck(variant="houlsby").apply(model)
+    Bottleneck(variant="houlsby", train_pooler=False).apply(model)
     host = model.bert.encoder.layer[0].output.dense
     assert type(host).__name__ == "Linear8bitLt" and host.bottleneck_adapter.up.weight.dtype == torch.float32
     assert torch.equal(_logits(model, inputs), base_logits)
     _train_steps(model, "bert", "seq_cls", steps=1)
     assert host.bottleneck_adapter.up.weight.abs().sum() > 0 and not torch.equal(_logits(model, inputs), base_logits)
+
+
+def test_load_model_in_8bit_keeps_the_pooler_unquantized_so_the_default_trains_it(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from adaptkit import load_model
+    tiny_model("bert").save_pretrained(tmp_path / "base")
+    model = load_model(str(tmp_path / "base"), task="seq_cls", quantization="8bit", num_labels=2)
+    assert type(model.bert.encoder.layer[0].output.dense).__name__ == "Linear8bitLt"
+    assert type(model.bert.pooler.dense) is nn.Linear
+    Bottleneck().apply(model)
+    assert model.bert.pooler.dense.weight.requires_grad
+    _train_steps(model, "bert", "seq_cls", steps=2)
+
+
+def test_pooler_trains_saves_and_reloads_and_an_older_folder_loads_with_it_frozen(tmp_path):
+    import json
+
+    import adaptkit
+    base = tiny_model("bert")
+    model = adaptkit.adapt(copy.deepcopy(base), "bottleneck")
+    before = model.bert.pooler.dense.weight.detach().clone()
+    _train_steps(model, "bert", "seq_cls")
+    assert not torch.equal(model.bert.pooler.dense.weight, before)  # it trained
+    adaptkit.save(model, tmp_path / "new")
+    loaded = adaptkit.load(tmp_path / "new", copy.deepcopy(base))
+    inputs = tiny_inputs("bert")
+    assert torch.equal(_logits(loaded, inputs), _logits(model, inputs))
+    # a folder saved before the option existed: its config has no train_pooler, its weights no pooler
+    frozen = adaptkit.adapt(copy.deepcopy(base), Bottleneck(train_pooler=False))
+    _train_steps(frozen, "bert", "seq_cls")
+    adaptkit.save(frozen, tmp_path / "old")
+    config_path = tmp_path / "old" / "adaptkit_config.json"
+    config = json.loads(config_path.read_text())
+    del config["strategy"]["train_pooler"]
+    config_path.write_text(json.dumps(config))
+    reloaded = adaptkit.load(tmp_path / "old", copy.deepcopy(base))
+    assert not reloaded.bert.pooler.dense.weight.requires_grad
+    assert torch.equal(_logits(reloaded, inputs), _logits(frozen, inputs))
+    # while a config given today without the option gets today's default
+    assert Bottleneck.from_dict({"strategy": "bottleneck"}).train_pooler is True
 
 
 @pytest.mark.e2e
@@ -244,8 +293,9 @@ def test_minilm_trainable_count(minilm_path, variant, adapters):
     hidden, size = 384, 384 // 16  # 24
     per_adapter = hidden * size + size + size * hidden + hidden  # down W+b, up W+b = 18,840
     head = hidden * 2 + 2  # classifier: 770
+    pooler = hidden * hidden + hidden  # the dense layer the classifier reads: 147,840
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert trainable == adapters * per_adapter + head
+    assert trainable == adapters * per_adapter + head + pooler
 
 
 def test_bf16_base_gets_fp32_adapters_and_keeps_its_dtype():

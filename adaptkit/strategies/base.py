@@ -80,6 +80,8 @@ class Strategy:
     weights_name: ClassVar[str] = NATIVE_WEIGHTS_NAME
     aliases: ClassVar[dict[str, str]] = {}   # PEFT's option name -> this config's field
     alias_values: ClassVar[dict[str, Any]] = {}  # PEFT's option name -> converts its value, where they differ
+    # option -> the value a folder saved before the option existed behaved as (read_file fills it in)
+    saved_before: ClassVar[dict[str, Any]] = {}
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
