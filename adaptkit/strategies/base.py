@@ -164,6 +164,9 @@ class Strategy:
     def load(self, directory: Path, base_model: nn.Module) -> nn.Module:
         """Apply this config to ``base_model`` and load the saved tensors into it."""
         model = self.apply(base_model)
+        if self.freezes_base:  # as adapt: what trains is fp32 on a bf16 base, so saved fp32 values load unrounded
+            from adaptkit.precision import keep_trainable_fp32
+            keep_trainable_fp32(model)
         load_tensors_into(model, weights_file(directory, self))
         return model
 
