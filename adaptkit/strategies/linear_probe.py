@@ -164,9 +164,8 @@ def _checkpoint_file(source: str, name: str) -> str | None:
 
 
 def _has_pooler(model: nn.Module) -> bool:
-    backbone = targets.base_module(model)
-    pooler = getattr(backbone, "pooler", None) if backbone is not None else None
-    return isinstance(pooler, nn.Module) and not isinstance(pooler, MaskedMeanPool)
+    # a mean pool already in place holds no parameters, so targets does not count it as a pooler
+    return targets.pooler_name(model) is not None
 
 
 def _pool_by_mean(model: nn.Module) -> None:
