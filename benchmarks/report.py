@@ -150,9 +150,8 @@ def holds(choice: dict, rate: float) -> bool | None:
     if f"{rate:g}" not in scores:
         return None
     best, mine = scores[f"{choice['best_learning_rate']:g}"], scores[f"{rate:g}"]
-    constant = choice.get("constant", [])
-    if f"{rate:g}" in constant and f"{choice['best_learning_rate']:g}" not in constant:
-        return False  # predicted one class: never a default that holds, however close its score (run.sweep)
+    if f"{rate:g}" in choice.get("barred", []):
+        return False  # predicted one class while the best did not: never a default that holds (run.sweep)
     return best is not None and mine is not None and mine >= best - choice["standard_error"]
 
 

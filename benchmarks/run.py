@@ -193,7 +193,7 @@ def sweep(exp: dict, results: Path) -> dict:
             "metric": f"validation {metric} (split carved from train)", "seed": seed,
             "on_ladder_edge": best in (ladder[0], ladder[-1]) and not flat, "learned_nothing": flat,
             "scores": {f"{lr:g}": (scores[lr] if math.isfinite(scores[lr]) else None) for lr in ran},
-            "constant": [f"{lr:g}" for lr in constant]}
+            "constant": [f"{lr:g}" for lr in constant], "barred": [f"{lr:g}" for lr in barred]}
 
 
 def select_learning_rates(experiments: list[dict], results: Path) -> dict:
