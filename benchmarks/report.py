@@ -180,6 +180,14 @@ def default_rates(rates: dict) -> list[dict]:
     return out
 
 
+def _default_fails(d: dict, untested: bool, fails: list[str]) -> str:
+    if not d["complete"]:
+        return "no complete sweep yet"
+    if not d["verdicts"]:  # every complete sweep learned nothing: no rate was ranked, the default included
+        return "no complete sweep that learned yet"
+    return "not on the ladder" if untested else ", ".join(fails) or "none"
+
+
 def current_defaults() -> dict[str, float]:
     from adaptkit.recipes import training
     return {**training.DEFAULT_LR, "other PEFT methods": training.OTHER_LR}
@@ -498,7 +506,7 @@ def _defaults(sweep: list[dict], rates: dict) -> list[str]:
                      f"{', '.join(f'{x:g}' for x in d['everywhere']) or 'none'} | "
                      f"{', '.join(f'{x:g}' for x in d['by_type']['classification']) or 'none'} | "
                      f"{', '.join(f'{x:g}' for x in d['by_type']['regression']) or 'none'} | "
-                     f"{'no complete sweep yet' if not d['complete'] else 'not on the ladder' if untested else ', '.join(fails) or 'none'} | "
+                     f"{_default_fails(d, untested, fails)} | "
                      f"{', '.join(f'{t}/{v}' for t, v in d['flat']) or 'none'} |")
     return lines + [""]
 

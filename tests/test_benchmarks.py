@@ -138,6 +138,9 @@ def test_a_flat_sweep_climbs_to_the_ladder_s_top_then_learned_nothing_skips_seed
     assert "<br>learned nothing at any rate |" in text  # the sweep table's cell says it too
     bottleneck = next(d for d in report.default_rates(rates) if "bottleneck_pfeiffer" in d["variants"])
     assert bottleneck["flat"] == [("mrpc", "bottleneck_pfeiffer")] and bottleneck["everywhere"] == []
+    # the only complete sweep ranked no rate, so the default is neither failing nor off the ladder
+    assert "| bottleneck | bottleneck_pfeiffer, bottleneck_houlsby | 1 of 10 |" in text
+    assert "| none | none | none | no complete sweep that learned yet | mrpc/bottleneck_pfeiffer |" in text
     # once a higher rate learns, it is an ordinary sweep again: best on the top edge, so it keeps climbing
     other = _exp(experiments, "cola__bottleneck_pfeiffer")
     for lr in start:
