@@ -180,12 +180,15 @@ def default_rates(rates: dict) -> list[dict]:
     return out
 
 
-def _default_fails(d: dict, untested: bool, fails: list[str]) -> str:
+def _default_fails(d: dict, now: float) -> str:
+    """The report's "where the current default fails" cell for one default_rates entry."""
     if not d["complete"]:
         return "no complete sweep yet"
     if not d["verdicts"]:  # every complete sweep learned nothing: no rate was ranked, the default included
         return "no complete sweep that learned yet"
-    return "not on the ladder" if untested else ", ".join(fails) or "none"
+    if now not in d["verdicts"]:
+        return "not on the ladder"
+    return ", ".join(f"{t}/{v}" for (t, v), ok in d["verdicts"][now].items() if ok is False) or "none"
 
 
 def current_defaults() -> dict[str, float]:
@@ -500,13 +503,11 @@ def _defaults(sweep: list[dict], rates: dict) -> list[str]:
               "|---|---|---:|---:|---|---|---|---|---|"]
     for d in default_rates(rates):
         now = current.get(d["key"])
-        fails = [f"{t}/{v}" for (t, v), ok in d["verdicts"].get(now, {}).items() if ok is False]
-        untested = now not in d["verdicts"]
         lines.append(f"| {d['key']} | {', '.join(d['variants'])} | {d['complete']} of {d['planned']} | {now:g} | "
                      f"{', '.join(f'{x:g}' for x in d['everywhere']) or 'none'} | "
                      f"{', '.join(f'{x:g}' for x in d['by_type']['classification']) or 'none'} | "
                      f"{', '.join(f'{x:g}' for x in d['by_type']['regression']) or 'none'} | "
-                     f"{_default_fails(d, untested, fails)} | "
+                     f"{_default_fails(d, now)} | "
                      f"{', '.join(f'{t}/{v}' for t, v in d['flat']) or 'none'} |")
     return lines + [""]
 
