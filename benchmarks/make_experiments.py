@@ -54,6 +54,12 @@ HEADLINE = {"task": "sst2_glue", "rates_from": "sst2", "variants": ["full", "lor
 # improving). The same runs with up to 6 epochs, stopping after 3 epochs without improvement, say whether the
 # budget or the model stands between it and the goal. Named "<task>__<variant>__long"; the 3-epoch rows stay.
 HEADLINE_LONG = {"epochs": 6, "patience": 6}
+# The headline at a lower rate, added 2026-12-02 before its run: 6 epochs at sst2's chosen rate (5e-5) gave 0.890,
+# the same as 3, so the budget is not what stands between full fine-tuning and the goal. The rate was chosen on
+# the 6,920-sentence SST-2 (~650 steps in 3 epochs); the 67k set takes ~6,300, and the usual choice for that many
+# steps is lower (BERT's GLUE runs: 2e-5 to 5e-5). One run of full fine-tuning, 3 epochs, at the ladder's rung
+# below the chosen one, asks whether the rate is. Named "<task>__full__low_rate"; the rate is fixed, not swept.
+HEADLINE_LOW_RATE = {"variant": "full", "rate": 2e-5}
 
 # Evidence, added 2026-12-01 before its runs (README, "Protocol"): where full fine-tuning stayed at the majority
 # class through its whole 3-epoch sweep (MRPC, RTE), one longer run at that sweep's best rate shows whether
@@ -100,6 +106,13 @@ def headline(variant: str, long: bool = False) -> dict:
                        None, HEADLINE["seeds"], **flags)
 
 
+def headline_low_rate() -> dict:
+    task = HEADLINE["task"]
+    return _experiment("headline", f"{task}__{HEADLINE_LOW_RATE['variant']}__low_rate", task,
+                       HEADLINE_LOW_RATE["variant"], HEADLINE["epochs"], {"rate": HEADLINE_LOW_RATE["rate"]}, None,
+                       HEADLINE["seeds"])
+
+
 def evidence(task: str, variant: str) -> dict:
     return _experiment("evidence", f"{task}__{variant}__long", task, variant, EVIDENCE["epochs"], {"from_task": task},
                        None, EVIDENCE["seeds"], patience=EVIDENCE["patience"])
@@ -113,6 +126,8 @@ def all_experiments() -> dict[Path, dict]:
     for variant in HEADLINE["variants"]:
         out[EXPERIMENTS / "headline" / f"{HEADLINE['task']}__{variant}.json"] = headline(variant)
         out[EXPERIMENTS / "headline" / f"{HEADLINE['task']}__{variant}__long.json"] = headline(variant, long=True)
+    low = headline_low_rate()
+    out[EXPERIMENTS / "headline" / f"{low['name']}.json"] = low
     for task in EVIDENCE["tasks"]:
         for variant in EVIDENCE["variants"]:
             out[EXPERIMENTS / "evidence" / f"{task}__{variant}.json"] = evidence(task, variant)

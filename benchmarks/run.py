@@ -89,8 +89,9 @@ def load_experiments(folder: Path) -> list[dict]:
                 and set(start) <= set(ladder) and data["sweep_seed"] in data["seeds"]
             fix = "give {'ladder': [increasing rates], 'start': [some of them]} and a sweep_seed among the seeds"
         else:
-            ok = set(rates) == {"from_task"} and isinstance(rates["from_task"], str)
-            fix = "give {'from_task': <the task whose chosen rate the headline uses>}"
+            ok = (set(rates) == {"from_task"} and isinstance(rates["from_task"], str)) or \
+                (set(rates) == {"rate"} and isinstance(rates["rate"], float) and rates["rate"] > 0)
+            fix = "give {'from_task': <the task whose chosen rate the run uses>} or {'rate': <a fixed rate > 0>}"
         if not ok:
             raise ConfigError(field=f"{path}:learning_rates", value=rates, problem="is not a valid rate plan", fix=fix)
         out.append(data)
@@ -246,6 +247,8 @@ def plan(experiments: list[dict], results: Path, stage: str, tasks=None, variant
                 else:
                     wanted.append((choice["learning_rate"], s, None) if choice else
                                   (math.nan, s, f"the sweep of {exp['name']} is not complete"))
+        elif exp["stage"] == stage and "rate" in exp["learning_rates"]:  # fixed: no sweep to wait for
+            wanted = [(exp["learning_rates"]["rate"], s, None) for s in (seeds or exp["seeds"])]
         elif exp["stage"] == stage and stage in ("headline", "evidence"):
             source = exp["learning_rates"]["from_task"]
             choice = rates.get(source, {}).get(exp["variant"])

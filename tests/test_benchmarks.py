@@ -24,7 +24,8 @@ def test_committed_experiments_match_the_declared_table_and_load():
     experiments = run.load_experiments(BENCH / "experiments")
     grid = [e for e in experiments if e["stage"] == "grid"]
     variants = len(make_experiments.VARIANTS)
-    assert len(grid) == 5 * variants and len([e for e in experiments if e["stage"] == "headline"]) == 4
+    # full and LoRA at 3 and up to 6 epochs, and full fine-tuning at the fixed lower rate
+    assert len(grid) == 5 * variants and len([e for e in experiments if e["stage"] == "headline"]) == 5
     longer = [e for e in experiments if e["stage"] == "evidence"]
     assert longer and all(e["flags"]["epochs"] > 3 and e["learning_rates"] == {"from_task": e["task"]} for e in longer)
     # every strategy the issue names is in the grid, ia3 through the PEFT pass-through
@@ -195,7 +196,8 @@ def test_one_se_rule_prefers_the_smaller_rate_and_uses_the_metric_s_standard_err
 
 def test_headline_takes_the_rate_chosen_on_sst2(tmp_path):
     experiments = run.load_experiments(BENCH / "experiments")
-    assert all("no rate chosen for sst2" in r["blocked"] for r in run.plan(experiments, tmp_path, "headline"))
+    assert all("no rate chosen for sst2" in r["blocked"] for r in run.plan(experiments, tmp_path, "headline")
+               if "low_rate" not in r["id"])
     exp = _exp(experiments, "sst2__lora")
     for lr, score in zip(exp["learning_rates"]["start"], (0.80, 0.86, 0.82)):
         _record(tmp_path, exp, lr, 1, score)
@@ -205,7 +207,19 @@ def test_headline_takes_the_rate_chosen_on_sst2(tmp_path):
     assert [(r["id"], r["learning_rate"], r["blocked"]) for r in lora] == \
         [(f"sst2_glue__lora{s}__lr0.001__seed1", exp["learning_rates"]["start"][1], None) for s in ("", "__long")]
     assert [r["experiment"]["flags"]["epochs"] for r in lora] == [3, 6]
-    assert all(r["blocked"] for r in runs if r["experiment"]["variant"] == "full")
+    # full fine-tuning waits for its sweep, except the run at the protocol's fixed lower rate
+    full = {r["id"]: r["blocked"] for r in runs if r["experiment"]["variant"] == "full"}
+    assert full.pop("sst2_glue__full__low_rate__lr2e-05__seed1") is None
+    assert len(full) == 2 and all(full.values())
+
+
+def test_a_fixed_rate_plan_must_be_a_positive_float(tmp_path):
+    exp = json.loads((BENCH / "experiments" / "headline" / "sst2_glue__full__low_rate.json").read_text())
+    (tmp_path / "headline").mkdir()
+    for bad in ({"rate": 0.0}, {"rate": "2e-5"}, {"rate": 2e-5, "from_task": "sst2"}):
+        (tmp_path / "headline" / "sst2_glue__full__low_rate.json").write_text(json.dumps({**exp, "learning_rates": bad}))
+        with pytest.raises(run.ConfigError, match="learning_rates"):
+            run.load_experiments(tmp_path)
 
 
 def test_evidence_runs_at_the_sweep_s_best_rate_not_the_one_se_choice(tmp_path):
@@ -279,9 +293,10 @@ def test_report_prints_cells_retention_learned_tasks_headline_and_defaults(tmp_p
     head = _exp(experiments, "sst2_glue__full")
     _record(tmp_path, head, rate("sst2__full"), 1, 0.93, 0.895, epochs=3.0)
     _record(tmp_path, _exp(experiments, "sst2_glue__full__long"), rate("sst2__full"), 1, 0.95, 0.905, epochs=4.5)
+    _record(tmp_path, _exp(experiments, "sst2_glue__full__low_rate"), 2e-5, 1, 0.94, 0.901, epochs=3.0)
     _record(tmp_path, _exp(experiments, "mrpc__full__long"), 2e-5, 1, 0.81, 0.83, epochs=7.5, stopped_early=True)
     data = report.load(tmp_path)
-    assert len(data["evidence"]) == 1 and len(data["grid"]) == 12 and len(data["headline"]) == 2 and len(data["sweep"]) == 12
+    assert len(data["evidence"]) == 1 and len(data["grid"]) == 12 and len(data["headline"]) == 3 and len(data["sweep"]) == 12
     text = report.render(data, tmp_path, {"sst2": 0.509})
     assert "| full | 0.910 [0.900–0.920] (n=3) | 0.850 [0.840–0.860] (n=3) |" in text
     # a constant prediction (NaN) is shown and ranks as the worst seed, not dropped
@@ -292,9 +307,15 @@ def test_report_prints_cells_retention_learned_tasks_headline_and_defaults(tmp_p
     assert "| mrpc | 2e-05 | f1 0.830 | 0.050 | – | 0.866 | 0.810 | 7.5 | yes |" in text
     assert "microsoft/xtremedistil-l6-h384-uncased" in text
     # the 3-epoch headline and the longer one, each with its own verdict against the goal
-    assert "Full fine-tuning on sst2_glue, at most 3 epochs: 0.895 (goal ≥ 0.90" in text and "misses the goal" in text
-    assert "Full fine-tuning on sst2_glue, at most 6 epochs: 0.905 (goal ≥ 0.90" in text and "meets the goal" in text
-    assert "| full | 6 | " in text and "| 0.905 | 0.950 | 4.50 |" in text
+    full_rate = f"{rate('sst2__full'):g}"
+    assert f"Full fine-tuning on sst2_glue, at most 3 epochs at {full_rate}: 0.895 (goal ≥ 0.90" in text
+    assert "misses the goal" in text
+    assert f"Full fine-tuning on sst2_glue, at most 6 epochs at {full_rate}: 0.905 (goal ≥ 0.90" in text
+    assert "meets the goal" in text
+    assert f"| full | 6 | {full_rate} (chosen on sst2) | 0.905 | 0.950 | 4.50 |" in text
+    # the fixed-rate run says so, and follows the chosen-rate run of its budget
+    assert text.index(f"| full | 3 | {full_rate} (chosen on sst2) |") < text.index("| full | 3 | 2e-05 (fixed) | 0.901 |")
+    assert "headline runs: 3 of 5." in text
     assert "Learned (almost) nothing at its chosen rate: lora." in text  # STS-B paragraph
     assert "**sst2** (accuracy on dev" in text and "**stsb** (combined on dev" in text
     # defaults: the sweep's chosen rates against DEFAULT_LR, per task type
