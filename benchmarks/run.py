@@ -464,8 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         missing = missing_flags([r for r in runs if not r["blocked"]], args)
         for name, flags in missing.items():
             print(f"skipping {name}: {args.recipe.name} has no {', '.join(flags)}", file=sys.stderr)
-        print(f"{stage}: {sum(not r['blocked'] for r in runs)} to run now, {sum(bool(r['blocked']) for r in runs)} blocked "
-              "(the sweep adds rates as results come in)", flush=True)
+        print(f"{stage}: {len(done)} recorded, {sum(not r['blocked'] and r['id'] not in done for r in runs)} to run now, "
+              f"{sum(bool(r['blocked']) for r in runs)} blocked (the sweep adds rates as results come in)", flush=True)
         count = 0
         while True:  # re-plan after every run: the sweep's next rate depends on the last result
             if (args.work / STOP_FILE).exists():
