@@ -40,7 +40,7 @@ LEARNED_MARGIN, LEARNED_BARS = 0.05, {"cola": 0.25, "stsb": 0.80}
 REGRESSION_FLOOR = 0.2  # a correlation below this on STS-B is (near-)constant output, not a weak model
 # Which recipe default (adaptkit/recipes/training.py:DEFAULT_LR) each variant runs under
 DEFAULT_KEY = {"full": "full", "lora": "lora", "bottleneck_pfeiffer": "bottleneck", "bottleneck_houlsby": "bottleneck",
-               "prefix": "prefix", "linear_probe": "linear_probe", "ia3": "other PEFT methods"}
+               "prefix": "prefix", "linear_probe": "linear_probe", "ia3": "ia3"}
 
 
 # ---- loading -----------------------------------------------------------------------------------------
@@ -193,7 +193,13 @@ def _default_fails(d: dict, now: float) -> str:
 
 def current_defaults() -> dict[str, float]:
     from adaptkit.recipes import training
-    return {**training.DEFAULT_LR, "other PEFT methods": training.OTHER_LR}
+    return dict(training.DEFAULT_LR)
+
+
+def other_default() -> float:
+    """The rate of every PEFT method without its own DEFAULT_LR entry (no variant here measures it)."""
+    from adaptkit.recipes import training
+    return training.OTHER_LR
 
 
 # ---- rendering ---------------------------------------------------------------------------------------
@@ -515,7 +521,8 @@ def _defaults(sweep: list[dict], rates: dict) -> list[str]:
                      f"{', '.join(f'{x:g}' for x in d['by_type']['regression']) or 'none'} | "
                      f"{_default_fails(d, now)} | "
                      f"{', '.join(f'{t}/{v}' for t, v in d['flat']) or 'none'} |")
-    return lines + [""]
+    return lines + ["", f"Any other PEFT method (loha, lokr, adalora, ...) defaults to {other_default():g}, LoRA's rate; "
+                    "no variant here measures it.", ""]
 
 
 def _ratios(ratios: list[dict], history_file: Path) -> list[str]:

@@ -34,9 +34,9 @@ STRATEGIES = {"full": ["--strategy", "full"], "lora": ["--strategy", "lora"],
 # Full fine-tuning learns this task in 15-30 steps but its steps cost 5x the others' here (AdamW over all 15M
 # weights, 11.7M of them the embedding matrix), so it gets 30; the others get 90.
 STEPS = {"full": 30}
-# The held-out correlation each must reach. IA3 (at OTHER_LR, the rate of every PEFT method without its own)
-# learns slowly on this budget: its output spread stays near 1e-4 of the labels' and pearson reached 0.28.
-CORRELATION = {"ia3": 0.1}
+# The held-out correlation each must reach. Every strategy clears it at its default with room (IA3 at 3e-2:
+# pearson 0.98; at the 1e-3 it had before its sweep, 0.28, with an output spread near 1e-4 of the labels').
+LEAST_CORRELATION = 0.3
 HIGH = "good great fine happy bright warm kind calm sweet clear".split()
 LOW = "bad poor sad dark cold cruel angry sour dull weak".split()
 
@@ -93,8 +93,7 @@ def test_default_learning_rate_learns_a_regression_task(name, task, minilm_2_lay
     test = metrics["test"]  # the saved adapter, reloaded, on the held-out file
     assert metrics["task"] == "regression" and all(math.isfinite(v) for v in test.values()), test
     assert guards.constant_output(test) is None and metrics["warnings"] == [], (test, metrics["warnings"])
-    least = CORRELATION.get(name, 0.3)
-    assert test["pearson"] > least and test["spearmanr"] > least, test
+    assert test["pearson"] > LEAST_CORRELATION and test["spearmanr"] > LEAST_CORRELATION, test
 
 
 # ---- the collapse signal (adaptkit.recipes.guards) -----------------------------------------------------
