@@ -326,11 +326,17 @@ def paragraphs(scores, tasks, variants, baselines, learned, grid, rates, evidenc
         if flat:
             words.append(f"Learned nothing at any rate of its ladder (every rate scored the same constant; seeds 2-3 "
                          f"not run): {', '.join(flat)}.")
-        collapsed = [v for v, s in ranked if v not in flat and (
-                     s is None or math.isnan(s) or (t in baselines and s <= baselines[t] + 0.01)
-                     or (t not in baselines and s < REGRESSION_FLOOR))]
+        def learned_nothing(s):
+            return (s is None or math.isnan(s) or (t in baselines and s <= baselines[t] + 0.01)
+                    or (t not in baselines and s < REGRESSION_FLOOR))
+        collapsed = [v for v, s in ranked if v not in flat and learned_nothing(s)]
         if collapsed:
             words.append(f"Learned (almost) nothing at its chosen rate: {', '.join(collapsed)}.")
+        # a median can hide a seed that collapsed at the same rate: a default that holds on average fails that user
+        some = [f"{v} ({sum(map(learned_nothing, scores[(v, t)]))} of {len(scores[(v, t)])})" for v, _ in ranked
+                if v not in flat and v not in collapsed and any(map(learned_nothing, scores[(v, t)]))]
+        if some:
+            words.append(f"At the same rate, some seeds learned (almost) nothing: {', '.join(some)}.")
         edge = [v for v in variants if rates.get(t, {}).get(v, {}).get("on_ladder_edge")]
         if edge:
             words.append(f"The sweep's best rate is on the end of the ladder for {', '.join(edge)}: a wider ladder "

@@ -317,6 +317,7 @@ def test_report_prints_cells_retention_learned_tasks_headline_and_defaults(tmp_p
     assert text.index(f"| full | 3 | {full_rate} (chosen on sst2) |") < text.index("| full | 3 | 2e-05 (fixed) | 0.901 |")
     assert "headline runs: 3 of 5." in text
     assert "Learned (almost) nothing at its chosen rate: lora." in text  # STS-B paragraph
+    assert "some seeds learned (almost) nothing" not in text  # said once, as the median's verdict
     assert "**sst2** (accuracy on dev" in text and "**stsb** (combined on dev" in text
     # defaults: the sweep's chosen rates against DEFAULT_LR, per task type
     assert "## The recipe's default learning rates against the sweep" in text
@@ -348,3 +349,13 @@ def test_a_task_full_fine_tuning_did_not_learn_names_the_evidence_run_and_the_pu
     assert "under the 0.86 that counts as learned" in words
     assert ("With up to 10 epochs (the evidence run below) it reaches 0.841, still under that bar; MiniLM-L6-H384 as "
             "published reaches accuracy 0.866 (this run: 0.762).") in words
+
+
+def test_a_seed_that_collapsed_is_named_even_when_the_median_learned():
+    grid = [{"task": "stsb", "metric": "combined", "variant": v, "seed": 1, "trainable_parameters": n,
+             "steps": 100, "train_seconds": 100.0, "test_primary": 0.85} for v, n in (("full", 10**6), ("lora", 10**4))]
+    scores = {("full", "stsb"): [0.85, 0.86, 0.84], ("lora", "stsb"): [0.85, 0.05, 0.84]}
+    words = " ".join(report.paragraphs(scores, ["stsb"], ["full", "lora"], {}, {"stsb"}, grid, {}))
+    assert "The best median is full's 0.850." in words
+    assert "At the same rate, some seeds learned (almost) nothing: lora (1 of 3)." in words
+    assert "at its chosen rate: lora" not in words
