@@ -191,15 +191,10 @@ def _default_fails(d: dict, now: float) -> str:
     return ", ".join(f"{t}/{v}" for (t, v), ok in d["verdicts"][now].items() if ok is False) or "none"
 
 
-def current_defaults() -> dict[str, float]:
+def current_defaults() -> tuple[dict[str, float], float]:
+    """The recipe's DEFAULT_LR, and OTHER_LR: the rate of every PEFT method without its own entry."""
     from adaptkit.recipes import training
-    return dict(training.DEFAULT_LR)
-
-
-def other_default() -> float:
-    """The rate of every PEFT method without its own DEFAULT_LR entry (no variant here measures it)."""
-    from adaptkit.recipes import training
-    return training.OTHER_LR
+    return dict(training.DEFAULT_LR), training.OTHER_LR
 
 
 # ---- rendering ---------------------------------------------------------------------------------------
@@ -509,7 +504,7 @@ def _defaults(sweep: list[dict], rates: dict) -> list[str]:
     lines = ["## The recipe's default learning rates against the sweep", ""]
     if not sweep:
         return lines + ["No sweep run recorded yet.", ""]
-    current = current_defaults()
+    current, other = current_defaults()
     lines += ["For each default in `adaptkit/recipes/training.py` (`DEFAULT_LR`), the rates that are within one "
               "standard error of the best validation score on every task and variant it covers (only cells whose "
               "sweep is complete count), and failing one rate for all, the rates that hold on the classification "
@@ -527,7 +522,7 @@ def _defaults(sweep: list[dict], rates: dict) -> list[str]:
                      f"{', '.join(f'{x:g}' for x in d['by_type']['regression']) or 'none'} | "
                      f"{_default_fails(d, now)} | "
                      f"{', '.join(f'{t}/{v}' for t, v in d['flat']) or 'none'} |")
-    return lines + ["", f"Any other PEFT method (loha, lokr, adalora, ...) defaults to {other_default():g}, LoRA's rate; "
+    return lines + ["", f"Any other PEFT method (loha, lokr, adalora, ...) defaults to {other:g}, LoRA's rate; "
                     "no variant here measures it.", ""]
 
 

@@ -45,7 +45,7 @@ RUN_STATE = "run_state.json"
 DEFAULT_LR = {"full": 1e-4, "lora": 1e-3, "bottleneck": 3e-3, "prefix": 3e-2, "linear_probe": 3e-2, "ia3": 3e-2}
 # Any other PEFT method (loha, lokr, adalora, ...): not measured here. LoRA's rate, since most of them are
 # low-rank variants of it; IA3's rate would be far too large for those.
-OTHER_LR = 1e-3
+OTHER_LR = DEFAULT_LR["lora"]
 
 
 # ---- flags -----------------------------------------------------------------------------------------
