@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from adaptkit import folders, hf, layout, strategies, targets
-from adaptkit.precision import fp32_new_heads, keep_trainable_fp32
+from adaptkit.precision import fp32_modules, fp32_new_heads, keep_trainable_fp32
 from adaptkit.errors import (AdapterFormatError, AlreadyAdaptedError, ConfigError, ConfigTypeError,
                              NotAdaptedError, UnsupportedError)
 from adaptkit.strategies.base import CONFIG_NAME, MARKER, OWNED, WEIGHTS_NAME, PeftStrategy, Strategy
@@ -279,6 +279,9 @@ def load(directory: str | Path, base_model: nn.Module, trainable: bool = False) 
     names_before: list[str] = []
     if strategy.freezes_base:  # as adapt did: the saved fp32 head loads into an fp32 head, without rounding
         fp32_new_heads(base_model)
+        if isinstance(strategy, PeftStrategy):  # and so does anything else PEFT trains whole (LoRA's pooler)
+            for folder in folder_of.values():
+                fp32_modules(base_model, list(layout.read_peft_config(folder).modules_to_save or []))
     try:
         if isinstance(strategy, PeftStrategy):
             model = strategy.load(directory, base_model, trainable=trainable, config=peft_config)

@@ -11,7 +11,8 @@ never changes, so it can stay in bf16 and halve its memory; what trains should b
 * **Task heads that train** (a new classifier, PEFT's ``modules_to_save`` copy of it, a linear
   probe's head) are loaded in the base's dtype by transformers. New heads are upcast before the
   strategy is applied (:func:`fp32_new_heads`, in ``adapt`` and in ``load``, so PEFT copies an fp32
-  head and a saved head reloads without rounding); anything else that trains in low precision is
+  head and a saved head reloads without rounding; in ``load`` also whatever else the folder's
+  ``modules_to_save`` names, such as LoRA's pooler, :func:`fp32_modules`); anything else that trains in low precision is
   upcast after (:func:`keep_trainable_fp32`, e.g. a linear probe's untied ``lm_head`` or the pooler
   bottleneck adapters train; in ``load`` too, before the saved tensors are copied in). Each upcast
   module casts its floating inputs to fp32 (a forward pre-hook), so logits and the loss are fp32.
@@ -41,6 +42,12 @@ def fp32_new_heads(model: nn.Module) -> list[str]:
     from adaptkit import targets
     heads = tuple(targets.new_head_names(model))
     return _upcast(model, lambda name, p: any(name == h or name.startswith(h + ".") for h in heads))
+
+
+def fp32_modules(model: nn.Module, names: list[str]) -> list[str]:
+    """Upcast the modules a PEFT folder trains whole (``modules_to_save``: a name matches a module whose dotted
+    name is it or ends with it, as in PEFT), before PEFT copies them: LoRA's pooler reloads without rounding."""
+    return _upcast(model, lambda name, p: any(f".{n}." in f".{name}" for n in names))
 
 
 def keep_trainable_fp32(model: nn.Module) -> list[str]:

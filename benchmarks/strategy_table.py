@@ -20,7 +20,8 @@ from transformers import AutoModelForSequenceClassification  # noqa: E402
 import adaptkit  # noqa: E402
 
 ROWS = [
-    ("lora", {}, "rank-8 updates on every backbone linear layer + head", "r=8, alpha=16, dropout=0, all linear layers"),
+    ("lora", {}, "rank-8 updates on every backbone linear layer but the pooler + head and the pooler it reads",
+     "r=8, alpha=16, dropout=0, all linear layers"),
     ("bottleneck", {}, "Pfeiffer adapter after each FFN + head and the pooler it reads", "variant=pfeiffer, reduction_factor=16, relu"),
     ("bottleneck", {"variant": "houlsby"}, "Houlsby adapters after attention and FFN + head and pooler",
      "variant=houlsby, reduction_factor=16"),

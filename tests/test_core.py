@@ -89,6 +89,26 @@ def test_lora_on_named_targets_and_a_typo_gets_did_you_mean():
         adaptkit.adapt(tiny_model("bert"), "lora", targets=["qeury"])
 
 
+def test_lora_trains_the_pooler_a_fresh_head_reads_in_full_unless_told_not_to():
+    # BERT's classifier reads the backbone's pooler; RoBERTa's head holds that layer itself
+    model = adaptkit.adapt(tiny_model("bert"), "lora")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if ".pooler." in n} == {
+        f"base_model.model.bert.pooler.modules_to_save.default.dense.{w}" for w in ("weight", "bias")}
+    assert not any(".pooler." in n and ".lora_" in n for n, _ in model.named_parameters())  # no update on top
+    before = model.bert.pooler.modules_to_save.default.dense.weight.detach().clone()
+    _train_steps(model)
+    assert not torch.equal(model.bert.pooler.modules_to_save.default.dense.weight, before)
+    # train_pooler=False: the pooler stays frozen and gets a low-rank update like any backbone linear
+    frozen = adaptkit.adapt(tiny_model("bert"), "lora", train_pooler=False)
+    assert {n for n, p in frozen.named_parameters() if p.requires_grad and ".pooler." in n} == {
+        f"base_model.model.bert.pooler.dense.lora_{ab}.default.weight" for ab in "AB"}
+    assert "pooler" not in str(adaptkit.adapt(tiny_model("roberta"), "lora").peft_config["default"].modules_to_save)
+    # heads given: exactly those train whole, whatever train_pooler says
+    given = adaptkit.adapt(tiny_model("bert"), "lora", heads=["classifier"])
+    assert not any(p.requires_grad and ".pooler." in n and "lora_" not in n for n, p in given.named_parameters())
+
+
 def test_targets_found_on_an_architecture_nobody_listed():
     """A custom module tree, not in any PEFT table: LoRA, bottleneck and the probe still find their places."""
     from torch import nn

@@ -124,7 +124,8 @@ def test_4bit_trains_after_an_eval_pass(saved, folder):
 def test_4bit_repacked_before_preparation_is_refused_before_the_broken_step(saved):
     from adaptkit.quantization import bnb_config, prepare_kbit
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        saved / "bert64", num_labels=2, device_map="cpu", quantization_config=bnb_config("4bit", ["classifier"]))
+        saved / "bert64", num_labels=2, device_map="cpu",
+        quantization_config=bnb_config("4bit", ["classifier", "bert.pooler"]))  # the head and the pooler it reads
     layer = next(iter(quantized_linears(model).values()))
     if not getattr(layer, "support_avx512bf16_for_cpu", False):
         pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks 4-bit weights here")
@@ -153,6 +154,19 @@ def test_a_quantized_head_is_refused_with_the_fix(saved):
     with pytest.raises(errors.UnsupportedError, match=r"\['classifier'\]: bitsandbytes quantized a task head.*"
                                                       r"Fix: load with adaptkit.load_model"):
         prepare_kbit(model)
+
+
+def test_lora_refuses_to_train_a_quantized_pooler_and_names_the_fix(saved):
+    plain = transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["classifier"])
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        saved / "bert", num_labels=2, device_map="cpu", quantization_config=plain)
+    assert type(model.bert.pooler.dense).__name__ == "Linear8bitLt"  # plain HF quantizes the pooler the head reads
+    with pytest.raises(errors.UnsupportedError, match=r"LoRA.train_pooler=True: the head reads bert.pooler, which is "
+                                                      r"quantized.*Fix: load with adaptkit.load_model"):
+        adaptkit.adapt(model, "lora")
+    adapted = adaptkit.adapt(model, "lora", train_pooler=False)  # the pooler frozen, under a low-rank update
+    assert any(".pooler.dense.lora_A." in n and p.requires_grad for n, p in adapted.named_parameters())
+    _train(adapted, steps=1)
 
 
 # ---- footprint ---------------------------------------------------------------------------------

@@ -1,4 +1,12 @@
-"""LoRA through PEFT: low-rank updates ``W + (alpha/r) B A`` on chosen linear layers, B zero at init."""
+"""LoRA through PEFT: low-rank updates ``W + (alpha/r) B A`` on chosen linear layers, B zero at init.
+
+A fresh task head trains in full (PEFT's ``modules_to_save``), and so, by default, does the backbone's pooler
+where the head reads one (BERT, MiniLM, ALBERT), as the bottleneck strategy does (its module docstring says
+why). RoBERTa's head holds that layer and trains it whole; BERT's sits outside the head. A rank-8 update
+of a pooler all-MiniLM-L6-v2 never trained was not enough: on STS-B at LoRA's default rate one seed of
+two collapsed to a constant (dev 0.047), and the same run with the pooler trained reached 0.856
+(benchmarks/README.md). ``train_pooler=False`` keeps it frozen (LoRA then adapts it like any linear).
+"""
 
 from __future__ import annotations
 
@@ -8,28 +16,45 @@ import re
 from torch import nn
 
 from adaptkit import targets
-from adaptkit.errors import ConfigError
+from adaptkit.errors import ConfigError, UnsupportedError
 from adaptkit.strategies import register
 from adaptkit.strategies.base import PeftStrategy
 
 
-def backbone_targets(model: nn.Module) -> tuple[list[str], str | None]:
+def backbone_targets(model: nn.Module, trained_whole: list[str] = ()) -> tuple[list[str], str | None]:
     """Short names matching every backbone linear layer and nothing else, plus a regex keeping the heads out.
 
     Found from the module tree, so an architecture nobody listed still works. The head regex is a
-    second guard: PEFT would otherwise wrap a head that is also in ``modules_to_save``.
+    second guard: PEFT would otherwise wrap a head that is also in ``modules_to_save``. ``trained_whole``:
+    backbone modules (the pooler) that train in full, so get no low-rank update as well.
     """
-    leaves = targets.unique_suffixes(model, targets.linear_names(model))
-    heads = targets.head_names(model)
+    inside = lambda name: any(name == m or name.startswith(m + ".") for m in trained_whole)  # noqa: E731
+    leaves = targets.unique_suffixes(model, [n for n in targets.linear_names(model) if not inside(n)])
+    heads = [*targets.head_names(model), *trained_whole]
     exclude = rf"({'|'.join(map(re.escape, heads))})(\..*)?" if heads else None
     return leaves, exclude
 
 
-def head_modules(model: nn.Module, given: list[str] | None, field: str) -> list[str] | None:
-    """modules_to_save: the user's list, else the new (non-LM) heads, so they train and get saved."""
+def head_modules(model: nn.Module, given: list[str] | None, field: str, pooler: bool = False) -> list[str] | None:
+    """modules_to_save: the user's list, else the new (non-LM) heads, so they train and get saved, and with
+    ``pooler`` the backbone's pooler such a head reads (:func:`trained_pooler`)."""
     if given is not None:
         return targets.match_targets(model, list(given), field) or None
-    return targets.new_head_names(model) or None
+    heads = targets.new_head_names(model)
+    return [*heads, *([name] if pooler and heads and (name := trained_pooler(model, field)) else [])] or None
+
+
+def trained_pooler(model: nn.Module, field: str) -> str | None:
+    """The pooler a fresh head reads, refused when it is quantized: 8-bit/4-bit weights cannot train."""
+    name = targets.pooler_name(model)
+    if name and not all(p.is_floating_point() for p in model.get_submodule(name).parameters()):
+        strategy = field.split(".")[0]
+        raise UnsupportedError(
+            field=f"{strategy}.train_pooler", value=True,
+            problem=f"the head reads {name}, which is quantized: its 8-bit/4-bit weights cannot train",
+            fix=f"load with adaptkit.load_model (it keeps the pooler unquantized), add '{name}' to "
+                "llm_int8_skip_modules, or pass train_pooler=False to keep it frozen")
+    return name
 
 
 def peft_lora_inits() -> list[str]:
@@ -49,6 +74,7 @@ class LoRA(PeftStrategy):
 
     name = "lora"
     mergeable = True
+    saved_before = {"train_pooler": False}  # folders saved before the option trained no pooler
     aliases = {"target_modules": "targets", "lora_alpha": "alpha", "lora_dropout": "dropout",
                "modules_to_save": "heads", "init_lora_weights": "init"}
     alias_values = {"init_lora_weights": lambda v: "default" if v is True else v}
@@ -62,6 +88,7 @@ class LoRA(PeftStrategy):
     # names or dotted suffixes (a list), or, as in PEFT, one regex full-matched against whole module names
     targets: list[str] | str | None = None
     heads: list[str] | None = None  # trained + saved in full; None = the task head(s) found automatically
+    train_pooler: bool = True       # with heads=None: the pooler a fresh head reads trains in full too
     use_dora: bool = False
     init: str = "default"           # PEFT init_lora_weights: "default" (B = 0), "gaussian", "pissa", ...
 
@@ -89,20 +116,24 @@ class LoRA(PeftStrategy):
 
     def peft_config(self, model: nn.Module):
         from peft import LoraConfig
+        heads = head_modules(model, self.heads, "LoRA.heads", pooler=self.train_pooler)
+        # a backbone module trained in full (the pooler; a user's) gets no low-rank update on top
+        whole = [h for h in heads or [] if h not in targets.head_names(model)]
         if self.targets is None:
-            target_modules, exclude = backbone_targets(model)
+            target_modules, exclude = backbone_targets(model, whole)
         elif isinstance(self.targets, str):
-            target_modules, exclude = targets.match_regex(model, self.targets, "LoRA.targets"), backbone_targets(model)[1]
+            target_modules = targets.match_regex(model, self.targets, "LoRA.targets")
+            exclude = backbone_targets(model, whole)[1]
         else:
             target_modules = targets.match_targets(model, self.targets, "LoRA.targets",
                                                    candidates=targets.linear_names(model))
-            exclude = None
+            exclude = backbone_targets(model, whole)[1] if whole else None
         # GPT-2's Conv1D stores weights transposed; PEFT only warns and flips the flag itself
         fan_in_fan_out = any(isinstance(m, targets.Conv1D) for m in model.modules()
                              if targets.is_linear(m)) if targets.Conv1D else False
         config = LoraConfig(fan_in_fan_out=fan_in_fan_out,
             r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=target_modules,
-            exclude_modules=exclude, modules_to_save=head_modules(model, self.heads, "LoRA.heads"),
+            exclude_modules=exclude, modules_to_save=heads,
             task_type=targets.peft_task_type(model), use_dora=self.use_dora,
             init_lora_weights=True if self.init == "default" else self.init)
         self._check_rank(model, config)
