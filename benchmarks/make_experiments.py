@@ -53,7 +53,10 @@ HEADLINE = {"task": "sst2_glue", "rates_from": "sst2", "variants": ["full", "lor
 # fine-tuning reached 0.889, under the 0.90 goal, with its best validation score at its last evaluation (still
 # improving). The same runs with up to 6 epochs, stopping after 3 epochs without improvement, say whether the
 # budget or the model stands between it and the goal. Named "<task>__<variant>__long"; the 3-epoch rows stay.
-HEADLINE_LONG = {"epochs": 6, "patience": 6}
+# Full fine-tuning only since 2026-12-02: LoRA's long run had a frozen pooler, and LoRA's cells run again with it
+# trained (README, "Protocol"); the question was full fine-tuning's budget (answered: 0.890 against 0.889), so
+# LoRA's 3-epoch headline alone runs again.
+HEADLINE_LONG = {"epochs": 6, "patience": 6, "variants": ["full"]}
 # The headline at a lower rate, added 2026-12-02 before its run: 6 epochs at sst2's chosen rate (5e-5) gave 0.890,
 # the same as 3, so the budget is not what stands between full fine-tuning and the goal. The rate was chosen on
 # the 6,920-sentence SST-2 (~650 steps in 3 epochs); the 67k set takes ~6,300, and the usual choice for that many
@@ -125,7 +128,8 @@ def all_experiments() -> dict[Path, dict]:
             out[EXPERIMENTS / "grid" / f"{task}__{variant}.json"] = experiment(task, variant)
     for variant in HEADLINE["variants"]:
         out[EXPERIMENTS / "headline" / f"{HEADLINE['task']}__{variant}.json"] = headline(variant)
-        out[EXPERIMENTS / "headline" / f"{HEADLINE['task']}__{variant}__long.json"] = headline(variant, long=True)
+        if variant in HEADLINE_LONG["variants"]:
+            out[EXPERIMENTS / "headline" / f"{HEADLINE['task']}__{variant}__long.json"] = headline(variant, long=True)
     low = headline_low_rate()
     out[EXPERIMENTS / "headline" / f"{low['name']}.json"] = low
     for task in EVIDENCE["tasks"]:
