@@ -3,9 +3,9 @@
 A fresh task head trains in full (PEFT's ``modules_to_save``), and so, by default, does the backbone's pooler
 where the head reads one (BERT, MiniLM, ALBERT), as the bottleneck strategy does (its module docstring says
 why). RoBERTa's head holds that layer and trains it whole; BERT's sits outside the head. A rank-8 update
-of a pooler all-MiniLM-L6-v2 never trained was not enough: on STS-B at LoRA's default rate one seed of
-two collapsed to a constant (dev 0.047), and the same run with the pooler trained reached 0.856
-(benchmarks/README.md). ``train_pooler=False`` keeps it frozen (LoRA then adapts it like any linear).
+of a pooler all-MiniLM-L6-v2 never trained was not enough: on STS-B at LoRA's default rate two seeds of
+three collapsed to a near-constant output (dev 0.047, 0.199), and the first of them with the pooler trained
+reached 0.856 (benchmarks/README.md). ``train_pooler=False`` keeps it frozen (LoRA then adapts it like any linear).
 """
 
 from __future__ import annotations
