@@ -12,8 +12,8 @@ never changes, so it can stay in bf16 and halve its memory; what trains should b
   probe's head) are loaded in the base's dtype by transformers. New heads are upcast before the
   strategy is applied (:func:`fp32_new_heads`, in ``adapt`` and in ``load``, so PEFT copies an fp32
   head and a saved head reloads without rounding; in ``load`` also whatever else the folder's
-  ``modules_to_save`` names, such as LoRA's pooler, :func:`fp32_modules`); anything else that trains in low precision is
-  upcast after (:func:`keep_trainable_fp32`, e.g. a linear probe's untied ``lm_head`` or the pooler
+  ``modules_to_save`` names, such as LoRA's pooler, :func:`fp32_modules`); anything else that trains in
+  low precision is upcast after (:func:`keep_trainable_fp32`, e.g. a linear probe's untied ``lm_head`` or the pooler
   bottleneck adapters train; in ``load`` too, before the saved tensors are copied in). Each upcast
   module casts its floating inputs to fp32 (a forward pre-hook), so logits and the loss are fp32.
 * **Not upcast**: a head whose weight is shared with the input embedding (GPT-2's tied ``lm_head``):
