@@ -14,7 +14,7 @@ import re
 import torch
 from torch import nn
 
-from adaptkit.errors import TargetNotFoundError
+from adaptkit.errors import TargetNotFoundError, UnsupportedError
 from adaptkit.skeleton import task_of_class
 
 # transformers' GPT-2 style Conv1D is a linear layer with a transposed weight.
@@ -52,6 +52,19 @@ def pooler_name(model: nn.Module) -> str | None:
     if not isinstance(pooler, nn.Module) or not any(True for _ in pooler.parameters()):
         return None
     return f"{model.base_model_prefix}.pooler"
+
+
+def pooler_to_train(model: nn.Module, field: str) -> str | None:
+    """:func:`pooler_name`, refused (``field``: the strategy's option) when it is quantized: 8-bit/4-bit weights
+    cannot train. For strategies that train the pooler a fresh head reads (bottleneck, LoRA)."""
+    name = pooler_name(model)
+    if name and not all(p.is_floating_point() for p in model.get_submodule(name).parameters()):
+        raise UnsupportedError(
+            field=field, value=True,
+            problem=f"the head reads {name}, which is quantized: its 8-bit/4-bit weights cannot train",
+            fix=f"load with adaptkit.load_model (it keeps the pooler unquantized), add '{name}' to "
+                "llm_int8_skip_modules, or pass train_pooler=False to keep it frozen")
+    return name
 
 
 def head_names(model: nn.Module) -> list[str]:

@@ -24,7 +24,7 @@ def test_committed_experiments_match_the_declared_table_and_load():
     experiments = run.load_experiments(BENCH / "experiments")
     grid = [e for e in experiments if e["stage"] == "grid"]
     variants = len(make_experiments.VARIANTS)
-    # full and LoRA at 3 and up to 6 epochs, and full fine-tuning at the fixed lower rate
+    # full fine-tuning at 3 and up to 6 epochs and at the fixed lower rate, LoRA at 3
     assert len(grid) == 5 * variants and len([e for e in experiments if e["stage"] == "headline"]) == 4
     longer = [e for e in experiments if e["stage"] == "evidence"]
     assert longer and all(e["flags"]["epochs"] > 3 and e["learning_rates"] == {"from_task": e["task"]} for e in longer)

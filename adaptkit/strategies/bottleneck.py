@@ -189,13 +189,7 @@ class Bottleneck(Strategy):
         hidden = _hidden_size(model)
         size = self.size_for(hidden)
         heads = targets.new_head_names(model)
-        pooler = targets.pooler_name(model) if self.train_pooler and heads else None
-        if pooler and not all(p.is_floating_point() for p in model.get_submodule(pooler).parameters()):
-            raise UnsupportedError(
-                field="Bottleneck.train_pooler", value=True,
-                problem=f"the head reads {pooler}, which is quantized: its 8-bit/4-bit weights cannot train",
-                fix=f"load with adaptkit.load_model (it keeps the pooler unquantized), add '{pooler}' to "
-                    "llm_int8_skip_modules, or pass train_pooler=False to keep it frozen")
+        pooler = targets.pooler_to_train(model, "Bottleneck.train_pooler") if self.train_pooler and heads else None
         for p in model.parameters():
             p.requires_grad_(False)
         for name in hosts:

@@ -16,7 +16,7 @@ import re
 from torch import nn
 
 from adaptkit import targets
-from adaptkit.errors import ConfigError, UnsupportedError
+from adaptkit.errors import ConfigError
 from adaptkit.strategies import register
 from adaptkit.strategies.base import PeftStrategy
 
@@ -35,26 +35,11 @@ def backbone_targets(model: nn.Module, trained_whole: list[str] = ()) -> tuple[l
     return leaves, exclude
 
 
-def head_modules(model: nn.Module, given: list[str] | None, field: str, pooler: bool = False) -> list[str] | None:
-    """modules_to_save: the user's list, else the new (non-LM) heads, so they train and get saved, and with
-    ``pooler`` the backbone's pooler such a head reads (:func:`trained_pooler`)."""
+def head_modules(model: nn.Module, given: list[str] | None, field: str) -> list[str] | None:
+    """modules_to_save: the user's list, else the new (non-LM) heads, so they train and get saved."""
     if given is not None:
         return targets.match_targets(model, list(given), field) or None
-    heads = targets.new_head_names(model)
-    return [*heads, *([name] if pooler and heads and (name := trained_pooler(model, field)) else [])] or None
-
-
-def trained_pooler(model: nn.Module, field: str) -> str | None:
-    """The pooler a fresh head reads, refused when it is quantized: 8-bit/4-bit weights cannot train."""
-    name = targets.pooler_name(model)
-    if name and not all(p.is_floating_point() for p in model.get_submodule(name).parameters()):
-        strategy = field.split(".")[0]
-        raise UnsupportedError(
-            field=f"{strategy}.train_pooler", value=True,
-            problem=f"the head reads {name}, which is quantized: its 8-bit/4-bit weights cannot train",
-            fix=f"load with adaptkit.load_model (it keeps the pooler unquantized), add '{name}' to "
-                "llm_int8_skip_modules, or pass train_pooler=False to keep it frozen")
-    return name
+    return targets.new_head_names(model) or None
 
 
 def peft_lora_inits() -> list[str]:
@@ -116,7 +101,10 @@ class LoRA(PeftStrategy):
 
     def peft_config(self, model: nn.Module):
         from peft import LoraConfig
-        heads = head_modules(model, self.heads, "LoRA.heads", pooler=self.train_pooler)
+        heads = head_modules(model, self.heads, "LoRA.heads")
+        if self.heads is None and self.train_pooler and heads and (
+                pooler := targets.pooler_to_train(model, "LoRA.train_pooler")):
+            heads.append(pooler)
         # a backbone module trained in full (the pooler; a user's) gets no low-rank update on top
         whole = [h for h in heads or [] if h not in targets.head_names(model)]
         if self.targets is None:
