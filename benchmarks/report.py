@@ -39,6 +39,11 @@ PUBLISHED_SOURCE = "https://huggingface.co/microsoft/xtremedistil-l6-h384-uncase
 LEARNED_MARGIN, LEARNED_BARS = 0.05, {"cola": 0.25, "stsb": 0.80}
 REGRESSION_FLOOR = 0.2  # a correlation below this on STS-B is (near-)constant output, not a weak model
 # Which recipe default (adaptkit/recipes/training.py:DEFAULT_LR) each variant runs under
+# A rule by data size, asked of the defaults where one rate does not hold on every task: the tasks whose budget is
+# under this many optimizer steps against the rest (at batch 32 and 3 epochs: RTE 213, MRPC 312, STS-B 486,
+# SST-2 585, CoLA 723; any bar between 312 and 486 splits them alike). Steps, not examples, because a step is
+# what moves the weights: a small task gives a rate fewer steps to get anywhere.
+SMALL_BUDGET_STEPS = 400
 DEFAULT_KEY = {"full": "full", "lora": "lora", "bottleneck_pfeiffer": "bottleneck", "bottleneck_houlsby": "bottleneck",
                "prefix": "prefix", "linear_probe": "linear_probe", "ia3": "ia3"}
 
@@ -155,9 +160,26 @@ def holds(choice: dict, rate: float) -> bool | None:
     return best is not None and mine is not None and mine >= best - choice["standard_error"]
 
 
-def default_rates(rates: dict) -> list[dict]:
+def budget_steps(sweep: list[dict]) -> dict[str, int]:
+    """Per task, the optimizer steps its budget allows (the sweep records' ``max_steps``; the same for every
+    variant, as batch and epochs are)."""
+    out: dict[str, int] = {}
+    for r in sweep:
+        if r.get("max_steps"):
+            out[r["task"]] = max(out.get(r["task"], 0), int(r["max_steps"]))
+    return out
+
+
+def size_groups(steps: dict[str, int]) -> dict[str, list[str]]:
+    """The tasks under SMALL_BUDGET_STEPS optimizer steps, and the rest (tasks with no record yet in neither)."""
+    return {"small": [t for t in TASKS if t in steps and steps[t] < SMALL_BUDGET_STEPS],
+            "large": [t for t in TASKS if t in steps and steps[t] >= SMALL_BUDGET_STEPS]}
+
+
+def default_rates(rates: dict, steps: dict[str, int] | None = None) -> list[dict]:
     """Per recipe default (DEFAULT_LR key): the rates within one SE of the best on every task and variant
-    it covers (complete sweeps only); failing one, a rate per task type (classification, regression)."""
+    it covers (complete sweeps only); failing one, a rate per task type (classification, regression) and per
+    data size (``steps``: each task's budget in optimizer steps; see SMALL_BUDGET_STEPS)."""
     groups = defaultdict(list)
     for v in VARIANTS:
         groups[DEFAULT_KEY[v]].append(v)
@@ -174,9 +196,13 @@ def default_rates(rates: dict) -> list[dict]:
         for kind, tasks in (("classification", [t for t in TASKS if t != "stsb"]), ("regression", ["stsb"])):
             sub = [c for c in complete if c[0] in tasks]
             by_type[kind] = [lr for lr in ladder if sub and all(verdicts[lr][c] for c in sub)]
+        by_size = {}
+        for kind, tasks in size_groups(steps or {}).items():
+            sub = [c for c in complete if c[0] in tasks]
+            by_size[kind] = [lr for lr in ladder if sub and all(verdicts[lr][c] for c in sub)]
         out.append({"key": key, "variants": variants, "complete": len(done), "flat": flat,
                     "planned": len(TASKS) * len(variants), "everywhere": everywhere, "by_type": by_type,
-                    "verdicts": verdicts})
+                    "by_size": by_size, "verdicts": verdicts})
     return out
 
 
@@ -505,23 +531,36 @@ def _defaults(sweep: list[dict], rates: dict) -> list[str]:
     if not sweep:
         return lines + ["No sweep run recorded yet.", ""]
     current, other = current_defaults()
+    steps = budget_steps(sweep)
+    sizes = size_groups(steps)
+    small = ", ".join(f"{t} {steps[t]}" for t in sizes["small"]) or "none"
+    large = ", ".join(f"{t} {steps[t]}" for t in sizes["large"]) or "none"
     lines += ["For each default in `adaptkit/recipes/training.py` (`DEFAULT_LR`), the rates that are within one "
               "standard error of the best validation score on every task and variant it covers (only cells whose "
-              "sweep is complete count), and failing one rate for all, the rates that hold on the classification "
-              "tasks and on the regression task (STS-B) separately. A sweep that learned nothing at any rate (every "
-              "rate scored the same constant) cannot rank rates and is left out of those columns: no default helps "
-              "there.", "",
+              "sweep is complete count), and failing one rate for all, the rates that hold on each group of tasks "
+              "separately: by task type (the classification tasks; the regression task, STS-B) and by data size "
+              f"(the tasks whose budget is under {SMALL_BUDGET_STEPS} optimizer steps: {small}; the rest: {large}). "
+              "A sweep that learned nothing at any rate (every rate scored the same constant) cannot rank rates "
+              "and is left out of those columns: no default helps there.", "",
               "| default | covers | sweeps complete | default now | holds on every task | classification only | "
-              "regression only | where the current default fails | learned nothing at any rate |",
-              "|---|---|---:|---:|---|---|---|---|---|"]
-    for d in default_rates(rates):
+              f"regression only | under {SMALL_BUDGET_STEPS} steps only | {SMALL_BUDGET_STEPS} steps or more only | "
+              "where the current default fails | learned nothing at any rate |",
+              "|---|---|---:|---:|---|---|---|---|---|---|---|"]
+    rules = []
+    for d in default_rates(rates, steps):
         now = current.get(d["key"])
+        rated = lambda xs: ", ".join(f"{x:g}" for x in xs) or "none"  # noqa: E731
         lines.append(f"| {d['key']} | {', '.join(d['variants'])} | {d['complete']} of {d['planned']} | {now:g} | "
-                     f"{', '.join(f'{x:g}' for x in d['everywhere']) or 'none'} | "
-                     f"{', '.join(f'{x:g}' for x in d['by_type']['classification']) or 'none'} | "
-                     f"{', '.join(f'{x:g}' for x in d['by_type']['regression']) or 'none'} | "
-                     f"{_default_fails(d, now)} | "
+                     f"{rated(d['everywhere'])} | {rated(d['by_type']['classification'])} | "
+                     f"{rated(d['by_type']['regression'])} | {rated(d['by_size']['small'])} | "
+                     f"{rated(d['by_size']['large'])} | {_default_fails(d, now)} | "
                      f"{', '.join(f'{t}/{v}' for t, v in d['flat']) or 'none'} |")
+        if not d["everywhere"] and d["by_size"]["small"] and d["by_size"]["large"]:
+            rules.append(f"{d['key']} {rated(d['by_size']['small'])} under {SMALL_BUDGET_STEPS} steps, "
+                         f"{rated(d['by_size']['large'])} otherwise")
+    if rules:
+        lines += ["", "Where no one rate holds on every task, a rule by data size would, on this sweep (seed 1): "
+                  + "; ".join(rules) + ". The recipe does not apply it (benchmarks/README.md, \"A rule by data size\")."]
     return lines + ["", f"Any other PEFT method (loha, lokr, adalora, ...) defaults to {other:g}, LoRA's rate; "
                     "no variant here measures it.", ""]
 

@@ -150,6 +150,36 @@ def test_a_flat_sweep_climbs_to_the_ladder_s_top_then_learned_nothing_skips_seed
     assert run.sweep(other, tmp_path)["todo"] == [ladder[ladder.index(above) + 1]]
 
 
+def test_where_no_rate_holds_everywhere_the_report_shows_the_rule_by_data_size_and_says_it_is_not_applied():
+    # LoRA as its sweep ran: MRPC (312 steps) learns only at 2e-3, the large tasks hold at 5e-4; RTE (213 steps)
+    # holds at every rate. No rate holds on all of them; "2e-3 under 400 steps, 5e-4 otherwise" does.
+    def choice(scores, se=0.02):
+        best = max(scores, key=scores.get)
+        return {"scores": {f"{k:g}": v for k, v in scores.items()}, "best_learning_rate": best,
+                "standard_error": se, "barred": [], "learned_nothing": False}
+    rates = {"sst2": {"lora": choice({5e-4: 0.876, 1e-3: 0.870, 2e-3: 0.840})},
+             "cola": {"lora": choice({5e-4: 0.277, 1e-3: 0.240, 2e-3: 0.100}, se=0.032)},
+             "mrpc": {"lora": choice({5e-4: 0.812, 1e-3: 0.814, 2e-3: 0.837})},
+             "rte": {"lora": choice({5e-4: 0.558, 1e-3: 0.562, 2e-3: 0.562}, se=0.031)}}
+    for t in rates:  # full fine-tuning: one rate that holds on every task
+        rates[t]["full"] = choice({5e-5: 0.80, 1e-4: 0.81})
+    steps = {"sst2": 585, "cola": 723, "mrpc": 312, "rte": 213}
+    assert report.size_groups(steps) == {"small": ["mrpc", "rte"], "large": ["sst2", "cola"]}
+    lora = next(d for d in report.default_rates(rates, steps) if d["key"] == "lora")
+    assert lora["everywhere"] == [] and lora["by_type"]["classification"] == []
+    assert lora["by_size"] == {"small": [2e-3], "large": [5e-4]}
+    # the budget comes from the records (max_steps), and the sentence names the rule without applying it
+    sweep = [{"task": t, "variant": "lora", "max_steps": n, "learning_rate": 5e-4} for t, n in steps.items()]
+    assert report.budget_steps(sweep) == steps
+    text = "\n".join(report._defaults(sweep, rates))
+    assert "under 400 optimizer steps: mrpc 312, rte 213; the rest: sst2 585, cola 723)" in text
+    assert "a rule by data size would, on this sweep (seed 1): lora 0.002 under 400 steps, 0.0005 otherwise." in text
+    assert "The recipe does not apply it" in text
+    # a default that holds everywhere needs no rule: the sentence leaves it out
+    assert "| full | full | 4 of 5 | 0.0001 | 5e-05, 0.0001 |" in text
+    assert "full" not in text.split("a rule by data size would")[1].split("\n")[0]
+
+
 def test_one_se_rule_never_chooses_a_run_that_predicted_one_class_and_such_a_rate_never_holds(tmp_path):
     experiments = run.load_experiments(BENCH / "experiments")
     exp = _exp(experiments, "mrpc__full")
