@@ -38,12 +38,12 @@ PUBLISHED_SOURCE = "https://huggingface.co/microsoft/xtremedistil-l6-h384-uncase
 # "Learned": full fine-tuning beats the majority class by this much (classification), or reaches these bars
 LEARNED_MARGIN, LEARNED_BARS = 0.05, {"cola": 0.25, "stsb": 0.80}
 REGRESSION_FLOOR = 0.2  # a correlation below this on STS-B is (near-)constant output, not a weak model
-# Which recipe default (adaptkit/recipes/training.py:DEFAULT_LR) each variant runs under
 # A rule by data size, asked of the defaults where one rate does not hold on every task: the tasks whose budget is
 # under this many optimizer steps against the rest (at batch 32 and 3 epochs: RTE 213, MRPC 312, STS-B 486,
 # SST-2 585, CoLA 723; any bar between 312 and 486 splits them alike). Steps, not examples, because a step is
 # what moves the weights: a small task gives a rate fewer steps to get anywhere.
 SMALL_BUDGET_STEPS = 400
+# Which recipe default (adaptkit/recipes/training.py:DEFAULT_LR) each variant runs under
 DEFAULT_KEY = {"full": "full", "lora": "lora", "bottleneck_pfeiffer": "bottleneck", "bottleneck_houlsby": "bottleneck",
                "prefix": "prefix", "linear_probe": "linear_probe", "ia3": "ia3"}
 
@@ -192,14 +192,11 @@ def default_rates(rates: dict, steps: dict[str, int] | None = None) -> list[dict
         ladder = sorted({float(lr) for choice in complete.values() for lr in choice["scores"]})
         verdicts = {lr: {c: holds(choice, lr) for c, choice in complete.items()} for lr in ladder}
         everywhere = [lr for lr in ladder if complete and all(verdicts[lr].values())]
-        by_type = {}
-        for kind, tasks in (("classification", [t for t in TASKS if t != "stsb"]), ("regression", ["stsb"])):
+        def hold_on(tasks: list[str]) -> list[float]:  # the rates that hold on every complete sweep of these tasks
             sub = [c for c in complete if c[0] in tasks]
-            by_type[kind] = [lr for lr in ladder if sub and all(verdicts[lr][c] for c in sub)]
-        by_size = {}
-        for kind, tasks in size_groups(steps or {}).items():
-            sub = [c for c in complete if c[0] in tasks]
-            by_size[kind] = [lr for lr in ladder if sub and all(verdicts[lr][c] for c in sub)]
+            return [lr for lr in ladder if sub and all(verdicts[lr][c] for c in sub)]
+        by_type = {"classification": hold_on([t for t in TASKS if t != "stsb"]), "regression": hold_on(["stsb"])}
+        by_size = {kind: hold_on(tasks) for kind, tasks in size_groups(steps or {}).items()}
         out.append({"key": key, "variants": variants, "complete": len(done), "flat": flat,
                     "planned": len(TASKS) * len(variants), "everywhere": everywhere, "by_type": by_type,
                     "by_size": by_size, "verdicts": verdicts})
@@ -547,9 +544,9 @@ def _defaults(sweep: list[dict], rates: dict) -> list[str]:
               "where the current default fails | learned nothing at any rate |",
               "|---|---|---:|---:|---|---|---|---|---|---|---|"]
     rules = []
+    rated = lambda xs: ", ".join(f"{x:g}" for x in xs) or "none"  # noqa: E731
     for d in default_rates(rates, steps):
         now = current.get(d["key"])
-        rated = lambda xs: ", ".join(f"{x:g}" for x in xs) or "none"  # noqa: E731
         lines.append(f"| {d['key']} | {', '.join(d['variants'])} | {d['complete']} of {d['planned']} | {now:g} | "
                      f"{rated(d['everywhere'])} | {rated(d['by_type']['classification'])} | "
                      f"{rated(d['by_type']['regression'])} | {rated(d['by_size']['small'])} | "
