@@ -306,11 +306,16 @@ def paragraphs(scores, tasks, variants, baselines, learned, grid, rates, evidenc
         ranked = sorted(((v, _median(scores.get((v, t)))) for v in variants if scores.get((v, t))),
                         key=lambda x: -(x[1] if x[1] is not None and not math.isnan(x[1]) else -9))
         best_v, best = ranked[0]
-        have = sorted({len(scores.get((v, t), [])) for v, _ in ranked})
-        seeds = f"{have[0]}" if len(have) == 1 else f"{have[0]}-{have[-1]}"
-        words = [f"**{t}** ({metric} on dev; {seeds} of {len(SEEDS)} seeds per cell so far"
-                 f"{'' if have[0] == len(SEEDS) else ', so read it as provisional'}; "
-                 f"{len(ranked)} of {len(VARIANTS)} variants):"]
+        flat = [v for v in variants if rates.get(t, {}).get(v, {}).get("learned_nothing")]
+        # a cell whose sweep learned nothing never gets seeds 2-3 (the protocol), so it does not keep a task open
+        have = sorted({len(scores.get((v, t), [])) for v, _ in ranked if v not in flat}
+                      or {len(scores.get((v, t), [])) for v, _ in ranked})
+        if have[0] == len(SEEDS):
+            seeds = f"{len(SEEDS)} seeds per cell" + (", 1 where the sweep learned nothing" if flat else "")
+        else:
+            seeds = (f"{have[0]}" if len(have) == 1 else f"{have[0]}-{have[-1]}") + \
+                f" of {len(SEEDS)} seeds per cell so far, so read it as provisional"
+        words = [f"**{t}** ({metric} on dev; {seeds}; {len(ranked)} of {len(VARIANTS)} variants):"]
         if full is None:
             words.append("full fine-tuning has no runs yet, so nothing is compared to it.")
         elif t not in learned:
@@ -340,7 +345,6 @@ def paragraphs(scores, tasks, variants, baselines, learned, grid, rates, evidenc
                 words.append("No parameter-efficient variant comes within one point of full fine-tuning.")
             else:
                 words.append("No other variant has a cell here yet.")
-        flat = [v for v in variants if rates.get(t, {}).get(v, {}).get("learned_nothing")]
         if flat:
             words.append(f"Learned nothing at any rate of its ladder (every rate scored the same constant; seeds 2-3 "
                          f"not run): {', '.join(flat)}.")

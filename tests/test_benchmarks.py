@@ -389,3 +389,21 @@ def test_a_seed_that_collapsed_is_named_even_when_the_median_learned():
     assert "The best median is full's 0.850." in words
     assert "At the same rate, some seeds learned (almost) nothing: lora (1 of 3)." in words
     assert "at its chosen rate: lora" not in words
+
+
+def test_a_task_is_provisional_until_its_seeds_land_but_a_sweep_that_learned_nothing_does_not_keep_it_open():
+    grid = [{"task": "cola", "metric": "matthews_correlation", "variant": v, "seed": 1, "trainable_parameters": n,
+             "steps": 100, "train_seconds": 100.0, "test_primary": 0.2}
+            for v, n in (("full", 10**6), ("prefix", 10**4))]
+    flat = {"cola": {"prefix": {"learned_nothing": True}}}
+
+    def opening(full_seeds, rates):
+        scores = {("full", "cola"): [0.27] * full_seeds, ("prefix", "cola"): [0.0]}
+        return report.paragraphs(scores, ["cola"], ["full", "prefix"], {"cola": 0.0}, {"cola"}, grid, rates)[0]
+
+    complete = "(matthews_correlation on dev; 3 seeds per cell, 1 where the sweep learned nothing; 2 of 7"
+    assert complete in opening(3, flat)
+    assert "provisional" not in opening(3, flat)
+    assert "2 of 3 seeds per cell so far, so read it as provisional" in opening(2, flat)
+    # a one-seed cell whose sweep did learn is still missing two seeds
+    assert "1-3 of 3 seeds per cell so far, so read it as provisional" in opening(3, {})
