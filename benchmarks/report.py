@@ -232,11 +232,14 @@ def render(data: dict, results: Path, baselines: dict[str, float] | None = None)
                   "say nothing about the strategies.**", ""]
     lines += _conditions(data)
     planned = len(TASKS) * len(VARIANTS) * len(SEEDS)
+    flat = [f"{v} on {t}" for t in TASKS for v in VARIANTS if rates.get(t, {}).get(v, {}).get("learned_nothing")]
     headline_runs = sum(len(e["seeds"]) for e in all_experiments().values() if e["stage"] == "headline")
     lines += [f"Cells: {len(grid)} of {planned} runs recorded ({len(TASKS)} tasks x {len(VARIANTS)} variants x "
               f"{len(SEEDS)} seeds, at the rate each cell's sweep chose); sweep runs recorded: {len(data['sweep'])}; "
               f"headline runs: {len(data['headline'])} of {headline_runs}. "
-              "Missing cells show as –. Protocol: `benchmarks/README.md`.", ""]
+              + (f"Not run by the protocol: seeds 2-3 of {', '.join(flat)}, whose sweep learned nothing at any rate. "
+                 if flat else "")
+              + "Missing cells show as –. Protocol: `benchmarks/README.md`.", ""]
     learned = {t for t in tasks if (m := _median(scores.get(("full", t)))) is not None and not math.isnan(m)
                and m >= learned_bar(t, baselines)}
     if grid:

@@ -137,6 +137,8 @@ def test_a_flat_sweep_climbs_to_the_ladder_s_top_then_learned_nothing_skips_seed
     assert "Learned nothing at any rate of its ladder (every rate scored the same constant; seeds 2-3 not run): " \
            "bottleneck_pfeiffer." in text
     assert "<br>learned nothing at any rate |" in text  # the sweep table's cell says it too
+    # and the count of cells says why two of them will never be recorded
+    assert "Not run by the protocol: seeds 2-3 of bottleneck_pfeiffer on mrpc, whose sweep learned nothing" in text
     bottleneck = next(d for d in report.default_rates(rates) if "bottleneck_pfeiffer" in d["variants"])
     assert bottleneck["flat"] == [("mrpc", "bottleneck_pfeiffer")] and bottleneck["everywhere"] == []
     # the only complete sweep ranked no rate, so the default is neither failing nor off the ladder
