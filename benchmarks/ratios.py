@@ -124,7 +124,8 @@ def record(name: str, rows: list[dict], args, load_start: list[float], **details
     if not args.quick:
         write_json(args.out / f"{name}.json", rec)  # the latest run in full; every run's rows in history.jsonl
         with open(args.out / "history.jsonl", "a") as history:
-            history.write(json.dumps({"benchmark": name, "measured_at": rec["measured_at"], "conditions": rec["conditions"], "sha": rec["git"]["sha"],
+            history.write(json.dumps({"benchmark": name, "measured_at": rec["measured_at"], "conditions": rec["conditions"],
+                                      "cpu": rec["machine"]["cpu"], "sha": rec["git"]["sha"],
                                       "rows": [{k: r.get(k) for k in ("name", "measured", "goal", "meets")}
                                                for r in rows]}) + "\n")
     for row in rows:

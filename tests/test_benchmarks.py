@@ -409,3 +409,18 @@ def test_a_task_is_provisional_until_its_seeds_land_but_a_sweep_that_learned_not
     assert "2 of 3 seeds per cell so far, so read it as provisional" in opening(2, flat)
     # a one-seed cell whose sweep did learn is still missing two seeds
     assert "1-3 of 3 seeds per cell so far, so read it as provisional" in opening(3, {})
+
+
+def test_ratio_runs_name_their_cpu_since_a_ratio_moves_with_the_host(tmp_path):
+    row = {"name": "throughput lora / full (e2e step)", "measured": "1.274x (95% CI 1.203–1.297, n=25)",
+           "goal": "≥ 1.4x", "meets": False}
+    latest = {"benchmark": "strategies", "rows": [row], "conditions": "1 threads, 1-min load 0.1 at start, 1.0 at end",
+              "machine": {"cpu": "AMD EPYC"}}
+    older = {"benchmark": "strategies", "conditions": "1 threads, 1-min load 1.5 at start, 3.0 at end",
+             "cpu": "Intel(R) Xeon(R) Processor", "rows": [dict(row, measured="1.428x (95% CI 1.351–1.679, n=25)")]}
+    history = tmp_path / "history.jsonl"
+    history.write_text("".join(json.dumps(e) + "\n" for e in (older, dict(latest, cpu="AMD EPYC"))))
+    text = "\n".join(report._ratios([latest], history))
+    assert "| ≥ 1.4x | no | AMD EPYC, 1 threads, 1-min load 0.1 at start, 1.0 at end |" in text
+    assert ("| 1.428x (Intel(R) Xeon(R) Processor, 1 threads, 1-min load 1.5 at start, 3.0 at end); "
+            "1.274x (AMD EPYC, 1 threads, 1-min load 0.1 at start, 1.0 at end) | ≥ 1.4x |") in text
