@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_experiments import EPOCHS, EVIDENCE, HEADLINE, SEEDS, VARIANTS, all_experiments  # noqa: E402
-from run import RATES_FILE, RUNS  # noqa: E402
+from run import RATES_FILE, RUNS, read_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TASKS = list(EPOCHS)
@@ -51,16 +51,15 @@ DEFAULT_KEY = {"full": "full", "lora": "lora", "bottleneck_pfeiffer": "bottlenec
 # ---- loading -----------------------------------------------------------------------------------------
 def load(results: Path) -> dict:
     """Records split into the grid's cells (runs at the chosen rate), the sweep, and the headline."""
-    rates = (json.loads((results / RATES_FILE).read_text()).get("selected", {})
-             if (results / RATES_FILE).is_file() else {})
-    records = [json.loads(p.read_text()) for p in sorted((results / RUNS).glob("*.json"))]
+    rates = read_json(results / RATES_FILE).get("selected", {}) if (results / RATES_FILE).is_file() else {}
+    records = [read_json(p) for p in sorted((results / RUNS).glob("*.json"))]
     smoke = any(r.get("smoke") for r in records)
     chosen = lambda r: rates.get(r["task"], {}).get(r["variant"], {}).get("learning_rate")  # noqa: E731
     grid = [r for r in records if r.get("stage") in ("sweep", "seeds") and (smoke or r["learning_rate"] == chosen(r))]
     sweep = [r for r in records if r.get("stage") == "sweep"]
     headline = [r for r in records if r.get("stage") == "headline"]
     evidence = [r for r in records if r.get("stage") == "evidence"]
-    ratios = [json.loads(p.read_text()) for p in sorted((results / "ratios").glob("*.json"))]
+    ratios = [read_json(p) for p in sorted((results / "ratios").glob("*.json"))]
     return {"grid": grid, "sweep": sweep, "headline": headline, "evidence": evidence, "rates": rates, "ratios": ratios,
             "history": results / "ratios" / "history.jsonl", "smoke": smoke}
 

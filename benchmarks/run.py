@@ -38,6 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import ROOT, load_average, peak_rss_now, stamp, write_json  # noqa: E402
@@ -102,8 +103,19 @@ def run_id(exp: dict, lr: float, seed: int) -> str:
     return f"{exp['name']}__lr{lr:g}__seed{seed}"
 
 
+def read_json(path: Path) -> Any:
+    """A committed result file, or a ConfigError that names it (json's own error names only a line and column)."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(field=str(path), value=f"{e.msg} at line {e.lineno}, column {e.colno}",
+                          problem="is not valid JSON (a hand edit, or a file damaged outside the runner: the "
+                                  "runner writes each file whole, through a temporary name)",
+                          fix=f"restore it with `git checkout -- {path}`, or delete it to run that run again") from None
+
+
 def _read(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path) if path.is_file() else None
 
 
 def _score(record: dict) -> float:

@@ -424,3 +424,18 @@ def test_ratio_runs_name_their_cpu_since_a_ratio_moves_with_the_host(tmp_path):
     assert "| ≥ 1.4x | no | AMD EPYC, 1 threads, 1-min load 0.1 at start, 1.0 at end |" in text
     assert ("| 1.428x (Intel(R) Xeon(R) Processor, 1 threads, 1-min load 1.5 at start, 3.0 at end); "
             "1.274x (AMD EPYC, 1 threads, 1-min load 0.1 at start, 1.0 at end) | ≥ 1.4x |") in text
+
+
+def test_a_damaged_record_is_named_with_the_fix_by_the_runner_and_the_report(tmp_path):
+    experiments = run.load_experiments(BENCH / "experiments")
+    exp = _exp(experiments, "rte__lora")
+    _record(tmp_path, exp, exp["learning_rates"]["start"][0], 1, 0.6)
+    damaged = tmp_path / run.RUNS / f"{run.run_id(exp, exp['learning_rates']['start'][1], 1)}.json"
+    damaged.write_text('{"run_id": "rte__lora", "validation_primary": 0.6')  # cut short, as by a hand edit
+    for read in (lambda: run.sweep(exp, tmp_path), lambda: report.load(tmp_path)):
+        with pytest.raises(run.ConfigError) as err:
+            read()
+        message = str(err.value)
+        assert str(damaged) in message and "is not valid JSON" in message and "line 1" in message
+        assert f"git checkout -- {damaged}" in message
+    assert damaged.read_text().startswith('{"run_id"')  # named, never deleted
