@@ -138,7 +138,7 @@ def hand_lora_config():
     """The LoRA a user writes by hand with PEFT for what adaptkit.adapt(model, "lora") trains on a BERT: r 8,
     dropout 0, every linear layer, and the pooler the fresh head reads trained in full (LoRA.train_pooler), so
     it gets no low-rank update. The overhead ratio compares like with like only while the two train the same
-    tensors; tests/test_benchmarks.py checks that they do."""
+    tensors; tests/test_ratios.py checks that they do."""
     from peft import LoraConfig
     return LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.0,
                       target_modules=["query", "key", "value", "dense"], exclude_modules=["pooler.dense"],
