@@ -231,7 +231,7 @@ def render(data: dict, results: Path, baselines: dict[str, float] | None = None)
                   "say nothing about the strategies.**", ""]
     lines += _conditions(data)
     planned = len(TASKS) * len(VARIANTS) * len(SEEDS)
-    flat = [f"{v} on {t}" for t in TASKS for v in VARIANTS if rates.get(t, {}).get(v, {}).get("learned_nothing")]
+    flat = [f"{v} on {t}" for t in TASKS for v in VARIANTS if _flat_sweep(rates, t, v)]
     headline_runs = sum(len(e["seeds"]) for e in all_experiments().values() if e["stage"] == "headline")
     lines += [f"Cells: {len(grid)} of {planned} runs recorded ({len(TASKS)} tasks x {len(VARIANTS)} variants x "
               f"{len(SEEDS)} seeds, at the rate each cell's sweep chose); sweep runs recorded: {len(data['sweep'])}; "
@@ -297,6 +297,11 @@ def _conditions(data: dict) -> list[str]:
             f"the best evaluation's adapter tested on dev. {early} of {len(runs)} runs stopped early.", ""]
 
 
+def _flat_sweep(rates: dict, task: str, variant: str) -> bool:
+    """The cell's sweep learned nothing at any rate, so the protocol runs no seeds 2-3 for it."""
+    return bool(rates.get(task, {}).get(variant, {}).get("learned_nothing"))
+
+
 def paragraphs(scores, tasks, variants, baselines, learned, grid, rates, evidence=()) -> list[str]:
     """One paragraph per task, in words, written from the numbers (nothing here is typed per task)."""
     out = []
@@ -308,14 +313,14 @@ def paragraphs(scores, tasks, variants, baselines, learned, grid, rates, evidenc
         ranked = sorted(((v, _median(scores.get((v, t)))) for v in variants if scores.get((v, t))),
                         key=lambda x: -(x[1] if x[1] is not None and not math.isnan(x[1]) else -9))
         best_v, best = ranked[0]
-        flat = [v for v in variants if rates.get(t, {}).get(v, {}).get("learned_nothing")]
+        flat = [v for v in variants if _flat_sweep(rates, t, v)]
         # a cell whose sweep learned nothing never gets seeds 2-3 (the protocol), so it does not keep a task open
-        have = sorted({len(scores.get((v, t), [])) for v, _ in ranked if v not in flat}
-                      or {len(scores.get((v, t), [])) for v, _ in ranked})
-        if have[0] == len(SEEDS):
+        counts = [len(scores.get((v, t), [])) for v, _ in ranked if v not in flat]
+        if all(n == len(SEEDS) for n in counts):
             seeds = f"{len(SEEDS)} seeds per cell" + (", 1 where the sweep learned nothing" if flat else "")
         else:
-            seeds = (f"{have[0]}" if len(have) == 1 else f"{have[0]}-{have[-1]}") + \
+            lo, hi = min(counts), max(counts)
+            seeds = (f"{lo}" if lo == hi else f"{lo}-{hi}") + \
                 f" of {len(SEEDS)} seeds per cell so far, so read it as provisional"
         words = [f"**{t}** ({metric} on dev; {seeds}; {len(ranked)} of {len(VARIANTS)} variants):"]
         if full is None:
