@@ -23,10 +23,13 @@ $(STAMP): pyproject.toml $(LOCK)
 	touch $(STAMP)
 
 # Regenerate the lock with pip-tools from pyproject's ranges (the newest versions they allow), torch held at
-# the CPU wheel. Run `make test` on the result before committing it.
+# the CPU wheel. Run `make test` on the result before committing it. adaptkit is left out of the lock: the `dev`
+# extra names adaptkit[recipes], and pip-compile would pin that as `adaptkit @ file:///<this checkout>`, a path
+# no other clone has (pip and setuptools stay out too, as pip-compile's own default does).
 lock: install
 	CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --upgrade --strip-extras \
 		--extra dev --extra recipes --extra bitsandbytes --extra tensorboard --extra plots \
+		--unsafe-package adaptkit --unsafe-package pip --unsafe-package setuptools \
 		--constraint requirements/torch-cpu.txt --no-emit-find-links --no-emit-index-url \
 		--output-file $(LOCK) pyproject.toml
 	rm -f $(STAMP)
