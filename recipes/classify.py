@@ -14,10 +14,10 @@ Data, read by ``datasets`` (``adaptkit.recipes.data``): ``--data`` a folder of s
 quoting off, .csv, .json/.jsonl, .parquet, .arrow) or a ``save_to_disk`` folder, or one file;
 ``--train-file``/``--validation-file``/``--test-file``; or ``--dataset-name`` (+ ``--dataset-config``).
 The text columns are ``sentence``, ``sentence1`` + ``sentence2`` or ``text`` unless ``--text-columns``
-names them; integer labels (or a ``ClassLabel``) mean classification, other numbers regression. Splits
-follow one convention: ``dev`` is validation; without a labelled test split validation becomes the
-test set (GLUE) and ``--validation-fraction`` of train is carved off for early stopping and for
-picking the adapter that is saved.
+names them; integer labels, class names (or a ``ClassLabel``) mean classification, other numbers regression.
+Splits follow one convention: validation (``dev``) picks the adapter that is saved, carved from train
+(``--validation-fraction``) when there is none; a test split is scored when given
+(``--select-on-train-carve``: the benchmark's protocol, validation carved and dev scored as test).
 
 ``--output-dir`` receives ``log.jsonl``, ``checkpoints/`` (``--resume`` continues from the latest),
 ``adapter/`` (the best on validation; ``adaptkit.load(dir, base_model)`` reloads it) and ``metrics.json``.
@@ -38,7 +38,7 @@ from adaptkit.errors import ConfigError, MissingDependencyError
 GLUE_TASKS = ("sst2", "cola", "mrpc", "rte", "stsb")  # their own metrics (MCC for CoLA, F1 for MRPC, ...)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, training.RunArgs]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data.add_data_args(parser)
     g = parser.add_argument_group("columns and tokens")
@@ -53,15 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
                    help="batch examples of similar length together (less padding, same results on average)")
     training.add_model_args(parser, "model folder or hub id (default: the bundled all-MiniLM-L6-v2)")
-    parser.add_argument("--feature-cache", choices=["auto", "eval", "off"], default="auto",
-                        help="linear_probe only: run the frozen model once per example and train the head on the "
-                             "cached features (adaptkit.recipes.features). auto: when train-mode features equal eval-mode "
-                             "ones (no dropout in the encoder), else end to end, saying why; eval: eval-mode "
-                             "features (encoder dropout off); off: end to end")
     training.add_run_args(parser, epochs=3, batch_size=32)
     args = parser.parse_args(argv)
-    training.check_args(args, "classify")
-    return args
+    return args, training.RunArgs.parse(args, "classify")
 
 
 def default_model() -> str:
@@ -78,7 +72,8 @@ def load_splits(args: argparse.Namespace) -> data.Splits:
     return data.load_splits(data.source_of(args), dataset_name=args.dataset_name, dataset_config=args.dataset_config,
                             text_columns=args.text_columns, label_column=args.label_column, task=args.task,
                             validation_fraction=args.validation_fraction, seed=args.seed,
-                            max_train=args.max_train_samples, max_eval=args.max_eval_samples)
+                            max_train=args.max_train_samples, max_eval=args.max_eval_samples,
+                            select_on_train_carve=args.select_on_train_carve)
 
 
 def metric_task(args: argparse.Namespace, table: data.Table) -> str:
@@ -89,7 +84,7 @@ def metric_task(args: argparse.Namespace, table: data.Table) -> str:
     return name.lower() if name.lower() in GLUE_TASKS else table.task
 
 
-def load_model(args: argparse.Namespace, table: data.Table, tokenizer):
+def load_model(run: training.RunArgs, table: data.Table, tokenizer):
     """The base model with a fresh head sized for the labels (placed and quantized by adaptkit)."""
     options = {"num_labels": table.num_labels}
     if table.task == "regression":
@@ -97,34 +92,19 @@ def load_model(args: argparse.Namespace, table: data.Table, tokenizer):
     if table.label_names:
         options["id2label"] = dict(enumerate(table.label_names))
         options["label2id"] = {name: i for i, name in enumerate(table.label_names)}
-    model = training.load_base(args, "seq_cls", **options)
+    # a base whose own head has other classes (a 2-label classifier on 3-class data) gets a fresh head, as run_glue does
+    model = training.load_base(run, "seq_cls", {"ignore_mismatched_sizes": True}, **options)
     if model.config.pad_token_id is None:  # decoder classifiers find each sequence's last token by padding
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
 
-def cached_probe(args: argparse.Namespace, model, train_loader, val_loader):
-    """A linear probe trains on features the frozen model computes once per example (adaptkit.recipes.features);
-    with --feature-cache auto, a model the cache cannot replay exactly trains end to end and the reason is kept."""
-    from adaptkit.errors import UnsupportedError
-    from adaptkit.recipes.features import CachedProbe
-    try:
-        probe = CachedProbe(model, encoder_mode="match" if args.feature_cache == "auto" else "eval")
-        train = probe.loader(train_loader, shuffle=True, seed=args.seed)
-        val = probe.loader(val_loader, shuffle=False)
-    except UnsupportedError as err:
-        if args.feature_cache == "eval":  # asked for explicitly: refuse rather than run something else
-            raise
-        return model, train_loader, val_loader, {"used": False, "reason": str(err)}
-    return probe, train, val, {"used": True, **probe.report()}
-
-
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    if args.model is None and args.config_name is None:
-        args.model = default_model()
-    training.refuse_remote_code(args)
-    accelerator = training.make_accelerator(args)
+    args, run = parse_args(argv)
+    if run.model is None and run.config_name is None:
+        run.model = default_model()
+    training.refuse_remote_code(run)
+    accelerator = training.make_accelerator(run)
     splits = load_splits(args)
     if splits.train.task == "classification":
         guards.require_classes(splits.train.labels, splits.train.path or "--data")
@@ -133,81 +113,78 @@ def main(argv: list[str] | None = None) -> dict:
         raise ConfigError(field="--metrics", value=task, problem="is a classification metric but the labels are "
                           "scores (regression)", fix="use --metrics regression, or --task classification")
 
-    tokenizer = AutoTokenizer.from_pretrained(training.preprocessor_name(args), trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(training.preprocessor_name(run), trust_remote_code=False)
     if tokenizer.pad_token is None:  # decoders (GPT-2, Llama) ship without one; batches need padding
         tokenizer.pad_token = tokenizer.eos_token
-    model = adaptkit.adapt(load_model(args, splits.train, tokenizer), args.strategy,
-                           **training.parse_options(args.option))
+    model = adaptkit.adapt(load_model(run, splits.train, tokenizer), run.strategy, **training.parse_options(run.option))
+    batching.check_vocab(model, tokenizer)  # a token id past the embeddings would be an IndexError mid-run
     check_sharded_model(accelerator, model)  # FSDP: prefix, 8-bit, integer-stored 4-bit refused with the fix
     summary, strategy = adaptkit.summary(model), adaptkit.strategy_of(model).to_dict()
-    args.max_length = guards.fit_max_length(model, args.max_length, 128, splits.notes)
+    run.max_length = guards.fit_max_length(model, run.max_length, 128, splits.notes)
     accelerator.print(summary, *splits.notes, sep="\n")
 
     def loader(table, shuffle):
-        features = batching.tokenize(table, tokenizer, args.max_length)
-        size = args.batch_size if shuffle else 2 * args.batch_size  # no gradients kept: bigger batches fit
+        features = batching.tokenize(table, tokenizer, run.max_length)
+        size = run.batch_size if shuffle else 2 * run.batch_size  # no gradients kept: bigger batches fit
         return batching.make_dataloader(features, tokenizer, size, shuffle=shuffle, seed=args.seed,
                                     group_by_length=args.group_by_length)
 
     train_loader, val_loader = loader(splits.train, True), loader(splits.validation, False)
     test_loader = loader(splits.test, False) if splits.test is not None else None
-    cache = None
-    if adaptkit.strategy_of(model).name == "linear_probe" and args.feature_cache != "off":
-        model, train_loader, val_loader, cache = cached_probe(args, model, train_loader, val_loader)
-        accelerator.print("feature cache:", cache)
-    optimizer = training.make_optimizer(model, args)
+    optimizer = training.make_optimizer(model, run)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    max_steps = training.plan_steps(args, len(train_loader))
-    scheduler = accelerator.prepare(training.make_scheduler(optimizer, args, max_steps, accelerator.num_processes))
+    max_steps = training.plan_steps(run, len(train_loader))
+    scheduler = accelerator.prepare(training.make_scheduler(optimizer, run, max_steps, accelerator.num_processes))
 
     num_labels = splits.train.num_labels
     # The loop: evaluate every --eval-every steps (0: each epoch) and at the end, keep the adapter that is best
     # on validation, stop after --patience evaluations without improvement, checkpoint every --checkpoint-every.
-    progress = runs.Progress(args, accelerator, max_steps, len(train_loader), metric=metrics.primary_metric(task))
-    accelerator.register_for_checkpointing(progress)  # saved and restored with the model, optimizer and RNGs
-    checkpoints.resume(accelerator, args, progress)  # --resume: exactly where it stopped; refuses changed flags
-    log = runs.Log(accelerator, args, progress, "classify")
+    lock = runs.claim_output_dir(accelerator, run)  # one run per folder; --overwrite deletes what the last run wrote
+    checkpoints.adapter_only(accelerator)  # save_state / load_state: the trained tensors, not the whole model
+    progress = runs.Progress(run, accelerator, max_steps, len(train_loader), metric=metrics.primary_metric(task))
+    checkpoints.resume(accelerator, run, progress)  # --resume: exactly where it stopped; refuses changed flags
+    log = runs.Log(accelerator, run, progress)  # log.jsonl and the --report-to trackers
     model.train()
     while not progress.done:
         for batch in progress.epoch_batches(train_loader):  # skips the batches a resumed run already saw
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                if accelerator.sync_gradients and run.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), run.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
             if not progress.optimizer_step(loss):  # still accumulating gradients
                 continue
             log.step(optimizer)  # the bar; a loss line every --log-every steps
-            if progress.due(args.eval_every):
+            if progress.due(run.eval_every):
                 with progress.paused():
                     scores = training.evaluate_classifier(model, val_loader, accelerator, task, num_labels)
                     if best := progress.improved(scores):
-                        runs.save_adapter(accelerator, model, args, progress.step)
+                        runs.save_adapter(accelerator, model, run, progress.step)
                     log.evaluation(scores, best)
                 model.train()
                 if progress.stopper.should_stop:
                     accelerator.set_trigger()
                 progress.stopped_early = accelerator.check_trigger()  # on any process: all stop together
-            if args.checkpoint_every and progress.step % args.checkpoint_every == 0 and not progress.done:
-                checkpoints.checkpoint(accelerator, args, progress)
+            if run.checkpoint_every and (progress.step % run.checkpoint_every == 0 or progress.done):
+                checkpoints.checkpoint(accelerator, run, progress)  # and one at the end: a finished run can be extended
             if progress.done:
                 break
 
-    runs.keep_adapter(accelerator, model, args, progress)  # none kept (NaN at every evaluation): the last weights
-    results = {"task": task, "model": args.model, "strategy": strategy,
-               "quantization": args.quantization, "data": splits.notes, "feature_cache": cache}
+    runs.keep_adapter(accelerator, model, run, progress)  # none kept (NaN at every evaluation): the last weights
+    results = {"task": task, "model": run.model, "strategy": strategy,
+               "quantization": run.quantization, "data": splits.notes}
     if test_loader is not None:
         # Score what users get: the saved adapter, reloaded onto a freshly loaded base model.
-        best = adaptkit.load(args.output_dir / training.ADAPTER_DIR, load_model(args, splits.train, tokenizer))
+        best = adaptkit.load(run.output_dir / training.ADAPTER_DIR, load_model(run, splits.train, tokenizer))
         if not adaptkit.is_quantized(best):
             best.to(accelerator.device)
         results["test"] = training.evaluate_classifier(best, accelerator.prepare_data_loader(test_loader), accelerator,
                                                    task, num_labels)
         accelerator.print("test:", results["test"])
-    return runs.finish(accelerator, args, model, progress, log, results, summary)
+    return runs.finish(log, model, results, summary, lock)
 
 
 if __name__ == "__main__":

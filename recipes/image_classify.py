@@ -27,7 +27,7 @@ from adaptkit.errors import ConfigError, DataError
 
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, training.RunArgs]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     training.add_model_args(parser, "model folder or hub id (with an image processor)")
     data.add_data_args(parser, what="class folders")
@@ -35,15 +35,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--label-column", default="label")
     training.add_run_args(parser, epochs=3, batch_size=32)
     args = parser.parse_args(argv)
-    training.check_args(args, "image_classify")
-    return args
+    return args, training.RunArgs.parse(args, "image_classify")
 
 
 def load_splits(args: argparse.Namespace):
     """Splits of (image, label) rows as ``datasets`` reads them (``imagefolder``, the hub, ``save_to_disk``),
     arranged by the recipes' one split convention; class names come from the train split's ClassLabel."""
-    splits, notes = data.splits_from_args(args, label_column=args.label_column,
-                                          strata=lambda ds: ds[args.label_column])
+    splits, notes = data.splits_from_args(args, label_column=args.label_column)  # stratified by class, images checked
     train = splits["train"]
     image = args.image_column or next((c for c in ("image", "img") if c in train.column_names), None)
     missing = [c for c in (image, args.label_column) if c not in train.column_names]
@@ -80,79 +78,80 @@ def make_loader(items: list, processor, mode: str, args, shuffle: bool):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    training.refuse_remote_code(args)
-    accelerator = training.make_accelerator(args)
+    args, run = parse_args(argv)
+    training.refuse_remote_code(run)
+    accelerator = training.make_accelerator(run)
     splits, classes, notes = load_splits(args)
     try:
-        processor = AutoImageProcessor.from_pretrained(training.preprocessor_name(args), trust_remote_code=False)
+        processor = AutoImageProcessor.from_pretrained(training.preprocessor_name(run), trust_remote_code=False)
     except (OSError, ValueError) as err:
-        raise ConfigError(field="--model", value=training.preprocessor_name(args), problem=f"has no image processor ({err})",
+        raise ConfigError(field="--model", value=training.preprocessor_name(run), problem=f"has no image processor ({err})",
                           fix="save one beside the model: AutoImageProcessor...save_pretrained(model_dir)") from None
     labels = {"num_labels": len(classes), "id2label": dict(enumerate(classes)),
               "label2id": {c: i for i, c in enumerate(classes)}}
     # a pretrained head for other classes (ImageNet's 1000) is replaced by a fresh one of the right size
-    load = lambda: training.load_base(args, "image_cls", {"ignore_mismatched_sizes": True}, **labels)
-    model = adaptkit.adapt(load(), args.strategy, **training.parse_options(args.option))
+    load = lambda: training.load_base(run, "image_cls", {"ignore_mismatched_sizes": True}, **labels)
+    model = adaptkit.adapt(load(), run.strategy, **training.parse_options(run.option))
     summary, strategy = adaptkit.summary(model), adaptkit.strategy_of(model).to_dict()
     accelerator.print(summary, f"classes: {classes}", *notes, sep="\n")
     mode = "L" if getattr(model.config, "num_channels", 3) == 1 else "RGB"
 
     train_loader = make_loader(splits["train"], processor, mode, args, shuffle=True)
     val_loader = make_loader(splits["validation"], processor, mode, args, shuffle=False)
-    optimizer = training.make_optimizer(model, args)
+    optimizer = training.make_optimizer(model, run)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    max_steps = training.plan_steps(args, len(train_loader))
-    scheduler = accelerator.prepare(training.make_scheduler(optimizer, args, max_steps, accelerator.num_processes))
+    max_steps = training.plan_steps(run, len(train_loader))
+    scheduler = accelerator.prepare(training.make_scheduler(optimizer, run, max_steps, accelerator.num_processes))
 
     # The loop: evaluate every --eval-every steps (0: each epoch) and at the end, keep the adapter that is best
     # on validation, stop after --patience evaluations without improvement, checkpoint every --checkpoint-every.
-    progress = runs.Progress(args, accelerator, max_steps, len(train_loader), metric=metrics.primary_metric("classification"))
-    accelerator.register_for_checkpointing(progress)  # saved and restored with the model, optimizer and RNGs
-    checkpoints.resume(accelerator, args, progress)  # --resume: exactly where it stopped; refuses changed flags
-    log = runs.Log(accelerator, args, progress, "image_classify")
+    lock = runs.claim_output_dir(accelerator, run)  # one run per folder; --overwrite deletes what the last run wrote
+    checkpoints.adapter_only(accelerator)  # save_state / load_state: the trained tensors, not the whole model
+    progress = runs.Progress(run, accelerator, max_steps, len(train_loader), metric=metrics.primary_metric("classification"))
+    checkpoints.resume(accelerator, run, progress)  # --resume: exactly where it stopped; refuses changed flags
+    log = runs.Log(accelerator, run, progress)  # log.jsonl and the --report-to trackers
     model.train()
     while not progress.done:
         for batch in progress.epoch_batches(train_loader):  # skips the batches a resumed run already saw
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                if accelerator.sync_gradients and run.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), run.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
             if not progress.optimizer_step(loss):  # still accumulating gradients
                 continue
             log.step(optimizer)  # the bar; a loss line every --log-every steps
-            if progress.due(args.eval_every):
+            if progress.due(run.eval_every):
                 with progress.paused():
                     scores = training.evaluate_classifier(model, val_loader, accelerator, "classification",
                                                            len(classes))
                     if best := progress.improved(scores):
-                        runs.save_adapter(accelerator, model, args, progress.step)
+                        runs.save_adapter(accelerator, model, run, progress.step)
                     log.evaluation(scores, best)
                 model.train()
                 if progress.stopper.should_stop:
                     accelerator.set_trigger()
                 progress.stopped_early = accelerator.check_trigger()  # on any process: all stop together
-            if args.checkpoint_every and progress.step % args.checkpoint_every == 0 and not progress.done:
-                checkpoints.checkpoint(accelerator, args, progress)
+            if run.checkpoint_every and (progress.step % run.checkpoint_every == 0 or progress.done):
+                checkpoints.checkpoint(accelerator, run, progress)  # and one at the end: a finished run can be extended
             if progress.done:
                 break
 
-    runs.keep_adapter(accelerator, model, args, progress)  # none kept (NaN at every evaluation): the last weights
-    results = {"task": "classification", "model": args.model, "strategy": strategy, "quantization": args.quantization,
+    runs.keep_adapter(accelerator, model, run, progress)  # none kept (NaN at every evaluation): the last weights
+    results = {"task": "classification", "model": run.model, "strategy": strategy, "quantization": run.quantization,
                "classes": classes, "data": notes}
     if "test" in splits:
         # Score what users get: the saved adapter, reloaded onto a freshly loaded base model.
-        best = adaptkit.load(args.output_dir / training.ADAPTER_DIR, load())
+        best = adaptkit.load(run.output_dir / training.ADAPTER_DIR, load())
         if not adaptkit.is_quantized(best):
             best.to(accelerator.device)
         test_loader = accelerator.prepare_data_loader(make_loader(splits["test"], processor, mode, args, False))
         results["test"] = training.evaluate_classifier(best, test_loader, accelerator, "classification", len(classes))
         accelerator.print("test:", results["test"])
-    return runs.finish(accelerator, args, model, progress, log, results, summary)
+    return runs.finish(log, model, results, summary, lock)
 
 
 if __name__ == "__main__":

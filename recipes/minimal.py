@@ -25,20 +25,30 @@ import json
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoTokenizer
 
 import adaptkit
 from adaptkit.distributed import check_sharding, require_processes, save_adapter
+from adaptkit.errors import DataError
 from adaptkit.quantization import load_model, refuse_remote_code
+from adaptkit.recipes import guards, runs
 
 
 def read_tsv(path: Path) -> list[tuple[str, int]]:
-    with open(path, newline="", encoding="utf-8") as f:  # texts hold literal quotes: no quoting
-        rows = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        return [(row["sentence"], int(row["label"])) for row in rows]
+    """(sentence, label) rows; a missing file, no rows or a label other than 0/1 is refused naming the file and row."""
+    if not path.is_file():
+        raise DataError(field="--data", value=str(path), problem="no such file", fix="pass a folder holding train.tsv "
+                        "and dev.tsv, each with a header line 'sentence<TAB>label'")
+    rows = list(csv.DictReader(guards.read_utf8(path).splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE))
+    for i, row in enumerate(rows):  # texts hold literal quotes: no quoting
+        if row.get("label") not in ("0", "1") or not row.get("sentence"):
+            raise DataError(field=f"{path}, row {i + 2}", value=row, problem="needs a sentence and a label 0 or 1",
+                            fix="fix the row, or use recipes/classify.py for other labels")
+    guards.require_examples(len(rows), path)
+    return [(row["sentence"], int(row["label"])) for row in rows]
 
 
 def make_loader(rows, tokenizer, batch_size: int, shuffle: bool, seed: int, max_length: int) -> DataLoader:
@@ -58,17 +68,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--quantization", choices=["8bit", "4bit"], default=None)
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--per-device-batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--per-device-batch", dest="batch_size", type=int, default=32, help="per process")
+    p.add_argument("--lr", dest="learning_rate", type=float, default=5e-4)
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--dropout", type=float, default=None, help="set every dropout (model and LoRA); default: keep")
-    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=None, help="default 64, or what the model has room for")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--processes", type=int, default=None, help="process count you launched (else $ADAPTKIT_PROCESSES)")
     p.add_argument("--cpu", action="store_true", help="force CPU (same as ACCELERATE_USE_CPU=1)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    # the guards the other recipes keep: flag values (NaN, inf, 0 steps), one run per --out, data, lengths, NaN losses
+    guards.check_numbers(args, {"learning_rate": "--lr", "batch_size": "--per-device-batch"})
     refuse_remote_code(args.model)  # before AutoConfig, which would ask at a terminal whether to run it
+    train_rows, dev_rows = read_tsv(args.data / "train.tsv"), read_tsv(args.data / "dev.tsv")
+    guards.require_classes([label for _, label in train_rows], args.data / "train.tsv")
+    args.out = args.out.expanduser()
+    lock = runs.lock_folder(args.out, "--out") if PartialState().is_main_process else None
 
     accelerator = Accelerator(cpu=args.cpu)
     world = require_processes(accelerator, args.processes)
@@ -85,13 +101,12 @@ def main(argv: list[str] | None = None) -> None:
                        gradient_checkpointing=args.gradient_checkpointing)
     model = adaptkit.adapt(model, lora)
     accelerator.print(adaptkit.summary(model))
+    max_length = guards.fit_max_length(model, args.max_length, 64)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
-    train = make_loader(read_tsv(args.data / "train.tsv"), tokenizer, args.per_device_batch, True, args.seed,
-                        args.max_length)
-    dev = make_loader(read_tsv(args.data / "dev.tsv"), tokenizer, args.per_device_batch, False, args.seed,
-                      args.max_length)
-    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.lr)
+    train = make_loader(train_rows, tokenizer, args.batch_size, True, args.seed, max_length)
+    dev = make_loader(dev_rows, tokenizer, args.batch_size, False, args.seed, max_length)
+    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.learning_rate)
     model, optimizer, train, dev = accelerator.prepare(model, optimizer, train, dev)
 
     losses: list[float] = []
@@ -103,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
             optimizer.step()
             optimizer.zero_grad()
             losses.append(accelerator.gather(loss.detach()).mean().item())  # mean over the global batch
+            guards.check_finite_loss(losses[-1], len(losses))  # every process sees the same mean: all stop together
             if len(losses) == args.steps:
                 break
 
@@ -119,15 +135,18 @@ def main(argv: list[str] | None = None) -> None:
     (ranks / f"rank{accelerator.process_index}.json").write_text(json.dumps(
         {"rank": accelerator.process_index, "world_size": world, "device": str(accelerator.device),
          "steps": len(losses)}))
+    guards.check_finite_weights(accelerator.unwrap_model(model), len(losses))
     save_adapter(accelerator, model, args.out / "adapter")  # every process takes part; the main one writes once
     if accelerator.is_main_process:  # one writer: the results exist exactly once
         accuracy = (logits.argmax(-1) == labels).float().mean().item()
         (args.out / "results.json").write_text(json.dumps(
-            {"processes": world, "global_batch": world * args.per_device_batch, "losses": losses,
+            {"processes": world, "global_batch": world * args.batch_size, "losses": losses,
              "dev_accuracy": accuracy, "dev_logits": logits.tolist()}))
         accelerator.print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}, dev accuracy {accuracy:.4f}, "
                           f"adapter in {args.out / 'adapter'}")
     accelerator.end_training()
+    if lock is not None:
+        lock.release()
 
 
 if __name__ == "__main__":

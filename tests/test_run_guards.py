@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from adaptkit import errors
-from adaptkit.recipes import guards
+from adaptkit.recipes import guards, training
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "good bad fine awful great poor nice dull film plot acting story music long short".split()
@@ -199,7 +199,7 @@ def test_a_second_run_on_the_same_output_folder_is_refused(tmp_path, assets):
     holder = subprocess.Popen([sys.executable, "-c", (
         "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
         "f.write('pid 4242\\n'); f.flush(); print('locked', flush=True); time.sleep(60)"),
-        str(out / guards.LOCK_NAME)], stdout=subprocess.PIPE, text=True)
+        str(out / training.LOCK_NAME)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(errors.RunLockedError, match=r"--output-dir=.*out.: is in use by a run \(pid 4242\)"
@@ -208,7 +208,7 @@ def test_a_second_run_on_the_same_output_folder_is_refused(tmp_path, assets):
     finally:
         holder.kill()
         holder.wait()
-    assert sorted(p.name for p in out.iterdir()) == [guards.LOCK_NAME]  # --overwrite deleted nothing
+    assert sorted(p.name for p in out.iterdir()) == [training.LOCK_NAME]  # --overwrite deleted nothing
     recipe("classify").main(classify(assets, out, "--max-steps", "1"))  # the lock died with its process
 
 
@@ -217,7 +217,8 @@ def test_a_second_run_on_the_same_output_folder_is_refused(tmp_path, assets):
 def finished_run(assets, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("resume")
     shutil.copytree(assets["sst"], root / "data")
-    args = classify(assets, root / "run", "--max-steps", "4", "--checkpoint-every", "2", "--keep-checkpoints", "3")
+    args = classify(assets, root / "run", "--max-steps", "4", "--checkpoint-every", "2", "--keep-checkpoints", "3",
+                    "--log-every", "1")
     args[1] = str(root / "data")
     recipe("classify").main(args)
     return root
@@ -228,7 +229,7 @@ def _resume(finished_run: Path, tmp_path: Path, assets) -> tuple[list[str], Path
     shutil.copytree(finished_run / "run", tmp_path / "run")
     checkpoint = tmp_path / "run" / "checkpoints" / "step-0000002"
     args = classify(assets, tmp_path / "run", "--max-steps", "4", "--checkpoint-every", "2", "--keep-checkpoints",
-                    "3", "--resume", str(checkpoint))
+                    "3", "--log-every", "1", "--resume", str(checkpoint))
     args[1] = str(finished_run / "data")
     return args, checkpoint
 
@@ -269,3 +270,196 @@ def test_resume_refuses_a_changed_train_file(tmp_path, assets, finished_run):
 def test_an_intact_checkpoint_still_resumes(tmp_path, assets, finished_run):
     args, _ = _resume(finished_run, tmp_path, assets)
     assert recipe("classify").main(args)["steps"] == 4
+
+
+def _rewrite_digests(checkpoint: Path) -> None:
+    """What whoever can edit a checkpoint can do as well: make run_state.json's sha256 digests match again."""
+    state = json.loads((checkpoint / "run_state.json").read_text())
+    state["files"] = guards.digests(checkpoint, skip=["run_state.json"])
+    (checkpoint / "run_state.json").write_text(json.dumps(state))
+
+
+class _Planted:
+    """A pickle that creates a folder when it is unpickled: the code a hostile checkpoint would run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+@pytest.mark.parametrize("name,match", [
+    ("custom_checkpoint_0.pkl", r"custom_checkpoint_0.pkl=None: is not part of an adaptkit checkpoint"),
+    ("random_states_0.pkl", r"random_states_0.pkl='\d+ bytes': cannot be loaded safely \(UnpicklingError"),
+    ("optimizer.bin", r"step-0000002='UnpicklingError': cannot be loaded"),
+])
+def test_resume_runs_no_code_from_a_planted_pickle(tmp_path, assets, finished_run, name, match):
+    args, checkpoint = _resume(finished_run, tmp_path, assets)
+    marker = tmp_path / "code-ran"
+    torch.save(_Planted(marker), checkpoint / name)
+    _rewrite_digests(checkpoint)
+    with pytest.raises(errors.CheckpointError, match=match + r".*Fix: resume from an earlier checkpoint"):
+        recipe("classify").main(args)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage,match", [
+    # Accelerate swallows an RNG state it cannot read and resumed with exit 0, on other random numbers
+    (lambda c: _truncate(c / "random_states_0.pkl"), r"random_states_0.pkl='\d+ bytes': cannot be loaded safely"),
+    (lambda c: (c / "model.safetensors").write_bytes(bytes((c / "model.safetensors").stat().st_size)),
+     r"model.safetensors='SafetensorError': cannot be read"),
+    (lambda c: _truncate(c / "optimizer.bin"), r"step-0000002='(RuntimeError|OSError)': cannot be loaded"),
+])
+def test_a_damaged_checkpoint_with_matching_digests_is_refused(tmp_path, assets, finished_run, damage, match):
+    args, checkpoint = _resume(finished_run, tmp_path, assets)
+    damage(checkpoint)
+    _rewrite_digests(checkpoint)
+    with pytest.raises(errors.CheckpointError, match=match + r".*Fix: resume from an earlier checkpoint"):
+        recipe("classify").main(args)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda state: state.pop("files"), r"\['files'\]: lacks these entries, or they have the wrong type"),
+    (lambda state: state.update(files=["optimizer.bin"]), r"\['files'\]: lacks these entries, or they have the wrong"),
+    (lambda state: state.update(config="flags"), r"\['config'\]: lacks these entries, or they have the wrong type"),
+])
+def test_a_run_state_without_digests_or_of_the_wrong_shape_is_refused(tmp_path, assets, finished_run, edit, match):
+    args, checkpoint = _resume(finished_run, tmp_path, assets)
+    state = json.loads((checkpoint / "run_state.json").read_text())
+    edit(state)
+    (checkpoint / "run_state.json").write_text(json.dumps(state))
+    with pytest.raises(errors.CheckpointError, match=r"run_state.json=" + match):
+        recipe("classify").main(args)
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path, assets, finished_run):
+    # the run was stopped after its checkpoint at step 2 but had logged steps 3 and 4 (as after a SIGINT)
+    args, _ = _resume(finished_run, tmp_path, assets)
+    recipe("classify").main(args)
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_resume_compares_resolved_paths(tmp_path, assets, finished_run, monkeypatch):
+    args, _ = _resume(finished_run, tmp_path, assets)
+    monkeypatch.chdir(finished_run)
+    args[1] = "./data"  # the run was started with the absolute path of the same folder
+    assert recipe("classify").main(args)["steps"] == 4
+
+
+def test_a_finished_run_can_be_extended_but_not_shortened(tmp_path, assets, finished_run):
+    shutil.copytree(finished_run / "run", tmp_path / "run")
+    args = classify(assets, tmp_path / "run", "--checkpoint-every", "2", "--keep-checkpoints", "3", "--resume")
+    args[1] = str(finished_run / "data")
+    with pytest.raises(errors.ConfigError, match=r"--resume=\{'max_steps': \[4, 3\]\}: these flags differ from the "
+                                                 r"interrupted run \(was, now\); only a higher --max-steps or --epochs"):
+        recipe("classify").main([*args, "--max-steps", "3"])
+    with pytest.raises(errors.ConfigError, match=r"'seed': \[42, 7\]"):
+        recipe("classify").main([*args, "--max-steps", "6", "--seed", "7"])
+    metrics = recipe("classify").main([*args, "--max-steps", "6"])
+    assert metrics["steps"] == 6 and metrics["max_steps"] == 6
+    assert any("--resume: extended from 4 to 6 optimizer steps" in note for note in metrics["notes"])
+
+
+# ---- the output folder: no write or delete through a link, none of the user's files -------------------------------
+@pytest.mark.parametrize("name", [training.LOCK_NAME, "log.jsonl", "metrics.json", "adapter", "checkpoints"])
+def test_a_link_where_the_run_writes_is_refused_and_its_target_untouched(tmp_path, assets, name):
+    victim = tmp_path / "thesis"
+    victim.mkdir() if name in ("adapter", "checkpoints") else victim.write_text("my thesis")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).symlink_to(victim)
+    with pytest.raises(errors.ConfigError, match=rf"--output-dir=.*out': holds links where a run writes \(\['{name}'\]\); "
+                                                 r"adaptkit writes and deletes through no link it did not make"):
+        recipe("classify").main(classify(assets, out, "--max-steps", "1", "--overwrite"))
+    assert victim.is_dir() or victim.read_text() == "my thesis"
+
+
+def test_overwrite_deletes_only_what_the_earlier_run_wrote(tmp_path, assets, finished_run):
+    shutil.copytree(finished_run / "run", tmp_path / "run")
+    out = tmp_path / "run"
+    mine = [out / "adapter" / "my_eval.txt", out / "checkpoints" / "my_best" / "keep.txt",
+            out / "checkpoints" / "step-0000002" / "notes.txt", out / "notes.txt", out / "tensorboard" / "mine.txt"]
+    for path in mine:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("mine")
+    args = classify(assets, out, "--max-steps", "2", "--checkpoint-every", "0", "--overwrite")
+    args[1] = str(finished_run / "data")
+    assert recipe("classify").main(args)["steps"] == 2
+    assert all(path.read_text() == "mine" for path in mine)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["my_best", "step-0000002"]
+    assert [p.name for p in (out / "checkpoints" / "step-0000002").iterdir()] == ["notes.txt"]
+
+
+def test_an_output_dir_that_is_or_goes_through_a_file_is_refused(tmp_path, assets):
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n")
+    with pytest.raises(errors.ConfigError, match=r"--output-dir=.*train.tsv': is a file \(.*\), not a folder"):
+        recipe("classify").parse_args(classify(assets, tmp_path / "train.tsv"))
+    with pytest.raises(errors.ConfigError, match=r"--output-dir=.*train.tsv/out': goes through a file"):
+        recipe("classify").parse_args(classify(assets, tmp_path / "train.tsv" / "out"))
+
+
+def test_a_tilde_output_dir_is_one_folder_for_every_file(tmp_path, assets, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    recipe("classify").main(classify(assets, Path("~/run"), "--max-steps", "1", "--report-to", "none"))
+    assert {"adapter", "log.jsonl", "metrics.json", training.LOCK_NAME} <= {p.name for p in (tmp_path / "home" / "run").iterdir()}
+    assert not (tmp_path / "~").exists()
+
+
+# ---- recipes/minimal.py keeps the same guards ---------------------------------------------------------------------
+def minimal(assets, out: Path, *extra: str) -> list[str]:
+    return ["--model", str(assets["bert"]), "--data", str(assets["sst"]), "--out", str(out), "--steps", "2",
+            "--per-device-batch", "8", *extra]
+
+
+@pytest.mark.parametrize("flags,error,match", [
+    (["--lr", "inf"], errors.ConfigError, r"--lr=inf: is not a finite number"),
+    (["--lr", "nan"], errors.ConfigError, r"--lr=nan: is not a finite number"),
+    (["--steps", "0"], errors.ConfigError, r"--steps=0: must be at least 1"),
+    (["--per-device-batch", "0"], errors.ConfigError, r"--per-device-batch=0: must be at least 1"),
+    (["--max-length", "302"], errors.ConfigError, r"--max-length=302: 302 tokens do not fit .*64 positions"),
+])
+def test_minimal_refuses_flags_the_other_recipes_refuse(tmp_path, assets, flags, error, match):
+    with pytest.raises(error, match=match):
+        recipe("minimal").main(minimal(assets, tmp_path / "out", *flags))
+
+
+@pytest.mark.parametrize("train,match", [
+    ("sentence\tlabel\n", r"train.tsv=0: holds no training examples"),
+    ("sentence\tlabel\ngood film\t2\n", r"train.tsv, row 2=.*needs a sentence and a label 0 or 1"),
+    (None, r"--data=.*train.tsv': no such file"),
+])
+def test_minimal_refuses_data_it_cannot_train_on(tmp_path, assets, train, match):
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(assets["sst"] / "dev.tsv", data / "dev.tsv")
+    if train is not None:
+        (data / "train.tsv").write_text(train)
+    args = minimal(assets, tmp_path / "out")
+    args[args.index("--data") + 1] = str(data)
+    with pytest.raises(errors.DataError, match=match):
+        recipe("minimal").main(args)
+
+
+def test_minimal_stops_on_a_non_finite_loss_and_saves_no_adapter(tmp_path, assets):
+    with pytest.raises(errors.NonFiniteError, match=r"loss=(nan|inf): is not finite at step \d+"):
+        recipe("minimal").main(minimal(assets, tmp_path / "out", "--lr", "1e30", "--steps", "6"))
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_minimal_refuses_a_second_run_on_the_same_out(tmp_path, assets):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "f.write('pid 4242\\n'); f.flush(); print('locked', flush=True); time.sleep(60)"),
+        str(out / training.LOCK_NAME)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(errors.RunLockedError, match=r"--out=.*out': is in use by a run \(pid 4242\)"):
+            recipe("minimal").main(minimal(assets, out))
+    finally:
+        holder.kill()
+        holder.wait()

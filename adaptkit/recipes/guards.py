@@ -4,13 +4,14 @@ typed error that names the flag, file or step and the fix.
 * :func:`check_numbers` — flag values that are NaN, infinite or negative, before anything loads;
 * :func:`fit_max_length` — ``--max-length`` against the model's positions (virtual tokens included);
 * :func:`require_examples`, :func:`require_classes`, :func:`read_utf8` — data that cannot train;
-* :func:`lock_output_dir` — one run per output folder;
+* :func:`check_output_dir`, :func:`remove_owned` — the output folder: no write or delete through a link adaptkit did
+  not make, nor of a file it did not write;
 * :func:`check_finite_loss`, :func:`check_finite_weights` — a run that diverged stops, and no NaN
   adapter is saved as the best;
 * :func:`output_spread`, :func:`constant_output`, :func:`collapse_warning` — predictions that are the same for
   every example (a model that collapsed) are named in the log, in metrics.json and at the end of the run;
 * :func:`digests`, :func:`read_checkpoint`, :func:`data_fingerprint` — resume only from a checkpoint
-  that is complete and unchanged, on the same data.
+  that is complete and unchanged, on the same data, loading nothing through pickle that can run code.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ import hashlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 
-from adaptkit.errors import CheckpointError, ConfigError, DataError, NonFiniteError, RunLockedError
+from adaptkit import lengths
+from adaptkit.errors import CheckpointError, ConfigError, DataError, NonFiniteError
 
 # flag -> (smallest allowed value, whether the smallest itself is allowed); every float flag must be finite
 _FLOAT_FLAGS = {"learning_rate": (0.0, False), "weight_decay": (0.0, True), "warmup_ratio": (0.0, True),
@@ -34,14 +37,15 @@ _COUNT_FLAGS = {"max_length": 1, "max_train_samples": 1, "max_eval_samples": 1, 
                 "max_new_tokens": 1, "steps": 1, "batch_size": 1, "block_size": 0}
 
 
-def check_numbers(args: Any) -> None:
-    """Refuse NaN / infinite / negative hyper-parameters (argparse's ``type=float`` takes "inf" and "nan";
-    a learning rate of inf trains to an all-NaN adapter and exits 0)."""
+def check_numbers(args: Any, flags: dict[str, str] | None = None) -> None:
+    """Refuse NaN / infinite / negative hyper-parameters (argparse's ``type=float`` takes "inf" and "nan"; a learning
+    rate of inf trains to an all-NaN adapter and exits 0). ``flags``: attribute -> the flag's name, where it differs."""
+    name_of = lambda name: (flags or {}).get(name) or f"--{name.replace('_', '-')}"
     for name, (least, inclusive) in _FLOAT_FLAGS.items():
         value = getattr(args, name, None)
         if value is None:
             continue
-        flag = f"--{name.replace('_', '-')}"
+        flag = name_of(name)
         if not math.isfinite(value):
             raise ConfigError(field=flag, value=value, problem="is not a finite number",
                               fix=f"pass a finite value (or leave {flag} out for the default)")
@@ -53,7 +57,7 @@ def check_numbers(args: Any) -> None:
     for name, least in _COUNT_FLAGS.items():
         value = getattr(args, name, None)
         if value is not None and value < least:
-            raise ConfigError(field=f"--{name.replace('_', '-')}", value=value, problem=f"must be at least {least}",
+            raise ConfigError(field=name_of(name), value=value, problem=f"must be at least {least}",
                               fix=f"pass an integer >= {least}, or leave the flag out")
     seed = getattr(args, "seed", None)
     if seed is not None and not 0 <= seed < 2**32:  # numpy's seed range; set_seed raised a bare ValueError
@@ -64,7 +68,6 @@ def fit_max_length(model: torch.nn.Module, asked: int | None, default: int, note
     """``--max-length`` for this model: an explicit value that does not fit its positions (prefix and
     prompt virtual tokens included) is refused; the recipe's default is clamped to what fits, and
     the clamp is noted, because the user never asked for that length."""
-    from adaptkit import lengths
     if asked is not None:
         lengths.check_length(model, asked, field="--max-length")
         return asked
@@ -81,14 +84,12 @@ def fit_max_length(model: torch.nn.Module, asked: int | None, default: int, note
 
 def check_fits(model: torch.nn.Module, length: int, flag: str) -> None:
     """A sequence length the user chose (e.g. ``--block-size``) that the model's positions cannot hold is refused."""
-    from adaptkit import lengths
     lengths.check_length(model, length, field=flag)
 
 
 def prompt_room(model: torch.nn.Module, max_new_tokens: int) -> int | None:
     """Tokens of prompt that fit beside ``max_new_tokens`` generated ones in the model's positions (None:
     no limit). Generating past the last position is an IndexError inside the embeddings."""
-    from adaptkit import lengths
     limit = lengths.max_positions(model)
     if limit is None:
         return None
@@ -125,36 +126,6 @@ def read_utf8(path: Path) -> str:
         raise DataError(field=str(path), value=f"byte 0x{err.object[err.start]:02x} at offset {err.start}",
                         problem="is not UTF-8 text",
                         fix=f"convert it, e.g. iconv -f latin1 -t utf-8 {Path(path).name} > fixed.txt") from None
-
-
-# ---- one run per output folder -------------------------------------------------------------------------
-LOCK_NAME = ".adaptkit-run.lock"
-
-
-def lock_output_dir(output_dir: Path):
-    """Hold an exclusive lock on ``output_dir`` for the life of this process (the OS drops it when the
-    process ends, even by SIGKILL). A second run on the same folder is refused instead of mixing logs
-    and overwriting the other's adapter. Returns the open lock file; keep it referenced."""
-    try:
-        import fcntl
-    except ImportError:  # no POSIX locks (Windows): nothing to hold
-        return None
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(output_dir / LOCK_NAME, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise RunLockedError(field="--output-dir", value=str(output_dir), problem=f"is in use by a run ({holder})",
-                             fix="wait for that run to finish, or pass another --output-dir") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}\n")
-    handle.flush()
-    return handle
 
 
 # ---- divergence ---------------------------------------------------------------------------------------
@@ -252,33 +223,67 @@ def digests(folder: Path, skip: Iterable[str] = ()) -> dict[str, str]:
             if p.is_file() and p.relative_to(folder).as_posix() not in skip}
 
 
-_STATE_KEYS = ("step", "epoch", "batch_in_epoch", "samples", "train_seconds", "last_eval_step", "best_metrics",
-               "early_stopping", "config")
+# what Accelerate's save_state writes (adapter-only weights as safetensors; optimizer, scheduler, sampler, scaler and
+# RNG states through torch.save, read back with weights_only=True) and run_state.json; never custom_checkpoint_N.pkl,
+# which Accelerate unpickles with weights_only=False
+CHECKPOINT_FILE = re.compile(r"(model|optimizer|scheduler|sampler)(_\d+)?\.(safetensors|bin)|random_states_\d+\.pkl|"
+                             r"scaler\.pt|run_state\.json")
+_STATE_TYPES = {"step": int, "epoch": int, "batch_in_epoch": int, "samples": int, "train_seconds": (int, float),
+                "best_metrics": dict, "early_stopping": dict, "config": dict, "files": dict, "max_steps": int}
 
 
 def read_checkpoint(folder: Path, state_name: str) -> dict[str, Any]:
-    """The run state of a checkpoint, after checking that it parses and that every file the checkpoint
-    listed is there with the content it had when written (a truncated optimizer state or RNG state
-    would otherwise resume without a word, and no longer bit-identically)."""
-    path = Path(folder) / state_name
-    fix = (f"resume from an earlier checkpoint (--resume {Path(folder).parent}/step-N), or start afresh "
-           "with --overwrite")
+    """The run state of a checkpoint, after checking that it parses, that every file the checkpoint lists is there
+    with the content it had when written, that it holds nothing else, and that its RNG states load without pickle's
+    code execution (Accelerate swallows an RNG state it cannot read and resumes on other random numbers)."""
+    from accelerate.utils import load  # torch.load(weights_only=True) with numpy's RNG arrays allowed
+    folder, fix = Path(folder), (f"resume from an earlier checkpoint (--resume {Path(folder).parent}/step-N), or start "
+                                 "afresh with --overwrite")
+    path = folder / state_name
     try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(field=str(path), value=type(exc).__name__, problem=f"cannot be read: {exc}",
-                              fix=fix) from None
-    missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise CheckpointError(field=str(path), value=missing, problem="lacks these entries", fix=fix)
-    for rel, expected in (state.get("files") or {}).items():
-        file = Path(folder) / rel
-        if not file.is_file():
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CheckpointError(field=str(path), value=type(exc).__name__, problem=f"cannot be read: {exc}", fix=fix) from None
+    wrong = [k for k, kind in _STATE_TYPES.items() if not isinstance(state, dict) or not isinstance(state.get(k), kind)
+             or isinstance(state.get(k), bool)]
+    if wrong:
+        raise CheckpointError(field=str(path), value=wrong, problem="lacks these entries, or they have the wrong type "
+                              f"(expected {', '.join(f'{k}: {_STATE_TYPES[k]}' for k in wrong)})", fix=fix)
+    for file in sorted(folder.iterdir()):
+        if not CHECKPOINT_FILE.fullmatch(file.name) or not file.is_file() or file.is_symlink():
+            raise CheckpointError(field=str(file), value=None, problem="is not part of an adaptkit checkpoint (adaptkit "
+                                  "writes no pickled custom state, and resume loads nothing else)", fix=fix)
+    for rel, expected in state["files"].items():
+        file = folder / str(rel)
+        if not CHECKPOINT_FILE.fullmatch(str(rel)) or not file.is_file():
             raise CheckpointError(field=str(file), value=None, problem="is missing from the checkpoint", fix=fix)
         if _sha256(file) != expected:
             raise CheckpointError(field=str(file), value=f"{file.stat().st_size} bytes",
                                   problem="changed since the checkpoint was written (truncated or damaged)", fix=fix)
+    for file in sorted(folder.glob("random_states_*.pkl")):
+        try:
+            load(file)
+        except Exception as exc:  # truncated, or a pickle that would run code (refused by weights_only=True)
+            raise CheckpointError(field=str(file), value=f"{file.stat().st_size} bytes", problem=f"cannot be loaded "
+                                  f"safely ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", fix=fix) from None
     return state
+
+
+def remove_owned(folder: Path, listing: dict[str, str | None]) -> None:
+    """Delete the files of ``listing`` (path relative to ``folder`` -> its sha256, or None: adaptkit's by name) that
+    still hold what adaptkit wrote, then the folders that left empty. Nothing outside ``folder``, nothing through a link."""
+    folder, emptied = Path(folder), set()
+    if folder.is_symlink() or not folder.is_dir():
+        return
+    for rel, digest in listing.items():
+        path = folder / rel
+        if path.resolve().is_relative_to(folder.resolve()) and path.is_file() and not path.is_symlink() \
+                and digest in (None, _sha256(path)):
+            path.unlink()
+            emptied.update(p for p in path.parents if p.is_relative_to(folder))
+    for empty in sorted(emptied, key=lambda p: -len(p.parts)):
+        if empty.is_dir() and not empty.is_symlink() and not any(empty.iterdir()):
+            empty.rmdir()
 
 
 def data_fingerprint(sources: Iterable[Any]) -> dict[str, str]:
@@ -287,7 +292,7 @@ def data_fingerprint(sources: Iterable[Any]) -> dict[str, str]:
     for source in sources:
         if source is None:
             continue
-        path = Path(os.path.expanduser(str(source)))
+        path = Path(os.path.expanduser(str(source))).resolve()  # ./data/ds and data/ds are one file
         if path.is_file():
             out[str(path)] = _sha256(path)
         elif path.is_dir():

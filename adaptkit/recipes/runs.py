@@ -1,27 +1,15 @@
-"""What a recipe's loop calls for what Accelerate does not do: exact resume, the flag guard, logs, metrics.json.
-
-The loop itself is in each recipe, where it can be read (as in accelerate's
-``examples/by_feature/checkpointing.py`` and litgpt's ``finetune/lora.py``). The pieces here:
-
-* :class:`Progress`: step, epoch, position in the epoch, samples, training time and the early-stopping
-  state. Registered with ``accelerator.register_for_checkpointing``, so ``save_state`` /
-  ``load_state`` carry it with the model, optimizer, scheduler and every process's RNG states.
-  ``Progress.epoch(loader)`` yields one epoch's micro-batches from where a resumed run stopped
-  (``accelerate.skip_first_batches``); shuffling is reseeded from ``seed + epoch``, so a resumed run
-  sees the same batches, dropout masks and learning rates as an uninterrupted one.
-* Checkpoints and ``--resume``: ``adaptkit.recipes.checkpoints``.
-* :class:`Log`: ``log.jsonl``, the ``--report-to`` trackers (``accelerator.log``), a progress bar and one
-  console line per evaluation. :func:`finish` writes ``metrics.json``.
+"""What a recipe's loop calls for what Accelerate does not do: the claim on the output folder, the run's position
+(exact resume), the log, the adapter kept, metrics.json. The loop itself is in each recipe, where it can be read (as
+in accelerate's ``examples/by_feature/checkpointing.py``); checkpoints and ``--resume``: ``adaptkit.recipes.checkpoints``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
+import os
 import resource
-import shutil
 import sys
 import time
 from collections.abc import Mapping
@@ -29,44 +17,106 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from accelerate import skip_first_batches
+from filelock import FileLock, Timeout
+from tqdm.auto import tqdm
 
-from adaptkit.errors import ConfigError
+from adaptkit import card
+from adaptkit.distributed import save_adapter as save_on_every_process
+from adaptkit.errors import ConfigError, RunLockedError
 from adaptkit.folders import write_json
 from adaptkit.recipes import guards
-from adaptkit.recipes.checkpoints import adapter_only_checkpoints, run_config
-from adaptkit.recipes.training import (ADAPTER_DIR, CHECKPOINTS, LOG_FILE, METRICS_FILE, TENSORBOARD_DIR,
-                                       learning_rate)
+from adaptkit.recipes.checkpoints import remove_checkpoint
+from adaptkit.recipes.training import (ADAPTER_DIR, CHECKPOINTS, LOCK_NAME, LOG_FILE, MANIFEST, METRICS_FILE, RUN_STATE,
+                                       TENSORBOARD_DIR, RunArgs, learning_rate)
+from adaptkit.versions import installed
 
 
+# ---- the output folder -----------------------------------------------------------------------------------
+def claim_output_dir(accelerator, run: RunArgs) -> FileLock | None:
+    """Lock ``--output-dir`` for this run (one run per folder; the OS drops the lock when the process ends, even by
+    SIGKILL), then, with ``--overwrite``, delete what the earlier run wrote there: the files its manifests list."""
+    lock = lock_folder(run.output_dir, "--output-dir") if accelerator.is_main_process else None
+    if lock is not None and run.overwrite:
+        _remove_earlier_run(run.output_dir)
+    accelerator.wait_for_everyone()
+    return lock
 
-# ---- small pieces ------------------------------------------------------------------------------------
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process.
 
-    Linux: VmHWM from /proc, not ru_maxrss, which a child inherits from its parent across fork + exec
-    (a 14 MB child of an 800 MB launcher reports 795 MB). Elsewhere ru_maxrss (macOS reports bytes).
-    """
+def lock_folder(folder: Path, flag: str) -> FileLock:
+    """Create ``folder`` and hold it for this run; a second run on it is refused, naming the holder's pid."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(field=flag, value=str(folder), problem=f"cannot be created ({err.strerror})",
+                          fix="pass a folder you can write to") from None
+    if (folder / LOCK_NAME).is_symlink():
+        raise ConfigError(field=flag, value=str(folder), problem=f"its {LOCK_NAME} is a link; adaptkit writes through "
+                          "no link it did not make", fix=f"remove {folder / LOCK_NAME}, or pass another folder")
+    # one instance per path in this process: a later run in it takes over from an earlier one that raised
+    lock = FileLock(folder / LOCK_NAME, timeout=0, is_singleton=True, on_acquired=_write_pid)
+    try:
+        lock.acquire()
+    except Timeout:
+        holder = (folder / LOCK_NAME).read_text(errors="replace").strip() or "another process"
+        raise RunLockedError(field=flag, value=str(folder), problem=f"is in use by a run ({holder})",
+                             fix="wait for that run to finish, or pass another folder") from None
+    return lock
 
 
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-    out = {}
-    for name in ("adaptkit", "torch", "transformers", "peft", "accelerate"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+def _write_pid(fd: int) -> None:
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()}\n".encode())
 
 
+def _remove_earlier_run(out: Path) -> None:
+    """--overwrite: the checkpoints (each lists its files), the adapter files the manifest lists (with their sha256),
+    the log, metrics and TensorBoard event files; a user's files in those folders stay."""
+    for step in sorted((out / CHECKPOINTS).glob("*step-*")) if (out / CHECKPOINTS).is_dir() else []:
+        if (step / RUN_STATE).is_file():
+            remove_checkpoint(step)
+        else:  # the temporary folder of a killed checkpoint: Accelerate's files by name
+            guards.remove_owned(step, {p.name: None for p in step.glob("*") if guards.CHECKPOINT_FILE.fullmatch(p.name)})
+    guards.remove_owned(out / ADAPTER_DIR, _manifest(out).get(ADAPTER_DIR, {}))
+    events = (out / TENSORBOARD_DIR).rglob("events.out.tfevents.*") if (out / TENSORBOARD_DIR).is_dir() else []
+    guards.remove_owned(out / TENSORBOARD_DIR, {str(p.relative_to(out / TENSORBOARD_DIR)): None for p in events})
+    guards.remove_owned(out, {METRICS_FILE: None, LOG_FILE: None, MANIFEST: None})
+
+
+def _manifest(out: Path) -> dict[str, dict[str, str]]:
+    try:
+        data = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    files = data.get(ADAPTER_DIR) if isinstance(data, dict) else None
+    return {ADAPTER_DIR: {str(k): str(v) for k, v in files.items()}} if isinstance(files, dict) else {}
+
+
+def save_adapter(accelerator, model, run: RunArgs, step: int) -> None:
+    """``adaptkit.save`` into ``--output-dir/adapter`` (every process takes part: FSDP shards are gathered), and the
+    files it wrote into the manifest, all that a later --overwrite deletes there."""
+    guards.check_finite_weights(accelerator.unwrap_model(model), step)  # a NaN is never "best"
+    adapter = run.output_dir / ADAPTER_DIR
+    before = guards.digests(adapter) if accelerator.is_main_process and adapter.is_dir() else {}
+    save_on_every_process(accelerator, model, adapter)
+    if accelerator.is_main_process:
+        ours = _manifest(run.output_dir).get(ADAPTER_DIR, {})
+        written = {rel: h for rel, h in guards.digests(adapter).items() if before.get(rel) != h or ours.get(rel) == h}
+        write_json(run.output_dir / MANIFEST, {ADAPTER_DIR: written})
+
+
+def keep_adapter(accelerator, model, run: RunArgs, progress: Progress) -> None:
+    """After the loop: when no evaluation ever improved (its metric was NaN each time, e.g. constant predictions),
+    keep the last weights, and say so. Decided from the evaluations every process shares, never from a file: on two
+    machines only one holds the adapter folder, and a save (a collective) entered by one process alone hangs."""
+    if progress.stopper.best_step is not None:
+        return
+    accelerator.print(f"no evaluation improved on validation ({progress.metric} was NaN each time): "
+                      f"the adapter kept is the last weights, step {progress.step}")
+    save_adapter(accelerator, model, run, progress.step)
+
+
+# ---- the run's position ------------------------------------------------------------------------------------
 class EarlyStopping:
     """Counts evaluations without improvement; NaN (e.g. a correlation of constant predictions) never improves."""
 
@@ -90,45 +140,22 @@ class EarlyStopping:
     def should_stop(self) -> bool:
         return self.patience > 0 and self.bad_evals >= self.patience
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best, self.best_step, self.bad_evals = state["best"], state["best_step"], state["bad_evals"]
-
-
-def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"validation": {"accuracy": 0.9}}`` -> ``{"validation/accuracy": 0.9}`` (TensorBoard tag names)."""
-    out = {}
-    for key, value in record.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}/"))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
 
 class Progress:
     """Where a run is: optimizer steps, epoch and micro-batch in it, samples and training seconds, early stopping.
+    Its ``state_dict`` goes into each checkpoint's run_state.json (JSON, not pickle). Training time counts training
+    steps only: evaluation and checkpoints run inside ``paused()``."""
 
-    ``state_dict`` / ``load_state_dict`` make it checkpointable (``accelerator.register_for_checkpointing``).
-    Training time counts training steps only: evaluation and checkpoints run inside ``paused()``.
-    """
-
-    def __init__(self, args: argparse.Namespace, accelerator, max_steps: int, batches_per_epoch: int,
-                 metric: tuple[str, bool]):
-        self.args, self.accelerator, self.max_steps, self.batches_per_epoch = args, accelerator, max_steps, batches_per_epoch
-        guards.require_examples(batches_per_epoch, getattr(args, "data", None) or "the training data", "training batches")
-        adapter_only_checkpoints(accelerator)  # save_state / load_state: the trained tensors, not the whole model
-        claim_output_dir(accelerator, args)
+    def __init__(self, run: RunArgs, accelerator, max_steps: int, batches_per_epoch: int, metric: tuple[str, bool]):
+        self.accelerator, self.max_steps, self.batches_per_epoch = accelerator, max_steps, batches_per_epoch
         self.metric, higher = metric
-        self.stopper = EarlyStopping(args.patience, higher)
+        self.stopper = EarlyStopping(run.patience, higher)
         self.step = self.epoch = self.batch_in_epoch = self.samples = 0
         self.train_seconds, self.epoch_end, self.stopped_early = 0.0, False, False
         self.best_metrics: dict[str, float] = {}
         self.last_metrics: dict[str, float] = {}  # what the last weights scored: the kept ones if none was best
         self.constant_steps: list[int] = []  # evaluations whose predictions collapsed (guards.constant_output)
-        self.last_eval_step: int | None = None
+        self.notes: list[str] = []
         self._loss = [0.0, 0]  # sum and count of micro-batch losses since the last log line
         self._clock: float | None = None
         self._started = time.perf_counter()
@@ -139,11 +166,9 @@ class Progress:
 
     def epoch_batches(self, loader) -> Iterator[Any]:
         """This epoch's micro-batches, skipping those a resumed run already trained on."""
-        from accelerate import skip_first_batches
         loader.set_epoch(self.epoch)  # reseeds shuffling: epoch e always sees the same order
         source = skip_first_batches(loader, self.batch_in_epoch) if self.batch_in_epoch else loader
-        # bank the time since the last pause before restarting the clock: resetting it alone dropped the end of every
-        # epoch that did not close with an evaluation (train_seconds then fell back at each new epoch)
+        # bank the time since the last pause before restarting the clock (an epoch may end without an evaluation)
         self.train_seconds, self._clock = self.seconds(), time.perf_counter()
         for batch in _rng_neutral(source):
             self.batch_in_epoch += 1
@@ -179,7 +204,6 @@ class Progress:
         if self.metric not in scores:
             raise ConfigError(field="metric", value=self.metric, problem=f"not among the results {sorted(scores)}",
                               fix="watch one of the keys the evaluation returns")
-        self.last_eval_step = self.step
         self.last_metrics = {k: float(v) for k, v in scores.items()}
         if guards.constant_output(scores):
             self.constant_steps.append(self.step)
@@ -196,8 +220,7 @@ class Progress:
     def paused(self):
         """Stop the training clock for evaluation or checkpointing."""
         running = self._clock is not None
-        self.train_seconds = self.seconds()
-        self._clock = None
+        self.train_seconds, self._clock = self.seconds(), None
         try:
             yield
         finally:
@@ -208,129 +231,70 @@ class Progress:
         return self.train_seconds + (time.perf_counter() - self._clock if self._clock is not None else 0.0)
 
     def state_dict(self) -> dict[str, Any]:
+        s = self.stopper
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "samples": self.samples,
-                "train_seconds": self.seconds(), "best_metrics": self.best_metrics,
-                "last_eval_step": self.last_eval_step, "early_stopping": self.stopper.state_dict(),
-                "last_metrics": self.last_metrics, "constant_steps": self.constant_steps}
+                "train_seconds": self.seconds(), "max_steps": self.max_steps, "best_metrics": self.best_metrics,
+                "last_metrics": self.last_metrics, "constant_steps": self.constant_steps,
+                "early_stopping": {"best": s.best, "best_step": s.best_step, "bad_evals": s.bad_evals}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        self.samples, self.train_seconds, self.best_metrics = state["samples"], state["train_seconds"], state["best_metrics"]
-        self.last_eval_step = state["last_eval_step"]
-        self.stopper.load_state_dict(state["early_stopping"])
-        # absent from checkpoints written before these were kept
-        self.last_metrics, self.constant_steps = state.get("last_metrics", {}), state.get("constant_steps", [])
+        self.step, self.epoch, self.batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
+        self.samples, self.train_seconds = int(state["samples"]), float(state["train_seconds"])
+        self.best_metrics, self.last_metrics = dict(state["best_metrics"]), dict(state["last_metrics"])
+        self.constant_steps = [int(step) for step in state["constant_steps"]]
+        stop = state["early_stopping"]
+        self.stopper.best, self.stopper.best_step, self.stopper.bad_evals = stop["best"], stop["best_step"], int(stop["bad_evals"])
 
 
+# ---- the log and the end of a run ---------------------------------------------------------------------------
 class Log:
-    """``log.jsonl`` and the ``--report-to`` trackers (main process), a progress bar, a console line per evaluation."""
+    """``accelerator.log`` into log.jsonl and the --report-to trackers, a progress bar, a console line per evaluation."""
 
-    def __init__(self, accelerator, args: argparse.Namespace, progress: Progress, name: str):
-        from tqdm.auto import tqdm
-        self.accelerator, self.args, self.progress = accelerator, args, progress
-        self.file = None
-        if accelerator.is_main_process:
-            self.file = open(Path(args.output_dir) / LOG_FILE, "a" if args.resume else "w", encoding="utf-8")
-        flags = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in sorted(vars(args).items())}
-        accelerator.init_trackers(name, config=flags)
+    def __init__(self, accelerator, run: RunArgs, progress: Progress):
+        self.accelerator, self.run, self.progress = accelerator, run, progress
+        flags = run.config(accelerator.num_processes)
+        accelerator.init_trackers(run.recipe, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                      for k, v in flags.items()})
         self.bar = tqdm(total=progress.max_steps, initial=progress.step, desc="train", dynamic_ncols=True,
                         disable=not accelerator.is_local_main_process)
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.file is not None:
-            self.file.write(json.dumps({"step": self.progress.step, **record}, default=str) + "\n")
-            self.file.flush()
-        if "event" not in record:  # curves only: losses, learning rate, validation
-            self.accelerator.log({k: v for k, v in _flatten(record).items() if isinstance(v, (int, float))
-                                  and not isinstance(v, bool) and k != "epoch"}, step=self.progress.step)
 
     def step(self, optimizer) -> None:
         """After each optimizer step: the bar, and a loss line every --log-every steps and at the last."""
         self.bar.update(1)
-        if self.progress.step % self.args.log_every == 0 or self.progress.step >= self.progress.max_steps:
-            self.loss(optimizer)
-
-    def loss(self, optimizer) -> None:
-        loss = self.progress.mean_loss()
-        self.bar.set_postfix(loss=f"{loss:.4f}")
-        self.write({"epoch": self.progress.epoch, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
-                    "train_seconds": round(self.progress.seconds(), 3)})
+        if self.progress.step % self.run.log_every == 0 or self.progress.step >= self.progress.max_steps:
+            loss = self.progress.mean_loss()  # a collective: every process, every time
+            self.bar.set_postfix(loss=f"{loss:.4f}")
+            self.accelerator.log({"epoch": self.progress.epoch, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
+                                  "train_seconds": round(self.progress.seconds(), 3)}, step=self.progress.step)
 
     def evaluation(self, scores: dict[str, float], best: bool) -> None:
         p = self.progress
-        self.write({"epoch": p.epoch, "validation": scores, "best": best})
+        self.accelerator.log({"epoch": p.epoch, **{f"validation/{k}": v for k, v in scores.items()}, "best": int(best)},
+                             step=p.step)
         if self.accelerator.is_local_main_process:
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
             collapsed = guards.constant_output(scores)
-            self.bar.write(f"step {p.step}/{p.max_steps}: validation {shown}; best {p.metric} "
-                           f"{p.stopper.best} at step {p.stopper.best_step}" + (", adapter kept" if best else "")
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+            self.bar.write(f"step {p.step}/{p.max_steps}: validation {shown}; best {p.metric} {p.stopper.best} at step "
+                           f"{p.stopper.best_step}" + (", adapter kept" if best else "")
                            + (f"; WARNING: {collapsed}" if collapsed else ""))
 
-    def close(self) -> None:
-        self.bar.close()
-        if self.file is not None:
-            self.file.close()
-        self.accelerator.end_training()
-
-
-# ---- what Accelerate does not do ----------------------------------------------------------------------
-_LOCKS: dict[Path, Any] = {}  # output folder -> the open lock file this process holds (adaptkit.recipes.guards)
-
-
-def claim_output_dir(accelerator, args: argparse.Namespace) -> None:
-    """Lock ``--output-dir`` for this run (one run per folder), then, with ``--overwrite``, delete what an earlier
-    run wrote there (nothing else). Called once data and model are ready, so a refused start writes nothing."""
-    out = Path(args.output_dir)
-    if accelerator.is_main_process:
-        # held until this process ends or runs again here: runs in one process follow each other, so an
-        # earlier one that raised holds it no more
-        stale = _LOCKS.pop(out.resolve(), None)
-        if stale is not None:
-            stale.close()
-        _LOCKS[out.resolve()] = guards.lock_output_dir(out)
-        if args.resume is None and args.overwrite:
-            for name in (CHECKPOINTS, ADAPTER_DIR, METRICS_FILE, LOG_FILE, TENSORBOARD_DIR):
-                path = out / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
-
-
-def save_adapter(accelerator, model, args: argparse.Namespace, step: int) -> None:
-    """``adaptkit.save`` into ``--output-dir/adapter``; every process takes part (FSDP shards are gathered)."""
-    from adaptkit.distributed import save_adapter
-    guards.check_finite_weights(accelerator.unwrap_model(model), step)  # a NaN is never "best"
-    save_adapter(accelerator, model, Path(args.output_dir) / ADAPTER_DIR)
-
-
-def keep_adapter(accelerator, model, args: argparse.Namespace, progress: Progress) -> None:
-    """After the loop: when no evaluation ever improved (its metric was NaN each time, e.g. constant predictions),
-    no adapter was kept; keep the last weights, and say so, so that the test split and ``adaptkit.load`` find one."""
-    if (Path(args.output_dir) / ADAPTER_DIR).is_dir():
-        return
-    accelerator.print(f"no evaluation improved on validation ({progress.metric} was NaN each time): "
-                      f"the adapter kept is the last weights, step {progress.step}")
-    save_adapter(accelerator, model, args, progress.step)
-
-
-def finish(accelerator, args, model, progress: Progress, log: Log, results: dict[str, Any], summary) -> dict[str, Any]:
-    """Write metrics.json beside the adapter: task results + parameters, memory, time, throughput."""
-    keep_adapter(accelerator, model, args, progress)
-    # An adapter kept although its output collapsed (one value, one class) is warned about, not refused: the run did
-    # what was asked, metrics.json reports the collapsed model truthfully, and a learning-rate sweep is meant to find
-    # such rates. What must not happen is that it goes unnoticed.
-    collapsed = guards.collapse_warning({"validation": progress.kept_metrics(), "test": results.get("test") or {}},
-                                        learning_rate(args))
+def finish(log: Log, model, results: dict[str, Any], summary, lock: FileLock | None) -> dict[str, Any]:
+    """Write metrics.json beside the adapter (task results + parameters, memory, time, throughput), end the trackers
+    and release the output folder."""
+    accelerator, run, p = log.accelerator, log.run, log.progress
+    keep_adapter(accelerator, model, run, p)
+    # An adapter kept although its output collapsed is warned about, not refused: the run did what was asked, and a
+    # learning-rate sweep is meant to find such rates. What must not happen is that it goes unnoticed.
+    collapsed = guards.collapse_warning({"validation": p.kept_metrics(), "test": results.get("test") or {}},
+                                        learning_rate(run))
     warnings = [collapsed] if collapsed else []
     peak = accelerator.gather(torch.tensor([peak_rss_bytes()], device=accelerator.device)).max().item()
-    p = progress
     metrics = {
-        **results,
-        "validation": p.kept_metrics(), "metric": p.metric, "best_step": p.stopper.best_step,
+        **results, "validation": p.kept_metrics(), "metric": p.metric, "best_step": p.stopper.best_step,
         "constant_predictions": [f"validation at step {step}" for step in p.constant_steps]
                                 + (["test"] if guards.constant_output(results.get("test") or {}) else []),
-        "warnings": warnings,
-        "steps": p.step, "max_steps": p.max_steps, "epochs": round(p.step / max(1, math.ceil(
-            p.batches_per_epoch / args.gradient_accumulation_steps)), 3),
+        "warnings": warnings, "notes": p.notes, "steps": p.step, "max_steps": p.max_steps,
+        "epochs": round(p.step / max(1, math.ceil(p.batches_per_epoch / run.gradient_accumulation_steps)), 3),
         "stopped_early": p.stopped_early, "train_samples": p.samples,
         "train_seconds": round(p.train_seconds, 3), "total_seconds": round(time.perf_counter() - p._started, 3),
         "samples_per_second": round(p.samples / p.train_seconds, 3) if p.train_seconds else None,
@@ -338,42 +302,52 @@ def finish(accelerator, args, model, progress: Progress, log: Log, results: dict
         "trainable_percent": round(summary.percent, 4), "adapter_bytes": summary.adapter_bytes,
         "peak_rss_bytes": int(peak), "num_processes": accelerator.num_processes, "device": str(accelerator.device),
         "distributed_type": str(accelerator.distributed_type.value), "mixed_precision": str(accelerator.mixed_precision),
-        "adapter_dir": ADAPTER_DIR, "learning_rate": learning_rate(args), "config": run_config(args, accelerator),
-        "versions": versions(),
+        "adapter_dir": ADAPTER_DIR, "learning_rate": learning_rate(run), "config": run.config(accelerator.num_processes),
+        "versions": {n: installed(n) or "not installed" for n in ("adaptkit", "torch", "transformers", "peft", "accelerate")},
     }
     if torch.cuda.is_available():
         metrics["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated())
     if accelerator.is_main_process:
-        write_json(Path(args.output_dir) / METRICS_FILE, metrics)
-        _card(args, progress, results)
-    log.write({"event": "finished", **results})
+        write_json(run.output_dir / METRICS_FILE, metrics)
+        if (run.output_dir / ADAPTER_DIR / "README.md").is_file():  # the model card names the data and the results
+            source = run.flags.get("data") or run.flags.get("dataset_name") or run.flags.get("train_file")
+            numbers = {k: v for k, v in _flatten({"validation": p.best_metrics, **results}).items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            card.write_training(run.output_dir / ADAPTER_DIR, metrics=numbers, data=f"{source or 'not recorded'}: "
+                                f"{p.samples:,} training samples, {p.step} optimizer steps")
+    log.bar.close()
     for warning in warnings:  # last, below the bar and the test line, where it is seen
         accelerator.print(warning, file=sys.stderr)
     accelerator.wait_for_everyone()
-    log.close()  # accelerator.end_training: closes the trackers and ends the process group
+    accelerator.end_training()  # closes the trackers (log.jsonl too) and ends the process group
+    if lock is not None:
+        lock.release()
     return metrics
 
 
-def _card(args, progress: Progress, results: dict[str, Any]) -> None:
-    """Name the data and the measured metrics in the saved adapter's model card."""
-    from adaptkit import card
-    adapter_dir = Path(args.output_dir) / ADAPTER_DIR
-    if not (adapter_dir / "README.md").is_file():
-        return
-    source = getattr(args, "data", None) or getattr(args, "dataset_name", None) or getattr(args, "train_file", None)
-    numbers = {k: v for k, v in _flatten({"validation": progress.best_metrics, **results}).items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    card.write_training(adapter_dir, data=f"{source or 'not recorded'}: {progress.samples:,} training samples, "
-                                          f"{progress.step} optimizer steps", metrics=numbers)
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process: Linux's VmHWM, not ru_maxrss, which a child inherits from its parent
+    across fork + exec (a 14 MB child of an 800 MB launcher reports 795 MB). Elsewhere ru_maxrss."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS reports bytes
+
+
+def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"validation": {"accuracy": 0.9}}`` -> ``{"validation/accuracy": 0.9}``."""
+    out = {}
+    for key, value in record.items():
+        out.update(_flatten(value, f"{prefix}{key}/") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
 
 
 def _rng_neutral(loader) -> Iterator[Any]:
-    """Iterate ``loader`` without the global RNG draw that starting a torch DataLoader makes.
-
-    A DataLoader without its own generator draws a worker seed from the global RNG when an epoch
-    starts. A resumed run starts its (partial) epoch at another moment than the interrupted run
-    did, so that draw would shift every later dropout mask; the draw is made on a forked RNG instead.
-    """
+    """Iterate ``loader`` without the global RNG draw that starting a torch DataLoader makes: a resumed run starts
+    its (partial) epoch at another moment than the interrupted one did, so that draw would shift every later dropout
+    mask; it is made on a forked RNG instead."""
     iterator = iter(loader)
     with torch.random.fork_rng(devices=[]):
         first = next(iterator, _END)
