@@ -14,19 +14,19 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import os
 from typing import Any
 
 import torch
 from torch import nn
 
-from adaptkit import targets, versions
-from adaptkit.distributed import CPU_LAUNCH
-from adaptkit.quantization import QUANTIZATIONS
+from adaptkit import lengths, strategies, targets, versions
+from adaptkit.core import adapt, resolve
 from adaptkit.errors import (AdaptkitError, ConfigError, ConfigErrors, ConfigTypeError, MissingDependencyError,
                              ProcessCountError, UnsupportedError)
-from adaptkit.skeleton import CLASSIFICATION_TASKS, Skeleton, describe, read_config, skeleton
-
+from adaptkit.names import CLASSIFICATION_TASKS, CPU_LAUNCH, QUANTIZATIONS
+from adaptkit.skeleton import Skeleton, describe, read_config, skeleton
 
 
 @dataclasses.dataclass
@@ -155,9 +155,6 @@ def _trained_head_labels(config) -> int | None:
 
 def _resolve(strategy: Any, options: dict[str, Any], report: CheckReport):
     """The Strategy, with every bad option reported (not only the first one the constructor meets)."""
-    from adaptkit import strategies
-    from adaptkit.core import resolve
-
     add = report.problems.append
     name = strategy.strip().lower().replace("-", "_") if isinstance(strategy, str) else None
     cls = strategies.REGISTRY.get(name) if name and name != "peft" else None
@@ -186,7 +183,6 @@ def _resolve(strategy: Any, options: dict[str, Any], report: CheckReport):
 
 def _strategy_class(strategy: Any):
     """The strategy's class even when its options are wrong, so its other limits are still checked."""
-    from adaptkit import strategies
     if isinstance(strategy, str):
         return strategies.REGISTRY.get(strategy.strip().lower().replace("-", "_"))
     return type(strategy) if isinstance(strategy, strategies.Strategy) else None
@@ -201,7 +197,6 @@ def _collect(call, add) -> None:
 
 def _check_padding(sk: Skeleton, report: CheckReport) -> None:
     """Decoder classifiers (GPT-2, Llama, ...) pool the last non-padding token: they need pad_token_id."""
-    import inspect
     if sk.task != "seq_cls" or getattr(sk.config, "pad_token_id", None) is not None:
         return
     try:
@@ -301,7 +296,6 @@ def _check_targets(named: dict[str, list[str] | str], base: nn.Module, report: C
 
 def _check_length(base: nn.Module, config, max_length: Any, report: CheckReport) -> None:
     """Sequence length + virtual tokens against the model's position table (a longer input crashes)."""
-    from adaptkit import lengths
     limit, extra = lengths.max_positions(base), lengths.virtual_tokens(config) if config is not None else 0
     if max_length is not None:
         if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
@@ -318,8 +312,6 @@ def _check_length(base: nn.Module, config, max_length: Any, report: CheckReport)
 
 def _dry_run(sk: Skeleton, config, gradient_checkpointing: bool, report: CheckReport) -> None:
     """Apply the strategy to a weightless model, as adaptkit.adapt would to the real one."""
-    from adaptkit.core import adapt
-
     model = sk.build()
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -3,11 +3,13 @@
     adaptkit check path/to/model --strategy lora --option r=16 --option targets=query,value \\
         --quantization 8bit --processes 2 --num-labels 2
     adaptkit estimate path/to/model --batch-size 32 --seq-len 128 --dtype bfloat16
+    adaptkit recommend path/to/model --task seq_cls --examples 5000 --memory 8GB [--time 2h] [--device cpu]
     adaptkit env
 
 
 ``check`` prints every problem with its fix and exits 1 when there is any; ``estimate`` prints one row
-per strategy; ``env`` prints the library versions and the device, each against the tested set, for a bug
+per strategy; ``recommend`` ranks every strategy and option for a data size and a memory budget and says
+what to run first (docs/recommend.md); ``env`` prints the library versions and the device, each against the tested set, for a bug
 report. A mistyped flag or a bad flag value exits 2 with a message naming the flag, the value and
 the fix. ``--json`` prints machine-readable output instead.
 """
@@ -21,7 +23,13 @@ import re
 import sys
 from typing import Any
 
+from adaptkit.check import check
 from adaptkit.errors import AdaptkitError, ConfigError
+from adaptkit.estimate import DEFAULT_STRATEGIES, estimate
+from adaptkit.names import TASKS
+from adaptkit.recommend import recommend
+from adaptkit.skeleton import DTYPES
+from adaptkit.versions import report as versions_report
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 
@@ -73,9 +81,6 @@ def _positive_int(flag: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from adaptkit.estimate import DEFAULT_STRATEGIES
-    from adaptkit.skeleton import DTYPES, TASKS
-
     parser = _Parser(prog="adaptkit", description=__doc__.split("\n\n")[0],
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -108,8 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     est.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                      help="where training will run (decides which attention kernel is assumed)")
+    rec = commands.add_parser("recommend", help="which strategy to run: every candidate ranked for your data and memory")
+    rec.add_argument("model", help="model folder, hub id (read from the local cache) or config.json: no weights read")
+    rec.add_argument("--task", required=True, help=f"task type: one of {', '.join(sorted(TASKS))}")
+    rec.add_argument("--examples", type=_positive_int("--examples"), required=True, help="training examples you have")
+    rec.add_argument("--memory", required=True, help="memory to train in, e.g. 8GB (RAM on cpu, GPU memory on cuda)")
+    rec.add_argument("--time", default=None, help="time for --epochs epochs, e.g. 2h (cpu only)")
+    rec.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    rec.add_argument("--epochs", type=_positive_int("--epochs"), default=3)
+    rec.add_argument("--seq-len", type=_positive_int("--seq-len"), default=128, help="longest example, tokens")
+    rec.add_argument("--mean-len", type=_positive_int("--mean-len"), default=None, help="typical example (time)")
+    rec.add_argument("--num-labels", type=_positive_int("--num-labels"), default=2)
+    rec.add_argument("--json", action="store_true", help="print JSON instead of text")
     env = commands.add_parser("env", help="library versions and device, each against the tested set (for bug reports)")
-    parser.commands = {"check": check, "estimate": est, "env": env}
+    parser.commands = {"check": check, "estimate": est, "recommend": rec, "env": env}
     return parser
 
 
@@ -141,8 +158,13 @@ def main(argv: list[str] | None = None) -> int:
         args, extra = parser.parse_known_args(argv)
         _refuse_extra(parser, args.command, extra)
         if args.command == "env":
-            from adaptkit.versions import report
-            print(report())
+            print(versions_report())
+            return EXIT_OK
+        if args.command == "recommend":
+            rec = recommend(args.model, task=args.task, train_examples=args.examples, memory=args.memory, time=args.time,
+                            device=args.device, seq_len=args.seq_len, mean_len=args.mean_len,
+                            num_labels=args.num_labels, epochs=args.epochs)
+            print(json.dumps(rec.to_dict(), indent=2) if args.json else rec)
             return EXIT_OK
         options = dict(_parse_option(o) for o in getattr(args, "option", []))
         quantization = None if args.quantization in ("none", "") else args.quantization
@@ -155,8 +177,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check(args, options: dict[str, Any], quantization: str | None) -> int:
-    from adaptkit.check import check
-
     report = check(args.model, args.strategy, options=options, task=args.task, num_labels=args.num_labels,
                    quantization=quantization, processes=args.processes,
                    gradient_checkpointing=args.gradient_checkpointing, max_length=args.max_length,
@@ -174,8 +194,6 @@ def _check(args, options: dict[str, Any], quantization: str | None) -> int:
 
 
 def _estimate(args, quantization: str | None) -> int:
-    from adaptkit.estimate import estimate
-
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
     if not names:
         raise ConfigError(field="--strategies", value=args.strategies, problem="names no strategy",

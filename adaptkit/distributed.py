@@ -11,103 +11,22 @@ Accelerate 1.15 on CPU, see FACTS.md):
   all the data. The launcher did set ``WORLD_SIZE=2``; Accelerate reports one process. That mismatch
   is checked without being asked.
 
-Placement: under data parallelism (DDP) every process holds a whole copy of the model on its own
-device, so a model is loaded with ``device_map={"": local process index}``. ``device_map="auto"``
-shards one copy over all GPUs of the machine: in N processes that is N overlapping shardings, and
-Accelerate refuses to wrap a multi-device quantized model in DDP. It is refused here, with the fix.
+After ``adapt``: FSDP2 setups are checked (:func:`check_sharding`, :func:`check_sharded_model`) and a sharded
+adapter is gathered whole for saving (:func:`save_adapter`). Where the model goes before it loads is
+``adaptkit.placement``.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
+from adaptkit.core import is_quantized, save, strategy_of
 from adaptkit.errors import ConfigError, ProcessCountError, UnsupportedError
-
-EXPECTED_ENV = "ADAPTKIT_PROCESSES"  # "I asked for N processes", for launchers that drop the count
-
-# the launch line that really starts N CPU processes (`accelerate launch --cpu --num_processes 2` runs one)
-CPU_LAUNCH = ("ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {n} --num_machines 1 "
-              "--mixed_precision no --dynamo_backend no <script> ...")
-
-
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    if value is None or value.strip() == "":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(field=name, value=value, problem="is not an integer",
-                          fix=f"unset it or set it to a whole number, e.g. {name}=2") from None
-
-
-def launched_world_size() -> int | None:
-    """The process count the launcher (accelerate launch, torchrun) started, or None without one."""
-    return _env_int("WORLD_SIZE")
-
-
-def local_process_index() -> int:
-    """This process's index on this machine (0 when not launched as several processes)."""
-    return _env_int("LOCAL_RANK") or 0
-
-
-def _cpu_requested() -> bool:
-    return os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in {"1", "true", "yes"}
-
-
-def process_device() -> int | str:
-    """Where this process's copy of the model belongs: its local GPU index, or ``"cpu"``."""
-    if torch.cuda.is_available() and not _cpu_requested():
-        return local_process_index()
-    return "cpu"
-
-
-def device_map(requested: Any = None) -> Any:
-    """The ``device_map`` for ``from_pretrained``: the user's, checked, or the whole model on this process's device.
-
-    Under several processes only a single-device map is accepted; ``"auto"``, ``"balanced"`` and
-    maps over several devices are refused (one sharded copy per process cannot be data-parallel).
-    """
-    if fsdp_requested():
-        if requested is not None:
-            raise UnsupportedError(
-                field="device_map", value=requested,
-                problem="under FSDP the model must load whole on the CPU; FSDP places each process's shard itself",
-                fix="leave device_map unset")
-        return None  # FSDP (and FSDP + QLoRA) loads on the CPU and shards from there
-    if requested is None:
-        return {"": process_device()}
-    world = launched_world_size() or 1
-    if world > 1:
-        devices = set(requested.values()) if isinstance(requested, dict) else {requested}
-        if (isinstance(requested, str) and requested in {"auto", "balanced", "balanced_low_0", "sequential"}) \
-                or len(devices) != 1:
-            raise UnsupportedError(
-                field="device_map", value=requested,
-                problem=f"shards one model over several devices, but this run is {world} data-parallel processes "
-                        "that each need a whole copy",
-                fix=f"leave device_map unset (adaptkit places the model with device_map={{'': {process_device()!r}}}), "
-                    "or for a model too big for one device use FSDP or DeepSpeed through `accelerate config`")
-        (device,) = devices
-        if _same_device(device, process_device()) is False:
-            raise UnsupportedError(
-                field="device_map", value=requested,
-                problem=f"puts this process's model (local rank {local_process_index()}) on another process's device",
-                fix="leave device_map unset, or use device_map={'': accelerator.local_process_index}")
-    return requested  # "auto", "cpu", 0 or a dict: from_pretrained reads them all
-
-
-def _same_device(a: Any, b: Any) -> bool | None:
-    """Whether two device_map values name one device (None when one of them is not a device, e.g. "disk")."""
-    try:
-        a, b = (torch.device("cuda", x) if isinstance(x, int) else torch.device(x) for x in (a, b))
-    except (RuntimeError, TypeError):
-        return None
-    return a.type == b.type and (a.type == "cpu" or (a.index or 0) == (b.index or 0))
-
+from adaptkit.names import CPU_LAUNCH, EXPECTED_ENV, OWNED
+from adaptkit.placement import env_flag, env_int, fsdp_requested, launched_world_size
+from adaptkit.quantization import quantized_linears
 
 def require_processes(accelerator: Any = None, expected: int | None = None) -> int:
     """Raise ProcessCountError unless this run is as many processes as were asked for; return the count.
@@ -127,7 +46,7 @@ def require_processes(accelerator: Any = None, expected: int | None = None) -> i
     else:
         running, seen = 1, "no Accelerator or process group joins them"
     if expected is None:
-        expected = _env_int(EXPECTED_ENV)
+        expected = env_int(EXPECTED_ENV)
     if expected is not None and (isinstance(expected, bool) or not isinstance(expected, int) or expected < 1):
         raise ConfigError(field="expected processes", value=expected, problem="must be a positive integer",
                           fix="pass the --num_processes value given to the launcher, e.g. 2")
@@ -149,15 +68,6 @@ def require_processes(accelerator: Any = None, expected: int | None = None) -> i
                 f"launch with --num_processes {expected}, or ask for {running} (--processes {running} or "
                 f"{EXPECTED_ENV}={running}) if that is what you want")
     return running
-
-
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes"}
-
-
-def fsdp_requested() -> bool:
-    """Whether the launcher asked for FSDP (``accelerate launch --use_fsdp`` or an FSDP config)."""
-    return _flag("ACCELERATE_USE_FSDP")
 
 
 def _kind(accelerator: Any) -> str:
@@ -191,7 +101,7 @@ def check_sharding(accelerator: Any) -> None:
             fix="on CPU drop --use_fsdp (DDP: `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 "
                 "...`) or apply torch's fully_shard yourself and save with adaptkit.distributed.save_adapter; "
                 "on GPUs launch without ACCELERATE_USE_CPU")
-    if _flag("ACCELERATE_USE_DEEPSPEED") and kind != "DEEPSPEED":
+    if env_flag("ACCELERATE_USE_DEEPSPEED") and kind != "DEEPSPEED":
         raise UnsupportedError(
             field="accelerate launch --use_deepspeed", value=f"running as {kind or 'one process'}",
             problem="Accelerate enables DeepSpeed on GPUs only and runs a CPU launch as DDP: no ZeRO sharding",
@@ -238,7 +148,6 @@ def check_sharded_model(accelerator: Any, model: Any) -> None:
     """
     if _kind(accelerator) != "FSDP":
         return
-    from adaptkit.core import is_quantized, strategy_of
     strategy = strategy_of(model)
     peft_config = getattr(model, "peft_config", {}) or {}
     if any(getattr(c, "is_prompt_learning", False) for c in peft_config.values()):
@@ -251,7 +160,6 @@ def check_sharded_model(accelerator: Any, model: Any) -> None:
         raise UnsupportedError(field="quantization", value="8bit", problem="under FSDP: 8-bit weights cannot be sharded",
                                fix="use quantization='4bit' (FSDP + QLoRA) or DDP for 8-bit")
     if quant == "4bit":
-        from adaptkit.quantization import quantized_linears
         storage = sorted({str(m.weight.dtype) for m in quantized_linears(model).values()
                           if not m.weight.dtype.is_floating_point})
         if storage:
@@ -272,7 +180,6 @@ def gather_trained(model: Any) -> dict[str, torch.Tensor] | None:
     """
     from torch.distributed.tensor import DTensor
 
-    from adaptkit.core import strategy_of
     if not any(isinstance(p, DTensor) for p in model.parameters()):
         return None
     strategy = strategy_of(model)
@@ -280,7 +187,6 @@ def gather_trained(model: Any) -> dict[str, torch.Tensor] | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    from adaptkit.strategies.base import OWNED
     owned = set(model.__dict__.get(OWNED, ()))  # what a native strategy trains, even if frozen since
     out = {}
     for name, p in model.named_parameters():  # the same order on every process: the all-gathers pair up
@@ -296,7 +202,6 @@ def save_adapter(accelerator: Any, model: Any, directory: Any) -> None:
     Under DDP the main process's copy is whole; under FSDP2 the adapter (or, for ``full``, the whole
     model) is first gathered from the shards of every process, so the folder holds whole tensors.
     """
-    from adaptkit.core import save
     unwrapped = accelerator.unwrap_model(model)
     tensors = gather_trained(unwrapped)
     if accelerator.is_main_process:

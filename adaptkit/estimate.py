@@ -1,39 +1,20 @@
-"""``adaptkit.estimate``: peak training memory and relative step cost of every strategy, from the config.
+"""``adaptkit.estimate``: peak training memory and relative step cost of every strategy, from the config alone.
 
-How the numbers are made (no weights are loaded, nothing is computed on real data):
+The model is built on the ``meta`` device and each strategy applied as ``adaptkit.adapt`` does. Two training
+steps (forward, backward, AdamW, ``zero_grad``) run on meta tensors of batch x seq: a dispatch mode follows
+every tensor torch creates and frees, so the peak of live bytes in step 2 is counted, not guessed; bytes saved
+for backward come from autograd's saved-tensor hooks. ``peak = weights + that peak``; 8-bit weights count 1
+byte + an fp32 scale per row, 4-bit 0.5 byte + one per 64 weights (heads stay at ``dtype``). ``step cost`` is
+forward+backward FLOPs (``torch.utils.flop_counter``) relative to full fine-tuning. Attention is traced as the
+device runs it: fused on CUDA, and on CPU when there is no attention dropout or trained bias. Not traced:
+bitsandbytes kernels and the attention mask. Measured on MiniLM (benchmarks/estimate_vs_measured.py): real peak
+RSS is 1-6% above with ``MALLOC_MMAP_THRESHOLD_=65536``, 31-64% with glibc's defaults.
 
-1. The model is built on the ``meta`` device (shapes and dtypes, no storage) and each strategy is
-   applied to it, exactly as ``adaptkit.adapt`` does.
-2. Two training steps (forward, backward, AdamW step, ``zero_grad(set_to_none=True)``) run on meta
-   tensors of the requested batch × sequence length. A dispatch mode follows every tensor torch
-   creates and when it dies, so the peak of live bytes during the second step (activations saved for
-   backward + gradients + AdamW states + temporaries, as they really overlap) is counted, not
-   guessed. Saved-activation bytes are counted by autograd's own saved-tensor hooks.
-3. ``peak = weights + that simulated peak``. Weights: parameters and buffers at ``dtype``; with 8-bit
-   quantization each backbone linear weight takes 1 byte + one fp32 scale per row, with 4-bit 0.5
-   byte + one fp32 scale per 64 weights (embeddings, norms and task heads stay at ``dtype``).
-4. ``step cost`` = forward+backward FLOPs of the strategy / those of full fine-tuning, counted by
-   ``torch.utils.flop_counter`` on the same trace (frozen weights get no weight-gradient matmuls).
+A model that cannot run on meta tensors gets the BERT-calibrated formula (the row says ``formula``)::
 
-The attention kernel is chosen as on the target device: on CPU, PyTorch's fused attention runs only
-without attention dropout and without a trained attention bias (T5); otherwise it materialises
-batch × heads × seq² probabilities. On CUDA it is taken as always fused. Two things are not traced: bitsandbytes kernels (a quantized model is traced
-unquantized, only its weights are counted quantized) and the attention mask (b × seq² bytes, once).
+    activations = layers x batch x seq x bytes x (10.3 x hidden + 2 x intermediate) + layers x batch x heads x seq^2 x bytes x 3
 
-Measured on MiniLM (benchmarks/estimate_vs_measured.py, batch 32 × 64, 5 strategies): the peak RSS
-of real steps is 1-6% above this estimate when glibc returns freed memory to the OS
-(``MALLOC_MMAP_THRESHOLD_=65536``), and 31-64% above it with glibc's defaults, which keep freed
-activation buffers in the heap.
-
-If a model cannot run on the meta device (data-dependent Python control flow), the documented
-formula below is used instead and the row says ``formula``::
-
-    activations = layers × batch × seq × bytes × (10.3 × hidden + 2 × intermediate)
-                  + layers × batch × heads × seq² × bytes × 3                  (full, BERT-like, dropout on)
-
-with the coefficients counted by the saved-tensor hooks on BertForSequenceClassification (MiniLM),
-adapter strategies taken at the same value (they backpropagate through every layer too) and 0 for
-``linear_probe`` (nothing below the head is saved); peak = weights + gradients + AdamW + activations.
+(0 for ``linear_probe``); peak = weights + gradients + AdamW + activations.
 """
 
 from __future__ import annotations
@@ -47,9 +28,14 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from transformers import PreTrainedModel
 
+from adaptkit import lengths, targets
+from adaptkit.core import adapt, resolve
 from adaptkit.errors import AdaptkitError, ConfigError
 from adaptkit.skeleton import Skeleton, dtype_of, skeleton
+from adaptkit.strategies.full import Full
 
 DEFAULT_STRATEGIES = ("full", "lora", "bottleneck", "prefix", "linear_probe")
 DEVICES = ("cpu", "cuda")
@@ -121,16 +107,12 @@ def estimate(model: Any, strategies: Any = DEFAULT_STRATEGIES, *, batch_size: in
     ``strategies`` are names, Strategy configs or dicts. For image models ``seq_len`` is ignored (the
     patch count comes from the config).
     """
-    from adaptkit.core import resolve
-
     for field, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(field=field, value=value, problem="must be a positive integer", fix="pass e.g. 32")
     if device not in DEVICES:
-        raise ConfigError(field="device", value=device, problem="is not a device estimate knows",
-                          fix=f"choose one of {list(DEVICES)}")
-    if quantization in ("none", ""):
-        quantization = None
+        raise ConfigError(field="device", value=device, problem="is not a device estimate knows", fix=f"choose one of {list(DEVICES)}")
+    quantization = None if quantization in ("none", "") else quantization
     if quantization is not None and quantization not in _QUANT_BYTES:
         raise ConfigError(field="quantization", value=quantization, problem="is not a quantization adaptkit knows",
                           fix="choose 'none', '8bit' or '4bit'")
@@ -139,15 +121,10 @@ def estimate(model: Any, strategies: Any = DEFAULT_STRATEGIES, *, batch_size: in
     if getattr(sk.config, "pad_token_id", None) is None:
         sk.config.pad_token_id = 0  # decoder classifiers need one for batches > 1; memory does not depend on it
     configs = [resolve(s) for s in ([strategies] if isinstance(strategies, str) else strategies)]
-    full_flops = None
-    rows = []
-    for config in configs:
-        row = _estimate_one(sk, config, batch_size, seq_len, torch_dtype, quantization, device)
-        rows.append(row)
-        if config.name == "full" and not row.problem:
-            full_flops = row.flops
+    lengths.check_length(sk.build(), seq_len, field="seq_len")  # the meta trace would not notice an overrun
+    rows = [_estimate_one(sk, config, batch_size, seq_len, torch_dtype, quantization, device) for config in configs]
+    full_flops = next((r.flops for c, r in zip(configs, rows) if c.name == "full" and not r.problem), None)
     if full_flops is None and any(r.method == "traced" and not r.problem for r in rows):
-        from adaptkit.strategies.full import Full
         full_flops = _estimate_one(sk, Full(), batch_size, seq_len, torch_dtype, None, device).flops
     for r in rows:
         if full_flops and r.flops and not r.problem:
@@ -159,13 +136,14 @@ def estimate(model: Any, strategies: Any = DEFAULT_STRATEGIES, *, batch_size: in
 # ---- one strategy ----------------------------------------------------------------------------------
 def _estimate_one(sk: Skeleton, config, batch: int, seq: int, dtype: torch.dtype, quantization: str | None,
                   device: str) -> Row:
-    from adaptkit.core import adapt
-
     row = Row(getattr(config, "label", None) or config.name)  # PEFT methods by their own name ("ia3")
     if quantization and not config.supports_quantized:
         row.problem = f"{config.name} cannot train a {quantization} model"
         return row
     base = sk.build(dtype)
+    if (error := lengths.length_error(base, seq, config, field="seq_len")) is not None:  # virtual tokens
+        row.problem = str(error)
+        return row
     quant_saving = _quantization_saving(base, quantization) if quantization else 0
     base_linear_params = _linear_params(base)
     try:
@@ -194,7 +172,6 @@ def _estimate_one(sk: Skeleton, config, batch: int, seq: int, dtype: torch.dtype
 
 def _quantization_saving(model: nn.Module, quantization: str) -> int:
     """Bytes saved by storing every backbone linear weight quantized (heads stay unquantized)."""
-    from adaptkit import targets
     per_weight, scale_unit = _QUANT_BYTES[quantization]
     saving = 0
     for name in targets.linear_names(model):
@@ -213,22 +190,15 @@ def _inputs(sk: Skeleton, batch: int, seq: int) -> dict[str, torch.Tensor]:
         if sk.task == "image_cls":
             inputs["labels"] = ids(batch)
         return inputs
-    inputs = {"input_ids": ids(batch, seq)}
-    if sk.task == "seq_cls":
-        inputs["labels"] = (torch.zeros(batch, **meta) if sk.config.num_labels == 1 else ids(batch))
-    elif sk.task in ("token_cls", "causal_lm", "seq2seq"):
-        inputs["labels"] = ids(batch, seq)
-    elif sk.task == "qa":
-        inputs["start_positions"], inputs["end_positions"] = ids(batch), ids(batch)
-    return inputs
+    labels = {"seq_cls": {"labels": torch.zeros(batch, **meta) if sk.config.num_labels == 1 else ids(batch)},
+              "qa": {"start_positions": ids(batch), "end_positions": ids(batch)}}
+    return {"input_ids": ids(batch, seq), **labels.get(sk.task, {"labels": ids(batch, seq)} if sk.task in
+                                                       ("token_cls", "causal_lm", "seq2seq") else {})}
 
 
 def _trace(model: nn.Module, sk: Skeleton, batch: int, seq: int, device: str,
            trainable: list[nn.Parameter]) -> tuple[int, int, int]:
     """Two meta-device training steps: (bytes saved for backward, peak live bytes of step 2, FLOPs)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    from transformers import PreTrainedModel
-
     inputs = _inputs(sk, batch, seq)
     model.train()
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=(device == "cuda")) if trainable else None
@@ -255,12 +225,10 @@ def _trace(model: nn.Module, sk: Skeleton, batch: int, seq: int, device: str,
 
 
 def _attention_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_flop_count
     return sdpa_flop_count(q_shape, k_shape, v_shape)
 
 
 def _attention_backward_flops(grad_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_backward_flop_count
     return sdpa_backward_flop_count(grad_shape, q_shape, k_shape, v_shape)
 
 
@@ -343,29 +311,22 @@ def _formula_activations(config, strategy: str, batch: int, seq: int, dtype: tor
     """The documented fallback (module docstring), BERT-calibrated."""
     if strategy == "linear_probe":
         return 0
-    hidden = int(getattr(config, "hidden_size"))
-    layers = int(getattr(config, "num_hidden_layers"))
-    heads = int(getattr(config, "num_attention_heads"))
+    hidden, layers, heads = (int(getattr(config, a)) for a in ("hidden_size", "num_hidden_layers", "num_attention_heads"))
     inter = next((int(v) for a in ("intermediate_size", "n_inner", "d_ff", "ffn_dim", "hidden_dim")
                   if isinstance(v := getattr(config, a, None), int)), 4 * hidden)
     size = torch.empty(0, dtype=dtype).element_size()
-    tokens = batch * seq
-    return int(layers * tokens * size * (10.3 * hidden + 2 * inter) + layers * batch * heads * seq * seq * size * 3)
+    return int(layers * batch * seq * size * (10.3 * hidden + 2 * inter) + layers * batch * heads * seq * seq * size * 3)
 
 
 def _linear_params(model: nn.Module) -> int:
-    from adaptkit import targets
     return sum(model.get_submodule(n).weight.numel() for n in targets.linear_names(model))
 
 
 def _formula_flops(config, linear_params: int, strategy, batch: int, seq: int) -> int:
     """2 FLOPs per weight per token forward, + attention 4·seq²·hidden per layer; backward computes input
     gradients (1× forward) unless nothing below the head trains, and weight gradients (1×) for full."""
-    tokens = batch * seq
-    forward = 2 * linear_params * tokens + 4 * batch * seq * seq * int(config.hidden_size) * int(config.num_hidden_layers)
-    if strategy.name == "linear_probe":
-        return forward
-    return forward * (3 if not strategy.freezes_base else 2)
+    forward = 2 * linear_params * batch * seq + 4 * batch * seq * seq * int(config.hidden_size) * int(config.num_hidden_layers)
+    return forward if strategy.name == "linear_probe" else forward * (3 if not strategy.freezes_base else 2)
 
 
 __all__ = ["estimate", "Estimate", "Row", "DEFAULT_STRATEGIES"]

@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from adaptkit import targets
+
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -39,7 +41,6 @@ def _to_fp32(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]
 
 def fp32_new_heads(model: nn.Module) -> list[str]:
     """Upcast the new task heads (``targets.new_head_names``: classifier, score, ...) of a bf16/fp16 model."""
-    from adaptkit import targets
     heads = tuple(targets.new_head_names(model))
     return _upcast(model, lambda name, p: any(name == h or name.startswith(h + ".") for h in heads))
 

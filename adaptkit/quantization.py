@@ -10,7 +10,7 @@
   which transformers keeps unquantized by default and would stop doing once a skip list is given, and
   with the pooler a head reads (BERT's; bottleneck adapters train it).
 * **One whole copy per process.** Under a multi-process launch the model goes to this process's
-  device (``device_map={"": local index}``), never ``device_map="auto"`` (see distributed.py).
+  device (``device_map={"": local index}``), never ``device_map="auto"`` (see placement.py).
 * **No hidden fp32 upcast.** ``peft.prepare_model_for_kbit_training`` casts every fp16/bf16
   parameter to fp32 (users report +1 GB). Here the base is only frozen: parameters keep the dtype
   they were loaded in. Gradient checkpointing is the non-reentrant kind, which passes gradients to
@@ -28,19 +28,16 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from adaptkit import distributed, targets
-from adaptkit.skeleton import TASKS
-from adaptkit.errors import (ConfigError, ConfigTypeError, MissingDependencyError, UnknownOptionError,
-                             UnsupportedError)
+from adaptkit import placement, targets
+from adaptkit.errors import ConfigError, ConfigTypeError, MissingDependencyError, UnknownOptionError, UnsupportedError
+from adaptkit.names import QUANTIZATIONS, TASKS
+from adaptkit.skeleton import refuse_remote_code, remote_code_error
 
-QUANTIZATIONS = ("8bit", "4bit")
 # QLoRA's defaults; anything here can be overridden through ``quantization_options``
 _DEFAULTS = {"4bit": {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}, "8bit": {}}
 
@@ -172,55 +169,24 @@ def load_model(name_or_path: str, task: Any = "seq_cls", quantization: str | Non
     if quantization_options and quantization is None:
         raise ConfigError(field="quantization_options", value=sorted(quantization_options),
                           problem="given without a quantization", fix="add quantization='8bit' or '4bit'")
-    hf_kwargs["device_map"] = distributed.device_map(hf_kwargs.get("device_map"))
+    hf_kwargs["device_map"] = placement.device_map(hf_kwargs.get("device_map"))
     if quantization is not None:
         require_bitsandbytes(quantization)
         skips = unquantized_modules(name_or_path, auto_class, hf_kwargs)
         # FSDP + QLoRA: 4-bit weights packed in the dtype of the other weights, so FSDP can shard them
-        storage = _dtype_arg(hf_kwargs) if distributed.fsdp_requested() and quantization == "4bit" else None
+        storage = _dtype_arg(hf_kwargs) if placement.fsdp_requested() and quantization == "4bit" else None
         hf_kwargs["quantization_config"] = bnb_config(quantization, skips, quantization_options, storage)
     try:
         model = auto_class.from_pretrained(name_or_path, **hf_kwargs)
     except ValueError as exc:
         if "trust_remote_code" in str(exc) or "custom code" in str(exc):
-            raise _remote_code_error(name_or_path, "its files reference custom code") from None
+            raise remote_code_error(name_or_path, "its files reference custom code") from None
         raise
     if quantization is not None:
         prepare_kbit(model)
     if gradient_checkpointing:
         enable_checkpointing(model)
     return model
-
-
-_CODE_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json",
-               "feature_extractor_config.json", "image_processor_config.json")
-
-
-def refuse_remote_code(name_or_path: Any, trust_remote_code: Any = None) -> None:
-    """Refuse a model whose files name custom code (``auto_map``) before transformers sees it: given
-    ``trust_remote_code=None`` it asks "Do you wish to run the custom code? [y/N]" at a terminal, and
-    "y" runs code from the model folder. adaptkit never runs it; the recipes call this first too."""
-    import json
-    if trust_remote_code:
-        raise _remote_code_error(name_or_path, "trust_remote_code=True was passed")
-    folder = Path(os.path.expanduser(str(name_or_path))) if isinstance(name_or_path, (str, os.PathLike)) else None
-    if folder is None or not folder.is_dir():
-        return  # a hub id: from_pretrained runs with trust_remote_code=False and refuses it (typed above)
-    for name in _CODE_FILES:
-        try:
-            data = json.loads((folder / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict) and data.get("auto_map"):
-            raise _remote_code_error(name_or_path, f"{name} names custom code (auto_map: {sorted(data['auto_map'])})")
-
-
-def _remote_code_error(name_or_path: Any, why: str) -> UnsupportedError:
-    return UnsupportedError(field="model", value=str(name_or_path),
-                            problem=f"needs custom code from the model repository (trust_remote_code): {why}",
-                            fix="adaptkit never runs remote code; use a model type transformers ships, or review "
-                                "the code, load the model yourself with from_pretrained(..., trust_remote_code=True) "
-                                "and pass the loaded model to adaptkit.adapt")
 
 
 # ---- preparing a quantized model for adapter training ---------------------------------------------

@@ -28,10 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel, PromptLearningConfig
 from torch import nn
 
-from adaptkit import targets
+from adaptkit import lengths, targets
+from adaptkit.core import is_quantized, load, merge, save, strategy_of
 from adaptkit.errors import ConfigError, ConfigTypeError, NotAdaptedError, NotMergeableError, SanityCheckError
+from adaptkit.strategies import bottleneck
 
 CHECKS = ("init", "gradients", "loss", "save_load", "merge")
 
@@ -74,8 +77,6 @@ def sanity_check(model: nn.Module, batch: Mapping[str, torch.Tensor], *, steps: 
     ``batch`` holds the model's inputs and labels (or pass ``loss_fn(outputs, batch)``). ``at_init=False``
     skips the init check for a model that has already trained (a resumed run).
     """
-    from adaptkit.core import is_quantized, strategy_of
-
     strategy = strategy_of(model)
     if strategy is None:
         raise NotAdaptedError(field="model", value=type(model).__name__, problem="was not adapted by adaptkit",
@@ -124,7 +125,6 @@ def sanity_check(model: nn.Module, batch: Mapping[str, torch.Tensor], *, steps: 
 def _check_batch(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> None:
     """Token ids, labels and length the model can take; otherwise the forward pass fails with an IndexError
     deep inside an embedding or the loss, without saying which input is wrong."""
-    from adaptkit import lengths
     ids = batch.get("input_ids")
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     vocab = getattr(embeddings, "num_embeddings", None)
@@ -175,9 +175,6 @@ def _check_init(model, batch, strategy, quant, atol) -> Result:
 
 def _adapters_disabled(model, strategy):
     """A context that runs the model without its adapter, or a reason why the check does not apply."""
-    from peft import PeftModel, PromptLearningConfig
-
-    from adaptkit.strategies import bottleneck
     if isinstance(model, PeftModel):
         if isinstance(model.peft_config[model.active_adapter], PromptLearningConfig):
             return f"{strategy.name} prepends trained vectors: it changes the outputs by design"
@@ -189,7 +186,6 @@ def _adapters_disabled(model, strategy):
 
 @contextlib.contextmanager
 def _bottleneck_hooks_removed(model):
-    from adaptkit.strategies import bottleneck
     removed = []
     for module in model.modules():
         for key, hook in list(module._forward_hooks.items()):
@@ -281,7 +277,6 @@ def _gradient_result(model, strategy, trainable, grads) -> Result:
 
 
 def _new_heads(model) -> list[str]:
-    from peft import PeftModel
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     return targets.new_head_names(base)
 
@@ -292,7 +287,6 @@ def _checkpointing(model) -> bool:
 
 # ---- 4 + 5. save/load and merge --------------------------------------------------------------------
 def _roundtrip_checks(model, batch, strategy, base_model, quant, atol, merge_rtol) -> list[Result]:
-    import adaptkit
     if base_model is None:
         why = "pass base_model=<a callable returning a freshly loaded base> to check it"
         return [Result("save_load", "skipped", why), Result("merge", "skipped", why)]
@@ -301,8 +295,8 @@ def _roundtrip_checks(model, batch, strategy, base_model, quant, atol, merge_rto
         return [Result("save_load", "skipped", why), Result("merge", "skipped", why)]
     reference = _outputs(model, batch)
     with tempfile.TemporaryDirectory(prefix=".adaptkit-sanity-") as tmp:
-        adaptkit.save(model, Path(tmp) / "adapter")
-        loaded = adaptkit.load(Path(tmp) / "adapter", base_model())
+        save(model, Path(tmp) / "adapter")
+        loaded = load(Path(tmp) / "adapter", base_model())
     diff = _max_diff(_outputs(loaded, batch), reference)
     results = [Result("save_load", "ok", f"reloaded outputs match (max |difference| {diff:.2g})")
                if diff <= atol + atol * float(reference.abs().max()) else
@@ -314,7 +308,7 @@ def _roundtrip_checks(model, batch, strategy, base_model, quant, atol, merge_rto
                               else f"{quant} model: merging needs dequantized weights"))
         return results
     try:
-        merged = adaptkit.merge(loaded)
+        merged = merge(loaded)
     except NotMergeableError as exc:
         results.append(Result("merge", "skipped", str(exc)))
         return results

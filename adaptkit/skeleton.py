@@ -12,32 +12,40 @@ Remote code is never run: configs are read with ``trust_remote_code=False``.
 from __future__ import annotations
 
 import copy
+import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
+from transformers import AutoConfig, PretrainedConfig
 
-from adaptkit.errors import ConfigError, ConfigTypeError, UnsupportedError
+from adaptkit.errors import AdapterFormatError, ConfigError, ConfigTypeError, UnsupportedError
+from adaptkit.names import ADAPTKIT_MODEL_TYPE, CLASSIFICATION_TASKS, TASKS
 
-# task -> transformers Auto class. "auto" picks from the config's architectures (see infer_task).
-TASKS = {
-    "seq_cls": "AutoModelForSequenceClassification",
-    "token_cls": "AutoModelForTokenClassification",
-    "qa": "AutoModelForQuestionAnswering",
-    "causal_lm": "AutoModelForCausalLM",
-    "seq2seq": "AutoModelForSeq2SeqLM",
-    "image_cls": "AutoModelForImageClassification",
-    "base": "AutoModel",
-}
-CLASSIFICATION_TASKS = ("seq_cls", "token_cls", "image_cls")
+# task -> transformers' public config-class -> model-class mapping behind the task's Auto class
+_MAPPINGS = {"seq_cls": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING", "token_cls": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING",
+             "qa": "MODEL_FOR_QUESTION_ANSWERING_MAPPING", "causal_lm": "MODEL_FOR_CAUSAL_LM_MAPPING",
+             "seq2seq": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING", "image_cls": "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING",
+             "base": "MODEL_MAPPING"}
 _ARCH_SUFFIXES = [("ForSequenceClassification", "seq_cls"), ("ForTokenClassification", "token_cls"),
                   ("ForQuestionAnswering", "qa"), ("ForCausalLM", "causal_lm"), ("LMHeadModel", "causal_lm"),
                   ("ForImageClassification", "image_cls")]
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+# config fields that decide how many modules a model builds, and the largest layer count accepted: the deepest
+# released models have ~130 layers, and building one layer's modules takes ~6 ms even on the meta device
+_LAYER_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "encoder_layers", "decoder_layers", "num_decoder_layers")
+_SIZE_FIELDS = ("hidden_size", "d_model", "n_embd", "intermediate_size", "num_attention_heads", "vocab_size",
+                "max_position_embeddings", *_LAYER_FIELDS)
+MAX_LAYERS = 1024
+_CODE_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json",
+               "feature_extractor_config.json", "image_processor_config.json")
 
 
 @dataclass
@@ -58,8 +66,6 @@ class Skeleton:
 
 def read_config(model: Any):
     """A private copy of the config of a path, hub id, PretrainedConfig or loaded model."""
-    from transformers import AutoConfig, PretrainedConfig
-
     if isinstance(model, PretrainedConfig):
         return copy.deepcopy(model)
     if isinstance(model, nn.Module):
@@ -82,16 +88,19 @@ def read_config(model: Any):
                           fix="check the path (it must hold config.json)")
     if path.is_dir():
         _refuse_adapter_folder(path)
+        refuse_remote_code(path)
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false")
     try:
         # local first: a hub id that is already cached must not wait on network retries
         return AutoConfig.from_pretrained(where, trust_remote_code=False, local_files_only=True)
+    except StrictDataclassError as exc:  # transformers >= 5.2x checks each field's type as it reads config.json
+        field = re.search(r"field '(\w+)'", str(exc))
+        raise ConfigTypeError(field=f"config.{field.group(1) if field else '?'}", value=str(model),
+                              problem=f"config.json holds a value of the wrong type: {exc.__cause__ or exc}",
+                              fix="write the value as the type named, e.g. 32 rather than \"32\"") from None
     except ValueError as exc:
         if "trust_remote_code" in str(exc) or "custom code" in str(exc):
-            raise UnsupportedError(field="model", value=str(model),
-                                   problem="its config needs custom code from the model repository (trust_remote_code)",
-                                   fix="adaptkit never runs remote code; use a model type transformers ships, or "
-                                       "review the code, load the model yourself and pass the loaded model") from None
+            raise remote_code_error(model, "its config names custom code") from None
         raise ConfigError(field="model", value=str(model), problem=f"its config cannot be read: {exc}",
                           fix="pass a folder holding a valid config.json") from None
     except OSError as exc:
@@ -110,10 +119,6 @@ def read_config(model: Any):
 def _refuse_adapter_folder(path: Path) -> None:
     """An adapter folder (adaptkit's or PEFT's) holds a few trained tensors, not a model to check or estimate:
     name the base it was trained on instead of failing on its stand-in config (or its missing config.json)."""
-    import json
-
-    from adaptkit.errors import AdapterFormatError
-    from adaptkit.layout import ADAPTKIT_MODEL_TYPE
     try:
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
@@ -129,6 +134,45 @@ def _refuse_adapter_folder(path: Path) -> None:
             raise AdapterFormatError(field="model", value=str(path),
                                      problem=f"is an adapter folder ({name}), not a model",
                                      fix=f"pass the base model it was trained on{f' ({base})' if base else ''}")
+
+
+def refuse_remote_code(name_or_path: Any, trust_remote_code: Any = None) -> None:
+    """Refuse a model whose files name custom code (``auto_map``) before transformers sees it: given
+    ``trust_remote_code=None`` it asks "Do you wish to run the custom code? [y/N]" at a terminal, and
+    "y" runs code from the model folder. adaptkit never runs it; check, load_model and the recipes call this."""
+    if trust_remote_code:
+        raise remote_code_error(name_or_path, "trust_remote_code=True was passed")
+    folder = Path(os.path.expanduser(str(name_or_path))) if isinstance(name_or_path, (str, os.PathLike)) else None
+    if folder is None or not folder.is_dir():
+        return  # a hub id: from_pretrained runs with trust_remote_code=False and refuses it
+    for name in _CODE_FILES:
+        try:
+            data = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("auto_map"):
+            raise remote_code_error(name_or_path, f"{name} names custom code (auto_map: {sorted(data['auto_map'])})")
+
+
+def remote_code_error(name_or_path: Any, why: str) -> UnsupportedError:
+    return UnsupportedError(field="model", value=str(name_or_path),
+                            problem=f"needs custom code from the model repository (trust_remote_code): {why}",
+                            fix="adaptkit never runs remote code; use a model type transformers ships, or review "
+                                "the code, load the model yourself with from_pretrained(..., trust_remote_code=True) "
+                                "and pass the loaded model to adaptkit.adapt")
+
+
+def check_sizes(config) -> None:
+    """Refuse size fields that are not whole numbers, and layer counts no real model has (building 10**7 layers,
+    even weightless, would run for hours), before any module is built."""
+    for field in _SIZE_FIELDS:
+        value = getattr(config, field, None)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ConfigTypeError(field=f"config.{field}", value=value, problem=f"expected an int, got {type(value).__name__}",
+                                  fix="write it as a number in config.json, e.g. 32 rather than \"32\"")
+        if field in _LAYER_FIELDS and isinstance(value, int) and not 0 <= value <= MAX_LAYERS:
+            raise ConfigError(field=f"config.{field}", value=value, problem=f"is outside 0..{MAX_LAYERS}, beyond any real model",
+                              fix="check config.json: the deepest released models have about 130 layers")
 
 
 def infer_task(config) -> str:
@@ -159,10 +203,8 @@ def task_of_class(name: str, config) -> str | None:
 
 
 def _model_class(config, task: str) -> type | None:
-    import transformers
-    auto = getattr(transformers, TASKS[task])
     try:
-        return auto._model_mapping[type(config)]
+        return getattr(transformers, _MAPPINGS[task])[type(config)]
     except KeyError:
         return None
 
@@ -170,6 +212,7 @@ def _model_class(config, task: str) -> type | None:
 def skeleton(model: Any, task: str = "auto", num_labels: int | None = None) -> Skeleton:
     """Read the config and pick the model class; raise a typed error when either is impossible."""
     config = read_config(model)
+    check_sizes(config)
     if task not in TASKS and task != "auto":
         raise ConfigError(field="task", value=task, problem="is not a task adaptkit knows",
                           fix=f"choose one of {['auto', *TASKS]}")

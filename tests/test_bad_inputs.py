@@ -165,3 +165,62 @@ def test_the_recipes_refuse_remote_code_first(custom_code_model, tmp_path, monke
     with pytest.raises(errors.UnsupportedError, match=r"needs custom code"):
         module.main(["--model", str(folder), "--data", str(tmp_path / "train.txt"), "--output-dir", str(tmp_path / "o")])
     assert not marker.exists() and not (tmp_path / "o").exists()
+
+
+# ---- configs that check and estimate must refuse, fast and typed (issue 30 CLI; issue 29 item 13) ------------
+def _config_folder(tmp_path, **fields):
+    folder = tmp_path / "m"
+    tiny_model("bert").config.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **fields}))
+    return str(folder)
+
+
+def _cli(capsys, *argv):
+    from adaptkit.cli import main
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_a_size_written_as_text_is_a_typed_error_in_check_and_estimate(tmp_path, capsys):
+    folder = _config_folder(tmp_path, hidden_size="32")  # was a raw TypeError (or transformers' own error)
+    code, out = _cli(capsys, "check", folder, "--strategy", "lora")
+    assert code == 1 and "[ConfigTypeError] config.hidden_size=" in out and "32 rather than \"32\"" in out
+    with pytest.raises(errors.ConfigTypeError, match=r"config.hidden_size=.*Fix: write the value as the type named"):
+        adaptkit.estimate(folder, "lora")
+
+
+def test_an_absurd_layer_count_is_refused_at_once(tmp_path, capsys):
+    import time
+    folder = _config_folder(tmp_path, num_hidden_layers=10**7)  # check and estimate ran past 120 s
+    start = time.monotonic()
+    code, out = _cli(capsys, "check", folder, "--strategy", "lora")
+    assert code == 1 and "config.num_hidden_layers=10000000: is outside 0..1024, beyond any real model" in out
+    with pytest.raises(errors.ConfigError, match=r"num_hidden_layers=10000000: is outside 0..1024.*Fix: check config"):
+        adaptkit.estimate(folder, "lora")
+    assert time.monotonic() - start < 10
+
+
+def test_estimate_refuses_a_sequence_longer_than_the_positions(tmp_path, capsys):
+    folder = _config_folder(tmp_path)  # 64 positions; 100,000 tokens printed 15 TB without a word
+    code, out = _cli(capsys, "estimate", folder, "--strategies", "lora", "--seq-len", "100000")
+    assert code == 2 and "seq_len=100000: 100000 tokens do not fit BertForSequenceClassification's 64 positions" in out
+    rows = adaptkit.estimate(folder, ["lora", "prefix"], seq_len=60, batch_size=2).rows  # 60 + 20 virtual > 64
+    assert rows[0].problem is None and "60 + 20 virtual tokens of the prefix/prompt = 80 tokens do not fit" in rows[1].problem
+
+
+def test_check_refuses_remote_code_as_load_model_does(tmp_path):
+    folder = _config_folder(tmp_path, auto_map={"AutoModelForSequenceClassification": "modeling_evil.EvilModel"})
+    report = adaptkit.check(folder, "lora", raise_on_error=False)  # said OK, then load_model refused
+    assert [type(p) for p in report.problems] == [errors.UnsupportedError]
+    assert "needs custom code from the model repository (trust_remote_code): config.json names custom code" in str(report)
+
+
+def test_a_bottleneck_wider_than_the_model_is_refused_by_check_and_adapt():
+    from adaptkit import Bottleneck
+    report = adaptkit.check(tiny_model("bert").config, Bottleneck(bottleneck_size=10**9), raise_on_error=False)
+    message = r"Bottleneck.bottleneck_size=1000000000: is wider than the hidden size 32: not a bottleneck"
+    assert re.search(message, str(report))  # check said OK, then adapt failed allocating 128 GB
+    with pytest.raises(errors.ConfigError, match=message + r".*Fix: use a bottleneck_size <= 32"):
+        adaptkit.adapt(tiny_model("bert"), Bottleneck(bottleneck_size=10**9))

@@ -21,7 +21,7 @@ import torch
 import transformers
 
 import adaptkit
-from adaptkit import distributed, errors
+from adaptkit import distributed, errors, placement
 from adaptkit.quantization import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,19 +104,19 @@ def test_placement_is_this_process_device(clean_env):
     clean_env.setattr(torch.cuda, "is_available", lambda: True)
     clean_env.setenv("WORLD_SIZE", "2")
     clean_env.setenv("LOCAL_RANK", "1")
-    assert distributed.device_map() == {"": 1}
-    assert distributed.device_map({"": "cuda:1"}) == {"": "cuda:1"}
+    assert placement.device_map() == {"": 1}
+    assert placement.device_map({"": "cuda:1"}) == {"": "cuda:1"}
     with pytest.raises(errors.UnsupportedError, match=r"local rank 1\) on another process's device"):
-        distributed.device_map({"": 0})
+        placement.device_map({"": 0})
     with pytest.raises(errors.UnsupportedError, match=r"device_map=\{'a': 0, 'b': 1\}: shards one model"):
-        distributed.device_map({"a": 0, "b": 1})
+        placement.device_map({"a": 0, "b": 1})
     clean_env.setenv("ACCELERATE_USE_CPU", "1")
-    assert distributed.device_map() == {"": "cpu"}
+    assert placement.device_map() == {"": "cpu"}
 
 
 def test_single_process_keeps_the_users_device_map(clean_env):
-    assert distributed.device_map("auto") == "auto"
-    assert distributed.device_map() == {"": 0 if torch.cuda.is_available() else "cpu"}
+    assert placement.device_map("auto") == "auto"
+    assert placement.device_map() == {"": 0 if torch.cuda.is_available() else "cpu"}
 
 
 @pytest.mark.parametrize("kind, extra, match", [
@@ -226,7 +226,8 @@ def test_two_processes_really_ran(runs):
     assert [(r["rank"], r["world_size"], r["steps"]) for r in seen] == [(0, 2, 20), (1, 2, 20)]
     assert runs[2]["processes"] == 2 and runs[2]["global_batch"] == 32 == runs[1]["global_batch"]
     # the adapter was written once, by the main process: no second copy, no leftover temp folder
-    assert sorted(p.name for p in (runs["out"] / "two").iterdir()) == ["adapter", "ranks", "results.json"]
+    assert sorted(p.name for p in (runs["out"] / "two").iterdir()) == [".adaptkit-run.lock", "adapter", "ranks",
+                                                                      "results.json"]
 
 
 def test_two_processes_give_the_one_process_loss_curve(runs):

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 import adaptkit
-from adaptkit import distributed, errors
+from adaptkit import distributed, errors, placement
 from conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,9 +148,9 @@ def test_fsdp_qlora_settings_are_applied_and_integer_storage_refused(tiny_folder
         distributed.check_sharded_model(FSDP, plain)
     # under an FSDP launch load_model packs 4-bit weights in the model's dtype and leaves placement to FSDP
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    assert distributed.device_map() is None
+    assert placement.device_map() is None
     with pytest.raises(errors.UnsupportedError, match=r"device_map=\{'': 0\}: under FSDP the model must load whole"):
-        distributed.device_map({"": 0})
+        placement.device_map({"": 0})
     model = load_model(str(tiny_folder), "seq_cls", "4bit", num_labels=2, dtype=torch.bfloat16)
     assert {m.weight.dtype for m in quantized_linears(model).values()} == {torch.bfloat16}
     assert model.config.quantization_config.bnb_4bit_quant_storage == torch.bfloat16

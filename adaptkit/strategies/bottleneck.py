@@ -178,6 +178,9 @@ class Bottleneck(Strategy):
                               problem=f"leaves no bottleneck for hidden size {hidden} ({hidden} // "
                                       f"{self.reduction_factor} = 0)",
                               fix=f"use a reduction_factor <= {hidden}, or set bottleneck_size")
+        if size > hidden:  # refused before anything is allocated: 10**9 would ask for terabytes
+            raise ConfigError(field="Bottleneck.bottleneck_size", value=size, problem=f"is wider than the hidden size "
+                              f"{hidden}: not a bottleneck", fix=f"use a bottleneck_size <= {hidden}, e.g. {max(1, hidden // 16)}")
         return size
 
     def apply(self, model: nn.Module) -> nn.Module:

@@ -1,0 +1,103 @@
+"""Where this process's model goes, decided before any weights load (used by ``adaptkit.load_model``).
+
+Under data parallelism (DDP) every process holds a whole copy of the model on its own device, so a model is
+loaded with ``device_map={"": local process index}``. ``device_map="auto"`` shards one copy over all GPUs of
+the machine: in N processes that is N overlapping shardings, and Accelerate refuses to wrap a multi-device
+quantized model in DDP. It is refused here, with the fix. Under FSDP the model loads whole on the CPU and FSDP
+places each process's shard itself. What happens after ``adapt`` (checks and gathering of sharded adapters)
+is in ``adaptkit.distributed``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from adaptkit.errors import ConfigError, UnsupportedError
+
+
+def env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(field=name, value=value, problem="is not an integer",
+                          fix=f"unset it or set it to a whole number, e.g. {name}=2") from None
+
+
+def launched_world_size() -> int | None:
+    """The process count the launcher (accelerate launch, torchrun) started, or None without one."""
+    return env_int("WORLD_SIZE")
+
+
+def local_process_index() -> int:
+    """This process's index on this machine (0 when not launched as several processes)."""
+    return env_int("LOCAL_RANK") or 0
+
+
+def _cpu_requested() -> bool:
+    return env_flag("ACCELERATE_USE_CPU")
+
+
+def process_device() -> int | str:
+    """Where this process's copy of the model belongs: its local GPU index, or ``"cpu"``."""
+    if torch.cuda.is_available() and not _cpu_requested():
+        return local_process_index()
+    return "cpu"
+
+
+def device_map(requested: Any = None) -> Any:
+    """The ``device_map`` for ``from_pretrained``: the user's, checked, or the whole model on this process's device.
+
+    Under several processes only a single-device map is accepted; ``"auto"``, ``"balanced"`` and
+    maps over several devices are refused (one sharded copy per process cannot be data-parallel).
+    """
+    if fsdp_requested():
+        if requested is not None:
+            raise UnsupportedError(
+                field="device_map", value=requested,
+                problem="under FSDP the model must load whole on the CPU; FSDP places each process's shard itself",
+                fix="leave device_map unset")
+        return None  # FSDP (and FSDP + QLoRA) loads on the CPU and shards from there
+    if requested is None:
+        return {"": process_device()}
+    world = launched_world_size() or 1
+    if world > 1:
+        devices = set(requested.values()) if isinstance(requested, dict) else {requested}
+        if (isinstance(requested, str) and requested in {"auto", "balanced", "balanced_low_0", "sequential"}) \
+                or len(devices) != 1:
+            raise UnsupportedError(
+                field="device_map", value=requested,
+                problem=f"shards one model over several devices, but this run is {world} data-parallel processes "
+                        "that each need a whole copy",
+                fix=f"leave device_map unset (adaptkit places the model with device_map={{'': {process_device()!r}}}), "
+                    "or for a model too big for one device use FSDP or DeepSpeed through `accelerate config`")
+        (device,) = devices
+        if _same_device(device, process_device()) is False:
+            raise UnsupportedError(
+                field="device_map", value=requested,
+                problem=f"puts this process's model (local rank {local_process_index()}) on another process's device",
+                fix="leave device_map unset, or use device_map={'': accelerator.local_process_index}")
+    return requested  # "auto", "cpu", 0 or a dict: from_pretrained reads them all
+
+
+def _same_device(a: Any, b: Any) -> bool | None:
+    """Whether two device_map values name one device (None when one of them is not a device, e.g. "disk")."""
+    try:
+        a, b = (torch.device("cuda", x) if isinstance(x, int) else torch.device(x) for x in (a, b))
+    except (RuntimeError, TypeError):
+        return None
+    return a.type == b.type and (a.type == "cpu" or (a.index or 0) == (b.index or 0))
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes"}
+
+
+def fsdp_requested() -> bool:
+    """Whether the launcher asked for FSDP (``accelerate launch --use_fsdp`` or an FSDP config)."""
+    return env_flag("ACCELERATE_USE_FSDP")
