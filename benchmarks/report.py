@@ -486,8 +486,8 @@ def _cost(grid: list[dict], variants: list[str]) -> list[str]:
              "Trainable-state memory is what training adds per trainable parameter in fp32 (weight, gradient and "
              "AdamW's two moments: 16 bytes each). Peak RSS is the whole recipe process (libraries, model, data, "
              "evaluation, the reloaded test model), median over runs; on CPU it includes glibc heap fragmentation, "
-             "which can put a variant with smaller tensors above full fine-tuning (docs/benchmarks.md, \"Peak RSS on CPU is partly "
-             "the allocator's\"). Training time per step relative to full "
+             "which can put a variant with smaller tensors above full fine-tuning (docs/benchmarks.md, "
+             "\"Peak RSS on CPU is partly the allocator's\"). Training time per step relative to full "
              "fine-tuning, median over tasks (runs went two side by side on one thread each; the interleaved ratio "
              "benchmarks below are the precise speed comparison).", "",
              "| variant | trainable params | % of total | trainable-state memory (MB) | adapter on disk (MB) "
