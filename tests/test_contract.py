@@ -27,7 +27,7 @@ STRATEGIES = {
     "ia3": "peft",
 }
 
-# Combinations that cannot work, each refused with UnsupportedError (documented in the README).
+# Combinations that cannot work, each refused with UnsupportedError (documented in docs/strategies.md).
 UNSUPPORTED = {
     ("prefix", "distilbert"): "past_key_values",   # DistilBERT's forward takes no past_key_values
     ("prefix", "vit"): "pixel_values",             # no token sequence to prefix
