@@ -1,38 +1,49 @@
 """LoRA through PEFT: low-rank updates ``W + (alpha/r) B A`` on chosen linear layers, B zero at init.
 
 A fresh task head trains in full (PEFT's ``modules_to_save``), and so, by default, does the backbone's pooler
-where the head reads one (BERT, MiniLM, ALBERT), as the bottleneck strategy does (its module docstring says
-why). RoBERTa's head holds that layer and trains it whole; BERT's sits outside the head. A rank-8 update
-of a pooler all-MiniLM-L6-v2 never trained was not enough: on STS-B at LoRA's default rate two seeds of
-three collapsed to a near-constant output (dev 0.047, 0.199), and the first of them with the pooler trained
-reached 0.856 (benchmarks/README.md). ``train_pooler=False`` keeps it frozen (LoRA then adapts it like any linear).
+where the head reads one (BERT, MiniLM, ALBERT); RoBERTa's head holds that layer and trains it whole. A
+rank-8 update of a pooler all-MiniLM-L6-v2 never trained was not enough: on STS-B at LoRA's default rate two
+seeds of three collapsed to a near-constant output (dev 0.047, 0.199), and the first of them with the pooler
+trained reached 0.856 (benchmarks/README.md). ``train_pooler=False`` keeps it frozen.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 
 from torch import nn
 
 from adaptkit import targets
 from adaptkit.errors import ConfigError
 from adaptkit.strategies import register
-from adaptkit.strategies.base import PeftStrategy
+from adaptkit.strategies.base import PeftStrategy, pooler_if, type_ok
+
+# initialisations whose adapter load() cannot rebuild on a fresh base from the saved tensors
+NO_ROUND_TRIP = {
+    "pissa_niter_": "its randomized SVD takes other residual base weights each time, so the base load() rebuilds "
+                    "is not the one the adapter trained on",
+    "corda": "it needs peft's preprocess_corda on data first, and changes base weights load() cannot rebuild",
+    "loftq": "it replaces the base weights by quantized ones that load() cannot rebuild from the base",
+}
+
+
+def refuse_init(init, field: str) -> None:
+    """Refuse an initialisation whose saved adapter would not load back as trained (see NO_ROUND_TRIP)."""
+    if reason := next((why for key, why in NO_ROUND_TRIP.items() if str(init).startswith(key)), None):
+        raise ConfigError(field=field, value=init, problem=f"cannot round-trip through save and load: {reason}",
+                          fix="use 'default', 'gaussian', 'pissa' (exact SVD), 'olora', 'orthogonal' or 'eva'")
 
 
 def backbone_targets(model: nn.Module, trained_whole: list[str] = ()) -> tuple[list[str], str | None]:
-    """Short names matching every backbone linear layer and nothing else, plus a regex keeping the heads out.
-
-    Found from the module tree, so an architecture nobody listed still works. The head regex is a
-    second guard: PEFT would otherwise wrap a head that is also in ``modules_to_save``. ``trained_whole``:
-    backbone modules (the pooler) that train in full, so get no low-rank update as well.
-    """
+    """Short names matching every backbone linear layer and nothing else, plus a regex keeping the heads out
+    (PEFT would otherwise wrap a head that is also in ``modules_to_save``). Found from the module tree.
+    ``trained_whole``: backbone modules (the pooler) that train in full, so get no update as well."""
     inside = lambda name: any(name == m or name.startswith(m + ".") for m in trained_whole)  # noqa: E731
     leaves = targets.unique_suffixes(model, [n for n in targets.linear_names(model) if not inside(n)])
     heads = [*targets.head_names(model), *trained_whole]
-    exclude = rf"({'|'.join(map(re.escape, heads))})(\..*)?" if heads else None
-    return leaves, exclude
+    return leaves, (rf"({'|'.join(map(re.escape, heads))})(\..*)?" if heads else None)
 
 
 def head_modules(model: nn.Module, given: list[str] | None, field: str) -> list[str] | None:
@@ -40,15 +51,6 @@ def head_modules(model: nn.Module, given: list[str] | None, field: str) -> list[
     if given is not None:
         return targets.match_targets(model, list(given), field) or None
     return targets.new_head_names(model) or None
-
-
-def peft_lora_inits() -> list[str]:
-    """The named initialisations of this PEFT version (``init_lora_weights``'s Literal), e.g. 'pissa'."""
-    import typing
-
-    from peft import LoraConfig
-    hint = typing.get_type_hints(LoraConfig)["init_lora_weights"]
-    return [v for arg in typing.get_args(hint) for v in typing.get_args(arg) if isinstance(v, str)]
 
 
 @register
@@ -66,24 +68,25 @@ class LoRA(PeftStrategy):
 
     r: int = 8
     alpha: int = 16
-    # 0, as in PEFT: LoRA dropout keeps a dropped copy of every adapted layer's input for backward,
-    # which on MiniLM costs more activation memory than full fine-tuning saves in optimizer state
-    # (benchmarks/ratios.py: 0.66x full's tensor memory with 0.05, 0.50x with 0)
+    # 0, as in PEFT: LoRA dropout keeps a dropped copy of every adapted layer's input for backward, which on
+    # MiniLM costs more activation memory than full fine-tuning saves in optimizer state (benchmarks/ratios.py)
     dropout: float = 0.0
     # names or dotted suffixes (a list), or, as in PEFT, one regex full-matched against whole module names
     targets: list[str] | str | None = None
     heads: list[str] | None = None  # trained + saved in full; None = the task head(s) found automatically
     train_pooler: bool = True       # with heads=None: the pooler a fresh head reads trains in full too
     use_dora: bool = False
-    init: str = "default"           # PEFT init_lora_weights: "default" (B = 0), "gaussian", "pissa", ...
+    # PEFT init_lora_weights: "default" (B = 0), "gaussian", "pissa", ...; "eva" as in PEFT: B = 0 until
+    # peft.initialize_lora_eva_weights(model, dataloader) sets it from data
+    init: str = "default"
 
     def validate(self) -> None:
-        if self.r <= 0:
-            raise ConfigError(field="LoRA.r", value=self.r, problem="must be positive", fix="use r=8 (typical 4-64)")
-        if self.alpha <= 0:
-            raise ConfigError(field="LoRA.alpha", value=self.alpha, problem="must be positive", fix="use alpha=2*r")
+        if self.r <= 0 or self.alpha <= 0:
+            field, value = ("LoRA.r", self.r) if self.r <= 0 else ("LoRA.alpha", self.alpha)
+            raise ConfigError(field=field, value=value, problem="must be positive", fix="use r=8 (typical 4-64), alpha=2*r")
         if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(field="LoRA.dropout", value=self.dropout, problem="must be in [0, 1)", fix="use 0.0 (or 0.05-0.1 against overfitting small data)")
+            raise ConfigError(field="LoRA.dropout", value=self.dropout, problem="must be in [0, 1)",
+                              fix="use 0.0 (or 0.05-0.1 against overfitting small data)")
         if isinstance(self.targets, str):
             try:
                 re.compile(self.targets)
@@ -93,50 +96,42 @@ class LoRA(PeftStrategy):
         if self.targets is not None and not self.targets:
             raise ConfigError(field="LoRA.targets", value=self.targets, problem="is empty",
                               fix="name modules (e.g. ['query', 'value']) or pass None for every linear layer")
-        inits = peft_lora_inits()
-        if self.init != "default" and not any(self.init == i or (i.endswith("]") and re.fullmatch(
-                re.escape(i[: i.index("[")]) + r"\d+", self.init)) for i in inits):
+        from peft import LoraConfig
+        inits = typing.get_args(typing.get_args(typing.get_type_hints(LoraConfig)["init_lora_weights"])[-1])
+        if self.init != "default" and not type_ok(self.init, typing.Literal[inits]):
             raise ConfigError(field="LoRA.init", value=self.init, problem="is not a LoRA initialisation PEFT knows",
                               fix=f"use one of {['default', *inits]}")
+        refuse_init(self.init, "LoRA.init")
 
     def peft_config(self, model: nn.Module):
         from peft import LoraConfig
         heads = head_modules(model, self.heads, "LoRA.heads")
-        if self.heads is None and self.train_pooler and heads and (
-                pooler := targets.pooler_to_train(model, "LoRA.train_pooler")):
-            heads.append(pooler)
+        heads = heads and heads + pooler_if(self.train_pooler and self.heads is None, heads, model, "LoRA.train_pooler")
         # a backbone module trained in full (the pooler; a user's) gets no low-rank update on top
         whole = [h for h in heads or [] if h not in targets.head_names(model)]
+        exclude = backbone_targets(model, whole)[1]
         if self.targets is None:
-            target_modules, exclude = backbone_targets(model, whole)
+            target_modules = backbone_targets(model, whole)[0]
         elif isinstance(self.targets, str):
             target_modules = targets.match_regex(model, self.targets, "LoRA.targets")
-            exclude = backbone_targets(model, whole)[1]
         else:
-            target_modules = targets.match_targets(model, self.targets, "LoRA.targets",
-                                                   candidates=targets.linear_names(model))
-            exclude = backbone_targets(model, whole)[1] if whole else None
+            target_modules = targets.match_targets(model, self.targets, "LoRA.targets", candidates=targets.linear_names(model))
+            exclude = exclude if whole else None
         # GPT-2's Conv1D stores weights transposed; PEFT only warns and flips the flag itself
-        fan_in_fan_out = any(isinstance(m, targets.Conv1D) for m in model.modules()
-                             if targets.is_linear(m)) if targets.Conv1D else False
-        config = LoraConfig(fan_in_fan_out=fan_in_fan_out,
-            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=target_modules,
-            exclude_modules=exclude, modules_to_save=heads,
-            task_type=targets.peft_task_type(model), use_dora=self.use_dora,
-            init_lora_weights=True if self.init == "default" else self.init)
-        self._check_rank(model, config)
-        return config
-
-    def _check_rank(self, model: nn.Module, config) -> None:
-        """An update ``B A`` of a (in x out) layer has rank <= min(in, out): a larger r only adds parameters (and,
-        far larger, allocates them until memory runs out). PEFT accepts it; refuse it before anything is built."""
+        fan_in_fan_out = bool(targets.Conv1D) and any(isinstance(m, targets.Conv1D) for m in model.modules())
+        config = LoraConfig(fan_in_fan_out=fan_in_fan_out, r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                            target_modules=target_modules, exclude_modules=exclude, modules_to_save=heads,
+                            task_type=targets.peft_task_type(model), use_dora=self.use_dora,
+                            init_lora_weights=True if self.init == "default" else self.init)
+        # an update B A of an (in x out) layer has rank <= min(in, out): a larger r only adds parameters (and, far
+        # larger, allocates them until memory runs out). PEFT accepts it; refuse it before anything is built.
         from peft.tuners.tuners_utils import check_target_module_exists
-        sizes = [(min(features), name, features) for name, m in model.named_modules()
-                 if targets.is_linear(m) and check_target_module_exists(config, name)
-                 for features in [targets.linear_features(m)]]
+        sizes = [(min(f), name, f) for name, m in model.named_modules() if targets.is_linear(m)
+                 and check_target_module_exists(config, name) for f in [targets.linear_features(m)]]
         if sizes and self.r > min(sizes)[0]:
             rank, name, features = min(sizes)
             raise ConfigError(field="LoRA.r", value=self.r,
                               problem=f"exceeds the rank an update of {name} {features} can have ({rank}): more "
                                       "parameters than training the layer, and no more expressive",
                               fix=f"use r <= {rank} (typical 4-64), or the 'full' strategy")
+        return config

@@ -1,8 +1,12 @@
 """Any other PEFT method, passed straight through: by name (``"ia3"``, ``"loha"``) or as a PeftConfig.
 
-adaptkit only fills what PEFT leaves to the user and would otherwise get wrong silently: the task
-type, the new task head in ``modules_to_save`` (or it stays random and is not saved), and target
-modules for architectures missing from PEFT's tables (found from the model's structure).
+adaptkit fills only what PEFT leaves to the user and would otherwise get wrong or fail on without naming it:
+the task type; the new task head in ``modules_to_save`` (or it stays random and is not saved) and, by default,
+the pooler it reads (``train_pooler``, as lora and bottleneck); the sizes PEFT leaves empty for prompt methods
+(``PROMPT_DEFAULTS``); and target modules where PEFT has no default for the model type, following what the
+method adapts (``NORM_METHODS`` tune normalisation layers, the rest linear layers). Where PEFT has a default
+(its table for the type, or one it finds from the model) it is PEFT's: tests/test_peft_methods.py compares
+every method's trainable count with plain PEFT's.
 """
 
 from __future__ import annotations
@@ -20,8 +24,13 @@ from adaptkit import targets
 from adaptkit.errors import (ConfigError, ConfigTypeError, TargetNotFoundError, UnknownOptionError, UnknownStrategyError,
                              UnsupportedError)
 from adaptkit.strategies import register
-from adaptkit.strategies.base import PeftStrategy, describe_type, type_ok
-from adaptkit.strategies.lora import backbone_targets
+from adaptkit.strategies.base import PeftStrategy, describe_type, pooler_if, type_ok
+from adaptkit.strategies.lora import backbone_targets, refuse_init
+
+NORM_METHODS = {"ln_tuning"}  # PEFT's tables name only norm layers for these
+# sizes PEFT leaves None and then fails on with a bare TypeError: Prefix's 20 virtual tokens; LLaMA-Adapter's 10
+PROMPT_DEFAULTS = {"num_virtual_tokens": 20, "adapter_len": 10}
+REQUIRED = {"trainable_tokens": "token_indices"}  # left empty, PEFT trains nothing
 
 
 def peft_method_names() -> list[str]:
@@ -32,25 +41,24 @@ def peft_method_names() -> list[str]:
 def _jsonable(value: Any) -> Any:
     if isinstance(value, enum.Enum):
         return value.value
-    if isinstance(value, (set, frozenset)):
-        return sorted(_jsonable(v) for v in value)
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    return value
+    if isinstance(value, (set, frozenset, list, tuple)):
+        items = [_jsonable(v) for v in value]
+        return sorted(items) if isinstance(value, (set, frozenset)) else items
+    return {k: _jsonable(v) for k, v in value.items()} if isinstance(value, dict) else value
 
 
 @register
 @dataclasses.dataclass
 class PeftMethod(PeftStrategy):
-    """``method`` is a PEFT method name; ``options`` are that PEFT config's own fields."""
+    """``method`` is a PEFT method name; ``options`` are that PEFT config's own fields (``train_pooler`` too)."""
 
     name = "peft"
     mergeable = True  # for the LoRA family; prompt-learning methods refuse in merge()
+    saved_before = {"train_pooler": False}  # folders saved before the option trained no pooler
 
     method: str = "ia3"
     options: dict = dataclasses.field(default_factory=dict)
+    train_pooler: bool = True
 
     def validate(self) -> None:
         names = peft_method_names()
@@ -59,26 +67,30 @@ class PeftMethod(PeftStrategy):
             raise UnknownStrategyError(field="PeftMethod.method", value=self.method, problem="is not a PEFT method",
                                        fix=(f"did you mean {close[0]!r}? " if close else "") + f"choose from {names}")
         self.method = self.method.lower()
+        if "train_pooler" in self.options:  # adapt(model, "loha", train_pooler=False) lands in options
+            self.train_pooler = self.options.pop("train_pooler")
+            if not isinstance(self.train_pooler, bool):
+                raise ConfigTypeError(field=f"{self.method}.train_pooler", value=self.train_pooler,
+                                      problem="expected bool", fix="pass True (default) or False")
         config_class = self._config_class()
-        known = {f.name for f in dataclasses.fields(config_class)}
-        unknown = sorted(set(self.options) - known)
-        if unknown:
-            hints = [f"{u!r} -> did you mean {m[0]!r}?" for u in unknown
-                     if (m := difflib.get_close_matches(u, known, n=1))]
-            raise UnknownOptionError(field=f"{self.method} options", value=unknown, problem="unknown option(s)",
-                                     fix=("; ".join(hints) + "; " if hints else "")
-                                     + f"see peft.{config_class.__name__} for the valid options")
         hints = typing.get_type_hints(config_class)
+        if unknown := sorted(set(self.options) - set(hints)):
+            hints_ = [f"{u!r} -> did you mean {m[0]!r}?" for u in unknown if (m := difflib.get_close_matches(u, hints, n=1))]
+            raise UnknownOptionError(field=f"{self.method} options", value=unknown, problem="unknown option(s)",
+                                     fix="; ".join([*hints_, f"see peft.{config_class.__name__} for the valid options"]))
         for key, value in self.options.items():  # PEFT keeps e.g. target_modules=3 and fails at apply time
-            if key in hints and not type_ok(value, hints[key]):
+            if not type_ok(value, hints[key]):
                 raise ConfigTypeError(field=f"{self.method}.{key}", value=value,
                                       problem=f"expected {describe_type(hints[key])}, got {type(value).__name__}",
                                       fix=f"see peft.{config_class.__name__}.{key}")
-        try:  # PEFT checks the values; its TypeError/ValueError become typed errors naming the method
-            config_class(**{k: v for k, v in self.options.items() if k != "peft_type"})
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(field=f"{self.method} options", value=self.options, problem=f"refused by PEFT: {exc}",
-                              fix=f"fix the option values (see peft.{config_class.__name__})") from None
+        for key, value in PROMPT_DEFAULTS.items():
+            if key in hints and self.options.get(key) is None:
+                self.options[key] = value
+        if self.method in REQUIRED and not self.options.get(REQUIRED[self.method]):
+            raise ConfigError(field=f"{self.method}.{REQUIRED[self.method]}", value=None, problem="is required: "
+                              "without it PEFT trains nothing", fix=f"pass options={{'{REQUIRED[self.method]}': [...]}}")
+        if self.method == "lora":
+            refuse_init(self.options.get("init_lora_weights"), "lora.init_lora_weights")
 
     @property
     def label(self) -> str:
@@ -91,44 +103,65 @@ class PeftMethod(PeftStrategy):
 
     @classmethod
     def from_peft_config(cls, config) -> "PeftMethod":
-        options = {k: _jsonable(v) for k, v in config.to_dict().items() if k not in ("peft_type",)}
-        return cls(method=config.peft_type.value.lower(), options=options)
+        return cls(method=config.peft_type.value.lower(),
+                   options={k: _jsonable(v) for k, v in config.to_dict().items() if k != "peft_type"})
 
     def peft_config(self, model: nn.Module):
-        from peft import PromptLearningConfig
-        config = self._config_class()(**{k: v for k, v in self.options.items() if k != "peft_type"})
-        if config.task_type is None:
-            config.task_type = targets.peft_task_type(model)
-        if getattr(config, "modules_to_save", None) is None and targets.new_head_names(model):
-            config.modules_to_save = targets.new_head_names(model)
-        # a target that matches nothing: PEFT's "No modules were targeted" said with the names there are (any
-        # module, not only linears: some methods adapt norms or embeddings)
-        given = self.options.get("target_modules")
+        options = {k: v for k, v in self.options.items() if k != "peft_type"}
+        options.setdefault("task_type", targets.peft_task_type(model))
+        if self.method == "adaption_prompt":  # LLaMA-Adapter's prompts in every layer unless told
+            options.setdefault("adapter_layers", getattr(getattr(model, "config", None), "num_hidden_layers", None))
+        try:  # PEFT checks the values; its TypeError/ValueError become typed errors naming the method
+            config = self._config_class()(**options)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(field=f"{self.method} options", value=self.options, problem=f"refused by PEFT: {exc}",
+                              fix=f"fix the option values (see peft.{self._config_class().__name__})") from None
+        if hasattr(config, "fan_in_fan_out") and "fan_in_fan_out" not in self.options:  # PEFT flips it with a warning
+            config.fan_in_fan_out = bool(targets.Conv1D) and any(isinstance(m, targets.Conv1D) for m in model.modules())
+        heads = targets.new_head_names(model)
+        if hasattr(config, "modules_to_save") and config.modules_to_save is None and heads:
+            config.modules_to_save = heads + pooler_if(self.train_pooler, heads, model, f"{self.method}.train_pooler")
+        if config.is_prompt_learning or config.is_adaption_prompt or not hasattr(config, "target_modules"):
+            return config  # prompts, not modules: nothing to target
+        whole = [m for m in config.modules_to_save or [] if m not in targets.head_names(model)]  # no update on top
+        given = config.target_modules
         if isinstance(given, str) and not any(re.fullmatch(given, n) for n, _ in model.named_modules()):
+            # PEFT's "No modules were targeted", said with the names there are (any module: some methods adapt norms)
             raise TargetNotFoundError(field=f"{self.method}.target_modules", value=given,
                                       problem="a string is a regex full-matched against whole module names (as in "
                                               "PEFT) and this one matches no module",
                                       fix=f"pass a list of names or suffixes (e.g. [{given!r}]) or a regex such as "
                                           f"{'.*' + given!r}")
-        if isinstance(given, (list, tuple)) and given:
+        if isinstance(given, (list, tuple, set)) and given:
             targets.match_targets(model, list(given), f"{self.method}.target_modules")
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if (not isinstance(config, PromptLearningConfig) and hasattr(config, "target_modules")
-                and config.target_modules is None and not _peft_knows(self.method, model_type)):
+        if given is None and model_type not in (table := _peft_table(self.method)) and table:
             if hasattr(config, "feedforward_modules"):  # IA3-style: needs to know which layers are FFN
-                raise UnsupportedError(
-                    field=f"{self.method}.target_modules", value=None,
-                    problem=f"PEFT has no default targets for model type {model_type!r}",
-                    fix="pass options={'target_modules': [...], 'feedforward_modules': [...]}")
-            config.target_modules, config.exclude_modules = backbone_targets(model)
-        elif getattr(config, "exclude_modules", "absent") is None:
-            # PEFT's tables name leaves like "dense" that also occur inside heads (RoBERTa's
-            # classifier.dense); adapting a head that is also in modules_to_save breaks merging
-            config.exclude_modules = backbone_targets(model)[1]
+                raise UnsupportedError(field=f"{self.method}.target_modules", value=None,
+                                       problem=f"PEFT has no default targets for model type {model_type!r}",
+                                       fix="pass options={'target_modules': [...], 'feedforward_modules': [...]}")
+            if self.method in NORM_METHODS:
+                config.target_modules = targets.unique_suffixes(model, _norm_names(model))
+            else:
+                config.target_modules = backbone_targets(model, whole)[0]
+        if getattr(config, "exclude_modules", "absent") is None:
+            # PEFT's tables name leaves like "dense" that also occur inside heads (RoBERTa's classifier.dense);
+            # adapting a head that is also in modules_to_save breaks merging
+            config.exclude_modules = backbone_targets(model, whole)[1]
         return config
 
 
-def _peft_knows(method: str, model_type: str | None) -> bool:
-    import peft.utils as pu
-    table = getattr(pu, f"TRANSFORMERS_MODELS_TO_{method.upper()}_TARGET_MODULES_MAPPING", None)
-    return bool(table) and model_type in table
+def _peft_table(method: str) -> dict:
+    """PEFT's default targets per model type for ``method``; empty where PEFT finds them itself (SHADOW's blocks)."""
+    import peft.utils
+    from peft import PeftType
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+    tuner = PEFT_TYPE_TO_TUNER_MAPPING[PeftType(method.upper())]
+    return (getattr(tuner, "target_module_mapping", None)
+            or getattr(peft.utils, f"TRANSFORMERS_MODELS_TO_{method.upper()}_TARGET_MODULES_MAPPING", None) or {})
+
+
+def _norm_names(model: nn.Module) -> list[str]:
+    heads = tuple(targets.head_names(model))
+    return [n for n, m in model.named_modules() if type(m).__name__.endswith("Norm") and any(True for _ in m.parameters())
+            and not n.startswith(heads)]
