@@ -176,3 +176,38 @@ def test_adapting_twice_is_refused(spec):
     adapt(original, spec)
     with pytest.raises(errors.AlreadyAdaptedError):
         adaptkit.adapt(original, "lora")
+
+
+# ---- a tensor the user unfroze after adapt: saved and loaded back, or refused at save naming it (issue 29 #11) ----
+@pytest.mark.parametrize("name", ["bottleneck", "linear_probe"])
+def test_a_tensor_the_user_unfroze_is_saved_and_loaded_back(name, tmp_path):
+    model = adapt(tiny_model("bert"), name)
+    norm = model.bert.embeddings.LayerNorm
+    norm.requires_grad_(True)
+    with torch.no_grad():
+        norm.weight.add_(0.3)
+    inputs = tiny_inputs("bert")
+    trained = model.eval()(**inputs).logits
+    adaptkit.save(model, tmp_path / "a")  # 18e00d1: load then refused its own folder ("2 unexpected")
+    loaded = adaptkit.load(tmp_path / "a", tiny_model("bert"), trainable=True)
+    assert torch.equal(loaded.bert.embeddings.LayerNorm.weight, norm.weight)
+    assert torch.equal(loaded.eval()(**inputs).logits, trained)
+    assert loaded.bert.embeddings.LayerNorm.weight.requires_grad  # trains on, and saves again
+
+
+def test_a_tensor_the_user_unfroze_outside_a_peft_adapter_is_refused_at_save(tmp_path):
+    model = adaptkit.adapt(tiny_model("bert"), "lora")
+    model.get_base_model().bert.embeddings.LayerNorm.requires_grad_(True)
+    # 18e00d1: saved without it, and the reload differed silently
+    with pytest.raises(errors.UnsupportedError, match=r"trainable tensors=\['base_model\.model\.bert\.embeddings\."
+                       r"LayerNorm\.weight', .*2 trainable tensor\(s\) outside the adapter.*Fix: name their modules"):
+        adaptkit.save(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    # the fix it names: trained and saved with the adapter
+    model = adaptkit.adapt(tiny_model("bert"), "lora", heads=["classifier", "embeddings.LayerNorm"])
+    with torch.no_grad():
+        model.get_base_model().bert.embeddings.LayerNorm.modules_to_save["default"].weight.add_(0.3)
+    inputs = tiny_inputs("bert")
+    adaptkit.save(model, tmp_path / "b")
+    reloaded = adaptkit.load(tmp_path / "b", tiny_model("bert"))
+    assert torch.equal(reloaded(**inputs).logits, model.eval()(**inputs).logits)
