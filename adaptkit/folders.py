@@ -1,94 +1,152 @@
-"""Writing a folder of files atomically without touching the files adaptkit did not write.
+"""The one writer of adapter folders: ``adaptkit.save``, an adapted model's ``save_pretrained`` and the
+stock Trainer's checkpoints all go through :func:`commit`, with one set of rules:
 
-``adaptkit.save`` builds its files in a temporary folder beside the target, then swaps that folder
-into place in one step, so a crash leaves either the previous folder or the new one, never a mix.
-A target folder may also hold the user's own files (a tokenizer, notes, evaluation results): each
-save records the files it wrote (its manifest), and everything else in the old folder is carried
-into the new one as hard links before the swap, so the swap replaces only adaptkit's files.
-
-Temporary folders are named ``.<name>.tmp-<pid>-<random>``; one whose process is gone was left by
-a killed save and is removed by the next save to the same target. One file is written the same way
-(:func:`write_json`: a temporary name, then a rename).
+* the files are built in a temporary folder beside the target and swapped in with one rename
+  (``renameat2`` exchange where Linux has it), so a SIGKILL leaves the old folder or the new one;
+* every file the save wrote is listed with its sha256 in ``adaptkit_config.json`` (the manifest). A later
+  save replaces or drops only files whose content still has that digest: everything else is the user's
+  and is carried into the new folder as a hard link, with the modes and times it had;
+* a file another program wrote is never replaced, and one that ``from_pretrained`` reads (a base model's
+  ``config.json`` or weights) is never left beside a new adapter, where it would load as a hybrid: both refuse;
+* a symlink inside the folder is carried as a link, never written or deleted through;
+* a temporary folder is deleted only when it holds adaptkit's marker file and its process is gone.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import hashlib
 import json
 import os
-import re
 import shutil
+import stat
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
-from adaptkit.errors import ConfigError
+from adaptkit.errors import AdapterFormatError, ConfigError, ConfigTypeError
+from adaptkit.names import CONFIG_NAME, FORMAT
+
+MARK = ".adaptkit-temp"  # inside every temporary folder adaptkit makes; a look-alike without it is the user's
+# what from_pretrained (transformers, PEFT) reads from a folder's top level
+LOADED_FILES = {"config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"}
+# names a manifest of the first format (a plain list, no digests) may claim; any other name in it is the user's
+LEGACY_FILES = {CONFIG_NAME, "adapter_config.json", "adapter_model.safetensors", "model.safetensors", "README.md",
+                "config.json"}
+
+
+def read_json(path: Path, max_bytes: int = 16 << 20) -> Any:
+    """A JSON file someone else may have written: unreadable, not UTF-8, huge or deeply nested is a typed error."""
+    try:
+        if path.stat().st_size > max_bytes:
+            raise ValueError(f"{path.stat().st_size} bytes, more than a config holds")
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise AdapterFormatError(field=str(path), value=type(exc).__name__, problem=f"cannot be read: {exc}"[:300],
+                                 fix="pass a folder written by adaptkit.save (restore it from a good copy)") from None
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    """Write JSON atomically (a reader sees the old file or the new one) and never through a symlink."""
+    write_text(Path(path), json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def resolve_target(directory: str | Path) -> Path:
-    """The real folder a save should write: ``~`` expanded, ``.`` made absolute, a symlink followed
-    (the link stays and points at the new folder)."""
-    return Path(os.path.expanduser(os.fspath(directory))).resolve()
+def write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)  # O_EXCL: a planted link is not followed
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    if path.exists() and not path.is_symlink():
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+    os.replace(tmp, path)  # replaces a symlink itself, not what it points at
 
 
-def make_temp(target: Path) -> Path:
-    """A fresh temporary folder beside ``target`` (same filesystem, so renames are atomic)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(target)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
-
-
-def remove_stale_temps(target: Path) -> list[Path]:
-    """Remove temporary folders of earlier saves to ``target`` whose process no longer runs."""
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.tmp-(\d+)-[^/]+")
-    removed = []
-    for path in target.parent.glob(f".{glob_escape(target.name)}.tmp-*"):
-        match = pattern.fullmatch(path.name)
-        if match and path.is_dir() and not path.is_symlink() and not _alive(int(match.group(1))):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
+def digest(path: Path) -> str | None:
+    if path.is_symlink() or not path.is_file():
+        return None
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def files_under(folder: Path) -> list[str]:
-    """Every file (or symlink) below ``folder``, as sorted POSIX paths relative to it."""
+    """Every file or symlink below ``folder`` (symlinked folders are not entered), as sorted POSIX paths."""
     out = []
     for root, dirs, files in os.walk(folder):
         rel = Path(root).relative_to(folder)
-        out += [(rel / f).as_posix() for f in files]
-        out += [(rel / d).as_posix() for d in dirs if (Path(root) / d).is_symlink()]
+        out += [(rel / f).as_posix() for f in files] + [(rel / d).as_posix() for d in dirs if (Path(root) / d).is_symlink()]
     return sorted(out)
 
 
-def replace_owned(new: Path, target: Path, owned: Callable[[], Iterable[str]]) -> None:
-    """Put the finished folder ``new`` at ``target``, keeping every entry of an old ``target`` that is
-    not in ``owned()`` (the old folder's manifest, read again whenever a concurrent save changed the
-    folder). Refuses, before changing anything, when the new folder would overwrite a file adaptkit
-    did not write."""
+def owned_files(folder: Path) -> set[str]:
+    """The files of ``folder`` adaptkit can prove it wrote: listed in the manifest with the digest they still have."""
+    try:
+        data = read_json(folder / CONFIG_NAME)
+    except AdapterFormatError:
+        return set()
+    files = data.get("files") if isinstance(data, dict) and data.get("format") == FORMAT else None
+    if isinstance(files, dict):
+        return {CONFIG_NAME} | {r for r, d in files.items() if _inside(r) and digest(folder / r) == d}
+    if isinstance(files, list):  # the first format recorded names only: trust the names adaptkit writes
+        return {CONFIG_NAME} | {r for r in files if isinstance(r, str) and _inside(r) and Path(r).name in LEGACY_FILES
+                                and digest(folder / r) is not None}
+    return set()
+
+
+def _inside(rel: Any) -> bool:
+    return isinstance(rel, str) and bool(rel) and not Path(rel).is_absolute() and ".." not in Path(rel).parts
+
+
+def record(folder: Path, rel: str) -> None:
+    """After changing an adaptkit-written file in place (the card's training section): its new digest."""
+    data = read_json(folder / CONFIG_NAME)
+    if isinstance(data.get("files"), dict):
+        data["files"][rel] = digest(folder / rel)
+        write_json(folder / CONFIG_NAME, data)
+
+
+def target_of(directory: Any, field: str = "directory") -> Path:
+    """The folder a save writes: ``~`` expanded, a symlinked folder followed (the link stays), the parent made."""
+    if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
+        raise ConfigTypeError(field=field, value=directory, problem=f"expected a folder path, got {type(directory).__name__}",
+                              fix=f"pass a str or pathlib.Path, e.g. {field}='out/adapter'")
+    try:
+        target = Path(os.path.expanduser(os.fspath(directory))).resolve()
+        if target.exists() and not target.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "is a file, not a folder")
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (OSError, RuntimeError) as exc:  # a file on the way, a symlink loop, /proc
+        raise ConfigError(field=field, value=str(directory), problem=f"cannot hold an adapter folder: "
+                          f"{getattr(exc, 'strerror', None) or exc}", fix="pass a new or adapter folder under one you can "
+                          "write to") from None
+    return target
+
+
+def commit(directory: Any, build: Callable[[Path], dict[str, Any]], field: str = "directory") -> Path:
+    """Write an adapter folder at ``directory``: ``build(folder)`` writes the files into an empty folder and
+    returns adaptkit_config.json's contents, which get the manifest and are written last."""
+    target = target_of(directory, field)
+    remove_stale_temps(target)
+    try:
+        work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    except OSError as exc:
+        raise ConfigError(field=field, value=str(directory), problem=f"cannot be written: {exc.strerror}",
+                          fix="pass a folder you can write to") from None
+    (work / MARK).write_text(str(target))
+    new = work / "folder"
+    try:
+        new.mkdir()
+        meta = build(new)
+        meta["files"] = {rel: digest(new / rel) for rel in files_under(new)}
+        write_json(new / CONFIG_NAME, meta)
+        _swap(new, target, set(meta["files"]) | {CONFIG_NAME}, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def _swap(new: Path, target: Path, written: set[str], work: Path) -> None:
     for _ in range(5):  # a concurrent saver may create or swap the target between our steps
         if not target.exists():
             try:
@@ -98,46 +156,44 @@ def replace_owned(new: Path, target: Path, owned: Callable[[], Iterable[str]]) -
                 if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                     raise
                 continue  # another save created it first: carry its user files over, then swap
-        owned_now = set(owned())
-        _carry_over(target, new, owned_now)
+        owned = owned_files(target)
+        _carry_over(target, new, owned, written)
         cwd = _cwd_inside(target)
         if _exchange(new, target):
-            old = new  # after the swap the temporary name holds the previous folder
+            old = new  # the temporary name now holds the previous folder
         else:
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
             try:
-                os.rename(target, old / "previous")
+                os.rename(target, work / "previous")
             except FileNotFoundError:  # a concurrent save moved it first
-                shutil.rmtree(old, ignore_errors=True)
                 continue
             os.rename(new, target)
-            old = old / "previous"
+            old = work / "previous"
         if cwd is not None:  # the process stood in the old folder; stand in the new one at the same path
             os.chdir(cwd)
-        # files the user wrote into the old folder while this save ran
-        _carry_over(old, target, owned_now, move=True)
-        shutil.rmtree(old if old.parent == target.parent else old.parent, ignore_errors=True)
+        _carry_over(old, target, owned, written, move=True)  # what the user wrote there while this save ran
+        os.chmod(old, 0o700)
         return
     raise ConfigError(field="directory", value=str(target), problem="kept changing while saving into it",
                       fix="let one process save to this folder at a time")
 
 
-def _carry_over(src: Path, dst: Path, owned: set[str], move: bool = False) -> None:
-    """Recreate in ``dst`` every entry of ``src`` that is not ``owned``: hard links (a copy where the
-    filesystem has none), or a rename when ``move``. Entries that ``dst`` already has are skipped
-    when moving and refused otherwise (the new save would replace a file it does not own)."""
-    if not src.is_dir():
-        return
+def _carry_over(src: Path, dst: Path, owned: set[str], written: set[str], move: bool = False) -> None:
+    """Recreate in ``dst`` every entry of ``src`` adaptkit cannot prove it wrote (hard links, a copy where the
+    filesystem has none, a rename when ``move``), with modes and times; refuse what the new save would replace
+    or leave beside it for from_pretrained to read."""
     for rel in files_under(src):
-        if rel in owned:
-            continue
         a, b = src / rel, dst / rel
-        if b.exists() or b.is_symlink():
-            if move or (b.exists() and os.path.samefile(a, b)):  # linked on an earlier try of this save
-                continue
-            raise ConfigError(field="directory", value=str(src / rel),
-                              problem="is a file adaptkit did not write, and the new save writes a file of that name",
-                              fix="move or rename that file, or save into another folder")
+        if rel in owned:
+            if b.exists() and not move:
+                os.chmod(b, stat.S_IMODE(a.stat().st_mode))  # a file adaptkit rewrites keeps its mode
+            continue
+        if not move and (rel in written or rel in LOADED_FILES) and not (b.exists() and os.path.samefile(a, b)):
+            what = "the new save writes a file of that name" if rel in written else \
+                "left beside the new adapter, from_pretrained would load it with it"
+            raise ConfigError(field="directory", value=str(a), problem=f"is a file adaptkit did not write (or changed "
+                              f"since); {what}", fix="move or rename that file, or save into another folder")
+        if b.exists() or b.is_symlink():  # linked on an earlier try, or the new save's (when moving)
+            continue
         b.parent.mkdir(parents=True, exist_ok=True)
         if move:
             os.rename(a, b)
@@ -145,14 +201,46 @@ def _carry_over(src: Path, dst: Path, owned: set[str], move: bool = False) -> No
             os.symlink(os.readlink(a), b)
         else:
             try:
-                os.link(a, b)
+                os.link(a, b, follow_symlinks=False)
             except OSError:
-                shutil.copy2(a, b)
-    for root, dirs, _ in os.walk(src):  # empty folders of the user's
+                shutil.copy2(a, b, follow_symlinks=False)
+    if move:
+        return
+    for root, dirs, _ in os.walk(src, topdown=False):  # the user's folders, empty ones too, as they were
         for d in dirs:
             a = Path(root) / d
-            if not a.is_symlink() and not any(a.iterdir()):
+            if not a.is_symlink():
                 (dst / a.relative_to(src)).mkdir(parents=True, exist_ok=True)
+                shutil.copystat(a, dst / a.relative_to(src))
+    os.chmod(dst, stat.S_IMODE(src.stat().st_mode))  # 0700, 2775, 0555 stay what they were
+
+
+def remove_stale_temps(target: Path) -> list[Path]:
+    """Remove temporary folders of earlier saves to ``target`` (with adaptkit's marker) whose process is gone."""
+    removed = []
+    for path in target.parent.glob(f".{_glob_escape(target.name)}.tmp-*"):
+        pid = path.name[len(target.name) + 6:].split("-")[0]
+        mark = path / MARK
+        if (pid.isdigit() and path.is_dir() and not path.is_symlink() and mark.is_file() and not mark.is_symlink()
+                and not _alive(int(pid))):
+            os.chmod(path, 0o700)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def _cwd_inside(target: Path) -> str | None:
@@ -160,13 +248,12 @@ def _cwd_inside(target: Path) -> str | None:
         cwd = os.getcwd()
     except FileNotFoundError:
         return None
-    inside = Path(cwd) == target or target in Path(cwd).parents
-    return cwd if inside else None
+    return cwd if Path(cwd) == target or target in Path(cwd).parents else None
 
 
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished folder ``src`` to ``dst``, replacing all of an old ``dst`` (a checkpoint
-    folder holds only what its writer put there). Atomic where the OS can swap two paths."""
+    """Move the finished folder ``src`` to ``dst``, replacing all of an old ``dst`` (a checkpoint folder holds
+    only what its writer put there). Atomic where the OS can swap two paths."""
     if dst.exists() and _exchange(src, dst):
         shutil.rmtree(src, ignore_errors=True)  # ``src`` now holds the old folder
         return
@@ -180,10 +267,8 @@ def replace_dir(src: Path, dst: Path) -> None:
 
 
 def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically (Linux >= 3.15 renameat2 RENAME_EXCHANGE), so ``b`` is never
-    missing, even if the process dies here; False where the call or the filesystem cannot."""
-    import ctypes
-    import sys
+    """Swap two paths atomically (Linux >= 3.15 renameat2 RENAME_EXCHANGE), so ``b`` is never missing, even if
+    the process dies here; False where the call or the filesystem cannot."""
     if not sys.platform.startswith("linux"):
         return False
     rename = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)

@@ -1,64 +1,92 @@
-"""What an adapter folder records besides its tensors, how ``load`` reads it, and the checks it makes first.
+"""What an adapter folder holds, how it is written (through ``folders.commit``) and read back, and the checks
+``load`` makes before any tensor lands in a model.
 
-Every folder ``adaptkit.save`` (or an adapted model's ``save_pretrained``) writes holds:
+Every folder holds ``adaptkit_config.json`` (the strategy and its options, the base model: an absolute path or
+a hub id, its class, a fingerprint of its config and a sample of its input embeddings; the label names; the
+manifest), the trained tensors (PEFT's own folder for PEFT strategies; ``model.safetensors`` for native ones,
+the name the stock Trainer reloads checkpoints from; for ``full`` with the model's own ``config.json``, so it
+is a whole model) and ``README.md``, the model card (``adaptkit.card``).
 
-* ``adaptkit_config.json``: the strategy and its options, the base model (an absolute path or a hub
-  id with its revision, its class, and a fingerprint of its config) and the label names;
-* the trained tensors: PEFT's ``adapter_model.safetensors`` (+ ``adapter_config.json``) for PEFT
-  strategies, ``model.safetensors`` for native ones (the name the stock ``Trainer`` reloads
-  checkpoints and the best model from; for ``bottleneck`` and ``linear_probe`` it holds only the trained
-  tensors, for ``full`` the whole model);
-* ``config.json``: for ``full`` the model's own (``from_pretrained`` loads the folder exactly); for the
-  other native strategies and PEFT prompt learning (prefix) a config of model type ``adaptkit``, so
-  ``from_pretrained`` refuses the folder (naming ``adaptkit.load``), through an ``Auto`` class or a
-  concrete one, instead of filling a base model with a few tensors or failing inside PEFT; LoRA-family
-  folders have none, and transformers' PEFT integration loads them onto the recorded base exactly;
-* ``README.md``: the model card (``adaptkit.card``).
+Loading elsewhere (no adaptkit import needed; adaptkit registers nothing in transformers):
+
+| folder | ``AutoModel*.from_pretrained(folder)`` | ``pipeline(model=folder)`` labels |
+|---|---|---|
+| lora, ia3 and other injectable PEFT methods | loads the recorded base + adapter exactly | the base's own |
+| prefix and other prompt learning | transformers refuses (``does not support prompt learning``) | - |
+| bottleneck, linear_probe | transformers refuses (``config.json`` with ``model_type: adaptkit``, sizes null) | - |
+| full | a whole model, exactly | the saved ones |
+
+``adaptkit.load(folder, base)`` loads all of them and restores the label names.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import re
 from pathlib import Path
 from typing import Any
 
+import torch
+import transformers
+from peft import PeftConfig, PeftType
+from peft.utils import get_peft_model_state_dict
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from adaptkit import card, folders, strategies, targets
-from adaptkit.errors import AdapterFormatError, BaseMismatchError
-from adaptkit.strategies.base import CONFIG_NAME, MARKER, WEIGHTS_NAME, PeftStrategy, Strategy, weights_file, write_config
+from adaptkit.errors import AdapterFormatError, BaseMismatchError, ConfigError, ConfigTypeError
+from adaptkit.names import ADAPTKIT_MODEL_TYPE, CONFIG_NAME, FORMAT, FROM_CONFIG_SEED, MARKER, WEIGHTS_NAME
+from adaptkit.strategies.base import PeftStrategy, Strategy, weights_file
+from adaptkit.strategies.peft_method import PeftMethod
 
-FORMAT = "adaptkit-adapter/1"
 FILE_KEYS = {"format", "adaptkit_version", "base_model", "base", "labels", "strategy", "adapters", "files"}
-ADAPTKIT_MODEL_TYPE = "adaptkit"  # config.json's model_type in native partial folders
-# the base config's fields that decide whether saved tensors can fit it
-FINGERPRINT = ("model_type", "hidden_size", "vocab_size", "num_hidden_layers")
+FINGERPRINT = ("model_type", "hidden_size", "vocab_size", "num_hidden_layers")  # what saved tensors must fit
+# config.json of a native partial folder (bottleneck, linear_probe): without one, transformers builds a concrete
+# class's default config and would load the few saved tensors into a random BERT-base; with sizes null (this is
+# no whole model), its strict config refuses, and an Auto class refuses the unknown model type
+REFUSE = {"model_type": ADAPTKIT_MODEL_TYPE, **dict.fromkeys(("vocab_size", "hidden_size", "d_model", "n_embd", "dim"))}
+SAMPLE = 8  # values of the input embeddings recorded: a base with other weights (another seed) is refused
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    from peft import PeftModel
-    return model.get_base_model() if isinstance(model, PeftModel) else model
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def adapter_name(name: Any, field: str = "name") -> str:
+    """A PEFT adapter name is a module key and a sub-folder name: no path, no dot, not empty."""
+    if not isinstance(name, str):
+        raise ConfigTypeError(field=field, value=name, problem=f"expected a str, got {type(name).__name__}", fix="pass a name like 'sst2'")
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}", name):
+        raise ConfigError(field=field, value=name, problem="is not an adapter name (letters, digits, _ and -; no '/', '.', "
+                          "or ''; it names a module and a sub-folder)", fix="use a name like 'sst2' or 'task_b'")
+    return name
+
+
+def _embedding_sample(model: nn.Module) -> list[float] | None:
+    weight = getattr(unwrap(model).get_input_embeddings(), "weight", None) if hasattr(unwrap(model), "get_input_embeddings") else None
+    if not isinstance(weight, torch.Tensor) or weight.is_meta or type(weight) not in (torch.Tensor, nn.Parameter):
+        return None
+    flat = weight.detach().reshape(-1)
+    return [float(flat[i * (flat.numel() - 1) // (SAMPLE - 1)]) for i in range(SAMPLE)]
 
 
 def base_record(model: nn.Module) -> dict[str, Any]:
-    """Where the base came from (absolute if local, so the folder works from any working directory),
-    its revision, its class, and the fields of its config that saved tensors depend on."""
-    base = unwrap(model)
+    """Where the base came from (absolute if local), its class, the config fields saved tensors depend on, and a
+    sample of its frozen input embeddings (a model built from a config also records the seed it was built with)."""
+    base, strategy = unwrap(model), model.__dict__.get(MARKER)
     config = getattr(base, "config", None)
     name = getattr(config, "name_or_path", None) or None
     if name and Path(name).exists():
         name = str(Path(name).resolve())
-    return {"name_or_path": name, "revision": getattr(config, "_commit_hash", None),
-            "class": type(base).__name__,
-            "config": {key: _plain(getattr(config, key, None)) for key in FINGERPRINT}}
-
-
-def _plain(value: Any) -> Any:
-    return value if value is None or isinstance(value, (int, str, float)) else str(value)
+    plain = {k: v if v is None or isinstance(v, (int, str, float)) else str(v)
+             for k in FINGERPRINT for v in [getattr(config, k, None)]}
+    sample = _embedding_sample(model) if strategy is None or strategy.freezes_base else None
+    return {"name_or_path": name, "class": type(base).__name__, "config": plain, "embedding_sample": sample,
+            "seed": base.__dict__.get(FROM_CONFIG_SEED)}
 
 
 def label_names(model: nn.Module) -> dict[str, dict] | None:
-    """id2label / label2id of a model with a new task head (a classifier), else None."""
     base = unwrap(model)
     config = getattr(base, "config", None)
     if not targets.new_head_names(base) or not getattr(config, "id2label", None):
@@ -67,229 +95,175 @@ def label_names(model: nn.Module) -> dict[str, dict] | None:
             "label2id": {str(n): int(i) for n, i in config.label2id.items()}}
 
 
-def version() -> str:
-    from importlib.metadata import PackageNotFoundError, version as installed
-    try:
-        return installed("adaptkit")
-    except PackageNotFoundError:
-        return "unknown"
+def save(model: nn.Module, directory: Any, state_dict: dict | None = None, field: str = "directory") -> Path:
+    """Write the adapter folder through the one writer (``folders.commit``)."""
+    return folders.commit(directory, lambda tmp: write_folder(model, tmp, state_dict), field)
 
 
-def metadata(model: nn.Module) -> dict[str, Any]:
-    strategy = model.__dict__[MARKER]
-    record = base_record(model)
-    return {"format": FORMAT, "adaptkit_version": version(), "base_model": record["name_or_path"], "base": record,
-            "labels": label_names(model), "strategy": strategy.to_dict()}
-
-
-def write_folder(model: nn.Module, directory: Path, state_dict: dict | None = None) -> None:
-    """Write every file of an adapter folder into ``directory`` (an empty temporary folder); the last is
-    adaptkit_config.json, whose ``files`` list (the manifest) names every file this save owns."""
+def write_folder(model: nn.Module, directory: Path, state_dict: dict | None = None) -> dict[str, Any]:
+    """Write the adapter's files into ``directory`` (empty); return adaptkit_config.json's contents."""
     strategy = model.__dict__[MARKER]
     strategy.save(model, directory, state_dict=state_dict)
-    data = metadata(model)
+    base = base_record(model)
+    try:
+        version = importlib.metadata.version("adaptkit")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    data = {"format": FORMAT, "adaptkit_version": version, "base_model": base["name_or_path"], "base": base,
+            "labels": label_names(model), "strategy": strategy.to_dict()}
     if len(getattr(model, "peft_config", None) or {}) > 1:  # named adapters: PEFT writes each in <name>/
         data["adapters"] = {"names": sorted(model.peft_config), "active": model.active_adapter}
-    if isinstance(strategy, PeftStrategy):
-        _absolute_peft_base(directory, data["base_model"])
-    if _refuse_from_pretrained(model, strategy):
-        import transformers
-        write_config(refusing_config(transformers.__version__), directory / "config.json")
-    (directory / "README.md").write_text(card.model_card(model, data))
-    data["files"] = sorted({*folders.files_under(directory), CONFIG_NAME})
-    write_config(data, directory / CONFIG_NAME)
-
-
-def refusing_config(transformers_version: str) -> dict[str, Any]:
-    """config.json of a folder that from_pretrained must refuse.
-
-    ``AutoModel*`` reads model type ``adaptkit`` and reaches ``adaptkit.hf``'s stand-in, which raises the fix. A
-    concrete class (``BertForSequenceClassification.from_pretrained(folder)``) skips the model type: it
-    builds its own config class from these keys with defaults for the rest, and on a base of default sizes
-    (BERT-base) it would load the few saved tensors into a randomly initialised model. transformers' configs
-    are strict dataclasses, so the size fields every architecture has under one of these names hold the
-    fix as text: the concrete class's config refuses the folder and its error shows that text.
-    """
-    fix = "an adaptkit adapter, not a whole model: load it with adaptkit.load(folder, base_model)"
-    return {"model_type": ADAPTKIT_MODEL_TYPE, "transformers_version": transformers_version, "adaptkit": fix,
-            **{key: fix for key in _SIZE_FIELDS}}
-
-
-# size fields, named as the config classes name them (BERT/ViT/Llama, T5/BART, GPT-2)
-_SIZE_FIELDS = ("vocab_size", "hidden_size", "d_model", "n_embd")
-
-
-def _refuse_from_pretrained(model: nn.Module, strategy) -> bool:
-    """Folders that transformers' from_pretrained cannot load exactly: native partial ones, and prompt
-    learning (prefix, prompt tuning), which its PEFT integration cannot inject. A config.json beside
-    adapter_config.json also keeps from_pretrained from switching to the recorded base."""
-    if isinstance(strategy, PeftStrategy):
-        config = model.peft_config[model.active_adapter]
-        return bool(getattr(config, "is_prompt_learning", False))
-    return strategy.freezes_base
-
-
-def _absolute_peft_base(directory: Path, base: str | None) -> None:
-    """PEFT records the base as it was typed (often relative); from_pretrained of the folder elsewhere
-    would then look for it on the hub. Record the resolved path."""
-    for path in directory.rglob("adapter_config.json"):
+    for path in directory.rglob("adapter_config.json"):  # PEFT records the base as typed (often relative)
         config = json.loads(path.read_text())
-        if base and config.get("base_model_name_or_path") != base:
-            config["base_model_name_or_path"] = base
-            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if base["name_or_path"] and config.get("base_model_name_or_path") != base["name_or_path"]:
+            path.write_text(json.dumps({**config, "base_model_name_or_path": base["name_or_path"]}, indent=2) + "\n")
+    if strategy.freezes_base and not isinstance(strategy, PeftStrategy):  # see REFUSE below
+        (directory / "config.json").write_text(json.dumps(REFUSE | {"transformers_version": transformers.__version__}))
+    card.write(model, directory, data)
+    return data
 
 
 # ---- reading ------------------------------------------------------------------------------------------
-def check_base(directory: Path, saved: dict[str, Any], base_model: nn.Module) -> None:
-    """Refuse a base whose architecture, hidden size, vocabulary or depth differs from the saved one."""
-    record = saved.get("base") or {}
-    expected = record.get("config") or {}
-    actual = base_record(base_model)
-    wrong = {k: (v, actual["config"].get(k)) for k, v in expected.items()
-             if v is not None and actual["config"].get(k) is not None and actual["config"][k] != v}
+def read_file(directory: Path) -> tuple[Strategy, dict[str, Any]]:
+    """``adaptkit_config.json``, validated: unknown keys or wrong types raise, nothing executes."""
+    path = directory / CONFIG_NAME
+    data = folders.read_json(path)
+    if not isinstance(data, dict) or set(data) - FILE_KEYS or data.get("format") != FORMAT:
+        raise AdapterFormatError(field=str(path), value=sorted(data) if isinstance(data, dict) else type(data).__name__,
+                                 problem=f"is not an {FORMAT} file", fix="pass a folder written by adaptkit.save of this version")
+    for key, kind in (("strategy", dict), ("base", (dict, type(None))), ("labels", (dict, type(None)))):
+        if not isinstance(data.get(key), kind) or (key == "base" and not isinstance((data[key] or {}).get("config", {}), dict)):
+            raise AdapterFormatError(field=f"{path}:{key}", value=data.get(key), problem="must be an object",
+                                     fix="re-save the adapter with adaptkit.save")
+    spec = data["strategy"]
+    cls = strategies.get(str(spec.get("strategy")))
+    # an option added since the folder was saved takes the value the folder was trained with, not today's default
+    return cls.from_dict({**cls.saved_before, **spec}), data
+
+
+def read_adapters(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    spec = data.get("adapters") or {"names": ["default"], "active": "default"}
+    names = spec.get("names") if isinstance(spec, dict) else None
+    try:
+        ok = isinstance(names, list) and "default" in names and spec.get("active") in names and all(
+            adapter_name(n) for n in names)
+    except ConfigError:
+        ok = False
+    if not ok:
+        raise AdapterFormatError(field=f"{path}:adapters", value=spec, fix="save the adapter again with adaptkit.save",
+                                 problem="must list the adapter names (including 'default') and the active one")
+    return spec
+
+
+def read_peft_config(folder: Path, base_model: nn.Module | None = None) -> PeftConfig:
+    """``adapter_config.json`` as a peft.PeftConfig: not JSON, an unknown method, fields PEFT refuses or a task
+    type another than the base's is a typed error naming the file."""
+    path = folder / "adapter_config.json"
+    data = folders.read_json(path)
+    known = sorted(t.value for t in PeftType)
+    if not isinstance(data, dict) or data.get("peft_type") not in known:
+        raise AdapterFormatError(field=f"{path}:peft_type", value=data.get("peft_type") if isinstance(data, dict)
+                                 else type(data).__name__, problem="is not a PEFT method",
+                                 fix=f"the file must name one of {known}; restore it or save the adapter again")
+    try:
+        config = PeftConfig.from_pretrained(str(folder))
+        PeftMethod.from_peft_config(config)  # field types: PEFT keeps r="8" and fails deep inside a layer
+    except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as exc:
+        raise AdapterFormatError(field=str(path), value=data.get("peft_type"), problem=f"refused by PEFT: "
+                                 f"{type(exc).__name__}: {exc}"[:400], fix="restore the file from a good copy, or save "
+                                 "the adapter again") from None
+    want = targets.peft_task_type(unwrap(base_model)) if base_model is not None else None
+    if config.task_type is not None and want is not None and str(config.task_type) != str(want):
+        raise AdapterFormatError(field=f"{path}:task_type", value=str(config.task_type), problem=f"does not match "
+                                 f"{type(unwrap(base_model)).__name__} ({want})", fix="load onto the kind of model the "
+                                 "adapter was trained on (same task class)")
+    return config
+
+
+def check_agreement(directory: Path, strategy: Strategy, peft_config: PeftConfig, base_model: nn.Module) -> None:
+    """adaptkit_config.json and adapter_config.json must say the same (PEFT would load with its own values)."""
+    expected = strategy.peft_config(base_model).to_dict()
+    saved = peft_config.to_dict()
+    wrong = {k: (v, saved[k]) for k, v in expected.items() if k in saved and isinstance(v, (int, float))
+             and isinstance(saved[k], (int, float)) and k != "inference_mode" and v != saved[k]}
     if wrong:
-        detail = ", ".join(f"{k} {a!r} != saved {s!r}" for k, (s, a) in wrong.items())
-        def named(cls, path):
-            return f"{cls} ({path})" if path else str(cls)
-        raise BaseMismatchError(
-            field="base_model", value=named(actual["class"], actual["name_or_path"]),
-            problem=f"is not the base this adapter was trained on, "
-                    f"{named(record.get('class'), record.get('name_or_path'))}: {detail}",
-            fix=f"load the base recorded in {directory / CONFIG_NAME} and pass it to adaptkit.load")
+        raise AdapterFormatError(field=f"{directory / 'adapter_config.json'}", value={k: s for k, (_, s) in wrong.items()},
+                                 problem=f"contradicts {CONFIG_NAME} ({', '.join(f'{k}={e}' for k, (e, _) in wrong.items())})",
+                                 fix="restore the folder from a good copy, or save the adapter again")
+
+
+def check_base(directory: Path, saved: dict[str, Any], base_model: nn.Module) -> None:
+    """Refuse a base whose architecture, sizes or weights differ from the one the adapter was trained on."""
+    record, actual = saved.get("base") or {}, base_record(base_model)
+    wrong = {k: (v, actual["config"].get(k)) for k, v in (record.get("config") or {}).items()
+             if v is not None and actual["config"].get(k) is not None and actual["config"][k] != v}
+    detail = ", ".join(f"{k} {a!r} != saved {s!r}" for k, (s, a) in wrong.items())
+    sample, here = record.get("embedding_sample"), _embedding_sample(base_model)
+    if not wrong and isinstance(sample, list) and here is not None and len(sample) == len(here):
+        if not torch.allclose(torch.tensor(here), torch.tensor(sample, dtype=torch.float32), rtol=1e-2, atol=1e-3):
+            detail = "its input embeddings hold other values (other weights, e.g. another seed)"
+    if not detail:
+        return
+    named = lambda cls, path: f"{cls} ({path})" if path else str(cls)  # noqa: E731
+    seed = record.get("seed")
+    fix = (f"build the base as it was: transformers.set_seed({seed}), then from_config(config)" if seed is not None
+           else f"load the base recorded in {directory / CONFIG_NAME} and pass it to adaptkit.load")
+    raise BaseMismatchError(field="base_model", value=named(actual["class"], actual["name_or_path"]), fix=fix,
+                            problem=f"is not the base this adapter was trained on, "
+                                    f"{named(record.get('class'), record.get('name_or_path'))}: {detail}")
 
 
 def restore_labels(saved: dict[str, Any], base_model: nn.Module) -> None:
     """Put the saved label names on the base's config, so outputs and pipelines name the classes."""
-    labels = saved.get("labels")
-    config = getattr(unwrap(base_model), "config", None)
+    labels, config = saved.get("labels"), getattr(unwrap(base_model), "config", None)
     if not labels or config is None:
         return
     try:
         id2label = {int(i): str(n) for i, n in labels["id2label"].items()}
         label2id = {str(n): int(i) for n, i in labels["label2id"].items()}
     except (KeyError, TypeError, ValueError, AttributeError):
-        raise AdapterFormatError(field=f"{CONFIG_NAME}:labels", value=labels,
-                                 problem="must hold id2label and label2id maps",
-                                 fix="re-save the adapter with adaptkit.save") from None
-    if len(id2label) != config.num_labels:
-        return  # the head-shape check names the mismatch; no half-renamed labels here
-    config.id2label, config.label2id = id2label, label2id
+        raise AdapterFormatError(field=f"{CONFIG_NAME}:labels", value=labels, problem="must hold id2label and label2id "
+                                 "maps", fix="re-save the adapter with adaptkit.save") from None
+    if len(id2label) == config.num_labels:  # else the head-shape check names the mismatch
+        config.id2label, config.label2id = id2label, label2id
 
 
-def fill_task_type(directory: Path, options: dict[str, Any], base_model: nn.Module, saved_keys: list[str]) -> None:
-    """A PEFT folder saved without ``task_type`` would load onto a classifier as a plain PeftModel and
-    leave its head as the base has it (random when freshly added). Fill the task type (and the head in
-    ``modules_to_save``) in ``options`` when the saved tensors hold the head; refuse when they do not."""
+def fill_task_type(directory: Path, config: PeftConfig, base_model: nn.Module, saved_keys: list[str]) -> None:
+    """A PEFT folder saved without ``task_type`` would load onto a classifier as a plain PeftModel and leave its
+    head as the base has it (random when freshly added). Fill in the task type and the head when the saved
+    tensors hold the head; refuse when they do not."""
     base = unwrap(base_model)
     heads = targets.new_head_names(base)
-    if options.get("task_type") is not None or not heads:
+    if config.task_type is not None or not heads:
         return
-    def saved(head: str) -> bool:
-        return any(k.startswith(f"base_model.model.{head}.") for k in saved_keys)
-    if all(saved(h) for h in heads):
-        options["task_type"] = targets.peft_task_type(base)
-        options["modules_to_save"] = sorted(set(options.get("modules_to_save") or []) | set(heads))
-        return
-    raise AdapterFormatError(
-        field=f"{directory / 'adapter_config.json'}:task_type", value=None,
-        problem=f"the folder holds no trained {heads} for this {type(base).__name__}; loaded, its head would "
-                "stay as the base has it (random if freshly added)",
-        fix="re-save the adapter with task_type set (e.g. 'SEQ_CLS'; PEFT then saves the head), or load it "
-            "onto a model without a task head (AutoModel)")
+    if not all(any(k.startswith(f"base_model.model.{h}.") for k in saved_keys) for h in heads):
+        raise AdapterFormatError(field=f"{directory / 'adapter_config.json'}:task_type", value=None,
+                                 problem=f"the folder holds no trained {heads} for this {type(base).__name__}; loaded, "
+                                         "its head would stay as the base has it (random if freshly added)",
+                                 fix="re-save the adapter with task_type set (e.g. 'SEQ_CLS'; PEFT then saves the head), "
+                                     "or load it onto a model without a task head (AutoModel)")
+    config.task_type = targets.peft_task_type(base)
+    config.modules_to_save = sorted(set(config.modules_to_save or []) | set(heads))
 
 
-def read_config(directory: Path) -> Strategy:
-    """Read and validate ``adaptkit_config.json``: unknown keys or wrong types raise, nothing executes."""
-    return read_file(directory)[0]
-
-
-def read_file(directory: Path) -> tuple[Strategy, dict[str, Any]]:
-    path = directory / CONFIG_NAME
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise AdapterFormatError(field=str(path), value=type(exc).__name__, problem=f"cannot be read: {exc}",
-                                 fix="pass a folder written by adaptkit.save") from None
-    if not isinstance(data, dict) or set(data) - FILE_KEYS or data.get("format") != FORMAT:
-        raise AdapterFormatError(field=str(path), value=sorted(data) if isinstance(data, dict) else data,
-                                 problem=f"is not an {FORMAT} file",
-                                 fix="pass a folder written by adaptkit.save of this version")
-    spec = data.get("strategy")
-    if not isinstance(spec, dict):
-        raise AdapterFormatError(field=f"{path}:strategy", value=spec, problem="must be an object",
-                                 fix="re-save the adapter with adaptkit.save")
-    cls = strategies.get(str(spec.get("strategy")))
-    # an option added since the folder was saved takes the value the folder was trained with, not today's default
-    return cls.from_dict({**cls.saved_before, **spec}), data
-
-
-def read_peft_config(folder: Path):
-    """``adapter_config.json`` as a peft.PeftConfig; a file that is not JSON, names an unknown PEFT
-    method or holds fields PEFT refuses is a typed error naming the file."""
-    from peft import PeftConfig, PeftType
-    path = folder / "adapter_config.json"
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise AdapterFormatError(field=str(path), value=type(exc).__name__, problem=f"cannot be read: {exc}",
-                                 fix="restore the folder from a good copy, or save the adapter again") from None
-    known = sorted(t.value for t in PeftType)
-    if not isinstance(data, dict) or data.get("peft_type") not in known:
-        value = data.get("peft_type") if isinstance(data, dict) else type(data).__name__
-        raise AdapterFormatError(field=f"{path}:peft_type", value=value, problem="is not a PEFT method",
-                                 fix=f"the file must name one of {known}; restore it or save the adapter again")
-    from adaptkit.strategies.peft_method import PeftMethod
-    try:
-        config = PeftConfig.from_pretrained(str(folder))
-        PeftMethod.from_peft_config(config)  # field types: PEFT keeps r="8" and fails deep inside a layer
-    except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise AdapterFormatError(field=str(path), value=data.get("peft_type"),
-                                 problem=f"refused by PEFT: {type(exc).__name__}: {exc}",
-                                 fix="restore the file from a good copy, or save the adapter again") from None
-    return config
-
-
-def read_adapters(directory: Path) -> dict[str, Any]:
-    path = directory / CONFIG_NAME
-    spec = json.loads(path.read_text()).get("adapters") or {"names": ["default"], "active": "default"}
-    names, active = spec.get("names") if isinstance(spec, dict) else None, spec.get("active") if isinstance(spec, dict) else None
-    if (not isinstance(names, list) or "default" not in names or active not in names
-            or not all(isinstance(n, str) and n and "/" not in n and not n.startswith(".") for n in names)):
-        raise AdapterFormatError(field=f"{path}:adapters", value=spec,
-                                 problem="must list the adapter names (including 'default') and the active one",
-                                 fix="save the adapter again with adaptkit.save")
-    return {"names": names, "active": active}
-
-
-def check_prompt_shape(folder: Path, base_model: nn.Module) -> None:
-    """PEFT builds a prefix from the sizes in adapter_config.json, not the model's: a prefix trained on
-    another width or depth loads, then fails at the first forward. Compare them up front."""
-    from peft.utils.other import _prepare_prompt_learning_config
-    config = read_peft_config(folder)
-    if not config.is_prompt_learning:
-        return
+def check_prompt_shape(folder: Path, config: PeftConfig, base_model: nn.Module) -> None:
+    """PEFT builds a prefix from the sizes in adapter_config.json, not the model's: a prefix trained on another
+    width or depth loads, then fails at the first forward. Compare them up front."""
     model_config = getattr(unwrap(base_model), "config", None)
-    if model_config is None:
+    if not config.is_prompt_learning or model_config is None:
         return
-    fresh = type(config)(num_virtual_tokens=config.num_virtual_tokens, task_type=config.task_type)
-    try:
-        fresh = _prepare_prompt_learning_config(fresh, model_config)
-    except ValueError:
-        return
-    for field in ("token_dim", "num_layers", "num_attention_heads"):
-        saved, here = getattr(config, field, None), getattr(fresh, field, None)
+    for field, keys in (("token_dim", ("hidden_size", "n_embd", "d_model")), ("num_layers", ("num_hidden_layers", "n_layer"))):
+        here = next((getattr(model_config, k) for k in keys if isinstance(getattr(model_config, k, None), int)), None)
+        saved = getattr(config, field, None)
         if saved is not None and here is not None and saved != here:
-            raise AdapterFormatError(
-                field=f"{folder / 'adapter_config.json'}:{field}", value=saved,
-                problem=f"the prefix was trained on a model with {field}={saved}; this base model has {here}",
-                fix="load it onto the base model it was trained on (same width and depth)")
+            raise AdapterFormatError(field=f"{folder / 'adapter_config.json'}:{field}", value=saved,
+                                     problem=f"the prefix was trained on a model with {field}={saved}; this base model "
+                                             f"has {here}", fix="load it onto the base model it was trained on")
 
 
 def check_peft_keys(model: nn.Module, name: str, folder: Path) -> None:
-    """Every tensor in the file must have been loaded into an adapter module, and every adapter module
-    must have come from the file (PEFT only warns about either)."""
-    from peft.utils import get_peft_model_state_dict
-    from safetensors import safe_open
+    """Every tensor in the file must have been loaded into an adapter module, and every adapter module must
+    have come from the file (PEFT only warns about either)."""
     with safe_open(str(folder / WEIGHTS_NAME), "pt") as f:
         saved = set(f.keys())
     expected = set(get_peft_model_state_dict(model, adapter_name=name))
@@ -297,17 +271,15 @@ def check_peft_keys(model: nn.Module, name: str, folder: Path) -> None:
     if missing or unexpected:
         raise AdapterFormatError(
             field=str(folder / WEIGHTS_NAME), value={"missing": missing[:3], "unexpected": unexpected[:3]},
-            problem=f"the weights do not match the model's adapter modules ({len(missing)} missing, "
-                    f"{len(unexpected)} unexpected): adapter_config.json and the weights disagree, or this is "
-                    "another base model",
+            problem=f"the weights do not match the model's adapter modules ({len(missing)} missing, {len(unexpected)} "
+                    "unexpected): adapter_config.json and the weights disagree, or this is another base model",
             fix="load onto the base model (task class and architecture) the adapter was trained on, with the "
                 "adapter_config.json saved beside the weights")
 
 
 def check_weights(directory: Path, base_model: nn.Module, strategy: Strategy) -> list[str]:
-    """Safetensors only (never unpickle), readable, and a saved task head must fit the base's.
-    Returns the saved tensor names."""
-    from safetensors import SafetensorError, safe_open
+    """Safetensors only (never unpickle), readable, finite floating-point tensors, and a saved task head must fit
+    the base's. Returns the saved tensor names."""
     weights = weights_file(directory, strategy)
     if not weights.is_file():
         pickled = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
@@ -316,28 +288,31 @@ def check_weights(directory: Path, base_model: nn.Module, strategy: Strategy) ->
             else ""), fix="save adapters as safetensors (adaptkit.save does; PEFT: safe_serialization=True)")
     try:
         with safe_open(str(weights), "pt") as f:
-            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            saved = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterFormatError(field=str(weights), value=f"{weights.stat().st_size} bytes",
-                                 problem=f"is not a readable safetensors file (truncated or corrupt?): {exc}",
-                                 fix="restore the folder from a good copy, or save the adapter again") from None
+        raise AdapterFormatError(field=str(weights), value=f"{weights.stat().st_size} bytes", problem=f"is not a readable "
+                                 f"safetensors file (truncated or corrupt?): {exc}", fix="restore the folder from a good "
+                                 "copy, or save the adapter again") from None
+    for k, t in saved.items():
+        bad = "is not floating point" if not (t.is_floating_point() or not strategy.freezes_base) else \
+            "holds NaN or infinite values" if t.is_floating_point() and not torch.isfinite(t).all() else None
+        if bad:
+            raise AdapterFormatError(field=f"{weights}:{k}", value=str(t.dtype), problem=f"{bad}; trained tensors never "
+                                     "are", fix="restore the folder from a good copy, or retrain: this adapter is damaged")
     base = unwrap(base_model)
     for head in targets.new_head_names(base):
         for name, p in getattr(base, head).named_parameters():
-            key = f"{head}.{name}"
+            key, want = f"{head}.{name}", tuple(p.shape)
             match = next((k for k in saved if k == key or k.endswith("." + key)), None)
-            if match is None or saved[match] == tuple(p.shape):
+            got = tuple(saved[match].shape) if match else want
+            if got == want:
                 continue
-            got, want = saved[match], tuple(p.shape)
             if len(got) == len(want) and got[1:] == want[1:]:  # only the output rows differ: the label count
-                raise AdapterFormatError(
-                    field=f"{weights.name}:{match}", value=got,
-                    problem=f"the saved task head has {got[0]} outputs; this base model's {key} has {want[0]} "
-                            "(trained with another num_labels)",
-                    fix=f"load the base model with num_labels={got[0]}, the count the adapter was trained with")
-            raise AdapterFormatError(
-                field=f"{weights.name}:{match}", value=got,
-                problem=f"the saved task head does not fit this base model's {key} {want}: the adapter was "
-                        "trained on a model of another hidden size",
-                fix="load it onto the base checkpoint it was trained on (same hidden size)")
+                raise AdapterFormatError(field=f"{weights.name}:{match}", value=got, problem=f"the saved task head has "
+                                         f"{got[0]} outputs; this base model's {key} has {want[0]} (trained with another "
+                                         "num_labels)", fix=f"load the base model with num_labels={got[0]}, the count "
+                                         "the adapter was trained with")
+            raise AdapterFormatError(field=f"{weights.name}:{match}", value=got, problem=f"the saved task head does not "
+                                     f"fit this base model's {key} {want}: the adapter was trained on a model of another "
+                                     "hidden size", fix="load it onto the base checkpoint it was trained on (same hidden size)")
     return list(saved)

@@ -18,6 +18,9 @@ MARKER = "_adaptkit_strategy"  # attribute set on every model adapt() returns
 # names of the tensors a native strategy trains, recorded when it is applied or loaded: a model loaded
 # frozen (or frozen by the user) still saves them, instead of writing an empty adapter
 OWNED = "_adaptkit_owned"
+# set by whoever builds a base with from_config (model.__dict__[FROM_CONFIG_SEED] = seed): the folder records
+# the seed, and adaptkit.load refuses a base with other weights, naming it
+FROM_CONFIG_SEED = "_adaptkit_from_config_seed"
 
 # --- vocabularies ----------------------------------------------------------------------------------------
 # task -> transformers Auto class. "auto" picks from the config's architectures (see skeleton.infer_task).

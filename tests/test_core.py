@@ -191,16 +191,16 @@ def test_save_writes_only_trained_tensors_and_summary_predicts_the_size(tmp_path
     assert summary.adapter_bytes <= size < summary.adapter_bytes + 20_000  # + the JSON header
 
 
-def test_save_is_atomic_and_replaces_only_adaptkit_folders(tmp_path):
+def test_save_is_atomic_and_replaces_only_what_adaptkit_wrote(tmp_path):
     model = adaptkit.adapt(tiny_model("bert"), "bottleneck")
     adaptkit.save(model, tmp_path / "a")
     adaptkit.save(model, tmp_path / "a")  # replacing an adaptkit folder is fine
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temp or old folders left
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(errors.ConfigError, match=r"directory=.*mine.*not an adaptkit folder.*Fix: choose a new"):
-        adaptkit.save(model, tmp_path / "mine")
+    adaptkit.save(model, tmp_path / "mine")  # a folder of the user's: the adapter joins their files
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "mine"]
 
 
 def test_save_and_merge_need_an_adapted_model(tmp_path):

@@ -172,17 +172,19 @@ def test_loading_a_folder_that_is_not_an_adapter(tmp_path):
         adaptkit.load(tmp_path / "empty", tiny_model("bert"))
 
 
-def test_save_refuses_a_folder_or_file_that_is_not_an_adaptkit_adapter(tmp_path):
+def test_save_refuses_a_file_and_a_base_model_folder(tmp_path):
     model = adaptkit.adapt(tiny_model("bert"), "lora")
-    (tmp_path / "results").mkdir()
-    (tmp_path / "results" / "scores.csv").write_text("1,2\n")
     (tmp_path / "notes.txt").write_text("mine")
-    for target in ("results", "notes.txt"):
-        with pytest.raises(errors.ConfigError, match=rf"directory=.*{target}.*not an adaptkit folder.*Fix: choose"):
-            adaptkit.save(model, tmp_path / target)
-    assert (tmp_path / "results" / "scores.csv").read_text() == "1,2\n"
+    with pytest.raises(errors.ConfigError, match=r"directory=.*notes.txt.*is a file, not a folder.*Fix: pass a new"):
+        adaptkit.save(model, tmp_path / "notes.txt")
+    tiny_model("bert").save_pretrained(tmp_path / "base")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "base").iterdir()}
+    with pytest.raises(errors.ConfigError, match=r"base/(config.json|model.safetensors).*adaptkit did not write.*"
+                                                 r"from_pretrained would load it.*Fix: move or rename"):
+        adaptkit.save(model, tmp_path / "base")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "base").iterdir()} == before
     assert (tmp_path / "notes.txt").read_text() == "mine"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "results"]  # no temp folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "notes.txt"]  # no temp folder left
 
 
 @pytest.mark.parametrize("strategy", ["lora", "bottleneck", "prefix", "linear_probe", "full", "ia3"])

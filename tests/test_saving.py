@@ -126,14 +126,19 @@ def test_named_adapters_round_trip_with_the_active_one(tmp_path):
 def test_temporary_folders_of_a_killed_save_are_removed_by_the_next(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / f".a.tmp-{int(dead.stdout)}-xyz"   # what a save killed by SIGKILL leaves
-    (stale / "sub").mkdir(parents=True)
-    (stale / "sub" / "adapter_model.safetensors").write_bytes(b"half")
+    (stale / "folder" / "sub").mkdir(parents=True)
+    (stale / "folder" / "sub" / "adapter_model.safetensors").write_bytes(b"half")
+    (stale / ".adaptkit-temp").write_text(str(tmp_path / "a"))  # the marker every temporary folder of adaptkit's has
+    lookalike = tmp_path / f".a.tmp-{int(dead.stdout)}-backup"  # the user's, named like one: no marker, kept
+    lookalike.mkdir()
+    (lookalike / "thesis.tex").write_text("mine")
     live = tmp_path / f".a.tmp-{os.getppid()}-abc"          # a save still running in a live process
     live.mkdir()
     other = tmp_path / ".b.tmp-1-x"                          # another target's: not ours to judge
     other.mkdir()
     adaptkit.save(_trained(), tmp_path / "a")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a", live.name, other.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a", live.name, other.name, lookalike.name])
+    assert (lookalike / "thesis.tex").read_text() == "mine"
 
 
 def test_tilde_is_expanded(tmp_path, monkeypatch):
@@ -150,12 +155,8 @@ def test_dot_works_and_the_process_stays_in_the_folder(tmp_path, monkeypatch):
     folder.mkdir()
     (folder / "notes.txt").write_text("keep me")
     monkeypatch.chdir(folder)
-    with pytest.raises(errors.ConfigError, match=r"not an adaptkit folder"):  # a folder of someone else's
-        adaptkit.save(_trained(), ".")
-    (folder / "notes.txt").unlink()
     model = _trained()
-    adaptkit.save(model, ".")
-    (folder / "notes.txt").write_text("keep me")
+    adaptkit.save(model, ".")  # a folder of the user's: their file stays
     adaptkit.save(model, ".")  # again, over itself
     assert Path(os.getcwd()) == folder and Path(".").resolve() == folder and (Path("notes.txt").read_text() == "keep me")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
