@@ -348,7 +348,7 @@ def inference(args) -> dict:
 def probe(args) -> dict:
     """Time per epoch over SST-2 train (6,920 sentences). Cached features are the eval-mode (dropout off)
     features of the frozen encoder; the end-to-end probe runs it in train mode, as the recipe does."""
-    from adaptkit.recipes.features import CachedProbe
+    from feature_cache import CachedProbe  # benchmarks/ is on sys.path: this file runs from there
     load_start = load_average()
     examples, loader = sst2(seed=0)
     if args.quick:

@@ -283,13 +283,16 @@ def plan(experiments: list[dict], results: Path, stage: str, tasks=None, variant
 # ---- one run -------------------------------------------------------------------------------------------
 def command(run: dict, data_root: Path, out_dir: Path, python: str, recipe: Path, smoke: bool) -> list[str]:
     exp = run["experiment"]
-    cmd = [python, str(recipe), "--data", str(data_root / exp["train_file"]),
+    flags = {**exp["flags"], **(SMOKE["flags"] if smoke else {})}
+    # a linear probe on cached features: the classify recipe run through benchmarks/feature_cache.py
+    script = [str(ROOT / "benchmarks" / "feature_cache.py"), "--recipe"] if "feature_cache" in flags else []
+    # the protocol: select on a validation split carved from train, score dev as the test set
+    cmd = [python, *script, str(recipe), "--select-on-train-carve", "--data", str(data_root / exp["train_file"]),
            "--test-file", str(data_root / exp["test_file"]), "--strategy", exp["strategy"],
            "--learning-rate", f"{run['learning_rate']:g}", "--seed", str(run["seed"]),
            "--output-dir", str(out_dir), "--overwrite"]
     for key, value in exp["options"].items():
         cmd += ["--option", f"{key}={json.dumps(value)}"]
-    flags = {**exp["flags"], **(SMOKE["flags"] if smoke else {})}
     for key, value in flags.items():
         flag = "--" + key.replace("_", "-")
         cmd += ([flag] if value else ["--no-" + flag[2:]]) if isinstance(value, bool) else [flag, str(value)]

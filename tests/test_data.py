@@ -169,22 +169,38 @@ def test_split_roles_and_carving(tmp_path):
     (tmp_path / "g").mkdir()
     dev = "sentence\tlabel\n" + "".join(f"d{i}\t{i % 2}\n" for i in range(4))
     glue = load_splits(_folder(tmp_path / "g", train_tsv=ROWS, dev_tsv=dev))
-    assert len(glue.test) == 4 and len(glue.validation) == 4 and len(glue.train) == 36  # dev -> test
-    assert Counter(glue.validation.labels) == {0: 2, 1: 2}  # stratified
-    assert any("carved from train" in n for n in glue.notes)
-    again = load_splits(tmp_path / "g")
-    assert again.validation.texts == glue.validation.texts  # fixed seed
-    other = load_splits(tmp_path / "g", seed=1)
-    assert other.validation.texts != glue.validation.texts
-    assert sorted(glue.train.texts + glue.validation.texts) == sorted(read_table(tmp_path / "g/train.tsv").texts)
+    assert glue.test is None and len(glue.validation) == 4 and len(glue.train) == 40  # dev is validation, no test
+    bench = load_splits(tmp_path / "g", select_on_train_carve=True)  # the benchmark's protocol, asked for
+    assert len(bench.test) == 4 and len(bench.validation) == 4 and len(bench.train) == 36
+    assert Counter(bench.validation.labels) == {0: 2, 1: 2}  # stratified
+    assert any("carved from train" in n for n in bench.notes) and any("scored as the test set" in n for n in bench.notes)
+    again = load_splits(tmp_path / "g", select_on_train_carve=True)
+    assert again.validation.texts == bench.validation.texts  # fixed seed
+    other = load_splits(tmp_path / "g", seed=1, select_on_train_carve=True)
+    assert other.validation.texts != bench.validation.texts
+    assert sorted(bench.train.texts + bench.validation.texts) == sorted(read_table(tmp_path / "g/train.tsv").texts)
 
     (tmp_path / "s").mkdir()
     sst = load_splits(_folder(tmp_path / "s", train_tsv=ROWS, dev_tsv=ROWS, test_csv="sentence,label\na,0\nb,1\n"))
     assert len(sst.train) == 40 and len(sst.validation) == 40 and len(sst.test) == 2  # dev -> validation
+    with pytest.raises(ConfigError, match=r"--select-on-train-carve=.*validation split would go unused"):
+        load_splits(tmp_path / "s", select_on_train_carve=True)
     only = load_splits(tmp_path / "s" / "train.tsv")
     assert only.test is None and len(only.validation) == 4
     explicit = load_splits({"train": tmp_path / "s/train.tsv", "validation": tmp_path / "s/dev.tsv"})
     assert len(explicit.validation) == 40 and explicit.test is None
+
+
+def test_a_folder_and_the_same_files_named_one_by_one_give_the_same_splits(tmp_path):
+    # issue 29 #4: --data dir/ turned validation.csv into the test set and carved validation from train
+    dev = "sentence,label\n" + "".join(f"d{i},{i % 2}\n" for i in range(6))
+    folder = _folder(tmp_path, train_csv=ROWS.replace("\t", ","), validation_csv=dev)
+    by_folder = load_splits(folder)
+    by_files = load_splits({"train": folder / "train.csv", "validation": folder / "validation.csv"})
+    for a, b in ((by_folder, by_files),):
+        assert a.test is None and b.test is None
+        assert (a.train.texts, a.validation.texts) == (b.train.texts, b.validation.texts)
+    assert len(by_folder.validation) == 6 and len(by_folder.train) == 40
 
 
 def test_split_label_set_comes_from_train(tmp_path):
@@ -229,10 +245,12 @@ def test_dataset_dict_source_drops_hidden_test_labels():
     part = lambda labels: datasets.Dataset.from_dict(  # noqa: E731
         {"sentence": [f"s{i}" for i in range(len(labels))], "label": labels}, features=feats)
     dd = datasets.DatasetDict(train=part([0, 1] * 10), validation=part([1, 0, 1]), test=part([-1, -1]))
-    with pytest.raises(DataError, match="no labelled train split"):
+    with pytest.raises(DataError, match="no train split"):
         load_splits(datasets.DatasetDict(validation=part([0, 1])))
-    splits = load_splits(dd)
-    assert len(splits.test) == 3 and len(splits.validation) == 2 and len(splits.train) == 18  # GLUE roles
+    splits = load_splits(dd)  # the hidden test split is dropped; validation stays validation
+    assert splits.test is None and len(splits.validation) == 3 and len(splits.train) == 20
+    splits = load_splits(dd, select_on_train_carve=True)
+    assert len(splits.test) == 3 and len(splits.validation) == 2 and len(splits.train) == 18  # GLUE's protocol
     assert splits.train.label_names == ["negative", "positive"] and splits.train.num_labels == 2
 
 
@@ -250,7 +268,8 @@ def test_real_glue_files_match_the_data_readme(data_dir):
 
     splits = load_splits(data_dir / "sst2")  # sst2 has its own test set: dev is the validation split
     assert (len(splits.train), len(splits.validation), len(splits.test)) == (6920, 872, 1821)
-    mrpc_splits = load_splits(data_dir / "mrpc")  # GLUE: dev is the test split, validation carved
+    assert len(load_splits(data_dir / "mrpc").validation) == 408  # GLUE's dev: validation, no test
+    mrpc_splits = load_splits(data_dir / "mrpc", select_on_train_carve=True)  # the benchmark: dev is the test split
     assert len(mrpc_splits.test) == 408 and len(mrpc_splits.train) + len(mrpc_splits.validation) == 3668
     share = np.mean(mrpc_splits.validation.labels)
     assert share == pytest.approx(2474 / 3668, abs=0.01)
@@ -341,15 +360,202 @@ def test_parquet_save_to_disk_and_dataset_name_read_through_datasets(tmp_path):
     assert one.labels == [0, 1, 0, 1] and one.path.endswith("test.parquet")
 
 
-def test_one_split_convention_dev_is_validation_and_no_test_makes_it_the_test_set(tmp_path):
+def test_one_split_convention_and_seeded_sampling(tmp_path):
     dev = "sentence\tlabel\n" + "".join(f"d{i}\t{i % 2}\n" for i in range(6))
     (tmp_path / "a").mkdir()
-    glue = load_splits(_folder(tmp_path / "a", train_tsv=ROWS, dev_tsv=dev))
-    assert len(glue.test) == 6 and any("validation is the test set" in n for n in glue.notes)
-    sampled = load_splits(tmp_path / "a", max_train=10, max_eval=3, seed=5)
+    glue = load_splits(_folder(tmp_path / "a", train_tsv=ROWS, dev_tsv=dev), select_on_train_carve=True)
+    assert len(glue.test) == 6 and any("scored as the test set" in n for n in glue.notes)
+    sampled = load_splits(tmp_path / "a", max_train=10, max_eval=3, seed=5, select_on_train_carve=True)
     assert len(sampled.train) == 10 and len(sampled.validation) == 3 and len(sampled.test) == 3
     assert sampled.train.texts != glue.train.texts[:10]  # a seeded random subset, not the first rows ...
-    assert sampled.train.texts == load_splits(tmp_path / "a", max_train=10, seed=5).train.texts  # ... repeatably
-    everything = read_table(tmp_path / "a" / "train.tsv").texts
-    order = [everything.index(t) for t in sampled.train.texts]
-    assert order == sorted(order)  # kept in file order
+    assert sampled.train.texts == load_splits(tmp_path / "a", max_train=10, seed=5,
+                                              select_on_train_carve=True).train.texts  # ... repeatably
+
+
+# ------------------------------------------------------- holes of issues 29 and 30: labels, columns, folders
+
+def test_a_missing_label_column_is_named_with_the_columns_that_exist(tmp_path):
+    # issue 29 #8: was "no labelled train split. Fix: use a dataset with a 'train' split"
+    folder = _folder(tmp_path, train_tsv="sentence\tstars\na\t1\nb\t0\n")
+    with pytest.raises(DataError, match=r"train.tsv label_column='label': no such column; the columns are "
+                                        r"\['sentence', 'stars'\]"):
+        load_splits(folder)
+
+
+def test_whole_number_floats_are_classes_and_label_errors_name_the_row_as_written(tmp_path):
+    # issue 29 #16: 0.0/1.0 trained as regression (Pearson NaN, exit 0)
+    table = read_table(write(tmp_path, "w.tsv", "sentence\tlabel\na\t1.0\nb\t0.0\nc\t1.0\n"))
+    assert table.task == "classification" and table.labels == [1, 0, 1] and table.num_labels == 2
+    assert "whole-number floats (e.g. 1.0) read as class ids" in table.notes[0]
+    as_json = read_table(write(tmp_path, "w.jsonl", '{"text": "a", "label": 0.0}\n{"text": "b", "label": 2.0}\n'))
+    assert as_json.task == "classification" and as_json.num_labels == 3
+    assert read_table(write(tmp_path, "s.tsv", "sentence\tlabel\na\t0.5\nb\t1.0\n")).task == "regression"
+    assert read_table(tmp_path / "w.tsv", task="regression").labels == [1.0, 0.0, 1.0]
+    # the error named "row 1 '1.0'" where the file says 1: cells are read as written, the culprit named
+    mixed = write(tmp_path, "m.tsv", "sentence\tlabel\na\t1\nb\t0.5\n")
+    with pytest.raises(DataError, match=r"m.tsv, row 2, label='0.5': is not an integer class id"):
+        read_table(mixed, task="classification")
+    huge = write(tmp_path, "h.tsv", "sentence\tlabel\na\t1\nb\t12345678901234567890\n")
+    with pytest.raises(DataError, match=r"h.tsv, row 2, label='12345678901234567890': is not a plausible class id"):
+        read_table(huge)
+
+
+def test_labels_are_typed_with_datasets_own_features(tmp_path):
+    import datasets
+    table = read_table(write(tmp_path, "n.tsv", "sentence\tlabel\na\tpos\nb\tneg\n"))
+    assert table.data.features["labels"] == datasets.ClassLabel(names=["neg", "pos"])
+    scores = read_table(write(tmp_path, "r.tsv", "sentence\tlabel\na\t0.5\nb\t2.5\n"))
+    assert scores.data.features["labels"] == datasets.Value("float32") and scores.labels == [0.5, 2.5]
+
+
+def test_a_folder_of_files_that_do_not_share_columns_is_a_typed_error(tmp_path):
+    # issue 30: --dataset-name <folder of mixed files> gave a raw DatasetGenerationCastError
+    write(tmp_path, "a.csv", "sentence,label\nx,1\n")
+    write(tmp_path, "b.csv", "text,score,extra\ny,0.5,z\n")
+    with pytest.raises(DataError, match=r"--dataset-name=.*do not share one set of columns and types \['a.csv', "
+                                        r"'b.csv'\].*Fix: keep one format per folder"):
+        load_splits(dataset_name=str(tmp_path))
+
+
+def _png(path, size=(4, 4)):
+    from PIL import Image
+    Image.new("RGB", size).save(path)
+    return path
+
+
+def _claims_size(path, width, height):
+    """A valid small PNG whose header claims another size (a decompression bomb, without the memory)."""
+    import struct
+    import zlib
+    raw = bytearray(_png(path).read_bytes())
+    raw[16:24] = struct.pack(">II", width, height)
+    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("name, spoil", [
+    ("corrupt.png", lambda p: p.write_bytes(_png(p).read_bytes()[:60] + b"garbage" * 20)),
+    ("empty.jpg", lambda p: p.write_bytes(b"")),
+    ("bomb.png", lambda p: _claims_size(p, 30000, 30000)),
+])
+def test_bad_images_are_named_before_training(tmp_path, name, spoil):
+    # issue 30: raw PIL errors in the middle of training
+    from adaptkit.recipes.data import check_images, load_raw
+    for cls in ("cat", "dog"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(3):
+            _png(tmp_path / "imgs" / cls / f"{i}.png")
+    spoil(tmp_path / "imgs" / "dog" / name)
+    raw, where = load_raw(tmp_path / "imgs")
+    with pytest.raises(DataError, match=rf"image='.*dog/{name}': cannot be used"):
+        check_images(raw["train"], where["train"])
+
+
+# --------------------------------------------------------------------------- language-model rows
+
+@pytest.fixture(scope="module")
+def words():
+    """A word-level tokenizer with an eos and a chat template; every word below is in its vocabulary."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = ["[UNK]", "</s>", "user", "assistant", "system", ":", "a", "fine", "film", "positive", "negative", "rate",
+             "it", "very", "long", "prompt", "=>"]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>", unk_token="[UNK]")
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} \n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant :{% endif %}")
+    return tokenizer
+
+
+def _lm_rows(tmp_path, name, records):
+    import json
+    from adaptkit.recipes import batching, data
+    path = write(tmp_path, name, "".join(json.dumps(r) + "\n" for r in records))
+    return batching.lm_rows(data.read_file(path), str(path))
+
+
+def test_sharegpt_turns_are_read_as_messages(tmp_path, words):
+    from adaptkit.recipes import batching
+    turns = [{"from": "system", "value": "rate it"}, {"from": "human", "value": "a fine film"},
+             {"from": "gpt", "value": "positive"}]
+    ds = _lm_rows(tmp_path, "share.jsonl", [{"conversations": turns}] * 2)
+    assert ds.column_names == ["messages"] and batching.lm_format(ds) == "messages"
+    assert ds[0]["messages"] == [{"role": "system", "content": "rate it"}, {"role": "user", "content": "a fine film"},
+                                 {"role": "assistant", "content": "positive"}]
+    encoded = batching.encode(ds[0], words)
+    assert [t for t, label in zip(encoded["input_ids"], encoded["labels"]) if label != -100][0] == \
+        words.convert_tokens_to_ids("positive")
+
+
+CHAT = [{"role": "user", "content": "a fine film"}, {"role": "assistant", "content": "positive"}]
+
+
+@pytest.mark.parametrize("records, match", [
+    ([{"messages": CHAT}, {"messages": "user: a fine film"}], r"x.jsonl, row 2, 'messages'='user: a fine film': must "
+                                                             r"be a list of \{'role': ..., 'content': ...\} turns"),
+    ([{"messages": "user: a fine film"}], r"x.jsonl, row 1, 'messages'.*must be a list of \{'role'"),
+    ([{"messages": CHAT}, {"messages": CHAT[::-1]}], r"x.jsonl, row 2=\['assistant', 'user'\]: a chat must start with "
+                                                     r"the user and hold an assistant turn"),
+    ([{"messages": CHAT}, {"messages": CHAT[:1]}], r"x.jsonl, row 2=\['user'\]: a chat must start with the user"),
+    ([{"messages": CHAT}, {"messages": [CHAT[0], {"role": "assistant", "content": None}]}],
+     r"x.jsonl, row 2, turn 2.*needs role in \['system', 'user', 'assistant'\] and content as text"),
+    ([{"messages": [{"role": "user", "content": ["a", "fine"]}, {"role": "assistant", "content": ["ok"]}]}],
+     r"x.jsonl, row 1, turn 1=\{'role': 'user', 'content': \['a', 'fine'\]\}.*content as text"),
+    ([{"conversations": [{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}]}],
+     r"x.jsonl, row 1, turn 2=\{'from': 'bot'.*needs from in \['system', 'human', 'user', 'gpt', 'assistant'\]"),
+    ([{"instruction": "rate it", "output": "positive"}, {"instruction": "rate it", "output": 1}],
+     r"x.jsonl, row 2, 'output'=1: must be text. Fix: write output as a JSON string"),
+    ([{"instruction": "rate it", "output": 1}], r"x.jsonl, row 1, 'output'=1: must be text"),
+    ([{"text": "a fine film"}, {"prompt": "a", "response": "b"}], r"x.jsonl, row 1=.*mixes two formats \(this is prompt_response\)"),
+])
+def test_chat_and_instruction_rows_of_the_wrong_type_are_named_by_file_and_row(tmp_path, records, match):
+    # issue 29 #17 and issue 30: list content trained as its repr, null as empty text; raw KeyError/TypeError
+    with pytest.raises(DataError, match=match):
+        _lm_rows(tmp_path, "x.jsonl", records)
+
+
+def test_blank_text_files_and_chats_without_a_template_are_refused_naming_the_file(tmp_path, words):
+    import copy
+    from adaptkit.recipes import batching, data
+    path = write(tmp_path, "blank.txt", "\n  \n\n")
+    with pytest.raises(DataError, match=r"blank.txt=.*has no text to train on"):
+        batching.lm_rows(data.read_file(path), str(path))
+    kept = batching.lm_rows(data.read_file(write(tmp_path, "t.txt", "a fine film\n\nit\n")), "t.txt")
+    assert kept["text"] == ["a fine film", "it"]
+    plain = copy.deepcopy(words)
+    plain.chat_template = None
+    ds = _lm_rows(tmp_path, "c.jsonl", [{"messages": CHAT}])
+    with pytest.raises(ConfigError, match=r"tokenizer.chat_template=None: c.jsonl holds chats but the tokenizer has no "
+                                          r"chat template"):
+        batching.encode_split(ds, plain, 0, [], "c.jsonl")
+
+
+def test_max_length_cuts_the_prompt_first_and_says_so(tmp_path, words):
+    # issue 29 #2: the answer, the only labelled part, was cut off from the right, with no word
+    from adaptkit.recipes import batching
+    long = {"prompt": "a very long prompt " * 5 + "=>", "response": "positive"}
+    ds = _lm_rows(tmp_path, "p.jsonl", [long, {"prompt": "rate it =>", "response": "negative"}])
+    notes = []
+    features = batching.encode_split(ds, words, 8, notes, "p.jsonl")
+    assert features[0]["input_ids"][-3:] == [words.convert_tokens_to_ids(w) for w in ("=>", "positive", "</s>")]
+    assert features[0]["labels"][-2:] == [words.convert_tokens_to_ids("positive"), words.eos_token_id]
+    assert len(features[0]["input_ids"]) == 8 and features[1] == batching.encode(ds[1], words)
+    assert notes == ["p.jsonl: --max-length 8 cut the prompt of 1 examples (the answer kept whole) and the end of 0 texts"]
+    answer = {"prompt": "rate it", "response": "a very long film " * 3}
+    ds = _lm_rows(tmp_path, "a.jsonl", [answer])
+    with pytest.raises(DataError, match=r"max-length 8'?: leaves none of its prompt: the answer alone is 13 tokens "
+                                        r"\(the longest answer: 13\). Fix: raise --max-length above 13"):
+        batching.encode_split(ds, words, 8, [], "a.jsonl")
+
+
+def test_a_tokenizer_larger_than_the_embeddings_is_refused_with_the_fix(words):
+    # issue 29 #6: IndexError: index out of range in self, mid-run
+    import transformers
+    from adaptkit.recipes import batching
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=10, n_embd=8, n_layer=1, n_head=2))
+    with pytest.raises(ConfigError, match=r"--tokenizer-name='17 tokens': is larger than the model's 10 embedding rows"
+                                          r".*resize_token_embeddings"):
+        batching.check_vocab(model, words)
+    batching.check_vocab(transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=17, n_embd=8, n_layer=1,
+                                                                              n_head=2)), words)

@@ -1,6 +1,11 @@
-"""The linear-probe feature cache: same training as the end-to-end probe, or a typed refusal saying why."""
+"""The linear-probe feature cache (benchmarks/feature_cache.py, the benchmark's speed-up): same training as the
+end-to-end probe, or a typed refusal saying why; and the classify recipe run through it, as the benchmark does."""
 
 from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +14,12 @@ from conftest import tiny_model
 
 import adaptkit
 from adaptkit import errors
-from adaptkit.recipes.features import CachedProbe
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import feature_cache  # noqa: E402
+import run  # noqa: E402
+from feature_cache import CachedProbe  # noqa: E402
 
 
 def _examples(n: int = 12, seed: int = 0, regression: bool = False) -> list[dict]:
@@ -142,3 +152,48 @@ def test_other_strategies_and_bad_modes_are_refused():
         CachedProbe(tiny_model("bert"))
     with pytest.raises(errors.ConfigError, match=r"encoder_mode='train': must be one of"):
         CachedProbe(_probe_model(), encoder_mode="train")
+
+
+# ---- the classify recipe through the cache, as benchmarks/run.py runs it --------------------------------
+@pytest.fixture
+def tiny_bert(tmp_path, minilm_path) -> Path:
+    """A 2-layer, 32-wide BERT (random weights, dropout on) with all-MiniLM-L6-v2's tokenizer, on disk."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path)
+    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64)
+    folder = tmp_path / "tiny-bert"
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_the_cache_left_the_recipe_and_the_benchmark_runs_the_recipe_through_it(tmp_path, data_dir, tiny_bert):
+    classify = (BENCH.parent / "recipes" / "classify.py").read_text()
+    assert "feature_cache" not in classify and "CachedProbe" not in classify  # issue 27: the benchmark's speed-up cost 23 lines in the recipe
+    argv = lambda out: ["--data", str(data_dir / "sst2"), "--model", str(tiny_bert), "--output-dir", str(out),  # noqa
+                        "--max-train-samples", "96", "--max-eval-samples", "48", "--batch-size", "8",
+                        "--strategy", "linear_probe", "--epochs", "2"]
+    # the tiny BERT has dropout on: train-mode features differ, so "match" trains end to end and says why
+    auto = feature_cache.main(["--feature-cache", "match", *argv(tmp_path / "auto")])
+    assert auto["feature_cache"]["used"] is False and "dropout" in auto["feature_cache"]["reason"]
+    # "eval" asks for the fixed (eval-mode) feature map: the encoder runs once per example
+    cached = feature_cache.main(["--feature-cache", "eval", *argv(tmp_path / "eval")])
+    assert cached["feature_cache"]["used"] is True and cached["steps"] == 24
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["feature_cache"]["cached_examples"] == 96 + 48
+    assert set(adaptkit.load(tmp_path / "eval" / "adapter", transformers.AutoModelForSequenceClassification
+                             .from_pretrained(tiny_bert)).state_dict()) >= {"classifier.weight"}
+
+
+def test_benchmark_commands_pass_the_protocol_flag_and_run_probes_through_the_cache(tmp_path):
+    # issue 29 #4: the benchmark's protocol (select on a carve from train, test on dev) is a flag it passes
+    experiments = run.load_experiments(BENCH / "experiments")
+    probe = next(e for e in experiments if e["strategy"] == "linear_probe")
+    lora = next(e for e in experiments if e["strategy"] == "lora")
+    for exp in (probe, lora):
+        cmd = run.command({"experiment": exp, "learning_rate": 1e-3, "seed": 1}, Path("/d"), tmp_path, "py",
+                          Path("classify.py"), smoke=False)
+        assert "--select-on-train-carve" in cmd and cmd[cmd.index("--data") + 1].endswith("train.tsv")
+        wrapped = cmd[1] == str(BENCH / "feature_cache.py")
+        assert wrapped is (exp is probe) and (cmd[2:4] == ["--recipe", "classify.py"] if wrapped else cmd[1] == "classify.py")
+        assert ("--feature-cache" in cmd) is (exp is probe)

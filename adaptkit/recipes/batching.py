@@ -1,7 +1,10 @@
-"""Tokenizing a Table and batching it: unpadded features, dynamic padding, length-grouped batches.
+"""A Table or language-model rows turned into batches: tokenizing, dynamic padding, length-grouped batches.
 
-Reading and validating data files lives in ``adaptkit.data``; this module turns a ``Table`` into
-what a training loop consumes.
+Language-model rows come in one format per split, found from its columns (``LM_FORMATS``): ``text``;
+``prompt`` + ``response``; Alpaca's ``instruction`` (+ ``input``) + ``output``; chat ``messages``
+(``role``/``content``, rendered by the tokenizer's chat template) or ShareGPT ``conversations``
+(``from``/``value``, read as messages with LLaMA-Factory's role names). Only the response / assistant turns
+are labelled; ``--max-length`` cuts the prompt side first, as completion-only trainers do.
 """
 
 from __future__ import annotations
@@ -10,28 +13,31 @@ import math
 
 import numpy as np
 import torch
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
+from adaptkit.errors import ConfigError, DataError
 from adaptkit.recipes.tables import Table
-from adaptkit.errors import ConfigError
+
+LM_FORMATS = {"messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
+              "prompt_response": ("prompt", "response"), "text": ("text",)}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+# Alpaca's own prompt (tatsu-lab/stanford_alpaca), with and without an input
+ALPACA = ("Below is an instruction that describes a task{0}. Write a response that appropriately completes the "
+          "request.\n\n### Instruction:\n{1}\n\n{2}### Response:\n")
 
 
 def tokenize(table: Table, tokenizer, max_length: int = 128) -> list[dict]:
     """One dict per example (``input_ids``, ``attention_mask``, ... and ``labels``), unpadded:
     padding happens per batch in the collator. Pairs are truncated longest-first to ``max_length``."""
     if not isinstance(max_length, int) or max_length < 8:
-        raise ConfigError(field="max_length", value=max_length, problem="must be an integer >= 8",
-                          fix="use e.g. max_length=128")
-    first = [t[0] for t in table.texts]
-    second = [t[1] for t in table.texts] if len(table.text_columns) == 2 else None
-    enc = tokenizer(first, second, truncation=True, max_length=max_length)
-    keys = list(enc.keys())
-    return [{**{k: enc[k][i] for k in keys}, "labels": table.labels[i]} for i in range(len(table))]
+        raise ConfigError(field="max_length", value=max_length, problem="must be an integer >= 8", fix="e.g. 128")
+    texts = [table.data.data.column(c).to_pylist() for c in table.text_columns]
+    enc = tokenizer(*texts, truncation=True, max_length=max_length)
+    return [{**{k: enc[k][i] for k in enc}, "labels": label} for i, label in enumerate(table.labels)]
 
 
 def make_collator(tokenizer, pad_to_multiple_of: int | None = None):
     """transformers' ``DataCollatorWithPadding``: pads each batch to its longest sequence."""
-    from transformers import DataCollatorWithPadding
-
     if tokenizer.pad_token is None:
         raise ConfigError(field="tokenizer.pad_token", value=None, problem="the tokenizer has no padding token, "
                           "so batches cannot be padded", fix="set tokenizer.pad_token = tokenizer.eos_token (and "
@@ -39,12 +45,21 @@ def make_collator(tokenizer, pad_to_multiple_of: int | None = None):
     return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
 
 
+def check_vocab(model, tokenizer) -> None:
+    """A token id past the model's embeddings is an IndexError mid-run: refuse it before training."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ConfigError(field="--tokenizer-name", value=f"{len(tokenizer)} tokens", problem=f"is larger than the "
+                          f"model's {rows} embedding rows", fix="use the model's own tokenizer, or resize the base as "
+                          "run_clm.py does (model.resize_token_embeddings(len(tokenizer))) and save it as --model: "
+                          "an adapter cannot carry the new rows")
+
+
 class LengthGroupedBatchSampler(torch.utils.data.Sampler):
-    """Batches of similar length, to cut padding: shuffle (seeded), cut into chunks of
-    ``chunk_batches`` batches, sort each chunk by length, split into batches, shuffle the batch
-    order. Each pass reshuffles, like a seeded torch ``RandomSampler``: the k-th pass is the same in
-    every run with the same seed (``set_epoch(k)`` jumps to it). With ``shuffle=False`` the data
-    order is kept and only sorted within chunks."""
+    """Batches of similar length, to cut padding: shuffle (seeded), cut into chunks of ``chunk_batches``
+    batches, sort each chunk by length, split into batches, shuffle the batch order. Each pass reshuffles:
+    the k-th pass is the same in every run with the same seed (``set_epoch(k)`` jumps to it). With
+    ``shuffle=False`` the data order is kept and only sorted within chunks."""
 
     def __init__(self, lengths, batch_size: int, *, shuffle: bool = True, seed: int = 0, chunk_batches: int = 50):
         if not isinstance(batch_size, int) or batch_size < 1 or not isinstance(chunk_batches, int) or chunk_batches < 1:
@@ -60,8 +75,7 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
         rng = np.random.default_rng([self.seed, self.epoch])
         self.epoch += 1
         n = len(self.lengths)
-        order = rng.permutation(n) if self.shuffle else np.arange(n)
-        batches = []
+        order, batches = rng.permutation(n) if self.shuffle else np.arange(n), []
         for start in range(0, n, self.chunk):  # chunk is a multiple of batch_size: only the last batch is short
             idx = order[start:start + self.chunk]
             idx = idx[np.argsort(-self.lengths[idx], kind="stable")]
@@ -75,9 +89,9 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
 
 
 def make_dataloader(features: list[dict], tokenizer, batch_size: int, *, shuffle: bool = False,
-                    group_by_length: bool = False, seed: int = 0) -> torch.utils.data.DataLoader:
-    """DataLoader over ``tokenize`` output with dynamic padding; seeded, so runs repeat exactly."""
-    collate = make_collator(tokenizer)
+                    group_by_length: bool = False, seed: int = 0, collate=None) -> torch.utils.data.DataLoader:
+    """DataLoader over tokenized examples with dynamic padding; seeded, so runs repeat exactly."""
+    collate = collate or make_collator(tokenizer)
     if group_by_length:
         sampler = LengthGroupedBatchSampler([len(f["input_ids"]) for f in features], batch_size,
                                             shuffle=shuffle, seed=seed)
@@ -87,20 +101,161 @@ def make_dataloader(features: list[dict], tokenizer, batch_size: int, *, shuffle
                                        collate_fn=collate)
 
 
-def pad_causal_lm(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad token ids and labels built per example; padding gets attention 0 and label -100.
-
-    Masking by position, not by token id, keeps the real eos labelled when pad == eos (transformers'
-    ``DataCollatorForLanguageModeling`` labels every pad id -100, so the model would never learn to stop).
-    """
-    width = max(len(e["input_ids"]) for e in examples)
-    pad = lambda key, value: torch.tensor([e[key] + [value] * (width - len(e[key])) for e in examples])  # noqa: E731
-    return {"input_ids": pad("input_ids", pad_id), "attention_mask": pad("attention_mask", 0),
-            "labels": pad("labels", -100)}
+def causal_lm_loader(features: list[dict], batch_size: int, tokenizer, shuffle: bool, seed: int = 0):
+    """Length-grouped batches padded by ``DataCollatorForSeq2Seq``: by position, labels -100, so pad == eos is safe
+    (``DataCollatorForLanguageModeling`` would unlabel every eos and the model would never learn to stop)."""
+    collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
+    return make_dataloader(features, tokenizer, batch_size, shuffle=shuffle, group_by_length=True, seed=seed,
+                           collate=collate)
 
 
-def causal_lm_loader(features: list[dict], batch_size: int, pad_id: int, shuffle: bool, seed: int = 0):
-    """Length-grouped batches of ``pad_causal_lm``-padded examples; seeded, so runs repeat exactly."""
-    sampler = LengthGroupedBatchSampler([len(f["input_ids"]) for f in features], batch_size, shuffle=shuffle,
-                                        seed=seed)
-    return torch.utils.data.DataLoader(features, batch_sampler=sampler, collate_fn=lambda b: pad_causal_lm(b, pad_id))
+# ------------------------------------------------------------------------------------ language-model rows
+
+def lm_format(ds) -> str | None:
+    """The first of ``LM_FORMATS`` whose columns ``ds`` has."""
+    return next((f for f, cols in LM_FORMATS.items() if set(cols) <= set(ds.column_names)), None)
+
+
+def lm_rows(ds, where: str):
+    """One split's rows checked before training (rows as in the file): one format, text where text belongs,
+    chats as lists of turns that start with the user and hold an answer; ShareGPT turns read as messages;
+    blank ``.txt`` lines dropped."""
+    fmt = lm_format(ds)
+    if fmt is None:
+        raise DataError(field=where, value=ds.column_names, problem="has none of the known formats",
+                        fix='write {"text": ...}, {"prompt": ..., "response": ...}, {"instruction": ..., "input": ..., '
+                            '"output": ...}, {"messages": [{"role": ..., "content": ...}, ...]} or ShareGPT '
+                            '{"conversations": [{"from": ..., "value": ...}, ...]} records, or .txt lines')
+    columns = [*LM_FORMATS[fmt], *(["input"] if fmt == "alpaca" and "input" in ds.column_names else [])]
+    for i, row in enumerate(ds.select_columns(columns)):
+        if any(row[c] is None for c in LM_FORMATS[fmt]):
+            raise DataError(field=f"{where}, row {i + 1}", value=row, problem=f"mixes two formats (this is {fmt})",
+                            fix="use one format per file")
+        for c in columns:
+            if fmt in ("messages", "sharegpt"):
+                row[c] = _turns(row[c], fmt, f"{where}, row {i + 1}")
+            elif not isinstance(row[c], str) and (row[c] is not None or c != "input"):
+                raise DataError(field=f"{where}, row {i + 1}, {c!r}", value=row[c], problem="must be text",
+                                fix=f"write {c} as a JSON string")
+    if fmt == "sharegpt":
+        ds = ds.map(lambda r: {"messages": _turns(r["conversations"], fmt, where)}, remove_columns=["conversations"])
+    if fmt == "text" and not len(ds := ds.filter(lambda row: bool(row["text"].strip()))):
+        raise DataError(field=where, value="0 non-blank lines", problem="has no text to train on",
+                        fix="write one example per line")
+    return ds
+
+
+def _turns(turns, fmt: str, where: str) -> list[dict]:
+    key, text, roles = ("role", "content", ("system", "user", "assistant")) if fmt == "messages" else \
+        ("from", "value", tuple(SHAREGPT_ROLES))
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        raise DataError(field=f"{where}, {LM_FORMATS[fmt][0]!r}", value=str(turns)[:60], problem="must be a list of "
+                        f"{{{key!r}: ..., {text!r}: ...}} turns", fix="write the chat as a JSON list of turns")
+    out = [{"role": SHAREGPT_ROLES.get(t.get(key)) if fmt == "sharegpt" else t.get(key), "content": t.get(text)}
+           for t in turns]
+    for k, (t, o) in enumerate(zip(turns, out)):
+        if t.get(key) not in roles or not isinstance(o["content"], str):
+            raise DataError(field=f"{where}, turn {k + 1}", value={key: t.get(key), text: t.get(text)},
+                            problem=f"needs {key} in {list(roles)} and {text} as text",
+                            fix=f"write each turn as {{{key!r}: one of {list(roles)}, {text!r}: \"...\"}}")
+    said = [o["role"] for o in out if o["role"] != "system"]
+    if not said or said[0] != "user" or "assistant" not in said:
+        raise DataError(field=where, value=said, problem="a chat must start with the user and hold an assistant "
+                        "turn to train on", fix="drop the conversation, or put the user's turn first and add the answer")
+    return out
+
+
+def encode(example: dict, tokenizer, max_length: int = 0) -> dict:
+    """Token ids and labels for one example: the eos is appended and labelled, prompts are masked (-100).
+    Past ``max_length`` the prompt goes first (from its start), then the end of the answer."""
+    return _encode(example, tokenizer, max_length)[0]
+
+
+def _encode(example: dict, tokenizer, max_length: int) -> tuple[dict, tuple[int, int, int]]:
+    if "messages" in example:
+        ids, labels = _chat_ids(example["messages"], tokenizer)
+    elif "text" in example:
+        ids = tokenizer(example["text"])["input_ids"] + [tokenizer.eos_token_id]
+        labels = list(ids)
+    else:
+        if "instruction" in example:
+            extra = example.get("input") or ""
+            example = {"prompt": ALPACA.format(", paired with an input that provides further context" if extra else "",
+                                               example["instruction"], f"### Input:\n{extra}\n\n" if extra else ""),
+                       "response": example["output"]}
+        prompt = tokenizer(example["prompt"])["input_ids"]
+        answer = tokenizer(example["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids, labels = prompt + answer, [-100] * len(prompt) + answer
+    lead = next(i for i, t in enumerate(labels) if t != -100)  # the prompt before the first labelled token
+    answer, cut = len(ids) - lead, 0
+    if max_length and len(ids) > max_length:
+        cut = min(len(ids) - max_length, lead)
+        ids, labels = ids[cut:cut + max_length], labels[cut:cut + max_length]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, (cut, lead, answer)
+
+
+def encode_split(ds, tokenizer, max_length: int, notes: list[str], where: str) -> list[dict]:
+    """``encode`` every row; how many lost prompt or answer tokens to ``max_length`` goes into ``notes``. An
+    example whose answer leaves no room for any of its prompt is refused: it would teach an answer to nothing."""
+    if "messages" in ds.column_names and not tokenizer.chat_template:
+        raise ConfigError(field="tokenizer.chat_template", value=None, problem=f"{where} holds chats but the "
+                          "tokenizer has no chat template to render them", fix="use a chat model's tokenizer, or "
+                          "set tokenizer.chat_template (a Jinja template) and save it with the tokenizer")
+    features, cuts = zip(*(_encode(row, tokenizer, max_length) for row in ds))
+    cut, lead, answer = np.array(cuts).reshape(-1, 3).T
+    if (i := next((i for i in range(len(cut)) if 0 < lead[i] <= cut[i]), None)) is not None:
+        raise DataError(field=f"{where}, the example {str(ds[i])[:60]}", value=f"--max-length {max_length}",
+                        problem=f"leaves none of its prompt: the answer alone is {answer[i]} tokens (the longest "
+                                f"answer: {answer.max()})",
+                        fix=f"raise --max-length above {answer.max()} plus room for the prompt, or drop the row")
+    if (cut > 0).any() or ((lead == 0) & (answer > max_length > 0)).any():
+        notes.append(f"{where}: --max-length {max_length} cut the prompt of {(cut > 0).sum()} examples (the answer "
+                     f"kept whole) and the end of {((lead == 0) & (answer > max_length)).sum()} texts")
+    return list(features)
+
+
+def pack(features: list[dict], block_size: int, notes: list[str] | None = None) -> list[dict]:
+    """run_clm's group_texts: every example end to end, cut into blocks of block_size (the rest is dropped).
+    A block with no labelled token (all prompt) is dropped too: its loss would be 0/0, a NaN."""
+    ids = [t for f in features for t in f["input_ids"]]
+    labels = [t for f in features for t in f["labels"]]
+    if len(ids) < block_size:
+        raise DataError(field="--block-size", value=block_size, problem=f"a split holds {len(ids)} tokens, fewer than "
+                        "one block", fix="use a smaller --block-size, or more data")
+    blocks = [{"input_ids": ids[i:i + block_size], "attention_mask": [1] * block_size, "labels": labels[i:i + block_size]}
+              for i in range(0, len(ids) - block_size + 1, block_size)]
+    kept = [b for b in blocks if any(t != -100 for t in b["labels"])]
+    if len(kept) < len(blocks) and notes is not None:
+        notes.append(f"--block-size {block_size}: {len(blocks) - len(kept)} blocks held prompt tokens only, dropped")
+    return kept
+
+
+def prompt_ids(example: dict, tokenizer) -> list[int]:
+    """What the model continues in a sample: the prompt (up to the last assistant turn), or half a text."""
+    if "messages" in example:
+        last = max(i for i, m in enumerate(example["messages"]) if m["role"] == "assistant")
+        return tokenizer.apply_chat_template(example["messages"][:last], add_generation_prompt=True, tokenize=True,
+                                             return_dict=False)
+    encoded = encode(example, tokenizer, 0)
+    if "text" in example:
+        return encoded["input_ids"][: max(1, (len(encoded["input_ids"]) - 1) // 2)]
+    return encoded["input_ids"][: encoded["labels"].count(-100)]  # the masked prompt
+
+
+def _chat_ids(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
+    """The chat rendered by the tokenizer's template; only the assistant's turns are labelled."""
+    ids, labels = [], []
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:k], add_generation_prompt=True, tokenize=True, return_dict=False)
+        full = tokenizer.apply_chat_template(messages[:k + 1], tokenize=True, return_dict=False)
+        if full[:len(ids)] != ids or prompt[:len(ids)] != ids or full[:len(prompt)] != prompt:
+            raise ConfigError(field="tokenizer.chat_template", value=message["content"][:40], problem="renders a "
+                              "conversation differently from its start, so the assistant's turns cannot be told apart",
+                              fix="use a template whose renderings of a longer chat extend those of a shorter one")
+        labels += [-100] * (len(prompt) - len(ids)) + full[len(prompt):]
+        ids = full
+    if ids[-1] != tokenizer.eos_token_id:  # templates that end turns with their own marker still learn to stop
+        ids, labels = ids + [tokenizer.eos_token_id], labels + [tokenizer.eos_token_id]
+    return ids, labels

@@ -1,48 +1,44 @@
 """Data for the recipes, read by ``datasets`` and checked before any training starts.
 
-Reading is ``datasets.load_dataset``: csv/tsv, json/jsonl, parquet, arrow and text files, image
-folders, ``save_to_disk`` folders (``load_from_disk``) and hub names with a config
-(``--dataset-name glue --dataset-config sst2``). What it raises raw (a pandas ParserError, an Arrow
-JSON error, a UnicodeDecodeError, a ConnectionError) is re-said as a ``DataError`` naming the file,
-the row and the fix. ``.tsv`` is read tab-separated with quoting off (texts may hold literal ``"``;
-default CSV quoting would silently merge rows) and every csv/tsv cell stays text until the labels
-are typed, so an empty cell or a literal ``nan`` is reported as what it is.
+Reading is ``datasets.load_dataset``: csv/tsv, json/jsonl, parquet, arrow and text files, image folders,
+``save_to_disk`` folders and hub names (``--dataset-name glue --dataset-config sst2``). What it raises raw
+(a pandas ParserError, an Arrow JSON error, a UnicodeDecodeError, a cast error) is re-said as a ``DataError``
+naming the file, the row and the fix. ``.tsv`` is read with quoting off (texts may hold literal ``"``) and
+every csv/tsv cell is read as text, so a label is reported as the file writes it.
 
-**One split convention for every recipe** (``arrange``):
-
-* splits are named as ``datasets`` names them: ``train``, ``validation`` (files or folders named
-  ``validation``, ``valid``, ``val`` or ``dev``), ``test``. A split whose labels are all -1 or
-  missing (GLUE's hidden test set) is dropped.
-* no labelled test split: the validation split becomes the test set (GLUE keeps its test labels
-  private, so its dev set is what results are reported on). Files passed explicitly as
-  ``validation`` keep their role.
-* no validation split (then): ``validation_fraction`` of train is carved off, seeded, stratified by
-  label for classification.
-* ``--max-train-samples`` / ``--max-eval-samples`` keep a seeded random subset (in file order),
-  the same rule in every recipe.
-
-For text classification, ``read_table`` / ``load_splits`` give checked ``Table`` s
-(``adaptkit.recipes.tables``: text columns found, labels typed once), the train split fixing columns,
-task and label set for the others.
+**One split convention, however the files are named** (``arrange``, as transformers' examples do):
+``train`` trains; ``validation`` (files or folders named ``validation``, ``valid``, ``val`` or ``dev``, or
+``--validation-file``) evaluates and picks the adapter kept; ``test`` is scored only when one is given. A
+split whose labels are all -1 (GLUE's hidden test set) is dropped. Without a validation split,
+``--validation-fraction`` of train is carved off (seeded, stratified by class). ``--select-on-train-carve``
+is the benchmark's protocol: always select on a carve from train, and score the given validation split as
+the test set (GLUE keeps its test labels private). ``--max-train-samples`` / ``--max-eval-samples`` keep a
+seeded random subset. Images are opened and checked before training (``check_images``).
 """
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import io
 import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-import numpy as np
+import datasets
+from PIL import Image
 
 from adaptkit.errors import ConfigError, DataError
 from adaptkit.recipes import tables
 from adaptkit.recipes.tables import TEXT_COLUMN_CANDIDATES, Table  # re-exported: data.Table in the recipes
 
-__all__ = ["Table", "Splits", "read_table", "load_splits", "load_raw", "arrange", "sample", "carve",
+__all__ = ["Table", "Splits", "read_table", "load_splits", "load_raw", "arrange", "sample", "carve", "check_images",
            "TEXT_COLUMN_CANDIDATES", "FORMATS", "SPLIT_NAMES"]
 
+datasets.logging.set_verbosity_error()  # it logs every parse error before raising it; we re-say them
+datasets.disable_progress_bars()
 # file suffix -> datasets' packaged builder
 FORMATS = {".tsv": "csv", ".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet",
            ".arrow": "arrow", ".txt": "text"}
@@ -62,19 +58,7 @@ class Splits:
 
 # ---------------------------------------------------------------------------------------- reading
 
-def _datasets():
-    import datasets
-
-    datasets.logging.set_verbosity_error()  # it logs every parse error before raising it; we re-say them
-    datasets.disable_progress_bars()
-    return datasets
-
-
-def _split_of(stem: str) -> str | None:
-    return next((split for split, names in SPLIT_NAMES.items() if stem.lower() in names), None)
-
-
-def read_file(path) -> "datasets.Dataset":
+def read_file(path) -> datasets.Dataset:
     """One data file through ``datasets.load_dataset``; every failure is a DataError naming the file."""
     p = Path(path)
     if p.is_dir():
@@ -83,34 +67,35 @@ def read_file(path) -> "datasets.Dataset":
     if not p.is_file():
         raise DataError(field="path", value=str(p), problem="no such file", fix="check the path (relative to the "
                         "current directory) or set it to an existing data file")
-    ext = p.suffix.lower()
+    ext, options = p.suffix.lower(), {}
     if ext not in FORMATS:
         raise DataError(field="path", value=str(p), problem=f"unknown extension {ext!r}",
                         fix=f"save the data as one of {list(EXTENSIONS)}")
-    options = {}
-    if FORMATS[ext] == "csv":  # cells stay text (no NaN guessing); .tsv: tabs, quoting off
-        # index_col=False: pandas otherwise takes a first data row with one field more than the header as
-        # "the first column is the index" and shifts every column of the file by one, silently
-        options = dict(keep_default_na=False, na_filter=False, index_col=False,
-                       **({"sep": "\t", "quoting": 3} if ext == ".tsv" else {}))
+    if FORMATS[ext] == "csv":
+        sep = "\t" if ext == ".tsv" else ","
+        with open(p, encoding="utf-8-sig", errors="replace", newline="") as f:
+            header = next(csv.reader(f, delimiter=sep, quoting=csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL), [])
+        if len(header) == 1 and ("," if sep == "\t" else "\t") in header[0]:
+            right = ".tsv (tab-separated, quoting off)" if ext == ".csv" else ".csv (comma-separated)"
+            raise DataError(field=str(p), value=header[0][:80], problem=f"wrong delimiter: the header is one column "
+                            f"holding {'tabs' if sep == ',' else 'commas'}", fix=f"rename the file to {right}")
+        if len(set(header)) < len(header) or "" in header:
+            raise DataError(field=str(p), value=header, problem="the header has empty or repeated column names",
+                            fix="give every column a unique name on the first line")
+        # every cell as text (no NaN or number guessing); index_col=False: pandas otherwise takes a first data row
+        # with one field more than the header as "the first column is the index" and shifts every column by one
+        options = dict(keep_default_na=False, na_filter=False, index_col=False, sep=sep,
+                       features=datasets.Features({c: datasets.Value("string") for c in header}) if header else None,
+                       **({"quoting": 3} if ext == ".tsv" else {}))
     try:
         from pandas.errors import ParserWarning  # pandas comes with datasets
         with warnings.catch_warnings():  # ... and then only warns that it drops the extra field: an error here
             warnings.simplefilter("error", ParserWarning)
-            ds = _datasets().load_dataset(FORMATS[ext], data_files={"train": str(p)}, **options)["train"]
-    except Exception as err:  # noqa: BLE001 - re-said below with the file and the fix, or re-raised
+            ds = datasets.load_dataset(FORMATS[ext], data_files={"train": str(p)}, **options)["train"]
+    except Exception as err:  # noqa: BLE001 - re-said below with the file and the fix
         raise _read_error(err, p, ext) from None
-    columns = ds.column_names
-    if len(columns) == 1 and FORMATS[ext] == "csv" and ("," if ext == ".tsv" else "\t") in columns[0]:
-        right = ".tsv (tab-separated, quoting off)" if ext == ".csv" else ".csv (comma-separated)"
-        raise DataError(field=str(p), value=columns[0][:80], problem=f"wrong delimiter: the header is one column "
-                        f"holding {'tabs' if ext == '.csv' else 'commas'}", fix=f"rename the file to {right}")
-    repeated = [c for c in columns if re.fullmatch(r"(.+)\.\d+", c) and c.rsplit(".", 1)[0] in columns]
-    if repeated or any(c == "" or c.startswith("Unnamed: ") for c in columns):  # pandas renames both
-        raise DataError(field=str(p), value=columns, problem="the header has empty or repeated column names",
-                        fix="give every column a unique name on the first line")
     if len(ds) == 0:
-        raise DataError(field="path", value=str(p), problem=f"has a header {columns} but no data rows",
+        raise DataError(field="path", value=str(p), problem=f"has a header {ds.column_names} but no data rows",
                         fix="add data rows below the header")
     return ds
 
@@ -122,10 +107,9 @@ def _read_error(err: Exception, p: Path, ext: str) -> Exception:
         cause = cause.__cause__ or cause.__context__
     text = " | ".join(f"{type(c).__name__}: {c}" for c in chain)
     if any(isinstance(c, UnicodeDecodeError) for c in chain) or "Invalid UTF8" in text:
-        raw = p.read_bytes()
+        raw, at = p.read_bytes(), 0
         try:
             raw.decode("utf-8")
-            at = 0
         except UnicodeDecodeError as bad:
             at = bad.start
         line = raw.count(b"\n", 0, at) + 1
@@ -136,13 +120,12 @@ def _read_error(err: Exception, p: Path, ext: str) -> Exception:
         return DataError(field="path", value=str(p), problem="the file is empty",
                          fix="write a header line and at least one data row")
     if "corresponds to no data" in text:  # a header line and nothing else
-        header = p.read_text(encoding="utf-8", errors="replace").strip().splitlines()[:1] or [""]
-        columns = header[0].split("\t" if ext == ".tsv" else ",") if FORMATS[ext] == "csv" else header
+        header = (p.read_text(encoding="utf-8", errors="replace").strip().splitlines() or [""])[0]
+        columns = header.split("\t" if ext == ".tsv" else ",") if FORMATS[ext] == "csv" else [header]
         return DataError(field="path", value=str(p), problem=f"has a header {columns} but no data rows",
                          fix="add data rows below the header")
     if "Length of header or names does not match length of data" in text:  # the first data row, one field more
-        header = p.read_text(encoding="utf-8", errors="replace").splitlines()[0]
-        count = len(header.split("\t" if ext == ".tsv" else ","))
+        count = len(p.read_text(encoding="utf-8", errors="replace").splitlines()[0].split("\t" if ext == ".tsv" else ","))
         text = f"Expected {count} fields in line 2, saw {count + 1}"
     if match := re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", text):
         fix = ("a text holds a tab, or the file is not tab-separated; quoting is off in .tsv, so quotes do not "
@@ -158,17 +141,16 @@ def _read_error(err: Exception, p: Path, ext: str) -> Exception:
                                                       "fields (\"\")")
     if FORMATS[ext] == "json":
         row = re.search(r"in row (\d+)", text)
-        where = f"{p}, record {int(row[1]) + 1}" if row else str(p)
-        return DataError(field=where, value=str(chain[-1])[:120], problem="is not valid JSON (or mixes types in a "
-                         "column)", fix="write one JSON object per line (JSON lines) with the same keys and value types, "
-                                        "or one JSON array of such objects")
+        return DataError(field=f"{p}, record {int(row[1]) + 1}" if row else str(p), value=str(chain[-1])[:120],
+                         problem="is not valid JSON (or mixes types in a column)", fix="write one JSON object per "
+                         "line (JSON lines) with the same keys and value types, or one JSON array of such objects")
     return DataError(field=str(p), value=text[:200], problem="datasets could not read it",
                      fix=f"check that it is a well-formed {ext} file")
 
 
 def read_table(path, text_columns=None, label_column: str = "label", task: str | None = None,
                num_labels: int | None = None, label_names: list[str] | None = None) -> Table:
-    """Read one labelled file into a checked Table (see the module docstring).
+    """Read one labelled file into a checked Table (``adaptkit.recipes.tables``).
 
     ``num_labels`` / ``label_names`` (e.g. taken from the train split) make out-of-range or unseen
     labels an error instead of silently growing the label set.
@@ -180,30 +162,29 @@ def read_table(path, text_columns=None, label_column: str = "label", task: str |
 
 def load_raw(source=None, *, dataset_name: str | None = None, dataset_config: str | None = None):
     """``{split: datasets.Dataset}`` and ``{split: where it came from}`` (for messages), from one of:
-
-    * ``dataset_name`` (+ ``dataset_config``): ``datasets.load_dataset(name, config)``, the hub or its cache;
-    * a ``save_to_disk`` folder: ``datasets.load_from_disk``;
-    * a folder of split files (``train.tsv``, ``dev.tsv``, ...; stems as in ``SPLIT_NAMES``) or of
-      image class folders (``imagefolder``, with optional ``train/``, ``validation/``, ``test/``);
-    * one file (the train split), or a mapping ``{"train": path, "validation": path, "test": path}``;
-    * a ``datasets.DatasetDict`` already loaded.
-    """
-    datasets = _datasets()
+    ``dataset_name`` (+ ``dataset_config``: the hub, its cache or a local folder), a ``save_to_disk`` folder,
+    a folder of split files (stems as in ``SPLIT_NAMES``) or of image class folders (``imagefolder``), one
+    file (the train split), a mapping ``{"train": path, "validation": path, "test": path}``, or a
+    ``datasets.DatasetDict``."""
     if dataset_name is not None:
+        name = f"{dataset_name}{'/' + dataset_config if dataset_config else ''}"
         try:
             loaded = dict(datasets.load_dataset(dataset_name, dataset_config))
-            name = f"{dataset_name}{'/' + dataset_config if dataset_config else ''}"
-            return loaded, {split: f"{name}[{split}]" for split in loaded}
+        except datasets.exceptions.DatasetGenerationError as err:  # files whose columns or types differ
+            files = sorted(p.name for p in Path(dataset_name).iterdir()) if Path(dataset_name).is_dir() else []
+            raise DataError(field="--dataset-name", value=name, problem=f"its files do not share one set of columns "
+                            f"and types {files} ({' '.join(str(err.__cause__ or err).split())[:160]})", fix="keep one format per folder, "
+                            "or name the files: --train-file ... --validation-file ...") from None
         except (OSError, ValueError) as err:  # ConnectionError, DatasetNotFoundError, bad config name
             raise DataError(field="--dataset-name", value=f"{dataset_name} {dataset_config or ''}".strip(),
                             problem=f"the Hugging Face hub (or its cache) failed ({type(err).__name__}: "
                                     f"{str(err)[:160]})", fix="pass a local folder or file as --data; the hub is "
                                                               "unreachable offline (HF_HUB_OFFLINE=1)") from None
+        return loaded, {split: f"{name}[{split}]" for split in loaded}
     if isinstance(source, datasets.DatasetDict):
         return dict(source), {split: f"DatasetDict[{split}]" for split in source}
     if isinstance(source, Mapping):
-        unknown = sorted(set(source) - set(SPLIT_NAMES))
-        if unknown or "train" not in source:
+        if set(source) - set(SPLIT_NAMES) or "train" not in source:
             raise ConfigError(field="source", value=sorted(source), problem="keys must be 'train' (required), "
                               "'validation', 'test'", fix="load_splits({'train': 'a.tsv', 'test': 'b.tsv'})")
         return {split: read_file(f) for split, f in source.items()}, {split: str(f) for split, f in source.items()}
@@ -217,8 +198,7 @@ def load_raw(source=None, *, dataset_name: str | None = None, dataset_config: st
         loaded = datasets.load_from_disk(str(path))
         loaded = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
         return loaded, {split: f"{path}[{split}]" for split in loaded}
-    files = _split_files(path)
-    if files:
+    if files := _split_files(path):
         return {split: read_file(f) for split, f in files.items()}, {split: str(f) for split, f in files.items()}
     if any(d.is_dir() for d in path.iterdir()):  # class folders, maybe under train/ validation/ test/
         loaded = dict(datasets.load_dataset("imagefolder", data_dir=str(path)))
@@ -231,67 +211,80 @@ def load_raw(source=None, *, dataset_name: str | None = None, dataset_config: st
 def _split_files(folder: Path) -> dict[str, Path]:
     files: dict[str, list[Path]] = {}
     for f in sorted(folder.iterdir()):
-        split = _split_of(f.stem) if f.is_file() and f.suffix.lower() in FORMATS else None
-        if split:
-            files.setdefault(split, []).append(f)
+        if f.is_file() and f.suffix.lower() in FORMATS:
+            if split := next((s for s, names in SPLIT_NAMES.items() if f.stem.lower() in names), None):
+                files.setdefault(split, []).append(f)
     for split, hits in files.items():
         if len(hits) > 1:
             raise DataError(field=str(folder), value=[h.name for h in hits], problem=f"several {split} files "
                             f"(names for {split}: {list(SPLIT_NAMES[split])})",
                             fix="keep one file per split, or pass them explicitly: --train-file ... --validation-file ...")
     if files and "train" not in files:
-        raise DataError(field=str(folder), value=sorted(f.name for f in folder.iterdir()),
-                        problem="the folder has no train file",
-                        fix=f"add train.tsv (or another of {list(EXTENSIONS)}), or pass the files explicitly")
+        raise DataError(field=str(folder), value=sorted(f.name for f in folder.iterdir()), problem="the folder has "
+                        "no train file", fix=f"add train.tsv (or another of {list(EXTENSIONS)}), or pass the files")
     return {split: hits[0] for split, hits in files.items()}
 
 
 def labelled(ds, label_column: str) -> bool:
     """False for a split without labels: no label column, or all -1 / None (GLUE's hidden test set)."""
-    return label_column in ds.column_names and any(v not in (-1, None) for v in ds[label_column])
+    return label_column in ds.column_names and any(v not in (-1, None) for v in set(ds.unique(label_column)))
+
+
+def check_images(ds, where: str):
+    """Open every image of ``ds``'s Image columns before training: a corrupt, empty or over-large file
+    (PIL's decompression-bomb limit) is a DataError naming it, not a PIL error halfway through a run."""
+    for column in [c for c, f in ds.features.items() if isinstance(f, datasets.Image)]:
+        for i, item in enumerate(ds.cast_column(column, datasets.Image(decode=False))[column]):
+            name = item.get("path") or f"{where}, row {i + 1}"
+            try:
+                with Image.open(item["path"] if item.get("bytes") is None else io.BytesIO(item["bytes"])) as im:
+                    im.verify()  # reads the whole file: truncated and corrupt data fail here
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+                raise DataError(field=f"{where}, image", value=name, problem=f"cannot be used: {type(err).__name__}: "
+                                f"{str(err)[:120]}", fix="replace or remove the file (images over PIL's "
+                                f"{Image.MAX_IMAGE_PIXELS:,}-pixel limit are refused as decompression bombs)") from None
+    return ds
 
 
 # ---------------------------------------------------------------------------------------- splits
 
 def sample(rows, limit: int | None, seed: int):
-    """A seeded random ``limit`` rows of ``rows`` (a Dataset or a Table), kept in their order."""
+    """A seeded random ``limit`` rows of ``rows`` (a Dataset or a Table): ``shuffle(seed).select``."""
     if not limit or limit >= len(rows):
         return rows
-    return rows.select(sorted(np.random.default_rng(seed).permutation(len(rows))[:limit].tolist()))
+    if isinstance(rows, Table):
+        return dataclasses.replace(rows, data=sample(rows.data, limit, seed))
+    return rows.shuffle(seed=seed).select(range(limit)).flatten_indices()
 
 
-def carve(rows, fraction: float, seed: int, strata=None, name: str = "train"):
-    """Split ``rows`` into (kept, held) with ``fraction`` held, seeded; stratified when ``strata`` is given."""
-    from sklearn.model_selection import train_test_split
-
+def carve(rows, fraction: float, seed: int, stratify: str | None = None, name: str = "train"):
+    """``(kept, held)``: ``fraction`` of ``rows`` held out by ``train_test_split``, seeded, stratified by a column."""
     try:
-        keep, held = train_test_split(np.arange(len(rows)), test_size=fraction, random_state=seed, stratify=strata)
+        parts = rows.train_test_split(test_size=fraction, seed=seed, stratify_by_column=stratify)
     except ValueError as err:  # too few rows, or a class with a single example
         raise DataError(field=f"{name} validation split", value=fraction, problem=f"cannot carve it: {err}",
                         fix="add examples, or pass a validation file") from None
-    return rows.select(sorted(keep.tolist())), rows.select(sorted(held.tolist()))
+    return parts["train"].flatten_indices(), parts["test"].flatten_indices()
 
 
-def arrange(splits: dict, *, fraction: float, seed: int, strata: Callable | None = None, keep_validation=False,
+def arrange(splits: dict, *, fraction: float, seed: int, stratify: str | None = None, carve_from_train: bool = False,
             max_train: int | None = None, max_eval: int | None = None, name: str = "train") -> tuple[dict, list[str]]:
-    """The one split convention (module docstring) over ``{"train": ..., "validation": ..., "test": ...}``.
-
-    ``strata(rows)`` gives the labels to stratify the carved validation split by (None: not stratified).
-    ``keep_validation``: the validation split was named explicitly, so it stays validation.
-    """
+    """The one split convention (module docstring) over ``{"train": ds, "validation": ds, "test": ds}``."""
     if not 0 < fraction < 1:
         raise ConfigError(field="validation_fraction", value=fraction, problem="must be in (0, 1)",
                           fix="use e.g. 0.1 to hold out 10% of train")
-    splits = dict(splits)
-    notes = [f"{split}: {len(rows)} rows" for split, rows in splits.items()]
-    if "test" not in splits and "validation" in splits and not keep_validation:
+    splits, notes = dict(splits), [f"{split}: {len(rows)} rows" for split, rows in splits.items()]
+    if carve_from_train and "validation" in splits:
+        if "test" in splits:
+            raise ConfigError(field="--select-on-train-carve", value=sorted(splits), problem="the validation split "
+                              "would go unused: the carve replaces it and a test split is given",
+                              fix="drop --select-on-train-carve, or give no test split (validation becomes it)")
         splits["test"] = splits.pop("validation")
-        notes.append("no labelled test split: validation is the test set (GLUE keeps its test labels private)")
+        notes.append("--select-on-train-carve: the validation split is scored as the test set")
     if "validation" not in splits:
-        splits["train"], splits["validation"] = carve(splits["train"], fraction, seed,
-                                                      strata(splits["train"]) if strata else None, name)
+        splits["train"], splits["validation"] = carve(splits["train"], fraction, seed, stratify, name)
         notes.append(f"validation: {len(splits['validation'])} rows carved from train ({fraction:g}, seed {seed}"
-                     f"{', stratified' if strata else ''}); train keeps {len(splits['train'])}")
+                     f"{', stratified' if stratify else ''}); train keeps {len(splits['train'])}")
     for split, limit in (("train", max_train), ("validation", max_eval), ("test", max_eval)):
         if split in splits and limit and limit < len(splits[split]):
             splits[split] = sample(splits[split], limit, seed)
@@ -302,7 +295,8 @@ def arrange(splits: dict, *, fraction: float, seed: int, strata: Callable | None
 def load_splits(source=None, *, dataset_name: str | None = None, dataset_config: str | None = None,
                 text_columns=None, label_column: str = "label", task: str | None = None,
                 num_labels: int | None = None, validation_fraction: float = 0.1, seed: int = 0,
-                max_train: int | None = None, max_eval: int | None = None) -> Splits:
+                max_train: int | None = None, max_eval: int | None = None,
+                select_on_train_carve: bool = False) -> Splits:
     """Checked train / validation / test Tables from ``source`` (``load_raw``), arranged by ``arrange``."""
     if not 0 < validation_fraction < 1:
         raise ConfigError(field="validation_fraction", value=validation_fraction, problem="must be in (0, 1)",
@@ -313,27 +307,21 @@ def load_splits(source=None, *, dataset_name: str | None = None, dataset_config:
         dataset_name, dataset_config = source.split("/", 1)  # "glue/sst2": name/config, as adaptkit took before
         dataset_name, dataset_config = ("nyu-mll/glue", dataset_config) if dataset_name == "glue" else (source, None)
     raw, where = load_raw(source, dataset_name=dataset_name, dataset_config=dataset_config)
-    found = list(raw)
-    raw = {s: ds for s, ds in raw.items() if s in SPLIT_NAMES and labelled(ds, label_column)}
     if "train" not in raw:
-        raise DataError(field="source", value=f"splits {found}", problem="no labelled train split",
+        raise DataError(field="source", value=f"splits {list(raw)}", problem="no train split",
                         fix="use a dataset with a 'train' split, or a local folder")
-    train = tables.from_dataset(raw["train"], where["train"], text_columns, label_column, task, num_labels, None)
     # the train split fixes columns, task and label set so the others cannot drift from it
+    train = tables.from_dataset(raw["train"], where["train"], text_columns, label_column, task, num_labels, None)
     same = dict(text_columns=list(train.text_columns), label_column=label_column, task=train.task,
-                num_labels=train.num_labels if train.task == "classification" else None,
-                label_names=train.label_names)
-    read = {"train": train, **{s: tables.from_dataset(raw[s], where[s], **same) for s in ("validation", "test") if s in raw}}
-    strata = (lambda t: t.labels) if train.task == "classification" else None
-    read, notes = arrange(read, fraction=validation_fraction, seed=seed, strata=strata, max_train=max_train,
-                          max_eval=max_eval, keep_validation=_explicit(source), name=str(train.path))
-    notes = [f"{split}: {where[split]}" for split in raw] + notes
-    return Splits(read["train"], read["validation"], read.get("test"), notes)
-
-
-def _explicit(source) -> bool:
-    """Files named split by split: their validation file stays validation."""
-    return isinstance(source, Mapping) and not isinstance(source, _datasets().DatasetDict)
+                num_labels=train.num_labels if train.task == "classification" else None, label_names=train.label_names)
+    read = {"train": train, **{s: tables.from_dataset(raw[s], where[s], **same) for s in ("validation", "test")
+                               if s in raw and labelled(raw[s], label_column)}}
+    arranged, notes = arrange({s: t.data for s, t in read.items()}, fraction=validation_fraction, seed=seed,
+                              stratify="labels" if train.task == "classification" else None, max_train=max_train,
+                              max_eval=max_eval, carve_from_train=select_on_train_carve, name=str(train.path))
+    split = {s: dataclasses.replace(train if s == "train" else read.get(s, train), data=ds) for s, ds in arranged.items()}
+    notes = [f"{s}: {where[s]}" for s in read] + train.notes + notes
+    return Splits(split["train"], split["validation"], split.get("test"), notes)
 
 
 # ---------------------------------------------------------------------------------------- recipe flags
@@ -346,10 +334,12 @@ def add_data_args(parser, *, what: str = "data files") -> None:
     g.add_argument("--dataset-name", help="a datasets name (hub or its cache) or a local dataset folder")
     g.add_argument("--dataset-config", help="the dataset's configuration, e.g. --dataset-name glue --dataset-config sst2")
     g.add_argument("--train-file")
-    g.add_argument("--validation-file", help="used for model selection as given")
+    g.add_argument("--validation-file", help="evaluated during training; picks the adapter kept")
     g.add_argument("--test-file", help="the final adapter is scored on it")
     g.add_argument("--validation-fraction", type=float, default=0.1,
                    help="share of train carved off (seeded, stratified) when there is no validation split")
+    g.add_argument("--select-on-train-carve", action="store_true", help="the benchmark's protocol: select on a "
+                   "carve from train, and score the validation split as the test set")
     g.add_argument("--max-train-samples", type=int, help="a seeded random N of train")
     g.add_argument("--max-eval-samples", type=int, help="a seeded random N of validation and of test")
 
@@ -369,16 +359,14 @@ def source_of(args):
     return args.data
 
 
-def splits_from_args(args, *, label_column: str | None = None, strata: Callable | None = None,
-                     prepare: Callable | None = None):
+def splits_from_args(args, *, label_column: str | None = None, prepare: Callable | None = None):
     """``{split: datasets.Dataset}`` and notes, arranged by the one convention (``arrange``) for these flags.
 
-    With ``label_column``, splits without labels are dropped (GLUE's hidden test set). ``prepare``
-    maps each split before it is arranged (e.g. drops blank lines).
+    With ``label_column``, splits without labels are dropped (GLUE's hidden test set) and the carve is
+    stratified by it. ``prepare(ds, where)`` checks or maps each split as read, so that its errors count
+    rows as in the file; images are checked (``check_images``).
     """
-    source = source_of(args)
-    raw, where = load_raw(source, dataset_name=args.dataset_name, dataset_config=args.dataset_config)
-    raw = {split: prepare(ds) for split, ds in raw.items()} if prepare else raw
+    raw, where = load_raw(source_of(args), dataset_name=args.dataset_name, dataset_config=args.dataset_config)
     if "train" not in raw:
         raise DataError(field="--data", value=sorted(where), problem="no train split",
                         fix="use a dataset with a 'train' split, or a local folder with train files")
@@ -386,8 +374,11 @@ def splits_from_args(args, *, label_column: str | None = None, strata: Callable 
         raise DataError(field=where["train"], value=raw["train"].column_names, problem=f"the train split has no "
                         f"labels in column {label_column!r}", fix="name the label column with --label-column; an "
                         "image folder needs 2+ class sub-folders (datasets labels nothing with one)")
-    raw = {s: ds for s, ds in raw.items() if s in SPLIT_NAMES and (label_column is None or labelled(ds, label_column))}
-    splits, notes = arrange(raw, fraction=args.validation_fraction, seed=args.seed, strata=strata,
-                            keep_validation=_explicit(source), max_train=args.max_train_samples,
+    raw = {s: check_images((prepare or (lambda d, w: d))(ds, where[s]), where[s]) for s, ds in raw.items()
+           if s in SPLIT_NAMES and (label_column is None or labelled(ds, label_column))}
+    stratify = label_column if label_column and isinstance(raw["train"].features[label_column], datasets.ClassLabel) \
+        else None
+    splits, notes = arrange(raw, fraction=args.validation_fraction, seed=args.seed, stratify=stratify,
+                            carve_from_train=args.select_on_train_carve, max_train=args.max_train_samples,
                             max_eval=args.max_eval_samples, name=where["train"])
     return splits, [f"{split}: {where[split]}" for split in raw] + notes

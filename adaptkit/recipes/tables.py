@@ -1,57 +1,86 @@
-"""A labelled text split as a checked ``Table``: its text columns found, its labels typed once.
+"""A labelled text split as a checked ``Table``: a ``datasets.Dataset`` of its text columns and a ``labels``
+column typed once with ``datasets``' own types (a ``ClassLabel`` for classes, float32 for scores).
 
 Text columns: ``sentence1``+``sentence2``, ``text_a``+``text_b``, ``sentence``, ``text``, ``text_a``, unless named.
-Labels: integers -> classes 0..K-1, strings or a ``ClassLabel`` -> class names, other numbers -> regression.
-A split read after train (validation, test) gets train's columns, task and label set, so it cannot drift
-from it. Every problem is a ``DataError`` naming the file, the row and the fix. ``adaptkit.recipes.data``
-reads the files and arranges the splits.
+Labels: integers, class names or a ``ClassLabel`` are classes; whole numbers written as floats (``0.0``/``1.0``)
+too when there are at most ``WHOLE_CLASSES`` distinct values (a note says so); other numbers are regression.
+Checks run on the Arrow columns (no ``to_list``); every problem is a ``DataError`` naming the file, the row
+as counted in the file, and the fix.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
-import re
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from adaptkit.errors import ConfigError, ConfigTypeError, DataError
 
 TEXT_COLUMN_CANDIDATES = (("sentence1", "sentence2"), ("text_a", "text_b"), ("sentence",), ("text",), ("text_a",))
 TASKS = ("classification", "regression")
-_INT = re.compile(r"[+-]?\d+")
+WHOLE_CLASSES = 20  # whole-number floats with at most this many distinct values are class ids
+MAX_CLASS_ID = 100_000  # a larger id is a typo or an id column, not a head anyone can train
+_NUMBER = r"^\s*[+-]?((\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|nan|inf|infinity)\s*$"
+_INT = r"^\s*[+-]?\d+\s*$"
 
 
 @dataclass
 class Table:
-    """One split: ``texts[i]`` is a tuple of 1 or 2 strings, ``labels[i]`` an int class id or a float."""
+    """One split: ``data`` holds the text columns and ``labels``; ``texts``/``labels`` read them as lists."""
 
-    texts: list[tuple[str, ...]]
-    labels: list
+    data: datasets.Dataset
     task: str  # "classification" or "regression"
     num_labels: int  # 1 for regression
     label_names: list[str] | None  # class names by id, when the labels were strings or a ClassLabel
     text_columns: tuple[str, ...]
     path: str | None  # the file (or "name[split]") it came from
+    notes: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.texts)
+        return len(self.data)
+
+    @property
+    def texts(self) -> list[tuple[str, ...]]:
+        return list(zip(*(self.data.data.column(c).to_pylist() for c in self.text_columns)))
+
+    @property
+    def labels(self) -> list:
+        return self.data.data.column("labels").to_pylist()  # data never has an indices mapping (see select)
 
     def select(self, indices) -> "Table":
-        """The rows at ``indices``, like ``datasets.Dataset.select``."""
-        return dataclasses.replace(self, texts=[self.texts[i] for i in indices],
-                                   labels=[self.labels[i] for i in indices])
+        return dataclasses.replace(self, data=self.data.select(indices).flatten_indices())
+
+
+def _first(mask) -> int | None:
+    at = pc.index(pc.fill_null(mask, True), True).as_py()
+    return None if at < 0 else at
 
 
 def from_dataset(ds, source: str, text_columns, label_column, task, num_labels, label_names) -> Table:
     """A checked Table from a ``datasets.Dataset``; ``source`` names it in errors."""
-    feature = ds.features.get(label_column)
-    class_names = list(feature.names) if hasattr(feature, "names") else None  # a ClassLabel names its classes
-    records = ds.to_list()
-    where = [f"row {i + 1}" for i in range(len(records))]
-    return _build_table(ds.column_names, records, where, source, text_columns, label_column, task, num_labels,
-                        label_names or class_names)
+    columns = ds.column_names
+    text_cols = _pick_text_columns(columns, text_columns, source)
+    if label_column not in columns:
+        close = difflib.get_close_matches(label_column, columns, n=1)
+        raise DataError(field=f"{source} label_column", value=label_column, problem=f"no such column; the columns are "
+                        f"{columns}", fix=f"pass label_column={close[0]!r}" if close else "name the column holding labels")
+    ds = ds.select_columns([*text_cols, label_column]).flatten_indices()
+    for name in (*text_cols, label_column):
+        if (i := _first(pc.is_null(ds.data.column(name)))) is not None:
+            raise DataError(field=f"{source}, row {i + 1}", value=name, problem="the record has no such key (or null)",
+                            fix="give every record the same keys, with values")
+    for name in text_cols:
+        col = ds.data.column(name)
+        blank = pc.equal(pc.utf8_trim_whitespace(col), "") if pa.types.is_string(col.type) else pa.array([True])
+        if (i := _first(blank)) is not None:
+            raise DataError(field=f"{source}, row {i + 1}, column {name!r}", value=col[i].as_py(),
+                            problem="the text is empty or not a string", fix="drop the row or fill in the text")
+    return _type_labels(ds, source, text_cols, label_column, task, num_labels, label_names)
 
 
 def check_options(text_columns, task, num_labels) -> None:
@@ -72,8 +101,7 @@ def check_options(text_columns, task, num_labels) -> None:
 
 def _pick_text_columns(columns: list[str], text_columns, source: str) -> tuple[str, ...]:
     if text_columns is not None:
-        missing = [c for c in text_columns if c not in columns]
-        if missing:
+        if missing := [c for c in text_columns if c not in columns]:
             raise DataError(field=f"{source} text_columns", value=missing, problem=f"not found; the columns are "
                             f"{columns}", fix="pass text_columns with names from the header")
         return tuple(text_columns)
@@ -89,104 +117,74 @@ def _pick_text_columns(columns: list[str], text_columns, source: str) -> tuple[s
     return found[0]
 
 
-def _build_table(columns, records, where, source, text_columns, label_column, task, num_labels, label_names):
-    text_cols = _pick_text_columns(columns, text_columns, source)
-    if label_column not in columns:
-        close = difflib.get_close_matches(label_column, columns, n=1)
-        hint = f"pass label_column={close[0]!r}" if close else "pass label_column=<the column holding labels>"
-        raise DataError(field=f"{source} label_column", value=label_column,
-                        problem=f"no such column; the columns are {columns}", fix=hint)
-    texts, cells = [], []
-    for rec, loc in zip(records, where):
-        # datasets fills a key a JSON record lacks with None
-        missing = [name for name in (*text_cols, label_column) if rec.get(name) is None]
-        if missing:
-            raise DataError(field=f"{source}, {loc}", value=missing[0], problem="the record has no such key (or null)",
-                            fix="give every record the same keys, with values")
-        row = tuple(rec[name] for name in text_cols)
-        for name, value in zip(text_cols, row):
-            if not isinstance(value, str) or not value.strip():
-                raise DataError(field=f"{source}, {loc}, column {name!r}", value=value,
-                                problem="the text is empty or not a string", fix="drop the row or fill in the text")
-        texts.append(row)
-        cells.append(_label_cell(rec[label_column], source, loc, label_column))
-    labels, task, num_labels, label_names = _type_labels(cells, where, source, task, num_labels, label_names)
-    return Table(texts, labels, task, num_labels, label_names, text_cols, source)
+def _type_labels(ds, source, text_cols, column, task, num_labels, label_names) -> Table:
+    feature, col, notes = ds.features[column], ds.data.column(column), []
+    names = list(label_names or getattr(feature, "names", None) or []) or None  # a ClassLabel names its classes
 
+    def bad(i, problem, fix, cells=col):
+        return DataError(field=f"{source}, row {i + 1}, label", value=cells[i].as_py(), problem=problem, fix=fix)
 
-def _label_cell(value: Any, source: str, loc: str, column: str) -> str:
-    # JSON numbers become strings so that every format goes through one typing rule
-    if isinstance(value, bool) or not isinstance(value, (str, int, float, type(None))):
-        raise DataError(field=f"{source}, {loc}, column {column!r}", value=value,
-                        problem="a label must be a number or a string", fix="write class ids, class names or scores")
-    cell = "" if value is None else str(value).strip()
-    if not cell:
-        raise DataError(field=f"{source}, {loc}, column {column!r}", value=value, problem="empty label",
-                        fix="fill in the label or drop the row")
-    return cell
-
-
-def _kind(cell: str) -> str:
-    if _INT.fullmatch(cell):
-        return "int"
-    try:
-        float(cell)
-        return "float"
-    except ValueError:
-        return "str"
-
-
-def _type_labels(cells, where, source, task, num_labels, label_names):
-    kinds = [_kind(c) for c in cells]
-    first = {k: i for i, k in reversed(list(enumerate(kinds)))}  # first row of each kind
-    if "str" in first and len(first) > 1:
-        num = first.get("int", first.get("float"))
-        raise DataError(field=f"{source} labels", value=[cells[num], cells[first['str']]],
-                        problem=f"mixed label types: a number at {where[num]} and a string at {where[first['str']]}",
+    if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+        cells = pc.cast(col, pa.string())  # one typing rule for every format; ints print as written
+    elif pa.types.is_string(col.type):
+        cells = col
+        if (i := _first(pc.equal(pc.utf8_trim_whitespace(col), ""))) is not None:
+            raise DataError(field=f"{source}, row {i + 1}, column {column!r}", value="", problem="empty label",
+                            fix="fill in the label or drop the row")
+    else:
+        raise bad(0, f"a label must be a number or a string, not {col.type}", "write class ids, class names or scores")
+    number = pc.match_substring_regex(cells, _NUMBER, ignore_case=True)
+    text_at, number_at = _first(pc.invert(number)), _first(number)
+    if text_at is not None and number_at is not None:
+        raise DataError(field=f"{source} labels", value=[cells[number_at].as_py(), cells[text_at].as_py()],
+                        problem=f"mixed label types: a number at row {number_at + 1} and a string at row {text_at + 1}",
                         fix="use only class ids (0..K-1), only class names, or only float scores")
-
-    def bad(i, problem, fix):
-        return DataError(field=f"{source}, {where[i]}, label", value=cells[i], problem=problem, fix=fix)
-
-    if task == "regression" or (task is None and "float" in first):
-        if "str" in first:
-            raise bad(first["str"], "is not a number but task='regression'", "use float scores, or task=None")
+    if number_at is None:  # class names -> ids: sorted, or in the order given by label_names
+        if task == "regression":
+            raise bad(text_at, "is not a number but task='regression'", "use float scores, or task=None")
+        names = names or sorted(pc.unique(cells).to_pylist())
+        if (i := _first(pc.invert(pc.is_in(cells, value_set=pa.array(names))))) is not None:
+            raise bad(i, f"is not one of the known classes {names}", "fix the label, or read this split with the "
+                      "train split's label_names (load_splits does)")
+        data = ds.cast_column(column, datasets.ClassLabel(names=names)).rename_column(column, "labels")
+        return _classes(data, source, text_cols, len(names), num_labels, names, notes)
+    values = pc.cast(pc.utf8_trim_whitespace(cells), pa.float64()).to_numpy()
+    whole = np.isfinite(values) & (values == np.round(values))
+    integer = not pa.types.is_floating(col.type) and pc.all(pc.match_substring_regex(cells, _INT)).as_py()
+    as_classes = task == "classification" or (task is None and integer) or (
+        task is None and whole.all() and len(np.unique(values)) <= WHOLE_CLASSES and values.min() >= 0)
+    if not as_classes:
         if num_labels not in (None, 1) or label_names is not None:
             raise ConfigError(field="num_labels", value=num_labels, problem="regression has one output",
                               fix="leave num_labels=None (or 1) and label_names=None for regression")
-        values = [float(c) for c in cells]
-        for i, v in enumerate(values):
-            if not math.isfinite(v):
-                raise bad(i, "is not a finite number", "fix or drop the row")
-        return values, "regression", 1, None
-    if "float" in first:
-        raise bad(first["float"], "is not an integer class id but task='classification'",
-                  "use task='regression' for scores, or integer labels 0..K-1")
-    if "str" in first:  # class names -> ids in sorted order (or in the order given by label_names)
-        names = list(label_names) if label_names is not None else sorted(set(cells))
-        index = {n: i for i, n in enumerate(names)}
-        for i, c in enumerate(cells):
-            if c not in index:
-                raise bad(i, f"is not one of the known classes {names}", "fix the label, or read this split with "
-                          "the train split's label_names (load_splits does)")
-        labels = [index[c] for c in cells]
-        k = len(names)
-    else:
-        labels = [int(c) for c in cells]
-        names = list(label_names) if label_names is not None else None
-        k = len(names) if names is not None else (num_labels or max(labels) + 1)
-        for i, v in enumerate(labels):
-            if v < 0:
-                raise bad(i, "is negative (GLUE writes -1 for unlabeled test rows)", "class ids must be 0..K-1; "
-                          "drop unlabeled rows")
-            if v >= k:
-                raise bad(i, f"is out of range for num_labels={k}", f"class ids must be 0..{k - 1}; pass the right "
-                          "num_labels")
+        if (i := _first(pa.array(~np.isfinite(values)))) is not None:
+            raise bad(i, "is not a finite number", "fix or drop the row", cells)
+        data = ds.remove_columns(column).add_column("labels", values.astype(np.float32))
+        return Table(data, "regression", 1, None, text_cols, source, notes)
+    if (i := _first(pa.array(~whole | (np.abs(values) >= MAX_CLASS_ID)))) is not None:
+        raise bad(i, "is not an integer class id but task='classification'" if not whole[i] else
+                  f"is not a plausible class id (>= {MAX_CLASS_ID:,})", "use task='regression' for scores, integer "
+                  "labels 0..K-1, or class names", cells)
+    if not integer:
+        notes.append(f"{source}: labels written as whole-number floats (e.g. {cells[0].as_py()}) read as class ids; "
+                     "pass --task regression if they are scores")
+    ids = values.astype(np.int64)
+    if (i := _first(pa.array(ids < 0))) is not None:
+        raise bad(i, "is negative (GLUE writes -1 for unlabeled test rows)", "class ids must be 0..K-1; drop "
+                  "unlabeled rows", cells)
+    k = len(names) if names else num_labels or int(ids.max()) + 1
+    if (i := _first(pa.array(ids >= k))) is not None:
+        raise bad(i, f"is out of range for num_labels={k}", f"class ids must be 0..{k - 1}; pass the right num_labels",
+                  cells)
+    data = ds.remove_columns(column).add_column("labels", ids, feature=datasets.ClassLabel(num_classes=k))
+    return _classes(data, source, text_cols, k, num_labels if not names else None, names, notes)
+
+
+def _classes(data, source, text_cols, k, num_labels, names, notes) -> Table:
     if num_labels is not None and num_labels != k:  # only reachable with class names
         raise ConfigError(field="num_labels", value=num_labels, problem=f"{source} has {k} classes {names}",
                           fix=f"pass num_labels={k}, or label_names listing all {num_labels} classes")
     if k < 2:
-        raise DataError(field=f"{source} labels", value=sorted(set(labels)), problem="only one class; "
-                        "classification needs at least 2", fix="pass num_labels=K if this file is a subset, or "
-                        "task='regression' for scores")
-    return labels, "classification", k, names
+        raise DataError(field=f"{source} labels", value=names or [0], problem="only one class; classification needs "
+                        "at least 2", fix="pass num_labels=K if this file is a subset, or task='regression' for scores")
+    return Table(data, "classification", k, names, text_cols, source, notes)

@@ -1,5 +1,9 @@
 """Linear probe on cached features: run the frozen model once per example, then train only the head.
 
+The benchmark's speed-up, not part of adaptkit: ``python benchmarks/feature_cache.py --feature-cache eval
+<recipes/classify.py flags>`` runs the classify recipe with its linear probe trained on the cache
+(``main``); benchmarks/run.py does so for the linear-probe cells.
+
 A linear probe trains a head on a model that never changes, so running the whole encoder every epoch
 repeats the same work. :class:`CachedProbe` runs it once per example (eval mode, no gradients),
 records what the head reads with a forward pre-hook, and trains the head on those records::
@@ -38,16 +42,23 @@ so the caller runs the end-to-end probe instead and says so):
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import json
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from adaptkit.core import strategy_of
+from adaptkit import strategy_of
 from adaptkit.errors import ConfigError, NotAdaptedError, UnsupportedError
-from adaptkit.strategies.base import MARKER
+from adaptkit.names import MARKER
+
+ROOT = Path(__file__).resolve().parent.parent
 
 EncoderMode = Literal["match", "eval"]
 ENCODER_MODES = ("match", "eval")
@@ -301,3 +312,59 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor, config) -> torch.Tensor:
 
 def _to(batch: Any, device: torch.device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in dict(batch).items()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """recipes/classify.py with ``--feature-cache eval|match|off``: its first ``accelerator.prepare(model, optimizer,
+    train, validation)`` of a linear probe gets the probe and cached loaders instead; metrics.json gains
+    ``feature_cache`` (used, or why not)."""
+    import accelerate
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--feature-cache", choices=[*ENCODER_MODES, "off"], default="eval")
+    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "classify.py")
+    known, rest = parser.parse_known_args(argv)
+    out = argparse.ArgumentParser(add_help=False)
+    out.add_argument("--output-dir", type=Path)
+    output_dir = out.parse_known_args(rest)[0].output_dir
+    spec = importlib.util.spec_from_file_location("classify", known.recipe)
+    classify = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(classify)
+    report, original = {"used": False}, accelerate.Accelerator.prepare
+
+    def prepare(self, *objects, **kwargs):
+        model = objects[0] if objects else None
+        if len(objects) == 4 and "reason" not in report and not report["used"] and \
+                getattr(strategy_of(model), "name", None) == "linear_probe":
+            _, optimizer, train, val = objects
+            if known.feature_cache == "off":
+                report["reason"] = "--feature-cache off"
+            else:
+                try:
+                    probe = CachedProbe(model, encoder_mode=known.feature_cache)
+                    seed = getattr(train.batch_sampler, "seed", 0)
+                    objects = (probe, optimizer, probe.loader(train, shuffle=True, seed=seed),
+                               probe.loader(val, shuffle=False))
+                    report.update(used=True, **probe.report())
+                except UnsupportedError as err:
+                    if known.feature_cache == "eval":  # asked for explicitly: refuse rather than run something else
+                        raise
+                    report["reason"] = str(err)
+        return original(self, *objects, **kwargs)
+
+    accelerate.Accelerator.prepare = prepare
+    try:
+        results = classify.main(rest)
+    finally:
+        accelerate.Accelerator.prepare = original
+    results["feature_cache"] = report
+    path = output_dir and output_dir.expanduser() / "metrics.json"
+    if path and path.is_file():  # the recipe wrote it: add the cache's record, atomically
+        written = {**json.loads(path.read_text()), "feature_cache": report}
+        (tmp := path.with_name(f".metrics.json.tmp-{os.getpid()}")).write_text(json.dumps(written, indent=2))
+        os.replace(tmp, path)
+    return results
+
+
+if __name__ == "__main__":
+    main()
