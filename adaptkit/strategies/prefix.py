@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 from torch import nn
 
-from adaptkit import targets, versions
-from adaptkit.errors import ConfigError, IncompatibleVersionError, UnsupportedError
+from adaptkit import compat, targets
+from adaptkit.errors import ConfigError, UnsupportedError
 from adaptkit.strategies import register
 from adaptkit.strategies.base import PeftStrategy
 from adaptkit.strategies.lora import head_modules
-
-
-def _takes_past(module: nn.Module) -> bool:
-    return "past_key_values" in inspect.signature(module.forward).parameters
-
-
-def _takes_renamed_cache(module: nn.Module) -> bool:
-    # transformers 5.24 renamed forward(past_key_values=...) to forward(cache=...) on BERT, GPT-2, Llama, ...
-    # PEFT 0.21.2 still injects past_key_values, so the same architecture that worked now fails: a version
-    # break, not a missing feature of the architecture.
-    return "cache" in inspect.signature(module.forward).parameters
 
 
 def _checkpointing(model: nn.Module) -> bool:
@@ -63,19 +51,12 @@ class Prefix(PeftStrategy):
                 problem=f"prefix tuning prefixes token sequences; this model reads {model.main_input_name!r}",
                 fix="use 'lora', 'bottleneck' or 'linear_probe' for image models")
         backbone = targets.base_module(model)
-        if not (_takes_past(model) or (backbone is not None and _takes_past(backbone))):
-            renamed = next((m for m in (model, backbone) if m is not None and _takes_renamed_cache(m)), None)
-            if renamed is not None:
-                raise IncompatibleVersionError(
-                    field="transformers", value=versions.installed("transformers"),
-                    problem=(f"{type(renamed).__name__}.forward takes 'cache' where transformers<5.24 took "
-                             "'past_key_values', which PEFT's prefix tuning injects; installed: "
-                             f"{versions.describe('transformers', 'peft')}"),
-                    fix="pip install 'transformers<5.24' (or -r requirements.lock), or use 'lora' or 'bottleneck'")
+        if not any(compat.takes_prefix(m) for m in (model, backbone) if m is not None):
             raise UnsupportedError(
                 field="strategy", value=f"prefix on {type(model).__name__}",
-                problem="the model's forward takes no past_key_values, which prefix tuning injects",
+                problem="the model's forward takes no past_key_values (or cache), which prefix tuning fills",
                 fix="use 'lora' or 'bottleneck' for this architecture")
+        compat.refuse_untested_transformers()  # before PEFT wraps anything (core applies compat.bridge after)
         if _checkpointing(model):
             raise UnsupportedError(
                 field="gradient_checkpointing", value=True, problem="PEFT refuses prefix tuning with it",
@@ -86,3 +67,10 @@ class Prefix(PeftStrategy):
             encoder_hidden_size=self.projection_hidden or targets.hidden_size(model))
         config.modules_to_save = head_modules(model, self.heads, "Prefix.heads")
         return config
+
+    # the bridge here too, not only in core: a model adapted or loaded through this class never misses it
+    def apply(self, model: nn.Module) -> nn.Module:
+        return compat.bridge(super().apply(model))
+
+    def load(self, directory, base_model: nn.Module, trainable: bool = False, config=None) -> nn.Module:
+        return compat.bridge(super().load(directory, base_model, trainable=trainable, config=config))

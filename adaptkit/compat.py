@@ -1,0 +1,91 @@
+"""Two workarounds for PEFT 0.21.2, applied per model instance (no class is patched). Delete each when PEFT fixes it.
+
+1. The cache bridge (transformers 5.24 - 5.39 with PEFT 0.21.2): delete it the day PEFT passes ``cache``.
+   transformers 5.24 renamed forward's ``past_key_values`` to ``cache`` and keeps the old name as an alias
+   until 5.40. PEFT's prefix tuning still injects ``past_key_values``: a classifier is refused (PEFT reads
+   the backbone's signature) and ``generate()`` drops the prefix silently (it passes an empty ``cache``,
+   which wins over the alias). The bridge shows ``past_key_values`` in the forward's signature and moves
+   the injected prefix into ``cache`` when the incoming one is empty. It is tested up to ``TESTED_BELOW``.
+2. ``disable_adapter()`` on a prompt-learning classifier raises UnboundLocalError in PEFT 0.21.2 (every
+   transformers): it swaps ``prepare_inputs_for_generation``, which classifiers lack. Here only the forward
+   is swapped, as PEFT does for prompt learning (the trained head in ``modules_to_save`` stays in use).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import types
+
+from packaging.version import Version
+from torch import nn
+
+from adaptkit import targets, versions
+from adaptkit.errors import IncompatibleVersionError
+
+TESTED_BELOW = "5.40"  # transformers removes the past_key_values alias there: untested, refused
+_ORIGINAL = "_adaptkit_unbridged_forward"
+
+
+def refuse_untested_transformers() -> None:
+    version = versions.installed("transformers")
+    if version is not None and Version(version) >= Version(TESTED_BELOW):
+        raise IncompatibleVersionError(
+            field="transformers", value=version,
+            problem=f"prefix tuning through PEFT {versions.installed('peft')} is tested below {TESTED_BELOW}, where "
+                    "transformers drops the past_key_values alias PEFT injects (adaptkit/compat.py)",
+            fix=f"pip install 'transformers<{TESTED_BELOW}' (or -r requirements.lock), or use 'lora' or 'bottleneck'")
+
+
+def takes_prefix(module: nn.Module) -> bool:
+    """Whether the forward takes the cache PEFT's prefix goes into, under either name."""
+    return not {"past_key_values", "cache"}.isdisjoint(inspect.signature(module.forward).parameters)
+
+
+def _bridged(signature: inspect.Signature):
+    def forward(self, *args, past_key_values=None, **kwargs):
+        cache = kwargs.get("cache")
+        # an empty cache is generate()'s fresh one at the first step: the prefix belongs there. A filled one
+        # already holds the prefix (PEFT injects a new one at every step, as it finds no past_key_values)
+        if past_key_values is not None and (cache is None or not cache.get_seq_length()):
+            kwargs["cache"] = past_key_values
+        return self.__dict__[_ORIGINAL](*args, **kwargs)
+    params = list(signature.parameters.values())
+    extra = inspect.Parameter("past_key_values", inspect.Parameter.KEYWORD_ONLY, default=None)
+    at = len(params) - (bool(params) and params[-1].kind is inspect.Parameter.VAR_KEYWORD)
+    self = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    forward.__signature__ = signature.replace(parameters=[self, *params[:at], extra, *params[at:]])
+    return forward
+
+
+def bridge(model: nn.Module) -> nn.Module:
+    """Apply both workarounds to a PeftModel that adaptkit made or loaded (any other model: unchanged)."""
+    from peft import PeftModel, PeftType
+    if not isinstance(model, PeftModel):
+        return model
+    configs = list(model.peft_config.values())
+    base = model.get_base_model()
+    if any(c.peft_type == PeftType.PREFIX_TUNING for c in configs):
+        refuse_untested_transformers()
+        for module in (base, targets.base_module(base)):
+            params = inspect.signature(module.forward).parameters if module is not None else {}
+            if "cache" in params and "past_key_values" not in params and _ORIGINAL not in module.__dict__:
+                module.__dict__[_ORIGINAL] = module.forward  # the bound method, or accelerate's hook
+                module.forward = types.MethodType(_bridged(inspect.signature(module.forward)), module)
+    if any(c.is_prompt_learning for c in configs) and not hasattr(base, "prepare_inputs_for_generation"):
+        model.disable_adapter = types.MethodType(_disable_prompt, model)
+    return model
+
+
+@contextlib.contextmanager
+def _disable_prompt(self):
+    was, old = self._adapters_disabled, self.__dict__.get("forward")
+    self.forward, self._adapters_disabled = self.base_model.forward, True
+    try:
+        yield
+    finally:
+        self._adapters_disabled = was
+        if old is None:
+            del self.forward
+        else:
+            self.forward = old
