@@ -1,7 +1,6 @@
 """The strategy registry: every module in this folder that defines a ``@register``-ed config.
 
-Adding a strategy = adding one file here. ``tests/test_registry.py`` checks that the registry and the
-files on disk agree, so a file that forgot ``@register`` (or a stale entry) fails the suite.
+Adding a strategy = adding one file here; ``tests/test_registry.py`` checks that the registry equals the files.
 """
 
 from __future__ import annotations
@@ -15,17 +14,15 @@ from adaptkit.errors import UnknownStrategyError
 from adaptkit.strategies.base import Strategy
 
 REGISTRY: dict[str, type[Strategy]] = {}
-_NOT_STRATEGIES = {"base"}  # helper modules in this folder
 
 
 def register(cls: type[Strategy]) -> type[Strategy]:
     if not cls.name:
         raise TypeError(f"{cls.__name__} must set the class variable `name` before @register")
-    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
-        raise ValueError(f"strategy name {cls.name!r} is registered twice: {REGISTRY[cls.name].__name__} "
-                         f"and {cls.__name__}; rename one of them")
-    REGISTRY[cls.name] = cls
-    init = cls.__init__
+    if REGISTRY.get(cls.name, cls) is not cls:
+        raise ValueError(f"strategy name {cls.name!r} is registered twice: {REGISTRY[cls.name].__name__} and "
+                         f"{cls.__name__}; rename one of them")
+    REGISTRY[cls.name], init = cls, cls.__init__
 
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):  # PEFT's names and did-you-mean for typed configs too
@@ -36,8 +33,8 @@ def register(cls: type[Strategy]) -> type[Strategy]:
 
 
 def strategy_modules() -> list[str]:
-    """Names of the strategy files on disk (for the registry test)."""
-    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _NOT_STRATEGIES)
+    """Names of the strategy files on disk (``base`` holds what they share)."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "base")
 
 
 for _module in strategy_modules():
@@ -48,7 +45,6 @@ def get(name: str) -> type[Strategy]:
     if name in REGISTRY:
         return REGISTRY[name]
     close = difflib.get_close_matches(name, REGISTRY, n=1)
-    raise UnknownStrategyError(
-        field="strategy", value=name, problem="is not a strategy",
-        fix=(f"did you mean {close[0]!r}? " if close else "") + f"choose one of {sorted(REGISTRY)}"
-            + " or any PEFT method name (e.g. 'ia3', 'loha')")
+    raise UnknownStrategyError(field="strategy", value=name, problem="is not a strategy",
+                               fix=(f"did you mean {close[0]!r}? " if close else "") + f"choose one of "
+                                   f"{sorted(REGISTRY)} or any PEFT method name (e.g. 'ia3', 'loha')")

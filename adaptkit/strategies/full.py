@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 from adaptkit.errors import AdapterFormatError
@@ -25,39 +26,32 @@ class Full(Strategy):
     def apply(self, model: nn.Module) -> nn.Module:
         return model.requires_grad_(True)
 
-    # The whole state dict (buffers too), tied weights written once, under the live model's names: the
-    # names the stock Trainer reloads checkpoints with (transformers' own save_pretrained may rename keys
-    # to an older hub layout, e.g. ViT's). With the model's config.json beside it the folder is also a
-    # plain checkpoint that from_pretrained loads exactly.
     def save(self, model: nn.Module, directory: Path, state_dict: dict | None = None) -> None:
-        from safetensors.torch import save_file, save_model
+        """The whole state dict (buffers too, tied weights once) under the live model's names, the ones the stock
+        Trainer reloads with (transformers' save_pretrained may rename keys to an older hub layout, e.g. ViT's);
+        with the model's config.json beside it from_pretrained loads the folder exactly."""
         path = str(directory / self.weights_name)
         if state_dict is None:
             save_model(model, path, metadata={"format": "pt"})
         else:
-            names = set(dict(model.named_parameters()).keys()) | {n for n, _ in model.named_buffers()}
+            names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
             save_file({k: v.contiguous() for k, v in state_dict.items() if k in names}, path, metadata={"format": "pt"})
-        config = getattr(model, "config", None)
-        if hasattr(config, "save_pretrained"):
-            config.save_pretrained(str(directory))
-        generation = getattr(model, "generation_config", None)
-        if hasattr(generation, "save_pretrained") and getattr(model, "can_generate", lambda: False)():
-            generation.save_pretrained(str(directory))
+        if hasattr(getattr(model, "config", None), "save_pretrained"):
+            model.config.save_pretrained(str(directory))
+        if getattr(model, "can_generate", lambda: False)() and hasattr(model, "generation_config"):
+            model.generation_config.save_pretrained(str(directory))
 
     def load(self, directory: Path, base_model: nn.Module) -> nn.Module:
-        from safetensors.torch import load_model
-        model = self.apply(base_model)
-        path = weights_file(directory, self)
+        model, path = self.apply(base_model), weights_file(directory, self)
         missing, unexpected = load_model(model, str(path), strict=False)
-        if hasattr(model, "tie_weights"):
-            model.tie_weights()  # transformers writes tied weights once
-            tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+        if hasattr(model, "tie_weights"):  # transformers writes tied weights once
+            model.tie_weights()
+            tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
             missing = [m for m in missing if m not in tied]
         if missing or unexpected:
-            raise AdapterFormatError(field=str(path),
-                                     value={"missing": sorted(missing)[:5], "unexpected": sorted(unexpected)[:5]},
-                                     problem="weights do not match the base model",
-                                     fix="load into the same architecture (and num_labels) that was saved")
+            raise AdapterFormatError(field=str(path), value={"missing": sorted(missing)[:5], "unexpected": sorted(
+                unexpected)[:5]}, problem="weights do not match the base model",
+                fix="load into the same architecture (and num_labels) that was saved")
         return model
 
     def merge(self, model: nn.Module) -> nn.Module:
