@@ -33,11 +33,6 @@ MARK = ".adaptkit-temp"  # inside every temporary folder adaptkit makes; a look-
 # what from_pretrained (transformers, PEFT) reads from a folder's top level
 LOADED_FILES = {"config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"}
-# names a manifest of the first format (a plain list, no digests) may claim; any other name in it is the user's
-LEGACY_FILES = {CONFIG_NAME, "adapter_config.json", "adapter_model.safetensors", "model.safetensors", "README.md",
-                "config.json"}
-
-
 def read_json(path: Path, max_bytes: int = 16 << 20) -> Any:
     """A JSON file someone else may have written: unreadable, not UTF-8, huge or deeply nested is a typed error."""
     try:
@@ -86,12 +81,9 @@ def owned_files(folder: Path) -> set[str]:
     except AdapterFormatError:
         return set()
     files = data.get("files") if isinstance(data, dict) and data.get("format") == FORMAT else None
-    if isinstance(files, dict):
-        return {CONFIG_NAME} | {r for r, d in files.items() if _inside(r) and digest(folder / r) == d}
-    if isinstance(files, list):  # the first format recorded names only: trust the names adaptkit writes
-        return {CONFIG_NAME} | {r for r in files if isinstance(r, str) and _inside(r) and Path(r).name in LEGACY_FILES
-                                and digest(folder / r) is not None}
-    return set()
+    if not isinstance(files, dict):  # a manifest of names only (the first format) proves nothing
+        return {CONFIG_NAME} if isinstance(files, list) else set()
+    return {CONFIG_NAME} | {r for r, d in files.items() if _inside(r) and digest(folder / r) == d}
 
 
 def _inside(rel: Any) -> bool:

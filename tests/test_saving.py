@@ -189,3 +189,112 @@ def test_a_saver_that_loses_the_race_to_create_the_folder_swaps_it_instead(tmp_p
     assert raced and (target / "notes.txt").read_text() == "theirs"
     assert torch.equal(_logits(adaptkit.load(target, tiny_model("bert"))), _logits(model))  # the last save wins
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+# ---- one writer: the same rules for save_pretrained (the Trainer's) as for adaptkit.save ----------------------
+def test_save_pretrained_into_a_base_model_folder_refuses_and_changes_nothing(tmp_path):
+    base = tmp_path / "base"
+    tiny_model("bert").save_pretrained(base)
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in base.iterdir()}
+    for strategy in ("lora", "bottleneck"):
+        with pytest.raises(errors.ConfigError, match=r"directory=.*base/(config.json|model.safetensors).*adaptkit "
+                                                     r"did not write.*Fix: move or rename that file"):
+            _trained(strategy).save_pretrained(base)
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in base.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+def test_full_then_lora_into_one_folder_leaves_no_hybrid(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+    base = tmp_path / "base"
+    tiny_model("bert").save_pretrained(base)
+    full = adaptkit.adapt(AutoModelForSequenceClassification.from_pretrained(base), "full")
+    with torch.no_grad():
+        for p in full.parameters():
+            p.add_(0.05)
+    full.save_pretrained(tmp_path / "a")
+    lora = _trained_from(AutoModelForSequenceClassification.from_pretrained(base))
+    lora.save_pretrained(tmp_path / "a")
+    assert not (tmp_path / "a" / "config.json").exists() and not (tmp_path / "a" / "model.safetensors").exists()
+    again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "a")  # base + LoRA, nothing of the full model
+    assert torch.equal(_logits(again), _logits(lora))
+
+
+def _trained_from(model):
+    model = adaptkit.adapt(model, "lora")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("manifest", ["list", "digest"])
+def test_the_manifest_alone_proves_nothing(tmp_path, manifest):
+    adaptkit.save(_trained(), tmp_path / "a")
+    (tmp_path / "a" / "thesis.tex").write_text("years of work")
+    (tmp_path / "a" / "README.md").write_text("my own notes on this adapter")  # a file adaptkit wrote, changed since
+    path = tmp_path / "a" / "adaptkit_config.json"
+    data = json.loads(path.read_text())
+    data["files"] = sorted(data["files"]) + ["thesis.tex"] if manifest == "list" else {**data["files"], "thesis.tex": "0" * 64}
+    path.write_text(json.dumps(data))
+    refused = "README.md" if manifest == "digest" else r"(config.json|model.safetensors|README.md)"  # names prove nothing
+    with pytest.raises(errors.ConfigError, match=rf"{refused}.*adaptkit did not write \(or changed since\)"):
+        adaptkit.save(_trained(seed=1), tmp_path / "a")
+    assert (tmp_path / "a" / "README.md").read_text() == "my own notes on this adapter"
+    if manifest == "digest":
+        (tmp_path / "a" / "README.md").unlink()
+        adaptkit.save(_trained(seed=1), tmp_path / "a")
+    assert (tmp_path / "a" / "thesis.tex").read_text() == "years of work"
+
+
+def test_symlinks_in_the_folder_are_never_written_or_deleted_through(tmp_path):
+    adaptkit.save(_trained(), tmp_path / "a")
+    victim, shelf = tmp_path / "victim.bin", tmp_path / "shelf"
+    victim.write_bytes(b"precious")
+    shelf.mkdir()
+    (shelf / "book.txt").write_text("mine")
+    (tmp_path / "a" / "model.safetensors").unlink()
+    (tmp_path / "a" / "model.safetensors").symlink_to(victim)   # planted where the next save writes
+    with pytest.raises(errors.ConfigError, match=r"model.safetensors.*adaptkit did not write"):
+        adaptkit.save(_trained(seed=1), tmp_path / "a")
+    (tmp_path / "a" / "model.safetensors").unlink()
+    (tmp_path / "a" / "shelf").symlink_to(shelf)                  # the user's link to a folder: carried as a link
+    adaptkit.save(_trained(seed=1), tmp_path / "a")
+    adaptkit.save(_trained(seed=2), tmp_path / "a")
+    assert victim.read_bytes() == b"precious" and (shelf / "book.txt").read_text() == "mine"
+    assert (tmp_path / "a" / "shelf").is_symlink() and os.readlink(tmp_path / "a" / "shelf") == str(shelf)
+
+
+@pytest.mark.parametrize("mode", [0o700, 0o2775, 0o555])
+def test_saving_keeps_the_modes_and_times_of_the_folder_and_the_users_files(tmp_path, mode):
+    adaptkit.save(_trained(), tmp_path / "a")
+    (tmp_path / "a" / "private").mkdir()
+    (tmp_path / "a" / "private" / "key.txt").write_text("secret")
+    os.chmod(tmp_path / "a" / "private", 0o700)
+    os.utime(tmp_path / "a" / "private" / "key.txt", ns=(10**18, 10**18))
+    os.utime(tmp_path / "a" / "private", ns=(10**18, 10**18))
+    os.chmod(tmp_path / "a" / "model.safetensors", 0o640)
+    os.chmod(tmp_path / "a", mode)
+    adaptkit.save(_trained(seed=1), tmp_path / "a")
+    st = lambda p: (oct(os.stat(p).st_mode & 0o7777), os.stat(p).st_mtime_ns)  # noqa: E731
+    assert oct(os.stat(tmp_path / "a").st_mode & 0o7777) == oct(mode)
+    assert st(tmp_path / "a" / "private") == (oct(0o700), 10**18)
+    assert st(tmp_path / "a" / "private" / "key.txt")[1] == 10**18
+    assert oct(os.stat(tmp_path / "a" / "model.safetensors").st_mode & 0o777) == oct(0o640)
+    os.chmod(tmp_path / "a", 0o755)
+
+
+def test_paths_that_cannot_hold_a_folder_are_typed_errors(tmp_path):
+    model = _trained()
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    cases = {"file/out": r"cannot hold an adapter folder", "file": r"is a file, not a folder",
+             "loop/out": r"cannot hold an adapter folder", "/proc/x/out": r"cannot hold an adapter folder"}
+    for path, match in cases.items():
+        full = path if path.startswith("/") else tmp_path / path
+        with pytest.raises(errors.ConfigError, match=rf"directory=.*: {match}.*Fix: pass a new or adapter folder"):
+            adaptkit.save(model, full)
+    with pytest.raises(errors.ConfigError, match=r"save_directory=.*file/out.*cannot hold an adapter folder"):
+        model.save_pretrained(tmp_path / "file" / "out")
+    assert (tmp_path / "file").read_text() == "x"
