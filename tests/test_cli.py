@@ -124,3 +124,29 @@ def test_the_console_script_is_installed(model_dir):
                           text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "OK: no problems found" in done.stdout
+
+
+def test_recommend_from_a_config_folder_says_what_to_run_first(capsys, model_dir):
+    # the tiny test config has 64 positions: estimate refuses the default 128 tokens, typed (checked below)
+    code, out, _ = run(capsys, "recommend", model_dir, "--task", "seq_cls", "--examples", "5000", "--memory", "8GB",
+                       "--seq-len", "32")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].startswith("Run ") and "adaptkit.adapt(" in lines[0]
+    assert lines[2].split()[:4] == ["#", "candidate", "batch", "peak"] and any("linear_probe" in x for x in lines)
+    code, out, _ = run(capsys, "recommend", model_dir, "--task", "seq_cls", "--examples", "5000", "--memory", "8GB",
+                       "--seq-len", "32", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["run"] == lines[0] and len(data["candidates"]) == 21 and data["memory"] == 8e9
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "seq_cls", "--examples", "10"], "--memory: is required"),
+    (["--task", "seq_cls", "--examples", "10", "--memory", "lots"], "memory='lots': is not an amount of memory"),
+    (["--task", "seq_classify", "--examples", "10", "--memory", "8GB"], "task='seq_classify': is not a task type"),
+    (["--task", "seq_cls", "--examples", "10", "--memory", "8GB", "--time", "2h", "--device", "cuda"],
+     "time='2h': time is calibrated on CPU runs only"),
+    (["--task", "seq_cls", "--examples", "10", "--memory", "8GB"], "seq_len=128: 128 tokens do not fit"),
+])
+def test_recommend_refuses_what_it_cannot_judge(capsys, model_dir, argv, message):
+    code, out, err = run(capsys, "recommend", model_dir, *argv)
+    assert code == 2 and out == "" and message in err
