@@ -1,17 +1,6 @@
-"""Guards the recipes call so that a run never ends silently wrong: each is one function, raising a
-typed error that names the flag, file or step and the fix.
-
-* :func:`check_numbers` — flag values that are NaN, infinite or negative, before anything loads;
-* :func:`fit_max_length` — ``--max-length`` against the model's positions (virtual tokens included);
-* :func:`require_examples`, :func:`require_classes`, :func:`read_utf8` — data that cannot train;
-* :func:`check_output_dir`, :func:`remove_owned` — the output folder: no write or delete through a link adaptkit did
-  not make, nor of a file it did not write;
-* :func:`check_finite_loss`, :func:`check_finite_weights` — a run that diverged stops, and no NaN
-  adapter is saved as the best;
-* :func:`output_spread`, :func:`constant_output`, :func:`collapse_warning` — predictions that are the same for
-  every example (a model that collapsed) are named in the log, in metrics.json and at the end of the run;
-* :func:`digests`, :func:`read_checkpoint`, :func:`data_fingerprint` — resume only from a checkpoint
-  that is complete and unchanged, on the same data, loading nothing through pickle that can run code.
+"""Guards the recipes call so that a run never ends silently wrong: flag values, over-long inputs, data that cannot
+train, a diverging run, collapsed predictions, a damaged or foreign checkpoint, files adaptkit did not write. Each
+raises a typed error that names the flag, file or step and the fix.
 """
 
 from __future__ import annotations
@@ -33,8 +22,10 @@ from adaptkit.errors import CheckpointError, ConfigError, DataError, NonFiniteEr
 # flag -> (smallest allowed value, whether the smallest itself is allowed); every float flag must be finite
 _FLOAT_FLAGS = {"learning_rate": (0.0, False), "weight_decay": (0.0, True), "warmup_ratio": (0.0, True),
                 "max_grad_norm": (0.0, True), "validation_fraction": (0.0, True)}
-_COUNT_FLAGS = {"max_length": 1, "max_train_samples": 1, "max_eval_samples": 1, "num_samples": 0,
-                "max_new_tokens": 1, "steps": 1, "batch_size": 1, "block_size": 0}
+_COUNT_FLAGS = {"max_length": 1, "max_train_samples": 1, "max_eval_samples": 1, "num_samples": 0, "max_new_tokens": 1,
+                "steps": 1, "batch_size": 1, "block_size": 0, "epochs": 1, "gradient_accumulation_steps": 1,
+                "log_every": 1, "keep_checkpoints": 1, "max_steps": 0, "eval_every": 0, "patience": 0,
+                "checkpoint_every": 0}
 
 
 def check_numbers(args: Any, flags: dict[str, str] | None = None) -> None:

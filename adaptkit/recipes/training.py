@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import transformers
 from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.state import AcceleratorState
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import ProjectConfiguration, set_seed
 
@@ -78,12 +79,6 @@ class RunArgs:
     def parse(cls, args: argparse.Namespace, recipe: str) -> RunArgs:
         """Refuse flag values that cannot work (naming the flag and the fix); the run's arguments."""
         guards.check_numbers(args)
-        for names, least in ((["epochs", "batch_size", "gradient_accumulation_steps", "log_every", "keep_checkpoints"], 1),
-                             (["max_steps", "eval_every", "patience", "checkpoint_every"], 0)):
-            for name in (n for n in names if getattr(args, n) < least):
-                raise ConfigError(field=f"--{name.replace('_', '-')}", value=getattr(args, name), problem=f"must be "
-                                  f"at least {least}", fix="pass 0 to switch it off, or a positive integer" if not least
-                                  else "pass a positive integer")
         if not 0.0 <= args.warmup_ratio < 1.0:
             raise ConfigError(field="--warmup-ratio", value=args.warmup_ratio, problem="must be in [0, 1)", fix="use 0.06")
         if args.resume is not None and args.overwrite:
@@ -297,10 +292,10 @@ def make_accelerator(run: RunArgs):
                                   project_config=ProjectConfiguration(project_dir=str(run.output_dir),
                                                                       logging_dir=str(run.output_dir / TENSORBOARD_DIR)),
                                   dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=run.seed))
-    except ValueError as err:
+    except ValueError:  # Accelerate keeps one state per process and cannot change its precision
         raise ConfigError(field="--mixed-precision", value=wanted, problem=f"an earlier Accelerator in this process set "
-                          f"up another precision ({err})", fix="run each recipe in its own process (`accelerate launch` "
-                          "/ `python recipe.py`)") from None
+                          f"up {AcceleratorState().mixed_precision!r} (unset: the launcher's)", fix="run each recipe in "
+                          "its own process (`accelerate launch` / `python recipe.py`)") from None
     require_processes(accelerator, run.processes)  # a launch that silently runs 1 process is refused here
     check_sharding(accelerator)  # FSDP on CPU (Accelerate runs DDP), FSDP1, ZeRO-3: refused with the fix
     set_seed(run.seed)
