@@ -392,12 +392,17 @@ def test_overwrite_deletes_only_what_the_earlier_run_wrote(tmp_path, assets, fin
     assert [p.name for p in (out / "checkpoints" / "step-0000002").iterdir()] == ["notes.txt"]
 
 
-def test_an_output_dir_that_is_or_goes_through_a_file_is_refused(tmp_path, assets):
+def test_an_output_dir_that_is_not_a_folder_is_refused(tmp_path, assets):
     (tmp_path / "train.tsv").write_text("sentence\tlabel\n")
-    with pytest.raises(errors.ConfigError, match=r"--output-dir=.*train.tsv': is a file \(.*\), not a folder"):
-        recipe("classify").parse_args(classify(assets, tmp_path / "train.tsv"))
-    with pytest.raises(errors.ConfigError, match=r"--output-dir=.*train.tsv/out': goes through a file"):
-        recipe("classify").parse_args(classify(assets, tmp_path / "train.tsv" / "out"))
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for out, match in [(tmp_path / "train.tsv", r"train.tsv': is .*train.tsv, which is not a folder"),
+                       (tmp_path / "train.tsv" / "out", r"train.tsv/out': goes through .*train.tsv, which is not a folder"),
+                       (tmp_path / "loop" / "out", r"loop/out': goes through .*loop, which is not a folder \(a file, or a "
+                                                   r"broken or looping link\)")]:
+        with pytest.raises(errors.ConfigError, match=r"--output-dir=.*" + match):
+            recipe("classify").parse_args(classify(assets, out))
+    with pytest.raises(errors.ConfigError, match=r"--output-dir='/proc/adaptkit-run': cannot be created"):
+        recipe("classify").main(classify(assets, Path("/proc/adaptkit-run"), "--max-steps", "1"))
 
 
 def test_a_tilde_output_dir_is_one_folder_for_every_file(tmp_path, assets, monkeypatch):

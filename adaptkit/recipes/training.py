@@ -109,7 +109,8 @@ def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
     existing = next(p for p in (out, *out.parents) if p.exists() or p.is_symlink())
     if not existing.is_dir():
         raise ConfigError(field="--output-dir", value=str(out), problem=f"{'is' if existing == out else 'goes through'} "
-                          f"a file ({existing}), not a folder", fix="pass a folder for the run's outputs, e.g. runs/mine")
+                          f"{existing}, which is not a folder (a file, or a broken or looping link)",
+                          fix="pass a folder for the run's outputs, e.g. runs/mine")
     links = [n for n in (LOCK_NAME, MANIFEST, LOG_FILE, METRICS_FILE, ADAPTER_DIR, CHECKPOINTS, TENSORBOARD_DIR)
              if (out / n).is_symlink()]
     if links:
