@@ -13,6 +13,7 @@ from adaptkit.core import Summary, adapt, add_adapter, is_quantized, load, merge
 from adaptkit.distributed import require_processes
 from adaptkit.estimate import Estimate, estimate
 from adaptkit.quantization import load_model
+from adaptkit.recommend import Recommendation, recommend
 from adaptkit.sanity import SanityReport, sanity_check
 from adaptkit.strategies import REGISTRY as STRATEGIES
 from adaptkit.strategies.base import Strategy
@@ -26,4 +27,4 @@ from adaptkit.strategies.prefix import Prefix
 __all__ = ["adapt", "summary", "save", "load", "merge", "add_adapter", "set_adapter", "strategy_of", "is_quantized",
            "load_model", "require_processes", "check", "estimate", "sanity_check", "Summary", "CheckReport", "Estimate",
            "SanityReport", "Strategy", "STRATEGIES", "LoRA", "Prefix", "Bottleneck", "LinearProbe", "Full", "PeftMethod",
-           "errors"]
+           "errors", "recommend", "Recommendation"]
