@@ -31,22 +31,17 @@ from adaptkit.names import CONFIG_NAME, MARKER, NATIVE_WEIGHTS_NAME, OWNED, WEIG
 def type_ok(value: Any, hint: Any) -> bool:
     """A small runtime check for the annotation shapes strategy and PEFT configs use."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return True
     if origin in (typing.Union, types.UnionType):
         return any(type_ok(value, arg) for arg in args)
     if origin is typing.Literal:  # PEFT writes families as patterns: "pissa_niter_[number of iters]"
-        return value in args or any(isinstance(a, str) and "[" in a and isinstance(value, str)
-                                    and value.startswith(a[:a.index("[")]) for a in args)
+        return value in args or any(isinstance(a, str) and "[" in a and str(value).startswith(a[:a.index("[")]) for a in args)
     if origin in (list, tuple):
         return isinstance(value, (list, tuple)) and all(type_ok(v, (args or (Any,))[0]) for v in value)
     if origin is dict or dataclasses.is_dataclass(hint):  # PEFT's to_dict() writes sub-configs as dicts
         return isinstance(value, dict) or (isinstance(hint, type) and isinstance(value, hint))
-    if hint in (int, float) and isinstance(value, bool):
-        return False
-    if hint is float:
-        return isinstance(value, (int, float))
-    return isinstance(value, hint) if isinstance(hint, type) else True
+    if hint in (int, float):  # a bool is no number here; an int is a float
+        return isinstance(value, (int, hint)) and not isinstance(value, bool)
+    return hint is Any or not isinstance(hint, type) or isinstance(value, hint)
 
 
 def describe_type(hint: Any) -> str:
@@ -54,6 +49,27 @@ def describe_type(hint: Any) -> str:
     if typing.get_origin(hint) is typing.Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
     return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
+def check_types(values: dict[str, Any], hints: dict[str, Any], owner: str, fix: str = "", default: str = "") -> None:
+    """Refuse a value of the wrong type (a Literal's value outside its choices: a ConfigError) for each hinted key."""
+    for key, value in values.items():
+        if key not in hints:
+            continue
+        hint, field, kind = hints[key], f"{owner}.{key}", describe_type(hints[key])
+        choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else ()
+        if choices and isinstance(value, tuple({type(a) for a in choices})) and not type_ok(value, hint):
+            raise ConfigError(field=field, value=value, problem=f"must be {kind}", fix=fix or f"use {kind}{default}")
+        if not type_ok(value, hint):
+            raise ConfigTypeError(field=field, value=value, problem=f"expected {kind}, got {type(value).__name__}",
+                                  fix=fix or f"pass a {kind}{default}")
+
+
+def refuse_unknown(given: Any, known: Any, field: str, valid: str) -> None:
+    """Unknown option names, refused with "did you mean" for each."""
+    if unknown := sorted(set(given) - set(known)):
+        hints = [f"{u!r} -> did you mean {m[0]!r}?" for u in unknown if (m := difflib.get_close_matches(u, known, n=1, cutoff=0.4))]
+        raise UnknownOptionError(field=field, value=unknown, problem="unknown option(s)", fix="; ".join([*hints, valid]))
 
 
 @dataclasses.dataclass
@@ -73,17 +89,9 @@ class Strategy:
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, tuple):  # accept tuples where lists are declared, store lists (JSON-able)
+            if isinstance(value := getattr(self, f.name), tuple):  # tuples accepted, lists stored (JSON-able)
                 setattr(self, f.name, value := list(value))
-            hint, field = hints[f.name], f"{type(self).__name__}.{f.name}"
-            kind, choices = describe_type(hint), typing.get_args(hint)
-            if typing.get_origin(hint) is typing.Literal and isinstance(value, tuple({type(a) for a in choices})) \
-                    and value not in choices:
-                raise ConfigError(field=field, value=value, problem=f"must be {kind}", fix=f"use {kind} (default: {f.default!r})")
-            if not type_ok(value, hint):
-                raise ConfigTypeError(field=field, value=value, problem=f"expected {kind}, got {type(value).__name__}",
-                                      fix=f"pass a {kind} (default: {f.default!r})")
+            check_types({f.name: value}, hints, type(self).__name__, default=f" (default: {f.default!r})")
         self.validate()
 
     @property
@@ -119,13 +127,8 @@ class Strategy:
                                   problem=f"given twice (as {name!r} and as PEFT's {key!r})", fix="pass it once")
             out[name] = cls.alias_values[key](value) if key in cls.alias_values else value
         known = {f.name for f in dataclasses.fields(cls)}
-        if unknown := sorted(set(out) - known):
-            hints = [f"{u!r} -> did you mean {m[0]!r}?" for u in unknown
-                     if (m := difflib.get_close_matches(u, known | set(cls.aliases), n=1, cutoff=0.4))]
-            raise UnknownOptionError(
-                field=f"{cls.__name__} options", value=unknown, problem="unknown option(s)",
-                fix=("; ".join(hints) + "; " if hints else "") + f"valid options are {sorted(known)}"
-                    + (f" (or PEFT's names {sorted(cls.aliases)})" if cls.aliases else ""))
+        refuse_unknown(out, known | set(cls.aliases), f"{cls.__name__} options", f"valid options are {sorted(known)}"
+                       + (f" (or PEFT's names {sorted(cls.aliases)})" if cls.aliases else ""))
         return out
 
     def apply(self, model: nn.Module) -> nn.Module:

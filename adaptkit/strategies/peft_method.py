@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import enum
+import json
 import re
 import typing
-from typing import Any
 
 from torch import nn
 
 from adaptkit import targets
-from adaptkit.errors import (ConfigError, ConfigTypeError, TargetNotFoundError, UnknownOptionError, UnknownStrategyError,
-                             UnsupportedError)
+from adaptkit.errors import ConfigError, ConfigTypeError, TargetNotFoundError, UnknownStrategyError, UnsupportedError
 from adaptkit.strategies import register
-from adaptkit.strategies.base import PeftStrategy, describe_type, pooler_if, type_ok
+from adaptkit.strategies.base import PeftStrategy, check_types, pooler_if, refuse_unknown
 from adaptkit.strategies.lora import backbone_targets, refuse_init
 
 NORM_METHODS = {"ln_tuning"}  # PEFT's tables name only norm layers for these
@@ -36,15 +34,6 @@ REQUIRED = {"trainable_tokens": "token_indices"}  # left empty, PEFT trains noth
 def peft_method_names() -> list[str]:
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
     return sorted(t.value.lower() for t in PEFT_TYPE_TO_CONFIG_MAPPING)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, (set, frozenset, list, tuple)):
-        items = [_jsonable(v) for v in value]
-        return sorted(items) if isinstance(value, (set, frozenset)) else items
-    return {k: _jsonable(v) for k, v in value.items()} if isinstance(value, dict) else value
 
 
 @register
@@ -74,15 +63,9 @@ class PeftMethod(PeftStrategy):
                                       problem="expected bool", fix="pass True (default) or False")
         config_class = self._config_class()
         hints = typing.get_type_hints(config_class)
-        if unknown := sorted(set(self.options) - set(hints)):
-            hints_ = [f"{u!r} -> did you mean {m[0]!r}?" for u in unknown if (m := difflib.get_close_matches(u, hints, n=1))]
-            raise UnknownOptionError(field=f"{self.method} options", value=unknown, problem="unknown option(s)",
-                                     fix="; ".join([*hints_, f"see peft.{config_class.__name__} for the valid options"]))
-        for key, value in self.options.items():  # PEFT keeps e.g. target_modules=3 and fails at apply time
-            if not type_ok(value, hints[key]):
-                raise ConfigTypeError(field=f"{self.method}.{key}", value=value,
-                                      problem=f"expected {describe_type(hints[key])}, got {type(value).__name__}",
-                                      fix=f"see peft.{config_class.__name__}.{key}")
+        refuse_unknown(self.options, hints, f"{self.method} options", f"see peft.{config_class.__name__} for the valid options")
+        # PEFT keeps e.g. target_modules=3 and fails at apply time
+        check_types(self.options, hints, self.method, fix=f"see peft.{config_class.__name__}")
         for key, value in PROMPT_DEFAULTS.items():
             if key in hints and self.options.get(key) is None:
                 self.options[key] = value
@@ -103,8 +86,8 @@ class PeftMethod(PeftStrategy):
 
     @classmethod
     def from_peft_config(cls, config) -> "PeftMethod":
-        return cls(method=config.peft_type.value.lower(),
-                   options={k: _jsonable(v) for k, v in config.to_dict().items() if k != "peft_type"})
+        options = json.loads(json.dumps(config.to_dict(), default=sorted))  # sets as sorted lists, enums as values
+        return cls(method=config.peft_type.value.lower(), options={k: v for k, v in options.items() if k != "peft_type"})
 
     def peft_config(self, model: nn.Module):
         options = {k: v for k, v in self.options.items() if k != "peft_type"}
