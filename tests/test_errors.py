@@ -204,3 +204,27 @@ def test_num_labels_mismatch_on_load_is_a_typed_error(tmp_path, strategy):
 def test_peft_method_options_are_typed_errors_too(options, error, match):
     with pytest.raises(error, match=match):
         adaptkit.adapt(tiny_model("bert"), "ia3", **options)
+
+
+# ---- one type check per public call, naming the argument --------------------------------------------------
+def test_wrong_argument_types_at_the_public_api_name_the_argument(tmp_path):
+    from peft import LoraConfig
+    lora = adaptkit.adapt(tiny_model("bert"), "lora")
+    adaptkit.save(lora, tmp_path / "a")
+    cases = [
+        (lambda: adaptkit.load(tmp_path / "a", "str"), errors.ConfigTypeError, r"base_model='str': is not a torch model"),
+        (lambda: adaptkit.load(3, tiny_model("bert")), errors.ConfigTypeError, r"directory=3: expected a folder path"),
+        (lambda: adaptkit.save(lora, 123), errors.ConfigTypeError, r"directory=123: expected a folder path, got int"),
+        (lambda: adaptkit.save(lora, None), errors.ConfigTypeError, r"directory=None: expected a folder path, got NoneType"),
+        (lambda: adaptkit.summary("x"), errors.ConfigTypeError, r"model='str': is not a torch model"),
+        (lambda: adaptkit.merge(None), errors.ConfigTypeError, r"model='NoneType': is not a torch model"),
+        (lambda: adaptkit.adapt(tiny_model("bert"), LoraConfig(task_type="CAUSAL_LM")), errors.ConfigError,
+         r"LoraConfig.task_type='CAUSAL_LM': does not match BertForSequenceClassification \(SEQ_CLS\).*Fix: use "
+         r"task_type='SEQ_CLS'"),
+        (lambda: adaptkit.add_adapter(lora, "p", "prefix"), errors.UnsupportedError,
+         r"strategy='lora \+ prefix': named adapters need a PEFT-backed strategy, the same PEFT method"),
+    ]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()
+    assert sorted(lora.peft_config) == ["default"]

@@ -106,6 +106,21 @@ def test_label_names_round_trip_into_a_pipeline(tmp_path, base_dir):
         assert classify("a b c")[0]["label"] in {"neg", "pos"}
 
 
+def test_label_names_through_pipeline_on_the_folder(tmp_path, base_dir):
+    # transformers' own path: a full folder is a whole model with its config (the saved names); a LoRA folder loads
+    # the base's config, which transformers' PEFT integration cannot change: the base's names (adaptkit.layout says so)
+    tokenizer = transformers.BertTokenizerFast(vocab_file=_vocab(tmp_path))
+    for strategy, want in (("full", {"negative", "positive"}), ("lora", {"neg", "pos"})):
+        model = _load_base(base_dir)
+        model.config.id2label, model.config.label2id = {0: "negative", 1: "positive"}, {"negative": 0, "positive": 1}
+        adaptkit.adapt(model, strategy).save_pretrained(tmp_path / strategy)
+        tokenizer.save_pretrained(tmp_path / strategy)
+        classify = transformers.pipeline("text-classification", model=str(tmp_path / strategy), top_k=None)
+        assert {r["label"] for r in classify(["a b c"])[0]} == want
+        loaded = adaptkit.load(tmp_path / strategy, _load_base(base_dir))
+        assert set(loaded.config.id2label.values()) == {"negative", "positive"}  # adaptkit.load restores them
+
+
 def _vocab(tmp_path):
     path = tmp_path / "vocab.txt"
     path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "c"]

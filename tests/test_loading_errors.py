@@ -134,3 +134,48 @@ def test_a_named_adapters_list_that_was_tampered_with(tmp_path):
                                                                                "active": "../x"}))
     with pytest.raises(errors.AdapterFormatError, match=r"adaptkit_config.json:adapters=.*must list the adapter names"):
         adaptkit.load(folder, tiny_model("bert"))
+
+
+def test_adapter_config_contradicting_adaptkit_config_is_refused(tmp_path):
+    folder = _saved(tmp_path)
+    _edit_json(folder / "adapter_config.json", lambda d: d.update(lora_alpha=64))  # adaptkit_config.json says 16
+    with pytest.raises(errors.AdapterFormatError, match=r"adapter_config.json=\{'lora_alpha': 64\}: contradicts "
+                                                        r"adaptkit_config.json \(lora_alpha=16\)"):
+        adaptkit.load(folder, tiny_model("bert"))
+
+
+@pytest.mark.parametrize("strategy", ["lora", "bottleneck"])
+@pytest.mark.parametrize("bad,match", [(lambda t: t.to(torch.int64), r"torch.int64'?: is not floating point"),
+                                       (lambda t: t.fill_(float("nan")), r"holds NaN or infinite values")])
+def test_non_finite_or_non_float_tensors_are_refused_at_load(tmp_path, strategy, bad, match):
+    from safetensors.torch import load_file, save_file
+    folder = _saved(tmp_path, strategy)
+    weights = folder / (WEIGHTS if strategy == "lora" else "model.safetensors")
+    tensors = load_file(str(weights))
+    first = sorted(tensors)[0]
+    tensors[first] = bad(tensors[first].clone())
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with pytest.raises(errors.AdapterFormatError, match=rf"safetensors:{first}=.*{match}.*Fix: restore the folder"):
+        adaptkit.load(folder, tiny_model("bert"))
+
+
+def test_a_base_built_from_a_config_loads_only_with_its_seed(tmp_path):
+    from adaptkit.names import FROM_CONFIG_SEED
+
+    config = tiny_model("bert").config
+
+    def from_config(seed):
+        transformers.set_seed(seed)
+        model = transformers.BertForSequenceClassification(config)
+        model.__dict__[FROM_CONFIG_SEED] = seed  # what a recipe records when it builds the base from a config
+        return model
+
+    model = adaptkit.adapt(from_config(42), "lora")
+    adaptkit.save(model, tmp_path / "a")
+    inputs = {"input_ids": torch.tensor([[5, 6, 7]])}
+    with torch.no_grad():
+        expected = model.eval()(**inputs).logits
+        assert torch.equal(adaptkit.load(tmp_path / "a", from_config(42)).eval()(**inputs).logits, expected)
+    with pytest.raises(errors.BaseMismatchError, match=r"its input embeddings hold other values.*Fix: build the base as "
+                                                       r"it was: transformers.set_seed\(42\), then from_config"):
+        adaptkit.load(tmp_path / "a", from_config(0))

@@ -128,3 +128,62 @@ def test_check_never_runs_remote_code(tmp_path):
     assert isinstance(info.value.errors[0], errors.UnsupportedError)
     assert "trust_remote_code" in str(info.value) and "never runs remote code" in str(info.value)
     assert not marker.exists()
+
+
+# ---- hostile files and names: typed errors, nothing written outside the folder -----------------------------
+def _folder(tmp_path, strategy="lora"):
+    adaptkit.save(adaptkit.adapt(tiny_model("bert"), strategy), tmp_path / "a")
+    return tmp_path / "a"
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"\xff\xfe{not utf-8", r"adaptkit_config.json='UnicodeDecodeError': cannot be read"),
+    (b"[" * 100_000, r"adaptkit_config.json='RecursionError': cannot be read"),
+    (None, r"adaptkit_config.json:base=\[1\]: must be an object"),
+    ("config", r"adaptkit_config.json:base=.*'config': \[1\].*: must be an object"),
+])
+def test_a_hostile_adaptkit_config_is_a_typed_error(tmp_path, content, match):
+    folder = _folder(tmp_path)
+    path = folder / "adaptkit_config.json"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        data = json.loads(path.read_text())
+        data["base"] = [1] if content is None else {**data["base"], "config": [1]}
+        path.write_text(json.dumps(data))
+    with pytest.raises(errors.AdapterFormatError, match=match):
+        adaptkit.load(folder, tiny_model("bert"))
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda d: d.update(target_modules={"a": [[[[]]]] * 2} | {"b": "[" * 50}), r"adapter_config.json='LORA': refused by PEFT"),
+    (lambda d: d.update(layers_to_transform=[99]), r"saved tensors do not fit this base model.*No modules were targeted"),
+    (lambda d: d.update(modules_to_save=["bert"]), r"saved tensors do not fit this base model.*No modules were targeted"),
+    (lambda d: d.update(task_type="CAUSAL_LM"), r"adapter_config.json:task_type='CAUSAL_LM': does not match "
+                                                r"BertForSequenceClassification \(SEQ_CLS\)"),
+])
+def test_a_hostile_adapter_config_is_a_typed_error(tmp_path, change, match):
+    folder = _folder(tmp_path)
+    data = json.loads((folder / "adapter_config.json").read_text())
+    change(data)
+    (folder / "adapter_config.json").write_text(json.dumps(data))
+    with pytest.raises(errors.AdapterFormatError, match=match):
+        adaptkit.load(folder, tiny_model("bert"))
+
+
+def test_a_deeply_nested_adapter_config_is_a_typed_error(tmp_path):
+    folder = _folder(tmp_path)
+    (folder / "adaptkit_config.json").unlink()  # a plain PEFT folder
+    (folder / "adapter_config.json").write_text("[" * 100_000)
+    with pytest.raises(errors.AdapterFormatError, match=r"adapter_config.json='RecursionError': cannot be read"):
+        adaptkit.load(folder, tiny_model("bert"))
+
+
+@pytest.mark.parametrize("name", ["/abs/path", "a/b", "../evil", "", ".hidden", "a.b"])
+def test_adapter_names_are_identifiers_not_paths(tmp_path, name):
+    model = adaptkit.adapt(tiny_model("bert"), "lora")
+    with pytest.raises(errors.ConfigError, match=r"name=.*: is not an adapter name .*Fix: use a name like 'sst2'"):
+        adaptkit.add_adapter(model, name, "lora")
+    with pytest.raises(errors.ConfigTypeError, match=r"name=3: expected a str, got int"):
+        adaptkit.add_adapter(model, 3, "lora")
+    assert sorted(model.peft_config) == ["default"]
