@@ -1,13 +1,9 @@
-"""``adaptkit.check``: validate model × strategy × options × quantization × processes before any weights load.
+"""``adaptkit.check``: validate model x strategy x options x quantization x processes before any weights load.
 
-Everything is decided from the config and a weightless skeleton of the model (``adaptkit.skeleton``):
-the strategy is resolved field by field, each target name is matched on its own, and the strategy is
-then applied to the skeleton, exactly as ``adaptkit.adapt`` would apply it to the real model. Every
-problem is collected, so one call reports all of them, each with its fix::
-
-    report = adaptkit.check("path/to/model", "lora", options={"r": 8, "targets": ["query", "value"]},
-                            quantization="8bit", processes=2)
-    # raises ConfigErrors listing every problem, or returns a CheckReport (trainable/total, model class)
+From the config and a weightless skeleton (``adaptkit.skeleton``): options are resolved field by field, each target
+matched on its own, and the strategy applied to the skeleton as ``adapt`` would apply it. One call reports every
+problem with its fix: ``check("path/to/model", "lora", options={"r": 8}, quantization="8bit", processes=2)`` raises
+ConfigErrors, or returns a CheckReport (model class, trainable/total).
 """
 
 from __future__ import annotations
@@ -21,12 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaptkit import lengths, strategies, targets, versions
+from adaptkit import lengths, placement, strategies, targets, versions
 from adaptkit.core import adapt, resolve
 from adaptkit.errors import (AdaptkitError, ConfigError, ConfigErrors, ConfigTypeError, MissingDependencyError,
                              ProcessCountError, UnsupportedError)
 from adaptkit.names import CLASSIFICATION_TASKS, CPU_LAUNCH, QUANTIZATIONS
-from adaptkit.skeleton import Skeleton, describe, read_config, skeleton
+from adaptkit.skeleton import Skeleton, describe, read_config, skeleton, task_of_class
 
 
 @dataclasses.dataclass
@@ -74,15 +70,10 @@ def check(model: Any, strategy: Any = "lora", *, options: dict[str, Any] | None 
           num_labels: int | None = None, quantization: str | None = None, processes: int = 1,
           gradient_checkpointing: bool = False, world_size: int | None = None, max_length: int | None = None,
           raise_on_error: bool = True) -> CheckReport:
-    """Validate a whole training setup from the config alone; report every problem at once.
-
-    ``model`` is a folder, a hub id (read from the local cache first), a ``PretrainedConfig`` or a
-    loaded model (only its config and class are used). ``world_size`` is how many processes the
-    launcher started; default: the ``WORLD_SIZE`` environment variable when a launcher set it.
-    ``max_length`` (tokens per example) is checked against the model's positions, with the virtual
-    tokens of prefix / prompt tuning counted.
-    Raises :class:`ConfigErrors` (one entry per problem) unless ``raise_on_error=False``.
-    """
+    """Validate a whole training setup from the config alone, reporting every problem at once (ConfigErrors, unless
+    ``raise_on_error=False``). ``model``: a folder, a hub id (local cache first), a config or a loaded model (its
+    config and class). ``world_size``: processes the launcher started (default: ``WORLD_SIZE``). ``max_length``:
+    tokens per example, checked against the positions with prefix/prompt virtual tokens counted."""
     report = CheckReport(model=describe(model), quantization=quantization, processes=processes)
     add = report.problems.append
     sk = _skeleton(model, task, num_labels, report)
@@ -114,43 +105,31 @@ def _skeleton(model: Any, task: str, num_labels: Any, report: CheckReport) -> Sk
     add = report.problems.append
     try:
         original = read_config(model)
+        sk = skeleton(model if isinstance(model, nn.Module) else original, task)  # a loaded model: its exact class
     except AdaptkitError as exc:
-        add(exc)
-        return None
-    try:  # a loaded model keeps its exact class
-        sk = skeleton(model if isinstance(model, nn.Module) else original, task)
-    except AdaptkitError as exc:
-        add(exc)
-        return None
+        return add(exc)
     report.model_class, report.task = sk.model_class.__name__, sk.task
-    if num_labels is not None:
-        if not isinstance(num_labels, int) or isinstance(num_labels, bool):
-            add(ConfigTypeError(field="num_labels", value=num_labels,
-                                problem=f"expected an int, got {type(num_labels).__name__}", fix="pass e.g. 2"))
-        elif num_labels < 1:
-            add(ConfigError(field="num_labels", value=num_labels, problem="must be at least 1",
-                            fix="use 2 for binary classification, 1 for regression"))
-        elif sk.task not in CLASSIFICATION_TASKS:
-            add(ConfigError(field="num_labels", value=num_labels, problem=f"has no meaning for task {sk.task!r}",
-                            fix=f"drop num_labels, or choose a classification task {list(CLASSIFICATION_TASKS)}"))
-        else:
-            trained = _trained_head_labels(original)
-            if trained is not None and trained != num_labels:
-                add(ConfigError(field="num_labels", value=num_labels,
-                                problem=f"the checkpoint's {original.architectures[0]} head has {trained} labels",
-                                fix=f"use num_labels={trained}, or load with ignore_mismatched_sizes=True to train "
-                                    "a new head"))
-            sk.config.num_labels = num_labels
+    # a checkpoint that ships a trained classification head has a label count
+    trained = next((int(original.num_labels) for a in getattr(original, "architectures", None) or []
+                    if task_of_class(a, original) in CLASSIFICATION_TASKS), None)
+    if num_labels is None:
+        pass
+    elif not isinstance(num_labels, int) or isinstance(num_labels, bool):
+        add(ConfigTypeError(field="num_labels", value=num_labels, problem=f"expected an int, got {type(num_labels).__name__}",
+                            fix="pass e.g. 2"))
+    elif num_labels < 1:
+        add(ConfigError(field="num_labels", value=num_labels, problem="must be at least 1",
+                        fix="use 2 for binary classification, 1 for regression"))
+    elif sk.task not in CLASSIFICATION_TASKS:
+        add(ConfigError(field="num_labels", value=num_labels, problem=f"has no meaning for task {sk.task!r}",
+                        fix=f"drop num_labels, or choose a classification task {list(CLASSIFICATION_TASKS)}"))
+    elif trained is not None and trained != num_labels:
+        add(ConfigError(field="num_labels", value=num_labels,
+                        problem=f"the checkpoint's {original.architectures[0]} head has {trained} labels",
+                        fix=f"use num_labels={trained}, or load with ignore_mismatched_sizes=True to train a new head"))
+    else:
+        sk.config.num_labels = num_labels
     return sk
-
-
-def _trained_head_labels(config) -> int | None:
-    """Label count of a checkpoint that ships a trained classification head (else None)."""
-    archs = getattr(config, "architectures", None) or []
-    if any(a.endswith(("ForSequenceClassification", "ForTokenClassification", "ForImageClassification"))
-           for a in archs):
-        return int(config.num_labels)
-    return None
 
 
 def _resolve(strategy: Any, options: dict[str, Any], report: CheckReport):
@@ -169,16 +148,13 @@ def _resolve(strategy: Any, options: dict[str, Any], report: CheckReport):
         if len(report.problems) > found:
             return None
     try:
-        config = resolve(strategy, **options)
+        report.strategy = resolve(strategy, **options)
     except AdaptkitError as exc:
         add(exc)
-        return None
     except TypeError as exc:  # e.g. a PEFT config that rejects an option
         add(ConfigTypeError(field="options", value=sorted(options), problem=str(exc),
                             fix="check the option names and types of this strategy"))
-        return None
-    report.strategy = config
-    return config
+    return report.strategy
 
 
 def _strategy_class(strategy: Any):
@@ -202,7 +178,7 @@ def _check_padding(sk: Skeleton, report: CheckReport) -> None:
     try:
         reads_pad = "pad_token_id" in inspect.getsource(sk.model_class.forward)
     except (OSError, TypeError):
-        return
+        reads_pad = False
     if reads_pad:
         report.problems.append(ConfigError(
             field="config.pad_token_id", value=None,
@@ -211,54 +187,39 @@ def _check_padding(sk: Skeleton, report: CheckReport) -> None:
             fix="set model.config.pad_token_id = tokenizer.pad_token_id (or tokenizer.eos_token_id)"))
 
 
-def _check_quantization(quantization: Any, config, report: CheckReport) -> str | None:
+def _check_quantization(quantization: Any, config, report: CheckReport) -> None:
     add = report.problems.append
     if quantization in ("none", "", None):
         report.quantization = None
-        return None
-    if quantization not in QUANTIZATIONS:
+    elif quantization not in QUANTIZATIONS:
         add(ConfigError(field="quantization", value=quantization, problem="is not a quantization adaptkit knows",
                         fix=f"choose 'none' or one of {list(QUANTIZATIONS)}"))
-        return None
-    if importlib.util.find_spec("bitsandbytes") is None:
-        add(MissingDependencyError(field="quantization", value=quantization,
-                                   problem="needs bitsandbytes, which is not installed",
-                                   fix="pip install 'adaptkit[bitsandbytes]'"))
-    if config is not None and not config.supports_quantized:
-        add(UnsupportedError(field="strategy", value=f"{config.name} on a {quantization} model",
-                             problem="quantized weights cannot take gradient steps",
-                             fix="drop the quantization for 'full', or use 'lora' on the quantized model"))
-    return quantization
+    else:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            add(MissingDependencyError(field="quantization", value=quantization, fix="pip install 'adaptkit[bitsandbytes]'",
+                                       problem="needs bitsandbytes, which is not installed"))
+        if config is not None and not config.supports_quantized:
+            add(UnsupportedError(field="strategy", value=f"{config.name} on a {quantization} model",
+                                 problem="quantized weights cannot take gradient steps",
+                                 fix="drop the quantization for 'full', or use 'lora' on the quantized model"))
 
 
 def _check_processes(processes: Any, world_size: int | None, report: CheckReport) -> None:
     add = report.problems.append
-    if not isinstance(processes, int) or isinstance(processes, bool):
-        add(ConfigTypeError(field="processes", value=processes,
-                            problem=f"expected an int, got {type(processes).__name__}", fix="pass e.g. 1 or 2"))
-        return
-    if processes < 1:
-        add(ConfigError(field="processes", value=processes, problem="must be at least 1", fix="use 1"))
-        return
-    if torch.cuda.is_available():
-        available, unit = torch.cuda.device_count(), "GPU(s)"
-    else:
-        available, unit = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(), "CPU core(s)"
+    if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+        return add(ConfigTypeError(field="processes", value=processes, problem="expected an int >= 1", fix="pass e.g. 1 or 2"))
+    gpu = torch.cuda.is_available()
+    available = torch.cuda.device_count() if gpu else len(os.sched_getaffinity(0))
     if processes > available:
-        add(ProcessCountError(field="processes", value=processes,
-                              problem=f"this machine has {available} {unit}; each process needs one",
-                              fix=f"use processes <= {available}"))
-    if world_size is None and "WORLD_SIZE" in os.environ:
-        world_size = int(os.environ["WORLD_SIZE"])
+        add(ProcessCountError(field="processes", value=processes, fix=f"use processes <= {available}",
+                              problem=f"this machine has {available} {'GPU(s)' if gpu else 'CPU core(s)'}; each process needs one"))
+    launch = ("accelerate launch --num_processes {n} <script> ..." if gpu else CPU_LAUNCH).format(n=processes)
+    world_size = placement.launched_world_size() if world_size is None else world_size
     if world_size is not None and world_size != processes:
-        add(ProcessCountError(field="processes", value=processes,
-                              problem=f"the launcher started {world_size} process(es)",
-                              fix=("launch with " + CPU_LAUNCH.format(n=processes)) if not torch.cuda.is_available()
-                              else f"launch with: accelerate launch --num_processes {processes} <script> ..."))
+        add(ProcessCountError(field="processes", value=processes, problem=f"the launcher started {world_size} process(es)",
+                              fix=f"launch with {launch}"))
     elif world_size is None and processes > 1:
-        report.notes.append(f"not running under a launcher now; start the run with "
-                            + (CPU_LAUNCH if not torch.cuda.is_available()
-                               else "accelerate launch --num_processes {n} <script> ...").format(n=processes))
+        report.notes.append(f"not running under a launcher now; start the run with {launch}")
 
 
 _TARGET_FIELDS = ("targets", "heads", "target_modules", "modules_to_save")
@@ -281,16 +242,12 @@ def _named_targets(config, strategy: Any, options: dict[str, Any]) -> dict[str, 
 
 def _check_targets(named: dict[str, list[str] | str], base: nn.Module, report: CheckReport) -> bool:
     """Match each target name on its own, so every unmatched name is reported. True if all match."""
-    found = len(report.problems)
-    candidates = targets.linear_names(base)
+    found, candidates = len(report.problems), targets.linear_names(base)
     for field, names in named.items():
-        if isinstance(names, str):
-            _collect(lambda names=names, field=field: targets.match_regex(base, names, field), report.problems.append)
-            continue
-        for name in names:
-            _collect(lambda name=name, field=field: targets.match_targets(
-                base, [name], field, candidates=candidates if field.endswith("targets") else None),
-                report.problems.append)
+        for name in [names] if isinstance(names, str) else names:  # one string: a regex, as PEFT reads it
+            _collect(lambda name=name, field=field: targets.match_regex(base, name, field) if isinstance(names, str)
+                     else targets.match_targets(base, [name], field, candidates if field.endswith("targets") else None),
+                     report.problems.append)
     return len(report.problems) == found
 
 

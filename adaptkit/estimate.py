@@ -102,11 +102,8 @@ def estimate(model: Any, strategies: Any = DEFAULT_STRATEGIES, *, batch_size: in
              dtype: Any = "float32", quantization: str | None = None, task: str = "auto",
              num_labels: int | None = None, device: str = "cpu") -> Estimate:
     """Predicted peak training memory and relative step cost of each strategy (see the module docstring).
-
-    ``model`` is a folder, a hub id, a PretrainedConfig or a loaded model (only its config is read).
-    ``strategies`` are names, Strategy configs or dicts. For image models ``seq_len`` is ignored (the
-    patch count comes from the config).
-    """
+    ``model``: a folder, hub id, config or loaded model (its config); ``strategies``: names, Strategy configs or
+    dicts. Image models ignore ``seq_len`` (the patch count comes from the config)."""
     for field, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(field=field, value=value, problem="must be a positive integer", fix="pass e.g. 32")
@@ -137,15 +134,15 @@ def estimate(model: Any, strategies: Any = DEFAULT_STRATEGIES, *, batch_size: in
 def _estimate_one(sk: Skeleton, config, batch: int, seq: int, dtype: torch.dtype, quantization: str | None,
                   device: str) -> Row:
     row = Row(getattr(config, "label", None) or config.name)  # PEFT methods by their own name ("ia3")
+    base = sk.build(dtype)
     if quantization and not config.supports_quantized:
         row.problem = f"{config.name} cannot train a {quantization} model"
-        return row
-    base = sk.build(dtype)
-    if (error := lengths.length_error(base, seq, config, field="seq_len")) is not None:  # virtual tokens
+    elif error := lengths.length_error(base, seq, config, field="seq_len"):  # with the strategy's virtual tokens
         row.problem = str(error)
+    if row.problem:
         return row
     quant_saving = _quantization_saving(base, quantization) if quantization else 0
-    base_linear_params = _linear_params(base)
+    base_linear_params = sum(base.get_submodule(n).weight.numel() for n in targets.linear_names(base))
     try:
         model = adapt(base, config)
     except AdaptkitError as exc:
@@ -245,8 +242,7 @@ def _fused_attention(device: str):
     def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         fused = device == "cuda" or dropout_p == 0.0
         if not fused or (attn_mask is not None and attn_mask.requires_grad):  # e.g. T5's trained position bias
-            return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                            enable_gqa=enable_gqa)
+            return original(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
         if attn_mask is not None and attn_mask.dtype == torch.bool:  # torch makes it additive, once per call
             attn_mask = torch.where(attn_mask.logical_not(), float("-inf"), torch.zeros((), dtype=q.dtype,
                                                                                         device=q.device))
@@ -316,10 +312,6 @@ def _formula_activations(config, strategy: str, batch: int, seq: int, dtype: tor
                   if isinstance(v := getattr(config, a, None), int)), 4 * hidden)
     size = torch.empty(0, dtype=dtype).element_size()
     return int(layers * batch * seq * size * (10.3 * hidden + 2 * inter) + layers * batch * heads * seq * seq * size * 3)
-
-
-def _linear_params(model: nn.Module) -> int:
-    return sum(model.get_submodule(n).weight.numel() for n in targets.linear_names(model))
 
 
 def _formula_flops(config, linear_params: int, strategy, batch: int, seq: int) -> int:

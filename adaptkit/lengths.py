@@ -1,11 +1,8 @@
-"""How many tokens a model can read, and the check that a sequence length fits, virtual tokens included.
+"""How many tokens a model can read, and the check that a sequence fits, virtual tokens included.
 
-A model with a learned position table (BERT, RoBERTa, DistilBERT, GPT-2, ...) cannot look up a
-position past its last row: a longer sequence fails deep inside the embeddings with ``The size of
-tensor a (512) must match the size of tensor b (128)`` or an ``IndexError``. Prefix tuning, prompt
-tuning and P-tuning put their virtual tokens in front of the sequence, where they take positions too
-(20 virtual tokens leave a 128-position model 108 for the text). Models with rotary or relative
-positions (Llama, T5) have no table to overrun and no limit here.
+A learned position table (BERT, RoBERTa, GPT-2, ...) has no row past its last: a longer sequence fails deep in
+the embeddings. Prefix, prompt and P-tuning put virtual tokens in front, which take positions too. Rotary or
+relative positions (Llama, T5) have no table and no limit here.
 """
 
 from __future__ import annotations
@@ -69,7 +66,5 @@ def length_error(model: nn.Module, length: int, strategy: Any = None, field: str
 
 
 def check_length(model: nn.Module, length: int, strategy: Any = None, field: str = "max_length") -> None:
-    """Raise :func:`length_error`'s error when ``length`` does not fit."""
-    error = length_error(model, length, strategy, field)
-    if error is not None:
+    if error := length_error(model, length, strategy, field):
         raise error

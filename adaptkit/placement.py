@@ -19,8 +19,7 @@ from adaptkit.errors import ConfigError, UnsupportedError
 
 
 def env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    if value is None or value.strip() == "":
+    if not (value := os.environ.get(name, "")).strip():
         return None
     try:
         return int(value)
@@ -29,39 +28,26 @@ def env_int(name: str) -> int | None:
                           fix=f"unset it or set it to a whole number, e.g. {name}=2") from None
 
 
-def launched_world_size() -> int | None:
-    """The process count the launcher (accelerate launch, torchrun) started, or None without one."""
+def launched_world_size() -> int | None:  # the process count accelerate launch / torchrun started
     return env_int("WORLD_SIZE")
 
 
-def local_process_index() -> int:
-    """This process's index on this machine (0 when not launched as several processes)."""
+def local_process_index() -> int:  # this process's index on this machine
     return env_int("LOCAL_RANK") or 0
-
-
-def _cpu_requested() -> bool:
-    return env_flag("ACCELERATE_USE_CPU")
 
 
 def process_device() -> int | str:
     """Where this process's copy of the model belongs: its local GPU index, or ``"cpu"``."""
-    if torch.cuda.is_available() and not _cpu_requested():
-        return local_process_index()
-    return "cpu"
+    return local_process_index() if torch.cuda.is_available() and not env_flag("ACCELERATE_USE_CPU") else "cpu"
 
 
 def device_map(requested: Any = None) -> Any:
     """The ``device_map`` for ``from_pretrained``: the user's, checked, or the whole model on this process's device.
-
-    Under several processes only a single-device map is accepted; ``"auto"``, ``"balanced"`` and
-    maps over several devices are refused (one sharded copy per process cannot be data-parallel).
-    """
+    Under several processes a map over several devices ("auto", ...) is refused: copies must be whole."""
+    if fsdp_requested() and requested is not None:
+        raise UnsupportedError(field="device_map", value=requested, fix="leave device_map unset",
+                               problem="under FSDP the model must load whole on the CPU; FSDP places each process's shard itself")
     if fsdp_requested():
-        if requested is not None:
-            raise UnsupportedError(
-                field="device_map", value=requested,
-                problem="under FSDP the model must load whole on the CPU; FSDP places each process's shard itself",
-                fix="leave device_map unset")
         return None  # FSDP (and FSDP + QLoRA) loads on the CPU and shards from there
     if requested is None:
         return {"": process_device()}
@@ -98,6 +84,5 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes"}
 
 
-def fsdp_requested() -> bool:
-    """Whether the launcher asked for FSDP (``accelerate launch --use_fsdp`` or an FSDP config)."""
+def fsdp_requested() -> bool:  # accelerate launch --use_fsdp, or an FSDP config
     return env_flag("ACCELERATE_USE_FSDP")

@@ -1,26 +1,17 @@
 """Which trained tensors stay fp32 when the base model is loaded in bf16 or fp16, and why.
 
-A bf16 number keeps 8 significant bits: an update smaller than about 1/256 of a weight's value is
-rounded away. AdamW's steps are about the learning rate in size (1e-4 to 1e-3 for adapters), so a
-trained tensor held in bf16 silently stops moving once its values grow past ~0.1. The frozen base
-never changes, so it can stay in bf16 and halve its memory; what trains should be fp32:
+bf16 keeps 8 significant bits: an AdamW step (about the learning rate, 1e-4 to 1e-3) smaller than ~1/256 of a
+weight is rounded away, so a trained tensor held in bf16 stops moving once its values pass ~0.1. The frozen base
+may stay bf16 (half the memory); what trains is fp32:
 
-* **Adapters** are created in fp32 whatever the base's dtype: PEFT upcasts LoRA, IA3 and prompt
-  encoders (``autocast_adapter_dtype=True``), and adaptkit's bottleneck adapters are built fp32.
-  They are small (0.1-2% of the weights), so fp32 costs almost nothing.
-* **Task heads that train** (a new classifier, PEFT's ``modules_to_save`` copy of it, a linear
-  probe's head) are loaded in the base's dtype by transformers. New heads are upcast before the
-  strategy is applied (:func:`fp32_new_heads`, in ``adapt`` and in ``load``, so PEFT copies an fp32
-  head and a saved head reloads without rounding; in ``load`` also whatever else the folder's
-  ``modules_to_save`` names, such as LoRA's pooler, :func:`fp32_modules`); anything else that trains in
-  low precision is upcast after (:func:`keep_trainable_fp32`, e.g. a linear probe's untied ``lm_head`` or the pooler
-  bottleneck adapters train; in ``load`` too, before the saved tensors are copied in). Each upcast
-  module casts its floating inputs to fp32 (a forward pre-hook), so logits and the loss are fp32.
-* **Not upcast**: a head whose weight is shared with the input embedding (GPT-2's tied ``lm_head``):
-  an fp32 embedding would feed fp32 activations into bf16 layers. It trains in the base's dtype.
-* **Full fine-tuning** trains every weight in the dtype it was loaded in (pure bf16, as torchtune
-  does): upcasting everything would undo the bf16 load. For fp32 master weights load in fp32 and
-  train under ``--mixed-precision bf16`` (Accelerate's autocast) instead.
+* **Adapters** are created fp32 (PEFT's ``autocast_adapter_dtype``; bottleneck adapters are built fp32).
+* **New task heads** are upcast before the strategy is applied (:func:`fp32_new_heads`, in ``adapt`` and
+  ``load``, so PEFT copies an fp32 head; in ``load`` also a folder's ``modules_to_save``, :func:`fp32_modules`);
+  anything else that trains in low precision is upcast after (:func:`keep_trainable_fp32`). Each upcast module
+  casts its floating inputs to fp32 (a forward pre-hook), so logits and the loss are fp32.
+* **Not upcast**: a head tied to the input embedding (GPT-2's ``lm_head``), which would feed fp32 into bf16 layers;
+  and full fine-tuning, which trains in the loaded dtype (for fp32 master weights load fp32 and train under
+  ``--mixed-precision bf16``).
 """
 
 from __future__ import annotations
@@ -57,9 +48,8 @@ def keep_trainable_fp32(model: nn.Module) -> list[str]:
 
 
 def _upcast(model: nn.Module, wanted) -> list[str]:
-    """Upcast low-precision parameters ``wanted(name, p)`` selects, never one shared with the input
-    embedding; each module holding one gets a pre-hook casting its floating inputs to fp32. Returns
-    the upcast names; a model with none is left untouched."""
+    """Upcast the low-precision parameters ``wanted(name, p)`` selects, never one shared with the input embedding,
+    and pre-hook their modules to cast floating inputs to fp32. Returns the upcast names."""
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     tied = {id(p) for p in embedding.parameters()} if isinstance(embedding, nn.Module) else set()
     upcast = []

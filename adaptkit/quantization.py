@@ -1,27 +1,16 @@
 """Load a model for adapter training, in full precision, 8-bit or 4-bit, on one process or many.
 
-``load_model`` is ``from_pretrained`` with the four things a user otherwise gets wrong:
+``load_model`` is ``from_pretrained`` with four things a user otherwise gets wrong:
 
-* **Task heads stay unquantized.** A freshly initialised head (``classifier``, ``score``, ...) would
-  be turned into a bitsandbytes layer: on bitsandbytes 0.50 the first forward then crashes
-  (``'Parameter' object has no attribute 'CB'`` in 8-bit), and a quantized head could not train
-  anyway. The heads are found from the model's structure (a model built on the meta device, no
-  weights read) and put in ``llm_int8_skip_modules`` together with the output embedding (``lm_head``),
-  which transformers keeps unquantized by default and would stop doing once a skip list is given, and
-  with the pooler a head reads (BERT's; bottleneck adapters train it).
-* **One whole copy per process.** Under a multi-process launch the model goes to this process's
-  device (``device_map={"": local index}``), never ``device_map="auto"`` (see placement.py).
-* **No hidden fp32 upcast.** ``peft.prepare_model_for_kbit_training`` casts every fp16/bf16
-  parameter to fp32 (users report +1 GB). Here the base is only frozen: parameters keep the dtype
-  they were loaded in. Gradient checkpointing is the non-reentrant kind, which passes gradients to
-  adapter weights inside checkpointed blocks without the input-embedding ``requires_grad`` hook the
-  reentrant kind needs (tested: LoRA gradients equal those without checkpointing).
-* **4-bit keeps training after an eval pass on CPU.** On a CPU with AVX512-BF16, bitsandbytes 0.50
-  repacks 4-bit weights into an inference-only layout at the first eval-mode no-grad forward; the
-  next training step fails (``a view of a leaf Variable ... in-place operation``) and the repacked
-  path has no backward. Each ``Linear4bit`` reads ``support_avx512bf16_for_cpu`` before repacking;
-  it is switched off, and a pre-forward check refuses a training forward on an already repacked
-  weight (a model evaluated before ``prepare_kbit``) instead of failing inside bitsandbytes.
+* **Task heads stay unquantized**: a quantized fresh head crashes at its first forward on bitsandbytes 0.50 and
+  cannot train. Heads, the output embedding and the pooler a head reads are found from a meta-device build and
+  put in ``llm_int8_skip_modules``.
+* **One whole copy per process** (``adaptkit.placement``), never ``device_map="auto"`` under several processes.
+* **No hidden fp32 upcast** (``peft.prepare_model_for_kbit_training`` adds ~1 GB): the base is only frozen;
+  gradient checkpointing is the non-reentrant kind, which reaches adapters without input-gradient hooks.
+* **4-bit keeps training after an eval pass on CPU**: bitsandbytes repacks 4-bit weights for inference at the
+  first eval forward on AVX512-BF16 CPUs, and that layout has no backward; the repack is switched off per layer
+  and a training forward on an already repacked weight is refused.
 """
 
 from __future__ import annotations
@@ -42,11 +31,10 @@ from adaptkit.skeleton import refuse_remote_code, remote_code_error
 _DEFAULTS = {"4bit": {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}, "8bit": {}}
 
 
-def _compute_dtype() -> torch.dtype:
-    """bf16 where it is native (CPUs, Ampere+ GPUs); fp16 on older GPUs, which emulate bf16 slowly."""
-    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
-        return torch.float16
-    return torch.bfloat16
+def _compute_dtype() -> torch.dtype:  # bf16 where native (CPUs, Ampere+); fp16 on GPUs that emulate bf16
+    return torch.float16 if torch.cuda.is_available() and not torch.cuda.is_bf16_supported(False) else torch.bfloat16
+
+
 def _dtype_arg(hf_kwargs: dict[str, Any]) -> torch.dtype:
     """The dtype ``from_pretrained`` will load the unquantized weights in (``dtype``/``torch_dtype``; fp32 default)."""
     value = hf_kwargs.get("dtype", hf_kwargs.get("torch_dtype"))
@@ -84,18 +72,8 @@ def _auto_class(task: Any):
     return getattr(transformers, TASKS[task])
 
 
-def _check_quantization(quantization: Any) -> str | None:
-    if quantization is None or quantization in QUANTIZATIONS:
-        return quantization
-    raise ConfigError(field="quantization", value=quantization, problem="is not a quantization adaptkit loads",
-                      fix=f"use one of {list(QUANTIZATIONS)} or None for full precision")
-
-
 def unquantized_modules(name_or_path: str, auto_class: Any, hf_kwargs: dict[str, Any]) -> list[str]:
-    """Task heads + output embedding of the model ``auto_class.from_pretrained`` would build.
-
-    Built from the config on the meta device: no weights are read, the structure is the real one.
-    """
+    """Task heads + output embedding of the model ``auto_class.from_pretrained`` would build (on meta, no weights)."""
     from transformers import AutoConfig
     config = hf_kwargs.get("config")
     if config is None:
@@ -115,18 +93,14 @@ def unquantized_modules(name_or_path: str, auto_class: Any, hf_kwargs: dict[str,
 
 def bnb_config(quantization: str, skip_modules: list[str], options: dict[str, Any] | None = None,
                storage: torch.dtype | None = None):
-    """The BitsAndBytesConfig for ``quantization``, with ``skip_modules`` kept in full precision.
-
-    ``storage``: the float dtype 4-bit weights are packed into (FSDP + QLoRA needs the model's dtype).
-    """
+    """The BitsAndBytesConfig for ``quantization``, ``skip_modules`` in full precision; ``storage``: the float
+    dtype 4-bit weights are packed into (FSDP + QLoRA needs the model's dtype)."""
     from transformers import BitsAndBytesConfig
     options = dict(options or {})
     user_skips = options.pop("llm_int8_skip_modules", None) or []
-    for key in ("load_in_8bit", "load_in_4bit"):
-        if key in options:
-            raise ConfigError(field=f"quantization_options[{key!r}]", value=options[key],
-                              problem="is decided by the quantization argument",
-                              fix="remove it and pass quantization='8bit' or '4bit'")
+    for key in {"load_in_8bit", "load_in_4bit"} & set(options):
+        raise ConfigError(field=f"quantization_options[{key!r}]", value=options[key], problem="is decided by the "
+                          "quantization argument", fix="remove it and pass quantization='8bit' or '4bit'")
     # BitsAndBytesConfig only logs unknown keys at info level: a typo would be dropped silently
     known = set(inspect.signature(BitsAndBytesConfig.__init__).parameters) - {"self", "kwargs"}
     unknown = sorted(set(options) - known)
@@ -151,15 +125,13 @@ def bnb_config(quantization: str, skip_modules: list[str], options: dict[str, An
 def load_model(name_or_path: str, task: Any = "seq_cls", quantization: str | None = None, *,
                gradient_checkpointing: bool = False, quantization_options: dict[str, Any] | None = None,
                **hf_kwargs: Any) -> nn.Module:
-    """Load a transformers model ready for ``adaptkit.adapt``: quantized or not, placed for this process.
-
-    ``task`` is one of ``TASKS`` (``"seq_cls"``, ``"causal_lm"``, ...) or a transformers Auto class;
-    ``quantization`` is ``"8bit"``, ``"4bit"`` or None; ``quantization_options`` are extra
-    ``BitsAndBytesConfig`` fields; ``hf_kwargs`` go to ``from_pretrained`` (``num_labels=3``,
-    ``dtype=torch.bfloat16``, ``device_map=...``). The tokenizer is ``AutoTokenizer.from_pretrained``'s.
-    """
+    """A transformers model ready for ``adaptkit.adapt``, quantized or not, placed for this process. ``task``: one of
+    ``TASKS`` or an Auto class; ``quantization``: "8bit", "4bit" or None, with extra ``BitsAndBytesConfig`` fields in
+    ``quantization_options``; ``hf_kwargs`` go to ``from_pretrained`` (``num_labels=3``, ``dtype=...``)."""
     auto_class = _auto_class(task)
-    quantization = _check_quantization(quantization)
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ConfigError(field="quantization", value=quantization, problem="is not a quantization adaptkit loads",
+                          fix=f"use one of {list(QUANTIZATIONS)} or None for full precision")
     refuse_remote_code(name_or_path, hf_kwargs.get("trust_remote_code"))
     hf_kwargs["trust_remote_code"] = False  # None would let transformers ask at a terminal, and "y" runs the code
     if "quantization_config" in hf_kwargs:
@@ -212,11 +184,8 @@ def _refuse_repacked(module: nn.Module, args: tuple) -> None:
 
 
 def prepare_kbit(model: nn.Module) -> nn.Module:
-    """Freeze a bitsandbytes model for adapter training, without changing any dtype.
-
-    Also refuses a quantized task head (it would crash at the first forward) and keeps 4-bit layers
-    out of bitsandbytes' CPU inference repack, so train -> eval -> train works.
-    """
+    """Freeze a bitsandbytes model for adapter training, without changing any dtype; refuse a quantized task head
+    (it crashes at its first forward) and keep 4-bit layers out of the CPU inference repack."""
     layers = quantized_linears(model)
     heads = targets.head_names(model)
     bad = sorted(n for n in layers if any(n == h or n.startswith(h + ".") for h in heads))
@@ -254,22 +223,14 @@ def enable_checkpointing(model: nn.Module) -> nn.Module:
 # ---- what quantization costs and saves -------------------------------------------------------------
 def _state_tensors(weight: torch.Tensor) -> list[torch.Tensor]:
     """Tensors bitsandbytes keeps beside a quantized weight: int8 row scales, 4-bit block statistics."""
-    out = []
-    scb = getattr(weight, "SCB", None)
-    if isinstance(scb, torch.Tensor):
-        out.append(scb)
     state = getattr(weight, "quant_state", None)
-    if state is not None:
-        out += [t for t in state.as_dict(packed=True).values() if isinstance(t, torch.Tensor)]
-    return out
+    return [t for t in [getattr(weight, "SCB", None), *(state.as_dict(packed=True).values() if state else ())]
+            if isinstance(t, torch.Tensor)]
 
 
 def quantization_report(model: nn.Module) -> dict[str, Any]:
-    """Bytes of the quantized linear layers: weights, their scales/statistics, and bytes per weight.
-
-    ``state_bytes`` are kept as attributes, not parameters or buffers, so ``adaptkit.summary``'s
-    footprint does not see them; ``bytes_per_weight`` counts them (the honest figure).
-    """
+    """Bytes of the quantized linear layers: weights, their scales/statistics (attributes, not parameters or
+    buffers, so counted here), and bytes per weight."""
     layers = quantized_linears(model)
     weights = sum(targets.numel(m.weight) for m in layers.values())
     weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in layers.values())

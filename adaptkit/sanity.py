@@ -1,20 +1,13 @@
-"""``adaptkit.sanity_check``: five cheap training sanity checks in one call, before a run spends hours.
+"""``adaptkit.sanity_check(model, first_batch, base_model=load_base)``: five cheap checks before a run spends hours.
 
-    report = adaptkit.sanity_check(model, first_batch, base_model=lambda: load_base())
+1. **init**: the adapter at initialisation leaves the outputs unchanged (prompt learning is skipped: by design);
+2. **gradients**: every trainable tensor gets a finite gradient, a new task head trains, no frozen tensor changes;
+3. **loss**: the loss is finite and falls over ``steps`` AdamW steps on this batch; every trainable tensor changes;
+4. **save_load**: ``save`` then ``load`` onto ``base_model()`` (a fresh base) reproduces the outputs;
+5. **merge**: the merged plain model computes what the adapted one does (mergeable strategies).
 
-1. **init** — an adapter at initialisation leaves the outputs unchanged (LoRA and the other PEFT
-   weight adapters, bottleneck adapters; prefix tuning changes outputs by design and is skipped);
-2. **gradients** — every trainable tensor receives a finite gradient, a new task head trains, and no
-   frozen tensor changes;
-3. **loss** — the loss is finite and falls over ``steps`` AdamW steps on this one batch; every trainable
-   tensor changes;
-4. **save_load** — ``adaptkit.save`` then ``adaptkit.load`` onto a fresh base reproduces the outputs;
-5. **merge** — the merged plain model computes what the adapted one does (mergeable strategies).
-
-The model is left as it was found: trained tensors, RNG state and train/eval mode are restored, so a
-run that calls this in its first step continues exactly as one that did not. Checks 4-5 need
-``base_model``, a callable returning a freshly loaded base. A failing check raises
-:class:`SanityCheckError` naming what is wrong and the fix (the full report is its ``.report``).
+The model is left as found (trained tensors, RNG states, train/eval mode), so a run that calls this in its first
+step continues exactly as one that did not. A failure raises :class:`SanityCheckError` (the report is ``.report``).
 """
 
 from __future__ import annotations
@@ -33,7 +26,7 @@ from torch import nn
 
 from adaptkit import lengths, targets
 from adaptkit.core import is_quantized, load, merge, save, strategy_of
-from adaptkit.errors import ConfigError, ConfigTypeError, NotAdaptedError, NotMergeableError, SanityCheckError
+from adaptkit.errors import BaseMismatchError, ConfigError, ConfigTypeError, NotAdaptedError, NotMergeableError, SanityCheckError
 from adaptkit.strategies import bottleneck
 
 CHECKS = ("init", "gradients", "loss", "save_load", "merge")
@@ -72,11 +65,8 @@ def sanity_check(model: nn.Module, batch: Mapping[str, torch.Tensor], *, steps: 
                  base_model: Callable[[], nn.Module] | None = None, at_init: bool = True,
                  loss_fn: Callable[[Any, Mapping], torch.Tensor] | None = None,
                  atol: float = 1e-5, merge_rtol: float = 1e-4, raise_on_failure: bool = True) -> SanityReport:
-    """Run the checks of the module docstring on ``model`` (from ``adaptkit.adapt``/``load``) and one batch.
-
-    ``batch`` holds the model's inputs and labels (or pass ``loss_fn(outputs, batch)``). ``at_init=False``
-    skips the init check for a model that has already trained (a resumed run).
-    """
+    """The module docstring's checks on an adapted model and one batch of inputs and labels (or pass
+    ``loss_fn(outputs, batch)``). ``at_init=False`` skips the init check for a model that has trained already."""
     strategy = strategy_of(model)
     if strategy is None:
         raise NotAdaptedError(field="model", value=type(model).__name__, problem="was not adapted by adaptkit",
@@ -93,24 +83,13 @@ def sanity_check(model: nn.Module, batch: Mapping[str, torch.Tensor], *, steps: 
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     saved = {n: p.detach().clone() for n, p in trainable.items()}
     frozen = {n: _fingerprint(p) for n, p in model.named_parameters() if not p.requires_grad}
-    rng, was_training = torch.get_rng_state(), model.training
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    results: list[Result] = []
-    losses: list[float] = []
-    try:
+    results, losses = [], []
+    with torch.random.fork_rng(), _restored(model, trainable, saved):  # fork_rng: CPU and CUDA states (dropout draws)
+
         results.append(_check_init(model, batch, strategy, quant, atol) if at_init
                        else Result("init", "skipped", "at_init=False (the model has trained already)"))
         results += _train_checks(model, batch, strategy, trainable, saved, frozen, steps, lr, loss_fn, losses)
         results += _roundtrip_checks(model, batch, strategy, base_model, quant, atol, merge_rtol)
-    finally:
-        with torch.no_grad():
-            for name, p in trainable.items():
-                p.copy_(saved[name])
-                p.grad = None
-        torch.set_rng_state(rng)
-        if cuda_rng is not None:  # dropout on a GPU draws from these
-            torch.cuda.set_rng_state_all(cuda_rng)
-        model.train(was_training)
     report = SanityReport(strategy.name, results, losses)
     if raise_on_failure and not report.ok:
         first, *others = report.failures
@@ -122,36 +101,48 @@ def sanity_check(model: nn.Module, batch: Mapping[str, torch.Tensor], *, steps: 
     return report
 
 
+@contextlib.contextmanager
+def _restored(model: nn.Module, trainable: dict[str, nn.Parameter], saved: dict[str, torch.Tensor]):
+    was_training = model.training
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for name, p in trainable.items():
+                p.copy_(saved[name])
+                p.grad = None
+
+
 def _check_batch(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> None:
     """Token ids, labels and length the model can take; otherwise the forward pass fails with an IndexError
     deep inside an embedding or the loss, without saying which input is wrong."""
-    ids = batch.get("input_ids")
+    ids, labels = batch.get("input_ids"), batch.get("labels")
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    vocab = getattr(embeddings, "num_embeddings", None)
-    if ids is not None and ids.numel() and vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-        raise ConfigError(field="batch['input_ids']", value=bad, problem=f"is outside the model's vocabulary 0..{vocab - 1}",
-                          fix="tokenize with the model's own tokenizer (a tokenizer with a larger vocabulary gives "
-                              "ids the embedding table does not have)")
+    if ids is not None and (vocab := getattr(embeddings, "num_embeddings", None)) is not None:
+        _in_range(ids, vocab, "input_ids", "the model's vocabulary",
+                  "tokenize with the model's own tokenizer (a tokenizer with a larger vocabulary gives ids the "
+                  "embedding table does not have)", prefix="is outside")
     if ids is not None and ids.dim() == 2:
         lengths.check_length(model, ids.shape[1], field="batch['input_ids'] length")
-    labels = batch.get("labels")
-    if labels is None or labels.is_floating_point() or not labels.numel():
+    if labels is None or labels.is_floating_point():
         return
     config = getattr(model, "config", None)
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if out is not None and getattr(out, "out_features", None):  # language model: labels are token ids
-        classes, what = out.out_features, "the vocabulary"
+        _in_range(labels[labels != -100], out.out_features, "labels", "the vocabulary", _LABEL_FIX)  # -100: ignored
     elif getattr(config, "problem_type", None) != "regression" and getattr(config, "num_labels", 1) > 1:
-        classes, what = config.num_labels, f"num_labels={config.num_labels}"
-    else:
-        return
-    real = labels[labels != -100]  # -100: positions the loss ignores
-    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= classes):
-        bad = int(real.min()) if int(real.min()) < 0 else int(real.max())
-        raise ConfigError(field="batch['labels']", value=bad, problem=f"is outside 0..{classes - 1} ({what})",
-                          fix="map the labels to class ids 0..K-1 and load the model with num_labels=K "
-                              "(-100 marks positions to ignore)")
+        _in_range(labels[labels != -100], config.num_labels, "labels", f"num_labels={config.num_labels}", _LABEL_FIX)
+
+
+_LABEL_FIX = "map the labels to class ids 0..K-1 and load the model with num_labels=K (-100 marks positions to ignore)"
+
+
+def _in_range(values: torch.Tensor, size: int, key: str, what: str, fix: str, prefix: str = "") -> None:
+    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= size):
+        bad = int(values.min()) if int(values.min()) < 0 else int(values.max())
+        problem = f"is outside {what} 0..{size - 1}" if prefix else f"is outside 0..{size - 1} ({what})"
+        raise ConfigError(field=f"batch[{key!r}]", value=bad, problem=problem, fix=fix)
 
 
 # ---- 1. init ---------------------------------------------------------------------------------------
@@ -286,6 +277,9 @@ def _checkpointing(model) -> bool:
 
 
 # ---- 4 + 5. save/load and merge --------------------------------------------------------------------
+_SAME_BASE = "load onto the same base model (same checkpoint, num_labels, dtype) that was adapted"
+
+
 def _roundtrip_checks(model, batch, strategy, base_model, quant, atol, merge_rtol) -> list[Result]:
     if base_model is None:
         why = "pass base_model=<a callable returning a freshly loaded base> to check it"
@@ -296,13 +290,17 @@ def _roundtrip_checks(model, batch, strategy, base_model, quant, atol, merge_rto
     reference = _outputs(model, batch)
     with tempfile.TemporaryDirectory(prefix=".adaptkit-sanity-") as tmp:
         save(model, Path(tmp) / "adapter")
-        loaded = load(Path(tmp) / "adapter", base_model())
+        try:
+            loaded = load(Path(tmp) / "adapter", base_model())
+        except BaseMismatchError as exc:  # load compares the base with the one the adapter was saved from
+            return [Result("save_load", "failed", f"the adapter does not load onto base_model(): {exc.problem}",
+                           value=exc.value, fix=_SAME_BASE), Result("merge", "skipped", "nothing reloaded")]
     diff = _max_diff(_outputs(loaded, batch), reference)
     results = [Result("save_load", "ok", f"reloaded outputs match (max |difference| {diff:.2g})")
                if diff <= atol + atol * float(reference.abs().max()) else
                Result("save_load", "failed", f"the reloaded adapter computes different outputs "
                       f"(max |difference| {diff:.3g})", value=diff,
-                      fix="load onto the same base model (same checkpoint, num_labels, dtype) that was adapted")]
+                      fix=_SAME_BASE)]
     if not strategy.mergeable or quant:
         results.append(Result("merge", "skipped", f"{strategy.name} is not mergeable" if not strategy.mergeable
                               else f"{quant} model: merging needs dequantized weights"))

@@ -1,12 +1,7 @@
-"""A model's skeleton from its config alone: the module tree on the ``meta`` device, no weights.
+"""A model's skeleton from its config alone: the module tree on the ``meta`` device, shapes and dtypes, no storage.
 
-``adaptkit.check`` and ``adaptkit.estimate`` need to know what a model *is* (its heads, linear
-layers, layer sizes) before anything heavy happens. A model built under ``torch.device("meta")``
-has every module and every parameter's shape and dtype, but no storage: building a 7B model this
-way takes seconds and no memory. Strategies apply to it like to a real model, so a dry run on the
-skeleton finds the same problems a real run would, before any weights load.
-
-Remote code is never run: configs are read with ``trust_remote_code=False``.
+``check`` and ``estimate`` apply strategies to it as to a real model (a 7B model builds in seconds, in no memory),
+so a dry run finds what a real run would, before any weights load. Remote code is never run.
 """
 
 from __future__ import annotations
@@ -79,8 +74,7 @@ def read_config(model: Any):
                               problem=f"expected a path, a hub id or a PretrainedConfig, got {type(model).__name__}",
                               fix="pass e.g. 'path/to/model' or transformers.AutoConfig.from_pretrained(...)")
     path = Path(model).expanduser()
-    if path.is_file():  # a config.json given directly
-        path = path.parent
+    path = path.parent if path.is_file() else path  # a config.json given directly
     where = str(path) if path.is_dir() else str(model)
     looks_like_path = str(model).startswith((".", "/", "~")) or str(model).count("/") > 1
     if not path.is_dir() and looks_like_path:
@@ -123,10 +117,8 @@ def _refuse_adapter_folder(path: Path) -> None:
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
         model_type = None
-    if model_type not in (None, ADAPTKIT_MODEL_TYPE):
-        return  # a whole model: a full fine-tuning folder is one
     for name, key in (("adaptkit_config.json", "base_model"), ("adapter_config.json", "base_model_name_or_path")):
-        if (path / name).is_file():
+        if model_type in (None, ADAPTKIT_MODEL_TYPE) and (path / name).is_file():  # else a whole model (full)
             try:
                 base = json.loads((path / name).read_text()).get(key)
             except (OSError, ValueError, AttributeError):
@@ -176,12 +168,8 @@ def check_sizes(config) -> None:
 
 
 def infer_task(config) -> str:
-    """The task named by the config's architectures; a bare backbone is taken as a classifier.
-
-    ``BertModel`` (how sentence encoders such as all-MiniLM-L6-v2 ship) -> ``seq_cls``;
-    ``GPT2LMHeadModel`` -> ``causal_lm``; ``T5ForConditionalGeneration`` -> ``seq2seq``; a bare vision
-    backbone -> ``image_cls``.
-    """
+    """The task the config's architectures name; a bare backbone (``BertModel``, as all-MiniLM-L6-v2 ships) is
+    taken as a classifier (``seq_cls``, or ``image_cls`` for vision), ``T5ForConditionalGeneration`` -> seq2seq."""
     for arch in getattr(config, "architectures", None) or []:
         task = task_of_class(arch, config)
         if task is not None:

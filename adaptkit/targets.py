@@ -14,16 +14,14 @@ import re
 import torch
 from torch import nn
 
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import ModulesToSaveWrapper
+from transformers.pytorch_utils import Conv1D
+
 from adaptkit.errors import TargetNotFoundError, UnsupportedError
 from adaptkit.skeleton import task_of_class
 
-# transformers' GPT-2 style Conv1D is a linear layer with a transposed weight.
-try:
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a hard dependency
-    Conv1D = ()  # type: ignore[assignment]
-
-LINEAR_TYPES = (nn.Linear, Conv1D)
+LINEAR_TYPES = (nn.Linear, Conv1D)  # transformers' GPT-2 style Conv1D is a linear layer with a transposed weight
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -31,10 +29,8 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def linear_features(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) for nn.Linear and Conv1D alike."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    return module.weight.shape[0], module.weight.shape[1]  # Conv1D stores (in, out)
+    """(in_features, out_features) for nn.Linear and Conv1D (which stores (in, out)) alike."""
+    return (module.in_features, module.out_features) if isinstance(module, nn.Linear) else tuple(module.weight.shape[:2])
 
 
 def base_module(model: nn.Module) -> nn.Module | None:
@@ -56,7 +52,7 @@ def pooler_name(model: nn.Module) -> str | None:
 
 def pooler_to_train(model: nn.Module, field: str) -> str | None:
     """:func:`pooler_name`, refused (``field``: the strategy's option) when it is quantized: 8-bit/4-bit weights
-    cannot train. For strategies that train the pooler a fresh head reads (bottleneck, LoRA)."""
+    cannot train."""
     name = pooler_name(model)
     if name and not all(p.is_floating_point() for p in model.get_submodule(name).parameters()):
         raise UnsupportedError(
@@ -68,13 +64,9 @@ def pooler_to_train(model: nn.Module, field: str) -> str | None:
 
 
 def head_names(model: nn.Module) -> list[str]:
-    """Top-level module names of the task head(s): children with parameters outside the backbone.
-
-    ``BertForSequenceClassification`` -> ``["classifier"]``; ``DistilBert...`` -> ``["pre_classifier",
-    "classifier"]``; ``GPT2LMHeadModel`` -> ``["lm_head"]``; a bare ``BertModel`` -> ``[]``.
-    Encoder-decoder LMs such as T5 have no single backbone attribute: there the output embedding
-    (``lm_head``) is the head.
-    """
+    """Top-level names of the task head(s), the children with parameters outside the backbone: ``["classifier"]``,
+    DistilBERT's ``["pre_classifier", "classifier"]``, ``["lm_head"]``; ``[]`` for a bare backbone. T5 has no
+    single backbone attribute: there the output embedding is the head."""
     backbone = base_module(model)
     if backbone is not None:
         names = [n for n, child in model.named_children()
@@ -90,23 +82,15 @@ def head_names(model: nn.Module) -> list[str]:
 
 
 def new_head_names(model: nn.Module) -> list[str]:
-    """Heads that a fine-tuning run must train and save: every head except a language-model head.
-
-    An LM head is pretrained (and often tied to the input embeddings); a classifier/score/regression
-    head is freshly initialised by ``from_pretrained(..., num_labels=...)`` and useless untrained.
-    """
+    """Heads a run must train and save: every head but a language-model head (pretrained, often tied), since
+    ``from_pretrained(..., num_labels=...)`` initialises a classifier freshly."""
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return [n for n in head_names(model) if getattr(model, n) is not out]
 
 
 def linear_names(model: nn.Module, exclude_heads: bool = True) -> list[str]:
-    """Dotted names of every linear layer, the task heads excluded.
-
-    On a model PEFT already injected into (a second named adapter), a LoRA-wrapped layer counts as
-    the linear it wraps; its inner ``base_layer`` / ``lora_A`` linears do not.
-    """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import ModulesToSaveWrapper
+    """Dotted names of every linear layer, the task heads excluded; a PEFT-wrapped layer (a second named adapter)
+    counts as the linear it wraps, its inner ``base_layer`` / ``lora_A`` do not."""
     heads = tuple(head_names(model)) if exclude_heads else ()
     names, inside = [], ()
     for name, m in model.named_modules():
@@ -124,11 +108,8 @@ def linear_names(model: nn.Module, exclude_heads: bool = True) -> list[str]:
 
 
 def unique_suffixes(model: nn.Module, names: list[str]) -> list[str]:
-    """The shortest dotted suffixes that match exactly ``names`` among all module names.
-
-    Short names (``query``, ``dense``) keep adapter configs readable and PEFT-style; a suffix that
-    would also match something else (a head's ``dense``, a ``Sequential``'s ``0``) is lengthened.
-    """
+    """The shortest dotted suffixes that match exactly ``names`` among all module names (``query``, ``dense``,
+    lengthened where it would also match something else, such as a head's ``dense``)."""
     wanted = set(names)
     all_names = [n for n, _ in model.named_modules() if n]
     chosen = set()
@@ -153,11 +134,8 @@ def hidden_size(model: nn.Module) -> int:
 
 
 def match_targets(model: nn.Module, names: list[str], field: str, candidates: list[str] | None = None) -> list[str]:
-    """Check that each user-given target matches at least one module; return them unchanged.
-
-    PEFT semantics: ``"query"`` matches ``bert.encoder.layer.0.attention.self.query``. A name that
-    matches nothing raises TargetNotFoundError listing the closest module names.
-    """
+    """Check that each target matches a module as in PEFT (``"query"`` matches ``...attention.self.query``); one
+    that matches nothing raises TargetNotFoundError with the closest names. Returns them unchanged."""
     all_names = [n for n, _ in model.named_modules() if n]
     pool = candidates if candidates is not None else all_names
     suffixes = sorted({".".join(n.split(".")[-k:]) for n in pool for k in (1, 2)})
@@ -173,8 +151,7 @@ def match_targets(model: nn.Module, names: list[str], field: str, candidates: li
 
 
 def numel(p: torch.Tensor) -> int:
-    """How many weights a parameter holds; bitsandbytes 4-bit packs two per byte, and its quant_state
-    remembers the real shape."""
+    """How many weights a parameter holds (bitsandbytes 4-bit packs two per byte; quant_state has the shape)."""
     state = getattr(p, "quant_state", None)
     return int(torch.Size(state.shape).numel()) if state is not None and hasattr(state, "shape") else p.numel()
 
@@ -185,8 +162,8 @@ _PEFT_TASK_TYPES = {"seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS", "qa": "QUEST
 
 
 def match_regex(model: nn.Module, pattern: str, field: str) -> str:
-    """A string target as PEFT reads it: a regex full-matched against whole module names. Refused when
-    it matches no linear layer (PEFT would raise deep inside), with the list form as the likely fix."""
+    """A string target as PEFT reads it, a regex full-matched against whole module names; refused when it matches
+    no linear layer (PEFT would raise deep inside)."""
     names = linear_names(model)
     if any(re.fullmatch(pattern, n) for n in names):
         return pattern
