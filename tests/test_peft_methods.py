@@ -138,7 +138,7 @@ def test_pass_through_methods_train_the_pooler_a_fresh_head_reads(method, tmp_pa
 
 
 def test_train_pooler_must_be_a_bool():
-    with pytest.raises(AdaptkitError, match=r"loha\.train_pooler='no': expected bool"):
+    with pytest.raises(AdaptkitError, match=r"loha\.train_pooler=.no.: expected bool, got str"):
         adaptkit.adapt(tiny_model("bert"), "loha", train_pooler="no")
 
 

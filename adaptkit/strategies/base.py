@@ -142,32 +142,22 @@ class Strategy:
         save_file(owned_tensors(model, state_dict), str(directory / self.weights_name), metadata={"format": "pt"})
 
     def load(self, directory: Path, base_model: nn.Module) -> nn.Module:
-        """Apply this config to ``base_model`` and load the saved tensors into it. A saved tensor of the base
-        that the strategy does not train is one the user unfroze and trained: it loads, and trains on."""
+        """Apply this config to ``base_model`` and load the saved tensors (layout.check_weights read the file). A
+        saved tensor of the base that the strategy does not train is one the user unfroze: it loads, and trains on."""
         from safetensors.torch import load_file
         model, path = self.apply(base_model), weights_file(directory, self)
-        if not path.is_file():
-            raise AdapterFormatError(field="weights file", value=str(path), problem="does not exist",
-                                     fix="pass the folder written by adaptkit.save")
         saved, params = load_file(str(path)), dict(model.named_parameters())
-        missing, unknown = sorted(set(trained_tensors(model)) - set(saved)), sorted(set(saved) - set(params))
-        if missing or unknown:
-            raise AdapterFormatError(
-                field=str(path), value={"missing": missing[:5], "unexpected": unknown[:5]},
-                problem=f"tensors do not match the strategy ({len(missing)} missing, {len(unknown)} not in the model)",
-                fix="load with the same base model architecture and strategy options that were saved")
+        missing = sorted({n for n, p in params.items() if p.requires_grad} - set(saved))
+        if missing or (unknown := sorted(set(saved) - set(params))):
+            raise AdapterFormatError(field=str(path), value={"missing": missing[:5], "unexpected": unknown[:5]},
+                                     problem=f"tensors do not match the strategy ({len(missing)} missing, {len(unknown)} "
+                                             "not in the model)", fix="load with the same base model architecture and "
+                                     "strategy options that were saved")
         for name in saved:
             params[name].requires_grad_(True)
         if self.freezes_base:  # as adapt: what trains is fp32 on a bf16 base, so saved fp32 values load unrounded
             keep_trainable_fp32(model)
-            params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in saved.items():
-                if params[name].shape != tensor.shape:
-                    raise AdapterFormatError(field=f"{path.name}:{name}", value=tuple(tensor.shape),
-                                             problem=f"shape differs from the model's {tuple(params[name].shape)}",
-                                             fix="load into the same base model (same sizes and num_labels)")
-                params[name].copy_(tensor.to(dtype=params[name].dtype, device=params[name].device))
+        model.load_state_dict(saved, strict=False)  # a shape that differs: torch's size mismatch, typed by core.load
         return model
 
     def merge(self, model: nn.Module) -> nn.Module:
@@ -177,16 +167,11 @@ class Strategy:
 
 
 # ---- tensors ------------------------------------------------------------------------------------
-def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter that requires grad, by state-dict name (named_parameters() keeps tied weights once)."""
-    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-
-
 def owned_tensors(model: nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
-    """What ``save`` writes for a native strategy: the tensors it trains when applied (recorded then, so
-    freezing them later does not drop them) plus anything made trainable since; from ``state_dict`` if given."""
+    """What ``save`` writes for a native strategy: the tensors it trains when applied (recorded then, so freezing
+    them later does not drop them) plus anything made trainable since (tied weights once); from ``state_dict``."""
     params = dict(model.named_parameters())
-    names = {n for n in model.__dict__.get(OWNED, ()) if n in params} | set(trained_tensors(model))
+    names = {n for n in model.__dict__.get(OWNED, ()) if n in params} | {n for n, p in params.items() if p.requires_grad}
     source = state_dict if state_dict is not None else {n: params[n].detach() for n in names}
     return {name: source[name].detach().cpu().contiguous().clone() for name in sorted(names)}
 

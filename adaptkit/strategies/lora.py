@@ -1,10 +1,9 @@
 """LoRA through PEFT: low-rank updates ``W + (alpha/r) B A`` on chosen linear layers, B zero at init.
 
-A fresh task head trains in full (PEFT's ``modules_to_save``), and so, by default, does the backbone's pooler
-where the head reads one (BERT, MiniLM, ALBERT); RoBERTa's head holds that layer and trains it whole. A
-rank-8 update of a pooler all-MiniLM-L6-v2 never trained was not enough: on STS-B at LoRA's default rate two
-seeds of three collapsed to a near-constant output (dev 0.047, 0.199), and the first of them with the pooler
-trained reached 0.856 (benchmarks/README.md). ``train_pooler=False`` keeps it frozen.
+A fresh task head trains in full (PEFT's ``modules_to_save``), and so, by default, does the pooler it reads (BERT,
+MiniLM, ALBERT; RoBERTa's head holds that layer). A rank-8 update of all-MiniLM-L6-v2's never-trained pooler was
+not enough: on STS-B two seeds of three collapsed to a near-constant output (dev 0.047, 0.199); the first with the
+pooler trained reached 0.856 (benchmarks/README.md). ``train_pooler=False`` keeps it frozen.
 """
 
 from __future__ import annotations
@@ -85,8 +84,8 @@ class LoRA(PeftStrategy):
             field, value = ("LoRA.r", self.r) if self.r <= 0 else ("LoRA.alpha", self.alpha)
             raise ConfigError(field=field, value=value, problem="must be positive", fix="use r=8 (typical 4-64), alpha=2*r")
         if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(field="LoRA.dropout", value=self.dropout, problem="must be in [0, 1)",
-                              fix="use 0.0 (or 0.05-0.1 against overfitting small data)")
+            raise ConfigError(field="LoRA.dropout", value=self.dropout, problem="must be in [0, 1)", fix="use 0.0 "
+                              "(or 0.05-0.1 against overfitting small data)")
         if isinstance(self.targets, str):
             try:
                 re.compile(self.targets)

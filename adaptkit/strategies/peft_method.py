@@ -20,7 +20,7 @@ import typing
 from torch import nn
 
 from adaptkit import targets
-from adaptkit.errors import ConfigError, ConfigTypeError, TargetNotFoundError, UnknownStrategyError, UnsupportedError
+from adaptkit.errors import ConfigError, TargetNotFoundError, UnknownStrategyError, UnsupportedError
 from adaptkit.strategies import register
 from adaptkit.strategies.base import PeftStrategy, check_types, pooler_if, refuse_unknown
 from adaptkit.strategies.lora import backbone_targets, refuse_init
@@ -58,17 +58,13 @@ class PeftMethod(PeftStrategy):
         self.method = self.method.lower()
         if "train_pooler" in self.options:  # adapt(model, "loha", train_pooler=False) lands in options
             self.train_pooler = self.options.pop("train_pooler")
-            if not isinstance(self.train_pooler, bool):
-                raise ConfigTypeError(field=f"{self.method}.train_pooler", value=self.train_pooler,
-                                      problem="expected bool", fix="pass True (default) or False")
+            check_types({"train_pooler": self.train_pooler}, {"train_pooler": bool}, self.method, default=" (default True)")
         config_class = self._config_class()
         hints = typing.get_type_hints(config_class)
         refuse_unknown(self.options, hints, f"{self.method} options", f"see peft.{config_class.__name__} for the valid options")
         # PEFT keeps e.g. target_modules=3 and fails at apply time
         check_types(self.options, hints, self.method, fix=f"see peft.{config_class.__name__}")
-        for key, value in PROMPT_DEFAULTS.items():
-            if key in hints and self.options.get(key) is None:
-                self.options[key] = value
+        self.options.update({k: v for k, v in PROMPT_DEFAULTS.items() if k in hints and self.options.get(k) is None})
         if self.method in REQUIRED and not self.options.get(REQUIRED[self.method]):
             raise ConfigError(field=f"{self.method}.{REQUIRED[self.method]}", value=None, problem="is required: "
                               "without it PEFT trains nothing", fix=f"pass options={{'{REQUIRED[self.method]}': [...]}}")
@@ -110,11 +106,10 @@ class PeftMethod(PeftStrategy):
         given = config.target_modules
         if isinstance(given, str) and not any(re.fullmatch(given, n) for n, _ in model.named_modules()):
             # PEFT's "No modules were targeted", said with the names there are (any module: some methods adapt norms)
-            raise TargetNotFoundError(field=f"{self.method}.target_modules", value=given,
-                                      problem="a string is a regex full-matched against whole module names (as in "
-                                              "PEFT) and this one matches no module",
-                                      fix=f"pass a list of names or suffixes (e.g. [{given!r}]) or a regex such as "
-                                          f"{'.*' + given!r}")
+            raise TargetNotFoundError(field=f"{self.method}.target_modules", value=given, problem="a string is a regex "
+                                      "full-matched against whole module names (as in PEFT) and this one matches no "
+                                      f"module", fix=f"pass a list of names or suffixes (e.g. [{given!r}]) or a regex "
+                                      f"such as {'.*' + given!r}")
         if isinstance(given, (list, tuple, set)) and given:
             targets.match_targets(model, list(given), f"{self.method}.target_modules")
         model_type = getattr(getattr(model, "config", None), "model_type", None)
