@@ -6,8 +6,10 @@ counts published in its README.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -559,3 +561,26 @@ def test_a_tokenizer_larger_than_the_embeddings_is_refused_with_the_fix(words):
         batching.check_vocab(model, words)
     batching.check_vocab(transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=17, n_embd=8, n_layer=1,
                                                                               n_head=2)), words)
+
+
+def test_a_two_label_base_classifier_is_re_headed_for_three_classes(tmp_path, minilm_path):
+    # issue 30: classify.py --model <a 2-label classifier> on 3-class data gave a raw ignore_mismatched_sizes error
+    import importlib.util
+    import transformers
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path)
+    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=4, intermediate_size=64, num_labels=2)
+    transformers.BertForSequenceClassification(config).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    rows = [f"{w} film number {i}\t{w}\n" for i in range(12) for w in ("good", "bad", "fine")]
+    _folder(tmp_path, train_tsv="sentence\tlabel\n" + "".join(rows), test_tsv="sentence\tlabel\n" + "".join(rows[:9]))
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "classify.py"
+    spec = importlib.util.spec_from_file_location("classify_rehead", recipe)
+    classify = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(classify)
+    metrics = classify.main(["--data", str(tmp_path), "--model", str(tmp_path / "base"), "--strategy", "lora",
+                             "--output-dir", str(tmp_path / "out"), "--max-steps", "2", "--batch-size", "8",
+                             "--report-to", "none"])
+    assert set(metrics["test"]) >= {"accuracy", "macro_f1"}  # three classes: a fresh 3-way head, as run_glue makes
+    saved = json.loads((tmp_path / "out" / "adapter" / "adaptkit_config.json").read_text())
+    assert "bad" in json.dumps(saved)  # the class names travel with the adapter

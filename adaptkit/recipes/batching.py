@@ -208,9 +208,10 @@ def encode_split(ds, tokenizer, max_length: int, notes: list[str], where: str) -
                         problem=f"leaves none of its prompt: the answer alone is {answer[i]} tokens (the longest "
                                 f"answer: {answer.max()})",
                         fix=f"raise --max-length above {answer.max()} plus room for the prompt, or drop the row")
-    if (cut > 0).any() or ((lead == 0) & (answer > max_length > 0)).any():
+    texts = (lead == 0) & (answer > max_length) if max_length else lead < 0  # texts are all answer: cut at the end
+    if (cut > 0).any() or texts.any():
         notes.append(f"{where}: --max-length {max_length} cut the prompt of {(cut > 0).sum()} examples (the answer "
-                     f"kept whole) and the end of {((lead == 0) & (answer > max_length)).sum()} texts")
+                     f"kept whole) and the end of {texts.sum()} texts")
     return list(features)
 
 

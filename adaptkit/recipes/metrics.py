@@ -1,22 +1,16 @@
-"""Task metrics as plain functions of numpy arrays (scikit-learn / scipy), offline and with no cache folder.
+"""Task metrics as plain functions of numpy arrays (scikit-learn / scipy), offline and with no cache folder
+(``evaluate.load`` fetches scripts from the hub; an in-code ``evaluate.Metric`` writes a cache folder).
 
-``evaluate.load("accuracy")`` fetches its script from the hub, so it fails offline, and an in-code
-``evaluate.Metric`` writes a cache folder even in memory. These functions need neither. In a multi-process
-run gather the predictions first (``accelerator.gather_for_metrics``), then ``add_batch`` on every process::
-
-    metric = metric_for_task("mrpc")                 # accuracy + binary F1
-    for batch in loader:
-        metric.add_batch(predictions=logits.argmax(-1), references=batch["labels"])
-    metric.compute()                                 # {"accuracy": ..., "f1": ...}; empty again afterwards
-    primary_metric("mrpc")                           # ("f1", True): what model selection watches
-
-GLUE conventions of the BERT paper, except STS-B: the mean of Pearson and Spearman (``combined``), as
-transformers' ``run_glue``. Correlations are NaN when either side is constant (undefined there).
+``metric_for_task(task, num_labels)`` collects batches (``add_batch(predictions=..., references=...)``, after
+``accelerator.gather_for_metrics``) and ``compute()`` s them, then starts empty; ``primary_metric(task)`` is what
+model selection watches. GLUE conventions of the BERT paper, except STS-B: the mean of Pearson and Spearman
+(``combined``), as transformers' ``run_glue``. Correlations are NaN when either side is constant.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 import warnings
 
 import numpy as np
@@ -92,10 +86,6 @@ class Metric:
         return {key: value for fn in self.functions for key, value in fn(**arrays).items()}
 
 
-def _macro(k):
-    return lambda predictions, references: f1(predictions, references, "binary" if k == 2 else "macro")
-
-
 # task -> (the metric functions given num_labels, primary metric name, higher is better)
 TASKS = {
     "sst2": (lambda k: [accuracy], "accuracy", True),
@@ -103,7 +93,7 @@ TASKS = {
     "cola": (lambda k: [matthews_correlation, accuracy], "matthews_correlation", True),
     "mrpc": (lambda k: [accuracy, f1], "f1", True),
     "stsb": (lambda k: [pearson_spearman], "combined", True),
-    "classification": (lambda k: [accuracy, _macro(k)], "accuracy", True),
+    "classification": (lambda k: [accuracy, partial(f1, average="binary" if k == 2 else "macro")], "accuracy", True),
     "regression": (lambda k: [pearson_spearman], "combined", True),
     "language_model": (lambda k: [perplexity], "perplexity", False),
 }
