@@ -9,8 +9,8 @@
 
 ``check`` prints every problem with its fix and exits 1 when there is any; ``estimate`` prints one row
 per strategy; ``recommend`` ranks every strategy and option for a data size and a memory budget and says
-what to run first (docs/recommend.md); ``env`` prints the library versions and the device, each against the tested set, for a bug
-report. A mistyped flag or a bad flag value exits 2 with a message naming the flag, the value and
+what to run first (docs/recommend.md); ``env`` prints the library versions and the device, each against the
+tested set, for a bug report. A mistyped flag or a bad flag value exits 2 with a message naming the flag, the value and
 the fix. ``--json`` prints machine-readable output instead.
 """
 
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     est.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                      help="where training will run (decides which attention kernel is assumed)")
-    rec = commands.add_parser("recommend", help="which strategy to run: every candidate ranked for your data and memory")
+    rec = commands.add_parser("recommend", help="which strategy to run: every candidate ranked for data and memory")
     rec.add_argument("model", help="model folder, hub id (read from the local cache) or config.json: no weights read")
     rec.add_argument("--task", required=True, help=f"task type: one of {', '.join(sorted(TASKS))}")
     rec.add_argument("--examples", type=_positive_int("--examples"), required=True, help="training examples you have")
@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             print(versions_report())
             return EXIT_OK
         if args.command == "recommend":
-            rec = recommend(args.model, task=args.task, train_examples=args.examples, memory=args.memory, time=args.time,
-                            device=args.device, seq_len=args.seq_len, mean_len=args.mean_len,
+            rec = recommend(args.model, task=args.task, train_examples=args.examples, memory=args.memory,
+                            time=args.time, device=args.device, seq_len=args.seq_len, mean_len=args.mean_len,
                             num_labels=args.num_labels, epochs=args.epochs)
             print(json.dumps(rec.to_dict(), indent=2) if args.json else rec)
             return EXIT_OK

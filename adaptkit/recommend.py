@@ -44,11 +44,10 @@ BATCH = 32  # the benchmark's batch: estimates are traced at it, evidence was me
 _UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _SECONDS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
 # name, strategy (estimate row), options, quantizations, gradient checkpointing; PEFT refuses prefix + checkpointing
-_SPECS = [("full", "full", {}, [None], [False, True]), ("lora", "lora", {}, [None, "8bit", "4bit"], [False, True]),
-          ("lora", "lora_r16", {"r": 16}, [None], [False]),
-          ("bottleneck", "bottleneck", {}, [None, "8bit", "4bit"], [False, True]),
-          ("prefix", "prefix", {}, [None, "8bit", "4bit"], [False]),
-          ("linear_probe", "linear_probe", {}, [None, "8bit", "4bit"], [False])]
+_Q, _BOTH = [None, "8bit", "4bit"], [False, True]
+_SPECS = [("full", "full", {}, [None], _BOTH), ("lora", "lora", {}, _Q, _BOTH),
+          ("lora", "lora_r16", {"r": 16}, [None], [False]), ("bottleneck", "bottleneck", {}, _Q, _BOTH),
+          ("prefix", "prefix", {}, _Q, [False]), ("linear_probe", "linear_probe", {}, _Q, [False])]
 _CACHE: dict[str, Any] = {}
 
 
@@ -56,15 +55,16 @@ def parse_memory(value: Any) -> int:
     """Bytes from 8e9, "8GB", "8 GiB" or "512MB"."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
     if isinstance(value, bool) or not match or match.group(2).lower() not in (*_UNITS, ""):
-        raise ConfigError(field="memory", value=value, problem="is not an amount of memory", fix="write e.g. 8GB or 512MB")
+        raise ConfigError(field="memory", value=value, problem="is not an amount of memory", fix="write e.g. 8GB")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower() or "b"])
 
 
 def parse_time(value: Any) -> float:
     """Seconds from 7200, "2h", "1h30m" or "45min"."""
-    parts = re.findall(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", str(value).lower())
-    if isinstance(value, bool) or not parts or "".join(n + u for n, u in parts) != re.sub(r"\s", "", str(value).lower()) \
-            or any(u not in (*_SECONDS, "") for _, u in parts):
+    text = re.sub(r"\s", "", str(value).lower())
+    parts = re.findall(r"([0-9]*\.?[0-9]+)([a-z]*)", text)
+    if isinstance(value, bool) or not parts or "".join(n + u for n, u in parts) != text or \
+            any(u not in (*_SECONDS, "") for _, u in parts):
         raise ConfigError(field="time", value=value, problem="is not a duration", fix="write e.g. 2h, 90m or 3600")
     return sum(float(n) * _SECONDS[u or "s"] for n, u in parts)
 
@@ -97,14 +97,6 @@ class Candidate:
             ["checkpointing" if self.gradient_checkpointing else ""]
         return self.strategy + "".join(f" {e}" for e in extra if e)
 
-    def command(self, model: str) -> str:
-        opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
-        load = f"adaptkit.load_model({model!r}, quantization={self.quantization!r})" if self.quantization else "model"
-        gc = "; model.gradient_checkpointing_enable()" if self.gradient_checkpointing else ""
-        return f"model = adaptkit.adapt({load}, {self.strategy!r}{opts}){gc}; train with batch {self.batch_size}" + \
-            (f" x {BATCH // self.batch_size} accumulation steps" if self.batch_size and self.batch_size < BATCH else "")
-
-
 @dataclasses.dataclass
 class Recommendation:
     model: str
@@ -120,15 +112,20 @@ class Recommendation:
         return self.candidates[0] if self.candidates and self.candidates[0].fits else None
 
     def sentence(self) -> str:
-        b = self.best
-        if b is None:
+        if (b := self.best) is None:
             return f"Nothing fits in {_size(self.memory)}: the smallest need is listed below."
+        load = f"adaptkit.load_model({self.model!r}, {self.task!r}" + (f", quantization={b.quantization!r}" if
+                                                                       b.quantization else "") + \
+            (", gradient_checkpointing=True" if b.gradient_checkpointing else "") + ")"
+        steps = BATCH // b.batch_size  # gradient accumulation keeps the benchmark's batch of 32
         recipe = "" if b.gradient_checkpointing or self.task != "seq_cls" else (
             f" (or: python recipes/classify.py --model {self.model} --strategy {b.strategy} --batch-size {b.batch_size}"
             + "".join(f" --option {k}={v}" for k, v in b.options.items())
             + (f" --quantization {b.quantization}" if b.quantization else "")
-            + (f" --gradient-accumulation-steps {BATCH // b.batch_size}" if b.batch_size < BATCH else "") + ")")
-        return f"Run {b.name}: {b.command(self.model)}{recipe}."
+            + (f" --gradient-accumulation-steps {steps}" if steps > 1 else "") + ")")
+        opts = "".join(f", {k}={v!r}" for k, v in b.options.items())
+        return (f"Run {b.name}: model = adaptkit.adapt({load}, {b.strategy!r}{opts}), then train with batch "
+                f"{b.batch_size}{f' x {steps} accumulation steps' if steps > 1 else ''}{recipe}.")
 
     def to_dict(self) -> dict:
         return {**{k: v for k, v in dataclasses.asdict(self).items() if k != "candidates"}, "run": self.sentence(),
@@ -148,9 +145,10 @@ class Recommendation:
 
 def _quality(strategy: str, n: int, cells: list[dict]) -> tuple[float | None, list[str]]:
     """Points vs full, averaged over the cells of ``strategy`` weighted by closeness of their size to ``n``."""
-    full = {(c["task"], c["data"], c["train_examples"]): c for c in cells if c["strategy"] == "full"}
-    points = [(c, 100 * (c["median"] - full[key]["median"])) for c in cells if c["strategy"] == strategy
-              and (key := (c["task"], c["data"], c["train_examples"])) in full]
+    cell = lambda c: (c["task"], c["data"], c["train_examples"])  # noqa: E731 - one benchmark cell: task x size
+    full = {cell(c): c for c in cells if c["strategy"] == "full"}
+    points = [(c, 100 * (c["median"] - full[cell(c)]["median"])) for c in cells if c["strategy"] == strategy
+              and cell(c) in full]
     if strategy == "full" and points:
         return 0.0, [r for c, _ in points for r in c["records"]]
     weights = [math.exp(-0.5 * (math.log(n / c["train_examples"]) / math.log(2)) ** 2) for c, _ in points]
@@ -158,7 +156,7 @@ def _quality(strategy: str, n: int, cells: list[dict]) -> tuple[float | None, li
         return None, []
     used = [(w, d, c) for w, (c, d) in zip(weights, points) if w >= 0.05 * max(weights)]
     value = sum(w * d for w, d, _ in used) / sum(w for w, _, _ in used)
-    return value, [r for _, _, c in used for r in c["records"] + full[(c["task"], c["data"], c["train_examples"])]["records"]]
+    return value, [r for _, _, c in used for r in c["records"] + full[cell(c)]["records"]]
 
 
 def _fit(cells: list[dict]) -> dict[str, dict]:
@@ -202,16 +200,18 @@ def recommend(model: Any, *, task: str = "seq_cls", train_examples: int, memory:
     checkpointing, batch 32). ``evidence``: benchmark cells to reason from (default: the committed ones).
     """
     if task not in TASKS:
-        raise ConfigError(field="task", value=task, problem="is not a task type adaptkit knows", fix=f"choose one of {sorted(TASKS)}")
+        raise ConfigError(field="task", value=task, problem="is not a task type adaptkit knows",
+                          fix=f"use one of {sorted(TASKS)}")
     cells = list(evidence) if evidence is not None else json.loads(EVIDENCE.read_text())["cells"]
     if not any(c.get("task_type", "seq_cls") == task for c in cells):
-        raise UnsupportedError(field="task", value=task, problem="has no benchmark records, so quality cannot be judged",
+        raise UnsupportedError(field="task", value=task, problem="has no benchmark records: quality cannot be judged",
                                fix="use 'adaptkit estimate' for its memory alone; the records cover seq_cls")
     if memory is None:
         raise ConfigError(field="memory", value=None, problem="is required: what fits decides the answer",
                           fix="pass the memory you can train in, e.g. memory='8GB' (--memory 8GB)")
     if not isinstance(train_examples, int) or isinstance(train_examples, bool) or train_examples < 1:
-        raise ConfigError(field="train_examples", value=train_examples, problem="must be a positive integer", fix="pass e.g. 5000")
+        raise ConfigError(field="train_examples", value=train_examples, problem="must be a positive integer",
+                          fix="pass the number of training examples, e.g. 5000")
     if device not in ("cpu", "cuda"):
         raise ConfigError(field="device", value=device, problem="is not cpu or cuda", fix="pass device='cpu' or 'cuda'")
     budget, limit = parse_memory(memory), None if time is None else parse_time(time)
@@ -220,14 +220,9 @@ def recommend(model: Any, *, task: str = "seq_cls", train_examples: int, memory:
                                fix="leave time out on cuda (memory and quality are still judged)")
     rows, saving, layers = _estimates(model, task, num_labels, seq_len, device)
     fit, mean_len = _fit(cells), mean_len or seq_len
-    out = []
-    for strategy, key, opts, quants, checkpoints in _SPECS:
-        for quant in quants if options else [None]:
-            for gc in checkpoints if options else [False]:
-                if key == "lora_r16" and not options:
-                    continue
-                out.append(_candidate(strategy, opts, quant, gc, rows[key], saving, layers, fit, cells, train_examples,
-                                      budget, limit, epochs, seq_len, mean_len, device, options))
+    out = [_candidate(strategy, opts, quant, gc, rows[key], saving, layers, fit, cells, train_examples, budget, limit,
+                      epochs, seq_len, mean_len, device, options) for strategy, key, opts, quants, gcs in _SPECS
+           if options or not opts for quant in (quants if options else [None]) for gc in (gcs if options else [False])]
     name = model if isinstance(model, str) else getattr(model, "name_or_path", "") or type(model).__name__
     return _rank(Recommendation(str(name), task, train_examples, budget, limit, device, out))
 
@@ -244,10 +239,9 @@ def _candidate(strategy, opts, quant, gc, row, saving, layers, fit, cells, n, bu
     calib = fit.get(strategy, {})
 
     def peak(batch: int) -> int:  # the calibrated RSS on CPU; the tensor estimate on CUDA
-        scaled = rest * batch / BATCH
         if device == "cpu" and calib:
-            return int(calib["rss_intercept"] + fixed + calib["rss_slope"] * scaled)
-        return int(fixed + scaled)
+            return int(calib["rss_intercept"] + fixed + calib["rss_slope"] * rest * batch / BATCH)
+        return int(fixed + rest * batch / BATCH)
 
     sizes = [b for b in (BATCH, 16, 8, 4, 2, 1) if options or b == BATCH]
     c.batch_size = next((b for b in sizes if peak(b) <= budget), None)
