@@ -5,7 +5,9 @@ How the blocks of one file run, in the order they appear, in one fresh temporary
 - ```bash and ```sh blocks with ``bash -euo pipefail``, this venv's ``bin/`` first on PATH, ``recipes/``
   linked into the directory. A recipe command (``python recipes/NAME.py ...``) runs as written plus the flags
   in TINY, appended (argparse keeps the last value given): a 2-layer BERT with MiniLM's tokenizer, 64
-  examples, 2 steps. A recipe without an entry in TINY fails the test rather than run at full size;
+  examples, 2 steps. A recipe without an entry in TINY fails the test rather than run at full size. A block
+  made of recipe commands alone runs them in this process, as ``python`` would run the file (``runpy``),
+  which saves each command the seconds of starting Python and importing the libraries;
 - ```yaml blocks are Accelerate config files and must load with Accelerate's own ``ClusterConfig``.
 A block that must not run (it needs GPUs, a second machine, or runs this suite) carries
 ``<!-- not run: why -->`` on the line before its fence; they are counted and kept few (MAX_NOT_RUN).
@@ -16,10 +18,13 @@ from __future__ import annotations
 
 import os
 import re
+import runpy
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -124,8 +129,26 @@ def tiny_command(line: str, tiny: Path) -> str:
         (f"  # {comment}" if comment else "")
 
 
+def run_recipe_here(line: str, where: str) -> None:
+    """``python recipes/NAME.py ARGS`` run in this process; $VARS expand as bash would expand them unquoted."""
+    from accelerate.state import AcceleratorState
+    argv = shlex.split(os.path.expandvars(line.partition("  # ")[0]))[1:]
+    AcceleratorState._reset_state(reset_partial_state=True)  # a fresh process's state, as conftest gives each test
+    with mock.patch.object(sys, "argv", argv):
+        try:
+            runpy.run_path(argv[0], run_name="__main__")
+        except SystemExit as stop:
+            assert stop.code in (None, 0), f"{where}: `{line}` exited with {stop.code}"
+
+
 def run_bash(block: dict, where: str, cwd: Path, tiny: Path) -> None:
-    script = "\n".join(tiny_command(line, tiny) for line in block["text"].replace("\\\n", " ").splitlines())
+    lines = block["text"].replace("\\\n", " ").splitlines()
+    commands = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if commands and all((m := RECIPE.match(c)) and not m.group(1) for c in commands):
+        for command in commands:
+            run_recipe_here(tiny_command(command, tiny), where)
+        return
+    script = "\n".join(tiny_command(line, tiny) for line in lines)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=env, capture_output=True,
