@@ -48,7 +48,7 @@ RECIPE = re.compile(r"^((?:\w+=\S*\s+)*)python (recipes/(\w+)\.py)\b(.*)$")
 
 
 def _rel(path: Path) -> str:
-    return str(path.relative_to(ROOT))
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def blocks(path: Path) -> list[dict]:
@@ -68,6 +68,19 @@ def blocks(path: Path) -> list[dict]:
                       "not_run": marker.group(1) if marker else None})
         i = end + 1
     return found
+
+
+def test_the_runner_finds_every_block_its_marker_and_what_tiny_appends(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("# t\n<!-- not run: needs a GPU -->\n```bash\nnvidia-smi\n```\ntext\n```text\nout\n```\n")
+    assert [(b["lang"], b["line"], b["not_run"]) for b in blocks(page)] == [("bash", 3, "needs a GPU"), ("text", 7, None)]
+    page.write_text("- a list\n  ```python\n  print(1)\n  ```\n")
+    with pytest.raises(AssertionError, match="indented fence"):
+        blocks(page)
+    line = tiny_command("python recipes/classify.py --data d --max-steps 400  # note", Path("/m"))
+    assert line.startswith("python recipes/classify.py --data d --max-steps 400 --model /m ") and line.endswith("  # note")
+    with pytest.raises(AssertionError, match="no tiny settings"):
+        tiny_command("python recipes/causal_lm.py --data d", Path("/m"))
 
 
 def test_the_readme_is_short():
