@@ -9,6 +9,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import resource
 import sys
 import time
@@ -73,6 +74,8 @@ def _remove_earlier_run(out: Path) -> None:
     """--overwrite: the checkpoints (each lists its files), the adapter files the manifest lists (with their sha256),
     the log, metrics and TensorBoard event files; a user's files in those folders stay."""
     for step in sorted((out / CHECKPOINTS).glob("*step-*")) if (out / CHECKPOINTS).is_dir() else []:
+        if not re.fullmatch(r"(\.tmp-)?step-\d+", step.name):
+            continue  # a user's folder
         if (step / RUN_STATE).is_file():
             remove_checkpoint(step)
         else:  # the temporary folder of a killed checkpoint: Accelerate's files by name
