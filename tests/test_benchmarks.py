@@ -439,3 +439,55 @@ def test_a_damaged_record_is_named_with_the_fix_by_the_runner_and_the_report(tmp
         assert str(damaged) in message and "is not valid JSON" in message and "line 1" in message
         assert f"git checkout -- {damaged}" in message
     assert damaged.read_text().startswith('{"run_id"')  # named, never deleted
+
+
+# ---- the learning curve and the recommend validation ------------------------------------------------------------
+import learning_curve  # noqa: E402
+import validate_recommend  # noqa: E402
+
+
+def test_learning_curve_runs_the_smallest_size_first_then_the_cheapest_strategy_at_the_sweep_s_rate():
+    runs = learning_curve.plan([4000, 250, 67349], [1, 2], learning_curve.VARIANTS)
+    assert [r["train_examples"] for r in runs] == [250] * 10 + [4000] * 10 + [67349] * 10
+    assert [r["experiment"]["variant"] for r in runs[:5]] == ["linear_probe", "prefix", "bottleneck_pfeiffer", "lora",
+                                                               "full"]
+    chosen = json.loads((BENCH / "results" / "learning_rates.json").read_text())["selected"]["sst2"]
+    first, big = runs[0], runs[-1]
+    assert first["learning_rate"] == chosen["linear_probe"]["learning_rate"]
+    assert first["experiment"]["flags"]["max_train_samples"] == 250 and first["experiment"]["flags"]["max_steps"] == 60
+    assert first["experiment"]["flags"]["feature_cache"] == "eval" and first["experiment"]["train_file"] == "sst2/train.tsv"
+    assert "max_train_samples" not in big["experiment"]["flags"] and big["experiment"]["train_file"] == "sst2_glue/train.tsv"
+    assert len({r["id"] for r in runs}) == len(runs)
+
+
+def test_learning_curve_refuses_to_record_a_run_that_is_not_sane():
+    run_ = {"train_examples": 250}
+    assert learning_curve.sane({"test_primary": 0.7, "steps": 60, "stopped_early": False}, run_) is None
+    assert learning_curve.sane({"test_primary": 0.7, "steps": 30, "stopped_early": True}, run_) is None
+    assert learning_curve.sane({"test_primary": float("nan"), "steps": 60}, run_) == "dev score nan"
+    assert learning_curve.sane({"test_primary": 0.7, "steps": 30, "stopped_early": False}, run_) == \
+        "30 steps, planned 60, not stopped early"
+
+
+def test_a_learning_curve_run_that_fails_is_logged_and_left_unrecorded(tmp_path, monkeypatch):
+    # a refactor landing mid-run (or a venv being upgraded) makes the recipe fail: log it, record nothing
+    monkeypatch.setenv("PYTHONPATH", "")  # main() points it at its snapshot; restored after the test
+    argv = ["--sizes", "250", "--seeds", "99", "--variants", "linear_probe", "--python", "/bin/false", "--attempts", "1",
+            "--retry-wait", "0", "--work", str(tmp_path / "work"), "--snapshot", str(tmp_path / "snap")]
+    assert learning_curve.main(argv) == 0
+    log = (tmp_path / "work" / "learning_curve.log").read_text()
+    assert "FAILED lc_sst2_250__linear_probe__lr0.003__seed99 (attempt 1)" in log and "gave up on" in log
+    assert not list((learning_curve.RESULTS / "records").glob("*seed99.json"))
+
+
+def test_recommend_validation_leaves_a_task_out_whole_and_judges_it_on_its_grid_cells():
+    def cell(task, data, n, strategy, where):
+        return {"task": task, "data": data, "train_examples": n, "strategy": strategy,
+                "records": [f"benchmarks/results/{where}/{task}_{n}_{strategy}.json"]}
+    cells = [cell("sst2", "sst2", 6228, "full", "records"), cell("sst2", "sst2", 250, "full", "learning_curve/records"),
+             cell("cola", "cola", 7695, "full", "records")]
+    sets = {label: (held, rest) for label, held, rest in validate_recommend.held_out_sets(cells)}
+    held, rest = sets["sst2"]
+    assert held == [cells[0]] and rest == [cells[2]]  # the curve's sst2 cells are left out with sst2, not judged
+    held, rest = sets["sst2 curve n=250"]
+    assert held == [cells[1]] and rest == [cells[0], cells[2]]
