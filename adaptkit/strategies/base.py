@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import types
 import typing
 from pathlib import Path
@@ -95,12 +94,11 @@ class Strategy:
         self.validate()
 
     @property
-    def label(self) -> str:
-        """What tables print: the strategy name (the PEFT method for the pass-through)."""
+    def label(self) -> str:  # what tables print: the strategy name (the PEFT method for the pass-through)
         return self.name
 
-    def validate(self) -> None:
-        """Raise ConfigError for values of the right type that still cannot work."""
+    def validate(self) -> None:  # raises ConfigError for values of the right type that still cannot work
+        pass
 
     def to_dict(self) -> dict[str, Any]:
         return {"strategy": self.name, **dataclasses.asdict(self)}
@@ -131,8 +129,7 @@ class Strategy:
                        + (f" (or PEFT's names {sorted(cls.aliases)})" if cls.aliases else ""))
         return out
 
-    def apply(self, model: nn.Module) -> nn.Module:
-        """Return the adapted model (may be the same object, changed in place). Base must not be adapted."""
+    def apply(self, model: nn.Module) -> nn.Module:  # the adapted model (may be the same object, changed in place)
         raise NotImplementedError
 
     def save(self, model: nn.Module, directory: Path, state_dict: dict | None = None) -> None:
@@ -161,12 +158,10 @@ class Strategy:
         return model
 
     def merge(self, model: nn.Module) -> nn.Module:
-        raise NotMergeableError(field="strategy", value=self.name,
-                                problem="its trained pieces cannot be folded into the base weights",
-                                fix="keep the adapted model as it is, or use a mergeable strategy such as 'lora'")
+        raise NotMergeableError(field="strategy", value=self.name, problem="its trained pieces cannot be folded into "
+                                "the base weights", fix="keep the adapted model as it is, or use e.g. 'lora'")
 
 
-# ---- tensors ------------------------------------------------------------------------------------
 def owned_tensors(model: nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
     """What ``save`` writes for a native strategy: the tensors it trains when applied (recorded then, so freezing
     them later does not drop them) plus anything made trainable since (tied weights once); from ``state_dict``."""
@@ -182,10 +177,6 @@ def weights_file(directory: Path, strategy: Strategy) -> Path:
     return legacy if not path.is_file() and legacy.is_file() else path
 
 
-def write_config(config: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
 def pooler_if(train_pooler: bool, heads: list[str] | None, model: nn.Module, field: str) -> list[str]:
     """The backbone pooler a fresh head reads (BERT, MiniLM, ALBERT), when ``train_pooler`` and there is a fresh
     head: every strategy that adds a head trains it (lora.py's docstring has the measurements)."""
@@ -193,11 +184,8 @@ def pooler_if(train_pooler: bool, heads: list[str] | None, model: nn.Module, fie
 
 
 class PeftStrategy(Strategy):
-    """A strategy that PEFT implements: subclasses only build the ``peft.PeftConfig``.
-
-    Saving writes PEFT's own folder (``adapter_config.json`` + ``adapter_model.safetensors``), so the folder
-    loads with plain ``peft.PeftModel.from_pretrained``. New task heads go into ``modules_to_save``.
-    """
+    """A strategy that PEFT implements: subclasses only build the ``peft.PeftConfig``. Saving writes PEFT's own
+    folder, which plain ``peft.PeftModel.from_pretrained`` loads. New task heads go into ``modules_to_save``."""
 
     weights_name: ClassVar[str] = WEIGHTS_NAME
 
@@ -211,16 +199,15 @@ class PeftStrategy(Strategy):
         # the first forward, deep in the embeddings
         limit, extra = lengths.max_positions(model), int(getattr(config, "num_virtual_tokens", 0) or 0)
         if limit is not None and extra >= limit and config.is_prompt_learning:
-            raise ConfigError(field=f"{self.label}.num_virtual_tokens", value=extra,
-                              problem=f"leaves no room for text in {type(model).__name__}'s {limit} positions",
-                              fix=f"use num_virtual_tokens < {limit} (typically 10-100)")
+            raise ConfigError(field=f"{self.label}.num_virtual_tokens", value=extra, problem=f"leaves no room for text "
+                              f"in {type(model).__name__}'s {limit} positions", fix=f"use num_virtual_tokens < {limit}")
         try:
             return get_peft_model(model, config)
         except (ValueError, TypeError, AttributeError, NotImplementedError) as exc:  # PEFT refusing this model
-            raise UnsupportedError(field=f"{self.label} options", value=type(model).__name__,
-                                   problem=f"PEFT refuses {type(config).__name__} on this model: {exc}",
-                                   fix=f"set the option it names (see peft.{type(config).__name__}), or use 'lora'; "
-                                       "load the base model again (PEFT may have changed it)") from None
+            raise UnsupportedError(field=f"{self.label} options", value=type(model).__name__, problem=f"PEFT refuses "
+                                   f"{type(config).__name__} on this model: {exc}", fix=f"set the option it names (see "
+                                   f"peft.{type(config).__name__}), or use 'lora'; load the base model again (PEFT may "
+                                   "have changed it)") from None
 
     def save(self, model: nn.Module, directory: Path, state_dict: dict | None = None) -> None:
         # PEFT writes only its adapters and modules_to_save: a base tensor the user unfroze would be lost
@@ -230,11 +217,10 @@ class PeftStrategy(Strategy):
         lost = [n for n, p in model.named_parameters() if p.requires_grad and n not in kept
                 and not adapters & set(n.split("."))]  # PEFT's keys drop the adapter's name
         if lost:
-            raise UnsupportedError(field="trainable tensors", value=lost[:5],
-                                   problem=f"{len(lost)} trainable tensor(s) outside the adapter, which PEFT's folder "
-                                           "does not save: loaded, they would be the base's again",
-                                   fix="name their modules at adapt time (LoRA heads=[...], PEFT modules_to_save=[...]) "
-                                       "so they train and save with the adapter, or freeze them")
+            raise UnsupportedError(field="trainable tensors", value=lost[:5], problem=f"{len(lost)} trainable tensor(s) "
+                                   "outside the adapter, which PEFT's folder does not save: loaded, they would be the "
+                                   "base's again", fix="name their modules at adapt time (LoRA heads=[...], PEFT "
+                                   "modules_to_save=[...]) so they train and save with the adapter, or freeze them")
         # the class's method: the instance's own save_pretrained is adaptkit's (adaptkit.hf), which calls this
         type(model).save_pretrained(model, str(directory), safe_serialization=True,
                                     **({"state_dict": state_dict} if state_dict is not None else {}))

@@ -1,20 +1,16 @@
-"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021) as plain torch modules.
+"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021) as plain torch modules (PEFT has none, and
+AdapterHub's ``adapters`` cannot be installed beside transformers 5).
 
-PEFT has none and AdapterHub's ``adapters`` cannot be installed beside transformers 5. An adapter adds
-``up(act(down(x)))`` to a linear's output, ``up`` zero-initialised: the adapted model computes exactly what its
-base computes until the first step. Where they go is read from the module tree, not a table of architectures:
+An adapter adds ``up(act(down(x)))`` to a linear's output, ``up`` zero-initialised: exactly the base's outputs until
+the first step. Places are read from the module tree: ``pfeiffer`` adapts every feed-forward down projection (a
+linear outside attention mapping a wider input to the hidden size: BERT ``output.dense``, T5 ``wo``, Llama
+``down_proj``, GPT-2 ``mlp.c_proj``); ``houlsby`` also each attention module's (outermost name matching ``/att/i``)
+last linear of hidden-size output. Each adapter is a child of its linear, run by a forward hook: base state-dict
+names stay, and bitsandbytes' quantized linears work unchanged.
 
-* an *attention module* is the outermost module whose own name matches ``/att/i`` and holds linears; its output
-  projection is its last linear whose output width is the hidden size (``houlsby`` adapts those too);
-* a *feed-forward down projection* is a linear outside attention that maps a wider input back to the hidden size
-  (BERT ``output.dense``, T5 ``wo``, Llama ``down_proj``, GPT-2 ``mlp.c_proj``); ``pfeiffer`` adapts these.
-
-A fresh task head trains, and so does the pooler such a head reads (BERT, MiniLM, ALBERT). Left frozen,
-all-MiniLM-L6-v2's, never trained on anything, sits between the adapters and the head: CoLA MCC 0.000 at every
-rate from 1e-4 to 3e-2; trained, 0.268 at 3e-3 (benchmarks/README.md). ``train_pooler=False`` keeps it frozen.
-
-Each adapter is a child of the linear it follows, called by a forward hook: every base state-dict name stays
-the same, and bitsandbytes' quantized linears (``nn.Linear`` subclasses) work unchanged.
+A fresh task head trains, and so does the pooler it reads (BERT, MiniLM, ALBERT): frozen, all-MiniLM-L6-v2's
+never-trained pooler gave CoLA MCC 0.000 at every rate from 1e-4 to 3e-2; trained, 0.268 at 3e-3
+(benchmarks/README.md). ``train_pooler=False`` keeps it frozen.
 """
 
 from __future__ import annotations

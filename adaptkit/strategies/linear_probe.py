@@ -1,16 +1,11 @@
-"""Linear probe: the pretrained model is a fixed feature map; only the task head learns.
+"""Linear probe: the pretrained model is a fixed feature map; only the task head learns (no pooler, by definition).
 
-It trains no pooler, by definition; instead ``pooling`` says which features the head reads:
-
-* ``"head"``: whatever the model's own head reads (on BERT-style models the first-token pooler);
-* ``"mean"``: the attention-masked mean of the last hidden states, the embedding sentence-transformers
-  checkpoints (all-MiniLM-L6-v2) are trained to produce; their pooler was never trained, so probing it wastes
-  the model (SST-2 with MiniLM: 0.70 with it vs 0.78 mean-pooled, benchmarks/results/v1/REPORT.md). Needs a
-  pooler layer to replace (BERT, MiniLM, ALBERT); the result is no transformers architecture, so no merge;
-* ``"auto"`` (default): what the checkpoint says (``modules.json`` -> its Pooling config's
-  ``pooling_mode_mean_tokens``: ``"mean"``; anything else ``"head"``), recorded as the choice made.
-
-On a causal LM the head is ``lm_head``, usually tied to the input embeddings: probing it trains them too.
+``pooling`` says which features the head reads: ``"head"``, what the model's own head reads (BERT's first-token
+pooler); ``"mean"``, the masked mean of the last hidden states, which sentence-transformers checkpoints such as
+all-MiniLM-L6-v2 are trained to produce, where probing their never-trained pooler wastes the model (SST-2: 0.70 vs
+0.78 mean-pooled, benchmarks/results/v1/REPORT.md; needs a pooler layer to replace, and cannot merge); ``"auto"``
+(default), what the checkpoint's ``modules.json`` says, recorded as the choice made. On a causal LM the head is
+``lm_head``, usually tied to the input embeddings: probing it trains them too.
 """
 
 from __future__ import annotations
@@ -22,6 +17,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from transformers.utils import cached_file
 
 from adaptkit import targets
 from adaptkit.errors import NotMergeableError, UnsupportedError
@@ -77,9 +73,8 @@ class LinearProbe(Strategy):
 
 
 class MaskedMeanPool(nn.Module):
-    """Stands in for a backbone's pooler: the mean of the hidden states over the real (unmasked) tokens. A pooler
-    gets the hidden states only, so the backbone's attention mask reaches it through a forward pre-hook (kept for
-    one forward pass): without it padding would enter the mean, and features depend on the batch's lengths."""
+    """A backbone's pooler replaced by the mean over the real tokens. The backbone's attention mask reaches it
+    through a forward pre-hook (for one pass): unmasked, padding enters the mean and features depend on the batch."""
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
@@ -107,8 +102,8 @@ class MaskedMeanPool(nn.Module):
 
 
 def checkpoint_pooling(model: nn.Module) -> tuple[str, str]:
-    """("mean" or "head", where that was read) from the sentence-transformers files of the folder the model was
-    loaded from, or of the local hub cache for a hub id (nothing is downloaded). No ``modules.json``: "head"."""
+    """("mean" or "head", where read): the Pooling module's ``pooling_mode_mean_tokens`` in the sentence-transformers
+    ``modules.json`` of the model's folder or local hub cache (nothing is downloaded); none: "head"."""
     source = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", "")
     modules = _checkpoint_file(source, "modules.json")
     if modules is None:
@@ -125,12 +120,8 @@ def checkpoint_pooling(model: nn.Module) -> tuple[str, str]:
 
 
 def _checkpoint_file(source: str, name: str) -> str | None:
-    folder = Path(source).expanduser() if source else None
-    if folder is None or folder.is_dir():
-        return str(folder / name) if folder is not None and (folder / name).is_file() else None
-    from huggingface_hub import try_to_load_from_cache
-    try:  # a hub id: only what is already in the local cache
-        cached = try_to_load_from_cache(source, name)
-    except Exception:  # noqa: BLE001 - not a valid repo id: a path that does not exist (any more)
+    """``name`` in the folder ``source`` or, for a hub id, in the local cache (nothing is downloaded); else None."""
+    try:
+        return cached_file(source, name, local_files_only=True) if source else None
+    except (OSError, ValueError):  # not there, or not a folder nor a valid repo id
         return None
-    return cached if isinstance(cached, str) else None
