@@ -78,14 +78,10 @@ def bridge(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def _disable_prompt(self):
-    was, old = self._adapters_disabled, self.__dict__.get("forward")
+def _disable_prompt(self):  # PEFT's own prompt-learning branch, without the generation half classifiers lack
+    was, old = self._adapters_disabled, self.forward
     self.forward, self._adapters_disabled = self.base_model.forward, True
     try:
         yield
     finally:
-        self._adapters_disabled = was
-        if old is None:
-            del self.forward
-        else:
-            self.forward = old
+        self.forward, self._adapters_disabled = old, was

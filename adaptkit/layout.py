@@ -31,6 +31,7 @@ import torch
 import transformers
 from peft import PeftConfig, PeftType
 from peft.utils import get_peft_model_state_dict
+from peft.utils.other import _prepare_prompt_learning_config
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
@@ -252,9 +253,13 @@ def check_prompt_shape(folder: Path, config: PeftConfig, base_model: nn.Module) 
     model_config = getattr(unwrap(base_model), "config", None)
     if not config.is_prompt_learning or model_config is None:
         return
-    for field, keys in (("token_dim", ("hidden_size", "n_embd", "d_model")), ("num_layers", ("num_hidden_layers", "n_layer"))):
-        here = next((getattr(model_config, k) for k in keys if isinstance(getattr(model_config, k, None), int)), None)
-        saved = getattr(config, field, None)
+    expected = type(config)(task_type=config.task_type)
+    try:  # PEFT's own sizing: a grouped-query model's (Llama's) prefix is as wide as its key/value heads, not hidden
+        _prepare_prompt_learning_config(expected, model_config)
+    except ValueError:  # PEFT cannot size it either (no head count in the config): nothing to compare against
+        return
+    for field in ("token_dim", "num_layers"):
+        here, saved = getattr(expected, field), getattr(config, field, None)
         if saved is not None and here is not None and saved != here:
             raise AdapterFormatError(field=f"{folder / 'adapter_config.json'}:{field}", value=saved,
                                      problem=f"the prefix was trained on a model with {field}={saved}; this base model "

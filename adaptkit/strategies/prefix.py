@@ -67,10 +67,3 @@ class Prefix(PeftStrategy):
             encoder_hidden_size=self.projection_hidden or targets.hidden_size(model))
         config.modules_to_save = head_modules(model, self.heads, "Prefix.heads")
         return config
-
-    # the bridge here too, not only in core: a model adapted or loaded through this class never misses it
-    def apply(self, model: nn.Module) -> nn.Module:
-        return compat.bridge(super().apply(model))
-
-    def load(self, directory, base_model: nn.Module, trainable: bool = False, config=None) -> nn.Module:
-        return compat.bridge(super().load(directory, base_model, trainable=trainable, config=config))
