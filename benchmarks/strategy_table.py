@@ -1,4 +1,5 @@
 """Print the README's strategy table, measured with adaptkit.summary on the bundled all-MiniLM-L6-v2.
+(tests/test_docs.py checks that the README shows these rows.)
 
     python benchmarks/strategy_table.py            # markdown table on stdout
 
@@ -20,15 +21,16 @@ from transformers import AutoModelForSequenceClassification  # noqa: E402
 import adaptkit  # noqa: E402
 
 ROWS = [
-    ("lora", {}, "rank-8 updates on every backbone linear layer but the pooler + head and the pooler it reads",
-     "r=8, alpha=16, dropout=0, all linear layers"),
-    ("bottleneck", {}, "Pfeiffer adapter after each FFN + head and the pooler it reads", "variant=pfeiffer, reduction_factor=16, relu"),
-    ("bottleneck", {"variant": "houlsby"}, "Houlsby adapters after attention and FFN + head and pooler",
-     "variant=houlsby, reduction_factor=16"),
-    ("prefix", {}, "20 key/value prefix vectors per layer + head", "num_virtual_tokens=20, no projection"),
-    ("linear_probe", {}, "the task head only", "head found from the model structure"),
+    ("lora", {}, "rank-8 updates on every backbone linear layer; the head and the pooler it reads",
+     "r=8, alpha=16, dropout=0"),
+    ("bottleneck", {}, "a Pfeiffer adapter after each feed-forward block; head and pooler",
+     "reduction_factor=16, relu"),
+    ("bottleneck", {"variant": "houlsby"}, "adapters after attention and feed-forward; head and pooler",
+     "variant=houlsby"),
+    ("prefix", {}, "20 key/value prefix vectors per layer; the head", "num_virtual_tokens=20"),
+    ("linear_probe", {}, "the task head only", "head found from the model"),
     ("full", {}, "everything", "-"),
-    ("ia3", {}, "IA3 scaling vectors (PEFT pass-through) + head", "PEFT defaults"),
+    ("ia3", {}, "IA3 scaling vectors (any PEFT method by name); head and pooler", "PEFT's defaults"),
 ]
 
 

