@@ -140,7 +140,7 @@ def lm_rows(ds, where: str):
     if fmt == "sharegpt":
         ds = ds.map(lambda r: {"messages": _turns(r["conversations"], fmt, where)}, remove_columns=["conversations"])
     if fmt == "text" and not len(ds := ds.filter(lambda row: bool(row["text"].strip()))):
-        raise DataError(field=where, value="0 non-blank lines", problem="has no text to train on",
+        raise DataError(field=where, value="0 non-blank lines", problem="holds no training examples",
                         fix="write one example per line")
     return ds
 

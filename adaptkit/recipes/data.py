@@ -1,19 +1,14 @@
 """Data for the recipes, read by ``datasets`` and checked before any training starts.
 
-Reading is ``datasets.load_dataset``: csv/tsv, json/jsonl, parquet, arrow and text files, image folders,
-``save_to_disk`` folders and hub names (``--dataset-name glue --dataset-config sst2``). What it raises raw
-(a pandas ParserError, an Arrow JSON error, a UnicodeDecodeError, a cast error) is re-said as a ``DataError``
-naming the file, the row and the fix. ``.tsv`` is read with quoting off (texts may hold literal ``"``) and
-every csv/tsv cell is read as text, so a label is reported as the file writes it.
+``datasets.load_dataset`` reads csv/tsv (every cell as text, .tsv with quoting off), json/jsonl, parquet, arrow,
+text, image folders, ``save_to_disk`` folders and hub names; what it raises raw is re-said as a ``DataError``
+naming the file, the row and the fix.
 
-**One split convention, however the files are named** (``arrange``, as transformers' examples do):
-``train`` trains; ``validation`` (files or folders named ``validation``, ``valid``, ``val`` or ``dev``, or
-``--validation-file``) evaluates and picks the adapter kept; ``test`` is scored only when one is given. A
-split whose labels are all -1 (GLUE's hidden test set) is dropped. Without a validation split,
-``--validation-fraction`` of train is carved off (seeded, stratified by class). ``--select-on-train-carve``
-is the benchmark's protocol: always select on a carve from train, and score the given validation split as
-the test set (GLUE keeps its test labels private). ``--max-train-samples`` / ``--max-eval-samples`` keep a
-seeded random subset. Images are opened and checked before training (``check_images``).
+**One split convention, however the files are named** (``arrange``, as transformers' examples do): ``train``
+trains; ``validation`` (``datasets``' split keywords: ``dev``, ``val``, ...) picks the adapter kept; ``test``
+is scored only when given. A split labelled all -1 (GLUE's hidden test set) is dropped. With no validation
+split, ``--validation-fraction`` of train is carved off (seeded, stratified). ``--select-on-train-carve`` is
+the benchmark's protocol: select on a carve from train, score the validation split as the test set.
 """
 
 from __future__ import annotations
@@ -28,24 +23,17 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import datasets
+from datasets.data_files import DataFilesDict, get_data_patterns
 from PIL import Image
 
 from adaptkit.errors import ConfigError, DataError
 from adaptkit.recipes import tables
 from adaptkit.recipes.tables import TEXT_COLUMN_CANDIDATES, Table  # re-exported: data.Table in the recipes
 
-__all__ = ["Table", "Splits", "read_table", "load_splits", "load_raw", "arrange", "sample", "carve", "check_images",
-           "TEXT_COLUMN_CANDIDATES", "FORMATS", "SPLIT_NAMES"]
-
-datasets.logging.set_verbosity_error()  # it logs every parse error before raising it; we re-say them
-datasets.disable_progress_bars()
 # file suffix -> datasets' packaged builder
 FORMATS = {".tsv": "csv", ".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet",
            ".arrow": "arrow", ".txt": "text"}
-EXTENSIONS = tuple(FORMATS)
-# datasets' own split keywords (datasets.data_files): a file or folder stem -> the split it is
-SPLIT_NAMES = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev"),
-               "test": ("test", "testing")}
+SPLITS = ("train", "validation", "test")
 
 
 @dataclass
@@ -60,17 +48,16 @@ class Splits:
 
 def read_file(path) -> datasets.Dataset:
     """One data file through ``datasets.load_dataset``; every failure is a DataError naming the file."""
-    p = Path(path)
+    p, _ = Path(path), _quiet()
     if p.is_dir():
         raise DataError(field="path", value=str(p), problem="is a folder, not a file",
                         fix=f"pass a file such as {p / 'train.tsv'}, or the folder as --data")
     if not p.is_file():
         raise DataError(field="path", value=str(p), problem="no such file", fix="check the path (relative to the "
                         "current directory) or set it to an existing data file")
-    ext, options = p.suffix.lower(), {}
-    if ext not in FORMATS:
-        raise DataError(field="path", value=str(p), problem=f"unknown extension {ext!r}",
-                        fix=f"save the data as one of {list(EXTENSIONS)}")
+    if (ext := p.suffix.lower()) not in FORMATS:
+        raise DataError(field="path", value=str(p), problem=f"unknown extension {ext!r}", fix=f"use one of {list(FORMATS)}")
+    options = {}
     if FORMATS[ext] == "csv":
         sep = "\t" if ext == ".tsv" else ","
         with open(p, encoding="utf-8-sig", errors="replace", newline="") as f:
@@ -98,6 +85,11 @@ def read_file(path) -> datasets.Dataset:
         raise DataError(field="path", value=str(p), problem=f"has a header {ds.column_names} but no data rows",
                         fix="add data rows below the header")
     return ds
+
+
+def _quiet() -> None:
+    datasets.logging.set_verbosity_error()  # it logs every parse error before raising it; we re-say them
+    datasets.disable_progress_bars()
 
 
 def _read_error(err: Exception, p: Path, ext: str) -> Exception:
@@ -163,9 +155,10 @@ def read_table(path, text_columns=None, label_column: str = "label", task: str |
 def load_raw(source=None, *, dataset_name: str | None = None, dataset_config: str | None = None):
     """``{split: datasets.Dataset}`` and ``{split: where it came from}`` (for messages), from one of:
     ``dataset_name`` (+ ``dataset_config``: the hub, its cache or a local folder), a ``save_to_disk`` folder,
-    a folder of split files (stems as in ``SPLIT_NAMES``) or of image class folders (``imagefolder``), one
+    a folder of split files (named by ``datasets``' split keywords) or of image class folders (``imagefolder``), one
     file (the train split), a mapping ``{"train": path, "validation": path, "test": path}``, or a
     ``datasets.DatasetDict``."""
+    _quiet()
     if dataset_name is not None:
         name = f"{dataset_name}{'/' + dataset_config if dataset_config else ''}"
         try:
@@ -184,7 +177,7 @@ def load_raw(source=None, *, dataset_name: str | None = None, dataset_config: st
     if isinstance(source, datasets.DatasetDict):
         return dict(source), {split: f"DatasetDict[{split}]" for split in source}
     if isinstance(source, Mapping):
-        if set(source) - set(SPLIT_NAMES) or "train" not in source:
+        if set(source) - set(SPLITS) or "train" not in source:
             raise ConfigError(field="source", value=sorted(source), problem="keys must be 'train' (required), "
                               "'validation', 'test'", fix="load_splits({'train': 'a.tsv', 'test': 'b.tsv'})")
         return {split: read_file(f) for split, f in source.items()}, {split: str(f) for split, f in source.items()}
@@ -204,24 +197,26 @@ def load_raw(source=None, *, dataset_name: str | None = None, dataset_config: st
         loaded = dict(datasets.load_dataset("imagefolder", data_dir=str(path)))
         return loaded, {split: f"{path}[{split}]" for split in loaded}
     raise DataError(field=str(path), value=sorted(p.name for p in path.iterdir()), problem="the folder has no "
-                    "train file", fix=f"add train.tsv (or another of {list(EXTENSIONS)}), image class folders, or "
+                    "train file", fix=f"add train.tsv (or another of {list(FORMATS)}), image class folders, or "
                                       "pass files: --train-file ... --validation-file ... --test-file ...")
 
 
 def _split_files(folder: Path) -> dict[str, Path]:
-    files: dict[str, list[Path]] = {}
-    for f in sorted(folder.iterdir()):
-        if f.is_file() and f.suffix.lower() in FORMATS:
-            if split := next((s for s, names in SPLIT_NAMES.items() if f.stem.lower() in names), None):
-                files.setdefault(split, []).append(f)
+    """The folder's data files by ``datasets``' own split keywords (``train``, ``dev``, ``val``, ``test``, ...)."""
+    try:
+        patterns = get_data_patterns(str(folder))
+    except datasets.exceptions.EmptyDatasetError:
+        return {}
+    found = {str(split): sorted(f for f in map(Path, hits) if f.suffix.lower() in FORMATS and f.parent == folder.resolve())
+             for split, hits in DataFilesDict.from_patterns(patterns, base_path=str(folder)).items()}
+    files = {split: hits for split, hits in found.items() if hits and patterns[split] != ["**"]}  # "**": no split named
     for split, hits in files.items():
         if len(hits) > 1:
-            raise DataError(field=str(folder), value=[h.name for h in hits], problem=f"several {split} files "
-                            f"(names for {split}: {list(SPLIT_NAMES[split])})",
+            raise DataError(field=str(folder), value=[h.name for h in hits], problem=f"several {split} files",
                             fix="keep one file per split, or pass them explicitly: --train-file ... --validation-file ...")
     if files and "train" not in files:
         raise DataError(field=str(folder), value=sorted(f.name for f in folder.iterdir()), problem="the folder has "
-                        "no train file", fix=f"add train.tsv (or another of {list(EXTENSIONS)}), or pass the files")
+                        "no train file", fix=f"add train.tsv (or another of {list(FORMATS)}), or pass the files")
     return {split: hits[0] for split, hits in files.items()}
 
 
@@ -267,12 +262,16 @@ def carve(rows, fraction: float, seed: int, stratify: str | None = None, name: s
     return parts["train"].flatten_indices(), parts["test"].flatten_indices()
 
 
-def arrange(splits: dict, *, fraction: float, seed: int, stratify: str | None = None, carve_from_train: bool = False,
-            max_train: int | None = None, max_eval: int | None = None, name: str = "train") -> tuple[dict, list[str]]:
-    """The one split convention (module docstring) over ``{"train": ds, "validation": ds, "test": ds}``."""
+def _check_fraction(fraction) -> None:
     if not 0 < fraction < 1:
         raise ConfigError(field="validation_fraction", value=fraction, problem="must be in (0, 1)",
                           fix="use e.g. 0.1 to hold out 10% of train")
+
+
+def arrange(splits: dict, *, fraction: float, seed: int, stratify: str | None = None, carve_from_train: bool = False,
+            max_train: int | None = None, max_eval: int | None = None, name: str = "train") -> tuple[dict, list[str]]:
+    """The one split convention (module docstring) over ``{"train": ds, "validation": ds, "test": ds}``."""
+    _check_fraction(fraction)
     splits, notes = dict(splits), [f"{split}: {len(rows)} rows" for split, rows in splits.items()]
     if carve_from_train and "validation" in splits:
         if "test" in splits:
@@ -298,14 +297,8 @@ def load_splits(source=None, *, dataset_name: str | None = None, dataset_config:
                 max_train: int | None = None, max_eval: int | None = None,
                 select_on_train_carve: bool = False) -> Splits:
     """Checked train / validation / test Tables from ``source`` (``load_raw``), arranged by ``arrange``."""
-    if not 0 < validation_fraction < 1:
-        raise ConfigError(field="validation_fraction", value=validation_fraction, problem="must be in (0, 1)",
-                          fix="use e.g. 0.1 to hold out 10% of train")
+    _check_fraction(validation_fraction)
     tables.check_options(text_columns, task, num_labels)
-    if isinstance(source, str) and dataset_name is None and not Path(source).exists() and \
-            re.fullmatch(r"[\w][\w.-]*/[\w.-]+", source) and Path(source).suffix.lower() not in FORMATS:
-        dataset_name, dataset_config = source.split("/", 1)  # "glue/sst2": name/config, as adaptkit took before
-        dataset_name, dataset_config = ("nyu-mll/glue", dataset_config) if dataset_name == "glue" else (source, None)
     raw, where = load_raw(source, dataset_name=dataset_name, dataset_config=dataset_config)
     if "train" not in raw:
         raise DataError(field="source", value=f"splits {list(raw)}", problem="no train split",
@@ -346,7 +339,7 @@ def add_data_args(parser, *, what: str = "data files") -> None:
 
 def source_of(args):
     """What ``load_raw`` / ``load_splits`` read for these flags: explicit files, --data, or --dataset-name."""
-    files = {split: getattr(args, f"{split}_file") for split in SPLIT_NAMES if getattr(args, f"{split}_file")}
+    files = {split: getattr(args, f"{split}_file") for split in SPLITS if getattr(args, f"{split}_file")}
     if files:
         files.setdefault("train", args.data)
         if files["train"] is None:
@@ -375,7 +368,7 @@ def splits_from_args(args, *, label_column: str | None = None, prepare: Callable
                         f"labels in column {label_column!r}", fix="name the label column with --label-column; an "
                         "image folder needs 2+ class sub-folders (datasets labels nothing with one)")
     raw = {s: check_images((prepare or (lambda d, w: d))(ds, where[s]), where[s]) for s, ds in raw.items()
-           if s in SPLIT_NAMES and (label_column is None or labelled(ds, label_column))}
+           if s in SPLITS and (label_column is None or labelled(ds, label_column))}
     stratify = label_column if label_column and isinstance(raw["train"].features[label_column], datasets.ClassLabel) \
         else None
     splits, notes = arrange(raw, fraction=args.validation_fraction, seed=args.seed, stratify=stratify,
