@@ -9,7 +9,8 @@ Importing adaptkit changes no other library (nothing is registered in transforme
 
 from adaptkit import errors
 from adaptkit.check import CheckReport, check
-from adaptkit.core import Summary, adapt, add_adapter, is_quantized, load, merge, save, set_adapter, strategy_of, summary
+from adaptkit.core import (Summary, adapt, add_adapter, is_quantized, load, merge, save, set_adapter, strategy_of,
+                           summary)
 from adaptkit.distributed import require_processes
 from adaptkit.estimate import Estimate, estimate
 from adaptkit.quantization import load_model
@@ -26,5 +27,5 @@ from adaptkit.strategies.prefix import Prefix
 
 __all__ = ["adapt", "summary", "save", "load", "merge", "add_adapter", "set_adapter", "strategy_of", "is_quantized",
            "load_model", "require_processes", "check", "estimate", "sanity_check", "Summary", "CheckReport", "Estimate",
-           "SanityReport", "Strategy", "STRATEGIES", "LoRA", "Prefix", "Bottleneck", "LinearProbe", "Full", "PeftMethod",
-           "errors", "recommend", "Recommendation"]
+           "SanityReport", "Strategy", "STRATEGIES", "LoRA", "Prefix", "Bottleneck", "LinearProbe", "Full",
+           "PeftMethod", "errors", "recommend", "Recommendation"]

@@ -28,8 +28,9 @@ def write(model: nn.Module, directory: Path, meta: dict[str, Any]) -> None:
     path = directory / "README.md"
     hub_id = base["name_or_path"] if _is_hub_id(base["name_or_path"]) else None
     library = "transformers" if strategy["strategy"] == "full" else "adaptkit"
-    card = ModelCard.load(path) if path.is_file() else ModelCard(
-        f"---\n{ModelCardData(library_name=library, base_model=hub_id).to_yaml()}\n---\n\n# {name} adapter for {base['class']}\n")
+    header = ModelCardData(library_name=library, base_model=hub_id).to_yaml()
+    title = f"# {name} adapter for {base['class']}"
+    card = ModelCard.load(path) if path.is_file() else ModelCard(f"---\n{header}\n---\n\n{title}\n")
     card.data.tags = list(dict.fromkeys([*(card.data.tags or []), "adaptkit", name]))
     params = {id(p): p for p in model.parameters()}.values()
     total, trainable = sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
@@ -45,9 +46,10 @@ def write(model: nn.Module, directory: Path, meta: dict[str, Any]) -> None:
     lines += [f"Labels: {', '.join(f'{i}: `{n}`' for i, n in labels.items())}."] if labels else []
     lines += ["", "```python", "import adaptkit, transformers", "",
               f"base = transformers.{base['class']}.from_pretrained({load!r}"
-              + (f", num_labels={len(labels)})" if labels else ")"), 'model = adaptkit.load("path/to/this/folder", base)', "```"]
+              + (f", num_labels={len(labels)})" if labels else ")"), 'model = adaptkit.load("path/to/folder", base)',
+              "```"]
     if strategy["strategy"] == "full":
-        lines += ["", f"It is also a whole model: `transformers.{base['class']}.from_pretrained(\"path/to/this/folder\")`."]
+        lines += ["", f"It is also a whole model: `transformers.{base['class']}.from_pretrained(\"path/to/folder\")`."]
     card.text = card.text.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
     path.write_text(str(card))
 

@@ -8,7 +8,6 @@ is refused instead of silently stacking adapters.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from peft import PeftConfig, PeftModel
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from adaptkit import compat, hf, layout, strategies, targets
+from adaptkit import compat, folders, hf, layout, strategies, targets
 from adaptkit.errors import (AdapterFormatError, AlreadyAdaptedError, ConfigError, ConfigTypeError, NotAdaptedError,
                              UnsupportedError)
 from adaptkit.names import CONFIG_NAME, MARKER, OWNED
@@ -30,13 +29,12 @@ from adaptkit.strategies.peft_method import PeftMethod, peft_method_names
 def _model(model: Any, field: str = "model") -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ConfigTypeError(field=field, value=type(model).__name__, problem="is not a torch model",
-                              fix="pass a loaded transformers model, e.g. AutoModelForSequenceClassification.from_pretrained(...)")
+                              fix="pass a loaded transformers model, e.g. AutoModel.from_pretrained(...)")
     return model
 
 
 def _adapted(model: Any) -> Strategy:
-    strategy = strategy_of(_model(model))
-    if strategy is None:
+    if (strategy := strategy_of(_model(model))) is None:
         raise NotAdaptedError(field="model", value=type(model).__name__, problem="was not adapted by adaptkit",
                               fix="call adaptkit.adapt(model, strategy) first (a plain model has save_pretrained)")
     return strategy
@@ -52,11 +50,7 @@ def resolve(strategy: Any, model: nn.Module | None = None, **options: Any) -> St
         if options:
             raise ConfigError(field="options", value=sorted(options), problem="given beside a PeftConfig",
                               fix="set them on the PeftConfig itself")
-        want = targets.peft_task_type(layout.unwrap(model)) if model is not None else None
-        if strategy.task_type is not None and want is not None and str(strategy.task_type) != str(want):
-            raise ConfigError(field=f"{type(strategy).__name__}.task_type", value=str(strategy.task_type),
-                              problem=f"does not match {type(model).__name__} ({want})",
-                              fix=f"use task_type={str(want)!r}, or leave it out (adaptkit fills it in)")
+        layout.check_task_type(f"{type(strategy).__name__}.task_type", strategy, model, ConfigError)
         return PeftMethod.from_peft_config(strategy)
     if isinstance(strategy, dict):
         data = {**strategy, **options}
@@ -68,9 +62,8 @@ def resolve(strategy: Any, model: nn.Module | None = None, **options: Any) -> St
         if name in peft_method_names():
             return PeftMethod(method=name, options=options)
         strategies.get(name)  # raises UnknownStrategyError with "did you mean"
-    raise ConfigTypeError(field="strategy", value=strategy, problem=f"expected a name, a strategy config or a "
-                          f"peft.PeftConfig, got {type(strategy).__name__}",
-                          fix=f"pass one of {sorted(strategies.REGISTRY)} or e.g. adaptkit.LoRA(r=8)")
+    raise ConfigTypeError(field="strategy", value=strategy, fix=f"pass one of {sorted(strategies.REGISTRY)} or LoRA()",
+                          problem=f"expected a name, a strategy or a peft.PeftConfig, got {type(strategy).__name__}")
 
 
 def strategy_of(model: nn.Module) -> Strategy | None:
@@ -94,9 +87,8 @@ def _refuse_if_adapted(model: nn.Module, field: str = "model") -> None:
     if applied is not None or isinstance(model, PeftModel) or hasattr(model, "peft_config"):
         what = applied.name if applied is not None else "a PEFT adapter"
         raise AlreadyAdaptedError(field=field, value=f"{type(model).__name__} already adapted with {what}",
-                                  problem="adapting twice would stack strategies silently",
-                                  fix="start from a freshly loaded base model, or use adaptkit.add_adapter(model, "
-                                      "name, strategy) for a second named adapter")
+                                  problem="adapting twice would stack strategies silently", fix="start from a freshly "
+                                  "loaded base model, or use adaptkit.add_adapter(model, name, strategy) for a second")
 
 
 def _mark(model: nn.Module, strategy: Strategy, *also: nn.Module) -> nn.Module:
@@ -118,9 +110,8 @@ def adapt(model: nn.Module, strategy: Any = "lora", **options: Any) -> nn.Module
     _refuse_if_adapted(model)
     quant = is_quantized(model)
     if quant and not config.supports_quantized:
-        raise UnsupportedError(field="strategy", value=f"{config.name} on a {quant} model",
-                               problem="quantized weights cannot take gradient steps",
-                               fix="load the model without quantization for 'full', or use 'lora' on the quantized model")
+        raise UnsupportedError(field="strategy", value=f"{config.name} on a {quant} model", problem="quantized weights "
+                               "cannot take gradient steps", fix="load the model unquantized for 'full', or use 'lora'")
     if quant:  # a model quantized by hand gets adaptkit.load_model's protection: no fp32 upcast, no 4-bit repack
         prepare_kbit(model)
     if config.freezes_base:  # bf16/fp16 base: what trains is kept fp32 (adaptkit/precision.py says why)
@@ -176,17 +167,16 @@ def summary(model: nn.Module) -> Summary:
 
 
 def save(model: nn.Module, directory: str | Path, *, _gathered: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write only what the strategy trained (+ the task head) as safetensors, atomically (``adaptkit.folders``
-    has the rules: the user's files stay, another program's are never replaced). ``~`` is expanded and a
-    symlinked folder keeps its link. A model sharded by FSDP2 is saved with
+    """Write only what the strategy trained (+ the task head) as safetensors, atomically, by ``adaptkit.folders``'
+    rules (the user's files stay, another program's are never replaced). A model sharded by FSDP2 is saved with
     ``adaptkit.distributed.save_adapter`` (it passes ``_gathered``)."""
     _adapted(model)
     if _gathered is None and any(isinstance(p, DTensor) for p in model.parameters()):
-        raise UnsupportedError(field="model", value="parameters sharded by FSDP (DTensor)",
-                               problem="this process holds only its shard; saving it would write a partial adapter",
-                               fix="call adaptkit.distributed.save_adapter(accelerator, model, directory) on every process")
+        raise UnsupportedError(field="model", value="parameters sharded by FSDP (DTensor)", problem="this process holds"
+                               " only its shard; saving it would write a partial adapter", fix="call adaptkit."
+                               "distributed.save_adapter(accelerator, model, directory) on every process")
     layout.save(model, directory, _gathered)
-    return Path(os.path.expanduser(os.fspath(directory)))
+    return folders.path_of(directory)
 
 
 def load(directory: str | Path, base_model: nn.Module, trainable: bool = False) -> nn.Module:
@@ -196,10 +186,7 @@ def load(directory: str | Path, base_model: nn.Module, trainable: bool = False) 
     loaded adapter keeps training (PEFT loads adapters frozen by default). Every saved tensor must land in the
     model and every adapter tensor must come from the file; named adapters come back with the one that was active.
     """
-    if not isinstance(directory, (str, os.PathLike)):
-        raise ConfigTypeError(field="directory", value=directory, problem=f"expected a folder path, got "
-                              f"{type(directory).__name__}", fix="pass the folder written by adaptkit.save")
-    directory = Path(os.path.expanduser(os.fspath(directory)))
+    directory = folders.path_of(directory)
     _model(base_model, "base_model")
     if not directory.is_dir():
         raise AdapterFormatError(field="directory", value=str(directory), problem="is not a folder",
@@ -213,7 +200,7 @@ def load(directory: str | Path, base_model: nn.Module, trainable: bool = False) 
         peft_config = layout.read_peft_config(directory, base_model)
         strategy = PeftMethod.from_peft_config(peft_config)
     else:
-        raise AdapterFormatError(field="directory", value=str(directory), fix="pass the folder written by adaptkit.save",
+        raise AdapterFormatError(field="directory", value=str(directory), fix="pass the folder adaptkit.save wrote",
                                  problem=f"holds neither {CONFIG_NAME} nor adapter_config.json")
     folder_of = {name: directory if name == "default" else directory / name for name in adapters["names"]}
     configs = {}
@@ -254,9 +241,9 @@ def load(directory: str | Path, base_model: nn.Module, trainable: bool = False) 
             raise
         first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc)[:300])
         raise AdapterFormatError(field=str(directory), value=type(layout.unwrap(base_model)).__name__,
-                                 problem=f"the saved tensors do not fit this base model ({type(exc).__name__}: {first})",
-                                 fix="load onto the same base model that was adapted (same architecture, sizes and "
-                                     "num_labels)") from None
+                                 problem=f"the saved tensors do not fit this base model ({type(exc).__name__}: "
+                                         f"{first})",
+                                 fix="load onto the base model that was adapted (architecture, sizes)") from None
     return _mark(model, strategy, base_model)
 
 
@@ -279,8 +266,8 @@ def add_adapter(model: nn.Module, name: str, strategy: Any = "lora", **options: 
     if not both or peft_config.peft_type != model.peft_config[model.active_adapter].peft_type:
         raise UnsupportedError(field="strategy", value=f"{existing.label} + {config.label}",
                                problem="named adapters need a PEFT-backed strategy, the same PEFT method for every "
-                                       "adapter of a base", fix="add an adapter of the method the model has, or adapt a "
-                                                                "fresh base model with the other strategy")
+                                       "adapter of a base", fix="add an adapter of the method the model has, or "
+                                                                "adapt a fresh base model with the other strategy")
     if name in model.peft_config:
         raise ConfigError(field="name", value=name, problem="is already an adapter of this model",
                           fix=f"pick a new name; existing: {sorted(model.peft_config)}")
@@ -293,7 +280,6 @@ def set_adapter(model: nn.Module, name: str) -> nn.Module:
     """Make ``name`` the active adapter (its task head comes with it)."""
     names = sorted(getattr(_model(model), "peft_config", {}) or {})
     if name not in names:
-        raise ConfigError(field="name", value=name, problem="is not an adapter of this model",
-                          fix=f"choose one of {names}")
+        raise ConfigError(field="name", value=name, problem="is not an adapter of this model", fix=f"one of {names}")
     model.set_adapter(name)
     return model

@@ -1,21 +1,20 @@
-"""The one writer of adapter folders: ``adaptkit.save``, an adapted model's ``save_pretrained`` and the
-stock Trainer's checkpoints all go through :func:`commit`, with one set of rules:
+"""The one writer of adapter folders (:func:`commit`), for ``adaptkit.save``, ``save_pretrained`` and the Trainer.
 
-* the files are built in a temporary folder beside the target and swapped in with one rename
-  (``renameat2`` exchange where Linux has it), so a SIGKILL leaves the old folder or the new one;
-* every file the save wrote is listed with its sha256 in ``adaptkit_config.json`` (the manifest). A later
-  save replaces or drops only files whose content still has that digest: everything else is the user's
-  and is carried into the new folder as a hard link, with the modes and times it had;
-* a file another program wrote is never replaced, and one that ``from_pretrained`` reads (a base model's
-  ``config.json`` or weights) is never left beside a new adapter, where it would load as a hybrid: both refuse;
-* a symlink inside the folder is carried as a link, never written or deleted through;
-* a temporary folder is deleted only when it holds adaptkit's marker file and its process is gone.
+* Built in a temporary folder beside the target, swapped in with one rename (``renameat2`` exchange on
+  Linux): a SIGKILL leaves the old folder or the new one.
+* The manifest (``adaptkit_config.json``'s ``files``) holds each written file's sha256. A later save replaces
+  or drops only files that still have it; the rest are the user's, carried over as hard links with their modes.
+* A file another program wrote is never replaced, nor left beside the new adapter where ``from_pretrained``
+  reads (a base model's ``config.json`` or weights would load as a hybrid): both refuse.
+* Symlinks inside are carried as links, never written or deleted through; a temporary folder is deleted only
+  with adaptkit's marker in it and its process gone.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -45,11 +44,11 @@ def read_json(path: Path, max_bytes: int = 16 << 20) -> Any:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (a reader sees the old file or the new one) and never through a symlink."""
     write_text(Path(path), json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def write_text(path: Path, text: str) -> None:
+    """Write atomically (a reader sees the old file or the new one), keeping the mode, never through a symlink."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)  # O_EXCL: a planted link is not followed
     with os.fdopen(fd, "w") as f:
         f.write(text)
@@ -59,10 +58,10 @@ def write_text(path: Path, text: str) -> None:
 
 
 def digest(path: Path) -> str | None:
-    if path.is_symlink() or not path.is_file():
-        return None
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    if path.is_file() and not path.is_symlink():
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    return None
 
 
 def files_under(folder: Path) -> list[str]:
@@ -70,7 +69,8 @@ def files_under(folder: Path) -> list[str]:
     out = []
     for root, dirs, files in os.walk(folder):
         rel = Path(root).relative_to(folder)
-        out += [(rel / f).as_posix() for f in files] + [(rel / d).as_posix() for d in dirs if (Path(root) / d).is_symlink()]
+        out += [(rel / f).as_posix() for f in files]
+        out += [(rel / d).as_posix() for d in dirs if (Path(root) / d).is_symlink()]
     return sorted(out)
 
 
@@ -78,16 +78,13 @@ def owned_files(folder: Path) -> set[str]:
     """The files of ``folder`` adaptkit can prove it wrote: listed in the manifest with the digest they still have."""
     try:
         data = read_json(folder / CONFIG_NAME)
-    except AdapterFormatError:
+        files = data.get("files") if data.get("format") == FORMAT else None
+    except (AdapterFormatError, AttributeError):
         return set()
-    files = data.get("files") if isinstance(data, dict) and data.get("format") == FORMAT else None
     if not isinstance(files, dict):  # a manifest of names only (the first format) proves nothing
         return {CONFIG_NAME} if isinstance(files, list) else set()
-    return {CONFIG_NAME} | {r for r, d in files.items() if _inside(r) and digest(folder / r) == d}
-
-
-def _inside(rel: Any) -> bool:
-    return isinstance(rel, str) and bool(rel) and not Path(rel).is_absolute() and ".." not in Path(rel).parts
+    return {CONFIG_NAME} | {r for r, d in files.items() if r and ".." not in Path(r).parts and not Path(r).is_absolute()
+                            and digest(folder / r) == d}
 
 
 def record(folder: Path, rel: str) -> None:
@@ -98,20 +95,25 @@ def record(folder: Path, rel: str) -> None:
         write_json(folder / CONFIG_NAME, data)
 
 
-def target_of(directory: Any, field: str = "directory") -> Path:
-    """The folder a save writes: ``~`` expanded, a symlinked folder followed (the link stays), the parent made."""
+def path_of(directory: Any, field: str = "directory") -> Path:
+    """A folder path the user typed, ``~`` expanded; anything else is a typed error naming the argument."""
     if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
-        raise ConfigTypeError(field=field, value=directory, problem=f"expected a folder path, got {type(directory).__name__}",
-                              fix=f"pass a str or pathlib.Path, e.g. {field}='out/adapter'")
+        raise ConfigTypeError(field=field, value=directory, fix=f"pass a str or Path, e.g. {field}='out/adapter'",
+                              problem=f"expected a folder path, got {type(directory).__name__}")
+    return Path(os.path.expanduser(os.fspath(directory)))
+
+
+def target_of(directory: Any, field: str = "directory") -> Path:
+    """The folder a save writes: a symlinked folder followed (the link stays), the parent made."""
     try:
-        target = Path(os.path.expanduser(os.fspath(directory))).resolve()
+        target = path_of(directory, field).resolve()
         if target.exists() and not target.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, "is a file, not a folder")
         target.parent.mkdir(parents=True, exist_ok=True)
     except (OSError, RuntimeError) as exc:  # a file on the way, a symlink loop, /proc
         raise ConfigError(field=field, value=str(directory), problem=f"cannot hold an adapter folder: "
-                          f"{getattr(exc, 'strerror', None) or exc}", fix="pass a new or adapter folder under one you can "
-                          "write to") from None
+                          f"{getattr(exc, 'strerror', None) or exc}", fix="pass a new or adapter folder under one you "
+                          "can write to") from None
     return target
 
 
@@ -150,7 +152,8 @@ def _swap(new: Path, target: Path, written: set[str], work: Path) -> None:
                 continue  # another save created it first: carry its user files over, then swap
         owned = owned_files(target)
         _carry_over(target, new, owned, written)
-        cwd = _cwd_inside(target)
+        cwd = os.getcwd() if os.path.isdir(".") else None
+        cwd = cwd if cwd and (Path(cwd) == target or target in Path(cwd).parents) else None
         if _exchange(new, target):
             old = new  # the temporary name now holds the previous folder
         else:
@@ -207,22 +210,14 @@ def _carry_over(src: Path, dst: Path, owned: set[str], written: set[str], move: 
     os.chmod(dst, stat.S_IMODE(src.stat().st_mode))  # 0700, 2775, 0555 stay what they were
 
 
-def remove_stale_temps(target: Path) -> list[Path]:
+def remove_stale_temps(target: Path) -> None:
     """Remove temporary folders of earlier saves to ``target`` (with adaptkit's marker) whose process is gone."""
-    removed = []
-    for path in target.parent.glob(f".{_glob_escape(target.name)}.tmp-*"):
-        pid = path.name[len(target.name) + 6:].split("-")[0]
-        mark = path / MARK
-        if (pid.isdigit() and path.is_dir() and not path.is_symlink() and mark.is_file() and not mark.is_symlink()
-                and not _alive(int(pid))):
+    for path in target.parent.glob(f".{glob.escape(target.name)}.tmp-*"):
+        pid, mark = path.name[len(target.name) + 6:].split("-")[0], path / MARK
+        ours = pid.isdigit() and not path.is_symlink() and mark.is_file() and not mark.is_symlink()
+        if ours and not _alive(int(pid)):
             os.chmod(path, 0o700)
             shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
-
-
-def _glob_escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def _alive(pid: int) -> bool:
@@ -231,21 +226,12 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's live process
-        return True
+        pass
     return True
 
 
-def _cwd_inside(target: Path) -> str | None:
-    try:
-        cwd = os.getcwd()
-    except FileNotFoundError:
-        return None
-    return cwd if Path(cwd) == target or target in Path(cwd).parents else None
-
-
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished folder ``src`` to ``dst``, replacing all of an old ``dst`` (a checkpoint folder holds
-    only what its writer put there). Atomic where the OS can swap two paths."""
+    """Replace all of ``dst`` with the finished folder ``src`` (a recipe's checkpoint), atomically where possible."""
     if dst.exists() and _exchange(src, dst):
         shutil.rmtree(src, ignore_errors=True)  # ``src`` now holds the old folder
         return
@@ -259,8 +245,7 @@ def replace_dir(src: Path, dst: Path) -> None:
 
 
 def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically (Linux >= 3.15 renameat2 RENAME_EXCHANGE), so ``b`` is never missing, even if
-    the process dies here; False where the call or the filesystem cannot."""
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE): ``b`` is never missing; False where unsupported."""
     if not sys.platform.startswith("linux"):
         return False
     rename = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)

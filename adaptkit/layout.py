@@ -7,16 +7,7 @@ manifest), the trained tensors (PEFT's own folder for PEFT strategies; ``model.s
 the name the stock Trainer reloads checkpoints from; for ``full`` with the model's own ``config.json``, so it
 is a whole model) and ``README.md``, the model card (``adaptkit.card``).
 
-Loading elsewhere (no adaptkit import needed; adaptkit registers nothing in transformers):
-
-| folder | ``AutoModel*.from_pretrained(folder)`` | ``pipeline(model=folder)`` labels |
-|---|---|---|
-| lora, ia3 and other injectable PEFT methods | loads the recorded base + adapter exactly | the base's own |
-| prefix and other prompt learning | transformers refuses (``does not support prompt learning``) | - |
-| bottleneck, linear_probe | transformers refuses (``config.json`` with ``model_type: adaptkit``, sizes null) | - |
-| full | a whole model, exactly | the saved ones |
-
-``adaptkit.load(folder, base)`` loads all of them and restores the label names.
+Loading these folders with transformers alone (``from_pretrained``, ``pipeline``): docs/folder-format.md.
 """
 
 from __future__ import annotations
@@ -57,15 +48,17 @@ def unwrap(model: nn.Module) -> nn.Module:
 def adapter_name(name: Any, field: str = "name") -> str:
     """A PEFT adapter name is a module key and a sub-folder name: no path, no dot, not empty."""
     if not isinstance(name, str):
-        raise ConfigTypeError(field=field, value=name, problem=f"expected a str, got {type(name).__name__}", fix="pass a name like 'sst2'")
+        raise ConfigTypeError(field=field, value=name, problem=f"expected a str, got {type(name).__name__}",
+                              fix="pass a name like 'sst2'")
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}", name):
-        raise ConfigError(field=field, value=name, problem="is not an adapter name (letters, digits, _ and -; no '/', '.', "
-                          "or ''; it names a module and a sub-folder)", fix="use a name like 'sst2' or 'task_b'")
+        raise ConfigError(field=field, value=name, problem="is not an adapter name (letters, digits, _ and -; no '/', "
+                          "'.', or ''; it names a module and a sub-folder)", fix="use a name like 'sst2' or 'task_b'")
     return name
 
 
 def _embedding_sample(model: nn.Module) -> list[float] | None:
-    weight = getattr(unwrap(model).get_input_embeddings(), "weight", None) if hasattr(unwrap(model), "get_input_embeddings") else None
+    get = getattr(unwrap(model), "get_input_embeddings", None)
+    weight = getattr(get(), "weight", None) if get is not None else None
     if not isinstance(weight, torch.Tensor) or weight.is_meta or type(weight) not in (torch.Tensor, nn.Parameter):
         return None
     flat = weight.detach().reshape(-1)
@@ -131,9 +124,10 @@ def read_file(directory: Path) -> tuple[Strategy, dict[str, Any]]:
     data = folders.read_json(path)
     if not isinstance(data, dict) or set(data) - FILE_KEYS or data.get("format") != FORMAT:
         raise AdapterFormatError(field=str(path), value=sorted(data) if isinstance(data, dict) else type(data).__name__,
-                                 problem=f"is not an {FORMAT} file", fix="pass a folder written by adaptkit.save of this version")
+                                 problem=f"is not an {FORMAT} file", fix="pass a folder this adaptkit's save wrote")
     for key, kind in (("strategy", dict), ("base", (dict, type(None))), ("labels", (dict, type(None)))):
-        if not isinstance(data.get(key), kind) or (key == "base" and not isinstance((data[key] or {}).get("config", {}), dict)):
+        inner = (data.get(key) or {}).get("config", {}) if key == "base" and isinstance(data.get(key), dict) else {}
+        if not isinstance(data.get(key), kind) or not isinstance(inner, dict):
             raise AdapterFormatError(field=f"{path}:{key}", value=data.get(key), problem="must be an object",
                                      fix="re-save the adapter with adaptkit.save")
     spec = data["strategy"]
@@ -173,12 +167,15 @@ def read_peft_config(folder: Path, base_model: nn.Module | None = None) -> PeftC
         raise AdapterFormatError(field=str(path), value=data.get("peft_type"), problem=f"refused by PEFT: "
                                  f"{type(exc).__name__}: {exc}"[:400], fix="restore the file from a good copy, or save "
                                  "the adapter again") from None
-    want = targets.peft_task_type(unwrap(base_model)) if base_model is not None else None
-    if config.task_type is not None and want is not None and str(config.task_type) != str(want):
-        raise AdapterFormatError(field=f"{path}:task_type", value=str(config.task_type), problem=f"does not match "
-                                 f"{type(unwrap(base_model)).__name__} ({want})", fix="load onto the kind of model the "
-                                 "adapter was trained on (same task class)")
+    check_task_type(f"{path}:task_type", config, base_model, AdapterFormatError)
     return config
+
+
+def check_task_type(field: str, config: PeftConfig, model: nn.Module | None, error: type) -> None:
+    want = targets.peft_task_type(unwrap(model)) if model is not None else None
+    if config.task_type is not None and want is not None and str(config.task_type) != str(want):
+        raise error(field=field, value=str(config.task_type), problem=f"does not match {type(unwrap(model)).__name__} "
+                    f"({want})", fix=f"use task_type={str(want)!r} (or leave it out), or the model it was trained on")
 
 
 def check_agreement(directory: Path, strategy: Strategy, peft_config: PeftConfig, base_model: nn.Module) -> None:
@@ -188,9 +185,9 @@ def check_agreement(directory: Path, strategy: Strategy, peft_config: PeftConfig
     wrong = {k: (v, saved[k]) for k, v in expected.items() if k in saved and isinstance(v, (int, float))
              and isinstance(saved[k], (int, float)) and k != "inference_mode" and v != saved[k]}
     if wrong:
-        raise AdapterFormatError(field=f"{directory / 'adapter_config.json'}", value={k: s for k, (_, s) in wrong.items()},
-                                 problem=f"contradicts {CONFIG_NAME} ({', '.join(f'{k}={e}' for k, (e, _) in wrong.items())})",
-                                 fix="restore the folder from a good copy, or save the adapter again")
+        ours, theirs = ", ".join(f"{k}={e}" for k, (e, _) in wrong.items()), {k: s for k, (_, s) in wrong.items()}
+        raise AdapterFormatError(field=str(directory / "adapter_config.json"), value=theirs,
+                                 problem=f"contradicts {CONFIG_NAME} ({ours})", fix="restore it from a good copy")
 
 
 def check_base(directory: Path, saved: dict[str, Any], base_model: nn.Module) -> None:
@@ -241,8 +238,8 @@ def fill_task_type(directory: Path, config: PeftConfig, base_model: nn.Module, s
         raise AdapterFormatError(field=f"{directory / 'adapter_config.json'}:task_type", value=None,
                                  problem=f"the folder holds no trained {heads} for this {type(base).__name__}; loaded, "
                                          "its head would stay as the base has it (random if freshly added)",
-                                 fix="re-save the adapter with task_type set (e.g. 'SEQ_CLS'; PEFT then saves the head), "
-                                     "or load it onto a model without a task head (AutoModel)")
+                                 fix="re-save the adapter with task_type set (e.g. 'SEQ_CLS': PEFT saves the head),"
+                                     " or load it onto a model without a task head (AutoModel)")
     config.task_type = targets.peft_task_type(base)
     config.modules_to_save = sorted(set(config.modules_to_save or []) | set(heads))
 
@@ -295,15 +292,15 @@ def check_weights(directory: Path, base_model: nn.Module, strategy: Strategy) ->
         with safe_open(str(weights), "pt") as f:
             saved = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterFormatError(field=str(weights), value=f"{weights.stat().st_size} bytes", problem=f"is not a readable "
-                                 f"safetensors file (truncated or corrupt?): {exc}", fix="restore the folder from a good "
-                                 "copy, or save the adapter again") from None
+        raise AdapterFormatError(field=str(weights), value=f"{weights.stat().st_size} bytes", problem=f"is not a "
+                                 f"readable safetensors file (truncated or corrupt?): {exc}", fix="restore the folder "
+                                 "from a good copy, or save the adapter again") from None
     for k, t in saved.items():
         bad = "is not floating point" if not (t.is_floating_point() or not strategy.freezes_base) else \
             "holds NaN or infinite values" if t.is_floating_point() and not torch.isfinite(t).all() else None
         if bad:
-            raise AdapterFormatError(field=f"{weights}:{k}", value=str(t.dtype), problem=f"{bad}; trained tensors never "
-                                     "are", fix="restore the folder from a good copy, or retrain: this adapter is damaged")
+            raise AdapterFormatError(field=f"{weights}:{k}", value=str(t.dtype), problem=f"{bad}; trained tensors "
+                                     "never are", fix="restore the folder from a good copy, or retrain: it is damaged")
     base = unwrap(base_model)
     for head in targets.new_head_names(base):
         for name, p in getattr(base, head).named_parameters():
@@ -313,11 +310,11 @@ def check_weights(directory: Path, base_model: nn.Module, strategy: Strategy) ->
             if got == want:
                 continue
             if len(got) == len(want) and got[1:] == want[1:]:  # only the output rows differ: the label count
-                raise AdapterFormatError(field=f"{weights.name}:{match}", value=got, problem=f"the saved task head has "
-                                         f"{got[0]} outputs; this base model's {key} has {want[0]} (trained with another "
-                                         "num_labels)", fix=f"load the base model with num_labels={got[0]}, the count "
-                                         "the adapter was trained with")
-            raise AdapterFormatError(field=f"{weights.name}:{match}", value=got, problem=f"the saved task head does not "
-                                     f"fit this base model's {key} {want}: the adapter was trained on a model of another "
-                                     "hidden size", fix="load it onto the base checkpoint it was trained on (same hidden size)")
+                raise AdapterFormatError(field=f"{weights.name}:{match}", value=got, problem=f"the saved task head "
+                                         f"has {got[0]} outputs; this base model's {key} has {want[0]} (trained with "
+                                         f"another num_labels)", fix=f"load the base model with num_labels={got[0]}, "
+                                         "the count the adapter was trained with")
+            raise AdapterFormatError(field=f"{weights.name}:{match}", value=got, problem=f"the saved task head does "
+                                     f"not fit this base model's {key} {want}: the adapter was trained on a model of "
+                                     "another hidden size", fix="load it onto the base checkpoint it was trained on")
     return list(saved)
