@@ -223,7 +223,7 @@ def recommend(model: Any, *, task: str = "seq_cls", train_examples: int, memory:
     out = [_candidate(strategy, opts, quant, gc, rows[key], saving, layers, fit, cells, train_examples, budget, limit,
                       epochs, seq_len, mean_len, device, options) for strategy, key, opts, quants, gcs in _SPECS
            if options or not opts for quant in (quants if options else [None]) for gc in (gcs if options else [False])]
-    name = model if isinstance(model, str) else getattr(model, "name_or_path", "") or type(model).__name__
+    name = model if isinstance(model, str) else getattr(model, "name_or_path", "") or "<your model>"  # a config
     return _rank(Recommendation(str(name), task, train_examples, budget, limit, device, out))
 
 
@@ -272,8 +272,7 @@ def _rank(rec: Recommendation) -> Recommendation:
         level = [c for c in cands if c.fits and c.quality is not None and c.quality >= top.quality - TOLERANCE
                  and c.quantization is None and not c.gradient_checkpointing]
         fast = min(level, key=lambda c: c.seconds_per_epoch or math.inf, default=top)
-        cands.remove(fast)
-        cands.insert(0, fast)
+        cands.insert(0, cands.pop(cands.index(fast)))
         if fast is not top and fast.seconds_per_epoch and top.seconds_per_epoch:
             fast.reason = (f"within {top.quality - fast.quality:.1f} points of {top.name} at "
                            f"{fast.seconds_per_epoch / top.seconds_per_epoch:.2g}x its time")
@@ -284,7 +283,8 @@ def _rank(rec: Recommendation) -> Recommendation:
         if c.fits and not c.reason and c.quality is not None and best.quality is not None:
             slower = f", {c.seconds_per_epoch / best.seconds_per_epoch:.2g}x the time" if c.seconds_per_epoch and \
                 best.seconds_per_epoch else ""
-            c.reason = f"{best.quality - c.quality:.1f} points under {best.name} expected{slower}"
+            gap = best.quality - c.quality
+            c.reason = f"{abs(gap):.1f} points {'under' if gap >= 0 else 'over'} {best.name} expected{slower}"
         elif c.fits and not c.reason:
             c.reason = "no benchmark records of this strategy near this data size"
     rec.candidates = cands
