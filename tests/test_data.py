@@ -584,3 +584,19 @@ def test_a_two_label_base_classifier_is_re_headed_for_three_classes(tmp_path, mi
     assert set(metrics["test"]) >= {"accuracy", "macro_f1"}  # three classes: a fresh 3-way head, as run_glue makes
     saved = json.loads((tmp_path / "out" / "adapter" / "adaptkit_config.json").read_text())
     assert "bad" in json.dumps(saved)  # the class names travel with the adapter
+
+
+def test_row_errors_count_rows_in_the_file_not_after_the_validation_carve(tmp_path):
+    # issue 30: typed errors named no file or row, or rows counted after the split
+    import argparse
+    import json as _json
+    from adaptkit.recipes import batching, data
+    rows = [{"messages": CHAT}] * 30
+    rows[24] = {"messages": [{"role": "human", "content": "a fine film"}, CHAT[1]]}
+    write(tmp_path, "chats.jsonl", "".join(_json.dumps(r) + "\n" for r in rows))
+    parser = argparse.ArgumentParser()
+    data.add_data_args(parser)
+    args = parser.parse_args(["--data", str(tmp_path / "chats.jsonl")])
+    args.seed = 0
+    with pytest.raises(DataError, match=r"chats.jsonl, row 25, turn 1=\{'role': 'human'"):
+        data.splits_from_args(args, prepare=batching.lm_rows)
