@@ -39,7 +39,7 @@ VARIANTS = {
                            [3e-4, 1e-3, 3e-3], {}),
     "prefix": ("prefix", {}, [1e-3, 3e-3, 1e-2, 3e-2, 1e-1], [3e-3, 1e-2, 3e-2], {}),
     # adaptkit's default probe: pooling "auto" follows the checkpoint (mean for all-MiniLM-L6-v2); the frozen
-    # encoder runs once per example (adaptkit.recipes.features), in eval mode (README). An epoch costs a
+    # encoder runs once per example (benchmarks/feature_cache.py), in eval mode (README). An epoch costs a
     # fraction of a second, so the whole ladder runs.
     "linear_probe": ("linear_probe", {}, [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
                      [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1], {"feature_cache": "eval"}),

@@ -46,8 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def data_args(folder: str | None) -> list[str]:
     folder = folder or (str(Path(os.environ["ADAPTKIT_DATA"]) / "sst2") if os.environ.get("ADAPTKIT_DATA") else None)
     if folder is None:
-        # GLUE's test labels are hidden: its validation split becomes the test set (recipes' split convention)
-        return ["--dataset-name", "nyu-mll/glue", "--dataset-config", "sst2", "--metrics", "sst2"]
+        # GLUE's test labels are hidden: select on a carve from train, score its validation split as the test set
+        return ["--dataset-name", "nyu-mll/glue", "--dataset-config", "sst2", "--metrics", "sst2", "--select-on-train-carve"]
     train, dev = Path(folder) / "train.tsv", Path(folder) / "dev.tsv"
     if not (train.is_file() and dev.is_file()):
         raise DataError(field="--data", value=folder, problem="needs train.tsv and dev.tsv",
