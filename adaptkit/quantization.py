@@ -20,6 +20,7 @@ import inspect
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from adaptkit import placement, targets
@@ -154,6 +155,9 @@ def load_model(name_or_path: str, task: Any = "seq_cls", quantization: str | Non
         if "trust_remote_code" in str(exc) or "custom code" in str(exc):
             raise remote_code_error(name_or_path, "its files reference custom code") from None
         raise
+    except SafetensorError as exc:  # a truncated or corrupt checkpoint: safetensors' raw error names no file
+        raise ConfigError(field="model", value=str(name_or_path), problem=f"its weights are not a readable safetensors "
+                          f"file (truncated or corrupt?): {exc}", fix="copy or download the checkpoint again") from None
     if quantization is not None:
         prepare_kbit(model)
     if gradient_checkpointing:

@@ -179,3 +179,12 @@ def test_a_base_built_from_a_config_loads_only_with_its_seed(tmp_path):
     with pytest.raises(errors.BaseMismatchError, match=r"its input embeddings hold other values.*Fix: build the base as "
                                                        r"it was: transformers.set_seed\(42\), then from_config"):
         adaptkit.load(tmp_path / "a", from_config(0))
+
+
+def test_a_truncated_base_checkpoint_is_a_typed_error(tmp_path):
+    tiny_model("bert").save_pretrained(tmp_path / "base")
+    weights = tmp_path / "base" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(errors.ConfigError, match=r"model=.*base.*its weights are not a readable safetensors file "
+                                                 r"\(truncated or corrupt\?\).*Fix: copy or download the checkpoint"):
+        adaptkit.load_model(tmp_path / "base", task="seq_cls")
