@@ -108,12 +108,16 @@ def test_prompt_methods_by_name_work_with_prefix_like_defaults(method):
     assert adaptkit.core.strategy_of(model).options[key] == PROMPT_DEFAULTS[key]
 
 
-def test_check_names_num_virtual_tokens():
+def test_check_names_num_virtual_tokens(tmp_path, capsys):
     config = tiny_model("gpt2", "causal_lm").config  # 64 positions
     report = adaptkit.check(config, "prompt_tuning", task="causal_lm")
-    assert report.ok and report.trainable == 20 * 32
+    assert report.ok and report.trainable == 20 * 32  # 18e00d1: "choose another strategy"
     with pytest.raises(ConfigErrors, match=r"prompt_tuning\.num_virtual_tokens=64: leaves no room for text"):
         adaptkit.check(config, "prompt_tuning", task="causal_lm", options={"num_virtual_tokens": 64})
+    from adaptkit.cli import main
+    config.save_pretrained(tmp_path)
+    assert main(["check", str(tmp_path), "--strategy", "prompt_tuning", "-o", "num_virtual_tokens=64"]) == 1
+    assert "prompt_tuning.num_virtual_tokens=64: leaves no room for text" in capsys.readouterr().out
 
 
 def test_trainable_tokens_without_token_indices_is_refused_naming_the_option():
