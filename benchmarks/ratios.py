@@ -156,19 +156,17 @@ def overhead(args) -> dict:
     warmup = 4
     _, loader = sst2()
     tmp = tempfile.mkdtemp(prefix="adaptkit-overhead-")
-    parser = argparse.ArgumentParser()
-    training.add_run_args(parser)
+    parser = training.run_parser(None)
     flags = parser.parse_args(["--output-dir", tmp, "--overwrite", "--checkpoint-every", "0", "--seed", "0",
                                "--max-steps", str(10 * (n + warmup))])
-    training.check_args(flags, "overhead")
+    flags = training.RunArgs.parse(flags, "overhead")
     accelerator = training.make_accelerator(flags)
     model = adaptkit.adapt(fresh_model(), "lora")
     optimizer = training.make_optimizer(model, flags)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     scheduler = accelerator.prepare(training.make_scheduler(optimizer, flags, flags.max_steps, accelerator.num_processes))
     progress = runs.Progress(flags, accelerator, flags.max_steps, len(loader), metric=("accuracy", True))
-    accelerator.register_for_checkpointing(progress)
-    log = runs.Log(accelerator, flags, progress, "overhead")
+    log = runs.Log(accelerator, flags, progress)
     model.train()
 
     def adaptkit_step(batch):  # the loop body of recipes/classify.py, verbatim

@@ -37,15 +37,13 @@ from adaptkit.errors import ConfigError, DataError
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, training.RunArgs]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    training.add_model_args(parser, "model folder or hub id of a decoder")
+    parser = training.run_parser(__doc__, batch_size=8)  # RunArgs' flags: --model, --strategy, --max-steps, ...
     data.add_data_args(parser)
     parser.add_argument("--max-length", type=int, default=None,
                         help="tokens per example (longer ones are cut); default 256, or what the model has room for")
     parser.add_argument("--block-size", type=int, default=0, help="pack examples into blocks of N tokens (0: no packing)")
     parser.add_argument("--num-samples", type=int, default=3, help="greedy generations printed at the end")
     parser.add_argument("--max-new-tokens", type=int, default=40)
-    training.add_run_args(parser, epochs=3, batch_size=8)
     args = parser.parse_args(argv)
     return args, training.RunArgs.parse(args, "causal_lm")
 

@@ -39,7 +39,7 @@ GLUE_TASKS = ("sst2", "cola", "mrpc", "rte", "stsb")  # their own metrics (MCC f
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, training.RunArgs]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = training.run_parser(__doc__)  # RunArgs' flags: --model, --strategy, --max-steps, ...
     data.add_data_args(parser)
     g = parser.add_argument_group("columns and tokens")
     g.add_argument("--text-columns", nargs="+", help="1 or 2 column names (default: detected)")
@@ -52,8 +52,6 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, training.Run
                    help="tokens per example (pairs truncated longest first); default 128, or what the model has room for")
     g.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
                    help="batch examples of similar length together (less padding, same results on average)")
-    training.add_model_args(parser, "model folder or hub id (default: the bundled all-MiniLM-L6-v2)")
-    training.add_run_args(parser, epochs=3, batch_size=32)
     args = parser.parse_args(argv)
     return args, training.RunArgs.parse(args, "classify")
 

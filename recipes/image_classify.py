@@ -28,12 +28,10 @@ from adaptkit.errors import ConfigError, DataError
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, training.RunArgs]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    training.add_model_args(parser, "model folder or hub id (with an image processor)")
+    parser = training.run_parser(__doc__)  # RunArgs' flags: --model, --strategy, --max-steps, ...
     data.add_data_args(parser, what="class folders")
     parser.add_argument("--image-column", help="default: image or img")
     parser.add_argument("--label-column", default="label")
-    training.add_run_args(parser, epochs=3, batch_size=32)
     args = parser.parse_args(argv)
     return args, training.RunArgs.parse(args, "image_classify")
 

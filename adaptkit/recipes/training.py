@@ -11,7 +11,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -40,40 +40,53 @@ OTHER_LR = DEFAULT_LR["lora"]  # other PEFT methods (loha, lokr, ...) are mostly
 PATH_FLAGS = ("data", "train_file", "validation_file", "test_file", "model", "config_name", "tokenizer_name")
 
 
+def _flag(default: Any = None, help: str | None = None, **argparse_options) -> Any:  # noqa: A002 - argparse's name
+    """A RunArgs field: its default, and what HfArgumentParser passes to ``add_argument`` (help, choices, nargs)."""
+    factory = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    return dataclasses.field(**factory, metadata={"help": help, **argparse_options})
+
+
 @dataclasses.dataclass
 class RunArgs:
     """The flags every recipe shares, typed and checked once (:meth:`parse`); kit functions take this, not argparse's
-    Namespace. ``flags`` keeps the whole command line (the recipe's own flags too) for the resume guard and the card."""
-    recipe: str
-    output_dir: Path
-    strategy: str = "lora"
-    option: list[str] = dataclasses.field(default_factory=list)
-    quantization: str = "none"
-    dtype: str | None = None
-    mixed_precision: str | None = None
-    seed: int = 42
-    processes: int | None = None
-    epochs: int = 3
-    max_steps: int = 0
-    batch_size: int = 32
-    gradient_accumulation_steps: int = 1
-    learning_rate: float | None = None
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
-    max_grad_norm: float = 1.0
-    eval_every: int = 0
-    patience: int = 3
-    log_every: int = 10
-    report_to: list[str] = dataclasses.field(default_factory=lambda: ["tensorboard"])
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 1
-    resume: str | None = None
-    overwrite: bool = False
-    model: str | None = None
-    config_name: str | None = None
-    tokenizer_name: str | None = None
-    max_length: int | None = None  # classify and causal_lm; settled against the model by guards.fit_max_length
-    flags: dict[str, Any] = dataclasses.field(default_factory=dict)
+    Namespace. The fields are the flags (``--max-steps``, ...: :func:`run_parser`). ``flags`` keeps the whole command
+    line (the recipe's own flags too) for the resume guard and the card."""
+    model: str | None = _flag(None, "model folder or hub id (classify: default the bundled all-MiniLM-L6-v2)")
+    config_name: str | None = _flag(None, "a config to build the model from: with --model its weights load into it; "
+                                          "without, random weights seeded by --seed (recorded as config + seed)")
+    tokenizer_name: str | None = _flag(None, "tokenizer (or image processor); default: --model, else --config-name")
+    strategy: str = _flag("lora", "lora, bottleneck, prefix, linear_probe, full, or any PEFT method (ia3, loha, ...)")
+    option: list[str] = _flag([], "a strategy option, repeatable: --option r=16 --option targets=query,value (values "
+                                  "are JSON when they parse, comma lists become lists)", action="append", metavar="K=V")
+    quantization: Literal["none", "8bit", "4bit"] = _flag("none", "load the base quantized with bitsandbytes")
+    dtype: Literal["float32", "bfloat16", "float16", None] = _flag(None, "dtype the base weights load in (default: the "
+                                                                         "checkpoint's); adapters and new heads stay fp32")
+    mixed_precision: Literal["no", "bf16", "fp16", None] = _flag(None, "Accelerate autocast; default: the launcher's")
+    output_dir: Path | None = _flag(None, "where logs, checkpoints, adapter and metrics go")
+    seed: int = _flag(42)
+    processes: int | None = _flag(None, "how many processes you launched; checked (`accelerate launch --cpu "
+                                        "--num_processes 2` silently runs one)")
+    epochs: int = _flag(3)
+    max_steps: int = _flag(0, "optimizer steps; overrides --epochs when > 0")
+    batch_size: int = _flag(32, "per process, per micro-batch")
+    gradient_accumulation_steps: int = _flag(1)
+    learning_rate: float | None = _flag(None, f"default: {DEFAULT_LR} by strategy, other PEFT methods {OTHER_LR}")
+    weight_decay: float = _flag(0.01)
+    warmup_ratio: float = _flag(0.06, "linear warm-up over this share of the steps")
+    max_grad_norm: float = _flag(1.0)
+    eval_every: int = _flag(0, "evaluate every N optimizer steps (0: each epoch)")
+    patience: int = _flag(3, "stop after this many evaluations without improvement (0: never stop early)")
+    log_every: int = _flag(10)
+    report_to: list[str] = _flag(["tensorboard"], "trackers (accelerate's log_with); log.jsonl is always written",
+                                 choices=[*TRACKERS, "all", "none"])
+    checkpoint_every: int = _flag(200, "optimizer steps between checkpoints, and one at the end (0: none)")
+    keep_checkpoints: int = _flag(1)
+    resume: str | None = _flag(None, "continue a run: its latest checkpoint, or this folder; a higher --max-steps or "
+                                     "--epochs extends it", nargs="?", const="latest", metavar="CHECKPOINT")
+    overwrite: bool = _flag(False, "start afresh in an --output-dir that holds a run (deletes only what it wrote)")
+    recipe: str = dataclasses.field(default="", init=False)
+    max_length: int | None = dataclasses.field(default=None, init=False)  # guards.fit_max_length settles it
+    flags: dict[str, Any] = dataclasses.field(default_factory=dict, init=False)
 
     @classmethod
     def parse(cls, args: argparse.Namespace, recipe: str) -> RunArgs:
@@ -84,13 +97,15 @@ class RunArgs:
         if args.resume is not None and args.overwrite:
             raise ConfigError(field="--overwrite", value=True, problem="contradicts --resume (continue or start afresh?)",
                               fix="drop one of the two")
+        args.option = [item for items in args.option for item in items]  # HfArgumentParser: append of nargs="+"
         trackers(args.report_to)  # a missing wandb/mlflow fails now, not after the model loaded
         # '~' expanded once, here: the adapter, the log and the lock all go to the same folder
         out = Path(os.path.expanduser(str(args.output_dir or Path("outputs") / f"{recipe}-{args.strategy}")))
         check_output_dir(out, resume=args.resume is not None, overwrite=args.overwrite)
-        names = {f.name for f in dataclasses.fields(cls)} - {"recipe", "output_dir", "flags"}
-        return cls(recipe=recipe, output_dir=out, flags=dict(vars(args)),
-                   **{k: v for k, v in vars(args).items() if k in names})
+        run = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and f.name != "output_dir"},
+                  output_dir=out)
+        run.recipe, run.max_length, run.flags = recipe, getattr(args, "max_length", None), dict(vars(args))
+        return run
 
     def config(self, num_processes: int) -> dict[str, Any]:
         """Every flag, as JSON, local paths resolved (``./data/ds`` is ``data/ds``), and the process count: what a
@@ -140,61 +155,13 @@ def trackers(report_to: list[str]) -> list[str]:
     return list(dict.fromkeys(report_to))
 
 
-def add_run_args(parser: argparse.ArgumentParser, *, epochs: int = 3, batch_size: int = 32) -> None:
-    """The flags every recipe has (the fields of :class:`RunArgs`): strategy, budget, optimisation, evaluation,
-    logging, checkpoints."""
-    g = parser.add_argument_group("strategy")
-    g.add_argument("--strategy", default="lora",
-                   help="lora, bottleneck, prefix, linear_probe, full, or any PEFT method name (ia3, loha, ...)")
-    g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a strategy option, repeatable: --option r=16 --option targets=query,value "
-                        "(values are JSON when they parse, comma lists become lists)")
-    g.add_argument("--quantization", choices=["none", "8bit", "4bit"], default="none",
-                   help="load the base model quantized with bitsandbytes (train an adapter on top)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="dtype the base weights load in (default: the checkpoint's); adapters and new heads stay fp32")
-    g.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default=None,
-                   help="Accelerate autocast (bf16 runs on CPU too); default: the launcher's --mixed_precision")
-    g = parser.add_argument_group("training")
-    g.add_argument("--output-dir", type=Path, default=None, help="where logs, checkpoints, adapter and metrics go")
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--processes", type=int, default=None,
-                   help="how many processes you launched; checked (`accelerate launch --cpu --num_processes 2` "
-                        "silently runs one)")
-    g.add_argument("--epochs", type=int, default=epochs)
-    g.add_argument("--max-steps", type=int, default=0, help="optimizer steps; overrides --epochs when > 0")
-    g.add_argument("--batch-size", type=int, default=batch_size, help="per process, per micro-batch")
-    g.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    g.add_argument("--learning-rate", type=float, default=None,
-                   help=f"default depends on the strategy: {DEFAULT_LR}, other PEFT methods {OTHER_LR}")
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--warmup-ratio", type=float, default=0.06, help="linear warm-up over this share of the steps")
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g = parser.add_argument_group("evaluation, logging, checkpoints")
-    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N optimizer steps (0: each epoch)")
-    g.add_argument("--patience", type=int, default=3,
-                   help="stop after this many evaluations without improvement (0: never stop early)")
-    g.add_argument("--log-every", type=int, default=10)
-    g.add_argument("--report-to", nargs="+", default=["tensorboard"], choices=[*TRACKERS, "all", "none"],
-                   help="trackers for losses and validation metrics (accelerate's log_with); log.jsonl is always written")
-    g.add_argument("--checkpoint-every", type=int, default=200,
-                   help="optimizer steps between checkpoints, and one at the end (0: none)")
-    g.add_argument("--keep-checkpoints", type=int, default=1)
-    g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                   help="continue a run (its latest checkpoint, or this folder); a higher --max-steps/--epochs extends it")
-    g.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --output-dir that holds a run (deletes only the files that run wrote)")
-
-
-def add_model_args(parser: argparse.ArgumentParser, model_help: str) -> None:
-    """--model, --config-name, --tokenizer-name, as in transformers' run_clm.py / run_glue.py."""
-    g = parser.add_argument_group("model")
-    g.add_argument("--model", help=model_help)
-    g.add_argument("--config-name", help="a config (folder or hub id) to build the model from: with --model its "
-                                         "weights load into this config; without, the model starts from random "
-                                         "weights (seeded by --seed), for tiny or experimental models")
-    g.add_argument("--tokenizer-name", help="tokenizer (image_classify: image processor) folder or hub id; default: "
-                                            "--model, else --config-name")
+def run_parser(description: str | None, **defaults) -> transformers.HfArgumentParser:
+    """The recipe's parser: RunArgs' fields as flags (``--max-steps`` or ``--max_steps``), with the recipe's defaults
+    (``batch_size=8``); the recipe adds its own flags, then ``RunArgs.parse(parser.parse_args(argv), name)``."""
+    parser = transformers.HfArgumentParser(RunArgs, description=description,
+                                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(**defaults)
+    return parser
 
 
 def parse_options(items: list[str]) -> dict[str, Any]:
