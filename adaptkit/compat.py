@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import types
 
@@ -24,7 +25,6 @@ from adaptkit import targets, versions
 from adaptkit.errors import IncompatibleVersionError
 
 TESTED_BELOW = "5.40"  # transformers removes the past_key_values alias there: untested, refused
-_ORIGINAL = "_adaptkit_unbridged_forward"
 
 
 def refuse_untested_transformers() -> None:
@@ -42,20 +42,24 @@ def takes_prefix(module: nn.Module) -> bool:
     return not {"past_key_values", "cache"}.isdisjoint(inspect.signature(module.forward).parameters)
 
 
-def _bridged(signature: inspect.Signature):
-    def forward(self, *args, past_key_values=None, **kwargs):
+class _Bridged:
+    """The module's forward, taking past_key_values into cache. An object holding the module rather than a bound
+    method: a pickled bound method comes back as getattr(module, "forward"), the class's unbridged one."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.inner = module, module.__dict__.get("forward")  # inner: accelerate's hook, if any
+        params = list(inspect.signature(module.forward).parameters.values())
+        at = len(params) - (bool(params) and params[-1].kind is inspect.Parameter.VAR_KEYWORD)
+        extra = inspect.Parameter("past_key_values", inspect.Parameter.KEYWORD_ONLY, default=None)
+        self.__signature__ = inspect.Signature([*params[:at], extra, *params[at:]])  # what PEFT reads
+
+    def __call__(self, *args, past_key_values=None, **kwargs):
         cache = kwargs.get("cache")
         # an empty cache is generate()'s fresh one at the first step: the prefix belongs there. A filled one
         # already holds the prefix (PEFT injects a new one at every step, as it finds no past_key_values)
         if past_key_values is not None and (cache is None or not cache.get_seq_length()):
             kwargs["cache"] = past_key_values
-        return self.__dict__[_ORIGINAL](*args, **kwargs)
-    params = list(signature.parameters.values())
-    extra = inspect.Parameter("past_key_values", inspect.Parameter.KEYWORD_ONLY, default=None)
-    at = len(params) - (bool(params) and params[-1].kind is inspect.Parameter.VAR_KEYWORD)
-    self = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    forward.__signature__ = signature.replace(parameters=[self, *params[:at], extra, *params[at:]])
-    return forward
+        return (self.inner or functools.partial(type(self.module).forward, self.module))(*args, **kwargs)
 
 
 def bridge(model: nn.Module) -> nn.Module:
@@ -69,9 +73,8 @@ def bridge(model: nn.Module) -> nn.Module:
         refuse_untested_transformers()
         for module in (base, targets.base_module(base)):
             params = inspect.signature(module.forward).parameters if module is not None else {}
-            if "cache" in params and "past_key_values" not in params and _ORIGINAL not in module.__dict__:
-                module.__dict__[_ORIGINAL] = module.forward  # the bound method, or accelerate's hook
-                module.forward = types.MethodType(_bridged(inspect.signature(module.forward)), module)
+            if "cache" in params and "past_key_values" not in params:  # not bridged yet, and renamed
+                module.forward = _Bridged(module)
     if any(c.is_prompt_learning for c in configs) and not hasattr(base, "prepare_inputs_for_generation"):
         model.disable_adapter = types.MethodType(_disable_prompt, model)
     return model

@@ -16,9 +16,12 @@ from typing import Any
 from torch import nn
 
 from adaptkit import layout
+from adaptkit.names import MARKER
+from adaptkit.strategies import bottleneck
 from adaptkit.errors import ConfigError, UnsupportedError
 
 _SAVE = "save_pretrained"
+_DISABLE = "disable_adapter"
 _CHECKPOINTING = ("activation_checkpointing_enable", "gradient_checkpointing_enable")
 
 
@@ -26,6 +29,8 @@ def install(model: nn.Module) -> None:
     """Give this adapted model (the instance only) a save_pretrained that writes the adapter folder, and on
     prefix tuning a checkpointing switch that refuses (the Trainer flips it on from its arguments)."""
     model.__dict__[_SAVE] = _SavePretrained(model)
+    if not hasattr(model, "peft_config"):  # PEFT models have PEFT's (adaptkit.compat mends it for prompt learning)
+        model.__dict__[_DISABLE] = _DisableAdapter(model)
     config = (getattr(model, "peft_config", None) or {}).get(getattr(model, "active_adapter", None))
     if getattr(getattr(config, "peft_type", None), "value", None) == "PREFIX_TUNING":
         for name in _CHECKPOINTING:
@@ -43,9 +48,24 @@ class _SavePretrained:
         save_pretrained(self.model, *args, **kwargs)
 
 
+class _DisableAdapter:
+    """``with model.disable_adapter():`` as PEFT models have it, for native strategies: bottleneck adapters are
+    switched off inside; linear_probe and full train the model's own weights, so they have no adapter to switch off."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self):
+        if not bottleneck.has_adapters(self.model):
+            name = getattr(self.model.__dict__.get(MARKER), "name", None)
+            raise UnsupportedError(field="disable_adapter", value=name, problem=f"{name} trains the model's own weights: "
+                                   "there is no adapter to switch off", fix="load the base model again to compare with it")
+        return bottleneck.adapters_off(self.model)
+
+
 def uninstall(*models: nn.Module) -> None:
     for model in models:
-        for name in (_SAVE, *_CHECKPOINTING):
+        for name in (_SAVE, _DISABLE, *_CHECKPOINTING):
             model.__dict__.pop(name, None)
 
 

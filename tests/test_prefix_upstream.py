@@ -3,7 +3,9 @@ forward's past_key_values to cache), and disable_adapter() on prefix models."""
 
 from __future__ import annotations
 
+import copy
 import inspect
+import pickle
 import warnings
 
 import pytest
@@ -70,6 +72,13 @@ def test_prefix_trains_saves_loads_and_generates_with_its_prefix(family, task, t
     assert torch.isfinite(loss) and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+def test_a_copied_or_pickled_model_keeps_its_prefix():
+    model = _fixed_prefix(adaptkit.adapt(tiny_model("llama", "causal_lm"), "prefix"))
+    first = _first(model, "llama", "causal_lm")
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert torch.equal(_first(clone, "llama", "causal_lm"), first)
+
+
 def test_a_plain_peft_prefix_folder_loads_bridged(tmp_path):
     """The pass-through path: a PEFT prefix folder written without adaptkit, loaded with adaptkit.load."""
     from peft import PrefixTuningConfig, get_peft_model
@@ -84,8 +93,7 @@ def test_a_plain_peft_prefix_folder_loads_bridged(tmp_path):
 def test_without_the_bridge_generate_drops_the_prefix_silently():
     """What compat.py exists for: on transformers 5.24+, PEFT 0.21.2's prefix loses to generate()'s empty cache."""
     model = _fixed_prefix(adaptkit.adapt(tiny_model("llama", "causal_lm"), "prefix"))
-    llama = model.get_base_model()
-    llama.forward = llama.__dict__.pop(compat._ORIGINAL)  # undo the bridge on this instance
+    assert isinstance(model.get_base_model().__dict__.pop("forward"), compat._Bridged)  # the bridge undone
     assert torch.allclose(_first(model, "llama", "causal_lm"), _first(tiny_model("llama", "causal_lm"), "llama",
                                                                       "causal_lm"), atol=1e-6)
 
@@ -125,11 +133,35 @@ def test_prefix_on_an_untested_transformers_is_refused_before_peft_touches_the_m
         adaptkit.check(tiny_model("bert"), "prefix")
 
 
-@pytest.mark.parametrize("family,task", [("bert", "seq_cls"), ("llama", "causal_lm")])
-def test_disable_adapter_on_a_prefix_model_runs_the_base_model(family, task):
-    """PEFT 0.21.2 raises UnboundLocalError here for classifiers, on every transformers version."""
-    model = _fixed_prefix(adaptkit.adapt(tiny_model(family, task), "prefix"))
+@pytest.mark.parametrize("strategy,family,task", [
+    ("prefix", "bert", "seq_cls"), ("prompt_tuning", "roberta", "seq_cls"), ("p_tuning", "bert", "seq_cls"),
+    ("lora", "bert", "seq_cls"), ("ia3", "bert", "seq_cls"), ("prefix", "llama", "causal_lm")])
+def test_disable_adapter_runs_the_base_model(strategy, family, task):
+    """PEFT 0.21.2 raises UnboundLocalError here for prompt-learning classifiers, on every transformers version."""
+    model = adaptkit.adapt(tiny_model(family, task), strategy)
+    with torch.no_grad():  # the adapter away from its init, so that it changes the outputs; the head left as it is
+        for name, p in model.named_parameters():
+            if p.requires_grad and "modules_to_save" not in name:
+                p.normal_(0, 1.0, generator=torch.Generator().manual_seed(5))
     adapted, base = _first(model, family, task), _first(tiny_model(family, task), family, task)
+    assert not torch.allclose(adapted, base, atol=1e-4)
     with model.disable_adapter():
-        assert torch.allclose(_first(model, family, task), base, atol=1e-6)  # the fresh head is the base's at init
+        assert torch.allclose(_first(model, family, task), base, atol=1e-6)
     assert torch.equal(_first(model, family, task), adapted)
+
+
+def test_disable_adapter_on_native_strategies_switches_bottleneck_off_and_refuses_the_others():
+    model = adaptkit.adapt(tiny_model("bert"), "bottleneck", reduction_factor=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and "adapter" in name:
+                p.normal_(0, 1.0, generator=torch.Generator().manual_seed(5))
+    adapted, base = _first(model, "bert", "seq_cls"), _first(tiny_model("bert"), "bert", "seq_cls")
+    assert not torch.allclose(adapted, base, atol=1e-4)
+    with model.disable_adapter():  # the pooler and head it trains are the base's at init: the base model's outputs
+        assert torch.allclose(_first(model, "bert", "seq_cls"), base, atol=1e-6)
+    assert torch.equal(_first(model, "bert", "seq_cls"), adapted)
+    for strategy in ("linear_probe", "full"):
+        with pytest.raises(errors.UnsupportedError, match=rf"^disable_adapter='{strategy}': {strategy} trains the "
+                           r"model's own weights: there is no adapter to switch off\. Fix: load the base model"):
+            adaptkit.adapt(tiny_model("bert"), strategy).disable_adapter()

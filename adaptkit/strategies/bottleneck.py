@@ -15,6 +15,7 @@ never-trained pooler gave CoLA MCC 0.000 at every rate from 1e-4 to 3e-2; traine
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from typing import Literal
@@ -94,6 +95,18 @@ def _hidden_size(model: nn.Module) -> int:
 
 def has_adapters(model: nn.Module) -> bool:
     return any(isinstance(m, BottleneckAdapter) for m in model.modules())
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module):
+    """Run ``model`` without its bottleneck adapters inside the ``with`` (their hooks detached, then put back)."""
+    removed = [(m, key, m._forward_hooks.pop(key)) for m in model.modules()  # torch: no public hook lookup
+               for key, hook in list(m._forward_hooks.items()) if hook is _adapter_hook]
+    try:
+        yield
+    finally:
+        for module, key, hook in removed:
+            module._forward_hooks[key] = hook
 
 
 @register
