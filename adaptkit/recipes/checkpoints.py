@@ -140,7 +140,7 @@ def checkpoint(accelerator, run: RunArgs, progress: Progress) -> Path:
     final, tmp = folder / f"step-{progress.step:07d}", folder / f".tmp-step-{progress.step:07d}"
     with progress.paused():
         if accelerator.is_main_process:
-            guards.remove_owned(tmp, {p.name: None for p in tmp.glob("*") if guards.CHECKPOINT_FILE.fullmatch(p.name)})
+            guards.remove_owned(tmp, guards.checkpoint_files(tmp))
             tmp.mkdir(parents=True, exist_ok=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))  # every process writes its own RNG states

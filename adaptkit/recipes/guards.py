@@ -217,8 +217,11 @@ def digests(folder: Path, skip: Iterable[str] = ()) -> dict[str, str]:
 # what Accelerate's save_state writes (adapter-only weights as safetensors; optimizer, scheduler, sampler, scaler and
 # RNG states through torch.save, read back with weights_only=True) and run_state.json; never custom_checkpoint_N.pkl,
 # which Accelerate unpickles with weights_only=False
+# FSDP's sharded state goes into folders (torch.distributed.checkpoint, whose .metadata it unpickles: the digests are
+# all that guards it, as for any file of a checkpoint)
 CHECKPOINT_FILE = re.compile(r"(model|optimizer|scheduler|sampler)(_\d+)?\.(safetensors|bin)|random_states_\d+\.pkl|"
-                             r"scaler\.pt|run_state\.json")
+                             r"scaler\.pt|run_state\.json|(pytorch_model_fsdp|optimizer)_\d+/[\w.]+")
+_CHECKPOINT_DIR = re.compile(r"(pytorch_model_fsdp|optimizer)_\d+")
 _STATE_TYPES = {"step": int, "epoch": int, "batch_in_epoch": int, "samples": int, "train_seconds": (int, float),
                 "best_metrics": dict, "early_stopping": dict, "config": dict, "files": dict, "max_steps": int}
 
@@ -240,8 +243,9 @@ def read_checkpoint(folder: Path, state_name: str) -> dict[str, Any]:
     if wrong:
         raise CheckpointError(field=str(path), value=wrong, problem="lacks these entries, or they have the wrong type "
                               f"(expected {', '.join(f'{k}: {_STATE_TYPES[k]}' for k in wrong)})", fix=fix)
-    for file in sorted(folder.iterdir()):
-        if not CHECKPOINT_FILE.fullmatch(file.name) or not file.is_file() or file.is_symlink():
+    for file in sorted(folder.rglob("*")):
+        rel = file.relative_to(folder).as_posix()
+        if file.is_symlink() or not (_CHECKPOINT_DIR if file.is_dir() else CHECKPOINT_FILE).fullmatch(rel):
             raise CheckpointError(field=str(file), value=None, problem="is not part of an adaptkit checkpoint (adaptkit "
                                   "writes no pickled custom state, and resume loads nothing else)", fix=fix)
     for rel, expected in state["files"].items():
@@ -258,6 +262,12 @@ def read_checkpoint(folder: Path, state_name: str) -> dict[str, Any]:
             raise CheckpointError(field=str(file), value=f"{file.stat().st_size} bytes", problem=f"cannot be loaded "
                                   f"safely ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", fix=fix) from None
     return state
+
+
+def checkpoint_files(folder: Path) -> dict[str, None]:
+    """The files below ``folder`` named as Accelerate's save_state names them (a killed checkpoint's, unlisted)."""
+    rels = (p.relative_to(folder).as_posix() for p in Path(folder).rglob("*")) if Path(folder).is_dir() else ()
+    return {rel: None for rel in rels if CHECKPOINT_FILE.fullmatch(rel)}
 
 
 def remove_owned(folder: Path, listing: dict[str, str | None]) -> None:

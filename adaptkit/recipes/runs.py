@@ -79,7 +79,7 @@ def _remove_earlier_run(out: Path) -> None:
         if (step / RUN_STATE).is_file():
             remove_checkpoint(step)
         else:  # the temporary folder of a killed checkpoint: Accelerate's files by name
-            guards.remove_owned(step, {p.name: None for p in step.glob("*") if guards.CHECKPOINT_FILE.fullmatch(p.name)})
+            guards.remove_owned(step, guards.checkpoint_files(step))
     guards.remove_owned(out / ADAPTER_DIR, _manifest(out).get(ADAPTER_DIR, {}))
     events = (out / TENSORBOARD_DIR).rglob("events.out.tfevents.*") if (out / TENSORBOARD_DIR).is_dir() else []
     guards.remove_owned(out / TENSORBOARD_DIR, {str(p.relative_to(out / TENSORBOARD_DIR)): None for p in events})

@@ -97,7 +97,8 @@ class RunArgs:
         if args.resume is not None and args.overwrite:
             raise ConfigError(field="--overwrite", value=True, problem="contradicts --resume (continue or start afresh?)",
                               fix="drop one of the two")
-        args.option = [item for items in args.option for item in items]  # HfArgumentParser: append of nargs="+"
+        # HfArgumentParser's list flags take nargs="+": appended, --option gives a list per use
+        args.option = [item for items in args.option for item in ([items] if isinstance(items, str) else items)]
         trackers(args.report_to)  # a missing wandb/mlflow fails now, not after the model loaded
         # '~' expanded once, here: the adapter, the log and the lock all go to the same folder
         out = Path(os.path.expanduser(str(args.output_dir or Path("outputs") / f"{recipe}-{args.strategy}")))
