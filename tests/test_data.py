@@ -214,6 +214,9 @@ def test_split_label_set_comes_from_train(tmp_path):
 
 
 def test_split_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty=\[\]: the folder has no train file"):
+        load_splits(tmp_path / "empty")
     with pytest.raises(DataError, match=r"the folder has no train file.*Fix: add train.tsv"):
         load_splits(_folder(tmp_path, dev_tsv=ROWS))
     write(tmp_path, "train.tsv", ROWS)

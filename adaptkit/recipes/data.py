@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import datasets
-from datasets.data_files import DataFilesDict, get_data_patterns
+from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
 from PIL import Image
 
 from adaptkit.errors import ConfigError, DataError
@@ -205,7 +205,7 @@ def _split_files(folder: Path) -> dict[str, Path]:
     """The folder's data files by ``datasets``' own split keywords (``train``, ``dev``, ``val``, ``test``, ...)."""
     try:
         patterns = get_data_patterns(str(folder))
-    except datasets.exceptions.EmptyDatasetError:
+    except EmptyDatasetError:  # an empty folder: no split files (the caller says what is missing)
         return {}
     found = {str(split): sorted(f for f in map(Path, hits) if f.suffix.lower() in FORMATS and f.parent == folder.resolve())
              for split, hits in DataFilesDict.from_patterns(patterns, base_path=str(folder)).items()}
