@@ -85,7 +85,6 @@ def sanity_check(model: nn.Module, batch: Mapping[str, torch.Tensor], *, steps: 
     frozen = {n: _fingerprint(p) for n, p in model.named_parameters() if not p.requires_grad}
     results, losses = [], []
     with torch.random.fork_rng(), _restored(model, trainable, saved):  # fork_rng: CPU and CUDA states (dropout draws)
-
         results.append(_check_init(model, batch, strategy, quant, atol) if at_init
                        else Result("init", "skipped", "at_init=False (the model has trained already)"))
         results += _train_checks(model, batch, strategy, trainable, saved, frozen, steps, lr, loss_fn, losses)
@@ -149,14 +148,14 @@ def _in_range(values: torch.Tensor, size: int, key: str, what: str, fix: str, pr
 def _check_init(model, batch, strategy, quant, atol) -> Result:
     if quant == "4bit":  # FACTS.md: an eval forward repacks 4-bit weights on CPU and breaks training after
         return Result("init", "skipped", "4-bit model: an eval-mode forward would break its training on CPU")
-    disabled = _adapters_disabled(model, strategy)
-    if isinstance(disabled, str):
-        return Result("init", "skipped", disabled)
+    if isinstance(model, PeftModel) and isinstance(model.peft_config[model.active_adapter], PromptLearningConfig):
+        return Result("init", "skipped", f"{strategy.name} prepends trained vectors: it changes the outputs by design")
+    if not isinstance(model, PeftModel) and not bottleneck.has_adapters(model):
+        return Result("init", "skipped", f"{strategy.name} adds no modules: the outputs are the base model's by construction")
     adapted = _outputs(model, batch)
-    with disabled:
+    with model.disable_adapter() if isinstance(model, PeftModel) else _bottleneck_hooks_removed(model):
         base = _outputs(model, batch)
-    diff = _max_diff(adapted, base)
-    if diff > atol + atol * float(base.abs().max()):
+    if (diff := _max_diff(adapted, base)) > atol + atol * float(base.abs().max()):
         return Result("init", "failed", f"the {strategy.name} adapter changes the outputs at initialisation "
                       f"(max |difference| {diff:.3g})", value=diff,
                       fix="initialise it to the identity (LoRA: B = 0, the default init; bottleneck: up = 0), "
@@ -164,24 +163,10 @@ def _check_init(model, batch, strategy, quant, atol) -> Result:
     return Result("init", "ok", f"outputs unchanged by the adapter (max |difference| {diff:.2g})")
 
 
-def _adapters_disabled(model, strategy):
-    """A context that runs the model without its adapter, or a reason why the check does not apply."""
-    if isinstance(model, PeftModel):
-        if isinstance(model.peft_config[model.active_adapter], PromptLearningConfig):
-            return f"{strategy.name} prepends trained vectors: it changes the outputs by design"
-        return model.disable_adapter()
-    if bottleneck.has_adapters(model):
-        return _bottleneck_hooks_removed(model)
-    return f"{strategy.name} adds no modules: the outputs are the base model's by construction"
-
-
 @contextlib.contextmanager
 def _bottleneck_hooks_removed(model):
-    removed = []
-    for module in model.modules():
-        for key, hook in list(module._forward_hooks.items()):
-            if hook is bottleneck._adapter_hook:
-                removed.append((module, key, module._forward_hooks.pop(key)))
+    removed = [(m, key, m._forward_hooks.pop(key)) for m in model.modules()  # torch: no public hook lookup
+               for key, hook in list(m._forward_hooks.items()) if hook is bottleneck._adapter_hook]
     try:
         yield
     finally:
@@ -190,15 +175,16 @@ def _bottleneck_hooks_removed(model):
 
 
 # ---- 2 + 3. gradients and loss ---------------------------------------------------------------------
+_NO_GRADIENTS = Result("loss", "skipped", "no gradients to follow")
+
+
 def _train_checks(model, batch, strategy, trainable, saved, frozen, steps, lr, loss_fn, losses) -> list[Result]:
     if not trainable:
-        return [Result("gradients", "failed", "0 trainable parameters", value=0,
-                       fix="adapt the model with a strategy that trains something (check targets/heads)"),
-                Result("loss", "skipped", "nothing trains")]
+        return [Result("gradients", "failed", "0 trainable parameters", value=0, fix="adapt the model with a "
+                       "strategy that trains something (check targets/heads)"), Result("loss", "skipped", "nothing trains")]
     model.train()
     start = _fixed_loss(model, batch, loss_fn)
     optimizer = torch.optim.AdamW(trainable.values(), lr=lr, weight_decay=0.0)  # no decay: a change means a gradient
-    grads: dict[str, torch.Tensor | None] = {}
     for step in range(steps):
         optimizer.zero_grad(set_to_none=True)
         loss = _loss(model, batch, loss_fn)
@@ -208,72 +194,53 @@ def _train_checks(model, batch, strategy, trainable, saved, frozen, steps, lr, l
                     Result("loss", "failed", f"loss is {losses[-1]} at step {step + 1}", value=losses[-1],
                            fix="lower the learning rate, check the labels (range, dtype) and the inputs for NaN")]
         if not loss.requires_grad:  # the graph from the trainable tensors to the loss is cut
-            return [_gradient_result(model, strategy, trainable, dict.fromkeys(trainable)),
-                    Result("loss", "skipped", "no gradients to follow")]
+            return [_gradient_result(model, strategy, trainable, dict.fromkeys(trainable)), _NO_GRADIENTS]
         loss.backward()
-        if step == 0:
-            grads = {n: p.grad for n, p in trainable.items()}
-            result = _gradient_result(model, strategy, trainable, grads)
-            if result.status == "failed":
-                return [result, Result("loss", "skipped", "no gradients to follow")]
+        if step == 0 and (result := _gradient_result(model, strategy, trainable,
+                                                     {n: p.grad for n, p in trainable.items()})).status == "failed":
+            return [result, _NO_GRADIENTS]
         optimizer.step()
     end = _fixed_loss(model, batch, loss_fn)
-    results = [result]
-    changed_frozen = [n for n, fp in frozen.items() if not torch.equal(fp, _fingerprint(model.get_parameter(n)))]
-    if changed_frozen:
-        results[0] = Result("gradients", "failed", f"{len(changed_frozen)} frozen tensor(s) changed during training: "
-                            f"{changed_frozen[:5]}", value=len(changed_frozen),
-                            fix="something writes into base weights in place; report it with the strategy name")
+    changed = [n for n, fp in frozen.items() if not torch.equal(fp, _fingerprint(model.get_parameter(n)))]
+    if changed:
+        result = Result("gradients", "failed", f"{len(changed)} frozen tensor(s) changed during training: {changed[:5]}",
+                        value=len(changed), fix="something writes into base weights in place; report it with the strategy name")
     unchanged = [n for n, p in trainable.items() if torch.equal(p.detach(), saved[n])]
     if unchanged:
-        results.append(Result("loss", "failed", f"{len(unchanged)} trainable tensor(s) did not change in {steps} "
-                              f"steps: {unchanged[:5]}", value=len(unchanged),
-                              fix="their gradients are zero: check that they are on the path to the loss"))
-    elif not end < start:
-        results.append(Result("loss", "failed", f"the loss did not fall over {steps} steps on one batch "
-                              f"({start:.4f} -> {end:.4f})", value=(start, end),
-                              fix=f"try another learning rate (lr={lr} here), check that labels match the inputs"))
-    else:
-        results.append(Result("loss", "ok", f"finite, {start:.4f} -> {end:.4f} over {steps} steps; every "
-                              "trainable tensor changed"))
-    return results
+        return [result, Result("loss", "failed", f"{len(unchanged)} trainable tensor(s) did not change in {steps} steps: "
+                               f"{unchanged[:5]}", value=len(unchanged),
+                               fix="their gradients are zero: check that they are on the path to the loss")]
+    if not end < start:
+        return [result, Result("loss", "failed", f"the loss did not fall over {steps} steps on one batch ({start:.4f} -> "
+                               f"{end:.4f})", value=(start, end),
+                               fix=f"try another learning rate (lr={lr} here), check that labels match the inputs")]
+    return [result, Result("loss", "ok", f"finite, {start:.4f} -> {end:.4f} over {steps} steps; every trainable tensor changed")]
 
 
 def _gradient_result(model, strategy, trainable, grads) -> Result:
     missing = [n for n, g in grads.items() if g is None]
     bad = [n for n, g in grads.items() if g is not None and not bool(torch.isfinite(g).all())]
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
     if len(missing) == len(trainable):
-        cause = (": gradient checkpointing without input gradients" if _checkpointing(model) else
-                 ": no trainable tensor is on the path from the inputs to the loss")
-        return Result("gradients", "failed", f"0 trainable parameters received gradients{cause}", value=0,
-                      fix="call model.enable_input_require_grads() after gradient_checkpointing_enable(), or "
-                          "enable it with gradient_checkpointing_kwargs={'use_reentrant': False}"
-                      if _checkpointing(model) else "check the strategy's targets and that the loss uses the outputs")
+        return Result("gradients", "failed", "0 trainable parameters received gradients: " + (
+            "gradient checkpointing without input gradients" if checkpointing
+            else "no trainable tensor is on the path from the inputs to the loss"), value=0,
+            fix="call model.enable_input_require_grads() after gradient_checkpointing_enable(), or enable it with "
+                "gradient_checkpointing_kwargs={'use_reentrant': False}" if checkpointing
+            else "check the strategy's targets and that the loss uses the outputs")
     if missing:
-        cause = " (gradient checkpointing without input gradients?)" if _checkpointing(model) else ""
-        return Result("gradients", "failed", f"{len(missing)} of {len(trainable)} trainable tensors received no "
-                      f"gradient{cause}: {missing[:5]}", value=len(missing),
-                      fix="freeze tensors the loss does not reach, or fix the targets/heads that name them")
+        return Result("gradients", "failed", f"{len(missing)} of {len(trainable)} trainable tensors received no gradient"
+                      f"{' (gradient checkpointing without input gradients?)' if checkpointing else ''}: {missing[:5]}",
+                      value=len(missing), fix="freeze tensors the loss does not reach, or fix the targets/heads that name them")
     if bad:
         return Result("gradients", "failed", f"{len(bad)} gradient(s) contain NaN/inf: {bad[:5]}", value=len(bad),
                       fix="lower the learning rate or use fp32/bf16 instead of fp16")
-    if strategy.freezes_base:
-        frozen_heads = [h for h in _new_heads(model) if not any(h in n.split(".") for n in trainable)]
-        if frozen_heads:
-            return Result("gradients", "failed", f"the new task head(s) {frozen_heads} do not train: they stay "
-                          "random", value=frozen_heads,
-                          fix="list them in the strategy's heads option (PEFT: modules_to_save)")
-    return Result("gradients", "ok", f"all {len(trainable)} trainable tensors received finite gradients; "
-                  "frozen tensors unchanged")
-
-
-def _new_heads(model) -> list[str]:
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    return targets.new_head_names(base)
-
-
-def _checkpointing(model) -> bool:
-    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    heads = [h for h in targets.new_head_names(base) if not any(h in n.split(".") for n in trainable)]
+    if strategy.freezes_base and heads:
+        return Result("gradients", "failed", f"the new task head(s) {heads} do not train: they stay random", value=heads,
+                      fix="list them in the strategy's heads option (PEFT: modules_to_save)")
+    return Result("gradients", "ok", f"all {len(trainable)} trainable tensors received finite gradients; frozen tensors unchanged")
 
 
 # ---- 4 + 5. save/load and merge --------------------------------------------------------------------
@@ -281,11 +248,9 @@ _SAME_BASE = "load onto the same base model (same checkpoint, num_labels, dtype)
 
 
 def _roundtrip_checks(model, batch, strategy, base_model, quant, atol, merge_rtol) -> list[Result]:
-    if base_model is None:
-        why = "pass base_model=<a callable returning a freshly loaded base> to check it"
-        return [Result("save_load", "skipped", why), Result("merge", "skipped", why)]
-    if quant == "4bit":
-        why = "4-bit model: an eval-mode forward would break its training on CPU"
+    why = ("pass base_model=<a callable returning a freshly loaded base> to check it" if base_model is None else
+           "4-bit model: an eval-mode forward would break its training on CPU" if quant == "4bit" else None)
+    if why:
         return [Result("save_load", "skipped", why), Result("merge", "skipped", why)]
     reference = _outputs(model, batch)
     with tempfile.TemporaryDirectory(prefix=".adaptkit-sanity-") as tmp:
@@ -297,26 +262,21 @@ def _roundtrip_checks(model, batch, strategy, base_model, quant, atol, merge_rto
                            value=exc.value, fix=_SAME_BASE), Result("merge", "skipped", "nothing reloaded")]
     diff = _max_diff(_outputs(loaded, batch), reference)
     results = [Result("save_load", "ok", f"reloaded outputs match (max |difference| {diff:.2g})")
-               if diff <= atol + atol * float(reference.abs().max()) else
-               Result("save_load", "failed", f"the reloaded adapter computes different outputs "
-                      f"(max |difference| {diff:.3g})", value=diff,
-                      fix=_SAME_BASE)]
+               if diff <= atol + atol * float(reference.abs().max()) else Result(
+                   "save_load", "failed", f"the reloaded adapter computes different outputs (max |difference| {diff:.3g})",
+                   value=diff, fix=_SAME_BASE)]
     if not strategy.mergeable or quant:
-        results.append(Result("merge", "skipped", f"{strategy.name} is not mergeable" if not strategy.mergeable
-                              else f"{quant} model: merging needs dequantized weights"))
-        return results
+        return results + [Result("merge", "skipped", f"{strategy.name} is not mergeable" if not strategy.mergeable
+                                 else f"{quant} model: merging needs dequantized weights")]
     try:
         merged = merge(loaded)
     except NotMergeableError as exc:
-        results.append(Result("merge", "skipped", str(exc)))
-        return results
-    diff = _max_diff(_outputs(merged, batch), reference)
-    tolerance = atol + merge_rtol * float(reference.abs().max())
-    results.append(Result("merge", "ok", f"merged outputs match (max |difference| {diff:.2g})") if diff <= tolerance
-                   else Result("merge", "failed", f"the merged model computes different outputs (max |difference| "
-                               f"{diff:.3g} > {tolerance:.3g})", value=diff,
-                               fix="report it with the strategy and options; keep the unmerged adapter meanwhile"))
-    return results
+        return results + [Result("merge", "skipped", str(exc))]
+    diff, tolerance = _max_diff(_outputs(merged, batch), reference), atol + merge_rtol * float(reference.abs().max())
+    return results + [Result("merge", "ok", f"merged outputs match (max |difference| {diff:.2g})") if diff <= tolerance
+                      else Result("merge", "failed", f"the merged model computes different outputs (max |difference| "
+                                  f"{diff:.3g} > {tolerance:.3g})", value=diff,
+                                  fix="report it with the strategy and options; keep the unmerged adapter meanwhile")]
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -333,10 +293,8 @@ def _outputs(model, batch) -> torch.Tensor:
             out = model(**_inputs(batch))
     finally:
         model.train(was)
-    main = getattr(out, "logits", None)
-    if main is None:
-        main = out[0] if isinstance(out, tuple) else next(iter(out.values()))
-    return main.detach().float()
+    main = out[0] if isinstance(out, tuple) else getattr(out, "logits", None)
+    return (main if main is not None else next(iter(out.values()))).detach().float()
 
 
 def _loss(model, batch, loss_fn) -> torch.Tensor:
@@ -363,9 +321,7 @@ def _fingerprint(p: torch.Tensor) -> torch.Tensor:
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    if a.shape != b.shape:
-        return math.inf
-    return float((a - b).abs().max()) if a.numel() else 0.0
+    return math.inf if a.shape != b.shape else float((a - b).abs().max()) if a.numel() else 0.0
 
 
 __all__ = ["sanity_check", "SanityReport", "Result", "CHECKS"]

@@ -38,7 +38,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 _LAYER_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "encoder_layers", "decoder_layers", "num_decoder_layers")
 _SIZE_FIELDS = ("hidden_size", "d_model", "n_embd", "intermediate_size", "num_attention_heads", "vocab_size",
                 "max_position_embeddings", *_LAYER_FIELDS)
-MAX_LAYERS = 1024
+MAX_LAYERS = 512
 _CODE_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json",
                "feature_extractor_config.json", "image_processor_config.json")
 

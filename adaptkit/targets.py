@@ -109,16 +109,18 @@ def linear_names(model: nn.Module, exclude_heads: bool = True) -> list[str]:
 
 def unique_suffixes(model: nn.Module, names: list[str]) -> list[str]:
     """The shortest dotted suffixes that match exactly ``names`` among all module names (``query``, ``dense``,
-    lengthened where it would also match something else, such as a head's ``dense``)."""
-    wanted = set(names)
-    all_names = [n for n, _ in model.named_modules() if n]
-    chosen = set()
+    lengthened where it would also match something else, such as a head's ``dense``). Linear in the module count."""
+    owners: dict[str, set[str]] = {}  # dotted suffix -> the module names it matches
+    for n, _ in model.named_modules():
+        parts = n.split(".") if n else []
+        for k in range(1, len(parts) + 1):
+            owners.setdefault(".".join(parts[-k:]), set()).add(n)
+    wanted, exact, chosen = set(names), {}, set()
     for name in names:
         parts = name.split(".")
         for k in range(1, len(parts) + 1):
             suffix = ".".join(parts[-k:])
-            matches = {n for n in all_names if n == suffix or n.endswith("." + suffix)}
-            if matches <= wanted:
+            if exact.get(suffix) or (suffix not in exact and exact.setdefault(suffix, owners[suffix] <= wanted)):
                 chosen.add(suffix)
                 break
     return sorted(chosen)

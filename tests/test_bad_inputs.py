@@ -196,8 +196,8 @@ def test_an_absurd_layer_count_is_refused_at_once(tmp_path, capsys):
     folder = _config_folder(tmp_path, num_hidden_layers=10**7)  # check and estimate ran past 120 s
     start = time.monotonic()
     code, out = _cli(capsys, "check", folder, "--strategy", "lora")
-    assert code == 1 and "config.num_hidden_layers=10000000: is outside 0..1024, beyond any real model" in out
-    with pytest.raises(errors.ConfigError, match=r"num_hidden_layers=10000000: is outside 0..1024.*Fix: check config"):
+    assert code == 1 and "config.num_hidden_layers=10000000: is outside 0..512, beyond any real model" in out
+    with pytest.raises(errors.ConfigError, match=r"num_hidden_layers=10000000: is outside 0..512.*Fix: check config"):
         adaptkit.estimate(folder, "lora")
     assert time.monotonic() - start < 10
 
