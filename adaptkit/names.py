@@ -42,7 +42,7 @@ CPU_LAUNCH = ("ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processe
 
 # --- private attributes of the libraries adaptkit sits on --------------------------------------------------
 # Each use of a private (underscore) attribute of peft / accelerate / transformers / evaluate, where no public
-# way exists: "library.path.attribute" -> (the version it was checked on, where adaptkit uses it, why).
+# way exists: "module:Attribute.path" -> (the version it was checked on, where adaptkit uses it, why).
 # tests/test_layers.py fails when one of them disappears from the installed library.
 PRIVATE_APIS: dict[str, tuple[str, str, str]] = {
     "peft.utils.other:_prepare_prompt_learning_config": (

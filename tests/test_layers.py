@@ -212,22 +212,40 @@ def _private_uses(path: Path) -> set[str]:
     return used
 
 
+def _gone(apis: dict[str, tuple[str, str, str]]) -> list[str]:
+    """The listed private attributes the installed libraries no longer have, each with why adaptkit needs it."""
+    out = []
+    for dotted, (version, where, why) in apis.items():
+        module_name, _, rest = dotted.partition(":")
+        obj = importlib.import_module(module_name)
+        for attr in rest.split("."):
+            if not hasattr(obj, attr):
+                out.append(f"{dotted} (checked on {version}, used in {where}) is gone from the installed library: {why}")
+                break
+            obj = getattr(obj, attr)
+    return out
+
+
+def test_a_private_attribute_that_disappears_is_reported():
+    apis = {"peft.utils.other:_no_such_helper": ("peft 0.21.2", "nowhere", "a test")}
+    assert _gone(apis) == ["peft.utils.other:_no_such_helper (checked on peft 0.21.2, used in nowhere) is gone from "
+                           "the installed library: a test"]
+
+
 def test_private_library_attributes_are_listed_and_still_exist():
     """Each private attribute of peft/accelerate/transformers/evaluate that adaptkit reads is listed in
     names.PRIVATE_APIS, and each listed one still exists in the installed library (a release that drops it
     fails here, not in a user's run)."""
     from adaptkit.names import PRIVATE_APIS
 
-    for dotted, (version, where, why) in PRIVATE_APIS.items():
-        module_name, _, rest = dotted.partition(":")
-        obj = importlib.import_module(module_name)
-        for attr in rest.split("."):
-            assert hasattr(obj, attr), (f"{dotted} (checked on {version}, used in {where}) is gone from the "
-                                        f"installed library: {why}")
-            obj = getattr(obj, attr)
-    used = {f"{use} ({path.relative_to(ROOT.parent)})" for path in ROOT.rglob("*.py") for use in _private_uses(path)
-            if use not in {d.replace(":", ".") for d in PRIVATE_APIS}}
-    assert not used, f"private library attributes used but not listed in adaptkit.names.PRIVATE_APIS: {sorted(used)}"
+    assert not _gone(PRIVATE_APIS), _gone(PRIVATE_APIS)
+    listed, uses = {d.replace(":", ".") for d in PRIVATE_APIS}, {}
+    for path in ROOT.rglob("*.py"):
+        for use in _private_uses(path):
+            uses.setdefault(use, path.relative_to(ROOT.parent))
+    unlisted = sorted(f"{use} ({where})" for use, where in uses.items() if use not in listed)
+    assert not unlisted, f"private library attributes used but not listed in adaptkit.names.PRIVATE_APIS: {unlisted}"
+    assert listed <= set(uses), f"listed in PRIVATE_APIS but no longer used (remove them): {sorted(listed - set(uses))}"
 
 
 def test_the_private_use_finder_sees_attributes_and_imports(tmp_path):
