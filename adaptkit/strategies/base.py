@@ -1,11 +1,6 @@
-"""What every strategy is: a typed, validated config that knows how to apply, save, load and merge itself.
-
-A strategy is one dataclass: its fields are the user's options (with defaults that work), its class
-variables say what it can do. PEFT-backed strategies (``lora``, ``prefix``, any other PEFT method) subclass
-:class:`PeftStrategy` and only build a ``peft.PeftConfig``: applying, saving (PEFT's folder format), loading
-and merging are PEFT's own. Native strategies (``bottleneck``, ``linear_probe``, ``full``) subclass
-:class:`Strategy`, change the model in place and save exactly the tensors that train.
-"""
+"""What every strategy is: a typed, validated dataclass (fields: the user's options, class variables: what it can
+do) that applies, saves, loads and merges itself. :class:`PeftStrategy` subclasses only build a ``peft.PeftConfig``
+(the rest is PEFT's); native ones change the model in place and save exactly the tensors that train."""
 
 from __future__ import annotations
 
@@ -114,9 +109,7 @@ class Strategy:
 
     @classmethod
     def resolve_options(cls, given: dict[str, Any]) -> dict[str, Any]:
-        """``given`` with PEFT's option names (``aliases``) renamed to this config's; unknown names refused
-        with "did you mean". ``register`` wraps ``__init__`` with it, so ``LoRA(rank=8)`` fails as
-        ``from_dict({"rank": 8})`` does."""
+        """PEFT's option names (``aliases``) renamed, unknown ones refused; ``register`` wraps ``__init__`` with it."""
         out: dict[str, Any] = {}
         for key, value in given.items():
             name = cls.aliases.get(key, key)

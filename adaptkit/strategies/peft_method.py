@@ -1,12 +1,9 @@
 """Any other PEFT method, passed straight through: by name (``"ia3"``, ``"loha"``) or as a PeftConfig.
 
-adaptkit fills only what PEFT leaves to the user and would otherwise get wrong or fail on without naming it:
-the task type; the new task head in ``modules_to_save`` (or it stays random and is not saved) and, by default,
-the pooler it reads (``train_pooler``, as lora and bottleneck); the sizes PEFT leaves empty for prompt methods
-(``PROMPT_DEFAULTS``); and target modules where PEFT has no default for the model type, following what the
-method adapts (``NORM_METHODS`` tune normalisation layers, the rest linear layers). Where PEFT has a default
-(its table for the type, or one it finds from the model) it is PEFT's: tests/test_peft_methods.py compares
-every method's trainable count with plain PEFT's.
+adaptkit fills only what PEFT leaves to the user and would get wrong, or fail on without naming it: the task type;
+the new head in ``modules_to_save`` and the pooler it reads (``train_pooler``, as lora and bottleneck); the sizes
+PEFT leaves empty for prompt methods; targets where PEFT has no default for the model type, following what the
+method adapts. Elsewhere PEFT decides: tests/test_peft_methods.py compares every method with plain PEFT.
 """
 
 from __future__ import annotations
