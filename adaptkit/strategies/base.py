@@ -18,8 +18,7 @@ from adaptkit import lengths, targets
 from adaptkit.errors import (AdapterFormatError, ConfigError, ConfigTypeError, NotMergeableError, UnknownOptionError,
                              UnsupportedError)
 from adaptkit.precision import keep_trainable_fp32
-# re-exported: core, layout, distributed and recipes/features still import these names from here
-from adaptkit.names import CONFIG_NAME, MARKER, NATIVE_WEIGHTS_NAME, OWNED, WEIGHTS_NAME  # noqa: F401
+from adaptkit.names import NATIVE_WEIGHTS_NAME, OWNED, WEIGHTS_NAME
 
 
 def type_ok(value: Any, hint: Any) -> bool:
