@@ -77,19 +77,14 @@ class Estimate:
 
     def __str__(self) -> str:
         mb = lambda n: f"{n / 1e6:,.0f}"  # noqa: E731
-        head = (f"{self.model_class} ({self.model}), batch {self.batch_size} x seq {self.seq_len}, "
-                f"{self.dtype}{', ' + self.quantization if self.quantization else ''}, AdamW, {self.device}")
-        cols = ["strategy", "trainable", "weights MB", "grads MB", "AdamW MB", "activ. MB", "peak MB",
-                "step cost", "method"]
-        lines = [head, "  ".join(f"{c:>12}" for c in cols)]
-        for r in self.rows:
-            if r.problem:
-                lines.append(f"{r.strategy:>12}  n/a: {r.problem}")
-                continue
-            cells = [r.strategy, f"{r.trainable:,}", mb(r.weights), mb(r.gradients), mb(r.optimizer),
-                     mb(r.activations), mb(r.peak), f"{r.step_cost:.2f}" if r.step_cost is not None else "?",
-                     r.method]
-            lines.append("  ".join(f"{c:>12}" for c in cells))
+        row = lambda cells: "  ".join(f"{c:>12}" for c in cells)  # noqa: E731
+        lines = [f"{self.model_class} ({self.model}), batch {self.batch_size} x seq {self.seq_len}, {self.dtype}"
+                 f"{', ' + self.quantization if self.quantization else ''}, AdamW, {self.device}",
+                 row(["strategy", "trainable", "weights MB", "grads MB", "AdamW MB", "activ. MB", "peak MB", "step cost",
+                      "method"])]
+        lines += [f"{r.strategy:>12}  n/a: {r.problem}" if r.problem else row(
+            [r.strategy, f"{r.trainable:,}", mb(r.weights), mb(r.gradients), mb(r.optimizer), mb(r.activations),
+             mb(r.peak), f"{r.step_cost:.2f}" if r.step_cost is not None else "?", r.method]) for r in self.rows]
         lines.append("peak = weights + the simulated peak of activations, gradients, AdamW states and temporaries "
                      "(they do not all coexist); step cost = forward+backward FLOPs relative to full fine-tuning")
         if self.device == "cpu":
@@ -170,12 +165,9 @@ def _estimate_one(sk: Skeleton, config, batch: int, seq: int, dtype: torch.dtype
 def _quantization_saving(model: nn.Module, quantization: str) -> int:
     """Bytes saved by storing every backbone linear weight quantized (heads stay unquantized)."""
     per_weight, scale_unit = _QUANT_BYTES[quantization]
-    saving = 0
-    for name in targets.linear_names(model):
-        weight = model.get_submodule(name).weight
-        scales = weight.shape[0] if scale_unit == "row" else -(-weight.numel() // scale_unit)
-        saving += int(weight.numel() * (weight.element_size() - per_weight)) - 4 * scales
-    return saving
+    weights = [model.get_submodule(name).weight for name in targets.linear_names(model)]
+    return sum(int(w.numel() * (w.element_size() - per_weight))
+               - 4 * (w.shape[0] if scale_unit == "row" else -(-w.numel() // scale_unit)) for w in weights)
 
 
 def _inputs(sk: Skeleton, batch: int, seq: int) -> dict[str, torch.Tensor]:
@@ -229,10 +221,8 @@ def _attention_backward_flops(grad_shape, q_shape, k_shape, v_shape, *args, out_
     return sdpa_backward_flop_count(grad_shape, q_shape, k_shape, v_shape)
 
 
-def _any_loss(outputs) -> torch.Tensor:
-    """A bare backbone has no loss: backpropagate from the mean of its first output."""
-    first = outputs[0] if isinstance(outputs, tuple) else next(iter(outputs.values()))
-    return first.float().mean()
+def _any_loss(outputs) -> torch.Tensor:  # a bare backbone has no loss: the mean of its first output
+    return (outputs[0] if isinstance(outputs, tuple) else next(iter(outputs.values()))).float().mean()
 
 
 def _fused_attention(device: str):
@@ -296,8 +286,7 @@ class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
         super().__init__(self._pack, lambda t: t)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage._cdata not in self.seen:
+        if (storage := t.untyped_storage())._cdata not in self.seen:
             self.seen.add(storage._cdata)
             self.total += storage.nbytes()
         return t
