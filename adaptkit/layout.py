@@ -57,8 +57,10 @@ def adapter_name(name: Any, field: str = "name") -> str:
 
 
 def _embedding_sample(model: nn.Module) -> list[float] | None:
-    get = getattr(unwrap(model), "get_input_embeddings", None)
-    weight = getattr(get(), "weight", None) if get is not None else None
+    try:  # a model without input embeddings (or one that does not say) records no sample
+        weight = getattr(unwrap(model).get_input_embeddings(), "weight", None)
+    except (AttributeError, NotImplementedError):
+        return None
     if not isinstance(weight, torch.Tensor) or weight.is_meta or type(weight) not in (torch.Tensor, nn.Parameter):
         return None
     flat = weight.detach().reshape(-1)
