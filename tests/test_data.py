@@ -428,6 +428,13 @@ def _png(path, size=(4, 4)):
     return path
 
 
+def _truncated_jpeg(path):
+    from PIL import Image
+    pixels = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8")
+    Image.fromarray(pixels).save(path, "JPEG")
+    path.write_bytes(path.read_bytes()[:-1500])
+
+
 def _claims_size(path, width, height):
     """A valid small PNG whose header claims another size (a decompression bomb, without the memory)."""
     import struct
@@ -441,6 +448,7 @@ def _claims_size(path, width, height):
 @pytest.mark.parametrize("name, spoil", [
     ("corrupt.png", lambda p: p.write_bytes(_png(p).read_bytes()[:60] + b"garbage" * 20)),
     ("empty.jpg", lambda p: p.write_bytes(b"")),
+    ("cut.jpg", lambda p: _truncated_jpeg(p)),  # PIL's verify() passes it; decoding it fails
     ("bomb.png", lambda p: _claims_size(p, 30000, 30000)),
 ])
 def test_bad_images_are_named_before_training(tmp_path, name, spoil):

@@ -233,11 +233,11 @@ def check_images(ds, where: str):
             name = item.get("path") or f"{where}, row {i + 1}"
             try:
                 with Image.open(item["path"] if item.get("bytes") is None else io.BytesIO(item["bytes"])) as im:
-                    im.verify()  # reads the whole file: truncated and corrupt data fail here
+                    im.load()  # decodes it: truncated and corrupt data fail here (verify() skips JPEG data)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
                 raise DataError(field=f"{where}, image", value=name, problem=f"cannot be used: {type(err).__name__}: "
                                 f"{str(err)[:120]}", fix="replace or remove the file (images over PIL's "
-                                f"{Image.MAX_IMAGE_PIXELS:,}-pixel limit are refused as decompression bombs)") from None
+                                "Image.MAX_IMAGE_PIXELS are refused as decompression bombs)") from None
     return ds
 
 
