@@ -61,53 +61,44 @@ class Skeleton:
 
 def read_config(model: Any):
     """A private copy of the config of a path, hub id, PretrainedConfig or loaded model."""
-    if isinstance(model, PretrainedConfig):
-        return copy.deepcopy(model)
-    if isinstance(model, nn.Module):
-        config = getattr(model, "config", None)
-        if not isinstance(config, PretrainedConfig):
-            raise ConfigTypeError(field="model", value=type(model).__name__, problem="has no transformers config",
-                                  fix="pass a transformers model, its folder, its hub id or its config")
-        return copy.deepcopy(config)
+    if isinstance(model, nn.Module) and not isinstance(getattr(model, "config", None), PretrainedConfig):
+        raise ConfigTypeError(field="model", value=type(model).__name__, problem="has no transformers config",
+                              fix="pass a transformers model, its folder, its hub id or its config")
+    if isinstance(model, (PretrainedConfig, nn.Module)):
+        return copy.deepcopy(model if isinstance(model, PretrainedConfig) else model.config)
     if not isinstance(model, (str, Path)):
         raise ConfigTypeError(field="model", value=model,
                               problem=f"expected a path, a hub id or a PretrainedConfig, got {type(model).__name__}",
                               fix="pass e.g. 'path/to/model' or transformers.AutoConfig.from_pretrained(...)")
     path = Path(model).expanduser()
     path = path.parent if path.is_file() else path  # a config.json given directly
-    where = str(path) if path.is_dir() else str(model)
-    looks_like_path = str(model).startswith((".", "/", "~")) or str(model).count("/") > 1
-    if not path.is_dir() and looks_like_path:
+    if not path.is_dir() and (str(model).startswith((".", "/", "~")) or str(model).count("/") > 1):
         raise ConfigError(field="model", value=str(model), problem="is neither an existing folder nor a hub id",
                           fix="check the path (it must hold config.json)")
     if path.is_dir():
         _refuse_adapter_folder(path)
         refuse_remote_code(path)
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false")
-    try:
-        # local first: a hub id that is already cached must not wait on network retries
-        return AutoConfig.from_pretrained(where, trust_remote_code=False, local_files_only=True)
-    except StrictDataclassError as exc:  # transformers >= 5.2x checks each field's type as it reads config.json
-        field = re.search(r"field '(\w+)'", str(exc))
-        raise ConfigTypeError(field=f"config.{field.group(1) if field else '?'}", value=str(model),
-                              problem=f"config.json holds a value of the wrong type: {exc.__cause__ or exc}",
-                              fix="write the value as the type named, e.g. 32 rather than \"32\"") from None
-    except ValueError as exc:
-        if "trust_remote_code" in str(exc) or "custom code" in str(exc):
-            raise remote_code_error(model, "its config names custom code") from None
-        raise ConfigError(field="model", value=str(model), problem=f"its config cannot be read: {exc}",
-                          fix="pass a folder holding a valid config.json") from None
-    except OSError as exc:
-        if path.is_dir() or offline:
-            raise ConfigError(field="model", value=str(model),
-                              problem="has no readable config.json" if path.is_dir()
-                              else "is not a local folder and not in the hub cache (HF_HUB_OFFLINE is set)",
-                              fix="pass a folder holding config.json, or download the model first") from None
-    try:
-        return AutoConfig.from_pretrained(where, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(field="model", value=str(model), problem=f"its config cannot be read: {exc}",
-                          fix="pass a local folder holding config.json, or check the hub id") from None
+    for local_only in (True, False):  # local first: a hub id that is already cached must not wait on network retries
+        try:
+            return AutoConfig.from_pretrained(str(path) if path.is_dir() else str(model), trust_remote_code=False,
+                                              local_files_only=local_only)
+        except StrictDataclassError as exc:  # transformers >= 5.2x checks each field's type as it reads config.json
+            field = re.search(r"field '(\w+)'", str(exc))
+            raise ConfigTypeError(field=f"config.{field.group(1) if field else '?'}", value=str(model),
+                                  problem=f"config.json holds a value of the wrong type: {exc.__cause__ or exc}",
+                                  fix="write the value as the type named, e.g. 32 rather than \"32\"") from None
+        except ValueError as exc:
+            if "trust_remote_code" in str(exc) or "custom code" in str(exc):
+                raise remote_code_error(model, "its config names custom code") from None
+            raise ConfigError(field="model", value=str(model), problem=f"its config cannot be read: {exc}",
+                              fix="pass a folder holding a valid config.json") from None
+        except OSError as exc:
+            if path.is_dir() or offline or not local_only:
+                raise ConfigError(field="model", value=str(model), fix="pass a folder holding config.json, or "
+                                  "download the model first", problem="has no readable config.json" if path.is_dir()
+                                  else "is not a local folder and not in the hub cache (HF_HUB_OFFLINE is set)" if offline
+                                  else f"its config cannot be read: {exc}") from None
 
 
 def _refuse_adapter_folder(path: Path) -> None:
