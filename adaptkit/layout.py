@@ -28,7 +28,7 @@ from torch import nn
 
 from adaptkit import card, folders, strategies, targets
 from adaptkit.errors import AdapterFormatError, BaseMismatchError, ConfigError, ConfigTypeError
-from adaptkit.names import ADAPTKIT_MODEL_TYPE, CONFIG_NAME, FORMAT, FROM_CONFIG_SEED, MARKER, WEIGHTS_NAME
+from adaptkit.names import ADAPTKIT_MODEL_TYPE, CONFIG_NAME, FORMAT, FROM_CONFIG_SEED, MARKER, OWNED, WEIGHTS_NAME
 from adaptkit.strategies.base import PeftStrategy, Strategy, weights_file
 from adaptkit.strategies.peft_method import PeftMethod
 
@@ -56,12 +56,18 @@ def adapter_name(name: Any, field: str = "name") -> str:
     return name
 
 
-def _embedding_sample(model: nn.Module) -> list[float] | None:
+def _embedding_sample(model: nn.Module, adapted: bool = False) -> list[float] | None:
+    """A sample of the input embeddings; None without them, or (``adapted``) when they train: a causal LM's probed
+    ``lm_head`` is tied to them, and a fresh base would not match the trained values."""
     try:  # a model without input embeddings (or one that does not say) records no sample
         weight = getattr(unwrap(model).get_input_embeddings(), "weight", None)
     except (AttributeError, NotImplementedError):
         return None
     if not isinstance(weight, torch.Tensor) or weight.is_meta or type(weight) not in (torch.Tensor, nn.Parameter):
+        return None
+    owned = set(model.__dict__.get(OWNED, ()))
+    if adapted and any(p.data_ptr() == weight.data_ptr() for n, p in model.named_parameters(remove_duplicate=False)
+                       if p.requires_grad or n in owned):
         return None
     flat = weight.detach().reshape(-1)
     return [float(flat[i * (flat.numel() - 1) // (SAMPLE - 1)]) for i in range(SAMPLE)]
@@ -77,7 +83,7 @@ def base_record(model: nn.Module) -> dict[str, Any]:
         name = str(Path(name).resolve())
     plain = {k: v if v is None or isinstance(v, (int, str, float)) else str(v)
              for k in FINGERPRINT for v in [getattr(config, k, None)]}
-    sample = _embedding_sample(model) if strategy is None or strategy.freezes_base else None
+    sample = _embedding_sample(model, strategy is not None) if strategy is None or strategy.freezes_base else None
     return {"name_or_path": name, "class": type(base).__name__, "config": plain, "embedding_sample": sample,
             "seed": base.__dict__.get(FROM_CONFIG_SEED)}
 
