@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoTokenizer
@@ -84,11 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     train_rows, dev_rows = read_tsv(args.data / "train.tsv"), read_tsv(args.data / "dev.tsv")
     guards.require_classes([label for _, label in train_rows], args.data / "train.tsv")
     args.out = args.out.expanduser()
-    lock = runs.lock_folder(args.out, "--out") if PartialState().is_main_process else None
 
     accelerator = Accelerator(cpu=args.cpu)
     world = require_processes(accelerator, args.processes)
     check_sharding(accelerator)  # FSDP1 / ZeRO-3 refused with the fix; FSDP2 is gathered when saving
+    lock = runs.lock_folder(args.out, "--out") if accelerator.is_main_process else None  # one run per --out
     set_seed(args.seed)  # same seed everywhere: every rank builds the same head and adapter
     config = AutoConfig.from_pretrained(args.model, num_labels=2, trust_remote_code=False)
     lora = adaptkit.LoRA(r=args.rank)
