@@ -1,11 +1,8 @@
-"""Where this process's model goes, decided before any weights load (used by ``adaptkit.load_model``).
+"""Where this process's model goes, decided before any weights load (``adaptkit.load_model`` uses it).
 
-Under data parallelism (DDP) every process holds a whole copy of the model on its own device, so a model is
-loaded with ``device_map={"": local process index}``. ``device_map="auto"`` shards one copy over all GPUs of
-the machine: in N processes that is N overlapping shardings, and Accelerate refuses to wrap a multi-device
-quantized model in DDP. It is refused here, with the fix. Under FSDP the model loads whole on the CPU and FSDP
-places each process's shard itself. What happens after ``adapt`` (checks and gathering of sharded adapters)
-is in ``adaptkit.distributed``.
+Under DDP every process holds a whole copy on its own device: ``device_map={"": local process index}``. A map
+over several devices ("auto") in N processes is N overlapping shardings, which Accelerate refuses for a quantized
+model: refused here, with the fix. Under FSDP the model loads whole on the CPU and FSDP places the shards.
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""Finding things in a model from its structure, not from a table of known architectures.
-
-* the task head(s): the top-level children of a ``*For*`` model that are not its base model;
-* the linear layers (``nn.Linear``, GPT-2's ``Conv1D``, bitsandbytes' quantized linears);
-* target names given by a user, matched PEFT-style (a name matches a module whose dotted name ends
-  with it), with "did you mean" suggestions when nothing matches.
+"""Finding things in a model from its structure, not from a table of known architectures: the task heads (children
+of a ``*For*`` model outside its backbone), the linear layers (``nn.Linear``, GPT-2's ``Conv1D``, bitsandbytes'),
+and user-given target names matched PEFT-style (a dotted-name suffix), with "did you mean" when nothing matches.
 """
 
 from __future__ import annotations
