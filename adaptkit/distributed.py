@@ -1,11 +1,10 @@
-"""Several processes, after ``adapt``: is this run as many processes as asked, can its sharding be saved, and
-the gathering of a sharded adapter for saving. (Where a model goes before it loads is ``adaptkit.placement``.)
+"""Several processes, after ``adapt``: the process count, whether the sharding can be saved, and gathering a
+sharded adapter to save it (placement before loading is ``adaptkit.placement``).
 
-Two launch mistakes train "fine" and give a wrong result without an error (Accelerate 1.15 on CPU, FACTS.md):
-``accelerate launch --cpu --num_processes 2`` starts ONE process, with nothing in its environment saying two
-were asked for (so the user says it again: ``require_processes(accelerator, 2)``, ``--processes 2`` or
-``ADAPTKIT_PROCESSES=2``); ``--multi_gpu --num_processes 2`` without GPUs or ``ACCELERATE_USE_CPU=1`` starts two
-processes that each train alone (``WORLD_SIZE=2`` while Accelerate sees one: checked without being asked).
+Two launches train "fine" with a wrong result (Accelerate 1.15 on CPU): ``accelerate launch --cpu --num_processes 2``
+starts ONE process and nothing in its environment says two were asked for (so the user says it again:
+``require_processes(accelerator, 2)`` or ``ADAPTKIT_PROCESSES=2``); ``--multi_gpu`` without GPUs or
+``ACCELERATE_USE_CPU=1`` starts processes that each train alone (``WORLD_SIZE`` differs from Accelerate's count).
 """
 
 from __future__ import annotations
@@ -24,9 +23,8 @@ _ON_CPU = "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2
 
 
 def require_processes(accelerator: Any = None, expected: int | None = None) -> int:
-    """Raise ProcessCountError unless this run is as many processes as asked for (``expected``; None reads
-    ``ADAPTKIT_PROCESSES``), counted by ``accelerator.num_processes``, else an initialised torch.distributed
-    group, else 1. A launcher's ``WORLD_SIZE`` that differs from that count is refused too. Returns the count."""
+    """Raise ProcessCountError unless this run is ``expected`` processes (None reads ``ADAPTKIT_PROCESSES``), counted
+    by ``accelerator``, else a torch.distributed group, else 1, and ``WORLD_SIZE`` agrees. Returns the count."""
     if accelerator is not None:
         running = int(accelerator.num_processes)
         seen = f"Accelerate sees {running}"
@@ -37,21 +35,18 @@ def require_processes(accelerator: Any = None, expected: int | None = None) -> i
         running, seen = 1, "no Accelerator or process group joins them"
     expected = env_int(EXPECTED_ENV) if expected is None else expected
     if expected is not None and (isinstance(expected, bool) or not isinstance(expected, int) or expected < 1):
-        raise ConfigError(field="expected processes", value=expected, problem="must be a positive integer",
-                          fix="pass the --num_processes value given to the launcher, e.g. 2")
+        raise ConfigError("expected processes", expected, "must be a positive integer", "pass e.g. 2")
     world = launched_world_size()
     cpu_hint = f"on CPU launch with `{CPU_LAUNCH.format(n=expected or world or 2)}`"
     if world is not None and world != running:
-        raise ProcessCountError(field="WORLD_SIZE", value=world, problem=f"the launcher started {world} processes but "
-                                f"{seen}: each process would train alone on all the data",
-                                fix=f"{cpu_hint} (or create Accelerator(cpu=True)); on GPUs check that {world} GPUs are visible")
+        raise ProcessCountError(
+            "WORLD_SIZE", world, f"the launcher started {world} processes but {seen}: each process would train alone",
+            f"{cpu_hint} (or Accelerator(cpu=True)); on GPUs make {world} visible")
     if expected is not None and expected != running:
         raise ProcessCountError(
-            field="processes", value=running, problem=f"{expected} process(es) were asked for but this run is {running}",
-            fix=f"{cpu_hint}, since `accelerate launch --cpu --num_processes {expected}` silently starts one; on GPUs use "
-                f"`accelerate launch --num_processes {expected}` with {expected} visible GPUs" if expected > running else
-                f"launch with --num_processes {expected}, or ask for {running} (--processes {running} or "
-                f"{EXPECTED_ENV}={running}) if that is what you want")
+            "processes", running, f"{expected} process(es) were asked for but this run is {running}",
+            f"{cpu_hint} (`--cpu` starts one); on GPUs make {expected} visible" if expected > running
+            else f"launch with --num_processes {expected}, or ask for {running}")
     return running
 
 
@@ -60,66 +55,45 @@ def _kind(accelerator: Any) -> str:
 
 
 def check_sharding(accelerator: Any) -> None:
-    """Before any weights load: accept DDP, DeepSpeed ZeRO-1/2 and FSDP2 (every parameter a DTensor under its own
-    name, which :func:`save_adapter` gathers); refuse, with the fix, FSDP or DeepSpeed asked for where Accelerate
-    runs DDP instead (a CPU launch: transformers then builds rank 1's model on the meta device and fails), FSDP1
-    (parameters flattened under other names), FSDP2's untested cpu_ram_efficient_loading, and ZeRO-3."""
+    """Before any weights load: accept DDP, DeepSpeed ZeRO-1/2 and FSDP2 (DTensor parameters under their own names,
+    which :func:`save_adapter` gathers). Refuse FSDP or DeepSpeed that Accelerate runs as DDP (a CPU launch, where
+    rank 1 then builds on meta and fails), FSDP1 (flattened parameters), cpu_ram_efficient_loading, and ZeRO-3."""
     kind, state = _kind(accelerator), getattr(accelerator, "state", None)
-    running = f"running as {kind or 'one process'}"
-    if fsdp_requested() and kind != "FSDP":
-        raise UnsupportedError(
-            field="accelerate launch --use_fsdp", value=running,
-            problem="Accelerate enables FSDP on GPUs only and runs a CPU launch as DDP (every process a whole copy), "
-                    "while transformers still builds the model on the meta device in processes > 0 "
-                    "(`Cannot copy out of meta tensor; no data!`)",
-            fix=f"on CPU drop --use_fsdp (DDP: {_ON_CPU}) or apply torch's fully_shard yourself and save with "
-                "adaptkit.distributed.save_adapter; on GPUs launch without ACCELERATE_USE_CPU")
-    if env_flag("ACCELERATE_USE_DEEPSPEED") and kind != "DEEPSPEED":
-        raise UnsupportedError(field="accelerate launch --use_deepspeed", value=running,
-                               problem="Accelerate enables DeepSpeed on GPUs only and runs a CPU launch as DDP: no ZeRO sharding",
-                               fix=f"on CPU drop --use_deepspeed (DDP: {_ON_CPU}); on GPUs launch without ACCELERATE_USE_CPU")
-    plugin = getattr(state, "fsdp_plugin", None)
+    running, plugin = f"running as {kind or 'one process'}", getattr(state, "fsdp_plugin", None)
+    for flag, name, asked in (("fsdp", "FSDP", fsdp_requested()),
+                              ("deepspeed", "DeepSpeed", env_flag("ACCELERATE_USE_DEEPSPEED"))):
+        if asked and kind != name.upper():
+            raise UnsupportedError(f"accelerate launch --use_{flag}", running, f"Accelerate enables {name} on GPUs "
+                                   "only and runs a CPU launch as DDP", f"on CPU drop --use_{flag} ({_ON_CPU})")
     if kind == "FSDP" and (version := getattr(plugin, "fsdp_version", 1)) != 2:
-        raise UnsupportedError(field="fsdp_version", value=version, problem="FSDP1 flattens parameters into buffers "
-                               "under other names; adaptkit gathers and saves adapters from FSDP2's per-parameter shards only",
-                               fix="launch with `--fsdp_version 2` (or fsdp_version: 2 in the accelerate config)")
+        raise UnsupportedError("fsdp_version", version, "FSDP1 flattens parameters under other names",
+                               "launch with `--fsdp_version 2`")
     if kind == "FSDP" and getattr(plugin, "cpu_ram_efficient_loading", False):
-        raise UnsupportedError(
-            field="fsdp_cpu_ram_efficient_loading", value=True,
-            problem="processes other than the first then build the model and its adapter on the meta device and get "
-                    "their weights broadcast at prepare; adaptkit has not tested that path",
-            fix="launch with `--fsdp_cpu_ram_efficient_loading false` (or false in the accelerate config)")
+        raise UnsupportedError("fsdp_cpu_ram_efficient_loading", True, "processes other than the first build on meta "
+                               "(untested)", "launch with `--fsdp_cpu_ram_efficient_loading false`")
     if kind == "DEEPSPEED" and getattr(getattr(state, "deepspeed_plugin", None), "zero_stage", None) == 3:
-        raise UnsupportedError(field="distributed_type", value="DEEPSPEED ZeRO-3", problem="shards parameters in a way "
-                               "adaptkit does not gather for saving (untested: deepspeed could not be tested here)",
-                               fix="use FSDP2 (`accelerate launch --use_fsdp --fsdp_version 2`), DeepSpeed ZeRO-2, or DDP")
+        raise UnsupportedError("distributed_type", "DEEPSPEED ZeRO-3", "shards parameters adaptkit cannot gather",
+                               "use FSDP2 (`--use_fsdp --fsdp_version 2`), ZeRO-2 or DDP")
 
 
 def check_sharded_model(accelerator: Any, model: Any) -> None:
-    """Under FSDP2 (call it after ``adapt``, before ``accelerator.prepare``), refuse what cannot be sharded or
-    saved: prompt learning (PEFT saves its encoder from the module, which holds one shard), 8-bit weights, and
-    4-bit weights stored as integers (left whole on every process; ``load_model`` stores them as floats)."""
+    """Under FSDP2 (after ``adapt``, before ``prepare``) refuse prompt learning (PEFT saves its encoder from the
+    module, one shard), 8-bit weights, and 4-bit weights stored as integers (left whole on every process)."""
     if _kind(accelerator) != "FSDP":
         return
     strategy, peft_config = strategy_of(model), getattr(model, "peft_config", {}) or {}
     if any(getattr(c, "is_prompt_learning", False) for c in peft_config.values()):
-        raise UnsupportedError(
-            field="strategy", value=strategy.label if strategy else "a prompt-learning PEFT method",
-            problem="under FSDP; PEFT saves prompt encoders from the module, which holds only this process's shard",
-            fix="use lora or bottleneck under FSDP, or DDP (`accelerate launch --multi_gpu`) for prefix tuning")
+        raise UnsupportedError("strategy", strategy.label if strategy else "prompt learning", "under FSDP; PEFT saves "
+                               "prompt encoders from one shard", "use lora or bottleneck, or DDP for prefix tuning")
     quant = is_quantized(model)
     if quant == "8bit":
-        raise UnsupportedError(field="quantization", value="8bit", problem="under FSDP: 8-bit weights cannot be sharded",
-                               fix="use quantization='4bit' (FSDP + QLoRA) or DDP for 8-bit")
+        raise UnsupportedError("quantization", "8bit", "under FSDP: 8-bit weights cannot be sharded",
+                               "use quantization='4bit' (FSDP + QLoRA) or DDP")
     storage = sorted({str(m.weight.dtype) for m in quantized_linears(model).values()
                       if not m.weight.dtype.is_floating_point}) if quant == "4bit" else []
     if storage:
-        raise UnsupportedError(
-            field="bnb_4bit_quant_storage", value=storage,
-            problem="under FSDP, 4-bit weights stored as integers are left unsharded on every process",
-            fix="load with adaptkit.load_model(..., quantization='4bit') under the FSDP launch (it sets bnb_4bit_quant_"
-                "storage to the model's dtype), or pass quantization_options={'bnb_4bit_quant_storage': torch.bfloat16} "
-                "and dtype=torch.bfloat16")
+        raise UnsupportedError("bnb_4bit_quant_storage", storage, "under FSDP, integer 4-bit weights are left "
+                               "unsharded", "load with adaptkit.load_model(..., quantization='4bit') under the launch")
 
 
 def gather_trained(model: Any) -> dict[str, torch.Tensor] | None:

@@ -21,8 +21,7 @@ def env_int(name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise ConfigError(field=name, value=value, problem="is not an integer",
-                          fix=f"unset it or set it to a whole number, e.g. {name}=2") from None
+        raise ConfigError(name, value, "is not an integer", f"unset it or set a whole number, e.g. {name}=2") from None
 
 
 def launched_world_size() -> int | None:  # the process count accelerate launch / torchrun started
@@ -41,30 +40,22 @@ def process_device() -> int | str:
 def device_map(requested: Any = None) -> Any:
     """The ``device_map`` for ``from_pretrained``: the user's, checked, or the whole model on this process's device.
     Under several processes a map over several devices ("auto", ...) is refused: copies must be whole."""
-    if fsdp_requested() and requested is not None:
-        raise UnsupportedError(field="device_map", value=requested, fix="leave device_map unset",
-                               problem="under FSDP the model must load whole on the CPU; FSDP places each process's shard itself")
-    if fsdp_requested():
-        return None  # FSDP (and FSDP + QLoRA) loads on the CPU and shards from there
+    if fsdp_requested():  # FSDP (and FSDP + QLoRA) loads on the CPU and shards from there
+        if requested is not None:
+            raise UnsupportedError("device_map", requested, "under FSDP the model must load whole on the CPU",
+                                   "leave device_map unset")
+        return None
     if requested is None:
         return {"": process_device()}
     world = launched_world_size() or 1
     if world > 1:
         devices = set(requested.values()) if isinstance(requested, dict) else {requested}
-        if (isinstance(requested, str) and requested in {"auto", "balanced", "balanced_low_0", "sequential"}) \
-                or len(devices) != 1:
-            raise UnsupportedError(
-                field="device_map", value=requested,
-                problem=f"shards one model over several devices, but this run is {world} data-parallel processes "
-                        "that each need a whole copy",
-                fix=f"leave device_map unset (adaptkit places the model with device_map={{'': {process_device()!r}}}), "
-                    "or for a model too big for one device use FSDP or DeepSpeed through `accelerate config`")
-        (device,) = devices
-        if _same_device(device, process_device()) is False:
-            raise UnsupportedError(
-                field="device_map", value=requested,
-                problem=f"puts this process's model (local rank {local_process_index()}) on another process's device",
-                fix="leave device_map unset, or use device_map={'': accelerator.local_process_index}")
+        if requested in ("auto", "balanced", "balanced_low_0", "sequential") or len(devices) != 1:
+            raise UnsupportedError("device_map", requested, f"shards one model, but the {world} data-parallel "
+                                   "processes each need a whole copy", "leave device_map unset, or use FSDP")
+        if _same_device(next(iter(devices)), process_device()) is False:
+            raise UnsupportedError("device_map", requested, f"puts this process's model (local rank "
+                                   f"{local_process_index()}) on another process's device", "leave device_map unset")
     return requested  # "auto", "cpu", 0 or a dict: from_pretrained reads them all
 
 

@@ -26,7 +26,8 @@ from torch import nn
 
 from adaptkit import lengths, targets
 from adaptkit.core import is_quantized, load, merge, save, strategy_of
-from adaptkit.errors import BaseMismatchError, ConfigError, ConfigTypeError, NotAdaptedError, NotMergeableError, SanityCheckError
+from adaptkit.errors import (BaseMismatchError, ConfigError, ConfigTypeError, NotAdaptedError, NotMergeableError,
+                             SanityCheckError)
 from adaptkit.strategies import bottleneck
 
 CHECKS = ("init", "gradients", "loss", "save_load", "merge")
@@ -69,15 +70,11 @@ def sanity_check(model: nn.Module, batch: Mapping[str, torch.Tensor], *, steps: 
     ``loss_fn(outputs, batch)``). ``at_init=False`` skips the init check for a model that has trained already."""
     strategy = strategy_of(model)
     if strategy is None:
-        raise NotAdaptedError(field="model", value=type(model).__name__, problem="was not adapted by adaptkit",
-                              fix="call adaptkit.adapt(model, strategy) first, then sanity_check")
+        raise NotAdaptedError("model", type(model).__name__, "was not adapted by adaptkit", "adaptkit.adapt it first")
     if not isinstance(batch, Mapping) or not all(isinstance(v, torch.Tensor) for v in batch.values()):
-        raise ConfigTypeError(field="batch", value=type(batch).__name__,
-                              problem="expected a dict of tensors (the model's keyword inputs)",
-                              fix="pass one batch from your DataLoader, e.g. next(iter(loader))")
+        raise ConfigTypeError("batch", type(batch).__name__, "expected a dict of tensors", "pass next(iter(loader))")
     if not isinstance(steps, int) or steps < 2:
-        raise ConfigTypeError(field="steps", value=steps, problem="must be an int >= 2 (LoRA's A moves from step 2)",
-                              fix="use steps=3")
+        raise ConfigTypeError("steps", steps, "must be an int >= 2 (LoRA's A moves from step 2)", "use steps=3")
     _check_batch(model, batch)
     quant = is_quantized(model)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -93,8 +90,7 @@ def sanity_check(model: nn.Module, batch: Mapping[str, torch.Tensor], *, steps: 
     if raise_on_failure and not report.ok:
         first, *others = report.failures
         also = f" (also failed: {', '.join(r.name for r in others)})" if others else ""
-        error = SanityCheckError(field=f"sanity_check.{first.name}", value=first.value,
-                                 problem=first.detail + also, fix=first.fix)
+        error = SanityCheckError(f"sanity_check.{first.name}", first.value, first.detail + also, first.fix)
         error.report = report
         raise error
     return report
@@ -119,9 +115,7 @@ def _check_batch(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> None:
     ids, labels = batch.get("input_ids"), batch.get("labels")
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if ids is not None and (vocab := getattr(embeddings, "num_embeddings", None)) is not None:
-        _in_range(ids, vocab, "input_ids", "the model's vocabulary",
-                  "tokenize with the model's own tokenizer (a tokenizer with a larger vocabulary gives ids the "
-                  "embedding table does not have)", prefix="is outside")
+        _in_range(ids, vocab, "input_ids", "the model's vocabulary", "tokenize with the model's own tokenizer")
     if ids is not None and ids.dim() == 2:
         lengths.check_length(model, ids.shape[1], field="batch['input_ids'] length")
     if labels is None or labels.is_floating_point():
@@ -129,49 +123,35 @@ def _check_batch(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> None:
     config = getattr(model, "config", None)
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if out is not None and getattr(out, "out_features", None):  # language model: labels are token ids
-        _in_range(labels[labels != -100], out.out_features, "labels", "the vocabulary", _LABEL_FIX)  # -100: ignored
+        _in_range(labels[labels != -100], out.out_features, "labels", "the vocabulary")  # -100: ignored
     elif getattr(config, "problem_type", None) != "regression" and getattr(config, "num_labels", 1) > 1:
-        _in_range(labels[labels != -100], config.num_labels, "labels", f"num_labels={config.num_labels}", _LABEL_FIX)
+        _in_range(labels[labels != -100], config.num_labels, "labels", f"the {config.num_labels} classes")
 
 
-_LABEL_FIX = "map the labels to class ids 0..K-1 and load the model with num_labels=K (-100 marks positions to ignore)"
-
-
-def _in_range(values: torch.Tensor, size: int, key: str, what: str, fix: str, prefix: str = "") -> None:
+def _in_range(values: torch.Tensor, size: int, key: str, what: str,
+              fix: str = "map labels to 0..K-1 and load with num_labels=K (-100: ignored)") -> None:
     if values.numel() and (int(values.min()) < 0 or int(values.max()) >= size):
         bad = int(values.min()) if int(values.min()) < 0 else int(values.max())
-        problem = f"is outside {what} 0..{size - 1}" if prefix else f"is outside 0..{size - 1} ({what})"
-        raise ConfigError(field=f"batch[{key!r}]", value=bad, problem=problem, fix=fix)
+        raise ConfigError(f"batch[{key!r}]", bad, f"is outside {what} 0..{size - 1}", fix)
 
 
 # ---- 1. init ---------------------------------------------------------------------------------------
 def _check_init(model, batch, strategy, quant, atol) -> Result:
-    if quant == "4bit":  # FACTS.md: an eval forward repacks 4-bit weights on CPU and breaks training after
+    peft = isinstance(model, PeftModel)
+    if quant == "4bit":  # an eval forward repacks 4-bit weights on CPU, and training fails after it
         return Result("init", "skipped", "4-bit model: an eval-mode forward would break its training on CPU")
-    if isinstance(model, PeftModel) and isinstance(model.peft_config[model.active_adapter], PromptLearningConfig):
+    if peft and isinstance(model.peft_config[model.active_adapter], PromptLearningConfig):
         return Result("init", "skipped", f"{strategy.name} prepends trained vectors: it changes the outputs by design")
-    if not isinstance(model, PeftModel) and not bottleneck.has_adapters(model):
-        return Result("init", "skipped", f"{strategy.name} adds no modules: the outputs are the base model's by construction")
+    if not peft and not bottleneck.has_adapters(model):
+        return Result("init", "skipped", f"{strategy.name} adds no modules: the outputs are the base model's")
     adapted = _outputs(model, batch)
-    with model.disable_adapter() if isinstance(model, PeftModel) else _bottleneck_hooks_removed(model):
+    with model.disable_adapter() if peft else bottleneck.adapters_off(model):
         base = _outputs(model, batch)
     if (diff := _max_diff(adapted, base)) > atol + atol * float(base.abs().max()):
-        return Result("init", "failed", f"the {strategy.name} adapter changes the outputs at initialisation "
-                      f"(max |difference| {diff:.3g})", value=diff,
-                      fix="initialise it to the identity (LoRA: B = 0, the default init; bottleneck: up = 0), "
-                          "or pass at_init=False if this model has trained already")
+        return Result("init", "failed", f"the {strategy.name} adapter changes the outputs at initialisation (max "
+                      f"|difference| {diff:.3g})", "initialise it to the identity (LoRA: B = 0; bottleneck: up = 0), "
+                      "or pass at_init=False if the model has trained already", diff)
     return Result("init", "ok", f"outputs unchanged by the adapter (max |difference| {diff:.2g})")
-
-
-@contextlib.contextmanager
-def _bottleneck_hooks_removed(model):
-    removed = [(m, key, m._forward_hooks.pop(key)) for m in model.modules()  # torch: no public hook lookup
-               for key, hook in list(m._forward_hooks.items()) if hook is bottleneck._adapter_hook]
-    try:
-        yield
-    finally:
-        for module, key, hook in removed:
-            module._forward_hooks[key] = hook
 
 
 # ---- 2 + 3. gradients and loss ---------------------------------------------------------------------
@@ -180,8 +160,8 @@ _NO_GRADIENTS = Result("loss", "skipped", "no gradients to follow")
 
 def _train_checks(model, batch, strategy, trainable, saved, frozen, steps, lr, loss_fn, losses) -> list[Result]:
     if not trainable:
-        return [Result("gradients", "failed", "0 trainable parameters", value=0, fix="adapt the model with a "
-                       "strategy that trains something (check targets/heads)"), Result("loss", "skipped", "nothing trains")]
+        return [Result("gradients", "failed", "0 trainable parameters", "check the strategy's targets/heads", 0),
+                Result("loss", "skipped", "nothing trains")]
     model.train()
     start = _fixed_loss(model, batch, loss_fn)
     optimizer = torch.optim.AdamW(trainable.values(), lr=lr, weight_decay=0.0)  # no decay: a change means a gradient
@@ -191,30 +171,26 @@ def _train_checks(model, batch, strategy, trainable, saved, frozen, steps, lr, l
         losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):
             return [Result("gradients", "skipped", "the loss is not finite"),
-                    Result("loss", "failed", f"loss is {losses[-1]} at step {step + 1}", value=losses[-1],
-                           fix="lower the learning rate, check the labels (range, dtype) and the inputs for NaN")]
+                    Result("loss", "failed", f"loss is {losses[-1]} at step {step + 1}",
+                           "lower the learning rate, check the labels and the inputs for NaN", losses[-1])]
         if not loss.requires_grad:  # the graph from the trainable tensors to the loss is cut
             return [_gradient_result(model, strategy, trainable, dict.fromkeys(trainable)), _NO_GRADIENTS]
         loss.backward()
-        if step == 0 and (result := _gradient_result(model, strategy, trainable,
-                                                     {n: p.grad for n, p in trainable.items()})).status == "failed":
+        grads = {n: p.grad for n, p in trainable.items()}
+        if step == 0 and (result := _gradient_result(model, strategy, trainable, grads)).status == "failed":
             return [result, _NO_GRADIENTS]
         optimizer.step()
     end = _fixed_loss(model, batch, loss_fn)
-    changed = [n for n, fp in frozen.items() if not torch.equal(fp, _fingerprint(model.get_parameter(n)))]
-    if changed:
-        result = Result("gradients", "failed", f"{len(changed)} frozen tensor(s) changed during training: {changed[:5]}",
-                        value=len(changed), fix="something writes into base weights in place; report it with the strategy name")
-    unchanged = [n for n, p in trainable.items() if torch.equal(p.detach(), saved[n])]
-    if unchanged:
-        return [result, Result("loss", "failed", f"{len(unchanged)} trainable tensor(s) did not change in {steps} steps: "
-                               f"{unchanged[:5]}", value=len(unchanged),
-                               fix="their gradients are zero: check that they are on the path to the loss")]
+    if changed := [n for n, fp in frozen.items() if not torch.equal(fp, _fingerprint(model.get_parameter(n)))]:
+        result = Result("gradients", "failed", f"{len(changed)} frozen tensor(s) changed during training: "
+                        f"{changed[:5]}", "something writes into base weights in place: report it", len(changed))
+    if unchanged := [n for n, p in trainable.items() if torch.equal(p.detach(), saved[n])]:
+        return [result, Result("loss", "failed", f"{len(unchanged)} trainable tensor(s) did not change in {steps} "
+                               f"steps: {unchanged[:5]}", "put them on the path to the loss", len(unchanged))]
     if not end < start:
-        return [result, Result("loss", "failed", f"the loss did not fall over {steps} steps on one batch ({start:.4f} -> "
-                               f"{end:.4f})", value=(start, end),
-                               fix=f"try another learning rate (lr={lr} here), check that labels match the inputs")]
-    return [result, Result("loss", "ok", f"finite, {start:.4f} -> {end:.4f} over {steps} steps; every trainable tensor changed")]
+        return [result, Result("loss", "failed", f"the loss did not fall over {steps} steps on one batch ({start:.4f} "
+                               f"-> {end:.4f})", f"try another learning rate (lr={lr} here)", (start, end))]
+    return [result, Result("loss", "ok", f"finite, {start:.4f} -> {end:.4f} over {steps} steps; all trainables moved")]
 
 
 def _gradient_result(model, strategy, trainable, grads) -> Result:
@@ -223,24 +199,21 @@ def _gradient_result(model, strategy, trainable, grads) -> Result:
     checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
     if len(missing) == len(trainable):
         return Result("gradients", "failed", "0 trainable parameters received gradients: " + (
-            "gradient checkpointing without input gradients" if checkpointing
-            else "no trainable tensor is on the path from the inputs to the loss"), value=0,
-            fix="call model.enable_input_require_grads() after gradient_checkpointing_enable(), or enable it with "
-                "gradient_checkpointing_kwargs={'use_reentrant': False}" if checkpointing
-            else "check the strategy's targets and that the loss uses the outputs")
+            "gradient checkpointing without input gradients" if checkpointing else "none is on the path to the loss"),
+            "call model.enable_input_require_grads() after gradient_checkpointing_enable()" if checkpointing
+            else "check the strategy's targets and that the loss uses the outputs", 0)
     if missing:
-        return Result("gradients", "failed", f"{len(missing)} of {len(trainable)} trainable tensors received no gradient"
-                      f"{' (gradient checkpointing without input gradients?)' if checkpointing else ''}: {missing[:5]}",
-                      value=len(missing), fix="freeze tensors the loss does not reach, or fix the targets/heads that name them")
+        return Result("gradients", "failed", f"{len(missing)} of {len(trainable)} trainable tensors received no "
+                      f"gradient: {missing[:5]}", "freeze what the loss does not reach", len(missing))
     if bad:
-        return Result("gradients", "failed", f"{len(bad)} gradient(s) contain NaN/inf: {bad[:5]}", value=len(bad),
-                      fix="lower the learning rate or use fp32/bf16 instead of fp16")
+        return Result("gradients", "failed", f"{len(bad)} gradient(s) contain NaN/inf: {bad[:5]}",
+                      "lower the learning rate or use fp32/bf16 instead of fp16", len(bad))
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     heads = [h for h in targets.new_head_names(base) if not any(h in n.split(".") for n in trainable)]
     if strategy.freezes_base and heads:
-        return Result("gradients", "failed", f"the new task head(s) {heads} do not train: they stay random", value=heads,
-                      fix="list them in the strategy's heads option (PEFT: modules_to_save)")
-    return Result("gradients", "ok", f"all {len(trainable)} trainable tensors received finite gradients; frozen tensors unchanged")
+        return Result("gradients", "failed", f"the new task head(s) {heads} do not train: they stay random",
+                      "list them in the strategy's heads option (PEFT: modules_to_save)", heads)
+    return Result("gradients", "ok", f"all {len(trainable)} trainable tensors received finite gradients")
 
 
 # ---- 4 + 5. save/load and merge --------------------------------------------------------------------
@@ -259,12 +232,11 @@ def _roundtrip_checks(model, batch, strategy, base_model, quant, atol, merge_rto
             loaded = load(Path(tmp) / "adapter", base_model())
         except BaseMismatchError as exc:  # load compares the base with the one the adapter was saved from
             return [Result("save_load", "failed", f"the adapter does not load onto base_model(): {exc.problem}",
-                           value=exc.value, fix=_SAME_BASE), Result("merge", "skipped", "nothing reloaded")]
+                           _SAME_BASE, exc.value), Result("merge", "skipped", "nothing reloaded")]
     diff = _max_diff(_outputs(loaded, batch), reference)
     results = [Result("save_load", "ok", f"reloaded outputs match (max |difference| {diff:.2g})")
-               if diff <= atol + atol * float(reference.abs().max()) else Result(
-                   "save_load", "failed", f"the reloaded adapter computes different outputs (max |difference| {diff:.3g})",
-                   value=diff, fix=_SAME_BASE)]
+               if diff <= atol + atol * float(reference.abs().max()) else Result("save_load", "failed", "the reloaded "
+               f"adapter computes different outputs (max |difference| {diff:.3g})", _SAME_BASE, diff)]
     if not strategy.mergeable or quant:
         return results + [Result("merge", "skipped", f"{strategy.name} is not mergeable" if not strategy.mergeable
                                  else f"{quant} model: merging needs dequantized weights")]
@@ -275,8 +247,7 @@ def _roundtrip_checks(model, batch, strategy, base_model, quant, atol, merge_rto
     diff, tolerance = _max_diff(_outputs(merged, batch), reference), atol + merge_rtol * float(reference.abs().max())
     return results + [Result("merge", "ok", f"merged outputs match (max |difference| {diff:.2g})") if diff <= tolerance
                       else Result("merge", "failed", f"the merged model computes different outputs (max |difference| "
-                                  f"{diff:.3g} > {tolerance:.3g})", value=diff,
-                                  fix="report it with the strategy and options; keep the unmerged adapter meanwhile")]
+                                  f"{diff:.3g} > {tolerance:.3g})", "report it; keep the unmerged adapter", diff)]
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -301,8 +272,7 @@ def _loss(model, batch, loss_fn) -> torch.Tensor:
     outputs = model(**(batch if loss_fn is None else _inputs(batch)))
     loss = loss_fn(outputs, batch) if loss_fn is not None else getattr(outputs, "loss", None)
     if loss is None:
-        raise ConfigTypeError(field="batch", value=sorted(batch), problem="the model returned no loss",
-                              fix="include 'labels' in the batch, or pass loss_fn(outputs, batch)")
+        raise ConfigTypeError("batch", sorted(batch), "the model returned no loss", "include 'labels', or pass loss_fn")
     return loss
 
 
