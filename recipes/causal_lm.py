@@ -30,6 +30,7 @@ import torch
 from transformers import AutoTokenizer
 
 import adaptkit
+from adaptkit import lengths
 from adaptkit.recipes import batching, checkpoints, data, guards, metrics, runs, training
 from adaptkit.recipes.batching import encode, pack, prompt_ids  # the formats, checked and truncated, live in the kit
 from adaptkit.distributed import check_sharded_model
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     check_sharded_model(accelerator, model)  # FSDP: prefix, 8-bit, integer-stored 4-bit refused with the fix
     summary, strategy = adaptkit.summary(model), adaptkit.strategy_of(model).to_dict()
     if args.block_size:  # packed blocks are the sequences the model reads
-        guards.check_fits(model, args.block_size, "--block-size")
+        lengths.check_length(model, args.block_size, field="--block-size")
     run.max_length = guards.fit_max_length(model, run.max_length, 256, notes)
     if args.num_samples:
         guards.prompt_room(model, args.max_new_tokens)

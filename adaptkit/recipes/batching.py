@@ -16,7 +16,7 @@ import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
 from adaptkit.errors import ConfigError, DataError
-from adaptkit.recipes.tables import Table
+from adaptkit.recipes.data import Table
 
 LM_FORMATS = {"messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
               "prompt_response": ("prompt", "response"), "text": ("text",)}

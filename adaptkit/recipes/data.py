@@ -1,20 +1,21 @@
-"""Data for the recipes, read by ``datasets`` and checked before any training starts.
+"""Data for the recipes, read by ``datasets`` and checked before training; what ``datasets`` raises raw is re-said
+as a ``DataError`` naming the file, the row and the fix.
 
-``datasets.load_dataset`` reads csv/tsv (every cell as text, .tsv with quoting off), json/jsonl, parquet, arrow,
-text, image folders, ``save_to_disk`` folders and hub names; what it raises raw is re-said as a ``DataError``
-naming the file, the row and the fix.
+Labelled text becomes a ``Table``. Text columns: ``sentence1``+``sentence2``, ``text_a``+``text_b``, ``sentence``,
+``text``, unless named. Labels: integers, class names or a ``ClassLabel`` are classes; whole-number floats too when
+at most ``WHOLE_CLASSES`` distinct values (noted); other numbers are regression. Checks run on the Arrow columns.
 
-**One split convention, however the files are named** (``arrange``, as transformers' examples do): ``train``
-trains; ``validation`` (``datasets``' split keywords: ``dev``, ``val``, ...) picks the adapter kept; ``test``
-is scored only when given. A split labelled all -1 (GLUE's hidden test set) is dropped. With no validation
-split, ``--validation-fraction`` of train is carved off (seeded, stratified). ``--select-on-train-carve`` is
-the benchmark's protocol: select on a carve from train, score the validation split as the test set.
+One split convention (``arrange``): ``train`` trains; ``validation`` (``dev``, ``val``, ...) picks the adapter kept;
+``test`` is scored when given. A split labelled all -1 (GLUE's hidden test) is dropped. With no validation split,
+``--validation-fraction`` of train is carved off (seeded, stratified); ``--select-on-train-carve`` (the benchmark's
+protocol) selects on that carve and scores the validation split as the test set.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import difflib
 import io
 import re
 import warnings
@@ -23,17 +24,185 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
 from PIL import Image
 
-from adaptkit.errors import ConfigError, DataError
-from adaptkit.recipes import tables
-from adaptkit.recipes.tables import TEXT_COLUMN_CANDIDATES, Table  # re-exported: data.Table in the recipes
+from adaptkit.errors import ConfigError, ConfigTypeError, DataError
 
 # file suffix -> datasets' packaged builder
 FORMATS = {".tsv": "csv", ".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet",
            ".arrow": "arrow", ".txt": "text"}
 SPLITS = ("train", "validation", "test")
+
+
+TEXT_COLUMN_CANDIDATES = (("sentence1", "sentence2"), ("text_a", "text_b"), ("sentence",), ("text",), ("text_a",))
+TASKS = ("classification", "regression")
+WHOLE_CLASSES = 20  # whole-number floats with at most this many distinct values are class ids
+MAX_CLASS_ID = 100_000  # a larger id is a typo or an id column, not a head anyone can train
+_NUMBER = r"^\s*[+-]?((\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|nan|inf|infinity)\s*$"
+_INT = r"^\s*[+-]?\d+\s*$"
+
+
+@dataclass
+class Table:
+    """One split: ``data`` holds the text columns and a ``labels`` column typed with datasets' own types."""
+
+    data: datasets.Dataset
+    task: str  # "classification" or "regression"
+    num_labels: int  # 1 for regression
+    label_names: list[str] | None  # class names by id, when the labels were strings or a ClassLabel
+    text_columns: tuple[str, ...]
+    path: str | None  # the file (or "name[split]") it came from
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @property
+    def texts(self) -> list[tuple[str, ...]]:
+        return list(zip(*(self.data.data.column(c).to_pylist() for c in self.text_columns)))
+
+    @property
+    def labels(self) -> list:
+        return self.data.data.column("labels").to_pylist()  # data never has an indices mapping (see select)
+
+    def select(self, indices) -> "Table":
+        return dataclasses.replace(self, data=self.data.select(indices).flatten_indices())
+
+
+def _first(mask) -> int | None:
+    at = pc.index(pc.fill_null(mask, True), True).as_py()
+    return None if at < 0 else at
+
+
+def from_dataset(ds, source: str, text_columns, label_column, task, num_labels, label_names) -> Table:
+    columns = ds.column_names
+    text_cols = _pick_text_columns(columns, text_columns, source)
+    if label_column not in columns:
+        close = difflib.get_close_matches(label_column, columns, n=1)
+        raise DataError(field=f"{source} label_column", value=label_column, problem=f"no such column; the columns are "
+                        f"{columns}", fix=f"pass label_column={close[0]!r}" if close else "name the column holding labels")
+    ds = ds.select_columns([*text_cols, label_column]).flatten_indices()
+    for name in (*text_cols, label_column):
+        if (i := _first(pc.is_null(ds.data.column(name)))) is not None:
+            raise DataError(field=f"{source}, row {i + 1}", value=name, problem="the record has no such key (or null)",
+                            fix="give every record the same keys, with values")
+    for name in text_cols:
+        col = ds.data.column(name)
+        blank = pc.equal(pc.utf8_trim_whitespace(col), "") if pa.types.is_string(col.type) else pa.array([True])
+        if (i := _first(blank)) is not None:
+            raise DataError(field=f"{source}, row {i + 1}, column {name!r}", value=col[i].as_py(),
+                            problem="the text is empty or not a string", fix="drop the row or fill in the text")
+    return _type_labels(ds, source, text_cols, label_column, task, num_labels, label_names)
+
+
+def check_options(text_columns, task, num_labels) -> None:
+    if isinstance(text_columns, str):
+        raise ConfigTypeError(field="text_columns", value=text_columns, problem="must be a list of 1 or 2 names",
+                              fix=f"text_columns=[{text_columns!r}]")
+    if text_columns is not None and not 1 <= len(text_columns) <= 2:
+        raise ConfigError(field="text_columns", value=list(text_columns), problem="must name 1 or 2 columns",
+                          fix="join extra fields into one text column, or pass a single sentence or a pair")
+    if task not in (None, *TASKS):
+        raise ConfigError(field="task", value=task, problem=f"must be None or one of {list(TASKS)}",
+                          fix="leave task=None to infer it from the labels")
+    if num_labels is not None and (not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 1):
+        raise ConfigError(field="num_labels", value=num_labels, problem="must be a positive integer",
+                          fix="pass the number of classes (1 for regression) or None to infer it")
+
+
+def _pick_text_columns(columns: list[str], text_columns, source: str) -> tuple[str, ...]:
+    if text_columns is not None:
+        if missing := [c for c in text_columns if c not in columns]:
+            raise DataError(field=f"{source} text_columns", value=missing, problem=f"not found; the columns are "
+                            f"{columns}", fix="pass text_columns with names from the header")
+        return tuple(text_columns)
+    found = [c for c in TEXT_COLUMN_CANDIDATES if all(name in columns for name in c)]
+    # a single column that is part of a found pair is that pair, not a second match
+    found = [c for c in found if not any(len(o) > len(c) and set(c) <= set(o) for o in found)]
+    if len(found) != 1:
+        problem = (f"no text column; the columns are {columns}" if not found
+                   else f"ambiguous text columns: {[list(c) for c in found]} all match")
+        raise DataError(field=f"{source} text_columns", value=None, problem=problem,
+                        fix=f"name columns as one of {[list(c) for c in TEXT_COLUMN_CANDIDATES]}, or pass "
+                            "text_columns=[...] (1 or 2 names)")
+    return found[0]
+
+
+def _type_labels(ds, source, text_cols, column, task, num_labels, label_names) -> Table:
+    feature, col, notes = ds.features[column], ds.data.column(column), []
+    names = list(label_names or getattr(feature, "names", None) or []) or None  # a ClassLabel names its classes
+
+    def bad(i, problem, fix, cells=col):
+        return DataError(field=f"{source}, row {i + 1}, label", value=cells[i].as_py(), problem=problem, fix=fix)
+
+    if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+        cells = pc.cast(col, pa.string())  # one typing rule for every format; ints print as written
+    elif pa.types.is_string(col.type):
+        cells = col
+        if (i := _first(pc.equal(pc.utf8_trim_whitespace(col), ""))) is not None:
+            raise DataError(field=f"{source}, row {i + 1}, column {column!r}", value="", problem="empty label",
+                            fix="fill in the label or drop the row")
+    else:
+        raise bad(0, f"a label must be a number or a string, not {col.type}", "write class ids, class names or scores")
+    number = pc.match_substring_regex(cells, _NUMBER, ignore_case=True)
+    text_at, number_at = _first(pc.invert(number)), _first(number)
+    if text_at is not None and number_at is not None:
+        raise DataError(field=f"{source} labels", value=[cells[number_at].as_py(), cells[text_at].as_py()],
+                        problem=f"mixed label types: a number at row {number_at + 1} and a string at row {text_at + 1}",
+                        fix="use only class ids (0..K-1), only class names, or only float scores")
+    if number_at is None:  # class names -> ids: sorted, or in the order given by label_names
+        if task == "regression":
+            raise bad(text_at, "is not a number but task='regression'", "use float scores, or task=None")
+        names = names or sorted(pc.unique(cells).to_pylist())
+        if (i := _first(pc.invert(pc.is_in(cells, value_set=pa.array(names))))) is not None:
+            raise bad(i, f"is not one of the known classes {names}", "fix the label, or read this split with the "
+                      "train split's label_names (load_splits does)")
+        data = ds.cast_column(column, datasets.ClassLabel(names=names)).rename_column(column, "labels")
+        return _classes(data, source, text_cols, len(names), num_labels, names, notes)
+    values = pc.cast(pc.utf8_trim_whitespace(cells), pa.float64()).to_numpy()
+    whole = np.isfinite(values) & (values == np.round(values))
+    integer = not pa.types.is_floating(col.type) and pc.all(pc.match_substring_regex(cells, _INT)).as_py()
+    as_classes = task == "classification" or (task is None and integer) or (
+        task is None and whole.all() and len(np.unique(values)) <= WHOLE_CLASSES and values.min() >= 0)
+    if not as_classes:
+        if num_labels not in (None, 1) or label_names is not None:
+            raise ConfigError(field="num_labels", value=num_labels, problem="regression has one output",
+                              fix="leave num_labels=None (or 1) and label_names=None for regression")
+        if (i := _first(pa.array(~np.isfinite(values)))) is not None:
+            raise bad(i, "is not a finite number", "fix or drop the row", cells)
+        data = ds.remove_columns(column).add_column("labels", values.astype(np.float32))
+        return Table(data, "regression", 1, None, text_cols, source, notes)
+    if (i := _first(pa.array(~whole | (np.abs(values) >= MAX_CLASS_ID)))) is not None:
+        raise bad(i, "is not an integer class id but task='classification'" if not whole[i] else
+                  f"is not a plausible class id (>= {MAX_CLASS_ID:,})", "use task='regression' for scores, integer "
+                  "labels 0..K-1, or class names", cells)
+    if not integer:
+        notes.append(f"{source}: labels written as whole-number floats (e.g. {cells[0].as_py()}) read as class ids; "
+                     "pass --task regression if they are scores")
+    ids = values.astype(np.int64)
+    if (i := _first(pa.array(ids < 0))) is not None:
+        raise bad(i, "is negative (GLUE writes -1 for unlabeled test rows)", "class ids must be 0..K-1; drop "
+                  "unlabeled rows", cells)
+    k = len(names) if names else num_labels or int(ids.max()) + 1
+    if (i := _first(pa.array(ids >= k))) is not None:
+        raise bad(i, f"is out of range for num_labels={k}", f"class ids must be 0..{k - 1}; pass the right num_labels",
+                  cells)
+    data = ds.remove_columns(column).add_column("labels", ids, feature=datasets.ClassLabel(num_classes=k))
+    return _classes(data, source, text_cols, k, num_labels if not names else None, names, notes)
+
+
+def _classes(data, source, text_cols, k, num_labels, names, notes) -> Table:
+    if num_labels is not None and num_labels != k:  # only reachable with class names
+        raise ConfigError(field="num_labels", value=num_labels, problem=f"{source} has {k} classes {names}",
+                          fix=f"pass num_labels={k}, or label_names listing all {num_labels} classes")
+    if k < 2:
+        raise DataError(field=f"{source} labels", value=names or [0], problem="only one class; classification needs "
+                        "at least 2", fix="pass num_labels=K if this file is a subset, or task='regression' for scores")
+    return Table(data, "classification", k, names, text_cols, source, notes)
 
 
 @dataclass
@@ -142,22 +311,16 @@ def _read_error(err: Exception, p: Path, ext: str) -> Exception:
 
 def read_table(path, text_columns=None, label_column: str = "label", task: str | None = None,
                num_labels: int | None = None, label_names: list[str] | None = None) -> Table:
-    """Read one labelled file into a checked Table (``adaptkit.recipes.tables``).
-
-    ``num_labels`` / ``label_names`` (e.g. taken from the train split) make out-of-range or unseen
-    labels an error instead of silently growing the label set.
-    """
-    tables.check_options(text_columns, task, num_labels)
-    return tables.from_dataset(read_file(path), str(Path(path)), text_columns, label_column, task, num_labels,
+    """One labelled file as a checked Table; ``num_labels`` / ``label_names`` (the train split's) make unseen labels
+    an error instead of silently growing the label set."""
+    check_options(text_columns, task, num_labels)
+    return from_dataset(read_file(path), str(Path(path)), text_columns, label_column, task, num_labels,
                                label_names)
 
 
 def load_raw(source=None, *, dataset_name: str | None = None, dataset_config: str | None = None):
-    """``{split: datasets.Dataset}`` and ``{split: where it came from}`` (for messages), from one of:
-    ``dataset_name`` (+ ``dataset_config``: the hub, its cache or a local folder), a ``save_to_disk`` folder,
-    a folder of split files (named by ``datasets``' split keywords) or of image class folders (``imagefolder``), one
-    file (the train split), a mapping ``{"train": path, "validation": path, "test": path}``, or a
-    ``datasets.DatasetDict``."""
+    """``{split: Dataset}`` and ``{split: where from}``: a hub name, a ``save_to_disk`` folder, a folder of split files
+    or of image class folders, one file (train), a ``{split: path}`` mapping, or a ``DatasetDict``."""
     _quiet()
     if dataset_name is not None:
         name = f"{dataset_name}{'/' + dataset_config if dataset_config else ''}"
@@ -202,7 +365,6 @@ def load_raw(source=None, *, dataset_name: str | None = None, dataset_config: st
 
 
 def _split_files(folder: Path) -> dict[str, Path]:
-    """The folder's data files by ``datasets``' own split keywords (``train``, ``dev``, ``val``, ``test``, ...)."""
     try:
         patterns = get_data_patterns(str(folder))
     except EmptyDatasetError:  # an empty folder: no split files (the caller says what is missing)
@@ -226,8 +388,7 @@ def labelled(ds, label_column: str) -> bool:
 
 
 def check_images(ds, where: str):
-    """Open every image of ``ds``'s Image columns before training: a corrupt, empty or over-large file
-    (PIL's decompression-bomb limit) is a DataError naming it, not a PIL error halfway through a run."""
+    """Decode every image before training: a corrupt or over-large one is a DataError naming it, not a crash mid-run."""
     for column in [c for c, f in ds.features.items() if isinstance(f, datasets.Image)]:
         for i, item in enumerate(ds.cast_column(column, datasets.Image(decode=False))[column]):
             name = item.get("path") or f"{where}, row {i + 1}"
@@ -244,7 +405,6 @@ def check_images(ds, where: str):
 # ---------------------------------------------------------------------------------------- splits
 
 def sample(rows, limit: int | None, seed: int):
-    """A seeded random ``limit`` rows of ``rows`` (a Dataset or a Table): ``shuffle(seed).select``."""
     if not limit or limit >= len(rows):
         return rows
     if isinstance(rows, Table):
@@ -253,7 +413,6 @@ def sample(rows, limit: int | None, seed: int):
 
 
 def carve(rows, fraction: float, seed: int, stratify: str | None = None, name: str = "train"):
-    """``(kept, held)``: ``fraction`` of ``rows`` held out by ``train_test_split``, seeded, stratified by a column."""
     try:
         parts = rows.train_test_split(test_size=fraction, seed=seed, stratify_by_column=stratify)
     except ValueError as err:  # too few rows, or a class with a single example
@@ -270,7 +429,6 @@ def _check_fraction(fraction) -> None:
 
 def arrange(splits: dict, *, fraction: float, seed: int, stratify: str | None = None, carve_from_train: bool = False,
             max_train: int | None = None, max_eval: int | None = None, name: str = "train") -> tuple[dict, list[str]]:
-    """The one split convention (module docstring) over ``{"train": ds, "validation": ds, "test": ds}``."""
     _check_fraction(fraction)
     splits, notes = dict(splits), [f"{split}: {len(rows)} rows" for split, rows in splits.items()]
     if carve_from_train and "validation" in splits:
@@ -296,18 +454,17 @@ def load_splits(source=None, *, dataset_name: str | None = None, dataset_config:
                 num_labels: int | None = None, validation_fraction: float = 0.1, seed: int = 0,
                 max_train: int | None = None, max_eval: int | None = None,
                 select_on_train_carve: bool = False) -> Splits:
-    """Checked train / validation / test Tables from ``source`` (``load_raw``), arranged by ``arrange``."""
     _check_fraction(validation_fraction)
-    tables.check_options(text_columns, task, num_labels)
+    check_options(text_columns, task, num_labels)
     raw, where = load_raw(source, dataset_name=dataset_name, dataset_config=dataset_config)
     if "train" not in raw:
         raise DataError(field="source", value=f"splits {list(raw)}", problem="no train split",
                         fix="use a dataset with a 'train' split, or a local folder")
     # the train split fixes columns, task and label set so the others cannot drift from it
-    train = tables.from_dataset(raw["train"], where["train"], text_columns, label_column, task, num_labels, None)
+    train = from_dataset(raw["train"], where["train"], text_columns, label_column, task, num_labels, None)
     same = dict(text_columns=list(train.text_columns), label_column=label_column, task=train.task,
                 num_labels=train.num_labels if train.task == "classification" else None, label_names=train.label_names)
-    read = {"train": train, **{s: tables.from_dataset(raw[s], where[s], **same) for s in ("validation", "test")
+    read = {"train": train, **{s: from_dataset(raw[s], where[s], **same) for s in ("validation", "test")
                                if s in raw and labelled(raw[s], label_column)}}
     arranged, notes = arrange({s: t.data for s, t in read.items()}, fraction=validation_fraction, seed=seed,
                               stratify="labels" if train.task == "classification" else None, max_train=max_train,
@@ -320,7 +477,6 @@ def load_splits(source=None, *, dataset_name: str | None = None, dataset_config:
 # ---------------------------------------------------------------------------------------- recipe flags
 
 def add_data_args(parser, *, what: str = "data files") -> None:
-    """The data flags every recipe has, named as in transformers' examples."""
     g = parser.add_argument_group("data")
     g.add_argument("--data", help=f"a folder ({what} named train/validation(dev)/test, or a save_to_disk folder), "
                                   "or one file used as train")
@@ -338,7 +494,6 @@ def add_data_args(parser, *, what: str = "data files") -> None:
 
 
 def source_of(args):
-    """What ``load_raw`` / ``load_splits`` read for these flags: explicit files, --data, or --dataset-name."""
     files = {split: getattr(args, f"{split}_file") for split in SPLITS if getattr(args, f"{split}_file")}
     if files:
         files.setdefault("train", args.data)
@@ -353,12 +508,8 @@ def source_of(args):
 
 
 def splits_from_args(args, *, label_column: str | None = None, prepare: Callable | None = None):
-    """``{split: datasets.Dataset}`` and notes, arranged by the one convention (``arrange``) for these flags.
-
-    With ``label_column``, splits without labels are dropped (GLUE's hidden test set) and the carve is
-    stratified by it. ``prepare(ds, where)`` checks or maps each split as read, so that its errors count
-    rows as in the file; images are checked (``check_images``).
-    """
+    """``{split: Dataset}`` and notes for the recipe flags; ``prepare(ds, where)`` checks each split as read (rows
+    counted as in the file); with ``label_column``, unlabelled splits are dropped and the carve is stratified."""
     raw, where = load_raw(source_of(args), dataset_name=args.dataset_name, dataset_config=args.dataset_config)
     if "train" not in raw:
         raise DataError(field="--data", value=sorted(where), problem="no train split",

@@ -1,7 +1,5 @@
-"""Guards the recipes call so that a run never ends silently wrong: flag values, over-long inputs, data that cannot
-train, a diverging run, collapsed predictions, a damaged or foreign checkpoint, files adaptkit did not write. Each
-raises a typed error that names the flag, file or step and the fix.
-"""
+"""Guards so that a run never ends silently wrong: flag values, over-long inputs, data that cannot train, divergence,
+collapsed predictions, damaged or foreign checkpoints, files adaptkit did not write. Each names the flag and the fix."""
 
 from __future__ import annotations
 
@@ -29,8 +27,7 @@ _COUNT_FLAGS = {"max_length": 1, "max_train_samples": 1, "max_eval_samples": 1, 
 
 
 def check_numbers(args: Any, flags: dict[str, str] | None = None) -> None:
-    """Refuse NaN / infinite / negative hyper-parameters (argparse's ``type=float`` takes "inf" and "nan"; a learning
-    rate of inf trains to an all-NaN adapter and exits 0). ``flags``: attribute -> the flag's name, where it differs."""
+    """Refuse NaN, inf and negative values (argparse's float takes "inf"; lr=inf trains an all-NaN adapter, exit 0)."""
     name_of = lambda name: (flags or {}).get(name) or f"--{name.replace('_', '-')}"
     for name, (least, inclusive) in _FLOAT_FLAGS.items():
         value = getattr(args, name, None)
@@ -56,9 +53,7 @@ def check_numbers(args: Any, flags: dict[str, str] | None = None) -> None:
 
 
 def fit_max_length(model: torch.nn.Module, asked: int | None, default: int, notes: list[str] | None = None) -> int:
-    """``--max-length`` for this model: an explicit value that does not fit its positions (prefix and
-    prompt virtual tokens included) is refused; the recipe's default is clamped to what fits, and
-    the clamp is noted, because the user never asked for that length."""
+    """--max-length that fits the model's positions: an explicit one is checked, the default clamped (and noted)."""
     if asked is not None:
         lengths.check_length(model, asked, field="--max-length")
         return asked
@@ -73,14 +68,8 @@ def fit_max_length(model: torch.nn.Module, asked: int | None, default: int, note
     return room
 
 
-def check_fits(model: torch.nn.Module, length: int, flag: str) -> None:
-    """A sequence length the user chose (e.g. ``--block-size``) that the model's positions cannot hold is refused."""
-    lengths.check_length(model, length, field=flag)
-
-
 def prompt_room(model: torch.nn.Module, max_new_tokens: int) -> int | None:
-    """Tokens of prompt that fit beside ``max_new_tokens`` generated ones in the model's positions (None:
-    no limit). Generating past the last position is an IndexError inside the embeddings."""
+    """Prompt tokens that fit beside ``max_new_tokens`` (None: no limit); past the last position is an IndexError."""
     limit = lengths.max_positions(model)
     if limit is None:
         return None
@@ -93,15 +82,14 @@ def prompt_room(model: torch.nn.Module, max_new_tokens: int) -> int | None:
 
 
 def require_examples(count: int, source: Any, what: str = "training examples") -> None:
-    """An empty training set is refused (a loop over zero batches would spin at 100% CPU forever)."""
+    """A loop over zero batches would spin forever."""
     if count < 1:
         raise DataError(field=str(source), value=count, problem=f"holds no {what}",
                         fix="point at a file with at least one non-blank example")
 
 
 def require_classes(labels: Iterable[int], source: Any) -> None:
-    """A classification train set needs two classes; with one, the model learns a constant and its
-    validation accuracy on the same class reads 1.0."""
+    """With one class the model learns a constant, and its accuracy on that class reads 1.0."""
     seen = sorted(set(int(v) for v in labels))
     if len(seen) < 2:
         raise DataError(field=f"{source} labels", value=seen, problem="the training examples hold only one class",
@@ -110,7 +98,6 @@ def require_classes(labels: Iterable[int], source: Any) -> None:
 
 
 def read_utf8(path: Path) -> str:
-    """A text file as UTF-8, or a DataError naming the file and the first bad byte."""
     try:
         return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -128,7 +115,6 @@ def check_finite_loss(loss: float, step: int) -> None:
 
 
 def check_finite_weights(model: torch.nn.Module, step: int) -> None:
-    """Before an adapter is saved as the best: every trained tensor finite."""
     bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p.detach()).all()]
     if bad:
         raise NonFiniteError(field="trained weights", value=bad[:3],
@@ -137,23 +123,14 @@ def check_finite_weights(model: torch.nn.Module, step: int) -> None:
 
 
 # ---- collapsed output ----------------------------------------------------------------------------------
-# A regression output whose spread is below this fraction of the labels' is one number up to float32 rounding:
-# any correlation it shows is noise (LoRA on MiniLM at 30x its default rate: 1.4e-7, or exactly 0).
-CONSTANT_SPREAD = 1e-6
-# Below this fraction the predictions are nearly constant; with no correlation either (|pearson| < 0.1) the
-# model has collapsed onto about one value: LoRA at 2e-3 on STS-B, spread 0.006, test correlation -0.04.
-# A slowly learning head can be as narrow and still correlate (a bottleneck at its default rate, MiniLM on a
-# word-count score: spread 0.006, pearson 0.7), so narrowness alone is not flagged.
-NEAR_CONSTANT_SPREAD, NO_CORRELATION = 1e-2, 0.1
+# Spread (std of predictions / std of labels) below CONSTANT_SPREAD is one number up to float32 rounding (LoRA on
+# MiniLM at 30x its rate: 1.4e-7). Below NEAR_CONSTANT_SPREAD with |pearson| < NO_CORRELATION it has collapsed
+# (LoRA at 2e-3 on STS-B: 0.006, pearson -0.04); as narrow but correlated is a slow learner, not flagged.
+CONSTANT_SPREAD, NEAR_CONSTANT_SPREAD, NO_CORRELATION = 1e-6, 1e-2, 0.1
 
 
 def output_spread(predictions: np.ndarray, references: np.ndarray, regression: bool) -> dict[str, float]:
-    """How varied an evaluation's predictions are, reported beside its metrics so a collapse shows.
-
-    Regression: ``prediction_spread``, the std of the predictions over the std of the labels (1: as varied as the
-    labels, 0: one number for everything; NaN when the labels themselves are constant). Classification:
-    ``predicted_classes``, how many different classes were predicted.
-    """
+    """``prediction_spread`` (regression; NaN for constant labels) or ``predicted_classes``, so a collapse shows."""
     if regression:
         label_std = float(np.std(references))
         return {"prediction_spread": float(np.std(predictions)) / label_std if label_std > 0 else math.nan}
@@ -161,11 +138,7 @@ def output_spread(predictions: np.ndarray, references: np.ndarray, regression: b
 
 
 def constant_output(scores: dict[str, float]) -> str | None:
-    """Why an evaluation's predictions say nothing about their inputs (one value, or one class), or None.
-
-    Reads what :func:`output_spread` added to the scores. One class for every example is a state training can
-    pass through (and the right answer if the references hold one class), so it is named, not refused.
-    """
+    """Why the predictions say nothing about their inputs, or None; named, not refused (training passes through it)."""
     if "prediction_spread" in scores:
         spread, pearson = scores["prediction_spread"], scores.get("pearson", math.nan)
         if spread < CONSTANT_SPREAD:
@@ -178,12 +151,8 @@ def constant_output(scores: dict[str, float]) -> str | None:
 
 
 def collapse_warning(kept: dict[str, dict[str, float]], learning_rate: float) -> str | None:
-    """The end-of-run warning when the adapter kept gives collapsed output, or None. ``kept``: split -> its scores.
-
-    Constant output (float rounding apart) comes from a rate too high: LoRA at 30x its default rate. Nearly
-    constant, uncorrelated output can come from either side: at its default rate a bottleneck's regression
-    output on a word-count score stayed near 1e-3 of the labels' spread where 30x the rate learned (pearson 0.98).
-    """
+    """The end-of-run warning when the adapter kept (``kept``: split -> scores) collapsed: constant output comes from
+    a rate too high; near-constant, uncorrelated output from a rate too high or too low."""
     found = {split: why for split, scores in kept.items() if scores and (why := constant_output(scores))}
     if not found:
         return None
@@ -208,17 +177,13 @@ def _sha256(path: Path) -> str:
 
 
 def digests(folder: Path, skip: Iterable[str] = ()) -> dict[str, str]:
-    """sha256 of every file below ``folder`` (relative POSIX paths), ``skip`` left out."""
     folder, skip = Path(folder), set(skip)
     return {p.relative_to(folder).as_posix(): _sha256(p) for p in sorted(folder.rglob("*"))
             if p.is_file() and p.relative_to(folder).as_posix() not in skip}
 
 
-# what Accelerate's save_state writes (adapter-only weights as safetensors; optimizer, scheduler, sampler, scaler and
-# RNG states through torch.save, read back with weights_only=True) and run_state.json; never custom_checkpoint_N.pkl,
-# which Accelerate unpickles with weights_only=False
-# FSDP's sharded state goes into folders (torch.distributed.checkpoint, whose .metadata it unpickles: the digests are
-# all that guards it, as for any file of a checkpoint)
+# What save_state writes (read back with weights_only=True; FSDP's sharded folders are guarded by the digests) and
+# run_state.json; never custom_checkpoint_N.pkl, which Accelerate unpickles with weights_only=False.
 CHECKPOINT_FILE = re.compile(r"(model|optimizer|scheduler|sampler)(_\d+)?\.(safetensors|bin)|random_states_\d+\.pkl|"
                              r"scaler\.pt|run_state\.json|(pytorch_model_fsdp|optimizer)_\d+/[\w.]+")
 _CHECKPOINT_DIR = re.compile(r"(pytorch_model_fsdp|optimizer)_\d+")
@@ -227,9 +192,8 @@ _STATE_TYPES = {"step": int, "epoch": int, "batch_in_epoch": int, "samples": int
 
 
 def read_checkpoint(folder: Path, state_name: str) -> dict[str, Any]:
-    """The run state of a checkpoint, after checking that it parses, that every file the checkpoint lists is there
-    with the content it had when written, that it holds nothing else, and that its RNG states load without pickle's
-    code execution (Accelerate swallows an RNG state it cannot read and resumes on other random numbers)."""
+    """A checkpoint's run state, once its files are all listed and unchanged and its RNG states load without pickle's
+    code execution (Accelerate swallows an unreadable RNG state and resumes on other random numbers)."""
     from accelerate.utils import load  # torch.load(weights_only=True) with numpy's RNG arrays allowed
     folder, fix = Path(folder), (f"resume from an earlier checkpoint (--resume {Path(folder).parent}/step-N), or start "
                                  "afresh with --overwrite")
@@ -265,14 +229,14 @@ def read_checkpoint(folder: Path, state_name: str) -> dict[str, Any]:
 
 
 def checkpoint_files(folder: Path) -> dict[str, None]:
-    """The files below ``folder`` named as Accelerate's save_state names them (a killed checkpoint's, unlisted)."""
+    """A killed checkpoint's files (unlisted): those named as save_state names them."""
     rels = (p.relative_to(folder).as_posix() for p in Path(folder).rglob("*")) if Path(folder).is_dir() else ()
     return {rel: None for rel in rels if CHECKPOINT_FILE.fullmatch(rel)}
 
 
 def remove_owned(folder: Path, listing: dict[str, str | None]) -> None:
-    """Delete the files of ``listing`` (path relative to ``folder`` -> its sha256, or None: adaptkit's by name) that
-    still hold what adaptkit wrote, then the folders that left empty. Nothing outside ``folder``, nothing through a link."""
+    """Delete the files of ``listing`` (rel path -> sha256, or None: ours by name) that still hold what adaptkit wrote,
+    then the emptied folders; nothing outside ``folder``, nothing through a link."""
     folder, emptied = Path(folder), set()
     if folder.is_symlink() or not folder.is_dir():
         return
@@ -288,7 +252,6 @@ def remove_owned(folder: Path, listing: dict[str, str | None]) -> None:
 
 
 def data_fingerprint(sources: Iterable[Any]) -> dict[str, str]:
-    """sha256 of each local data file a run reads (a folder: the files in it); hub names are skipped."""
     out: dict[str, str] = {}
     for source in sources:
         if source is None:

@@ -1,7 +1,5 @@
-"""What a recipe's loop calls for what Accelerate does not do: the claim on the output folder, the run's position
-(exact resume), the log, the adapter kept, metrics.json. The loop itself is in each recipe, where it can be read (as
-in accelerate's ``examples/by_feature/checkpointing.py``); checkpoints and ``--resume``: ``adaptkit.recipes.checkpoints``.
-"""
+"""What a recipe's loop needs that Accelerate lacks: the output-folder claim, the run's position (exact resume),
+the log, the adapter kept, metrics.json. The loop itself stays in each recipe, where it can be read."""
 
 from __future__ import annotations
 
@@ -35,8 +33,7 @@ from adaptkit.versions import installed
 
 # ---- the output folder -----------------------------------------------------------------------------------
 def claim_output_dir(accelerator, run: RunArgs) -> FileLock | None:
-    """Lock ``--output-dir`` for this run (one run per folder; the OS drops the lock when the process ends, even by
-    SIGKILL), then, with ``--overwrite``, delete what the earlier run wrote there: the files its manifests list."""
+    """Lock ``--output-dir`` (the OS drops it even on SIGKILL); with --overwrite, delete what the earlier run wrote."""
     lock = lock_folder(run.output_dir, "--output-dir") if accelerator.is_main_process else None
     if lock is not None and run.overwrite:
         _remove_earlier_run(run.output_dir)
@@ -71,8 +68,7 @@ def _write_pid(fd: int) -> None:
 
 
 def _remove_earlier_run(out: Path) -> None:
-    """--overwrite: the checkpoints (each lists its files), the adapter files the manifest lists (with their sha256),
-    the log, metrics and TensorBoard event files; a user's files in those folders stay."""
+    """--overwrite: delete only what the earlier run listed or named as its own; a user's files stay."""
     for step in sorted((out / CHECKPOINTS).glob("*step-*")) if (out / CHECKPOINTS).is_dir() else []:
         if not re.fullmatch(r"(\.tmp-)?step-\d+", step.name):
             continue  # a user's folder
@@ -96,8 +92,7 @@ def _manifest(out: Path) -> dict[str, dict[str, str]]:
 
 
 def save_adapter(accelerator, model, run: RunArgs, step: int) -> None:
-    """``adaptkit.save`` into ``--output-dir/adapter`` (every process takes part: FSDP shards are gathered), and the
-    files it wrote into the manifest, all that a later --overwrite deletes there."""
+    """Save into --output-dir/adapter (every process: FSDP gathers) and list what it wrote for --overwrite."""
     guards.check_finite_weights(accelerator.unwrap_model(model), step)  # a NaN is never "best"
     adapter = run.output_dir / ADAPTER_DIR
     before = guards.digests(adapter) if accelerator.is_main_process and adapter.is_dir() else {}
@@ -109,9 +104,8 @@ def save_adapter(accelerator, model, run: RunArgs, step: int) -> None:
 
 
 def keep_adapter(accelerator, model, run: RunArgs, progress: Progress) -> None:
-    """After the loop: when no evaluation ever improved (its metric was NaN each time, e.g. constant predictions),
-    keep the last weights, and say so. Decided from the evaluations every process shares, never from a file: on two
-    machines only one holds the adapter folder, and a save (a collective) entered by one process alone hangs."""
+    """When no evaluation improved (NaN each time), keep the last weights. Decided from state every process shares,
+    not from a file: a save is a collective, and on two machines only one sees the folder."""
     if progress.stopper.best_step is not None:
         return
     accelerator.print(f"no evaluation improved on validation ({progress.metric} was NaN each time): "
@@ -130,7 +124,6 @@ class EarlyStopping:
         self.bad_evals = 0
 
     def update(self, value: float, step: int) -> bool:
-        """Record one evaluation; True when it is the best so far."""
         better = not math.isnan(value) and (
             self.best is None or (value > self.best if self.higher_is_better else value < self.best))
         if better:
@@ -145,9 +138,7 @@ class EarlyStopping:
 
 
 class Progress:
-    """Where a run is: optimizer steps, epoch and micro-batch in it, samples and training seconds, early stopping.
-    Its ``state_dict`` goes into each checkpoint's run_state.json (JSON, not pickle). Training time counts training
-    steps only: evaluation and checkpoints run inside ``paused()``."""
+    """Where a run is (step, epoch, batch, samples, seconds, early stopping); saved as JSON in each checkpoint."""
 
     def __init__(self, run: RunArgs, accelerator, max_steps: int, batches_per_epoch: int, metric: tuple[str, bool]):
         self.accelerator, self.max_steps, self.batches_per_epoch = accelerator, max_steps, batches_per_epoch
@@ -179,7 +170,7 @@ class Progress:
             yield batch
 
     def optimizer_step(self, loss: torch.Tensor) -> bool:
-        """Count one micro-batch; True when it completed an optimizer step (gradient accumulation aside)."""
+        """Count one micro-batch; True when it completed an optimizer step."""
         value = float(loss.detach())
         guards.check_finite_loss(value, self.step + 1)  # a NaN or inf loss stops the run, naming the step
         self._loss[0] += value
@@ -197,13 +188,12 @@ class Progress:
         return (every and self.step % every == 0) or (not every and self.epoch_end) or self.step >= self.max_steps
 
     def mean_loss(self) -> float:
-        """The mean micro-batch loss since the last call, over every process."""
         totals = self.accelerator.reduce(torch.tensor(self._loss, device=self.accelerator.device), reduction="sum")
         self._loss = [0.0, 0]
         return (totals[0] / totals[1]).item()
 
     def improved(self, scores: dict[str, float]) -> bool:
-        """Record an evaluation; True when it is the best so far on the watched metric (keep this adapter)."""
+        """Record an evaluation; True when it is the best so far (keep this adapter)."""
         if self.metric not in scores:
             raise ConfigError(field="metric", value=self.metric, problem=f"not among the results {sorted(scores)}",
                               fix="watch one of the keys the evaluation returns")
@@ -216,12 +206,10 @@ class Progress:
         return better
 
     def kept_metrics(self) -> dict[str, float]:
-        """Validation scores of the adapter a run keeps: the best, or the last weights when none improved (NaN)."""
         return self.best_metrics or self.last_metrics
 
     @contextlib.contextmanager
     def paused(self):
-        """Stop the training clock for evaluation or checkpointing."""
         running = self._clock is not None
         self.train_seconds, self._clock = self.seconds(), None
         try:
@@ -251,7 +239,7 @@ class Progress:
 
 # ---- the log and the end of a run ---------------------------------------------------------------------------
 class Log:
-    """``accelerator.log`` into log.jsonl and the --report-to trackers, a progress bar, a console line per evaluation."""
+    """A progress bar and a console line per evaluation beside ``accelerator.log``."""
 
     def __init__(self, accelerator, run: RunArgs, progress: Progress):
         self.accelerator, self.run, self.progress = accelerator, run, progress
@@ -282,8 +270,7 @@ class Log:
                            + (f"; WARNING: {collapsed}" if collapsed else ""))
 
 def finish(log: Log, model, results: dict[str, Any], summary, lock: FileLock | None) -> dict[str, Any]:
-    """Write metrics.json beside the adapter (task results + parameters, memory, time, throughput), end the trackers
-    and release the output folder."""
+    """Write metrics.json and the card's results, end the trackers and release the output folder."""
     accelerator, run, p = log.accelerator, log.run, log.progress
     keep_adapter(accelerator, model, run, p)
     # An adapter kept although its output collapsed is warned about, not refused: the run did what was asked, and a
@@ -329,8 +316,7 @@ def finish(log: Log, model, results: dict[str, Any], summary, lock: FileLock | N
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process: Linux's VmHWM, not ru_maxrss, which a child inherits from its parent
-    across fork + exec (a 14 MB child of an 800 MB launcher reports 795 MB). Elsewhere ru_maxrss."""
+    """Linux's VmHWM: ru_maxrss is inherited across fork + exec (a 14 MB child of an 800 MB launcher reads 795 MB)."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -340,7 +326,6 @@ def peak_rss_bytes() -> int:
 
 
 def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"validation": {"accuracy": 0.9}}`` -> ``{"validation/accuracy": 0.9}``."""
     out = {}
     for key, value in record.items():
         out.update(_flatten(value, f"{prefix}{key}/") if isinstance(value, dict) else {f"{prefix}{key}": value})
@@ -348,9 +333,8 @@ def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _rng_neutral(loader) -> Iterator[Any]:
-    """Iterate ``loader`` without the global RNG draw that starting a torch DataLoader makes: a resumed run starts
-    its (partial) epoch at another moment than the interrupted one did, so that draw would shift every later dropout
-    mask; it is made on a forked RNG instead."""
+    """Iterate ``loader`` with its start-up RNG draw on a forked RNG: a resumed run starts its epoch at another
+    moment, and that draw would shift every later dropout mask."""
     iterator = iter(loader)
     with torch.random.fork_rng(devices=[]):
         first = next(iterator, _END)
