@@ -20,8 +20,10 @@ import inspect
 from typing import Any
 
 import torch
+import transformers
 from safetensors import SafetensorError
 from torch import nn
+from transformers import AutoConfig, BitsAndBytesConfig
 
 from adaptkit import placement, targets
 from adaptkit.errors import ConfigError, ConfigTypeError, MissingDependencyError, UnknownOptionError, UnsupportedError
@@ -52,30 +54,24 @@ def require_bitsandbytes(quantization: str) -> None:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as exc:
-        raise MissingDependencyError(
-            field="quantization", value=quantization,
-            problem=f"needs the bitsandbytes package, which cannot be imported ({exc})",
-            fix="pip install 'adaptkit[bitsandbytes]' (or load without quantization)") from None
+        raise MissingDependencyError("quantization", quantization, f"needs bitsandbytes, which cannot be imported "
+                                     f"({exc})", "pip install 'adaptkit[bitsandbytes]'") from None
 
 
 def _auto_class(task: Any):
-    import transformers
     if isinstance(task, type):  # a transformers Auto class or model class, used as given
         if not hasattr(task, "from_pretrained"):
-            raise ConfigTypeError(field="task", value=task.__name__, problem="has no from_pretrained",
-                                  fix=f"pass one of {sorted(TASKS)} or a transformers Auto class")
+            raise ConfigTypeError("task", task.__name__, "has no from_pretrained", "pass a task name or an Auto class")
         return task
     if not isinstance(task, str) or task not in TASKS:
         close = difflib.get_close_matches(str(task), TASKS, n=1)
-        raise ConfigError(field="task", value=task, problem="is not a task load_model knows",
-                          fix=(f"did you mean {close[0]!r}? " if close else "")
-                              + f"choose one of {sorted(TASKS)} or pass a transformers Auto class")
+        raise ConfigError("task", task, "is not a task load_model knows", (f"did you mean {close[0]!r}? " if close
+                          else "") + f"choose one of {sorted(TASKS)} or pass an Auto class")
     return getattr(transformers, TASKS[task])
 
 
 def unquantized_modules(name_or_path: str, auto_class: Any, hf_kwargs: dict[str, Any]) -> list[str]:
     """Task heads + output embedding of the model ``auto_class.from_pretrained`` would build (on meta, no weights)."""
-    from transformers import AutoConfig
     config = hf_kwargs.get("config")
     if config is None:
         config = AutoConfig.from_pretrained(name_or_path, **{k: hf_kwargs[k] for k in _CONFIG_KWARGS if k in hf_kwargs})
@@ -96,19 +92,18 @@ def bnb_config(quantization: str, skip_modules: list[str], options: dict[str, An
                storage: torch.dtype | None = None):
     """The BitsAndBytesConfig for ``quantization``, ``skip_modules`` in full precision; ``storage``: the float
     dtype 4-bit weights are packed into (FSDP + QLoRA needs the model's dtype)."""
-    from transformers import BitsAndBytesConfig
     options = dict(options or {})
     user_skips = options.pop("llm_int8_skip_modules", None) or []
     for key in {"load_in_8bit", "load_in_4bit"} & set(options):
-        raise ConfigError(field=f"quantization_options[{key!r}]", value=options[key], problem="is decided by the "
-                          "quantization argument", fix="remove it and pass quantization='8bit' or '4bit'")
+        raise ConfigError(f"quantization_options[{key!r}]", options[key], "is decided by the quantization argument",
+                          "remove it")
     # BitsAndBytesConfig only logs unknown keys at info level: a typo would be dropped silently
     known = set(inspect.signature(BitsAndBytesConfig.__init__).parameters) - {"self", "kwargs"}
     unknown = sorted(set(options) - known)
     if unknown:
         hints = [f"{u!r} -> did you mean {m[0]!r}?" for u in unknown if (m := difflib.get_close_matches(u, known, n=1))]
-        raise UnknownOptionError(field="quantization_options", value=unknown, problem="not BitsAndBytesConfig fields",
-                                 fix=("; ".join(hints) + "; " if hints else "") + f"valid fields are {sorted(known)}")
+        raise UnknownOptionError("quantization_options", unknown, "not BitsAndBytesConfig fields",
+                                 "; ".join([*hints, "see transformers.BitsAndBytesConfig"]))
     defaults = dict(_DEFAULTS[quantization])
     if quantization == "4bit":
         defaults["bnb_4bit_compute_dtype"] = _compute_dtype()
@@ -119,8 +114,7 @@ def bnb_config(quantization: str, skip_modules: list[str], options: dict[str, An
     try:
         return BitsAndBytesConfig(load_in_8bit=quantization == "8bit", load_in_4bit=quantization == "4bit", **fields)
     except (TypeError, ValueError) as exc:  # BitsAndBytesConfig checks the values' types itself
-        raise ConfigError(field="quantization_options", value=options, problem=str(exc),
-                          fix="see transformers.BitsAndBytesConfig, e.g. {'bnb_4bit_quant_type': 'fp4'}") from None
+        raise ConfigError("quantization_options", options, str(exc), "see transformers.BitsAndBytesConfig") from None
 
 
 def load_model(name_or_path: str, task: Any = "seq_cls", quantization: str | None = None, *,
@@ -131,17 +125,16 @@ def load_model(name_or_path: str, task: Any = "seq_cls", quantization: str | Non
     ``quantization_options``; ``hf_kwargs`` go to ``from_pretrained`` (``num_labels=3``, ``dtype=...``)."""
     auto_class = _auto_class(task)
     if quantization is not None and quantization not in QUANTIZATIONS:
-        raise ConfigError(field="quantization", value=quantization, problem="is not a quantization adaptkit loads",
-                          fix=f"use one of {list(QUANTIZATIONS)} or None for full precision")
+        raise ConfigError("quantization", quantization, "is not a quantization adaptkit loads",
+                          f"use one of {list(QUANTIZATIONS)} or None")
     refuse_remote_code(name_or_path, hf_kwargs.get("trust_remote_code"))
     hf_kwargs["trust_remote_code"] = False  # None would let transformers ask at a terminal, and "y" runs the code
     if "quantization_config" in hf_kwargs:
-        raise ConfigError(field="quantization_config", value=type(hf_kwargs["quantization_config"]).__name__,
-                          problem="load_model builds it, keeping task heads unquantized",
-                          fix="pass quantization='8bit' or '4bit' and extra fields as quantization_options={...}")
+        raise ConfigError("quantization_config", type(hf_kwargs["quantization_config"]).__name__, "is built by "
+                          "load_model (task heads unquantized)", "pass quantization='8bit' or '4bit' instead")
     if quantization_options and quantization is None:
-        raise ConfigError(field="quantization_options", value=sorted(quantization_options),
-                          problem="given without a quantization", fix="add quantization='8bit' or '4bit'")
+        raise ConfigError("quantization_options", sorted(quantization_options), "given without a quantization",
+                          "add quantization='8bit' or '4bit'")
     hf_kwargs["device_map"] = placement.device_map(hf_kwargs.get("device_map"))
     if quantization is not None:
         require_bitsandbytes(quantization)
@@ -156,8 +149,8 @@ def load_model(name_or_path: str, task: Any = "seq_cls", quantization: str | Non
             raise remote_code_error(name_or_path, "its files reference custom code") from None
         raise
     except SafetensorError as exc:  # a truncated or corrupt checkpoint: safetensors' raw error names no file
-        raise ConfigError(field="model", value=str(name_or_path), problem=f"its weights are not a readable safetensors "
-                          f"file (truncated or corrupt?): {exc}", fix="copy or download the checkpoint again") from None
+        raise ConfigError("model", str(name_or_path), f"its weights are not a readable safetensors file (truncated "
+                          f"or corrupt?): {exc}", "copy or download the checkpoint again") from None
     if quantization is not None:
         prepare_kbit(model)
     if gradient_checkpointing:
@@ -179,12 +172,8 @@ def quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
 def _refuse_repacked(module: nn.Module, args: tuple) -> None:
     state = getattr(module.weight, "quant_state", None)
     if module.training and torch.is_grad_enabled() and getattr(state, "packing_format_for_cpu", False):
-        raise UnsupportedError(
-            field="4-bit weights", value="repacked for CPU inference",
-            problem="bitsandbytes repacked them at an eval pass before adaptkit prepared the model; "
-                    "that layout has no backward, so this training step would fail",
-            fix="load with adaptkit.load_model(..., quantization='4bit'), which prevents the repack, "
-                "and evaluate only after that")
+        raise UnsupportedError("4-bit weights", "repacked for CPU inference", "an eval pass before adaptkit prepared "
+                               "the model repacked them, a layout without backward", "load with adaptkit.load_model")
 
 
 def prepare_kbit(model: nn.Module) -> nn.Module:
@@ -194,10 +183,8 @@ def prepare_kbit(model: nn.Module) -> nn.Module:
     heads = targets.head_names(model)
     bad = sorted(n for n in layers if any(n == h or n.startswith(h + ".") for h in heads))
     if bad:
-        raise UnsupportedError(
-            field="quantized task head", value=bad,
-            problem="bitsandbytes quantized a task head; its first forward crashes and it cannot train",
-            fix=f"load with adaptkit.load_model, or add llm_int8_skip_modules={heads} to BitsAndBytesConfig")
+        raise UnsupportedError("quantized task head", bad, "bitsandbytes quantized a task head: it cannot train",
+                               f"load with adaptkit.load_model, or pass llm_int8_skip_modules={heads}")
     model.requires_grad_(False)
     for module in layers.values():
         if hasattr(module, "support_avx512bf16_for_cpu"):  # Linear4bit only
@@ -211,9 +198,8 @@ def prepare_kbit(model: nn.Module) -> nn.Module:
 def enable_checkpointing(model: nn.Module) -> nn.Module:
     """Non-reentrant activation checkpointing: adapters inside checkpointed blocks still get gradients."""
     if not getattr(model, "supports_gradient_checkpointing", False):
-        raise UnsupportedError(field="gradient_checkpointing", value=True,
-                               problem=f"{type(model).__name__} does not support activation checkpointing",
-                               fix="load without gradient_checkpointing=True")
+        raise UnsupportedError("gradient_checkpointing", True, f"{type(model).__name__} does not support it",
+                               "load without gradient_checkpointing=True")
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)

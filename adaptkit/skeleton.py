@@ -1,8 +1,5 @@
-"""A model's skeleton from its config alone: the module tree on the ``meta`` device, shapes and dtypes, no storage.
-
-``check`` and ``estimate`` apply strategies to it as to a real model (a 7B model builds in seconds, in no memory),
-so a dry run finds what a real run would, before any weights load. Remote code is never run.
-"""
+"""A model's skeleton from its config alone: its module tree on the ``meta`` device (a 7B model builds in seconds,
+in no memory), so ``check`` and ``estimate`` apply strategies as to a real model. Remote code is never run."""
 
 from __future__ import annotations
 
@@ -24,8 +21,8 @@ from adaptkit.errors import AdapterFormatError, ConfigError, ConfigTypeError, Un
 from adaptkit.names import ADAPTKIT_MODEL_TYPE, CLASSIFICATION_TASKS, TASKS
 
 # task -> transformers' public config-class -> model-class mapping behind the task's Auto class
-_MAPPINGS = {"seq_cls": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING", "token_cls": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING",
-             "qa": "MODEL_FOR_QUESTION_ANSWERING_MAPPING", "causal_lm": "MODEL_FOR_CAUSAL_LM_MAPPING",
+_MAPPINGS = {"seq_cls": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING", "qa": "MODEL_FOR_QUESTION_ANSWERING_MAPPING",
+             "token_cls": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING", "causal_lm": "MODEL_FOR_CAUSAL_LM_MAPPING",
              "seq2seq": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING", "image_cls": "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING",
              "base": "MODEL_MAPPING"}
 _ARCH_SUFFIXES = [("ForSequenceClassification", "seq_cls"), ("ForTokenClassification", "token_cls"),
@@ -62,19 +59,15 @@ class Skeleton:
 def read_config(model: Any):
     """A private copy of the config of a path, hub id, PretrainedConfig or loaded model."""
     if isinstance(model, nn.Module) and not isinstance(getattr(model, "config", None), PretrainedConfig):
-        raise ConfigTypeError(field="model", value=type(model).__name__, problem="has no transformers config",
-                              fix="pass a transformers model, its folder, its hub id or its config")
+        raise ConfigTypeError("model", type(model).__name__, "has no transformers config", "pass its folder or config")
     if isinstance(model, (PretrainedConfig, nn.Module)):
         return copy.deepcopy(model if isinstance(model, PretrainedConfig) else model.config)
     if not isinstance(model, (str, Path)):
-        raise ConfigTypeError(field="model", value=model,
-                              problem=f"expected a path, a hub id or a PretrainedConfig, got {type(model).__name__}",
-                              fix="pass e.g. 'path/to/model' or transformers.AutoConfig.from_pretrained(...)")
+        raise ConfigTypeError("model", model, "expected a path, a hub id or a PretrainedConfig", "pass a folder")
     path = Path(model).expanduser()
     path = path.parent if path.is_file() else path  # a config.json given directly
     if not path.is_dir() and (str(model).startswith((".", "/", "~")) or str(model).count("/") > 1):
-        raise ConfigError(field="model", value=str(model), problem="is neither an existing folder nor a hub id",
-                          fix="check the path (it must hold config.json)")
+        raise ConfigError("model", str(model), "is neither an existing folder nor a hub id", "check the path")
     if path.is_dir():
         _refuse_adapter_folder(path)
         refuse_remote_code(path)
@@ -85,77 +78,68 @@ def read_config(model: Any):
                                               local_files_only=local_only)
         except StrictDataclassError as exc:  # transformers >= 5.2x checks each field's type as it reads config.json
             field = re.search(r"field '(\w+)'", str(exc))
-            raise ConfigTypeError(field=f"config.{field.group(1) if field else '?'}", value=str(model),
-                                  problem=f"config.json holds a value of the wrong type: {exc.__cause__ or exc}",
-                                  fix="write the value as the type named, e.g. 32 rather than \"32\"") from None
+            raise ConfigTypeError(f"config.{field.group(1) if field else '?'}", str(model), f"is of the wrong type: "
+                                  f"{exc.__cause__ or exc}", 'write the type named, e.g. 32 rather than "32"') from None
         except ValueError as exc:
             if "trust_remote_code" in str(exc) or "custom code" in str(exc):
                 raise remote_code_error(model, "its config names custom code") from None
-            raise ConfigError(field="model", value=str(model), problem=f"its config cannot be read: {exc}",
-                              fix="pass a folder holding a valid config.json") from None
+            raise ConfigError("model", str(model), f"its config cannot be read: {exc}", "fix its config.json") from None
         except OSError as exc:
             if path.is_dir() or offline or not local_only:
-                raise ConfigError(field="model", value=str(model), fix="pass a folder holding config.json, or "
-                                  "download the model first", problem="has no readable config.json" if path.is_dir()
-                                  else "is not a local folder and not in the hub cache (HF_HUB_OFFLINE is set)" if offline
-                                  else f"its config cannot be read: {exc}") from None
+                raise ConfigError("model", str(model), "has no readable config.json" if path.is_dir() else
+                                  "is not a local folder and not in the hub cache (HF_HUB_OFFLINE is set)" if offline
+                                  else f"cannot be read: {exc}", "pass a folder with config.json, or download the "
+                                  "model first") from None
+
+
+def _json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _refuse_adapter_folder(path: Path) -> None:
-    """An adapter folder (adaptkit's or PEFT's) holds a few trained tensors, not a model to check or estimate:
-    name the base it was trained on instead of failing on its stand-in config (or its missing config.json)."""
-    try:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        model_type = None
+    """An adapter folder (adaptkit's or PEFT's) is not a model to check: name the base it was trained on."""
+    if _json(path / "config.json").get("model_type") not in (None, ADAPTKIT_MODEL_TYPE):
+        return  # a whole model (full)
     for name, key in (("adaptkit_config.json", "base_model"), ("adapter_config.json", "base_model_name_or_path")):
-        if model_type in (None, ADAPTKIT_MODEL_TYPE) and (path / name).is_file():  # else a whole model (full)
-            try:
-                base = json.loads((path / name).read_text()).get(key)
-            except (OSError, ValueError, AttributeError):
-                base = None
-            raise AdapterFormatError(field="model", value=str(path),
-                                     problem=f"is an adapter folder ({name}), not a model",
-                                     fix=f"pass the base model it was trained on{f' ({base})' if base else ''}")
+        if (path / name).is_file():
+            base = _json(path / name).get(key)
+            raise AdapterFormatError("model", str(path), f"is an adapter folder ({name}), not a model",
+                                     f"pass the base model it was trained on{f' ({base})' if base else ''}")
 
 
 def refuse_remote_code(name_or_path: Any, trust_remote_code: Any = None) -> None:
     """Refuse a model whose files name custom code (``auto_map``) before transformers sees it: given
-    ``trust_remote_code=None`` it asks "Do you wish to run the custom code? [y/N]" at a terminal, and
-    "y" runs code from the model folder. adaptkit never runs it; check, load_model and the recipes call this."""
+    ``trust_remote_code=None`` it asks at a terminal, and "y" runs code from the model folder."""
     if trust_remote_code:
         raise remote_code_error(name_or_path, "trust_remote_code=True was passed")
     folder = Path(os.path.expanduser(str(name_or_path))) if isinstance(name_or_path, (str, os.PathLike)) else None
     if folder is None or not folder.is_dir():
         return  # a hub id: from_pretrained runs with trust_remote_code=False and refuses it
     for name in _CODE_FILES:
-        try:
-            data = json.loads((folder / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict) and data.get("auto_map"):
-            raise remote_code_error(name_or_path, f"{name} names custom code (auto_map: {sorted(data['auto_map'])})")
+        if auto_map := _json(folder / name).get("auto_map"):
+            raise remote_code_error(name_or_path, f"{name} names custom code (auto_map: {sorted(auto_map)})")
 
 
 def remote_code_error(name_or_path: Any, why: str) -> UnsupportedError:
-    return UnsupportedError(field="model", value=str(name_or_path),
-                            problem=f"needs custom code from the model repository (trust_remote_code): {why}",
-                            fix="adaptkit never runs remote code; use a model type transformers ships, or review "
-                                "the code, load the model yourself with from_pretrained(..., trust_remote_code=True) "
-                                "and pass the loaded model to adaptkit.adapt")
+    return UnsupportedError("model", str(name_or_path), f"needs custom code from the model repository "
+                            f"(trust_remote_code): {why}", "adaptkit never runs remote code: review the code, load "
+                            "the model yourself with trust_remote_code=True and pass it to adaptkit.adapt")
 
 
 def check_sizes(config) -> None:
-    """Refuse size fields that are not whole numbers, and layer counts no real model has (building 10**7 layers,
-    even weightless, would run for hours), before any module is built."""
+    """Refuse size fields that are not whole numbers, and layer counts no real model has (10**7 weightless layers
+    would build for hours)."""
     for field in _SIZE_FIELDS:
         value = getattr(config, field, None)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-            raise ConfigTypeError(field=f"config.{field}", value=value, problem=f"expected an int, got {type(value).__name__}",
-                                  fix="write it as a number in config.json, e.g. 32 rather than \"32\"")
+            raise ConfigTypeError(f"config.{field}", value, "expected an int", 'write e.g. 32 rather than "32"')
         if field in _LAYER_FIELDS and isinstance(value, int) and not 0 <= value <= MAX_LAYERS:
-            raise ConfigError(field=f"config.{field}", value=value, problem=f"is outside 0..{MAX_LAYERS}, beyond any real model",
-                              fix="check config.json: the deepest released models have about 130 layers")
+            raise ConfigError(f"config.{field}", value, f"is outside 0..{MAX_LAYERS}, beyond any real model",
+                              "check config.json")
 
 
 def infer_task(config) -> str:
@@ -193,8 +177,7 @@ def skeleton(model: Any, task: str = "auto", num_labels: int | None = None) -> S
     config = read_config(model)
     check_sizes(config)
     if task not in TASKS and task != "auto":
-        raise ConfigError(field="task", value=task, problem="is not a task adaptkit knows",
-                          fix=f"choose one of {['auto', *TASKS]}")
+        raise ConfigError("task", task, "is not a task adaptkit knows", f"choose one of {['auto', *TASKS]}")
     if isinstance(model, nn.Module):  # a loaded model: check exactly its class
         model_class = type(model)
         if task == "auto":
@@ -204,9 +187,8 @@ def skeleton(model: Any, task: str = "auto", num_labels: int | None = None) -> S
         model_class = _model_class(config, task)
     if model_class is None:
         usable = [t for t in TASKS if _model_class(config, t) is not None]
-        raise UnsupportedError(field="task", value=f"{task} for model type {config.model_type!r}",
-                               problem="transformers has no such model class",
-                               fix=f"choose a task this model supports: {usable}")
+        raise UnsupportedError("task", f"{task} for model type {config.model_type!r}", "transformers has no such "
+                               "model class", f"choose a task this model supports: {usable}")
     if num_labels is not None:
         config.num_labels = num_labels
     return Skeleton(describe(model), config, task, model_class)
@@ -225,8 +207,7 @@ def dtype_of(name: Any) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
     if name not in DTYPES:
-        raise ConfigError(field="dtype", value=name, problem="is not a supported dtype",
-                          fix=f"choose one of {sorted(DTYPES)}")
+        raise ConfigError("dtype", name, "is not a supported dtype", f"choose one of {sorted(DTYPES)}")
     return DTYPES[name]
 
 

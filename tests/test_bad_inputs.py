@@ -187,7 +187,7 @@ def test_a_size_written_as_text_is_a_typed_error_in_check_and_estimate(tmp_path,
     folder = _config_folder(tmp_path, hidden_size="32")  # was a raw TypeError (or transformers' own error)
     code, out = _cli(capsys, "check", folder, "--strategy", "lora")
     assert code == 1 and "[ConfigTypeError] config.hidden_size=" in out and "32 rather than \"32\"" in out
-    with pytest.raises(errors.ConfigTypeError, match=r"config.hidden_size=.*Fix: write the value as the type named"):
+    with pytest.raises(errors.ConfigTypeError, match=r"config.hidden_size=.*Fix: write the type named"):
         adaptkit.estimate(folder, "lora")
 
 
