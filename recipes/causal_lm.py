@@ -31,8 +31,7 @@ from transformers import AutoTokenizer
 
 import adaptkit
 from adaptkit import lengths
-from adaptkit.recipes import batching, checkpoints, data, guards, metrics, runs, training
-from adaptkit.recipes.batching import encode, pack, prompt_ids  # the formats, checked and truncated, live in the kit
+from adaptkit.recipes import batching, data, guards, metrics, runs, training
 from adaptkit.distributed import check_sharded_model
 from adaptkit.errors import ConfigError, DataError
 
@@ -52,7 +51,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, training.Run
 def sample_generations(model, tokenizer, examples, args) -> list[dict]:
     samples = []
     for example in examples.select(range(min(args.num_samples, len(examples)))):
-        ids = torch.tensor([prompt_ids(example, tokenizer)], device=next(model.parameters()).device)
+        ids = torch.tensor([batching.prompt_ids(example, tokenizer)], device=next(model.parameters()).device)
         ids = ids[:, -(guards.prompt_room(model, args.max_new_tokens) or ids.shape[1]):]  # the shown prompt is what fits
         output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                 max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
@@ -96,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     features = {split: batching.encode_split(ds, tokenizer, 0 if args.block_size else run.max_length, notes, split)
                 for split, ds in splits.items()}
     if args.block_size:
-        features = {split: pack(f, args.block_size, notes) for split, f in features.items()}
+        features = {split: batching.pack(f, args.block_size, notes) for split, f in features.items()}
     train_loader = batching.causal_lm_loader(features["train"], run.batch_size, tokenizer, True, run.seed)
     val_loader = batching.causal_lm_loader(features["validation"], run.batch_size, tokenizer, False)
     optimizer = training.make_optimizer(model, run)
@@ -107,10 +106,10 @@ def main(argv: list[str] | None = None) -> dict:
     # The loop: evaluate every --eval-every steps (0: each epoch) and at the end, keep the adapter that is best
     # on validation, stop after --patience evaluations without improvement, checkpoint every --checkpoint-every.
     lock = runs.claim_output_dir(accelerator, run)  # one run per folder; --overwrite deletes what the last run wrote
-    checkpoints.adapter_only(accelerator)  # save_state / load_state: the trained tensors, not the whole model
+    runs.adapter_only(accelerator)  # save_state / load_state: the trained tensors, not the whole model
     progress = runs.Progress(run, accelerator, max_steps, len(train_loader),
                              metric=metrics.primary_metric("language_model"))
-    checkpoints.resume(accelerator, run, progress)  # --resume: exactly where it stopped; refuses changed flags
+    runs.resume(accelerator, run, progress)  # --resume: exactly where it stopped; refuses changed flags
     log = runs.Log(accelerator, run, progress)  # log.jsonl and the --report-to trackers
     model.train()
     while not progress.done:
@@ -137,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
                     accelerator.set_trigger()
                 progress.stopped_early = accelerator.check_trigger()  # on any process: all stop together
             if run.checkpoint_every and (progress.step % run.checkpoint_every == 0 or progress.done):
-                checkpoints.checkpoint(accelerator, run, progress)  # and one at the end: a finished run can be extended
+                runs.checkpoint(accelerator, run, progress)  # and one at the end: a finished run can be extended
             if progress.done:
                 break
 

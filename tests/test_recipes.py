@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 import adaptkit
 from adaptkit.folders import write_json
-from adaptkit.recipes import batching, checkpoints, data, runs, training
+from adaptkit.recipes import batching, data, runs, training
 from adaptkit.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,7 +158,7 @@ class _Interrupt(Exception):
 def run_interrupted_and_resumed(main, argv_for, tmp_path: Path, monkeypatch, stop_at: int) -> None:
     """Run ``whole`` uninterrupted; run ``cut`` until the checkpoint at ``stop_at``, kill it, --resume it."""
     main(argv_for(tmp_path / "whole"))
-    checkpoint = checkpoints.checkpoint
+    checkpoint = runs.checkpoint
 
     def interrupted(accelerator, args, progress):  # dies right after writing the checkpoint
         path = checkpoint(accelerator, args, progress)
@@ -166,11 +166,11 @@ def run_interrupted_and_resumed(main, argv_for, tmp_path: Path, monkeypatch, sto
             raise _Interrupt
         return path
 
-    monkeypatch.setattr(checkpoints, "checkpoint", interrupted)
+    monkeypatch.setattr(runs, "checkpoint", interrupted)
     with pytest.raises(_Interrupt):
         main(argv_for(tmp_path / "cut"))
-    monkeypatch.setattr(checkpoints, "checkpoint", checkpoint)
-    latest = checkpoints.latest_checkpoint(tmp_path / "cut")
+    monkeypatch.setattr(runs, "checkpoint", checkpoint)
+    latest = runs.latest_checkpoint(tmp_path / "cut")
     assert latest.name == f"step-{stop_at:07d}"
     # the checkpoint holds what trains (here: adapter + head, as many values as the saved adapter), not the model
     in_checkpoint = load_file(str(latest / "model.safetensors"))
@@ -302,8 +302,8 @@ def test_causal_lm_labels_keep_the_eos_when_pad_is_eos(tiny_gpt):
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_gpt["model"])
     assert tokenizer.pad_token is None
     eos = tokenizer.eos_token_id
-    short = causal_lm.encode({"prompt": "a fine film :", "response": "positive"}, tokenizer, 64)
-    long = causal_lm.encode({"text": "a fine film with a great cast"}, tokenizer, 64)
+    short = batching.encode({"prompt": "a fine film :", "response": "positive"}, tokenizer, 64)
+    long = batching.encode({"text": "a fine film with a great cast"}, tokenizer, 64)
     tokenizer.pad_token = tokenizer.eos_token  # as the recipe does
     batch = batching.causal_lm_loader([short, long], 2, tokenizer, shuffle=False).collate_fn([short, long])
     assert batch["labels"][0].tolist()[:6] == [-100, -100, -100, -100, tokenizer.convert_tokens_to_ids("positive"),
@@ -322,18 +322,18 @@ def test_causal_lm_masks_alpaca_and_chat_prompts_and_packs_blocks(tiny_gpt):
     import transformers
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_gpt["model"])
     eos, word = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids
-    alpaca = causal_lm.encode({"instruction": "rate it", "input": "a fine film", "output": "positive"}, tokenizer, 0)
+    alpaca = batching.encode({"instruction": "rate it", "input": "a fine film", "output": "positive"}, tokenizer, 0)
     assert alpaca["labels"][-2:] == [word("positive"), eos] and set(alpaca["labels"][:-2]) == {-100}
     tokenizer.chat_template = CHAT_TEMPLATE
     chat = [{"role": "user", "content": "a fine film"}, {"role": "assistant", "content": "positive"},
             {"role": "user", "content": "a dull film"}, {"role": "assistant", "content": "negative"}]
-    encoded = causal_lm.encode({"messages": chat}, tokenizer, 0)
+    encoded = batching.encode({"messages": chat}, tokenizer, 0)
     trained = [t for t, label in zip(encoded["input_ids"], encoded["labels"]) if label != -100]
     # only the assistant's words (and what its template line puts after them) are trained on, the eos too
     assert word("positive") in trained and word("negative") in trained and word("fine") not in trained
     assert encoded["labels"][-1] == eos and word("dull") not in trained
     notes = []
-    blocks = causal_lm.pack([alpaca, encoded, alpaca], 8, notes)
+    blocks = batching.pack([alpaca, encoded, alpaca], 8, notes)
     labels = alpaca["labels"] + encoded["labels"] + alpaca["labels"]
     whole = [labels[i:i + 8] for i in range(0, len(labels) - 7, 8)]
     assert all(len(b["input_ids"]) == len(b["labels"]) == 8 for b in blocks)
@@ -460,9 +460,9 @@ def test_latest_checkpoint_skips_incomplete_folders(tmp_path):
         folder = tmp_path / "checkpoints" / name
         folder.mkdir(parents=True)
         if complete:
-            (folder / checkpoints.RUN_STATE).write_text("{}")
-    assert checkpoints.latest_checkpoint(tmp_path).name == "step-0000012"
-    assert checkpoints.latest_checkpoint(tmp_path / "nothing") is None
+            (folder / runs.RUN_STATE).write_text("{}")
+    assert runs.latest_checkpoint(tmp_path).name == "step-0000012"
+    assert runs.latest_checkpoint(tmp_path / "nothing") is None
 
 
 def test_write_json_replaces_atomically(tmp_path):

@@ -1,10 +1,7 @@
 """A Table or language-model rows turned into batches: tokenizing, dynamic padding, length-grouped batches.
 
-Language-model rows come in one format per split, found from its columns (``LM_FORMATS``): ``text``;
-``prompt`` + ``response``; Alpaca's ``instruction`` (+ ``input``) + ``output``; chat ``messages``
-(``role``/``content``, rendered by the tokenizer's chat template) or ShareGPT ``conversations``
-(``from``/``value``, read as messages with LLaMA-Factory's role names). Only the response / assistant turns
-are labelled; ``--max-length`` cuts the prompt side first, as completion-only trainers do.
+Language-model rows: one format per split (``LM_FORMATS``); chats are rendered by the tokenizer's chat template,
+ShareGPT turns read as messages. Only responses are labelled; ``--max-length`` cuts the prompt side first.
 """
 
 from __future__ import annotations
@@ -27,8 +24,7 @@ ALPACA = ("Below is an instruction that describes a task{0}. Write a response th
 
 
 def tokenize(table: Table, tokenizer, max_length: int = 128) -> list[dict]:
-    """One dict per example (``input_ids``, ``attention_mask``, ... and ``labels``), unpadded:
-    padding happens per batch in the collator. Pairs are truncated longest-first to ``max_length``."""
+    """One unpadded dict per example (the collator pads per batch); pairs truncated longest-first."""
     if not isinstance(max_length, int) or max_length < 8:
         raise ConfigError(field="max_length", value=max_length, problem="must be an integer >= 8", fix="e.g. 128")
     texts = [table.data.data.column(c).to_pylist() for c in table.text_columns]
@@ -37,7 +33,6 @@ def tokenize(table: Table, tokenizer, max_length: int = 128) -> list[dict]:
 
 
 def make_collator(tokenizer, pad_to_multiple_of: int | None = None):
-    """transformers' ``DataCollatorWithPadding``: pads each batch to its longest sequence."""
     if tokenizer.pad_token is None:
         raise ConfigError(field="tokenizer.pad_token", value=None, problem="the tokenizer has no padding token, "
                           "so batches cannot be padded", fix="set tokenizer.pad_token = tokenizer.eos_token (and "
@@ -56,10 +51,9 @@ def check_vocab(model, tokenizer) -> None:
 
 
 class LengthGroupedBatchSampler(torch.utils.data.Sampler):
-    """Batches of similar length, to cut padding: shuffle (seeded), cut into chunks of ``chunk_batches``
-    batches, sort each chunk by length, split into batches, shuffle the batch order. Each pass reshuffles:
-    the k-th pass is the same in every run with the same seed (``set_epoch(k)`` jumps to it). With
-    ``shuffle=False`` the data order is kept and only sorted within chunks."""
+    """Batches of similar length: a seeded shuffle, chunks sorted by length, the batch order shuffled. Pass k is the
+    same in every run with the seed (``set_epoch(k)``: exact resume needs it, transformers' LengthGroupedSampler
+    has no epoch)."""
 
     def __init__(self, lengths, batch_size: int, *, shuffle: bool = True, seed: int = 0, chunk_batches: int = 50):
         if not isinstance(batch_size, int) or batch_size < 1 or not isinstance(chunk_batches, int) or chunk_batches < 1:
@@ -90,7 +84,6 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
 
 def make_dataloader(features: list[dict], tokenizer, batch_size: int, *, shuffle: bool = False,
                     group_by_length: bool = False, seed: int = 0, collate=None) -> torch.utils.data.DataLoader:
-    """DataLoader over tokenized examples with dynamic padding; seeded, so runs repeat exactly."""
     collate = collate or make_collator(tokenizer)
     if group_by_length:
         sampler = LengthGroupedBatchSampler([len(f["input_ids"]) for f in features], batch_size,
@@ -102,8 +95,8 @@ def make_dataloader(features: list[dict], tokenizer, batch_size: int, *, shuffle
 
 
 def causal_lm_loader(features: list[dict], batch_size: int, tokenizer, shuffle: bool, seed: int = 0):
-    """Length-grouped batches padded by ``DataCollatorForSeq2Seq``: by position, labels -100, so pad == eos is safe
-    (``DataCollatorForLanguageModeling`` would unlabel every eos and the model would never learn to stop)."""
+    """Padded by ``DataCollatorForSeq2Seq`` (labels -100 by position, so pad == eos is safe; the LM collator would
+    unlabel every eos and the model would never learn to stop)."""
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
     return make_dataloader(features, tokenizer, batch_size, shuffle=shuffle, group_by_length=True, seed=seed,
                            collate=collate)
@@ -112,14 +105,11 @@ def causal_lm_loader(features: list[dict], batch_size: int, tokenizer, shuffle: 
 # ------------------------------------------------------------------------------------ language-model rows
 
 def lm_format(ds) -> str | None:
-    """The first of ``LM_FORMATS`` whose columns ``ds`` has."""
     return next((f for f, cols in LM_FORMATS.items() if set(cols) <= set(ds.column_names)), None)
 
 
 def lm_rows(ds, where: str):
-    """One split's rows checked before training (rows as in the file): one format, text where text belongs,
-    chats as lists of turns that start with the user and hold an answer; ShareGPT turns read as messages;
-    blank ``.txt`` lines dropped."""
+    """One split's rows checked before training (rows as in the file); blank ``.txt`` lines dropped."""
     fmt = lm_format(ds)
     if fmt is None:
         raise DataError(field=where, value=ds.column_names, problem="has none of the known formats",
@@ -166,8 +156,7 @@ def _turns(turns, fmt: str, where: str) -> list[dict]:
 
 
 def encode(example: dict, tokenizer, max_length: int = 0) -> dict:
-    """Token ids and labels for one example: the eos is appended and labelled, prompts are masked (-100).
-    Past ``max_length`` the prompt goes first (from its start), then the end of the answer."""
+    """Ids and labels (eos appended, prompt -100); past ``max_length`` the prompt's start goes first."""
     return _encode(example, tokenizer, max_length)[0]
 
 
@@ -195,8 +184,7 @@ def _encode(example: dict, tokenizer, max_length: int) -> tuple[dict, tuple[int,
 
 
 def encode_split(ds, tokenizer, max_length: int, notes: list[str], where: str) -> list[dict]:
-    """``encode`` every row; how many lost prompt or answer tokens to ``max_length`` goes into ``notes``. An
-    example whose answer leaves no room for any of its prompt is refused: it would teach an answer to nothing."""
+    """``encode`` every row, noting cuts; an answer that leaves no room for its prompt is refused (it teaches nothing)."""
     if "messages" in ds.column_names and not tokenizer.chat_template:
         raise ConfigError(field="tokenizer.chat_template", value=None, problem=f"{where} holds chats but the "
                           "tokenizer has no chat template to render them", fix="use a chat model's tokenizer, or "
@@ -216,8 +204,7 @@ def encode_split(ds, tokenizer, max_length: int, notes: list[str], where: str) -
 
 
 def pack(features: list[dict], block_size: int, notes: list[str] | None = None) -> list[dict]:
-    """run_clm's group_texts: every example end to end, cut into blocks of block_size (the rest is dropped).
-    A block with no labelled token (all prompt) is dropped too: its loss would be 0/0, a NaN."""
+    """run_clm's group_texts; a block with no labelled token is dropped too (its loss would be 0/0)."""
     ids = [t for f in features for t in f["input_ids"]]
     labels = [t for f in features for t in f["labels"]]
     if len(ids) < block_size:
@@ -232,7 +219,6 @@ def pack(features: list[dict], block_size: int, notes: list[str] | None = None) 
 
 
 def prompt_ids(example: dict, tokenizer) -> list[int]:
-    """What the model continues in a sample: the prompt (up to the last assistant turn), or half a text."""
     if "messages" in example:
         last = max(i for i, m in enumerate(example["messages"]) if m["role"] == "assistant")
         return tokenizer.apply_chat_template(example["messages"][:last], add_generation_prompt=True, tokenize=True,
@@ -244,7 +230,6 @@ def prompt_ids(example: dict, tokenizer) -> list[int]:
 
 
 def _chat_ids(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
-    """The chat rendered by the tokenizer's template; only the assistant's turns are labelled."""
     ids, labels = [], []
     for k, message in enumerate(messages):
         if message["role"] != "assistant":

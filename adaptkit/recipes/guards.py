@@ -3,11 +3,7 @@ collapsed predictions, damaged or foreign checkpoints, files adaptkit did not wr
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -15,7 +11,7 @@ import numpy as np
 import torch
 
 from adaptkit import lengths
-from adaptkit.errors import CheckpointError, ConfigError, DataError, NonFiniteError
+from adaptkit.errors import ConfigError, DataError, NonFiniteError
 
 # flag -> (smallest allowed value, whether the smallest itself is allowed); every float flag must be finite
 _FLOAT_FLAGS = {"learning_rate": (0.0, False), "weight_decay": (0.0, True), "warmup_ratio": (0.0, True),
@@ -165,112 +161,3 @@ def collapse_warning(kept: dict[str, dict[str, float]], learning_rate: float) ->
                  f"collapses, too low (or too few steps) and it never learns to vary. Fix: run again with "
                  f"--learning-rate {learning_rate / 10:g} and with {learning_rate * 10:g}, or train longer")
     return f"WARNING: the adapter kept gives {where}: it learned nothing usable. {cause}."
-
-
-# ---- resume --------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def digests(folder: Path, skip: Iterable[str] = ()) -> dict[str, str]:
-    folder, skip = Path(folder), set(skip)
-    return {p.relative_to(folder).as_posix(): _sha256(p) for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.relative_to(folder).as_posix() not in skip}
-
-
-# What save_state writes (read back with weights_only=True; FSDP's sharded folders are guarded by the digests) and
-# run_state.json; never custom_checkpoint_N.pkl, which Accelerate unpickles with weights_only=False.
-CHECKPOINT_FILE = re.compile(r"(model|optimizer|scheduler|sampler)(_\d+)?\.(safetensors|bin)|random_states_\d+\.pkl|"
-                             r"scaler\.pt|run_state\.json|(pytorch_model_fsdp|optimizer)_\d+/[\w.]+")
-_CHECKPOINT_DIR = re.compile(r"(pytorch_model_fsdp|optimizer)_\d+")
-_STATE_TYPES = {"step": int, "epoch": int, "batch_in_epoch": int, "samples": int, "train_seconds": (int, float),
-                "best_metrics": dict, "early_stopping": dict, "config": dict, "files": dict, "max_steps": int}
-
-
-def read_checkpoint(folder: Path, state_name: str) -> dict[str, Any]:
-    """A checkpoint's run state, once its files are all listed and unchanged and its RNG states load without pickle's
-    code execution (Accelerate swallows an unreadable RNG state and resumes on other random numbers)."""
-    from accelerate.utils import load  # torch.load(weights_only=True) with numpy's RNG arrays allowed
-    folder, fix = Path(folder), (f"resume from an earlier checkpoint (--resume {Path(folder).parent}/step-N), or start "
-                                 "afresh with --overwrite")
-    path = folder / state_name
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:
-        raise CheckpointError(field=str(path), value=type(exc).__name__, problem=f"cannot be read: {exc}", fix=fix) from None
-    wrong = [k for k, kind in _STATE_TYPES.items() if not isinstance(state, dict) or not isinstance(state.get(k), kind)
-             or isinstance(state.get(k), bool)]
-    if wrong:
-        raise CheckpointError(field=str(path), value=wrong, problem="lacks these entries, or they have the wrong type "
-                              f"(expected {', '.join(f'{k}: {_STATE_TYPES[k]}' for k in wrong)})", fix=fix)
-    for file in sorted(folder.rglob("*")):
-        rel = file.relative_to(folder).as_posix()
-        if file.is_symlink() or not (_CHECKPOINT_DIR if file.is_dir() else CHECKPOINT_FILE).fullmatch(rel):
-            raise CheckpointError(field=str(file), value=None, problem="is not part of an adaptkit checkpoint (adaptkit "
-                                  "writes no pickled custom state, and resume loads nothing else)", fix=fix)
-    for rel, expected in state["files"].items():
-        file = folder / str(rel)
-        if not CHECKPOINT_FILE.fullmatch(str(rel)) or not file.is_file():
-            raise CheckpointError(field=str(file), value=None, problem="is missing from the checkpoint", fix=fix)
-        if _sha256(file) != expected:
-            raise CheckpointError(field=str(file), value=f"{file.stat().st_size} bytes",
-                                  problem="changed since the checkpoint was written (truncated or damaged)", fix=fix)
-    for file in sorted(folder.glob("random_states_*.pkl")):
-        try:
-            load(file)
-        except Exception as exc:  # truncated, or a pickle that would run code (refused by weights_only=True)
-            raise CheckpointError(field=str(file), value=f"{file.stat().st_size} bytes", problem=f"cannot be loaded "
-                                  f"safely ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", fix=fix) from None
-    return state
-
-
-def checkpoint_files(folder: Path) -> dict[str, None]:
-    """A killed checkpoint's files (unlisted): those named as save_state names them."""
-    rels = (p.relative_to(folder).as_posix() for p in Path(folder).rglob("*")) if Path(folder).is_dir() else ()
-    return {rel: None for rel in rels if CHECKPOINT_FILE.fullmatch(rel)}
-
-
-def remove_owned(folder: Path, listing: dict[str, str | None]) -> None:
-    """Delete the files of ``listing`` (rel path -> sha256, or None: ours by name) that still hold what adaptkit wrote,
-    then the emptied folders; nothing outside ``folder``, nothing through a link."""
-    folder, emptied = Path(folder), set()
-    if folder.is_symlink() or not folder.is_dir():
-        return
-    for rel, digest in listing.items():
-        path = folder / rel
-        if path.resolve().is_relative_to(folder.resolve()) and path.is_file() and not path.is_symlink() \
-                and digest in (None, _sha256(path)):
-            path.unlink()
-            emptied.update(p for p in path.parents if p.is_relative_to(folder))
-    for empty in sorted(emptied, key=lambda p: -len(p.parts)):
-        if empty.is_dir() and not empty.is_symlink() and not any(empty.iterdir()):
-            empty.rmdir()
-
-
-def data_fingerprint(sources: Iterable[Any]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for source in sources:
-        if source is None:
-            continue
-        path = Path(os.path.expanduser(str(source))).resolve()  # ./data/ds and data/ds are one file
-        if path.is_file():
-            out[str(path)] = _sha256(path)
-        elif path.is_dir():
-            out.update({str(path / rel): h for rel, h in digests(path).items()})
-    return out
-
-
-def check_same_data(saved: dict[str, str] | None, now: dict[str, str]) -> None:
-    if saved is None:  # a checkpoint from before fingerprints were kept
-        return
-    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    if changed:
-        raise CheckpointError(field="--resume", value=changed[:3],
-                              problem="the data changed since the interrupted run started (checksums differ); "
-                                      "resuming would continue on other examples",
-                              fix="restore the original data files, or start a new run (--overwrite or another "
-                                  "--output-dir)")

@@ -1,11 +1,5 @@
-"""Task metrics as plain functions of numpy arrays (scikit-learn / scipy), offline and with no cache folder
-(``evaluate.load`` fetches scripts from the hub; an in-code ``evaluate.Metric`` writes a cache folder).
-
-``metric_for_task(task, num_labels)`` collects batches (``add_batch(predictions=..., references=...)``, after
-``accelerator.gather_for_metrics``) and ``compute()`` s them, then starts empty; ``primary_metric(task)`` is what
-model selection watches. GLUE conventions of the BERT paper, except STS-B: the mean of Pearson and Spearman
-(``combined``), as transformers' ``run_glue``. Correlations are NaN when either side is constant.
-"""
+"""Task metrics as functions of numpy arrays (scikit-learn / scipy): offline, with no cache folder (``evaluate.load``
+fetches from the hub). GLUE conventions; STS-B's ``combined`` is the mean of Pearson and Spearman, as in run_glue."""
 
 from __future__ import annotations
 
@@ -47,7 +41,6 @@ def pearson_spearman(predictions, references) -> dict:
 
 
 def perplexity(nll, num_tokens) -> dict:
-    """``exp(total_nll / total_tokens)`` from per-sequence sums, so batches and padding combine exactly."""
     if not np.all(np.isfinite(nll)) or np.any(nll < 0):
         raise DataError(field="perplexity.nll", value=float(nll[~np.isfinite(nll) | (nll < 0)][0]), problem="summed "
                         "negative log-likelihoods must be finite and >= 0", fix="pass loss * num_tokens (natural log)")
@@ -75,7 +68,7 @@ class Metric:
             self.parts[k].append(a)
 
     def compute(self, **arrays) -> dict:
-        """Over everything added (and ``arrays``, if given); then empty again, so one object serves a whole run."""
+        """Over everything added; then empty again, so one object serves a whole run."""
         if arrays:
             self.add_batch(**arrays)
         if not self.parts[self.inputs[0]]:
@@ -100,7 +93,6 @@ TASKS = {
 
 
 def metric_for_task(task: str, num_labels: int = 2) -> Metric:
-    """A fresh ``Metric`` for ``task``; ``num_labels`` > 2 gives macro F1 for "classification"."""
     primary_metric(task)
     least = 2 if task == "classification" else 1  # a regression Table has num_labels=1
     if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < least:
@@ -111,7 +103,6 @@ def metric_for_task(task: str, num_labels: int = 2) -> Metric:
 
 
 def primary_metric(task: str) -> tuple[str, bool]:
-    """``(result key, higher_is_better)`` that model selection / early stopping should watch."""
     if task not in TASKS:
         raise ConfigError(field="task", value=task, problem=f"unknown task; valid tasks are {sorted(TASKS)}",
                           fix="use 'classification' or 'regression' for your own data")

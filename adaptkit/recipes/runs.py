@@ -1,31 +1,35 @@
-"""What a recipe's loop needs that Accelerate lacks: the output-folder claim, the run's position (exact resume),
-the log, the adapter kept, metrics.json. The loop itself stays in each recipe, where it can be read."""
+"""What a recipe's loop needs that Accelerate lacks: the output-folder claim, the run's position, checkpoints that
+resume exactly and hold nothing that runs code, the log, the adapter kept, metrics.json. The loop itself stays in
+each recipe, where it can be read."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import resource
 import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from accelerate import skip_first_batches
+from accelerate.utils import load
 from filelock import FileLock, Timeout
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from adaptkit import card
 from adaptkit.distributed import save_adapter as save_on_every_process
-from adaptkit.errors import ConfigError, RunLockedError
-from adaptkit.folders import write_json
+from adaptkit.errors import AdaptkitError, CheckpointError, ConfigError, RunLockedError
+from adaptkit.folders import replace_dir, write_json
 from adaptkit.recipes import guards
-from adaptkit.recipes.checkpoints import remove_checkpoint
 from adaptkit.recipes.training import (ADAPTER_DIR, CHECKPOINTS, LOCK_NAME, LOG_FILE, MANIFEST, METRICS_FILE, RUN_STATE,
                                        TENSORBOARD_DIR, RunArgs, learning_rate)
 from adaptkit.versions import installed
@@ -75,11 +79,11 @@ def _remove_earlier_run(out: Path) -> None:
         if (step / RUN_STATE).is_file():
             remove_checkpoint(step)
         else:  # the temporary folder of a killed checkpoint: Accelerate's files by name
-            guards.remove_owned(step, guards.checkpoint_files(step))
-    guards.remove_owned(out / ADAPTER_DIR, _manifest(out).get(ADAPTER_DIR, {}))
+            remove_owned(step, checkpoint_files(step))
+    remove_owned(out / ADAPTER_DIR, _manifest(out).get(ADAPTER_DIR, {}))
     events = (out / TENSORBOARD_DIR).rglob("events.out.tfevents.*") if (out / TENSORBOARD_DIR).is_dir() else []
-    guards.remove_owned(out / TENSORBOARD_DIR, {str(p.relative_to(out / TENSORBOARD_DIR)): None for p in events})
-    guards.remove_owned(out, {METRICS_FILE: None, LOG_FILE: None, MANIFEST: None})
+    remove_owned(out / TENSORBOARD_DIR, {str(p.relative_to(out / TENSORBOARD_DIR)): None for p in events})
+    remove_owned(out, {METRICS_FILE: None, LOG_FILE: None, MANIFEST: None})
 
 
 def _manifest(out: Path) -> dict[str, dict[str, str]]:
@@ -95,11 +99,11 @@ def save_adapter(accelerator, model, run: RunArgs, step: int) -> None:
     """Save into --output-dir/adapter (every process: FSDP gathers) and list what it wrote for --overwrite."""
     guards.check_finite_weights(accelerator.unwrap_model(model), step)  # a NaN is never "best"
     adapter = run.output_dir / ADAPTER_DIR
-    before = guards.digests(adapter) if accelerator.is_main_process and adapter.is_dir() else {}
+    before = digests(adapter) if accelerator.is_main_process and adapter.is_dir() else {}
     save_on_every_process(accelerator, model, adapter)
     if accelerator.is_main_process:
         ours = _manifest(run.output_dir).get(ADAPTER_DIR, {})
-        written = {rel: h for rel, h in guards.digests(adapter).items() if before.get(rel) != h or ours.get(rel) == h}
+        written = {rel: h for rel, h in digests(adapter).items() if before.get(rel) != h or ours.get(rel) == h}
         write_json(run.output_dir / MANIFEST, {ADAPTER_DIR: written})
 
 
@@ -235,6 +239,256 @@ class Progress:
         self.constant_steps = [int(step) for step in state["constant_steps"]]
         stop = state["early_stopping"]
         self.stopper.best, self.stopper.best_step, self.stopper.bad_evals = stop["best"], stop["best_step"], int(stop["bad_evals"])
+
+
+# ---- checkpoints and --resume -----------------------------------------------------------------------------
+# Flags that may change between a run and its resumption; every other flag must match, or the resumed run would
+# silently train something else than the interrupted one. max_steps / epochs may grow (the run is extended).
+_RESUMABLE_CHANGES = {"output_dir", "resume", "overwrite", "log_every", "checkpoint_every", "keep_checkpoints",
+                      "processes", "report_to", "max_steps", "epochs"}
+
+
+def adapter_only(accelerator) -> None:
+    """``save_state`` writes only the trained tensors and buffers (batch-norm statistics update under a frozen base);
+    ``load_state`` puts them back, refusing a checkpoint that lacks any. FSDP and DeepSpeed save their own way."""
+    accelerator.register_save_state_pre_hook(_keep_trained)
+    accelerator.register_load_state_pre_hook(_load_trained)
+
+
+def _kept_names(model: torch.nn.Module, state) -> set[str]:
+    trained = {p.data_ptr() for p in model.parameters() if p.requires_grad}
+    buffers = {name for name, _ in model.named_buffers()}
+    return {k for k, v in state.items() if v.data_ptr() in trained or k in buffers}
+
+
+def _keep_trained(models: list, weights: list, output_dir: str) -> None:
+    for i, (model, state) in enumerate(zip(models, weights)):
+        if any(not p.requires_grad for p in model.parameters()):
+            weights[i] = {k: v for k, v in state.items() if k in _kept_names(model, state)}
+
+
+def _load_trained(models: list, input_dir: str) -> None:
+    for i, model in enumerate(models):
+        path = Path(input_dir) / f"model{f'_{i}' if i else ''}.safetensors"
+        try:
+            saved = load_file(str(path), device=str(next(model.parameters()).device))
+        except Exception as exc:  # safetensors' own error type for a zeroed or truncated file
+            raise CheckpointError(field=str(path), value=type(exc).__name__, problem=f"cannot be read: {exc}",
+                                  fix="resume from an earlier checkpoint, or start afresh with --overwrite") from None
+        unexpected = model.load_state_dict(saved, strict=False).unexpected_keys
+        state = model.state_dict()
+        covered = {state[k].data_ptr() for k in saved if k in state}  # shared tensors are written once
+        lost = sorted(k for k in _kept_names(model, state) if state[k].data_ptr() not in covered)
+        if unexpected or lost:
+            raise ConfigError(field="--resume", value=str(path), problem=f"the checkpoint does not hold this model's "
+                              f"trained tensors (missing {lost[:3]}, unexpected {sorted(unexpected)[:3]})",
+                              fix="resume with the strategy and options the checkpoint was written with")
+    models.clear()  # loaded here; accelerate would load them strictly, as whole models
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest checkpoint with a run_state.json (temporary folders start with '.')."""
+    folder = Path(output_dir) / CHECKPOINTS
+    done = [p for p in folder.glob("step-*") if re.fullmatch(r"step-\d+", p.name) and (p / RUN_STATE).is_file()] \
+        if folder.is_dir() else []
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def resume(accelerator, run: RunArgs, progress: Progress) -> None:
+    """--resume: refuse a damaged checkpoint and changed flags or data, then ``load_state`` and the position. Nothing is
+    registered with ``register_for_checkpointing``: Accelerate restores those through pickle."""
+    if run.resume is None:
+        return
+    path = latest_checkpoint(run.output_dir) if run.resume == "latest" else Path(run.resume).expanduser()
+    if path is None or not (path / RUN_STATE).is_file():
+        raise ConfigError(field="--resume", value=str(path or run.output_dir / CHECKPOINTS),
+                          problem="no complete checkpoint there",
+                          fix="point --resume at a checkpoints/step-N folder, or drop --resume to start afresh")
+    state = read_checkpoint(path, RUN_STATE)
+    saved, now = state["config"], run.config(accelerator.num_processes)
+    changed = sorted(k for k in set(saved) | set(now) if k not in _RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    if progress.max_steps < state["max_steps"]:  # fewer steps than the run planned: another schedule
+        changed += [k for k in ("max_steps", "epochs") if saved.get(k) != now.get(k)] or ["max_steps"]
+    if changed:
+        raise ConfigError(field="--resume", value={k: [saved.get(k), now.get(k)] for k in changed},
+                          problem="these flags differ from the interrupted run (was, now); only a higher --max-steps "
+                                  "or --epochs may change", fix="resume with the same flags, or start a new run in "
+                                                                "another --output-dir")
+    check_same_data(state.get("data"), data_fingerprint(run))
+    try:
+        accelerator.load_state(str(path))
+    except AdaptkitError:
+        raise
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as exc:
+        raise CheckpointError(field=str(path), value=type(exc).__name__, problem=f"cannot be loaded: "
+                              f"{str(exc).splitlines()[0][:200]}", fix="resume from an earlier checkpoint, or start "
+                                                                       "afresh with --overwrite") from None
+    try:
+        progress.load_state_dict(state)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(field=str(path / RUN_STATE), value=repr(exc), problem="holds a malformed position",
+                              fix="resume from an earlier checkpoint, or start afresh with --overwrite") from None
+    if progress.max_steps > state["max_steps"]:
+        progress.notes.append(f"--resume: extended from {state['max_steps']} to {progress.max_steps} optimizer steps; "
+                              "the learning-rate schedule is laid out over the new total from here on")
+    if accelerator.is_main_process:  # lines logged after the checkpoint are logged again by this run
+        log = run.output_dir / LOG_FILE
+        if log.is_file() and not log.is_symlink():
+            lines = log.read_text(encoding="utf-8").splitlines(keepends=True)
+            tmp = log.with_name(f".{LOG_FILE}.tmp")
+            tmp.write_text("".join(line for line in lines if _step(line) <= progress.step), encoding="utf-8")
+            tmp.replace(log)
+    accelerator.print(f"resumed from {path} at step {progress.step}", *progress.notes[-1:], sep="\n")
+
+
+def _step(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step") or 0)
+    except (ValueError, AttributeError):
+        return float("inf")  # a torn last line of a killed run
+
+
+def checkpoint(accelerator, run: RunArgs, progress: Progress) -> Path:
+    """``save_state`` and run_state.json (position, flags, data and file checksums) into a temporary folder, renamed
+    into place; the oldest beyond --keep-checkpoints go, and only the files they listed."""
+    folder = run.output_dir / CHECKPOINTS
+    final, tmp = folder / f"step-{progress.step:07d}", folder / f".tmp-step-{progress.step:07d}"
+    with progress.paused():
+        if accelerator.is_main_process:
+            remove_owned(tmp, checkpoint_files(tmp))
+            tmp.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))  # every process writes its own RNG states
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            # the position, readable; the flags, the data's checksums and every file's, checked before resume loads
+            write_json(tmp / RUN_STATE, {**progress.state_dict(), "config": run.config(accelerator.num_processes),
+                                         "data": data_fingerprint(run), "files": digests(tmp, skip=[RUN_STATE])})
+            replace_dir(tmp, final)
+            old = sorted((p for p in folder.glob("step-*") if p != final and (p / RUN_STATE).is_file()), key=lambda p: p.name)
+            for stale in old[: max(0, len(old) - run.keep_checkpoints + 1)]:
+                remove_checkpoint(stale)
+        accelerator.wait_for_everyone()
+    return final
+
+
+def remove_checkpoint(folder: Path) -> None:
+    """Delete the files a checkpoint lists (if unchanged), then run_state.json: a user's file stays."""
+    try:
+        listed = json.loads((folder / RUN_STATE).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(listed, dict):
+        remove_owned(folder, {k: v for k, v in listed.items() if CHECKPOINT_FILE.fullmatch(str(k))})
+        remove_owned(folder, {RUN_STATE: None})
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def digests(folder: Path, skip: Iterable[str] = ()) -> dict[str, str]:
+    folder, skip = Path(folder), set(skip)
+    return {p.relative_to(folder).as_posix(): _sha256(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.relative_to(folder).as_posix() not in skip}
+
+
+# What save_state writes (read back with weights_only=True; FSDP's sharded folders are guarded by the digests) and
+# run_state.json; never custom_checkpoint_N.pkl, which Accelerate unpickles with weights_only=False.
+CHECKPOINT_FILE = re.compile(r"(model|optimizer|scheduler|sampler)(_\d+)?\.(safetensors|bin)|random_states_\d+\.pkl|"
+                             r"scaler\.pt|run_state\.json|(pytorch_model_fsdp|optimizer)_\d+/[\w.]+")
+_CHECKPOINT_DIR = re.compile(r"(pytorch_model_fsdp|optimizer)_\d+")
+_STATE_TYPES = {"step": int, "epoch": int, "batch_in_epoch": int, "samples": int, "train_seconds": (int, float),
+                "best_metrics": dict, "early_stopping": dict, "config": dict, "files": dict, "max_steps": int}
+
+
+def read_checkpoint(folder: Path, state_name: str) -> dict[str, Any]:
+    """A checkpoint's run state, once its files are all listed and unchanged and its RNG states load without pickle's
+    code execution (Accelerate swallows an unreadable RNG state and resumes on other random numbers)."""
+    folder, fix = Path(folder), (f"resume from an earlier checkpoint (--resume {Path(folder).parent}/step-N), or start "
+                                 "afresh with --overwrite")
+    path = folder / state_name
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CheckpointError(field=str(path), value=type(exc).__name__, problem=f"cannot be read: {exc}", fix=fix) from None
+    wrong = [k for k, kind in _STATE_TYPES.items() if not isinstance(state, dict) or not isinstance(state.get(k), kind)
+             or isinstance(state.get(k), bool)]
+    if wrong:
+        raise CheckpointError(field=str(path), value=wrong, problem="lacks these entries, or they have the wrong type "
+                              f"(expected {', '.join(f'{k}: {_STATE_TYPES[k]}' for k in wrong)})", fix=fix)
+    for file in sorted(folder.rglob("*")):
+        rel = file.relative_to(folder).as_posix()
+        if file.is_symlink() or not (_CHECKPOINT_DIR if file.is_dir() else CHECKPOINT_FILE).fullmatch(rel):
+            raise CheckpointError(field=str(file), value=None, problem="is not part of an adaptkit checkpoint (adaptkit "
+                                  "writes no pickled custom state, and resume loads nothing else)", fix=fix)
+    for rel, expected in state["files"].items():
+        file = folder / str(rel)
+        if not CHECKPOINT_FILE.fullmatch(str(rel)) or not file.is_file():
+            raise CheckpointError(field=str(file), value=None, problem="is missing from the checkpoint", fix=fix)
+        if _sha256(file) != expected:
+            raise CheckpointError(field=str(file), value=f"{file.stat().st_size} bytes",
+                                  problem="changed since the checkpoint was written (truncated or damaged)", fix=fix)
+    for file in sorted(folder.glob("random_states_*.pkl")):
+        try:
+            load(file)  # accelerate.utils.load: torch.load(weights_only=True) with numpy's RNG arrays
+        except Exception as exc:  # truncated, or a pickle that would run code (refused by weights_only=True)
+            raise CheckpointError(field=str(file), value=f"{file.stat().st_size} bytes", problem=f"cannot be loaded "
+                                  f"safely ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", fix=fix) from None
+    return state
+
+
+def checkpoint_files(folder: Path) -> dict[str, None]:
+    """A killed checkpoint's files (unlisted): those named as save_state names them."""
+    rels = (p.relative_to(folder).as_posix() for p in Path(folder).rglob("*")) if Path(folder).is_dir() else ()
+    return {rel: None for rel in rels if CHECKPOINT_FILE.fullmatch(rel)}
+
+
+def remove_owned(folder: Path, listing: dict[str, str | None]) -> None:
+    """Delete the files of ``listing`` (rel path -> sha256, or None: ours by name) that still hold what adaptkit wrote,
+    then the emptied folders; nothing outside ``folder``, nothing through a link."""
+    folder, emptied = Path(folder), set()
+    if folder.is_symlink() or not folder.is_dir():
+        return
+    for rel, digest in listing.items():
+        path = folder / rel
+        if path.resolve().is_relative_to(folder.resolve()) and path.is_file() and not path.is_symlink() \
+                and digest in (None, _sha256(path)):
+            path.unlink()
+            emptied.update(p for p in path.parents if p.is_relative_to(folder))
+    for empty in sorted(emptied, key=lambda p: -len(p.parts)):
+        if empty.is_dir() and not empty.is_symlink() and not any(empty.iterdir()):
+            empty.rmdir()
+
+
+def data_fingerprint(run: RunArgs) -> dict[str, str]:
+    """sha256 of each local data file (a folder: its files), kept in each checkpoint: resume refuses changed data."""
+    out: dict[str, str] = {}
+    for source in (run.flags.get(k) for k in ("data", "train_file", "validation_file", "test_file")):
+        if source is None:
+            continue
+        path = Path(os.path.expanduser(str(source))).resolve()  # ./data/ds and data/ds are one file
+        if path.is_file():
+            out[str(path)] = _sha256(path)
+        elif path.is_dir():
+            out.update({str(path / rel): h for rel, h in digests(path).items()})
+    return out
+
+
+def check_same_data(saved: dict[str, str] | None, now: dict[str, str]) -> None:
+    if saved is None:  # a checkpoint from before fingerprints were kept
+        return
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if changed:
+        raise CheckpointError(field="--resume", value=changed[:3],
+                              problem="the data changed since the interrupted run started (checksums differ); "
+                                      "resuming would continue on other examples",
+                              fix="restore the original data files, or start a new run (--overwrite or another "
+                                  "--output-dir)")
 
 
 # ---- the log and the end of a run ---------------------------------------------------------------------------

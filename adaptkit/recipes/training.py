@@ -1,6 +1,4 @@
-"""The pieces of a training loop a recipe builds: its flags (:class:`RunArgs`), the Accelerator, optimizer,
-schedule, evaluation. ``adaptkit.recipes.runs`` has what the loop calls besides.
-"""
+"""The pieces a recipe builds its loop from: flags (:class:`RunArgs`), Accelerator, optimizer, schedule, evaluation."""
 
 from __future__ import annotations
 
@@ -41,16 +39,14 @@ PATH_FLAGS = ("data", "train_file", "validation_file", "test_file", "model", "co
 
 
 def _flag(default: Any = None, help: str | None = None, **argparse_options) -> Any:  # noqa: A002 - argparse's name
-    """A RunArgs field: its default, and what HfArgumentParser passes to ``add_argument`` (help, choices, nargs)."""
     factory = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
     return dataclasses.field(**factory, metadata={"help": help, **argparse_options})
 
 
 @dataclasses.dataclass
 class RunArgs:
-    """The flags every recipe shares, typed and checked once (:meth:`parse`); kit functions take this, not argparse's
-    Namespace. The fields are the flags (``--max-steps``, ...: :func:`run_parser`). ``flags`` keeps the whole command
-    line (the recipe's own flags too) for the resume guard and the card."""
+    """The flags every recipe shares, typed and checked once (:meth:`parse`); ``flags`` keeps the whole command line
+    (the recipe's own flags too) for the resume guard and the card."""
     model: str | None = _flag(None, "model folder or hub id (classify: default the bundled all-MiniLM-L6-v2)")
     config_name: str | None = _flag(None, "a config to build the model from: with --model its weights load into it; "
                                           "without, random weights seeded by --seed (recorded as config + seed)")
@@ -90,7 +86,6 @@ class RunArgs:
 
     @classmethod
     def parse(cls, args: argparse.Namespace, recipe: str) -> RunArgs:
-        """Refuse flag values that cannot work (naming the flag and the fix); the run's arguments."""
         guards.check_numbers(args)
         if not 0.0 <= args.warmup_ratio < 1.0:
             raise ConfigError(field="--warmup-ratio", value=args.warmup_ratio, problem="must be in [0, 1)", fix="use 0.06")
@@ -109,8 +104,7 @@ class RunArgs:
         return run
 
     def config(self, num_processes: int) -> dict[str, Any]:
-        """Every flag, as JSON, local paths resolved (``./data/ds`` is ``data/ds``), and the process count: what a
-        resumed run must match."""
+        """Every flag as JSON, local paths resolved, and the process count: what a resumed run must match."""
         flags = {**self.flags, **{k: v for k, v in vars(self).items() if k not in ("flags", "recipe")}}
         for key in (*PATH_FLAGS, "output_dir"):
             value = flags.get(key)
@@ -120,8 +114,7 @@ class RunArgs:
 
 
 def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse an --output-dir that is a file or goes through one, that holds links where a run writes (it would write
-    or delete through them), or that holds a run already (unless continued or overwritten)."""
+    """Refuse an --output-dir that is (or goes through) a file, holds links where a run writes, or holds a run."""
     existing = next(p for p in (out, *out.parents) if p.exists() or p.is_symlink())
     if not existing.is_dir():
         raise ConfigError(field="--output-dir", value=str(out), problem=f"{'is' if existing == out else 'goes through'} "
@@ -140,7 +133,6 @@ def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
 
 
 def trackers(report_to: list[str]) -> list[str]:
-    """accelerate's ``log_with`` for --report-to; a named tracker that is not installed is refused."""
     if "none" in report_to:
         if len(report_to) > 1:
             raise ConfigError(field="--report-to", value=report_to, problem="'none' contradicts the others",
@@ -157,8 +149,7 @@ def trackers(report_to: list[str]) -> list[str]:
 
 
 def run_parser(description: str | None, **defaults) -> transformers.HfArgumentParser:
-    """The recipe's parser: RunArgs' fields as flags (``--max-steps`` or ``--max_steps``), with the recipe's defaults
-    (``batch_size=8``); the recipe adds its own flags, then ``RunArgs.parse(parser.parse_args(argv), name)``."""
+    """RunArgs' fields as flags, with the recipe's defaults; the recipe adds its own, then calls ``RunArgs.parse``."""
     parser = transformers.HfArgumentParser(RunArgs, description=description,
                                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.set_defaults(**defaults)
@@ -181,7 +172,6 @@ def parse_options(items: list[str]) -> dict[str, Any]:
 
 
 def refuse_remote_code(run: RunArgs) -> None:
-    """--model, --config-name and --tokenizer-name are refused before anything loads if they name custom code."""
     for name in (run.model, run.config_name, run.tokenizer_name):
         if name:
             refuse_code(name)
@@ -196,9 +186,8 @@ def preprocessor_name(run: RunArgs) -> str:
 
 
 def load_base(run: RunArgs, task: str, from_pretrained: dict | None = None, **config_options):
-    """The base model the flags name: ``--model`` (``adaptkit.load_model``: quantized and placed), its weights
-    in ``--config-name``'s config, or ``--config-name`` alone (random weights, the same for every call with the
-    same --seed, and recorded as such: config + seed). ``config_options``: num_labels, ...."""
+    """``--model`` (quantized and placed), its weights in ``--config-name``'s config, or that config alone (random
+    weights seeded by --seed, recorded as config + seed)."""
     quantization = None if run.quantization == "none" else run.quantization
     dtype = {} if run.dtype is None else {"dtype": getattr(torch, run.dtype)}
     if run.config_name is None:
@@ -226,8 +215,7 @@ def learning_rate(run: Any) -> float:
 
 # ---- accelerate --------------------------------------------------------------------------------------
 class JsonLines(GeneralTracker):
-    """``log.jsonl`` as an Accelerate tracker: ``accelerator.log`` writes one line to it (main process) beside the
-    --report-to trackers. Opened when the trackers start, after the run claimed its folder; appended to on --resume."""
+    """``log.jsonl`` as an Accelerate tracker, opened once the run claimed its folder; appended to on --resume."""
     name, requires_logging_directory = "jsonl", False
 
     def __init__(self, path: Path, append: bool):
@@ -251,8 +239,7 @@ class JsonLines(GeneralTracker):
 
 
 def make_accelerator(run: RunArgs):
-    """An Accelerator whose shuffling is reseeded from ``seed + epoch`` (what exact resume relies on), logging
-    to the --report-to trackers under ``--output-dir/tensorboard``. Nothing is written yet."""
+    """An Accelerator with seedable shuffling (exact resume relies on it) and the trackers; nothing is written yet."""
     wanted = (run.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")).lower()
     try:  # passed explicitly, so Accelerate refuses a state an earlier Accelerator in this process set up otherwise
         accelerator = Accelerator(gradient_accumulation_steps=run.gradient_accumulation_steps, mixed_precision=wanted,
@@ -282,23 +269,19 @@ def make_optimizer(model: torch.nn.Module, run: RunArgs) -> torch.optim.Optimize
 
 
 def plan_steps(run: RunArgs, batches_per_epoch: int) -> int:
-    """Total optimizer steps: --max-steps, else --epochs over the (per-process) training batches."""
     guards.require_examples(batches_per_epoch, run.flags.get("data") or "the training data", "training batches")
     return run.max_steps or run.epochs * math.ceil(batches_per_epoch / run.gradient_accumulation_steps)
 
 
 def make_scheduler(optimizer, run: RunArgs, max_steps: int, num_processes: int):
-    """Linear warm-up then linear decay to 0 over ``max_steps`` optimizer steps. Accelerate steps a prepared
-    scheduler once per process for every optimizer step, so the schedule is laid out in ``max_steps * num_processes``."""
+    """Linear warm-up and decay, laid out in ``max_steps * num_processes``: Accelerate steps it once per process."""
     ticks = max_steps * num_processes
     return transformers.get_linear_schedule_with_warmup(optimizer, int(run.warmup_ratio * ticks), ticks)
 
 
 @torch.no_grad()
 def evaluate_classifier(model, loader, accelerator, task: str, num_labels: int) -> dict[str, float]:
-    """The task's metrics over a prepared loader; every process gets the same result (predictions are gathered,
-    ``gather_for_metrics`` drops Accelerate's repeats). ``num_labels == 1``: regression. Beside the metrics comes
-    how varied the predictions were (``guards.output_spread``), so a model that collapsed is named, not only scored."""
+    """The task's metrics (the same on every process) and the predictions' spread, so a collapse is named."""
     model.eval()
     metric = metrics.metric_for_task(task, num_labels=max(2, num_labels))
     seen: list[tuple[np.ndarray, np.ndarray]] = []
@@ -314,8 +297,7 @@ def evaluate_classifier(model, loader, accelerator, task: str, num_labels: int) 
 
 @torch.no_grad()
 def evaluate_perplexity(model, loader, accelerator) -> dict[str, float]:
-    """Perplexity over every labelled token of a prepared loader (labels -100 are not scored); per-sequence NLL
-    sums and token counts are gathered, so padding, batch sizes and processes do not weigh in."""
+    """Perplexity over the labelled tokens, from gathered per-sequence NLL sums: padding and processes do not weigh."""
     model.eval()
     metric = metrics.metric_for_task("language_model")
     for batch in loader:
