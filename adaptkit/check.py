@@ -1,9 +1,8 @@
-"""``adaptkit.check``: validate model x strategy x options x quantization x processes before any weights load.
+"""``adaptkit.check``: model x strategy x options x quantization x processes, validated from the config alone.
 
-From the config and a weightless skeleton (``adaptkit.skeleton``): options are resolved field by field, each target
-matched on its own, and the strategy applied to the skeleton as ``adapt`` would apply it. One call reports every
-problem with its fix: ``check("path/to/model", "lora", options={"r": 8}, quantization="8bit", processes=2)`` raises
-ConfigErrors, or returns a CheckReport (model class, trainable/total).
+Options are resolved field by field, each target matched on its own, and the strategy applied to a weightless
+skeleton as ``adapt`` applies it, so one call reports every problem with its fix (ConfigErrors), before any
+weights load: ``check("path/to/model", "lora", options={"r": 8}, quantization="8bit", processes=2)``.
 """
 
 from __future__ import annotations
@@ -70,10 +69,9 @@ def check(model: Any, strategy: Any = "lora", *, options: dict[str, Any] | None 
           num_labels: int | None = None, quantization: str | None = None, processes: int = 1,
           gradient_checkpointing: bool = False, world_size: int | None = None, max_length: int | None = None,
           raise_on_error: bool = True) -> CheckReport:
-    """Validate a whole training setup from the config alone, reporting every problem at once (ConfigErrors, unless
-    ``raise_on_error=False``). ``model``: a folder, a hub id (local cache first), a config or a loaded model (its
-    config and class). ``world_size``: processes the launcher started (default: ``WORLD_SIZE``). ``max_length``:
-    tokens per example, checked against the positions with prefix/prompt virtual tokens counted."""
+    """Every problem of this training setup at once (ConfigErrors, or in the report with ``raise_on_error=False``).
+    ``model``: a folder, a hub id, a config or a loaded model. ``world_size``: processes the launcher started
+    (default: ``WORLD_SIZE``). ``max_length``: tokens per example, virtual tokens counted."""
     report = CheckReport(model=describe(model), quantization=quantization, processes=processes)
     add = report.problems.append
     sk = _skeleton(model, task, num_labels, report)
@@ -84,17 +82,16 @@ def check(model: Any, strategy: Any = "lora", *, options: dict[str, Any] | None 
         _check_padding(sk, report)
         base = sk.build()
         if gradient_checkpointing and not getattr(base, "supports_gradient_checkpointing", False):
-            add(UnsupportedError(field="gradient_checkpointing", value=True,
-                                 problem=f"{sk.model_class.__name__} does not support it",
-                                 fix="train without gradient checkpointing (smaller batch or sequence length instead)"))
+            add(UnsupportedError("gradient_checkpointing", True, f"{sk.model_class.__name__} does not support it",
+                                 "train without it (smaller batches instead)"))
             gradient_checkpointing = False
         if _check_targets(_named_targets(config, strategy, options or {}), base, report) and config is not None:
             _dry_run(sk, config, gradient_checkpointing, report)
         _check_length(base, config, max_length, report)
     untested = versions.untested()
     if untested:  # a problem above may be the installed version's, not the architecture's: say which differ
-        report.notes.append(f"installed versions outside the tested set: {versions.describe(*untested)}; "
-                            "'adaptkit env' shows all, and pip install -r requirements.lock gives the tested set")
+        report.notes.append(f"installed versions outside the tested set: {versions.describe(*untested)} "
+                            "(pip install -r requirements.lock gives the tested set)")
     if raise_on_error:
         report.raise_for_problems()
     return report
@@ -115,18 +112,14 @@ def _skeleton(model: Any, task: str, num_labels: Any, report: CheckReport) -> Sk
     if num_labels is None:
         pass
     elif not isinstance(num_labels, int) or isinstance(num_labels, bool):
-        add(ConfigTypeError(field="num_labels", value=num_labels, problem=f"expected an int, got {type(num_labels).__name__}",
-                            fix="pass e.g. 2"))
+        add(ConfigTypeError("num_labels", num_labels, "expected an int", "pass e.g. 2"))
     elif num_labels < 1:
-        add(ConfigError(field="num_labels", value=num_labels, problem="must be at least 1",
-                        fix="use 2 for binary classification, 1 for regression"))
+        add(ConfigError("num_labels", num_labels, "must be at least 1", "use 2 for binary classification"))
     elif sk.task not in CLASSIFICATION_TASKS:
-        add(ConfigError(field="num_labels", value=num_labels, problem=f"has no meaning for task {sk.task!r}",
-                        fix=f"drop num_labels, or choose a classification task {list(CLASSIFICATION_TASKS)}"))
+        add(ConfigError("num_labels", num_labels, f"has no meaning for task {sk.task!r}", "drop num_labels"))
     elif trained is not None and trained != num_labels:
-        add(ConfigError(field="num_labels", value=num_labels,
-                        problem=f"the checkpoint's {original.architectures[0]} head has {trained} labels",
-                        fix=f"use num_labels={trained}, or load with ignore_mismatched_sizes=True to train a new head"))
+        add(ConfigError("num_labels", num_labels, f"the checkpoint's {original.architectures[0]} head has {trained} "
+                        "labels", f"use num_labels={trained}, or ignore_mismatched_sizes=True for a new head"))
     else:
         sk.config.num_labels = num_labels
     return sk
@@ -135,9 +128,8 @@ def _skeleton(model: Any, task: str, num_labels: Any, report: CheckReport) -> Sk
 def _resolve(strategy: Any, options: dict[str, Any], report: CheckReport):
     """The Strategy, with every bad option reported (not only the first one the constructor meets)."""
     add = report.problems.append
-    name = strategy.strip().lower().replace("-", "_") if isinstance(strategy, str) else None
-    cls = strategies.REGISTRY.get(name) if name and name != "peft" else None
-    if cls is not None and options:
+    cls = _strategy_class(strategy) if isinstance(strategy, str) else None
+    if cls is not None and cls.name != "peft" and options:  # PEFT's options are checked by PEFT's config
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = {k: v for k, v in options.items() if k not in known}
         found = len(report.problems)
@@ -152,8 +144,7 @@ def _resolve(strategy: Any, options: dict[str, Any], report: CheckReport):
     except AdaptkitError as exc:
         add(exc)
     except TypeError as exc:  # e.g. a PEFT config that rejects an option
-        add(ConfigTypeError(field="options", value=sorted(options), problem=str(exc),
-                            fix="check the option names and types of this strategy"))
+        add(ConfigTypeError("options", sorted(options), str(exc), "check the option names and types"))
     return report.strategy
 
 
@@ -180,11 +171,8 @@ def _check_padding(sk: Skeleton, report: CheckReport) -> None:
     except (OSError, TypeError):
         reads_pad = False
     if reads_pad:
-        report.problems.append(ConfigError(
-            field="config.pad_token_id", value=None,
-            problem=f"{sk.model_class.__name__} finds each sequence's last token through pad_token_id and "
-                    "refuses batches larger than 1 without it",
-            fix="set model.config.pad_token_id = tokenizer.pad_token_id (or tokenizer.eos_token_id)"))
+        report.problems.append(ConfigError("config.pad_token_id", None, f"{sk.model_class.__name__} finds the last "
+                                           "token through it: batches > 1 fail", "set model.config.pad_token_id"))
 
 
 def _check_quantization(quantization: Any, config, report: CheckReport) -> None:
@@ -192,32 +180,31 @@ def _check_quantization(quantization: Any, config, report: CheckReport) -> None:
     if quantization in ("none", "", None):
         report.quantization = None
     elif quantization not in QUANTIZATIONS:
-        add(ConfigError(field="quantization", value=quantization, problem="is not a quantization adaptkit knows",
-                        fix=f"choose 'none' or one of {list(QUANTIZATIONS)}"))
+        add(ConfigError("quantization", quantization, "is not a quantization adaptkit knows",
+                        f"choose 'none' or one of {list(QUANTIZATIONS)}"))
     else:
         if importlib.util.find_spec("bitsandbytes") is None:
-            add(MissingDependencyError(field="quantization", value=quantization, fix="pip install 'adaptkit[bitsandbytes]'",
-                                       problem="needs bitsandbytes, which is not installed"))
+            add(MissingDependencyError("quantization", quantization, "needs bitsandbytes, which is not installed",
+                                       "pip install 'adaptkit[bitsandbytes]'"))
         if config is not None and not config.supports_quantized:
-            add(UnsupportedError(field="strategy", value=f"{config.name} on a {quantization} model",
-                                 problem="quantized weights cannot take gradient steps",
-                                 fix="drop the quantization for 'full', or use 'lora' on the quantized model"))
+            add(UnsupportedError("strategy", f"{config.name} on a {quantization} model", "quantized weights cannot "
+                                 "train", "drop the quantization, or use 'lora'"))
 
 
 def _check_processes(processes: Any, world_size: int | None, report: CheckReport) -> None:
     add = report.problems.append
     if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
-        return add(ConfigTypeError(field="processes", value=processes, problem="expected an int >= 1", fix="pass e.g. 1 or 2"))
+        return add(ConfigTypeError("processes", processes, "expected an int >= 1", "pass e.g. 1 or 2"))
     gpu = torch.cuda.is_available()
     available = torch.cuda.device_count() if gpu else len(os.sched_getaffinity(0))
     if processes > available:
-        add(ProcessCountError(field="processes", value=processes, fix=f"use processes <= {available}",
-                              problem=f"this machine has {available} {'GPU(s)' if gpu else 'CPU core(s)'}; each process needs one"))
+        add(ProcessCountError("processes", processes, f"this machine has {available} "
+                              f"{'GPU(s)' if gpu else 'CPU core(s)'}; each process needs one", f"use <= {available}"))
     launch = ("accelerate launch --num_processes {n} <script> ..." if gpu else CPU_LAUNCH).format(n=processes)
     world_size = placement.launched_world_size() if world_size is None else world_size
     if world_size is not None and world_size != processes:
-        add(ProcessCountError(field="processes", value=processes, problem=f"the launcher started {world_size} process(es)",
-                              fix=f"launch with {launch}"))
+        add(ProcessCountError("processes", processes, f"the launcher started {world_size} process(es)",
+                              f"launch with {launch}"))
     elif world_size is None and processes > 1:
         report.notes.append(f"not running under a launcher now; start the run with {launch}")
 
@@ -233,11 +220,10 @@ def _named_targets(config, strategy: Any, options: dict[str, Any]) -> dict[str, 
         values = {**vars(config), **(getattr(config, "options", None) or {})}
     else:
         label, values = "options", options
-    named: dict[str, Any] = {f"{label}.{key}": list(values[key]) for key in _TARGET_FIELDS
-                             if isinstance(values.get(key), (list, tuple)) and all(isinstance(v, str) for v in values[key])}
+    names = lambda v: isinstance(v, (list, tuple)) and all(isinstance(n, str) for n in v)  # noqa: E731
     # one string is a regex full-matched against whole names, as in PEFT
-    named |= {f"{label}.{key}": values[key] for key in ("targets", "target_modules") if isinstance(values.get(key), str)}
-    return named
+    return {f"{label}.{key}": list(values[key]) if names(values[key]) else values[key] for key in _TARGET_FIELDS
+            if names(values.get(key)) or (key in ("targets", "target_modules") and isinstance(values.get(key), str))}
 
 
 def _check_targets(named: dict[str, list[str] | str], base: nn.Module, report: CheckReport) -> bool:
@@ -256,11 +242,8 @@ def _check_length(base: nn.Module, config, max_length: Any, report: CheckReport)
     limit, extra = lengths.max_positions(base), lengths.virtual_tokens(config) if config is not None else 0
     if max_length is not None:
         if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
-            report.problems.append(ConfigError(field="max_length", value=max_length, problem="must be a positive int",
-                                               fix="pass the tokens per example, e.g. 128"))
-            return
-        error = lengths.length_error(base, max_length, config)
-        if error is not None:
+            return report.problems.append(ConfigError("max_length", max_length, "must be a positive int", "e.g. 128"))
+        if error := lengths.length_error(base, max_length, config):
             report.problems.append(error)
     elif limit is not None and 0 < extra < limit:  # extra >= limit: adapt refuses it (the dry run reports it)
         report.notes.append(f"{extra} virtual tokens take positions: sequences must be <= {limit - extra} tokens "
@@ -275,21 +258,17 @@ def _dry_run(sk: Skeleton, config, gradient_checkpointing: bool, report: CheckRe
     try:
         adapted = adapt(model, config)
     except AdaptkitError as exc:
-        report.problems.append(exc)
-        return
+        return report.problems.append(exc)
     except Exception as exc:  # a library refusing the combination: report it, typed, with its words
-        report.problems.append(UnsupportedError(
-            field="strategy", value=f"{config.name} on {sk.model_class.__name__}",
-            problem=f"applying it fails: {type(exc).__name__}: {exc}",
-            fix="choose another strategy or other options for this model"))
-        return
+        return report.problems.append(UnsupportedError("strategy", f"{config.name} on {sk.model_class.__name__}",
+                                                       f"applying it fails: {type(exc).__name__}: {exc}",
+                                                       "choose another strategy or other options"))
     params = {id(p): p for p in adapted.parameters()}.values()
     report.total = sum(p.numel() for p in params)
     report.trainable = sum(p.numel() for p in params if p.requires_grad)
     if report.trainable == 0:
-        report.problems.append(UnsupportedError(
-            field="strategy", value=config.name, problem=f"leaves 0 trainable parameters on {sk.model_class.__name__}",
-            fix="name targets or heads that exist in this model"))
+        report.problems.append(UnsupportedError("strategy", config.name, f"leaves 0 trainable parameters on "
+                                                f"{sk.model_class.__name__}", "name targets or heads that exist"))
 
 
 __all__ = ["check", "CheckReport"]
