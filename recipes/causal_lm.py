@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["test"] = training.evaluate_perplexity(best, test_loader, accelerator)
     if accelerator.is_main_process and args.num_samples:
         results["samples"] = sample_generations(best, tokenizer, splits.get("test", splits["validation"]), args)
-    return runs.finish(log, model, results, summary, lock)
+    return runs.finish(log, results, summary, lock)
 
 
 if __name__ == "__main__":

@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["test"] = training.evaluate_classifier(best, accelerator.prepare_data_loader(test_loader), accelerator,
                                                    task, num_labels)
         accelerator.print("test:", results["test"])
-    return runs.finish(log, model, results, summary, lock)
+    return runs.finish(log, results, summary, lock)
 
 
 if __name__ == "__main__":

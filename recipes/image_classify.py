@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         test_loader = accelerator.prepare_data_loader(make_loader(splits["test"], processor, mode, args, False))
         results["test"] = training.evaluate_classifier(best, test_loader, accelerator, "classification", len(classes))
         accelerator.print("test:", results["test"])
-    return runs.finish(log, model, results, summary, lock)
+    return runs.finish(log, results, summary, lock)
 
 
 if __name__ == "__main__":

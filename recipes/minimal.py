@@ -42,13 +42,22 @@ def read_tsv(path: Path) -> list[tuple[str, int]]:
     if not path.is_file():
         raise DataError(field="--data", value=str(path), problem="no such file", fix="pass a folder holding train.tsv "
                         "and dev.tsv, each with a header line 'sentence<TAB>label'")
-    rows = list(csv.DictReader(guards.read_utf8(path).splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = list(csv.DictReader(read_utf8(path).splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE))
     for i, row in enumerate(rows):  # texts hold literal quotes: no quoting
         if row.get("label") not in ("0", "1") or not row.get("sentence"):
             raise DataError(field=f"{path}, row {i + 2}", value=row, problem="needs a sentence and a label 0 or 1",
                             fix="fix the row, or use recipes/classify.py for other labels")
     guards.require_examples(len(rows), path)
     return [(row["sentence"], int(row["label"])) for row in rows]
+
+
+def read_utf8(path: Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(field=str(path), value=f"byte 0x{err.object[err.start]:02x} at offset {err.start}",
+                        problem="is not UTF-8 text",
+                        fix=f"convert it, e.g. iconv -f latin1 -t utf-8 {Path(path).name} > fixed.txt") from None
 
 
 def make_loader(rows, tokenizer, batch_size: int, shuffle: bool, seed: int, max_length: int) -> DataLoader:

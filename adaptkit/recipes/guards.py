@@ -4,7 +4,6 @@ collapsed predictions, damaged or foreign checkpoints, files adaptkit did not wr
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
@@ -91,15 +90,6 @@ def require_classes(labels: Iterable[int], source: Any) -> None:
         raise DataError(field=f"{source} labels", value=seen, problem="the training examples hold only one class",
                         fix="train on examples of at least two classes (check --max-train-samples and the label "
                             "column), or use --task regression for scores")
-
-
-def read_utf8(path: Path) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(field=str(path), value=f"byte 0x{err.object[err.start]:02x} at offset {err.start}",
-                        problem="is not UTF-8 text",
-                        fix=f"convert it, e.g. iconv -f latin1 -t utf-8 {Path(path).name} > fixed.txt") from None
 
 
 # ---- divergence ---------------------------------------------------------------------------------------

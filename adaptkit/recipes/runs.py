@@ -80,19 +80,20 @@ def _remove_earlier_run(out: Path) -> None:
             remove_checkpoint(step)
         else:  # the temporary folder of a killed checkpoint: Accelerate's files by name
             remove_owned(step, checkpoint_files(step))
-    remove_owned(out / ADAPTER_DIR, _manifest(out).get(ADAPTER_DIR, {}))
+    remove_owned(out / ADAPTER_DIR, _manifest(out))
     events = (out / TENSORBOARD_DIR).rglob("events.out.tfevents.*") if (out / TENSORBOARD_DIR).is_dir() else []
     remove_owned(out / TENSORBOARD_DIR, {str(p.relative_to(out / TENSORBOARD_DIR)): None for p in events})
     remove_owned(out, {METRICS_FILE: None, LOG_FILE: None, MANIFEST: None})
 
 
-def _manifest(out: Path) -> dict[str, dict[str, str]]:
+def _manifest(out: Path) -> dict[str, str]:
+    """The adapter files the last save wrote (rel path -> sha256)."""
     try:
         data = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return {}
     files = data.get(ADAPTER_DIR) if isinstance(data, dict) else None
-    return {ADAPTER_DIR: {str(k): str(v) for k, v in files.items()}} if isinstance(files, dict) else {}
+    return {str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else {}
 
 
 def save_adapter(accelerator, model, run: RunArgs, step: int) -> None:
@@ -102,7 +103,7 @@ def save_adapter(accelerator, model, run: RunArgs, step: int) -> None:
     before = digests(adapter) if accelerator.is_main_process and adapter.is_dir() else {}
     save_on_every_process(accelerator, model, adapter)
     if accelerator.is_main_process:
-        ours = _manifest(run.output_dir).get(ADAPTER_DIR, {})
+        ours = _manifest(run.output_dir)
         written = {rel: h for rel, h in digests(adapter).items() if before.get(rel) != h or ours.get(rel) == h}
         write_json(run.output_dir / MANIFEST, {ADAPTER_DIR: written})
 
@@ -523,10 +524,10 @@ class Log:
                            f"{p.stopper.best_step}" + (", adapter kept" if best else "")
                            + (f"; WARNING: {collapsed}" if collapsed else ""))
 
-def finish(log: Log, model, results: dict[str, Any], summary, lock: FileLock | None) -> dict[str, Any]:
+
+def finish(log: Log, results: dict[str, Any], summary, lock: FileLock | None) -> dict[str, Any]:
     """Write metrics.json and the card's results, end the trackers and release the output folder."""
     accelerator, run, p = log.accelerator, log.run, log.progress
-    keep_adapter(accelerator, model, run, p)
     # An adapter kept although its output collapsed is warned about, not refused: the run did what was asked, and a
     # learning-rate sweep is meant to find such rates. What must not happen is that it goes unnoticed.
     collapsed = guards.collapse_warning({"validation": p.kept_metrics(), "test": results.get("test") or {}},
