@@ -1,20 +1,12 @@
 """``adaptkit.estimate``: peak training memory and relative step cost of every strategy, from the config alone.
 
-The model is built on the ``meta`` device and each strategy applied as ``adaptkit.adapt`` does. Two training
-steps (forward, backward, AdamW, ``zero_grad``) run on meta tensors of batch x seq: a dispatch mode follows
-every tensor torch creates and frees, so the peak of live bytes in step 2 is counted, not guessed; bytes saved
-for backward come from autograd's saved-tensor hooks. ``peak = weights + that peak``; 8-bit weights count 1
-byte + an fp32 scale per row, 4-bit 0.5 byte + one per 64 weights (heads stay at ``dtype``). ``step cost`` is
-forward+backward FLOPs (``torch.utils.flop_counter``) relative to full fine-tuning. Attention is traced as the
-device runs it: fused on CUDA, and on CPU when there is no attention dropout or trained bias. Not traced:
-bitsandbytes kernels and the attention mask. Measured on MiniLM (benchmarks/estimate_vs_measured.py): real peak
-RSS is 1-6% above with ``MALLOC_MMAP_THRESHOLD_=65536``, 31-64% with glibc's defaults.
-
-A model that cannot run on meta tensors gets the BERT-calibrated formula (the row says ``formula``)::
-
-    activations = layers x batch x seq x bytes x (10.3 x hidden + 2 x intermediate) + layers x batch x heads x seq^2 x bytes x 3
-
-(0 for ``linear_probe``); peak = weights + gradients + AdamW + activations.
+Each strategy is applied to the model built on the ``meta`` device, and two training steps run on meta tensors of
+batch x seq: a dispatch mode follows every tensor torch creates and frees, so the peak of live bytes in step 2 is
+counted, not guessed (``peak = weights + that peak``); saved-tensor hooks count what backward keeps. 8-bit weights
+count 1 byte + an fp32 scale per row, 4-bit 0.5 byte + one per 64 weights. ``step cost``: forward+backward FLOPs
+relative to full fine-tuning. Attention is traced as the device runs it (fused on CUDA, and on CPU without dropout
+or a trained bias); bitsandbytes kernels are not. A model that cannot run on meta tensors gets a BERT-calibrated
+formula (``_formula_activations``; the row says ``formula``).
 """
 
 from __future__ import annotations
@@ -85,11 +77,11 @@ class Estimate:
         lines += [f"{r.strategy:>12}  n/a: {r.problem}" if r.problem else row(
             [r.strategy, f"{r.trainable:,}", mb(r.weights), mb(r.gradients), mb(r.optimizer), mb(r.activations),
              mb(r.peak), f"{r.step_cost:.2f}" if r.step_cost is not None else "?", r.method]) for r in self.rows]
-        lines.append("peak = weights + the simulated peak of activations, gradients, AdamW states and temporaries "
-                     "(they do not all coexist); step cost = forward+backward FLOPs relative to full fine-tuning")
-        if self.device == "cpu":
-            lines.append("on Linux, glibc's default allocator keeps freed activation buffers: measured RSS was 31-64% "
-                         "above peak on MiniLM, 1-6% with MALLOC_MMAP_THRESHOLD_=65536 (benchmarks/estimate_vs_measured.py)")
+        lines.append("peak = weights + the simulated peak of activations, gradients, AdamW states and temporaries; "
+                     "step cost = forward+backward FLOPs relative to full fine-tuning")
+        if self.device == "cpu":  # benchmarks/estimate_vs_measured.py
+            lines.append("glibc keeps freed buffers: measured RSS on MiniLM is 31-64% above peak, 1-6% with "
+                         "MALLOC_MMAP_THRESHOLD_=65536")
         return "\n".join(lines)
 
 
@@ -97,17 +89,16 @@ def estimate(model: Any, strategies: Any = DEFAULT_STRATEGIES, *, batch_size: in
              dtype: Any = "float32", quantization: str | None = None, task: str = "auto",
              num_labels: int | None = None, device: str = "cpu") -> Estimate:
     """Predicted peak training memory and relative step cost of each strategy (see the module docstring).
-    ``model``: a folder, hub id, config or loaded model (its config); ``strategies``: names, Strategy configs or
-    dicts. Image models ignore ``seq_len`` (the patch count comes from the config)."""
+    ``model``: a folder, hub id, config or loaded model; ``strategies``: names, Strategy configs or dicts.
+    Image models ignore ``seq_len`` (the patch count comes from the config)."""
     for field, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(field=field, value=value, problem="must be a positive integer", fix="pass e.g. 32")
+            raise ConfigError(field, value, "must be a positive integer", "pass e.g. 32")
     if device not in DEVICES:
-        raise ConfigError(field="device", value=device, problem="is not a device estimate knows", fix=f"choose one of {list(DEVICES)}")
+        raise ConfigError("device", device, "is not a device estimate knows", f"choose one of {list(DEVICES)}")
     quantization = None if quantization in ("none", "") else quantization
     if quantization is not None and quantization not in _QUANT_BYTES:
-        raise ConfigError(field="quantization", value=quantization, problem="is not a quantization adaptkit knows",
-                          fix="choose 'none', '8bit' or '4bit'")
+        raise ConfigError("quantization", quantization, "is not a quantization adaptkit knows", "use '8bit' or '4bit'")
     torch_dtype = dtype_of(dtype)
     sk = skeleton(model, task, num_labels)
     if getattr(sk.config, "pad_token_id", None) is None:
@@ -192,8 +183,10 @@ def _trace(model: nn.Module, sk: Skeleton, batch: int, seq: int, device: str,
     model.train()
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=(device == "cuda")) if trainable else None
     live, saved = _LiveBytes(), _SavedBytes({p.untyped_storage()._cdata for p in model.parameters()})
-    flop_map = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
-                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward_flops}
+    flop_map = {  # the fused CPU kernel, which torch's counter does not know
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: sdpa_flop_count(q, k, v),
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda g, q, k, v, *a, **kw: sdpa_backward_flop_count(g, q, k, v)}
     flops = FlopCounterMode(display=False, custom_mapping=flop_map)
     # transformers warns about padding by reading token values; meta tensors have none
     quiet = mock.patch.object(PreTrainedModel, "warn_if_padding_and_no_attention_mask", lambda *a, **k: None)
@@ -211,14 +204,6 @@ def _trace(model: nn.Module, sk: Skeleton, batch: int, seq: int, device: str,
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
     return saved.total, live.peak, flops.get_total_flops()
-
-
-def _attention_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(q_shape, k_shape, v_shape)
-
-
-def _attention_backward_flops(grad_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_shape, q_shape, k_shape, v_shape)
 
 
 def _any_loss(outputs) -> torch.Tensor:  # a bare backbone has no loss: the mean of its first output
@@ -293,7 +278,8 @@ class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
 
 
 def _formula_activations(config, strategy: str, batch: int, seq: int, dtype: torch.dtype) -> int:
-    """The documented fallback (module docstring), BERT-calibrated."""
+    """BERT-calibrated, 0 for linear_probe: layers x batch x seq x bytes x (10.3 x hidden + 2 x intermediate)
+    + layers x batch x heads x seq^2 x bytes x 3 (then peak = weights + gradients + AdamW + activations)."""
     if strategy == "linear_probe":
         return 0
     hidden, layers, heads = (int(getattr(config, a)) for a in ("hidden_size", "num_hidden_layers", "num_attention_heads"))
