@@ -1,16 +1,8 @@
-"""Load a model for adapter training, in full precision, 8-bit or 4-bit, on one process or many.
-
-``load_model`` is ``from_pretrained`` with four things a user otherwise gets wrong:
-
-* **Task heads stay unquantized**: a quantized fresh head crashes at its first forward on bitsandbytes 0.50 and
-  cannot train. Heads, the output embedding and the pooler a head reads are found from a meta-device build and
-  put in ``llm_int8_skip_modules``.
-* **One whole copy per process** (``adaptkit.placement``), never ``device_map="auto"`` under several processes.
-* **No hidden fp32 upcast** (``peft.prepare_model_for_kbit_training`` adds ~1 GB): the base is only frozen;
-  gradient checkpointing is the non-reentrant kind, which reaches adapters without input-gradient hooks.
-* **4-bit keeps training after an eval pass on CPU**: bitsandbytes repacks 4-bit weights for inference at the
-  first eval forward on AVX512-BF16 CPUs, and that layout has no backward; the repack is switched off per layer
-  and a training forward on an already repacked weight is refused.
+"""``load_model``: ``from_pretrained`` for adapter training (full precision, 8-bit or 4-bit), with what users get wrong:
+task heads, the output embedding and the pooler a head reads stay unquantized (a quantized fresh head crashes and
+cannot train); one whole copy per process (``adaptkit.placement``); no hidden fp32 upcast (peft's
+``prepare_model_for_kbit_training`` adds ~1 GB), non-reentrant checkpointing; and no CPU inference repack of 4-bit
+weights at an eval pass on AVX512-BF16 CPUs (that layout has no backward).
 """
 
 from __future__ import annotations
@@ -32,10 +24,6 @@ from adaptkit.skeleton import refuse_remote_code, remote_code_error
 
 # QLoRA's defaults; anything here can be overridden through ``quantization_options``
 _DEFAULTS = {"4bit": {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}, "8bit": {}}
-
-
-def _compute_dtype() -> torch.dtype:  # bf16 where native (CPUs, Ampere+); fp16 on GPUs that emulate bf16
-    return torch.float16 if torch.cuda.is_available() and not torch.cuda.is_bf16_supported(False) else torch.bfloat16
 
 
 def _dtype_arg(hf_kwargs: dict[str, Any]) -> torch.dtype:
@@ -106,7 +94,9 @@ def bnb_config(quantization: str, skip_modules: list[str], options: dict[str, An
                                  "; ".join([*hints, "see transformers.BitsAndBytesConfig"]))
     defaults = dict(_DEFAULTS[quantization])
     if quantization == "4bit":
-        defaults["bnb_4bit_compute_dtype"] = _compute_dtype()
+        # bf16 where native (CPUs, Ampere+); fp16 on GPUs that emulate bf16
+        emulated = torch.cuda.is_available() and not torch.cuda.is_bf16_supported(False)
+        defaults["bnb_4bit_compute_dtype"] = torch.float16 if emulated else torch.bfloat16
         if storage is not None:  # FSDP shards 4-bit weights only when they are stored in its float dtype
             defaults["bnb_4bit_quant_storage"] = storage
     fields = {**defaults, **options,
@@ -210,21 +200,13 @@ def enable_checkpointing(model: nn.Module) -> nn.Module:
     return model
 
 
-# ---- what quantization costs and saves -------------------------------------------------------------
-def _state_tensors(weight: torch.Tensor) -> list[torch.Tensor]:
-    """Tensors bitsandbytes keeps beside a quantized weight: int8 row scales, 4-bit block statistics."""
-    state = getattr(weight, "quant_state", None)
-    return [t for t in [getattr(weight, "SCB", None), *(state.as_dict(packed=True).values() if state else ())]
-            if isinstance(t, torch.Tensor)]
-
-
 def quantization_report(model: nn.Module) -> dict[str, Any]:
-    """Bytes of the quantized linear layers: weights, their scales/statistics (attributes, not parameters or
-    buffers, so counted here), and bytes per weight."""
-    layers = quantized_linears(model)
-    weights = sum(targets.numel(m.weight) for m in layers.values())
-    weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in layers.values())
-    state_bytes = sum(t.numel() * t.element_size() for m in layers.values() for t in _state_tensors(m.weight))
-    return {"quantized_linears": len(layers), "weights": weights, "weight_bytes": weight_bytes,
-            "state_bytes": state_bytes,
-            "bytes_per_weight": (weight_bytes + state_bytes) / weights if weights else None}
+    """Bytes of the quantized linear layers: weights, and the int8 row scales / 4-bit block statistics bitsandbytes
+    keeps beside them (attributes, not parameters or buffers), and bytes per weight."""
+    layers = [m.weight for m in quantized_linears(model).values()]
+    packed = lambda w: w.quant_state.as_dict(packed=True).values() if getattr(w, "quant_state", None) else ()
+    extra = [t for w in layers for t in (getattr(w, "SCB", None), *packed(w)) if isinstance(t, torch.Tensor)]
+    weights, weight_bytes = sum(targets.numel(w) for w in layers), sum(w.numel() * w.element_size() for w in layers)
+    state_bytes = sum(t.numel() * t.element_size() for t in extra)
+    return {"quantized_linears": len(layers), "weights": weights, "weight_bytes": weight_bytes, "state_bytes":
+            state_bytes, "bytes_per_weight": (weight_bytes + state_bytes) / weights if weights else None}
