@@ -1,10 +1,6 @@
-"""The model card (README.md) of every adapter folder, through ``huggingface_hub.ModelCard``.
-
-PEFT strategies keep PEFT's own card as PEFT wrote it; adaptkit adds its tag and one section (what was
-trained, how big it is, how to load it). Native strategies get a card with the same section and a header the
-hub reads (``library_name``, ``base_model`` when the base is a hub id, ``tags``). ``write_training`` adds or
-replaces the section naming the training data and the measured metrics.
-"""
+"""The model card (README.md) of every adapter folder, through ``huggingface_hub.ModelCard``. PEFT's own card
+stays as PEFT wrote it, plus adaptkit's tag and section (what trained, its size, how to load it); native
+strategies get a card with that section and a header the hub reads (``library_name``, ``base_model``, ``tags``)."""
 
 from __future__ import annotations
 

@@ -1,14 +1,11 @@
-"""Two workarounds for PEFT 0.21.2, applied per model instance (no class is patched). Delete each when PEFT fixes it.
+"""Two workarounds for PEFT 0.21.2, per model instance (no class is patched). Delete each when PEFT fixes it.
 
-1. The cache bridge (transformers 5.24 - 5.39 with PEFT 0.21.2): delete it the day PEFT passes ``cache``.
-   transformers 5.24 renamed forward's ``past_key_values`` to ``cache`` and keeps the old name as an alias
-   until 5.40. PEFT's prefix tuning still injects ``past_key_values``: a classifier is refused (PEFT reads
-   the backbone's signature) and ``generate()`` drops the prefix silently (it passes an empty ``cache``,
-   which wins over the alias). The bridge shows ``past_key_values`` in the forward's signature and moves
-   the injected prefix into ``cache`` when the incoming one is empty. It is tested up to ``TESTED_BELOW``.
-2. ``disable_adapter()`` on a prompt-learning classifier raises UnboundLocalError in PEFT 0.21.2 (every
-   transformers): it swaps ``prepare_inputs_for_generation``, which classifiers lack. Here only the forward
-   is swapped, as PEFT does for prompt learning (the trained head in ``modules_to_save`` stays in use).
+1. transformers 5.24 renamed forward's ``past_key_values`` to ``cache`` (an alias until 5.40); PEFT's prefix
+   tuning still injects ``past_key_values``: a classifier is refused (PEFT reads the signature) and ``generate()``
+   drops the prefix silently (its empty ``cache`` wins). The bridge shows ``past_key_values`` in the signature
+   and moves the prefix into an empty ``cache``. Tested up to ``TESTED_BELOW``.
+2. ``disable_adapter()`` on a prompt-learning classifier raises UnboundLocalError: PEFT swaps
+   ``prepare_inputs_for_generation``, which classifiers lack. Here only the forward is swapped.
 """
 
 from __future__ import annotations
@@ -30,11 +27,8 @@ TESTED_BELOW = "5.40"  # transformers removes the past_key_values alias there: u
 def refuse_untested_transformers() -> None:
     version = versions.installed("transformers")
     if version is not None and Version(version) >= Version(TESTED_BELOW):
-        raise IncompatibleVersionError(
-            field="transformers", value=version,
-            problem=f"prefix tuning through PEFT {versions.installed('peft')} is tested below {TESTED_BELOW}, where "
-                    "transformers drops the past_key_values alias PEFT injects (adaptkit/compat.py)",
-            fix=f"pip install 'transformers<{TESTED_BELOW}' (or -r requirements.lock), or use 'lora' or 'bottleneck'")
+        raise IncompatibleVersionError("transformers", version, f"prefix tuning is tested below {TESTED_BELOW}",
+                                       f"pip install 'transformers<{TESTED_BELOW}', or use 'lora' (adaptkit/compat.py)")
 
 
 def takes_prefix(module: nn.Module) -> bool:

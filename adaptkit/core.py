@@ -1,9 +1,6 @@
-"""The public calls: adapt, summary, save, load, merge, and named adapters on one base.
-
-Everything strategy-specific lives in ``adaptkit/strategies/<name>.py``; this module resolves the user's input
-to a Strategy, checks each argument once (a typed error naming it), and marks the model so a second ``adapt``
-is refused instead of silently stacking adapters.
-"""
+"""The public calls: adapt, summary, save, load, merge, and named adapters on one base. What is strategy-specific
+lives in ``adaptkit/strategies/<name>.py``; here each argument is checked once and the model is marked, so a
+second ``adapt`` is refused instead of silently stacking adapters."""
 
 from __future__ import annotations
 
@@ -28,15 +25,13 @@ from adaptkit.strategies.peft_method import PeftMethod, peft_method_names
 
 def _model(model: Any, field: str = "model") -> nn.Module:
     if not isinstance(model, nn.Module):
-        raise ConfigTypeError(field=field, value=type(model).__name__, problem="is not a torch model",
-                              fix="pass a loaded transformers model, e.g. AutoModel.from_pretrained(...)")
+        raise ConfigTypeError(field, type(model).__name__, "is not a torch model", "pass a transformers model")
     return model
 
 
 def _adapted(model: Any) -> Strategy:
     if (strategy := strategy_of(_model(model))) is None:
-        raise NotAdaptedError(field="model", value=type(model).__name__, problem="was not adapted by adaptkit",
-                              fix="call adaptkit.adapt(model, strategy) first (a plain model has save_pretrained)")
+        raise NotAdaptedError("model", type(model).__name__, "was not adapted by adaptkit", "adaptkit.adapt it first")
     return strategy
 
 
@@ -48,8 +43,7 @@ def resolve(strategy: Any, model: nn.Module | None = None, **options: Any) -> St
         return dataclasses.replace(strategy, **options) if options else strategy
     if isinstance(strategy, PeftConfig):
         if options:
-            raise ConfigError(field="options", value=sorted(options), problem="given beside a PeftConfig",
-                              fix="set them on the PeftConfig itself")
+            raise ConfigError("options", sorted(options), "given beside a PeftConfig", "set them on the PeftConfig")
         layout.check_task_type(f"{type(strategy).__name__}.task_type", strategy, model, ConfigError)
         return PeftMethod.from_peft_config(strategy)
     if isinstance(strategy, dict):
@@ -62,8 +56,8 @@ def resolve(strategy: Any, model: nn.Module | None = None, **options: Any) -> St
         if name in peft_method_names():
             return PeftMethod(method=name, options=options)
         strategies.get(name)  # raises UnknownStrategyError with "did you mean"
-    raise ConfigTypeError(field="strategy", value=strategy, fix=f"pass one of {sorted(strategies.REGISTRY)} or LoRA()",
-                          problem=f"expected a name, a strategy or a peft.PeftConfig, got {type(strategy).__name__}")
+    raise ConfigTypeError("strategy", strategy, "expected a name, a strategy or a peft.PeftConfig, got "
+                          f"{type(strategy).__name__}", f"pass one of {sorted(strategies.REGISTRY)} or LoRA()")
 
 
 def strategy_of(model: nn.Module) -> Strategy | None:
@@ -86,9 +80,8 @@ def _refuse_if_adapted(model: nn.Module, field: str = "model") -> None:
     applied = strategy_of(model)
     if applied is not None or isinstance(model, PeftModel) or hasattr(model, "peft_config"):
         what = applied.name if applied is not None else "a PEFT adapter"
-        raise AlreadyAdaptedError(field=field, value=f"{type(model).__name__} already adapted with {what}",
-                                  problem="adapting twice would stack strategies silently", fix="start from a freshly "
-                                  "loaded base model, or use adaptkit.add_adapter(model, name, strategy) for a second")
+        raise AlreadyAdaptedError(field, f"{type(model).__name__} already adapted with {what}", "strategies would "
+                                  "stack", "start from a freshly loaded base model, or use adaptkit.add_adapter")
 
 
 def _mark(model: nn.Module, strategy: Strategy, *also: nn.Module) -> nn.Module:
@@ -110,8 +103,8 @@ def adapt(model: nn.Module, strategy: Any = "lora", **options: Any) -> nn.Module
     _refuse_if_adapted(model)
     quant = is_quantized(model)
     if quant and not config.supports_quantized:
-        raise UnsupportedError(field="strategy", value=f"{config.name} on a {quant} model", problem="quantized weights "
-                               "cannot take gradient steps", fix="load the model unquantized for 'full', or use 'lora'")
+        raise UnsupportedError("strategy", f"{config.name} on a {quant} model", "quantized weights cannot train",
+                               "load the model unquantized, or use 'lora'")
     if quant:  # a model quantized by hand gets adaptkit.load_model's protection: no fp32 upcast, no 4-bit repack
         prepare_kbit(model)
     if config.freezes_base:  # bf16/fp16 base: what trains is kept fp32 (adaptkit/precision.py says why)
@@ -172,9 +165,8 @@ def save(model: nn.Module, directory: str | Path, *, _gathered: dict[str, torch.
     ``adaptkit.distributed.save_adapter`` (it passes ``_gathered``)."""
     _adapted(model)
     if _gathered is None and any(isinstance(p, DTensor) for p in model.parameters()):
-        raise UnsupportedError(field="model", value="parameters sharded by FSDP (DTensor)", problem="this process holds"
-                               " only its shard; saving it would write a partial adapter", fix="call adaptkit."
-                               "distributed.save_adapter(accelerator, model, directory) on every process")
+        raise UnsupportedError("model", "sharded by FSDP (DTensor)", "this process holds only its shard",
+                               "call adaptkit.distributed.save_adapter(accelerator, model, directory) on every process")
     layout.save(model, directory, _gathered)
     return folders.path_of(directory)
 
@@ -189,8 +181,7 @@ def load(directory: str | Path, base_model: nn.Module, trainable: bool = False) 
     directory = folders.path_of(directory)
     _model(base_model, "base_model")
     if not directory.is_dir():
-        raise AdapterFormatError(field="directory", value=str(directory), problem="is not a folder",
-                                 fix="pass the folder written by adaptkit.save")
+        raise AdapterFormatError("directory", str(directory), "is not a folder", "pass the folder adaptkit.save wrote")
     _refuse_if_adapted(base_model, "base_model")
     adapters, peft_config, saved = {"names": ["default"], "active": "default"}, None, {}
     if (directory / CONFIG_NAME).is_file():
@@ -200,8 +191,8 @@ def load(directory: str | Path, base_model: nn.Module, trainable: bool = False) 
         peft_config = layout.read_peft_config(directory, base_model)
         strategy = PeftMethod.from_peft_config(peft_config)
     else:
-        raise AdapterFormatError(field="directory", value=str(directory), fix="pass the folder adaptkit.save wrote",
-                                 problem=f"holds neither {CONFIG_NAME} nor adapter_config.json")
+        raise AdapterFormatError("directory", str(directory), f"holds neither {CONFIG_NAME} nor adapter_config.json",
+                                 "pass the folder adaptkit.save wrote")
     folder_of = {name: directory if name == "default" else directory / name for name in adapters["names"]}
     configs = {}
     for name, folder in folder_of.items():
@@ -240,10 +231,8 @@ def load(directory: str | Path, base_model: nn.Module, trainable: bool = False) 
         if isinstance(exc, AdapterFormatError):
             raise
         first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc)[:300])
-        raise AdapterFormatError(field=str(directory), value=type(layout.unwrap(base_model)).__name__,
-                                 problem=f"the saved tensors do not fit this base model ({type(exc).__name__}: "
-                                         f"{first})",
-                                 fix="load onto the base model that was adapted (architecture, sizes)") from None
+        raise AdapterFormatError(str(directory), type(layout.unwrap(base_model)).__name__, "the saved tensors do not "
+                                 f"fit this base ({type(exc).__name__}: {first})", "use the adapted base") from None
     return _mark(model, strategy, base_model)
 
 
@@ -264,13 +253,10 @@ def add_adapter(model: nn.Module, name: str, strategy: Any = "lora", **options: 
     both = isinstance(config, PeftStrategy) and isinstance(existing, PeftStrategy)
     peft_config = config.peft_config(model.get_base_model()) if both else None
     if not both or peft_config.peft_type != model.peft_config[model.active_adapter].peft_type:
-        raise UnsupportedError(field="strategy", value=f"{existing.label} + {config.label}",
-                               problem="named adapters need a PEFT-backed strategy, the same PEFT method for every "
-                                       "adapter of a base", fix="add an adapter of the method the model has, or "
-                                                                "adapt a fresh base model with the other strategy")
+        raise UnsupportedError("strategy", f"{existing.label} + {config.label}", "named adapters need one PEFT method",
+                               "add an adapter of the model's method, or adapt a fresh base")
     if name in model.peft_config:
-        raise ConfigError(field="name", value=name, problem="is already an adapter of this model",
-                          fix=f"pick a new name; existing: {sorted(model.peft_config)}")
+        raise ConfigError("name", name, "is already an adapter of this model", f"not {sorted(model.peft_config)}")
     model.add_adapter(name, peft_config)
     model.set_adapter(name)
     return model
@@ -280,6 +266,6 @@ def set_adapter(model: nn.Module, name: str) -> nn.Module:
     """Make ``name`` the active adapter (its task head comes with it)."""
     names = sorted(getattr(_model(model), "peft_config", {}) or {})
     if name not in names:
-        raise ConfigError(field="name", value=name, problem="is not an adapter of this model", fix=f"one of {names}")
+        raise ConfigError("name", name, "is not an adapter of this model", f"one of {names}")
     model.set_adapter(name)
     return model

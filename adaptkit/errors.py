@@ -1,10 +1,9 @@
 """Every error adaptkit raises, in one place.
 
-Each error subclasses the builtin it refines (so ``except ValueError`` keeps working for callers
-that do not know adaptkit) and its message names three things: the field, the value received, and
-the fix. Build them with keywords so the message always has that shape::
+Each error subclasses the builtin it refines (so ``except ValueError`` keeps working for callers that do not know
+adaptkit) and its message names the field, the value received and the fix, positionally or by keyword::
 
-    raise ConfigError(field="LoRA.r", value=-1, problem="must be a positive integer", fix="use r=8")
+    raise ConfigError("LoRA.r", -1, "must be a positive integer", "use r=8")
 
 renders as ``LoRA.r=-1: must be a positive integer. Fix: use r=8``.
 """
@@ -27,19 +26,15 @@ def _short(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 class AdaptkitError(Exception):
-    """Base class. ``field``, ``value`` and ``fix`` are kept as attributes for programs and tests."""
+    """Base class. ``field``, ``value``, ``problem`` and ``fix`` are kept as attributes for programs and tests."""
 
-    def __init__(self, message: str | None = None, *, field: str | None = None, value: Any = _MISSING,
-                 problem: str | None = None, fix: str | None = None):
+    def __init__(self, field: str | None = None, value: Any = _MISSING, problem: str | None = None,
+                 fix: str | None = None, *, message: str | None = None):
         self.field, self.problem, self.fix = field, problem, fix
         self.value = None if value is _MISSING else value
         if message is None:
-            head = field or "input"
-            if value is not _MISSING:
-                head = f"{head}={_short(value)}"
-            message = f"{head}: {problem or 'invalid'}"
-            if fix:
-                message += f". Fix: {fix}"
+            head = field or "input" if value is _MISSING else f"{field or 'input'}={_short(value)}"
+            message = f"{head}: {problem or 'invalid'}" + (f". Fix: {fix}" if fix else "")
         super().__init__(message)
 
 class ConfigError(AdaptkitError, ValueError):
@@ -102,7 +97,7 @@ class ConfigErrors(ConfigError):
     def __init__(self, errors: Iterable[AdaptkitError]):
         self.errors = list(errors)
         lines = [f"{len(self.errors)} problem(s):"] + [f"  - {e}" for e in self.errors]
-        super().__init__("\n".join(lines))
+        super().__init__(message="\n".join(lines))
 
 class BaseMismatchError(AdapterFormatError):
     """An adapter loaded onto a base model other than the one it was trained on."""

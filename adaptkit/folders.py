@@ -1,14 +1,8 @@
-"""The one writer of adapter folders (:func:`commit`), for ``adaptkit.save``, ``save_pretrained`` and the Trainer.
-
-* Built in a temporary folder beside the target, swapped in with one rename (``renameat2`` exchange on
-  Linux): a SIGKILL leaves the old folder or the new one.
-* The manifest (``adaptkit_config.json``'s ``files``) holds each written file's sha256. A later save replaces
-  or drops only files that still have it; the rest are the user's, carried over as hard links with their modes.
-* A file another program wrote is never replaced, nor left beside the new adapter where ``from_pretrained``
-  reads (a base model's ``config.json`` or weights would load as a hybrid): both refuse.
-* Symlinks inside are carried as links, never written or deleted through; a temporary folder is deleted only
-  with adaptkit's marker in it and its process gone.
-"""
+"""The one writer of adapter folders (:func:`commit`), for ``adaptkit.save``, ``save_pretrained`` and the Trainer:
+built in a temporary folder, swapped in with one rename (``renameat2`` exchange): a SIGKILL leaves the old folder or
+the new. The manifest (``files``) holds each written file's sha256; a later save replaces only files that still
+have it, and carries the user's over (hard links). Another program's file is never replaced nor left where
+``from_pretrained`` reads: both refuse. Symlinks are carried as links, never written through."""
 
 from __future__ import annotations
 
@@ -39,8 +33,8 @@ def read_json(path: Path, max_bytes: int = 16 << 20) -> Any:
             raise ValueError(f"{path.stat().st_size} bytes, more than a config holds")
         return json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, ValueError, RecursionError) as exc:
-        raise AdapterFormatError(field=str(path), value=type(exc).__name__, problem=f"cannot be read: {exc}"[:300],
-                                 fix="pass a folder written by adaptkit.save (restore it from a good copy)") from None
+        raise AdapterFormatError(str(path), type(exc).__name__, f"cannot be read: {exc}"[:300],
+                                 "restore it from a good copy") from None
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -98,8 +92,8 @@ def record(folder: Path, rel: str) -> None:
 def path_of(directory: Any, field: str = "directory") -> Path:
     """A folder path the user typed, ``~`` expanded; anything else is a typed error naming the argument."""
     if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
-        raise ConfigTypeError(field=field, value=directory, fix=f"pass a str or Path, e.g. {field}='out/adapter'",
-                              problem=f"expected a folder path, got {type(directory).__name__}")
+        raise ConfigTypeError(field, directory, f"expected a folder path, got {type(directory).__name__}",
+                              f"pass a str or Path, e.g. {field}='out/adapter'")
     return Path(os.path.expanduser(os.fspath(directory)))
 
 
@@ -111,9 +105,8 @@ def target_of(directory: Any, field: str = "directory") -> Path:
             raise NotADirectoryError(errno.ENOTDIR, "is a file, not a folder")
         target.parent.mkdir(parents=True, exist_ok=True)
     except (OSError, RuntimeError) as exc:  # a file on the way, a symlink loop, /proc
-        raise ConfigError(field=field, value=str(directory), problem=f"cannot hold an adapter folder: "
-                          f"{getattr(exc, 'strerror', None) or exc}", fix="pass a new or adapter folder under one you "
-                          "can write to") from None
+        raise ConfigError(field, str(directory), f"cannot hold an adapter folder: {getattr(exc, 'strerror', 0) or exc}",
+                          "pass a new or adapter folder") from None
     return target
 
 
@@ -125,8 +118,7 @@ def commit(directory: Any, build: Callable[[Path], dict[str, Any]], field: str =
     try:
         work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     except OSError as exc:
-        raise ConfigError(field=field, value=str(directory), problem=f"cannot be written: {exc.strerror}",
-                          fix="pass a folder you can write to") from None
+        raise ConfigError(field, str(directory), f"cannot be written: {exc.strerror}", "pick a writable one") from None
     (work / MARK).write_text(str(target))
     new = work / "folder"
     try:
@@ -168,8 +160,7 @@ def _swap(new: Path, target: Path, written: set[str], work: Path) -> None:
         _carry_over(old, target, owned, written, move=True)  # what the user wrote there while this save ran
         os.chmod(old, 0o700)
         return
-    raise ConfigError(field="directory", value=str(target), problem="kept changing while saving into it",
-                      fix="let one process save to this folder at a time")
+    raise ConfigError("directory", str(target), "kept changing while saving", "let one process save to it at a time")
 
 
 def _carry_over(src: Path, dst: Path, owned: set[str], written: set[str], move: bool = False) -> None:
@@ -185,8 +176,8 @@ def _carry_over(src: Path, dst: Path, owned: set[str], written: set[str], move: 
         if not move and (rel in written or rel in LOADED_FILES) and not (b.exists() and os.path.samefile(a, b)):
             what = "the new save writes a file of that name" if rel in written else \
                 "left beside the new adapter, from_pretrained would load it with it"
-            raise ConfigError(field="directory", value=str(a), problem=f"is a file adaptkit did not write (or changed "
-                              f"since); {what}", fix="move or rename that file, or save into another folder")
+            raise ConfigError("directory", str(a), f"is a file adaptkit did not write (or changed since); {what}",
+                              "move or rename that file, or save into another folder")
         if b.exists() or b.is_symlink():  # linked on an earlier try, or the new save's (when moving)
             continue
         b.parent.mkdir(parents=True, exist_ok=True)

@@ -1,18 +1,10 @@
 """What an adapter folder holds, how it is written (through ``folders.commit``) and read back, and the checks
-``load`` makes before any tensor lands in a model.
-
-Every folder holds ``adaptkit_config.json`` (the strategy and its options, the base model: an absolute path or
-a hub id, its class, a fingerprint of its config and a sample of its input embeddings; the label names; the
-manifest), the trained tensors (PEFT's own folder for PEFT strategies; ``model.safetensors`` for native ones,
-the name the stock Trainer reloads checkpoints from; for ``full`` with the model's own ``config.json``, so it
-is a whole model) and ``README.md``, the model card (``adaptkit.card``).
-
-Loading these folders with transformers alone (``from_pretrained``, ``pipeline``): docs/folder-format.md.
+``load`` makes before any tensor lands in a model. The format, and loading it with transformers alone:
+docs/folder-format.md.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import re
 from pathlib import Path
@@ -26,7 +18,7 @@ from peft.utils.other import _prepare_prompt_learning_config
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from adaptkit import card, folders, strategies, targets
+from adaptkit import card, folders, strategies, targets, versions
 from adaptkit.errors import AdapterFormatError, BaseMismatchError, ConfigError, ConfigTypeError
 from adaptkit.names import ADAPTKIT_MODEL_TYPE, CONFIG_NAME, FORMAT, FROM_CONFIG_SEED, MARKER, OWNED, WEIGHTS_NAME
 from adaptkit.strategies.base import PeftStrategy, Strategy, weights_file
@@ -45,14 +37,11 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def adapter_name(name: Any, field: str = "name") -> str:
-    """A PEFT adapter name is a module key and a sub-folder name: no path, no dot, not empty."""
+def adapter_name(name: Any, field: str = "name") -> str:  # a module key and a sub-folder name
     if not isinstance(name, str):
-        raise ConfigTypeError(field=field, value=name, problem=f"expected a str, got {type(name).__name__}",
-                              fix="pass a name like 'sst2'")
+        raise ConfigTypeError(field, name, f"expected a str, got {type(name).__name__}", "pass a name like 'sst2'")
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}", name):
-        raise ConfigError(field=field, value=name, problem="is not an adapter name (letters, digits, _ and -; no '/', "
-                          "'.', or ''; it names a module and a sub-folder)", fix="use a name like 'sst2' or 'task_b'")
+        raise ConfigError(field, name, "is not an adapter name (letters, digits, _, -)", "use a name like 'sst2'")
     return name
 
 
@@ -98,7 +87,6 @@ def label_names(model: nn.Module) -> dict[str, dict] | None:
 
 
 def save(model: nn.Module, directory: Any, state_dict: dict | None = None, field: str = "directory") -> Path:
-    """Write the adapter folder through the one writer (``folders.commit``)."""
     return folders.commit(directory, lambda tmp: write_folder(model, tmp, state_dict), field)
 
 
@@ -106,11 +94,7 @@ def write_folder(model: nn.Module, directory: Path, state_dict: dict | None = No
     """Write the adapter's files into ``directory`` (empty); return adaptkit_config.json's contents."""
     strategy = model.__dict__[MARKER]
     strategy.save(model, directory, state_dict=state_dict)
-    base = base_record(model)
-    try:
-        version = importlib.metadata.version("adaptkit")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
+    base, version = base_record(model), versions.installed("adaptkit") or "unknown"
     data = {"format": FORMAT, "adaptkit_version": version, "base_model": base["name_or_path"], "base": base,
             "labels": label_names(model), "strategy": strategy.to_dict()}
     if len(getattr(model, "peft_config", None) or {}) > 1:  # named adapters: PEFT writes each in <name>/
@@ -131,13 +115,12 @@ def read_file(directory: Path) -> tuple[Strategy, dict[str, Any]]:
     path = directory / CONFIG_NAME
     data = folders.read_json(path)
     if not isinstance(data, dict) or set(data) - FILE_KEYS or data.get("format") != FORMAT:
-        raise AdapterFormatError(field=str(path), value=sorted(data) if isinstance(data, dict) else type(data).__name__,
-                                 problem=f"is not an {FORMAT} file", fix="pass a folder this adaptkit's save wrote")
+        raise AdapterFormatError(str(path), sorted(data) if isinstance(data, dict) else type(data).__name__,
+                                 f"is not an {FORMAT} file", "pass a folder this adaptkit's save wrote")
     for key, kind in (("strategy", dict), ("base", (dict, type(None))), ("labels", (dict, type(None)))):
         inner = (data.get(key) or {}).get("config", {}) if key == "base" and isinstance(data.get(key), dict) else {}
         if not isinstance(data.get(key), kind) or not isinstance(inner, dict):
-            raise AdapterFormatError(field=f"{path}:{key}", value=data.get(key), problem="must be an object",
-                                     fix="re-save the adapter with adaptkit.save")
+            raise AdapterFormatError(f"{path}:{key}", data.get(key), "must be an object", "save the adapter again")
     spec = data["strategy"]
     cls = strategies.get(str(spec.get("strategy")))
     # an option added since the folder was saved takes the value the folder was trained with, not today's default
@@ -153,8 +136,8 @@ def read_adapters(data: dict[str, Any], path: Path) -> dict[str, Any]:
     except ConfigError:
         ok = False
     if not ok:
-        raise AdapterFormatError(field=f"{path}:adapters", value=spec, fix="save the adapter again with adaptkit.save",
-                                 problem="must list the adapter names (including 'default') and the active one")
+        raise AdapterFormatError(f"{path}:adapters", spec, "must list names, 'default' and the active one",
+                                 "save the adapter again")
     return spec
 
 
@@ -165,16 +148,14 @@ def read_peft_config(folder: Path, base_model: nn.Module | None = None) -> PeftC
     data = folders.read_json(path)
     known = sorted(t.value for t in PeftType)
     if not isinstance(data, dict) or data.get("peft_type") not in known:
-        raise AdapterFormatError(field=f"{path}:peft_type", value=data.get("peft_type") if isinstance(data, dict)
-                                 else type(data).__name__, problem="is not a PEFT method",
-                                 fix=f"the file must name one of {known}; restore it or save the adapter again")
+        raise AdapterFormatError(f"{path}:peft_type", data.get("peft_type") if isinstance(data, dict) else
+                                 type(data).__name__, "is not a PEFT method", f"name one of {known}")
     try:
         config = PeftConfig.from_pretrained(str(folder))
         PeftMethod.from_peft_config(config)  # field types: PEFT keeps r="8" and fails deep inside a layer
     except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as exc:
-        raise AdapterFormatError(field=str(path), value=data.get("peft_type"), problem=f"refused by PEFT: "
-                                 f"{type(exc).__name__}: {exc}"[:400], fix="restore the file from a good copy, or save "
-                                 "the adapter again") from None
+        raise AdapterFormatError(str(path), data.get("peft_type"), f"refused by PEFT: {type(exc).__name__}: "
+                                 f"{exc}"[:400], "restore it, or save the adapter again") from None
     check_task_type(f"{path}:task_type", config, base_model, AdapterFormatError)
     return config
 
@@ -182,8 +163,8 @@ def read_peft_config(folder: Path, base_model: nn.Module | None = None) -> PeftC
 def check_task_type(field: str, config: PeftConfig, model: nn.Module | None, error: type) -> None:
     want = targets.peft_task_type(unwrap(model)) if model is not None else None
     if config.task_type is not None and want is not None and str(config.task_type) != str(want):
-        raise error(field=field, value=str(config.task_type), problem=f"does not match {type(unwrap(model)).__name__} "
-                    f"({want})", fix=f"use task_type={str(want)!r} (or leave it out), or the model it was trained on")
+        raise error(field, str(config.task_type), f"does not match {type(unwrap(model)).__name__} ({want})",
+                    f"use task_type={str(want)!r} (or none), or the model it was trained on")
 
 
 def check_agreement(directory: Path, strategy: Strategy, peft_config: PeftConfig, base_model: nn.Module) -> None:
@@ -194,8 +175,8 @@ def check_agreement(directory: Path, strategy: Strategy, peft_config: PeftConfig
              and isinstance(saved[k], (int, float)) and k != "inference_mode" and v != saved[k]}
     if wrong:
         ours, theirs = ", ".join(f"{k}={e}" for k, (e, _) in wrong.items()), {k: s for k, (_, s) in wrong.items()}
-        raise AdapterFormatError(field=str(directory / "adapter_config.json"), value=theirs,
-                                 problem=f"contradicts {CONFIG_NAME} ({ours})", fix="restore it from a good copy")
+        raise AdapterFormatError(str(directory / "adapter_config.json"), theirs, f"contradicts {CONFIG_NAME} ({ours})",
+                                 "restore it from a good copy")
 
 
 def check_base(directory: Path, saved: dict[str, Any], base_model: nn.Module) -> None:
@@ -214,9 +195,9 @@ def check_base(directory: Path, saved: dict[str, Any], base_model: nn.Module) ->
     seed = record.get("seed")
     fix = (f"build the base as it was: transformers.set_seed({seed}), then from_config(config)" if seed is not None
            else f"load the base recorded in {directory / CONFIG_NAME} and pass it to adaptkit.load")
-    raise BaseMismatchError(field="base_model", value=named(actual["class"], actual["name_or_path"]), fix=fix,
-                            problem=f"is not the base this adapter was trained on, "
-                                    f"{named(record.get('class'), record.get('name_or_path'))}: {detail}")
+    raise BaseMismatchError("base_model", named(actual["class"], actual["name_or_path"]), "is not the base this "
+                            f"adapter was trained on, {named(record.get('class'), record.get('name_or_path'))}: "
+                            f"{detail}", fix)
 
 
 def restore_labels(saved: dict[str, Any], base_model: nn.Module) -> None:
@@ -228,8 +209,7 @@ def restore_labels(saved: dict[str, Any], base_model: nn.Module) -> None:
         id2label = {int(i): str(n) for i, n in labels["id2label"].items()}
         label2id = {str(n): int(i) for n, i in labels["label2id"].items()}
     except (KeyError, TypeError, ValueError, AttributeError):
-        raise AdapterFormatError(field=f"{CONFIG_NAME}:labels", value=labels, problem="must hold id2label and label2id "
-                                 "maps", fix="re-save the adapter with adaptkit.save") from None
+        raise AdapterFormatError(f"{CONFIG_NAME}:labels", labels, "must map id2label, label2id", "save again") from None
     if len(id2label) == config.num_labels:  # else the head-shape check names the mismatch
         config.id2label, config.label2id = id2label, label2id
 
@@ -243,11 +223,9 @@ def fill_task_type(directory: Path, config: PeftConfig, base_model: nn.Module, s
     if config.task_type is not None or not heads:
         return
     if not all(any(k.startswith(f"base_model.model.{h}.") for k in saved_keys) for h in heads):
-        raise AdapterFormatError(field=f"{directory / 'adapter_config.json'}:task_type", value=None,
-                                 problem=f"the folder holds no trained {heads} for this {type(base).__name__}; loaded, "
-                                         "its head would stay as the base has it (random if freshly added)",
-                                 fix="re-save the adapter with task_type set (e.g. 'SEQ_CLS': PEFT saves the head),"
-                                     " or load it onto a model without a task head (AutoModel)")
+        raise AdapterFormatError(f"{directory / 'adapter_config.json'}:task_type", None, "the folder holds no trained "
+                                 f"{heads} for this {type(base).__name__}: its head would stay untrained",
+                                 "save it again with task_type set (PEFT saves the head), or load onto AutoModel")
     config.task_type = targets.peft_task_type(base)
     config.modules_to_save = sorted(set(config.modules_to_save or []) | set(heads))
 
@@ -266,9 +244,8 @@ def check_prompt_shape(folder: Path, config: PeftConfig, base_model: nn.Module) 
     for field in ("token_dim", "num_layers"):
         here, saved = getattr(expected, field), getattr(config, field, None)
         if saved is not None and here is not None and saved != here:
-            raise AdapterFormatError(field=f"{folder / 'adapter_config.json'}:{field}", value=saved,
-                                     problem=f"the prefix was trained on a model with {field}={saved}; this base model "
-                                             f"has {here}", fix="load it onto the base model it was trained on")
+            raise AdapterFormatError(f"{folder / 'adapter_config.json'}:{field}", saved, f"this base has {here}",
+                                     "load it onto the base model it was trained on")
 
 
 def check_peft_keys(model: nn.Module, name: str, folder: Path) -> None:
@@ -279,12 +256,9 @@ def check_peft_keys(model: nn.Module, name: str, folder: Path) -> None:
     expected = set(get_peft_model_state_dict(model, adapter_name=name))
     missing, unexpected = sorted(expected - saved), sorted(saved - expected)
     if missing or unexpected:
-        raise AdapterFormatError(
-            field=str(folder / WEIGHTS_NAME), value={"missing": missing[:3], "unexpected": unexpected[:3]},
-            problem=f"the weights do not match the model's adapter modules ({len(missing)} missing, {len(unexpected)} "
-                    "unexpected): adapter_config.json and the weights disagree, or this is another base model",
-            fix="load onto the base model (task class and architecture) the adapter was trained on, with the "
-                "adapter_config.json saved beside the weights")
+        raise AdapterFormatError(str(folder / WEIGHTS_NAME), {"missing": missing[:3], "unexpected": unexpected[:3]},
+                                 f"the weights do not match the model's adapter modules ({len(missing)} missing, "
+                                 f"{len(unexpected)} unexpected)", "load onto the base (task class too) it trained on")
 
 
 def check_weights(directory: Path, base_model: nn.Module, strategy: Strategy) -> list[str]:
@@ -293,36 +267,29 @@ def check_weights(directory: Path, base_model: nn.Module, strategy: Strategy) ->
     weights = weights_file(directory, strategy)
     if not weights.is_file():
         pickled = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
-        raise AdapterFormatError(field="directory", value=str(directory), problem=f"has no {weights.name}" + (
-            f"; it holds pickle files {pickled}, which adaptkit never loads (unpickling can run code)" if pickled
-            else ""), fix="save adapters as safetensors (adaptkit.save does; PEFT: safe_serialization=True)")
+        raise AdapterFormatError("directory", str(directory), f"has no {weights.name}" + (f", only pickle files "
+                                 f"{pickled} (unpickling runs code)" if pickled else ""), "save as safetensors")
     try:
         with safe_open(str(weights), "pt") as f:
             saved = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterFormatError(field=str(weights), value=f"{weights.stat().st_size} bytes", problem=f"is not a "
-                                 f"readable safetensors file (truncated or corrupt?): {exc}", fix="restore the folder "
-                                 "from a good copy, or save the adapter again") from None
+        raise AdapterFormatError(str(weights), f"{weights.stat().st_size} bytes", "is not a readable safetensors file "
+                                 f"(truncated?): {exc}", "restore the folder from a good copy") from None
     for k, t in saved.items():
         bad = "is not floating point" if not (t.is_floating_point() or not strategy.freezes_base) else \
             "holds NaN or infinite values" if t.is_floating_point() and not torch.isfinite(t).all() else None
         if bad:
-            raise AdapterFormatError(field=f"{weights}:{k}", value=str(t.dtype), problem=f"{bad}; trained tensors "
-                                     "never are", fix="restore the folder from a good copy, or retrain: it is damaged")
+            raise AdapterFormatError(f"{weights}:{k}", str(t.dtype), bad, "restore the folder from a good copy")
     base = unwrap(base_model)
     for head in targets.new_head_names(base):
         for name, p in getattr(base, head).named_parameters():
             key, want = f"{head}.{name}", tuple(p.shape)
             match = next((k for k in saved if k == key or k.endswith("." + key)), None)
             got = tuple(saved[match].shape) if match else want
-            if got == want:
-                continue
-            if len(got) == len(want) and got[1:] == want[1:]:  # only the output rows differ: the label count
-                raise AdapterFormatError(field=f"{weights.name}:{match}", value=got, problem=f"the saved task head "
-                                         f"has {got[0]} outputs; this base model's {key} has {want[0]} (trained with "
-                                         f"another num_labels)", fix=f"load the base model with num_labels={got[0]}, "
-                                         "the count the adapter was trained with")
-            raise AdapterFormatError(field=f"{weights.name}:{match}", value=got, problem=f"the saved task head does "
-                                     f"not fit this base model's {key} {want}: the adapter was trained on a model of "
-                                     "another hidden size", fix="load it onto the base checkpoint it was trained on")
+            labels = len(got) == len(want) and got[1:] == want[1:]  # only the output rows differ: the label count
+            if got != want:
+                raise AdapterFormatError(f"{weights.name}:{match}", got, f"the saved head has {got[0]} outputs, this "
+                                         f"base's {key} has {want[0]}" if labels else f"does not fit {key} {want}: "
+                                         "another hidden size", f"load the base model with num_labels={got[0]}"
+                                         if labels else "load it onto the base it was trained on")
     return list(saved)

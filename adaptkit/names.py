@@ -1,8 +1,5 @@
-"""Names shared across adaptkit's layers: file names, attribute names, task and option vocabularies.
-
-This module is the bottom layer: it imports nothing from adaptkit (tests/test_layers.py checks it), so any
-module may import from here without creating a cycle. Add a name here when two layers need it.
-"""
+"""Names shared across adaptkit's layers. The bottom layer: it imports nothing from adaptkit (tests/test_layers.py
+checks it), so any module may import from here without a cycle. Add a name here when two layers need it."""
 
 # --- adapter folders -------------------------------------------------------------------------------------
 FORMAT = "adaptkit-adapter/1"
@@ -24,15 +21,9 @@ FROM_CONFIG_SEED = "_adaptkit_from_config_seed"
 
 # --- vocabularies ----------------------------------------------------------------------------------------
 # task -> transformers Auto class. "auto" picks from the config's architectures (see skeleton.infer_task).
-TASKS = {
-    "seq_cls": "AutoModelForSequenceClassification",
-    "token_cls": "AutoModelForTokenClassification",
-    "qa": "AutoModelForQuestionAnswering",
-    "causal_lm": "AutoModelForCausalLM",
-    "seq2seq": "AutoModelForSeq2SeqLM",
-    "image_cls": "AutoModelForImageClassification",
-    "base": "AutoModel",
-}
+TASKS = {"seq_cls": "AutoModelForSequenceClassification", "token_cls": "AutoModelForTokenClassification",
+         "qa": "AutoModelForQuestionAnswering", "causal_lm": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM",
+         "image_cls": "AutoModelForImageClassification", "base": "AutoModel"}
 CLASSIFICATION_TASKS = ("seq_cls", "token_cls", "image_cls")
 QUANTIZATIONS = ("8bit", "4bit")
 EXPECTED_ENV = "ADAPTKIT_PROCESSES"  # "I asked for N processes", for launchers that drop the count

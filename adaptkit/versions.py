@@ -1,10 +1,5 @@
-"""Which library versions adaptkit was tested with, and how the installed ones compare.
-
-``TESTED`` is the set the suite passed with: the same versions as ``requirements.lock`` and the README's
-"Tested versions" table (``tests/test_versions.py`` keeps the three in agreement). ``pip install adaptkit``
-users get pyproject's ranges, not the lock, so when a strategy fails because of an installed version,
-adaptkit's errors name the versions (``describe``) instead of blaming the architecture.
-"""
+"""Which library versions adaptkit was tested with, and how the installed ones compare. ``pip install adaptkit``
+users get pyproject's ranges, not the lock: errors name the versions (``describe``) rather than blame the model."""
 
 from __future__ import annotations
 
@@ -12,8 +7,11 @@ import platform
 import sys
 from importlib import metadata
 
-# The lock's versions of the libraries a bug report needs; updated with the lock (`make lock`). The oldest set the
-# suite also passed on is pyproject's lower bounds: torch 2.13, transformers 5.23, accelerate 1.15.
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+
+# The lock's versions (`make lock`; the README's table: tests/test_versions.py keeps the three in agreement). The
+# oldest set the suite also passed on is pyproject's lower bounds: torch 2.13, transformers 5.23, accelerate 1.15.
 TESTED = {"torch": "2.15.0", "transformers": "5.25.0", "peft": "0.21.2", "accelerate": "1.16.0",
           "bitsandbytes": "0.50.2", "datasets": "5.2.0", "safetensors": "0.8.0"}
 
@@ -26,31 +24,18 @@ def installed(name: str) -> str | None:
         return None
 
 
-def supported_range(name: str) -> str | None:
-    """adaptkit's declared range for ``name`` (from its installed metadata, i.e. pyproject), or None."""
-    from packaging.requirements import Requirement
-    try:
-        requires = metadata.requires("adaptkit") or []
-    except metadata.PackageNotFoundError:
-        return None
-    for text in requires:
-        req = Requirement(text)
-        if req.name.lower() == name.lower():
-            return str(req.specifier) or "any"
-    return None
-
-
 def status(name: str) -> str:
-    """'tested', 'in range (untested)', 'OUTSIDE range <spec>' or 'not installed'."""
-    from packaging.specifiers import SpecifierSet
+    """'tested', 'untested (tested: X)', "OUTSIDE adaptkit's range <spec>" (pyproject's) or 'not installed'."""
     version = installed(name)
-    if version is None:
-        return "not installed"
-    if TESTED.get(name) == version:
-        return "tested"
-    spec = supported_range(name)
-    if spec and spec != "any" and version not in SpecifierSet(spec):
-        return f"OUTSIDE adaptkit's range {spec}"
+    if version is None or TESTED.get(name) == version:
+        return "not installed" if version is None else "tested"
+    try:
+        requires = [Requirement(text) for text in metadata.requires("adaptkit") or []]
+        specs = [str(r.specifier) for r in requires if r.name.lower() == name]
+    except metadata.PackageNotFoundError:
+        specs = []
+    if specs and specs[0] and version not in SpecifierSet(specs[0]):
+        return f"OUTSIDE adaptkit's range {specs[0]}"
     return f"untested (tested: {TESTED.get(name, '-')})"
 
 
@@ -61,16 +46,12 @@ def untested() -> list[str]:
 
 def describe(*names: str) -> str:
     """'transformers 5.26.0 (tested: 5.25.0), peft 0.21.2 (tested)': for error messages."""
-    parts = []
-    for name in names:
-        version, tested = installed(name), TESTED.get(name)
-        note = "tested" if version == tested else f"tested: {tested}"
-        parts.append(f"{name} {version or 'not installed'} ({note})")
-    return ", ".join(parts)
+    return ", ".join(f"{n} {installed(n) or 'not installed'} ("
+                     + ("tested" if installed(n) == TESTED.get(n) else f"tested: {TESTED.get(n)}") + ")" for n in names)
 
 
 def _device() -> str:
-    import torch
+    import torch  # only for `adaptkit env`, which also runs where torch is broken
     if torch.cuda.is_available():
         names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
         return f"cuda x{torch.cuda.device_count()} ({', '.join(names)}), CUDA {torch.version.cuda}"
@@ -84,17 +65,13 @@ def report() -> str:
     rows = [("adaptkit", installed("adaptkit") or "not installed", "")]
     rows += [(name, installed(name) or "-", status(name)) for name in TESTED]
     width = max(len(r[0]) for r in rows)
-    lines = ["adaptkit environment (paste this into a bug report)", "",
-             f"- Python: {sys.version.split()[0]}", f"- Platform: {platform.platform()}"]
     try:
-        lines.append(f"- Device: {_device()}")
+        device = _device()
     except ImportError:
-        lines.append("- Device: unknown (torch is not installed)")
-    lines.append("")
-    lines += [f"- {name.ljust(width)}  {version:<12} {note}".rstrip() for name, version, note in rows]
+        device = "unknown (torch is not installed)"
     off = untested()
-    lines.append("")
-    lines.append("All versions are the tested set." if not off else
-                 f"Not the tested set: {', '.join(off)}. To reproduce the tested set: "
-                 "pip install -r requirements.lock (from the repository), or the versions marked above.")
-    return "\n".join(lines)
+    return "\n".join(["adaptkit environment (paste this into a bug report)", "", f"- Python: {sys.version.split()[0]}",
+                      f"- Platform: {platform.platform()}", f"- Device: {device}", "",
+                      *[f"- {name.ljust(width)}  {version:<12} {note}".rstrip() for name, version, note in rows], "",
+                      "All versions are the tested set." if not off else f"Not the tested set: {', '.join(off)}. To "
+                      "reproduce the tested set: pip install -r requirements.lock, or the versions marked above."])

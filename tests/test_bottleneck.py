@@ -159,7 +159,7 @@ def test_sizes_and_activation():
 @pytest.mark.parametrize("options,error,match", [
     ({"reduction_factor": 0}, ConfigError, r"Bottleneck.reduction_factor=0: must be a positive.*Fix: use"),
     ({"bottleneck_size": -3}, ConfigError, r"Bottleneck.bottleneck_size=-3: must be a positive.*Fix: use"),
-    ({"activation": "relux"}, ConfigError, r"activation='relux': is not an activation.*choose one of .*'relu'"),
+    ({"activation": "relux"}, ConfigError, r"activation='relux': is unknown.*choose one of .*'relu'"),
     ({"variant": "adapterhub"}, ConfigError, r"Bottleneck.variant='adapterhub': must be one of 'pfeiffer', 'houlsby'"),
     ({"reduction_factor": "16"}, ConfigTypeError, r"Bottleneck.reduction_factor='16': expected int"),
     ({"bottleneck_size": 8.0}, ConfigTypeError, r"Bottleneck.bottleneck_size=8.0: expected"),

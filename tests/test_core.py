@@ -261,7 +261,7 @@ def test_named_adapters_switch_with_their_own_heads(tmp_path):
         adaptkit.set_adapter(model, "task_c")
     with pytest.raises(errors.ConfigError, match=r"name='task_b': is already an adapter"):
         adaptkit.add_adapter(model, "task_b", "lora")
-    with pytest.raises(errors.UnsupportedError, match="named adapters need a PEFT-backed strategy"):
+    with pytest.raises(errors.UnsupportedError, match="named adapters need one PEFT method"):
         adaptkit.add_adapter(adaptkit.adapt(tiny_model("bert"), "bottleneck"), "b", "lora")
 
 

@@ -160,7 +160,7 @@ def test_a_tampered_config_raises_and_executes_nothing(tmp_path, monkeypatch, ch
 def test_a_config_that_is_not_json(tmp_path):
     folder, _ = _saved(tmp_path)
     (folder / "adaptkit_config.json").write_text("{'strategy': 'lora'")
-    with pytest.raises(errors.AdapterFormatError, match=r"cannot be read.*Fix: pass a folder written by"):
+    with pytest.raises(errors.AdapterFormatError, match=r"cannot be read.*Fix: restore it from a good copy"):
         adaptkit.load(folder, tiny_model("bert"))
 
 
@@ -222,7 +222,7 @@ def test_wrong_argument_types_at_the_public_api_name_the_argument(tmp_path):
          r"LoraConfig.task_type='CAUSAL_LM': does not match BertForSequenceClassification \(SEQ_CLS\).*Fix: use "
          r"task_type='SEQ_CLS'"),
         (lambda: adaptkit.add_adapter(lora, "p", "prefix"), errors.UnsupportedError,
-         r"strategy='lora \+ prefix': named adapters need a PEFT-backed strategy, the same PEFT method"),
+         r"strategy='lora \+ prefix': named adapters need one PEFT method\. Fix: add an adapter of the model's"),
     ]
     for call, error, match in cases:
         with pytest.raises(error, match=match):

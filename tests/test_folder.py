@@ -144,7 +144,7 @@ def test_a_peft_folder_without_task_type_gets_its_head_or_is_refused(tmp_path):
     without = get_peft_model(tiny_model("bert"), LoraConfig(r=4, target_modules=["query"]))
     without.save_pretrained(str(tmp_path / "nohead"))
     with pytest.raises(errors.AdapterFormatError, match=r"task_type=None: the folder holds no trained \['classifier'\]"
-                                                        r".*Fix: re-save the adapter with task_type set"):
+                                                        r".*Fix: save it again with task_type set"):
         adaptkit.load(tmp_path / "nohead", tiny_model("bert"))
 
 

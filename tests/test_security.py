@@ -113,7 +113,7 @@ def test_a_folder_with_pickle_weights_is_refused(tmp_path):
     type(peft_model).save_pretrained(peft_model, str(tmp_path / "a"), safe_serialization=False)  # adapter_model.bin
     assert (tmp_path / "a" / "adapter_model.bin").is_file()
     with pytest.raises(errors.AdapterFormatError, match=r"has no adapter_model.safetensors.*pickle files "
-                                                        r"\['adapter_model.bin'\].*never loads"):
+                                                        r"\['adapter_model.bin'\] \(unpickling runs code\)"):
         adaptkit.load(tmp_path / "a", tiny_model("bert"))
 
 
@@ -157,8 +157,8 @@ def test_a_hostile_adaptkit_config_is_a_typed_error(tmp_path, content, match):
 
 @pytest.mark.parametrize("change,match", [
     (lambda d: d.update(target_modules={"a": [[[[]]]] * 2} | {"b": "[" * 50}), r"adapter_config.json='LORA': refused by PEFT"),
-    (lambda d: d.update(layers_to_transform=[99]), r"saved tensors do not fit this base model.*No modules were targeted"),
-    (lambda d: d.update(modules_to_save=["bert"]), r"saved tensors do not fit this base model.*No modules were targeted"),
+    (lambda d: d.update(layers_to_transform=[99]), r"saved tensors do not fit this base.*No modules were targeted"),
+    (lambda d: d.update(modules_to_save=["bert"]), r"saved tensors do not fit this base.*No modules were targeted"),
     (lambda d: d.update(task_type="CAUSAL_LM"), r"adapter_config.json:task_type='CAUSAL_LM': does not match "
                                                 r"BertForSequenceClassification \(SEQ_CLS\)"),
 ])

@@ -20,8 +20,7 @@ def register(cls: type[Strategy]) -> type[Strategy]:
     if not cls.name:
         raise TypeError(f"{cls.__name__} must set the class variable `name` before @register")
     if REGISTRY.get(cls.name, cls) is not cls:
-        raise ValueError(f"strategy name {cls.name!r} is registered twice: {REGISTRY[cls.name].__name__} and "
-                         f"{cls.__name__}; rename one of them")
+        raise ValueError(f"strategy {cls.name!r} registered twice: {REGISTRY[cls.name].__name__}, {cls.__name__}")
     REGISTRY[cls.name], init = cls, cls.__init__
 
     @functools.wraps(init)
@@ -45,6 +44,5 @@ def get(name: str) -> type[Strategy]:
     if name in REGISTRY:
         return REGISTRY[name]
     close = difflib.get_close_matches(name, REGISTRY, n=1)
-    raise UnknownStrategyError(field="strategy", value=name, problem="is not a strategy",
-                               fix=(f"did you mean {close[0]!r}? " if close else "") + f"choose one of "
-                                   f"{sorted(REGISTRY)} or any PEFT method name (e.g. 'ia3', 'loha')")
+    raise UnknownStrategyError("strategy", name, "is not a strategy", (f"did you mean {close[0]!r}? " if close else "")
+                               + f"choose one of {sorted(REGISTRY)} or a PEFT method (e.g. 'ia3')")

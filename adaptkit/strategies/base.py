@@ -52,17 +52,17 @@ def check_types(values: dict[str, Any], hints: dict[str, Any], owner: str, fix: 
         hint, field, kind = hints[key], f"{owner}.{key}", describe_type(hints[key])
         choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else ()
         if choices and isinstance(value, tuple({type(a) for a in choices})) and not type_ok(value, hint):
-            raise ConfigError(field=field, value=value, problem=f"must be {kind}", fix=fix or f"use {kind}{default}")
+            raise ConfigError(field, value, f"must be {kind}", fix or f"use {kind}{default}")
         if not type_ok(value, hint):
-            raise ConfigTypeError(field=field, value=value, problem=f"expected {kind}, got {type(value).__name__}",
-                                  fix=fix or f"pass a {kind}{default}")
+            raise ConfigTypeError(field, value, f"expected {kind}, got {type(value).__name__}",
+                                  fix or f"pass a {kind}{default}")
 
 
 def refuse_unknown(given: Any, known: Any, field: str, valid: str) -> None:
     """Unknown option names, refused with "did you mean" for each."""
     if unknown := sorted(set(given) - set(known)):
         hints = [f"{u!r} -> did you mean {m[0]!r}?" for u in unknown if (m := difflib.get_close_matches(u, known, n=1, cutoff=0.4))]
-        raise UnknownOptionError(field=field, value=unknown, problem="unknown option(s)", fix="; ".join([*hints, valid]))
+        raise UnknownOptionError(field, unknown, "unknown option(s)", "; ".join([*hints, valid]))
 
 
 @dataclasses.dataclass
@@ -102,8 +102,7 @@ class Strategy:
         data = dict(data)
         given = data.pop("strategy", cls.name)
         if given != cls.name:
-            raise UnknownOptionError(field="strategy", value=given, problem=f"this dict is not a {cls.name} config",
-                                     fix=f"use the config class registered as {given!r}")
+            raise UnknownOptionError("strategy", given, f"is not a {cls.name} config", f"use {given!r}'s class")
         return cls(**data)  # unknown keys and PEFT's names: see resolve_options()
 
     @classmethod
@@ -113,8 +112,7 @@ class Strategy:
         for key, value in given.items():
             name = cls.aliases.get(key, key)
             if name in out or (name != key and name in given):
-                raise ConfigError(field=f"{cls.__name__}.{name}", value=value,
-                                  problem=f"given twice (as {name!r} and as PEFT's {key!r})", fix="pass it once")
+                raise ConfigError(f"{cls.__name__}.{name}", value, f"given twice (also as {key!r})", "pass it once")
             out[name] = cls.alias_values[key](value) if key in cls.alias_values else value
         known = {f.name for f in dataclasses.fields(cls)}
         refuse_unknown(out, known | set(cls.aliases), f"{cls.__name__} options", f"valid options are {sorted(known)}"
@@ -138,10 +136,8 @@ class Strategy:
         saved, params = load_file(str(path)), dict(model.named_parameters())
         missing = sorted({n for n, p in params.items() if p.requires_grad} - set(saved))
         if missing or (unknown := sorted(set(saved) - set(params))):
-            raise AdapterFormatError(field=str(path), value={"missing": missing[:5], "unexpected": unknown[:5]},
-                                     problem=f"tensors do not match the strategy ({len(missing)} missing, {len(unknown)} "
-                                             "not in the model)", fix="load with the same base model architecture and "
-                                     "strategy options that were saved")
+            raise AdapterFormatError(str(path), {"missing": missing[:5], "unexpected": unknown[:5]}, "tensors do not "
+                                     "match the strategy", "load onto the base architecture that was saved")
         for name in saved:
             params[name].requires_grad_(True)
         if self.freezes_base:  # as adapt: what trains is fp32 on a bf16 base, so saved fp32 values load unrounded
@@ -150,8 +146,7 @@ class Strategy:
         return model
 
     def merge(self, model: nn.Module) -> nn.Module:
-        raise NotMergeableError(field="strategy", value=self.name, problem="its trained pieces cannot be folded into "
-                                "the base weights", fix="keep the adapted model as it is, or use e.g. 'lora'")
+        raise NotMergeableError("strategy", self.name, "cannot be folded into the base", "keep it, or use 'lora'")
 
 
 def owned_tensors(model: nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
@@ -191,15 +186,14 @@ class PeftStrategy(Strategy):
         # the first forward, deep in the embeddings
         limit, extra = lengths.max_positions(model), int(getattr(config, "num_virtual_tokens", 0) or 0)
         if limit is not None and extra >= limit and config.is_prompt_learning:
-            raise ConfigError(field=f"{self.label}.num_virtual_tokens", value=extra, problem=f"leaves no room for text "
-                              f"in {type(model).__name__}'s {limit} positions", fix=f"use num_virtual_tokens < {limit}")
+            raise ConfigError(f"{self.label}.num_virtual_tokens", extra, "leaves no room for text in "
+                              f"{type(model).__name__}'s {limit} positions", f"use num_virtual_tokens < {limit}")
         try:
             return get_peft_model(model, config)
         except (ValueError, TypeError, AttributeError, NotImplementedError) as exc:  # PEFT refusing this model
-            raise UnsupportedError(field=f"{self.label} options", value=type(model).__name__, problem=f"PEFT refuses "
-                                   f"{type(config).__name__} on this model: {exc}", fix=f"set the option it names (see "
-                                   f"peft.{type(config).__name__}), or use 'lora'; load the base model again (PEFT may "
-                                   "have changed it)") from None
+            raise UnsupportedError(f"{self.label} options", type(model).__name__, "PEFT refuses "
+                                   f"{type(config).__name__} on this model: {exc}", "set the option it names, or use "
+                                   "'lora'; reload the base (PEFT may change it)") from None
 
     def save(self, model: nn.Module, directory: Path, state_dict: dict | None = None) -> None:
         # PEFT writes only its adapters and modules_to_save: a base tensor the user unfroze would be lost
@@ -209,10 +203,9 @@ class PeftStrategy(Strategy):
         lost = [n for n, p in model.named_parameters() if p.requires_grad and n not in kept
                 and not adapters & set(n.split("."))]  # PEFT's keys drop the adapter's name
         if lost:
-            raise UnsupportedError(field="trainable tensors", value=lost[:5], problem=f"{len(lost)} trainable tensor(s) "
-                                   "outside the adapter, which PEFT's folder does not save: loaded, they would be the "
-                                   "base's again", fix="name their modules at adapt time (LoRA heads=[...], PEFT "
-                                   "modules_to_save=[...]) so they train and save with the adapter, or freeze them")
+            raise UnsupportedError("trainable tensors", lost[:5], f"{len(lost)} trainable tensor(s) outside the adapter"
+                                   ", not saved by PEFT", "name their modules at adapt (heads=, modules_to_save=), or "
+                                   "freeze them")
         # the class's method: the instance's own save_pretrained is adaptkit's (adaptkit.hf), which calls this
         type(model).save_pretrained(model, str(directory), safe_serialization=True,
                                     **({"state_dict": state_dict} if state_dict is not None else {}))
@@ -247,7 +240,6 @@ class PeftStrategy(Strategy):
                 plain = module.modules_to_save[active] if isinstance(module, ModulesToSaveWrapper) else module.get_base_layer()
                 setattr(parent, child, plain)
         if leftovers := [n for n, m in base.named_modules() if isinstance(m, kinds)]:  # refuse rather than a hybrid
-            raise NotMergeableError(field="model", value=leftovers[:3], problem="PEFT layers remain after merging",
-                                    fix="use model.merge_and_unload() from PEFT directly, or keep the adapter unmerged")
+            raise NotMergeableError("model", leftovers[:3], "PEFT layers remain after merging", "keep it unmerged")
         base.__dict__.pop("peft_config", None)
         return base

@@ -1,16 +1,12 @@
 """Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021) as plain torch modules (PEFT has none, and
-AdapterHub's ``adapters`` cannot be installed beside transformers 5).
+AdapterHub's ``adapters`` cannot be installed beside transformers 5): ``up(act(down(x)))`` added to a linear's
+output, ``up`` zero (the base's outputs until the first step). ``pfeiffer`` adapts every feed-forward down
+projection (a linear outside attention from a wider input to the hidden size: BERT ``output.dense``, T5 ``wo``,
+GPT-2 ``mlp.c_proj``); ``houlsby`` also each attention module's last linear of hidden-size output. Each adapter is a
+child of its linear, run by a forward hook: state-dict names stay, quantized linears work unchanged.
 
-An adapter adds ``up(act(down(x)))`` to a linear's output, ``up`` zero-initialised: exactly the base's outputs until
-the first step. Places are read from the module tree: ``pfeiffer`` adapts every feed-forward down projection (a
-linear outside attention mapping a wider input to the hidden size: BERT ``output.dense``, T5 ``wo``, Llama
-``down_proj``, GPT-2 ``mlp.c_proj``); ``houlsby`` also each attention module's (outermost name matching ``/att/i``)
-last linear of hidden-size output. Each adapter is a child of its linear, run by a forward hook: base state-dict
-names stay, and bitsandbytes' quantized linears work unchanged.
-
-A fresh task head trains, and so does the pooler it reads (BERT, MiniLM, ALBERT): frozen, all-MiniLM-L6-v2's
-never-trained pooler gave CoLA MCC 0.000 at every rate from 1e-4 to 3e-2; trained, 0.268 at 3e-3
-(benchmarks/README.md). ``train_pooler=False`` keeps it frozen.
+A fresh task head trains, and so does the pooler it reads: frozen, all-MiniLM-L6-v2's never-trained pooler gave
+CoLA MCC 0.000 at every rate; trained, 0.268 (benchmarks/README.md). ``train_pooler=False`` keeps it frozen.
 """
 
 from __future__ import annotations
@@ -71,15 +67,11 @@ def adapter_hosts(model: nn.Module, variant: str) -> list[str]:
         elif fan_out == hidden and fan_in > fan_out:
             ffn_down.append(name)
     if not ffn_down:
-        raise UnsupportedError(field="model", value=type(model).__name__,
-                               problem=f"no feed-forward down projection (a linear mapping a wider input to hidden size "
-                                       f"{hidden}, outside attention and task heads) to put a bottleneck adapter after",
-                               fix="use strategy 'lora' (with explicit targets) or 'linear_probe' for this model")
+        raise UnsupportedError("model", type(model).__name__, "no feed-forward down projection (a linear from a wider "
+                               f"input to hidden size {hidden}) to follow", "use 'lora' or 'linear_probe'")
     if variant == "houlsby" and not attention_out:
-        raise UnsupportedError(field="Bottleneck.variant", value=variant,
-                               problem=f"{type(model).__name__} has no module named like 'attention'/'attn' holding a "
-                                       f"linear with {hidden} outputs, so Houlsby's attention adapters have no place",
-                               fix="use variant='pfeiffer' (feed-forward adapters only)")
+        raise UnsupportedError("Bottleneck.variant", variant, f"{type(model).__name__} has no module named like "
+                               f"'attention'/'attn' with a linear of {hidden} outputs", "use variant='pfeiffer'")
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     return sorted(ffn_down + (list(attention_out.values()) if variant == "houlsby" else []), key=order.__getitem__)
 
@@ -88,9 +80,8 @@ def _hidden_size(model: nn.Module) -> int:
     try:
         return targets.hidden_size(model)
     except AttributeError:  # not a transformers model: no config, no input embeddings
-        raise UnsupportedError(field="model", value=type(model).__name__, problem="its hidden size cannot be read (no "
-                               "config.hidden_size/d_model/n_embd/dim and no input embeddings)",
-                               fix="pass a transformers model (AutoModel*.from_pretrained)") from None
+        raise UnsupportedError("model", type(model).__name__, "its hidden size cannot be read",
+                               "pass a transformers model") from None
 
 
 def has_adapters(model: nn.Module) -> bool:
@@ -127,31 +118,25 @@ class Bottleneck(Strategy):
     train_pooler: bool = True
 
     def validate(self) -> None:
-        if self.reduction_factor < 1:
-            raise ConfigError(field="Bottleneck.reduction_factor", value=self.reduction_factor,
-                              problem="must be a positive integer", fix="use reduction_factor=16 (the default)")
-        if self.bottleneck_size is not None and self.bottleneck_size < 1:
-            raise ConfigError(field="Bottleneck.bottleneck_size", value=self.bottleneck_size, problem="must be a "
-                              "positive integer or None", fix="use None to size it from reduction_factor, or e.g. 64")
+        for key in ("reduction_factor", "bottleneck_size"):
+            if (value := getattr(self, key)) is not None and value < 1:
+                raise ConfigError(f"Bottleneck.{key}", value, "must be a positive integer", "use e.g. 16 (or None)")
         if self.activation not in ACT2FN:
-            raise ConfigError(field="Bottleneck.activation", value=self.activation,
-                              problem="is not an activation transformers knows", fix=f"choose one of {sorted(ACT2FN)}")
+            raise ConfigError("Bottleneck.activation", self.activation, "is unknown", f"choose one of {sorted(ACT2FN)}")
 
     def size_for(self, hidden: int) -> int:
         size = self.bottleneck_size if self.bottleneck_size is not None else hidden // self.reduction_factor
         if size < 1:
-            raise ConfigError(field="Bottleneck.reduction_factor", value=self.reduction_factor, problem=f"leaves no "
-                              f"bottleneck for hidden size {hidden} ({hidden} // {self.reduction_factor} = 0)",
-                              fix=f"use a reduction_factor <= {hidden}, or set bottleneck_size")
+            raise ConfigError("Bottleneck.reduction_factor", self.reduction_factor, "leaves no bottleneck for hidden "
+                              f"size {hidden}", f"use a reduction_factor <= {hidden}")
         if size > hidden:  # refused before anything is allocated: 10**9 would ask for terabytes
-            raise ConfigError(field="Bottleneck.bottleneck_size", value=size, problem=f"is wider than the hidden size "
-                              f"{hidden}: not a bottleneck", fix=f"use a bottleneck_size <= {hidden}, e.g. {max(1, hidden // 16)}")
+            raise ConfigError("Bottleneck.bottleneck_size", size, f"is wider than the hidden size {hidden}",
+                              f"use a bottleneck_size <= {hidden}")
         return size
 
     def apply(self, model: nn.Module) -> nn.Module:
         if has_adapters(model):
-            raise AlreadyAdaptedError(field="model", value=type(model).__name__, problem="already carries bottleneck "
-                                      "adapters", fix="apply to a freshly loaded base model (adapters do not stack)")
+            raise AlreadyAdaptedError("model", type(model).__name__, "already carries bottleneck adapters", "reload it")
         hosts, hidden = adapter_hosts(model, self.variant), _hidden_size(model)  # raise before anything changes
         size, heads = self.size_for(hidden), targets.new_head_names(model)
         # a fresh classifier left random would make the adapters learn around noise: it trains too

@@ -49,9 +49,8 @@ class Full(Strategy):
             tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
             missing = [m for m in missing if m not in tied]
         if missing or unexpected:
-            raise AdapterFormatError(field=str(path), value={"missing": sorted(missing)[:5], "unexpected": sorted(
-                unexpected)[:5]}, problem="weights do not match the base model",
-                fix="load into the same architecture (and num_labels) that was saved")
+            raise AdapterFormatError(str(path), {"missing": sorted(missing)[:5], "unexpected": sorted(unexpected)[:5]},
+                                     "weights do not match the base model", "load into the saved architecture")
         return model
 
     def merge(self, model: nn.Module) -> nn.Module:

@@ -1,11 +1,9 @@
 """Linear probe: the pretrained model is a fixed feature map; only the task head learns (no pooler, by definition).
 
-``pooling`` says which features the head reads: ``"head"``, what the model's own head reads (BERT's first-token
-pooler); ``"mean"``, the masked mean of the last hidden states, which sentence-transformers checkpoints such as
-all-MiniLM-L6-v2 are trained to produce, where probing their never-trained pooler wastes the model (SST-2: 0.70 vs
-0.78 mean-pooled, benchmarks/results/v1/REPORT.md; needs a pooler layer to replace, and cannot merge); ``"auto"``
-(default), what the checkpoint's ``modules.json`` says, recorded as the choice made. On a causal LM the head is
-``lm_head``, usually tied to the input embeddings: probing it trains them too.
+``pooling``: ``"head"``, what the model's own head reads (BERT's first-token pooler); ``"mean"``, the masked mean
+of the last hidden states, which sentence-transformers checkpoints (all-MiniLM-L6-v2) are trained for (SST-2: 0.70
+vs 0.78 mean-pooled, benchmarks/results/v1/REPORT.md; cannot merge); ``"auto"``, what the checkpoint's
+``modules.json`` says. A causal LM's ``lm_head`` is usually tied to the input embeddings: probing trains them too.
 """
 
 from __future__ import annotations
@@ -43,18 +41,16 @@ class LinearProbe(Strategy):
     def apply(self, model: nn.Module) -> nn.Module:
         heads = targets.match_targets(model, self.heads, "LinearProbe.heads") if self.heads else targets.head_names(model)
         if not heads:
-            raise UnsupportedError(field="LinearProbe.heads", value=None, problem=f"{type(model).__name__} has no task "
-                                   "head to train", fix="load a task model (e.g. AutoModelForSequenceClassification) "
-                                   "or name the head modules")
+            raise UnsupportedError("LinearProbe.heads", None, f"{type(model).__name__} has no task head to train",
+                                   "load a task model (AutoModelFor...) or name the heads")
         asked = self.pooling
         if asked == "auto":
             self.pooling, source = checkpoint_pooling(model)
         if self.pooling == "mean":
             if targets.pooler_name(model) is None:  # a mean pool in place holds no parameters: not counted as one
-                raise UnsupportedError(field="LinearProbe.pooling", value=asked, problem=f"{type(model).__name__} has no"
-                                       " pooler layer between its encoder and its head to replace" + (f"; the checkpoint"
-                                       f" ({source}) pools by the mean of its tokens" if asked == "auto" else ""),
-                                       fix="pass pooling='head', or use a BERT-style model (BERT, MiniLM, ALBERT, ...)")
+                raise UnsupportedError("LinearProbe.pooling", asked, f"{type(model).__name__} has no pooler to replace"
+                                       + (f"; {source} pools by the mean" if asked == "auto" else ""),
+                                       "pass pooling='head', or use a BERT-style model")
             backbone = targets.base_module(model)
             backbone.pooler = MaskedMeanPool(backbone)
         model.requires_grad_(False)
@@ -65,10 +61,8 @@ class LinearProbe(Strategy):
 
     def merge(self, model: nn.Module) -> nn.Module:
         if self.pooling == "mean":
-            raise NotMergeableError(field="LinearProbe.pooling", value=self.pooling, problem="a merged model must be a "
-                                    "plain transformers model, and from_pretrained would put the first-token pooler back "
-                                    "in place of the mean pooling the head was trained on", fix="keep the adapted "
-                                    "model: adaptkit.save(model, dir) and adaptkit.load(dir, base) restore it")
+            raise NotMergeableError("LinearProbe.pooling", self.pooling, "a plain transformers model would pool the "
+                                    "first token", "keep the adapted model (adaptkit.save and adaptkit.load)")
         return model
 
 
@@ -94,9 +88,8 @@ class MaskedMeanPool(nn.Module):
         if mask is None:
             return hidden_states.mean(dim=1)
         if mask.dim() != 2 or mask.shape != hidden_states.shape[:2]:
-            raise UnsupportedError(field="attention_mask", value=tuple(mask.shape), problem="mean pooling needs a "
-                                   f"(batch, tokens) mask matching the hidden states {tuple(hidden_states.shape[:2])}",
-                                   fix="pass the tokenizer's 2-D attention_mask, or use LinearProbe(pooling='head')")
+            raise UnsupportedError("attention_mask", tuple(mask.shape), f"is not {tuple(hidden_states.shape[:2])}",
+                                   "pass the tokenizer's 2-D attention_mask")
         weights = mask.to(hidden_states.dtype).unsqueeze(-1)
         return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
 
@@ -114,8 +107,8 @@ def checkpoint_pooling(model: nn.Module) -> tuple[str, str]:
         config = _checkpoint_file(source, f"{folder}/config.json" if folder else "config.json")
         mean = bool(config and json.loads(Path(config).read_text()).get("pooling_mode_mean_tokens"))
     except (OSError, ValueError, AttributeError, TypeError) as exc:
-        raise UnsupportedError(field="LinearProbe.pooling", value="auto", problem=f"cannot read the pooling of "
-                               f"{modules} ({type(exc).__name__}: {exc})", fix="pass pooling='mean' or 'head'") from exc
+        raise UnsupportedError("LinearProbe.pooling", "auto", f"cannot read the pooling of {modules} "
+                               f"({type(exc).__name__}: {exc})", "pass pooling='mean' or 'head'") from exc
     return ("mean" if mean else "head"), str(modules)
 
 

@@ -1,10 +1,7 @@
-"""LoRA through PEFT: low-rank updates ``W + (alpha/r) B A`` on chosen linear layers, B zero at init.
-
-A fresh task head trains in full (PEFT's ``modules_to_save``), and so, by default, does the pooler it reads (BERT,
-MiniLM, ALBERT; RoBERTa's head holds that layer). A rank-8 update of all-MiniLM-L6-v2's never-trained pooler was
-not enough: on STS-B two seeds of three collapsed to a near-constant output (dev 0.047, 0.199); the first with the
-pooler trained reached 0.856 (benchmarks/README.md). ``train_pooler=False`` keeps it frozen.
-"""
+"""LoRA through PEFT: low-rank updates ``W + (alpha/r) B A`` on chosen linear layers, B zero at init. A fresh task
+head trains in full (``modules_to_save``), and by default so does the pooler it reads: with a rank-8 update of
+all-MiniLM-L6-v2's never-trained pooler two STS-B seeds of three collapsed (dev 0.047, 0.199); trained in full,
+0.856 (benchmarks/README.md). ``train_pooler=False`` keeps it frozen."""
 
 from __future__ import annotations
 
@@ -31,8 +28,8 @@ NO_ROUND_TRIP = {
 def refuse_init(init, field: str) -> None:
     """Refuse an initialisation whose saved adapter would not load back as trained (see NO_ROUND_TRIP)."""
     if reason := next((why for key, why in NO_ROUND_TRIP.items() if str(init).startswith(key)), None):
-        raise ConfigError(field=field, value=init, problem=f"cannot round-trip through save and load: {reason}",
-                          fix="use 'default', 'gaussian', 'pissa' (exact SVD), 'olora', 'orthogonal' or 'eva'")
+        raise ConfigError(field, init, f"cannot round-trip through save and load: {reason}",
+                          "use 'default', 'gaussian', 'pissa', 'olora', 'orthogonal' or 'eva'")
 
 
 def backbone_targets(model: nn.Module, trained_whole: list[str] = ()) -> tuple[list[str], str | None]:
@@ -82,24 +79,20 @@ class LoRA(PeftStrategy):
     def validate(self) -> None:
         if self.r <= 0 or self.alpha <= 0:
             field, value = ("LoRA.r", self.r) if self.r <= 0 else ("LoRA.alpha", self.alpha)
-            raise ConfigError(field=field, value=value, problem="must be positive", fix="use r=8 (typical 4-64), alpha=2*r")
+            raise ConfigError(field, value, "must be positive", "use r=8 (typical 4-64), alpha=2*r")
         if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(field="LoRA.dropout", value=self.dropout, problem="must be in [0, 1)", fix="use 0.0 "
-                              "(or 0.05-0.1 against overfitting small data)")
+            raise ConfigError("LoRA.dropout", self.dropout, "must be in [0, 1)", "use 0.0 (or 0.05-0.1)")
         if isinstance(self.targets, str):
             try:
                 re.compile(self.targets)
             except re.error as exc:
-                raise ConfigError(field="LoRA.targets", value=self.targets, problem=f"is not a regex: {exc}",
-                                  fix="pass a list of module names, e.g. ['query', 'value'], or a valid regex") from None
+                raise ConfigError("LoRA.targets", self.targets, f"is not a regex: {exc}", "pass names") from None
         if self.targets is not None and not self.targets:
-            raise ConfigError(field="LoRA.targets", value=self.targets, problem="is empty",
-                              fix="name modules (e.g. ['query', 'value']) or pass None for every linear layer")
+            raise ConfigError("LoRA.targets", self.targets, "is empty", "name modules, or None for every linear")
         from peft import LoraConfig
         inits = typing.get_args(typing.get_args(typing.get_type_hints(LoraConfig)["init_lora_weights"])[-1])
         if self.init != "default" and not type_ok(self.init, typing.Literal[inits]):
-            raise ConfigError(field="LoRA.init", value=self.init, problem="is not a LoRA initialisation PEFT knows",
-                              fix=f"use one of {['default', *inits]}")
+            raise ConfigError("LoRA.init", self.init, "is unknown to PEFT", f"use one of {['default', *inits]}")
         refuse_init(self.init, "LoRA.init")
 
     def peft_config(self, model: nn.Module):
@@ -129,8 +122,6 @@ class LoRA(PeftStrategy):
                  and check_target_module_exists(config, name) for f in [targets.linear_features(m)]]
         if sizes and self.r > min(sizes)[0]:
             rank, name, features = min(sizes)
-            raise ConfigError(field="LoRA.r", value=self.r,
-                              problem=f"exceeds the rank an update of {name} {features} can have ({rank}): more "
-                                      "parameters than training the layer, and no more expressive",
-                              fix=f"use r <= {rank} (typical 4-64), or the 'full' strategy")
+            raise ConfigError("LoRA.r", self.r, f"exceeds the rank an update of {name} {features} can have ({rank})",
+                              f"use r <= {rank}, or 'full'")
         return config

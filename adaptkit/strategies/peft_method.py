@@ -1,10 +1,7 @@
-"""Any other PEFT method, passed straight through: by name (``"ia3"``, ``"loha"``) or as a PeftConfig.
-
-adaptkit fills only what PEFT leaves to the user and would get wrong, or fail on without naming it: the task type;
-the new head in ``modules_to_save`` and the pooler it reads (``train_pooler``, as lora and bottleneck); the sizes
-PEFT leaves empty for prompt methods; targets where PEFT has no default for the model type, following what the
-method adapts. Elsewhere PEFT decides: tests/test_peft_methods.py compares every method with plain PEFT.
-"""
+"""Any other PEFT method, passed straight through: by name (``"ia3"``, ``"loha"``) or as a PeftConfig. adaptkit
+fills only what PEFT would get wrong or fail on unnamed: the task type, the new head and its pooler in
+``modules_to_save``, prompt sizes PEFT leaves empty, targets where PEFT has none for the model type.
+tests/test_peft_methods.py compares every method with plain PEFT."""
 
 from __future__ import annotations
 
@@ -50,8 +47,8 @@ class PeftMethod(PeftStrategy):
         names = peft_method_names()
         if self.method.lower() not in names:
             close = difflib.get_close_matches(self.method.lower(), names, n=1)
-            raise UnknownStrategyError(field="PeftMethod.method", value=self.method, problem="is not a PEFT method",
-                                       fix=(f"did you mean {close[0]!r}? " if close else "") + f"choose from {names}")
+            raise UnknownStrategyError("PeftMethod.method", self.method, "is not a PEFT method",
+                                       (f"did you mean {close[0]!r}? " if close else "") + f"choose from {names}")
         self.method = self.method.lower()
         if "train_pooler" in self.options:  # adapt(model, "loha", train_pooler=False) lands in options
             self.train_pooler = self.options.pop("train_pooler")
@@ -63,8 +60,8 @@ class PeftMethod(PeftStrategy):
         check_types(self.options, hints, self.method, fix=f"see peft.{config_class.__name__}")
         self.options.update({k: v for k, v in PROMPT_DEFAULTS.items() if k in hints and self.options.get(k) is None})
         if self.method in REQUIRED and not self.options.get(REQUIRED[self.method]):
-            raise ConfigError(field=f"{self.method}.{REQUIRED[self.method]}", value=None, problem="is required: "
-                              "without it PEFT trains nothing", fix=f"pass options={{'{REQUIRED[self.method]}': [...]}}")
+            raise ConfigError(f"{self.method}.{REQUIRED[self.method]}", None, "is required: without it PEFT trains "
+                              "nothing", f"pass options={{'{REQUIRED[self.method]}': [...]}}")
         if self.method == "lora":
             refuse_init(self.options.get("init_lora_weights"), "lora.init_lora_weights")
 
@@ -90,8 +87,8 @@ class PeftMethod(PeftStrategy):
         try:  # PEFT checks the values; its TypeError/ValueError become typed errors naming the method
             config = self._config_class()(**options)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(field=f"{self.method} options", value=self.options, problem=f"refused by PEFT: {exc}",
-                              fix=f"fix the option values (see peft.{self._config_class().__name__})") from None
+            raise ConfigError(f"{self.method} options", self.options, f"refused by PEFT: {exc}",
+                              f"see peft.{self._config_class().__name__}") from None
         if hasattr(config, "fan_in_fan_out") and "fan_in_fan_out" not in self.options:  # PEFT flips it with a warning
             config.fan_in_fan_out = bool(targets.Conv1D) and any(isinstance(m, targets.Conv1D) for m in model.modules())
         heads = targets.new_head_names(model)
@@ -103,18 +100,16 @@ class PeftMethod(PeftStrategy):
         given = config.target_modules
         if isinstance(given, str) and not any(re.fullmatch(given, n) for n, _ in model.named_modules()):
             # PEFT's "No modules were targeted", said with the names there are (any module: some methods adapt norms)
-            raise TargetNotFoundError(field=f"{self.method}.target_modules", value=given, problem="a string is a regex "
-                                      "full-matched against whole module names (as in PEFT) and this one matches no "
-                                      f"module", fix=f"pass a list of names or suffixes (e.g. [{given!r}]) or a regex "
-                                      f"such as {'.*' + given!r}")
+            raise TargetNotFoundError(f"{self.method}.target_modules", given, "a string is a regex full-matched "
+                                      "against module names; this matches no module",
+                                      f"pass a list (e.g. [{given!r}]) or a regex like {'.*' + given!r}")
         if isinstance(given, (list, tuple, set)) and given:
             targets.match_targets(model, list(given), f"{self.method}.target_modules")
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if given is None and model_type not in (table := _peft_table(self.method)) and table:
             if hasattr(config, "feedforward_modules"):  # IA3-style: needs to know which layers are FFN
-                raise UnsupportedError(field=f"{self.method}.target_modules", value=None,
-                                       problem=f"PEFT has no default targets for model type {model_type!r}",
-                                       fix="pass options={'target_modules': [...], 'feedforward_modules': [...]}")
+                raise UnsupportedError(f"{self.method}.target_modules", None, "PEFT has no default targets for model "
+                                       f"type {model_type!r}", "pass target_modules and feedforward_modules")
             if self.method in NORM_METHODS:
                 config.target_modules = targets.unique_suffixes(model, _norm_names(model))
             else:

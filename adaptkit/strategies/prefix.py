@@ -36,31 +36,23 @@ class Prefix(PeftStrategy):
     heads: list[str] | None = None
 
     def validate(self) -> None:
-        if self.num_virtual_tokens <= 0:
-            raise ConfigError(field="Prefix.num_virtual_tokens", value=self.num_virtual_tokens,
-                              problem="must be positive", fix="use 20 (typical 10-100)")
-        if self.projection_hidden is not None and self.projection_hidden <= 0:
-            raise ConfigError(field="Prefix.projection_hidden", value=self.projection_hidden,
-                              problem="must be positive", fix="leave it None (= hidden size)")
+        for key in ("num_virtual_tokens", "projection_hidden"):
+            if (value := getattr(self, key)) is not None and value <= 0:
+                raise ConfigError(f"Prefix.{key}", value, "must be positive", "use e.g. 20 (projection_hidden: None)")
 
     def peft_config(self, model: nn.Module):
         from peft import PrefixTuningConfig
         if getattr(model, "main_input_name", "input_ids") != "input_ids":
-            raise UnsupportedError(
-                field="strategy", value=f"prefix on {type(model).__name__}",
-                problem=f"prefix tuning prefixes token sequences; this model reads {model.main_input_name!r}",
-                fix="use 'lora', 'bottleneck' or 'linear_probe' for image models")
+            raise UnsupportedError("strategy", f"prefix on {type(model).__name__}", "prefixes token sequences; this "
+                                   f"model reads {model.main_input_name!r}", "use 'lora' or 'bottleneck'")
         backbone = targets.base_module(model)
         if not any(compat.takes_prefix(m) for m in (model, backbone) if m is not None):
-            raise UnsupportedError(
-                field="strategy", value=f"prefix on {type(model).__name__}",
-                problem="the model's forward takes no past_key_values (or cache), which prefix tuning fills",
-                fix="use 'lora' or 'bottleneck' for this architecture")
+            raise UnsupportedError("strategy", f"prefix on {type(model).__name__}", "its forward takes no "
+                                   "past_key_values (nor cache) to fill", "use 'lora' or 'bottleneck'")
         compat.refuse_untested_transformers()  # before PEFT wraps anything (core applies compat.bridge after)
         if _checkpointing(model):
-            raise UnsupportedError(
-                field="gradient_checkpointing", value=True, problem="PEFT refuses prefix tuning with it",
-                fix="call model.gradient_checkpointing_disable() before adapt, or use 'lora'")
+            raise UnsupportedError("gradient_checkpointing", True, "PEFT refuses prefix tuning with it",
+                                   "call model.gradient_checkpointing_disable() before adapt, or use 'lora'")
         config = PrefixTuningConfig(
             task_type=targets.peft_task_type(model), num_virtual_tokens=self.num_virtual_tokens,
             prefix_projection=self.projection,
