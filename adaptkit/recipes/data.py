@@ -36,8 +36,6 @@ from adaptkit.errors import ConfigError, ConfigTypeError, DataError
 FORMATS = {".tsv": "csv", ".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet",
            ".arrow": "arrow", ".txt": "text"}
 SPLITS = ("train", "validation", "test")
-
-
 TEXT_COLUMN_CANDIDATES = (("sentence1", "sentence2"), ("text_a", "text_b"), ("sentence",), ("text",), ("text_a",))
 TASKS = ("classification", "regression")
 WHOLE_CLASSES = 20  # whole-number floats with at most this many distinct values are class ids
