@@ -94,11 +94,8 @@ def _mark(model: nn.Module, strategy: Strategy, *also: nn.Module) -> nn.Module:
 
 # ---- the public calls ------------------------------------------------------------------------------
 def adapt(model: nn.Module, strategy: Any = "lora", **options: Any) -> nn.Module:
-    """Turn a loaded model into a LoRA / bottleneck / prefix / linear-probe / fully fine-tuned model.
-
-    ``strategy`` is a name (``"lora"``, ``"ia3"``...), a config (``adaptkit.LoRA(r=16)``) or a
-    ``peft.PeftConfig``; ``options`` are that strategy's fields. Returns the model to train.
-    """
+    """Turn a loaded model into the model to train: ``strategy`` is a name (``"lora"``, ``"ia3"``...), a config
+    (``adaptkit.LoRA(r=16)``) or a ``peft.PeftConfig``; ``options`` are that strategy's fields."""
     config = resolve(strategy, _model(model), **options)
     _refuse_if_adapted(model)
     quant = is_quantized(model)
@@ -172,17 +169,11 @@ def save(model: nn.Module, directory: str | Path, *, _gathered: dict[str, torch.
 
 
 def load(directory: str | Path, base_model: nn.Module, trainable: bool = False) -> nn.Module:
-    """Rebuild an adapted model from ``adaptkit.save``'s folder (or any PEFT adapter folder).
-
-    ``base_model`` must be a freshly loaded copy of the model that was adapted. With ``trainable=True`` the
-    loaded adapter keeps training (PEFT loads adapters frozen by default). Every saved tensor must land in the
-    model and every adapter tensor must come from the file; named adapters come back with the one that was active.
-    """
+    """Rebuild an adapted model from ``adaptkit.save``'s folder (or any PEFT adapter folder) on a freshly loaded
+    ``base_model``; ``trainable=True`` keeps it training. Every saved tensor must land in the model and every adapter
+    tensor come from the file; named adapters come back with the one that was active."""
     directory = folders.path_of(directory)
-    _model(base_model, "base_model")
-    if not directory.is_dir():
-        raise AdapterFormatError("directory", str(directory), "is not a folder", "pass the folder adaptkit.save wrote")
-    _refuse_if_adapted(base_model, "base_model")
+    _refuse_if_adapted(_model(base_model, "base_model"), "base_model")
     adapters, peft_config, saved = {"names": ["default"], "active": "default"}, None, {}
     if (directory / CONFIG_NAME).is_file():
         strategy, saved = layout.read_file(directory)
@@ -191,8 +182,8 @@ def load(directory: str | Path, base_model: nn.Module, trainable: bool = False) 
         peft_config = layout.read_peft_config(directory, base_model)
         strategy = PeftMethod.from_peft_config(peft_config)
     else:
-        raise AdapterFormatError("directory", str(directory), f"holds neither {CONFIG_NAME} nor adapter_config.json",
-                                 "pass the folder adaptkit.save wrote")
+        raise AdapterFormatError("directory", str(directory), f"holds neither {CONFIG_NAME} nor adapter_config.json"
+                                 if directory.is_dir() else "is not a folder", "pass the folder adaptkit.save wrote")
     folder_of = {name: directory if name == "default" else directory / name for name in adapters["names"]}
     configs = {}
     for name, folder in folder_of.items():

@@ -1,7 +1,5 @@
-"""The strategy registry: every module in this folder that defines a ``@register``-ed config.
-
-Adding a strategy = adding one file here; ``tests/test_registry.py`` checks that the registry equals the files.
-"""
+"""The strategy registry: every module in this folder that defines a ``@register``-ed config. Adding a strategy =
+adding one file here; ``tests/test_registry.py`` checks that the registry equals the files."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""What every strategy is: a typed, validated dataclass (fields: the user's options, class variables: what it can
-do) that applies, saves, loads and merges itself. :class:`PeftStrategy` subclasses only build a ``peft.PeftConfig``
-(the rest is PEFT's); native ones change the model in place and save exactly the tensors that train."""
+"""Every strategy is a typed, validated dataclass (fields: the user's options; class variables: what it can do)
+that applies, saves, loads and merges itself; a :class:`PeftStrategy` only builds a ``peft.PeftConfig``."""
 
 from __future__ import annotations
 
