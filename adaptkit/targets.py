@@ -1,7 +1,5 @@
-"""Finding things in a model from its structure, not from a table of known architectures: the task heads (children
-of a ``*For*`` model outside its backbone), the linear layers (``nn.Linear``, GPT-2's ``Conv1D``, bitsandbytes'),
-and user-given target names matched PEFT-style (a dotted-name suffix), with "did you mean" when nothing matches.
-"""
+"""Finding task heads, linear layers and user-given targets (PEFT-style dotted-name suffixes, with "did you mean")
+from a model's module tree, not from a table of known architectures."""
 
 from __future__ import annotations
 
@@ -27,7 +25,8 @@ def is_linear(module: nn.Module) -> bool:
 
 def linear_features(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) for nn.Linear and Conv1D (which stores (in, out)) alike."""
-    return (module.in_features, module.out_features) if isinstance(module, nn.Linear) else tuple(module.weight.shape[:2])
+    linear = isinstance(module, nn.Linear)
+    return (module.in_features, module.out_features) if linear else tuple(module.weight.shape[:2])
 
 
 def base_module(model: nn.Module) -> nn.Module | None:
@@ -48,15 +47,11 @@ def pooler_name(model: nn.Module) -> str | None:
 
 
 def pooler_to_train(model: nn.Module, field: str) -> str | None:
-    """:func:`pooler_name`, refused (``field``: the strategy's option) when it is quantized: 8-bit/4-bit weights
-    cannot train."""
+    """:func:`pooler_name`, refused (``field``: the strategy's option) when it is quantized and so cannot train."""
     name = pooler_name(model)
     if name and not all(p.is_floating_point() for p in model.get_submodule(name).parameters()):
-        raise UnsupportedError(
-            field=field, value=True,
-            problem=f"the head reads {name}, which is quantized: its 8-bit/4-bit weights cannot train",
-            fix=f"load with adaptkit.load_model (it keeps the pooler unquantized), add '{name}' to "
-                "llm_int8_skip_modules, or pass train_pooler=False to keep it frozen")
+        raise UnsupportedError(field, True, f"the head reads {name}, which is quantized", "load with adaptkit."
+                               "load_model (it keeps the pooler unquantized), or pass train_pooler=False")
     return name
 
 
@@ -71,11 +66,7 @@ def head_names(model: nn.Module) -> list[str]:
         if names:
             return names
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if isinstance(out, nn.Module):
-        for n, child in model.named_children():
-            if child is out:
-                return [n]
-    return []
+    return [n for n, child in model.named_children() if out is not None and child is out]
 
 
 def new_head_names(model: nn.Module) -> list[str]:
@@ -124,12 +115,8 @@ def unique_suffixes(model: nn.Module, names: list[str]) -> list[str]:
 
 
 def hidden_size(model: nn.Module) -> int:
-    config = getattr(model, "config", None)
-    for attr in ("hidden_size", "d_model", "n_embd", "dim"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int):
-            return value
-    return model.get_input_embeddings().embedding_dim
+    values = (getattr(getattr(model, "config", None), a, None) for a in ("hidden_size", "d_model", "n_embd", "dim"))
+    return next((v for v in values if isinstance(v, int)), None) or model.get_input_embeddings().embedding_dim
 
 
 def match_targets(model: nn.Module, names: list[str], field: str, candidates: list[str] | None = None) -> list[str]:
@@ -142,10 +129,8 @@ def match_targets(model: nn.Module, names: list[str], field: str, candidates: li
         if not any(n == target or n.endswith("." + target) for n in all_names):
             close = difflib.get_close_matches(target, suffixes, n=3, cutoff=0.5)
             leaf = sorted({n.split(".")[-1] for n in pool if not re.fullmatch(r"\d+", n.split(".")[-1])})
-            raise TargetNotFoundError(
-                field=field, value=target, problem="matches no module in this model",
-                fix=(f"did you mean {' or '.join(repr(c) for c in close)}? " if close else "")
-                    + f"module names here include {leaf[:12]}")
+            raise TargetNotFoundError(field, target, "matches no module in this model", (f"did you mean "
+                                      f"{' or '.join(map(repr, close))}? " if close else "") + f"names: {leaf[:12]}")
     return list(names)
 
 
@@ -167,12 +152,9 @@ def match_regex(model: nn.Module, pattern: str, field: str) -> str:
     if any(re.fullmatch(pattern, n) for n in names):
         return pattern
     suffix = [n for n in names if n == pattern or n.endswith("." + pattern)]
-    raise TargetNotFoundError(
-        field=field, value=pattern,
-        problem="a string is a regex full-matched against whole module names (as in PEFT) and this one matches "
-                "no linear layer",
-        fix=(f"pass a list to match names or suffixes ({field}=[{pattern!r}] matches {len(suffix)} layers) "
-             f"or a regex such as {'.*' + pattern!r}" if suffix else f"linear layers are named like {names[:3]}"))
+    raise TargetNotFoundError(field, pattern, "a string is a regex full-matched against whole module names (as in "
+                              "PEFT) and matches no linear layer", f"pass a list ({field}=[{pattern!r}] matches "
+                              f"{len(suffix)} layers)" if suffix else f"linear layers are named like {names[:3]}")
 
 
 def peft_task_type(model: nn.Module) -> str | None:
