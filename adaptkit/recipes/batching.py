@@ -45,9 +45,8 @@ def check_vocab(model, tokenizer) -> None:
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
         raise ConfigError(field="--tokenizer-name", value=f"{len(tokenizer)} tokens", problem=f"is larger than the "
-                          f"model's {rows} embedding rows", fix="use the model's own tokenizer, or resize the base as "
-                          "run_clm.py does (model.resize_token_embeddings(len(tokenizer))) and save it as --model: "
-                          "an adapter cannot carry the new rows")
+                          f"model's {rows} embedding rows", fix="use the model's own tokenizer, or "
+                          "model.resize_token_embeddings(len(tokenizer)) and save it as --model (not in an adapter)")
 
 
 class LengthGroupedBatchSampler(torch.utils.data.Sampler):

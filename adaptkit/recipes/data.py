@@ -330,10 +330,9 @@ def load_raw(source=None, *, dataset_name: str | None = None, dataset_config: st
                             f"and types {files} ({' '.join(str(err.__cause__ or err).split())[:160]})", fix="keep one format per folder, "
                             "or name the files: --train-file ... --validation-file ...") from None
         except (OSError, ValueError) as err:  # ConnectionError, DatasetNotFoundError, bad config name
-            raise DataError(field="--dataset-name", value=f"{dataset_name} {dataset_config or ''}".strip(),
-                            problem=f"the Hugging Face hub (or its cache) failed ({type(err).__name__}: "
-                                    f"{str(err)[:160]})", fix="pass a local folder or file as --data; the hub is "
-                                                              "unreachable offline (HF_HUB_OFFLINE=1)") from None
+            raise DataError(field="--dataset-name", value=f"{dataset_name} {dataset_config or ''}".strip(), problem=f"the "
+                            f"Hugging Face hub (or its cache) failed ({type(err).__name__}: {str(err)[:160]})",
+                            fix="pass a local folder or file as --data; the hub is unreachable offline") from None
         return loaded, {split: f"{name}[{split}]" for split in loaded}
     if isinstance(source, datasets.DatasetDict):
         return dict(source), {split: f"DatasetDict[{split}]" for split in source}

@@ -33,10 +33,9 @@ def check_numbers(args: Any, flags: dict[str, str] | None = None) -> None:
             raise ConfigError(field=flag, value=value, problem="is not a finite number",
                               fix=f"pass a finite value (or leave {flag} out for the default)")
         if value < least or (value == least and not inclusive):
-            raise ConfigError(field=flag, value=value,
-                              problem=f"must be {'at least' if inclusive else 'greater than'} {least:g}",
-                              fix=f"pass a {'non-negative' if inclusive else 'positive'} value "
-                                  f"(or leave {flag} out for the default)")
+            raise ConfigError(field=flag, value=value, problem=f"must be {'at least' if inclusive else 'greater than'} "
+                              f"{least:g}", fix=f"pass a {'non-negative' if inclusive else 'positive'} value (or leave "
+                              f"{flag} out for the default)")
     for name, least in _COUNT_FLAGS.items():
         value = getattr(args, name, None)
         if value is not None and value < least:

@@ -311,10 +311,9 @@ def resume(accelerator, run: RunArgs, progress: Progress) -> None:
     if progress.max_steps < state["max_steps"]:  # fewer steps than the run planned: another schedule
         changed += [k for k in ("max_steps", "epochs") if saved.get(k) != now.get(k)] or ["max_steps"]
     if changed:
-        raise ConfigError(field="--resume", value={k: [saved.get(k), now.get(k)] for k in changed},
-                          problem="these flags differ from the interrupted run (was, now); only a higher --max-steps "
-                                  "or --epochs may change", fix="resume with the same flags, or start a new run in "
-                                                                "another --output-dir")
+        raise ConfigError(field="--resume", value={k: [saved.get(k), now.get(k)] for k in changed}, problem="these "
+                          "flags differ from the interrupted run (was, now); only a higher --max-steps or --epochs may "
+                          "change", fix="resume with the same flags, or start a new run in another --output-dir")
     check_same_data(state.get("data"), data_fingerprint(run))
     try:
         accelerator.load_state(str(path))
@@ -322,8 +321,7 @@ def resume(accelerator, run: RunArgs, progress: Progress) -> None:
         raise
     except (RuntimeError, OSError, EOFError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as exc:
         raise CheckpointError(field=str(path), value=type(exc).__name__, problem=f"cannot be loaded: "
-                              f"{str(exc).splitlines()[0][:200]}", fix="resume from an earlier checkpoint, or start "
-                                                                       "afresh with --overwrite") from None
+                              f"{str(exc).splitlines()[0][:200]}", fix="resume from an earlier checkpoint") from None
     try:
         progress.load_state_dict(state)
     except (KeyError, TypeError, ValueError) as exc:
@@ -485,11 +483,8 @@ def check_same_data(saved: dict[str, str] | None, now: dict[str, str]) -> None:
         return
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if changed:
-        raise CheckpointError(field="--resume", value=changed[:3],
-                              problem="the data changed since the interrupted run started (checksums differ); "
-                                      "resuming would continue on other examples",
-                              fix="restore the original data files, or start a new run (--overwrite or another "
-                                  "--output-dir)")
+        raise CheckpointError(field="--resume", value=changed[:3], problem="the data changed since the interrupted run "
+                              "started (checksums differ)", fix="restore the data files, or start a new run")
 
 
 # ---- the log and the end of a run ---------------------------------------------------------------------------
