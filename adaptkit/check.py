@@ -43,13 +43,6 @@ class CheckReport:
     def ok(self) -> bool:
         return not self.problems
 
-    def raise_for_problems(self) -> "CheckReport":
-        if self.problems:
-            error = ConfigErrors(self.problems)
-            error.report = self
-            raise error
-        return self
-
     def __str__(self) -> str:
         name = getattr(self.strategy, "name", None) or "?"
         lines = [f"model {self.model} -> {self.model_class or '?'} (task {self.task or '?'}); strategy {name}; "
@@ -57,11 +50,8 @@ class CheckReport:
         if self.trainable is not None and self.total:
             lines.append(f"trainable {self.trainable:,} / {self.total:,} ({100 * self.trainable / self.total:.2f}%)")
         lines += [f"note: {n}" for n in self.notes]
-        if self.problems:
-            lines.append(f"{len(self.problems)} problem(s):")
-            lines += [f"  - [{type(p).__name__}] {p}" for p in self.problems]
-        else:
-            lines.append("OK: no problems found")
+        problems = [f"  - [{type(p).__name__}] {p}" for p in self.problems]
+        lines += [f"{len(problems)} problem(s):", *problems] if problems else ["OK: no problems found"]
         return "\n".join(lines)
 
 
@@ -88,16 +78,16 @@ def check(model: Any, strategy: Any = "lora", *, options: dict[str, Any] | None 
         if _check_targets(_named_targets(config, strategy, options or {}), base, report) and config is not None:
             _dry_run(sk, config, gradient_checkpointing, report)
         _check_length(base, config, max_length, report)
-    untested = versions.untested()
-    if untested:  # a problem above may be the installed version's, not the architecture's: say which differ
+    if untested := versions.untested():  # a problem above may be the installed version's, not the architecture's: say which differ
         report.notes.append(f"installed versions outside the tested set: {versions.describe(*untested)} "
                             "(pip install -r requirements.lock gives the tested set)")
-    if raise_on_error:
-        report.raise_for_problems()
+    if raise_on_error and report.problems:
+        error = ConfigErrors(report.problems)
+        error.report = report
+        raise error
     return report
 
 
-# ---- the pieces ------------------------------------------------------------------------------------
 def _skeleton(model: Any, task: str, num_labels: Any, report: CheckReport) -> Skeleton | None:
     add = report.problems.append
     try:
@@ -110,8 +100,8 @@ def _skeleton(model: Any, task: str, num_labels: Any, report: CheckReport) -> Sk
     trained = next((int(original.num_labels) for a in getattr(original, "architectures", None) or []
                     if task_of_class(a, original) in CLASSIFICATION_TASKS), None)
     if num_labels is None:
-        pass
-    elif not isinstance(num_labels, int) or isinstance(num_labels, bool):
+        return sk
+    if not isinstance(num_labels, int) or isinstance(num_labels, bool):
         add(ConfigTypeError("num_labels", num_labels, "expected an int", "pass e.g. 2"))
     elif num_labels < 1:
         add(ConfigError("num_labels", num_labels, "must be at least 1", "use 2 for binary classification"))
@@ -213,8 +203,7 @@ _TARGET_FIELDS = ("targets", "heads", "target_modules", "modules_to_save")
 
 
 def _named_targets(config, strategy: Any, options: dict[str, Any]) -> dict[str, list[str] | str]:
-    """Every option that names modules of the model, by field; read from the raw options when the
-    strategy could not be resolved, so bad target names are reported beside bad option values."""
+    """Every option naming modules, by field (the raw options when the strategy could not be resolved)."""
     if config is not None:
         label = getattr(config, "method", None) or type(config).__name__
         values = {**vars(config), **(getattr(config, "options", None) or {})}

@@ -97,8 +97,7 @@ def check_sharded_model(accelerator: Any, model: Any) -> None:
 
 
 def gather_trained(model: Any) -> dict[str, torch.Tensor] | None:
-    """Every tensor ``adaptkit.save`` writes, whole and on the CPU; None when nothing is sharded. Every process
-    must call it (it all-gathers): the trained tensors, or for ``full`` the whole state dict."""
+    """What ``save`` writes, whole and on the CPU (None if nothing is sharded); every process must call it."""
     from torch.distributed.tensor import DTensor  # torch.distributed's heavy submodules: only for a sharded save
 
     if not any(isinstance(p, DTensor) for p in model.parameters()):
@@ -115,8 +114,7 @@ def gather_trained(model: Any) -> dict[str, torch.Tensor] | None:
 
 
 def save_adapter(accelerator: Any, model: Any, directory: Any) -> None:
-    """``adaptkit.save`` for a multi-process run: every process calls it (under FSDP2 the adapter is gathered
-    from every process's shard), the main process writes once."""
+    """``adaptkit.save`` for a multi-process run: every process calls it (FSDP2 gathers), the main one writes."""
     unwrapped = accelerator.unwrap_model(model)
     tensors = gather_trained(unwrapped)
     if accelerator.is_main_process:

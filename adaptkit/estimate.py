@@ -116,7 +116,6 @@ def estimate(model: Any, strategies: Any = DEFAULT_STRATEGIES, *, batch_size: in
                     quantization, device, rows)
 
 
-# ---- one strategy ----------------------------------------------------------------------------------
 def _estimate_one(sk: Skeleton, config, batch: int, seq: int, dtype: torch.dtype, quantization: str | None,
                   device: str) -> Row:
     row = Row(getattr(config, "label", None) or config.name)  # PEFT methods by their own name ("ia3")

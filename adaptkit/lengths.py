@@ -1,9 +1,5 @@
-"""How many tokens a model can read, and the check that a sequence fits, virtual tokens included.
-
-A learned position table (BERT, RoBERTa, GPT-2, ...) has no row past its last: a longer sequence fails deep in
-the embeddings. Prefix, prompt and P-tuning put virtual tokens in front, which take positions too. Rotary or
-relative positions (Llama, T5) have no table and no limit here.
-"""
+"""How many tokens a model can read: a learned position table (BERT, GPT-2) has no row past its last, and prefix or
+prompt tuning's virtual tokens take positions too. Rotary or relative positions (Llama, T5) have no limit here."""
 
 from __future__ import annotations
 
@@ -61,8 +57,7 @@ def length_error(model: nn.Module, length: int, strategy: Any = None, field: str
     if extra and room > 0:
         fix += f", or fewer virtual tokens (num_virtual_tokens <= {limit - length})" if limit > length else ""
     name = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
-    return ConfigError(field=field, value=length, problem=f"{length}{because} tokens do not fit {name}'s {limit} positions",
-                       fix=fix)
+    return ConfigError(field, length, f"{length}{because} tokens do not fit {name}'s {limit} positions", fix)
 
 
 def check_length(model: nn.Module, length: int, strategy: Any = None, field: str = "max_length") -> None:

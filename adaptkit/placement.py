@@ -1,9 +1,6 @@
-"""Where this process's model goes, decided before any weights load (``adaptkit.load_model`` uses it).
-
-Under DDP every process holds a whole copy on its own device: ``device_map={"": local process index}``. A map
-over several devices ("auto") in N processes is N overlapping shardings, which Accelerate refuses for a quantized
-model: refused here, with the fix. Under FSDP the model loads whole on the CPU and FSDP places the shards.
-"""
+"""Where this process's model goes, decided before any weights load: under DDP a whole copy on its own device
+(``device_map={"": local process index}``; "auto" in N processes would be N overlapping shardings, refused); under
+FSDP the whole model on the CPU, and FSDP places the shards."""
 
 from __future__ import annotations
 
@@ -38,8 +35,7 @@ def process_device() -> int | str:
 
 
 def device_map(requested: Any = None) -> Any:
-    """The ``device_map`` for ``from_pretrained``: the user's, checked, or the whole model on this process's device.
-    Under several processes a map over several devices ("auto", ...) is refused: copies must be whole."""
+    """``from_pretrained``'s ``device_map``: the user's, checked (copies must be whole), or this process's device."""
     if fsdp_requested():  # FSDP (and FSDP + QLoRA) loads on the CPU and shards from there
         if requested is not None:
             raise UnsupportedError("device_map", requested, "under FSDP the model must load whole on the CPU",

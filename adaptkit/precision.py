@@ -1,17 +1,8 @@
-"""Which trained tensors stay fp32 when the base model is loaded in bf16 or fp16, and why.
-
-bf16 keeps 8 significant bits: an AdamW step (about the learning rate, 1e-4 to 1e-3) smaller than ~1/256 of a
-weight is rounded away, so a trained tensor held in bf16 stops moving once its values pass ~0.1. The frozen base
-may stay bf16 (half the memory); what trains is fp32:
-
-* **Adapters** are created fp32 (PEFT's ``autocast_adapter_dtype``; bottleneck adapters are built fp32).
-* **New task heads** are upcast before the strategy is applied (:func:`fp32_new_heads`, in ``adapt`` and
-  ``load``, so PEFT copies an fp32 head; in ``load`` also a folder's ``modules_to_save``, :func:`fp32_modules`);
-  anything else that trains in low precision is upcast after (:func:`keep_trainable_fp32`). Each upcast module
-  casts its floating inputs to fp32 (a forward pre-hook), so logits and the loss are fp32.
-* **Not upcast**: a head tied to the input embedding (GPT-2's ``lm_head``), which would feed fp32 into bf16 layers;
-  and full fine-tuning, which trains in the loaded dtype (for fp32 master weights load fp32 and train under
-  ``--mixed-precision bf16``).
+"""What trains stays fp32 on a bf16/fp16 base: bf16 keeps 8 significant bits, so an AdamW step (~lr) smaller than
+~1/256 of a weight rounds away and a bf16 tensor stops moving once its values pass ~0.1. Adapters are created fp32;
+new task heads are upcast before the strategy is applied (PEFT then copies an fp32 head), anything else that trains
+after; an upcast module casts its inputs to fp32. Not upcast: a head tied to the input embedding (GPT-2's
+``lm_head``), and ``full``, which trains in the loaded dtype (load fp32 and use ``--mixed-precision bf16``).
 """
 
 from __future__ import annotations
@@ -37,8 +28,7 @@ def fp32_new_heads(model: nn.Module) -> list[str]:
 
 
 def fp32_modules(model: nn.Module, names: list[str]) -> list[str]:
-    """Upcast the modules a PEFT folder trains whole (``modules_to_save``: a name matches a module whose dotted
-    name is it or ends with it, as in PEFT), before PEFT copies them: LoRA's pooler reloads without rounding."""
+    """Upcast the modules a PEFT folder trains whole (``modules_to_save``, matched as in PEFT) before PEFT copies."""
     return _upcast(model, lambda name, p: any(f".{n}." in f".{name}" for n in names))
 
 
@@ -48,8 +38,7 @@ def keep_trainable_fp32(model: nn.Module) -> list[str]:
 
 
 def _upcast(model: nn.Module, wanted) -> list[str]:
-    """Upcast the low-precision parameters ``wanted(name, p)`` selects, never one shared with the input embedding,
-    and pre-hook their modules to cast floating inputs to fp32. Returns the upcast names."""
+    """Upcast the low-precision parameters ``wanted`` selects (never a tied one) and cast their inputs to fp32."""
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     tied = {id(p) for p in embedding.parameters()} if isinstance(embedding, nn.Module) else set()
     upcast = []

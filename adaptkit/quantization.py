@@ -148,7 +148,6 @@ def load_model(name_or_path: str, task: Any = "seq_cls", quantization: str | Non
     return model
 
 
-# ---- preparing a quantized model for adapter training ---------------------------------------------
 def quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
     """Every bitsandbytes linear layer, by name (empty for an unquantized model or without bitsandbytes)."""
     try:
@@ -167,8 +166,7 @@ def _refuse_repacked(module: nn.Module, args: tuple) -> None:
 
 
 def prepare_kbit(model: nn.Module) -> nn.Module:
-    """Freeze a bitsandbytes model for adapter training, without changing any dtype; refuse a quantized task head
-    (it crashes at its first forward) and keep 4-bit layers out of the CPU inference repack."""
+    """Freeze a bitsandbytes model without changing dtypes; refuse a quantized head; stop the 4-bit CPU repack."""
     layers = quantized_linears(model)
     heads = targets.head_names(model)
     bad = sorted(n for n in layers if any(n == h or n.startswith(h + ".") for h in heads))
@@ -201,8 +199,7 @@ def enable_checkpointing(model: nn.Module) -> nn.Module:
 
 
 def quantization_report(model: nn.Module) -> dict[str, Any]:
-    """Bytes of the quantized linear layers: weights, and the int8 row scales / 4-bit block statistics bitsandbytes
-    keeps beside them (attributes, not parameters or buffers), and bytes per weight."""
+    """Bytes of the quantized linears: weights, their row scales / block statistics, and bytes per weight."""
     layers = [m.weight for m in quantized_linears(model).values()]
     packed = lambda w: w.quant_state.as_dict(packed=True).values() if getattr(w, "quant_state", None) else ()
     extra = [t for w in layers for t in (getattr(w, "SCB", None), *packed(w)) if isinstance(t, torch.Tensor)]

@@ -6,13 +6,11 @@
 4. **save_load**: ``save`` then ``load`` onto ``base_model()`` (a fresh base) reproduces the outputs;
 5. **merge**: the merged plain model computes what the adapted one does (mergeable strategies).
 
-The model is left as found (trained tensors, RNG states, train/eval mode), so a run that calls this in its first
-step continues exactly as one that did not. A failure raises :class:`SanityCheckError` (the report is ``.report``).
+The model is left as found (tensors, RNG states, mode). A failure raises SanityCheckError (``.report``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import tempfile
@@ -50,7 +48,7 @@ class SanityReport:
 
     @property
     def ok(self) -> bool:
-        return all(r.status != "failed" for r in self.results)
+        return not self.failures
 
     @property
     def failures(self) -> list[Result]:
@@ -80,12 +78,19 @@ def sanity_check(model: nn.Module, batch: Mapping[str, torch.Tensor], *, steps: 
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     saved = {n: p.detach().clone() for n, p in trainable.items()}
     frozen = {n: _fingerprint(p) for n, p in model.named_parameters() if not p.requires_grad}
-    results, losses = [], []
-    with torch.random.fork_rng(), _restored(model, trainable, saved):  # fork_rng: CPU and CUDA states (dropout draws)
-        results.append(_check_init(model, batch, strategy, quant, atol) if at_init
-                       else Result("init", "skipped", "at_init=False (the model has trained already)"))
-        results += _train_checks(model, batch, strategy, trainable, saved, frozen, steps, lr, loss_fn, losses)
-        results += _roundtrip_checks(model, batch, strategy, base_model, quant, atol, merge_rtol)
+    results, losses, was_training = [], [], model.training
+    try:
+        with torch.random.fork_rng():  # CPU and CUDA states (dropout draws)
+            results.append(_check_init(model, batch, strategy, quant, atol) if at_init
+                           else Result("init", "skipped", "at_init=False (the model has trained already)"))
+            results += _train_checks(model, batch, strategy, trainable, saved, frozen, steps, lr, loss_fn, losses)
+            results += _roundtrip_checks(model, batch, strategy, base_model, quant, atol, merge_rtol)
+    finally:  # the model as found: trained tensors, gradients, train/eval mode
+        model.train(was_training)
+        with torch.no_grad():
+            for name, p in trainable.items():
+                p.copy_(saved[name])
+                p.grad = None
     report = SanityReport(strategy.name, results, losses)
     if raise_on_failure and not report.ok:
         first, *others = report.failures
@@ -96,22 +101,8 @@ def sanity_check(model: nn.Module, batch: Mapping[str, torch.Tensor], *, steps: 
     return report
 
 
-@contextlib.contextmanager
-def _restored(model: nn.Module, trainable: dict[str, nn.Parameter], saved: dict[str, torch.Tensor]):
-    was_training = model.training
-    try:
-        yield
-    finally:
-        model.train(was_training)
-        with torch.no_grad():
-            for name, p in trainable.items():
-                p.copy_(saved[name])
-                p.grad = None
-
-
 def _check_batch(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> None:
-    """Token ids, labels and length the model can take; otherwise the forward pass fails with an IndexError
-    deep inside an embedding or the loss, without saying which input is wrong."""
+    """Token ids, labels and length the model can take (else an IndexError deep inside names no input)."""
     ids, labels = batch.get("input_ids"), batch.get("labels")
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if ids is not None and (vocab := getattr(embeddings, "num_embeddings", None)) is not None:

@@ -131,8 +131,7 @@ def remote_code_error(name_or_path: Any, why: str) -> UnsupportedError:
 
 
 def check_sizes(config) -> None:
-    """Refuse size fields that are not whole numbers, and layer counts no real model has (10**7 weightless layers
-    would build for hours)."""
+    """Refuse size fields that are not ints, and layer counts no real model has (10**7 would build for hours)."""
     for field in _SIZE_FIELDS:
         value = getattr(config, field, None)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
@@ -143,26 +142,16 @@ def check_sizes(config) -> None:
 
 
 def infer_task(config) -> str:
-    """The task the config's architectures name; a bare backbone (``BertModel``, as all-MiniLM-L6-v2 ships) is
-    taken as a classifier (``seq_cls``, or ``image_cls`` for vision), ``T5ForConditionalGeneration`` -> seq2seq."""
-    for arch in getattr(config, "architectures", None) or []:
-        task = task_of_class(arch, config)
-        if task is not None:
-            return task
-    for task in ("seq_cls", "image_cls", "causal_lm", "seq2seq"):
-        if _model_class(config, task) is not None:
-            return task
-    return "base"
+    """The task the config's architectures name; a bare backbone counts as a classifier (seq_cls, image_cls)."""
+    named = (task_of_class(a, config) for a in getattr(config, "architectures", None) or [])
+    usable = (t for t in ("seq_cls", "image_cls", "causal_lm", "seq2seq") if _model_class(config, t) is not None)
+    return next((t for t in named if t is not None), None) or next(usable, "base")
 
 
 def task_of_class(name: str, config) -> str | None:
     """``BertForSequenceClassification`` -> ``seq_cls``; None for a bare backbone or an unknown head."""
-    for suffix, task in _ARCH_SUFFIXES:
-        if name.endswith(suffix):
-            return task
-    if name.endswith("ForConditionalGeneration") and getattr(config, "is_encoder_decoder", False):
-        return "seq2seq"
-    return None
+    seq2seq = name.endswith("ForConditionalGeneration") and getattr(config, "is_encoder_decoder", False)
+    return next((task for suffix, task in _ARCH_SUFFIXES if name.endswith(suffix)), "seq2seq" if seq2seq else None)
 
 
 def _model_class(config, task: str) -> type | None:
@@ -204,11 +193,9 @@ def describe(model: Any) -> str:
 
 
 def dtype_of(name: Any) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
+    if not isinstance(name, torch.dtype) and name not in DTYPES:
         raise ConfigError("dtype", name, "is not a supported dtype", f"choose one of {sorted(DTYPES)}")
-    return DTYPES[name]
+    return DTYPES.get(name, name)
 
 
 __all__ = ["Skeleton", "skeleton", "read_config", "infer_task", "dtype_of", "describe", "TASKS", "CLASSIFICATION_TASKS"]

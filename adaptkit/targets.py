@@ -37,8 +37,7 @@ def base_module(model: nn.Module) -> nn.Module | None:
 
 
 def pooler_name(model: nn.Module) -> str | None:
-    """Dotted name of the backbone's pooler (BERT's dense + tanh over the first token, which its
-    classification head reads), or None: RoBERTa's and DistilBERT's heads pool for themselves."""
+    """Dotted name of the backbone's pooler (BERT's, which its head reads), or None (RoBERTa's head pools itself)."""
     backbone = base_module(model)
     pooler = getattr(backbone, "pooler", None) if backbone is not None else None
     if not isinstance(pooler, nn.Module) or not any(True for _ in pooler.parameters()):
@@ -70,15 +69,13 @@ def head_names(model: nn.Module) -> list[str]:
 
 
 def new_head_names(model: nn.Module) -> list[str]:
-    """Heads a run must train and save: every head but a language-model head (pretrained, often tied), since
-    ``from_pretrained(..., num_labels=...)`` initialises a classifier freshly."""
+    """Every head but a language-model head: those ``from_pretrained(num_labels=...)`` initialises freshly."""
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return [n for n in head_names(model) if getattr(model, n) is not out]
 
 
 def linear_names(model: nn.Module, exclude_heads: bool = True) -> list[str]:
-    """Dotted names of every linear layer, the task heads excluded; a PEFT-wrapped layer (a second named adapter)
-    counts as the linear it wraps, its inner ``base_layer`` / ``lora_A`` do not."""
+    """Dotted names of every linear layer but the heads'; a PEFT-wrapped layer counts as the linear it wraps."""
     heads = tuple(head_names(model)) if exclude_heads else ()
     names, inside = [], ()
     for name, m in model.named_modules():
@@ -120,8 +117,7 @@ def hidden_size(model: nn.Module) -> int:
 
 
 def match_targets(model: nn.Module, names: list[str], field: str, candidates: list[str] | None = None) -> list[str]:
-    """Check that each target matches a module as in PEFT (``"query"`` matches ``...attention.self.query``); one
-    that matches nothing raises TargetNotFoundError with the closest names. Returns them unchanged."""
+    """Refuse a target that matches no module (as PEFT matches: a dotted-name suffix), naming the closest."""
     all_names = [n for n, _ in model.named_modules() if n]
     pool = candidates if candidates is not None else all_names
     suffixes = sorted({".".join(n.split(".")[-k:]) for n in pool for k in (1, 2)})
@@ -146,8 +142,7 @@ _PEFT_TASK_TYPES = {"seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS", "qa": "QUEST
 
 
 def match_regex(model: nn.Module, pattern: str, field: str) -> str:
-    """A string target as PEFT reads it, a regex full-matched against whole module names; refused when it matches
-    no linear layer (PEFT would raise deep inside)."""
+    """A string target, a regex PEFT full-matches against whole names: refused when it matches no linear layer."""
     names = linear_names(model)
     if any(re.fullmatch(pattern, n) for n in names):
         return pattern
