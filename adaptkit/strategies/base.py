@@ -203,8 +203,7 @@ class PeftStrategy(Strategy):
                 and not adapters & set(n.split("."))]  # PEFT's keys drop the adapter's name
         if lost:
             raise UnsupportedError("trainable tensors", lost[:5], f"{len(lost)} trainable tensor(s) outside the adapter"
-                                   ", not saved by PEFT", "name their modules at adapt (heads=, modules_to_save=), or "
-                                   "freeze them")
+                                   ", not saved by PEFT", "name their modules at adapt (modules_to_save=), or freeze")
         # the class's method: the instance's own save_pretrained is adaptkit's (adaptkit.hf), which calls this
         type(model).save_pretrained(model, str(directory), safe_serialization=True,
                                     **({"state_dict": state_dict} if state_dict is not None else {}))
