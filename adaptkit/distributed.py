@@ -1,10 +1,8 @@
-"""Several processes, after ``adapt``: the process count, whether the sharding can be saved, and gathering a
-sharded adapter to save it (placement before loading is ``adaptkit.placement``).
+"""Several processes, after ``adapt``: the process count, whether the sharding can be saved, gathering to save.
 
-Two launches train "fine" with a wrong result (Accelerate 1.15 on CPU): ``accelerate launch --cpu --num_processes 2``
-starts ONE process and nothing in its environment says two were asked for (so the user says it again:
-``require_processes(accelerator, 2)`` or ``ADAPTKIT_PROCESSES=2``); ``--multi_gpu`` without GPUs or
-``ACCELERATE_USE_CPU=1`` starts processes that each train alone (``WORLD_SIZE`` differs from Accelerate's count).
+Two CPU launches train "fine" with a wrong result (Accelerate 1.15): ``--cpu --num_processes 2`` starts ONE process
+and nothing says two were asked for (so say it again: ``require_processes(accelerator, 2)``, ``ADAPTKIT_PROCESSES``);
+``--multi_gpu`` without ``ACCELERATE_USE_CPU=1`` starts processes that each train alone (``WORLD_SIZE`` differs).
 """
 
 from __future__ import annotations

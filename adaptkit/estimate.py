@@ -135,8 +135,7 @@ def _estimate_one(sk: Skeleton, config, batch: int, seq: int, dtype: torch.dtype
         return row
     params = list({id(p): p for p in model.parameters()}.values())
     trainable = [p for p in params if p.requires_grad]
-    row.total = sum(p.numel() for p in params)
-    row.trainable = sum(p.numel() for p in trainable)
+    row.total, row.trainable = sum(p.numel() for p in params), sum(p.numel() for p in trainable)
     row.weights = (sum(p.numel() * p.element_size() for p in params)
                    + sum(b.numel() * b.element_size() for b in model.buffers()) - quant_saving)
     row.gradients = sum(p.numel() * p.element_size() for p in trainable)
@@ -218,8 +217,7 @@ def _fused_attention(device: str):
         if not fused or (attn_mask is not None and attn_mask.requires_grad):  # e.g. T5's trained position bias
             return original(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
         if attn_mask is not None and attn_mask.dtype == torch.bool:  # torch makes it additive, once per call
-            attn_mask = torch.where(attn_mask.logical_not(), float("-inf"), torch.zeros((), dtype=q.dtype,
-                                                                                        device=q.device))
+            attn_mask = torch.zeros((), dtype=q.dtype, device=q.device).where(attn_mask, float("-inf"))
         # the CPU kernel takes fewer key/value heads (grouped-query attention) as they are
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, is_causal and attn_mask is None, attn_mask=attn_mask, scale=scale)[0]
