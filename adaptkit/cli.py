@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import re
 import sys
 from typing import Any
@@ -174,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     except AdaptkitError as exc:  # a bad flag or value, or a model that cannot be read
         print(f"adaptkit: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `adaptkit recommend ... | head`: the reader left; as for any Unix filter, not an error
+        sys.stdout = open(os.devnull, "w")  # Python would otherwise fail flushing stdout at exit
+        return EXIT_OK
 
 
 def _check(args, options: dict[str, Any], quantization: str | None) -> int:

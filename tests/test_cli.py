@@ -150,3 +150,11 @@ def test_recommend_from_a_config_folder_says_what_to_run_first(capsys, model_dir
 def test_recommend_refuses_what_it_cannot_judge(capsys, model_dir, argv, message):
     code, out, err = run(capsys, "recommend", model_dir, *argv)
     assert code == 2 and out == "" and message in err
+
+
+def test_recommend_piped_into_a_reader_that_left_ends_quietly(model_dir):
+    # `adaptkit recommend ... | head -1` printed a BrokenPipeError traceback; `true` leaves before adaptkit writes
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", f"{sys.executable} -m adaptkit.cli recommend {model_dir} "
+                           "--task seq_cls --examples 500 --memory 8GB --seq-len 32 | true"],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert done.returncode == 0 and "BrokenPipeError" not in done.stderr, done.stderr

@@ -9,7 +9,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import re
 import resource
 import sys
@@ -319,7 +318,7 @@ def resume(accelerator, run: RunArgs, progress: Progress) -> None:
         accelerator.load_state(str(path))
     except AdaptkitError:
         raise
-    except (RuntimeError, OSError, EOFError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as exc:
+    except Exception as exc:  # whatever torch, safetensors or pickle raise on a damaged file: one typed refusal
         raise CheckpointError(field=str(path), value=type(exc).__name__, problem=f"cannot be loaded: "
                               f"{str(exc).splitlines()[0][:200]}", fix="resume from an earlier checkpoint") from None
     try:
