@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 import adaptkit
 from adaptkit.folders import write_json
 from adaptkit.recipes import batching, data, runs, training
-from adaptkit.errors import ConfigError, DataError
+from adaptkit.errors import BaseMismatchError, ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_FIELDS = {"task", "test", "validation", "metric", "best_step", "steps", "trainable_parameters",
@@ -247,6 +247,13 @@ def test_classify_trains_a_model_built_from_a_config_alone(tmp_path, data_root, 
     # random weights, seeded: a second build is the same model, so the saved LoRA adapter scores the same again
     again = classify.main([*argv, "--output-dir", str(tmp_path / "again"), "--strategy", "lora"])
     assert again["test"] == metrics["test"]
+    # the seed is in the folder, so a base built with another seed is refused, naming the one that rebuilds it
+    import transformers
+    config = transformers.AutoConfig.from_pretrained(tiny_bert, num_labels=2)
+    transformers.set_seed(7)
+    with pytest.raises(BaseMismatchError, match=r"Fix: build the base as it was: transformers.set_seed\(42\)"):
+        other = transformers.AutoModelForSequenceClassification.from_config(config)
+        adaptkit.load(tmp_path / "scratch" / "adapter", other)
     with pytest.raises(ConfigError, match=r"--quantization='8bit': a model built from --config-name alone"):
         classify.main([*argv, "--output-dir", str(tmp_path / "q"), "--quantization", "8bit"])
 

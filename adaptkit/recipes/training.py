@@ -21,7 +21,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 
 from adaptkit.distributed import check_sharding, require_processes
 from adaptkit.errors import ConfigError, MissingDependencyError
-from adaptkit.names import TASKS
+from adaptkit.names import FROM_CONFIG_SEED, TASKS
 from adaptkit.quantization import load_model, refuse_remote_code as refuse_code
 from adaptkit.recipes import guards, metrics
 
@@ -204,6 +204,7 @@ def load_base(run: RunArgs, task: str, from_pretrained: dict | None = None, **co
     # the adapter's card and adaptkit_config.json name the base: here not the config folder's (absent) weights
     source = Path(run.config_name).resolve() if Path(run.config_name).exists() else run.config_name
     model.config.name_or_path = f"{source} (random weights: from_config after torch.manual_seed({run.seed}))"
+    model.__dict__[FROM_CONFIG_SEED] = run.seed  # recorded in the folder: load names the seed that rebuilds the base
     return model
 
 
