@@ -86,37 +86,32 @@ def from_dataset(ds, source: str, text_columns, label_column, task, num_labels, 
     ds = ds.select_columns([*text_cols, label_column]).flatten_indices()
     for name in (*text_cols, label_column):
         if (i := _first(pc.is_null(ds.data.column(name)))) is not None:
-            raise DataError(field=f"{source}, row {i + 1}", value=name, problem="the record has no such key (or null)",
-                            fix="give every record the same keys, with values")
+            raise DataError(f"{source}, row {i + 1}", name, "no such key (or null)", "give every record the same keys")
     for name in text_cols:
         col = ds.data.column(name)
         blank = pc.equal(pc.utf8_trim_whitespace(col), "") if pa.types.is_string(col.type) else pa.array([True])
         if (i := _first(blank)) is not None:
-            raise DataError(field=f"{source}, row {i + 1}, column {name!r}", value=col[i].as_py(),
-                            problem="the text is empty or not a string", fix="drop the row or fill in the text")
+            raise DataError(f"{source}, row {i + 1}, column {name!r}", col[i].as_py(),
+                            "the text is empty or not a string", "drop the row or fill in the text")
     return _type_labels(ds, source, text_cols, label_column, task, num_labels, label_names)
 
 
 def check_options(text_columns, task, num_labels) -> None:
     if isinstance(text_columns, str):
-        raise ConfigTypeError(field="text_columns", value=text_columns, problem="must be a list of 1 or 2 names",
-                              fix=f"text_columns=[{text_columns!r}]")
+        raise ConfigTypeError("text_columns", text_columns, "must be a list", f"text_columns=[{text_columns!r}]")
     if text_columns is not None and not 1 <= len(text_columns) <= 2:
-        raise ConfigError(field="text_columns", value=list(text_columns), problem="must name 1 or 2 columns",
-                          fix="join extra fields into one text column, or pass a single sentence or a pair")
+        raise ConfigError("text_columns", list(text_columns), "must name 1 or 2 columns", "join extra fields into one")
     if task not in (None, *TASKS):
-        raise ConfigError(field="task", value=task, problem=f"must be None or one of {list(TASKS)}",
-                          fix="leave task=None to infer it from the labels")
+        raise ConfigError("task", task, f"must be None or one of {list(TASKS)}", "leave task=None to infer it")
     if num_labels is not None and (not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 1):
-        raise ConfigError(field="num_labels", value=num_labels, problem="must be a positive integer",
-                          fix="pass the number of classes (1 for regression) or None to infer it")
+        raise ConfigError("num_labels", num_labels, "must be a positive integer", "the class count (1: regression)")
 
 
 def _pick_text_columns(columns: list[str], text_columns, source: str) -> tuple[str, ...]:
     if text_columns is not None:
         if missing := [c for c in text_columns if c not in columns]:
-            raise DataError(field=f"{source} text_columns", value=missing, problem=f"not found; the columns are "
-                            f"{columns}", fix="pass text_columns with names from the header")
+            raise DataError(f"{source} text_columns", missing, f"not found; the columns are {columns}",
+                            "pass text_columns with names from the header")
         return tuple(text_columns)
     found = [c for c in TEXT_COLUMN_CANDIDATES if all(name in columns for name in c)]
     # a single column that is part of a found pair is that pair, not a second match
@@ -142,8 +137,7 @@ def _type_labels(ds, source, text_cols, column, task, num_labels, label_names) -
     elif pa.types.is_string(col.type):
         cells = col
         if (i := _first(pc.equal(pc.utf8_trim_whitespace(col), ""))) is not None:
-            raise DataError(field=f"{source}, row {i + 1}, column {column!r}", value="", problem="empty label",
-                            fix="fill in the label or drop the row")
+            raise DataError(f"{source}, row {i + 1}, column {column!r}", "", "empty label", "fill it or drop the row")
     else:
         raise bad(0, f"a label must be a number or a string, not {col.type}", "write class ids, class names or scores")
     number = pc.match_substring_regex(cells, _NUMBER, ignore_case=True)
@@ -168,8 +162,7 @@ def _type_labels(ds, source, text_cols, column, task, num_labels, label_names) -
         task is None and whole.all() and len(np.unique(values)) <= WHOLE_CLASSES and values.min() >= 0)
     if not as_classes:
         if num_labels not in (None, 1) or label_names is not None:
-            raise ConfigError(field="num_labels", value=num_labels, problem="regression has one output",
-                              fix="leave num_labels=None (or 1) and label_names=None for regression")
+            raise ConfigError("num_labels", num_labels, "regression has one output", "leave num_labels=None (or 1)")
         if (i := _first(pa.array(~np.isfinite(values)))) is not None:
             raise bad(i, "is not a finite number", "fix or drop the row", cells)
         data = ds.remove_columns(column).add_column("labels", values.astype(np.float32))
@@ -183,8 +176,7 @@ def _type_labels(ds, source, text_cols, column, task, num_labels, label_names) -
                      "pass --task regression if they are scores")
     ids = values.astype(np.int64)
     if (i := _first(pa.array(ids < 0))) is not None:
-        raise bad(i, "is negative (GLUE writes -1 for unlabeled test rows)", "class ids must be 0..K-1; drop "
-                  "unlabeled rows", cells)
+        raise bad(i, "is negative (GLUE writes -1 for unlabeled test rows)", "class ids are 0..K-1; drop them", cells)
     k = len(names) if names else num_labels or int(ids.max()) + 1
     if (i := _first(pa.array(ids >= k))) is not None:
         raise bad(i, f"is out of range for num_labels={k}", f"class ids must be 0..{k - 1}; pass the right num_labels",
@@ -195,11 +187,10 @@ def _type_labels(ds, source, text_cols, column, task, num_labels, label_names) -
 
 def _classes(data, source, text_cols, k, num_labels, names, notes) -> Table:
     if num_labels is not None and num_labels != k:  # only reachable with class names
-        raise ConfigError(field="num_labels", value=num_labels, problem=f"{source} has {k} classes {names}",
-                          fix=f"pass num_labels={k}, or label_names listing all {num_labels} classes")
+        raise ConfigError("num_labels", num_labels, f"{source} has {k} classes {names}", f"pass num_labels={k}")
     if k < 2:
-        raise DataError(field=f"{source} labels", value=names or [0], problem="only one class; classification needs "
-                        "at least 2", fix="pass num_labels=K if this file is a subset, or task='regression' for scores")
+        raise DataError(f"{source} labels", names or [0], "only one class; classification needs at least 2",
+                        "pass num_labels=K if this file is a subset, or task='regression' for scores")
     return Table(data, "classification", k, names, text_cols, source, notes)
 
 
@@ -217,11 +208,9 @@ def read_file(path) -> datasets.Dataset:
     """One data file through ``datasets.load_dataset``; every failure is a DataError naming the file."""
     p, _ = Path(path), _quiet()
     if p.is_dir():
-        raise DataError(field="path", value=str(p), problem="is a folder, not a file",
-                        fix=f"pass a file such as {p / 'train.tsv'}, or the folder as --data")
+        raise DataError("path", str(p), "is a folder, not a file", f"pass a file such as {p / 'train.tsv'}")
     if not p.is_file():
-        raise DataError(field="path", value=str(p), problem="no such file", fix="check the path (relative to the "
-                        "current directory) or set it to an existing data file")
+        raise DataError("path", str(p), "no such file", "check the path (relative to the current directory)")
     if (ext := p.suffix.lower()) not in FORMATS:
         raise DataError(field="path", value=str(p), problem=f"unknown extension {ext!r}", fix=f"use one of {list(FORMATS)}")
     options = {}
@@ -234,8 +223,7 @@ def read_file(path) -> datasets.Dataset:
             raise DataError(field=str(p), value=header[0][:80], problem=f"wrong delimiter: the header is one column "
                             f"holding {'tabs' if sep == ',' else 'commas'}", fix=f"rename the file to {right}")
         if len(set(header)) < len(header) or "" in header:
-            raise DataError(field=str(p), value=header, problem="the header has empty or repeated column names",
-                            fix="give every column a unique name on the first line")
+            raise DataError(str(p), header, "the header has empty or repeated column names", "make them unique")
         # every cell as text (no NaN or number guessing); index_col=False: pandas otherwise takes a first data row
         # with one field more than the header as "the first column is the index" and shifts every column by one
         options = dict(keep_default_na=False, na_filter=False, index_col=False, sep=sep,
@@ -249,8 +237,7 @@ def read_file(path) -> datasets.Dataset:
     except Exception as err:  # noqa: BLE001 - re-said below with the file and the fix
         raise _read_error(err, p, ext) from None
     if len(ds) == 0:
-        raise DataError(field="path", value=str(p), problem=f"has a header {ds.column_names} but no data rows",
-                        fix="add data rows below the header")
+        raise DataError("path", str(p), f"has a header {ds.column_names} but no data rows", "add data rows")
     return ds
 
 
@@ -338,15 +325,14 @@ def load_raw(source=None, *, dataset_name: str | None = None, dataset_config: st
         return dict(source), {split: f"DatasetDict[{split}]" for split in source}
     if isinstance(source, Mapping):
         if set(source) - set(SPLITS) or "train" not in source:
-            raise ConfigError(field="source", value=sorted(source), problem="keys must be 'train' (required), "
-                              "'validation', 'test'", fix="load_splits({'train': 'a.tsv', 'test': 'b.tsv'})")
+            raise ConfigError("source", sorted(source), "keys must be 'train' (required), 'validation', 'test'",
+                              "load_splits({'train': 'a.tsv', 'test': 'b.tsv'})")
         return {split: read_file(f) for split, f in source.items()}, {split: str(f) for split, f in source.items()}
     path = Path(source)
     if path.is_file():
         return {"train": read_file(path)}, {"train": str(path)}
     if not path.is_dir():
-        raise DataError(field="source", value=str(source), problem="no such file or folder",
-                        fix="pass a folder with train.tsv (and dev.tsv/test.tsv), a file, or --dataset-name NAME")
+        raise DataError("source", str(source), "no such file or folder", "pass a folder, a file, or --dataset-name")
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         loaded = datasets.load_from_disk(str(path))
         loaded = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
@@ -371,11 +357,10 @@ def _split_files(folder: Path) -> dict[str, Path]:
     files = {split: hits for split, hits in found.items() if hits and patterns[split] != ["**"]}  # "**": no split named
     for split, hits in files.items():
         if len(hits) > 1:
-            raise DataError(field=str(folder), value=[h.name for h in hits], problem=f"several {split} files",
-                            fix="keep one file per split, or pass them explicitly: --train-file ... --validation-file ...")
+            raise DataError(str(folder), [h.name for h in hits], f"several {split} files", "keep one per split")
     if files and "train" not in files:
-        raise DataError(field=str(folder), value=sorted(f.name for f in folder.iterdir()), problem="the folder has "
-                        "no train file", fix=f"add train.tsv (or another of {list(FORMATS)}), or pass the files")
+        raise DataError(str(folder), sorted(f.name for f in folder.iterdir()), "the folder has no train file",
+                        f"add train.tsv (or another of {list(FORMATS)}), or pass the files")
     return {split: hits[0] for split, hits in files.items()}
 
 
@@ -413,15 +398,14 @@ def carve(rows, fraction: float, seed: int, stratify: str | None = None, name: s
     try:
         parts = rows.train_test_split(test_size=fraction, seed=seed, stratify_by_column=stratify)
     except ValueError as err:  # too few rows, or a class with a single example
-        raise DataError(field=f"{name} validation split", value=fraction, problem=f"cannot carve it: {err}",
-                        fix="add examples, or pass a validation file") from None
+        raise DataError(f"{name} validation split", fraction, f"cannot carve it: {err}",
+                        "add examples, or pass a validation file") from None
     return parts["train"].flatten_indices(), parts["test"].flatten_indices()
 
 
 def _check_fraction(fraction) -> None:
     if not 0 < fraction < 1:
-        raise ConfigError(field="validation_fraction", value=fraction, problem="must be in (0, 1)",
-                          fix="use e.g. 0.1 to hold out 10% of train")
+        raise ConfigError("validation_fraction", fraction, "must be in (0, 1)", "use e.g. 0.1 to hold out 10%")
 
 
 def arrange(splits: dict, *, fraction: float, seed: int, stratify: str | None = None, carve_from_train: bool = False,
@@ -430,9 +414,8 @@ def arrange(splits: dict, *, fraction: float, seed: int, stratify: str | None = 
     splits, notes = dict(splits), [f"{split}: {len(rows)} rows" for split, rows in splits.items()]
     if carve_from_train and "validation" in splits:
         if "test" in splits:
-            raise ConfigError(field="--select-on-train-carve", value=sorted(splits), problem="the validation split "
-                              "would go unused: the carve replaces it and a test split is given",
-                              fix="drop --select-on-train-carve, or give no test split (validation becomes it)")
+            raise ConfigError("--select-on-train-carve", sorted(splits), "the validation split would go unused",
+                              "drop --select-on-train-carve, or give no test split (validation becomes it)")
         splits["test"] = splits.pop("validation")
         notes.append("--select-on-train-carve: the validation split is scored as the test set")
     if "validation" not in splits:
@@ -455,8 +438,7 @@ def load_splits(source=None, *, dataset_name: str | None = None, dataset_config:
     check_options(text_columns, task, num_labels)
     raw, where = load_raw(source, dataset_name=dataset_name, dataset_config=dataset_config)
     if "train" not in raw:
-        raise DataError(field="source", value=f"splits {list(raw)}", problem="no train split",
-                        fix="use a dataset with a 'train' split, or a local folder")
+        raise DataError("source", f"splits {list(raw)}", "no train split", "use a dataset with a 'train' split")
     # the train split fixes columns, task and label set so the others cannot drift from it
     train = from_dataset(raw["train"], where["train"], text_columns, label_column, task, num_labels, None)
     same = dict(text_columns=list(train.text_columns), label_column=label_column, task=train.task,
@@ -495,12 +477,10 @@ def source_of(args):
     if files:
         files.setdefault("train", args.data)
         if files["train"] is None:
-            raise ConfigError(field="--train-file", value=None, problem="--validation-file/--test-file need a train "
-                              "file", fix="pass --train-file (or --data FILE)")
+            raise ConfigError("--train-file", None, "--validation-file/--test-file need a train file", "pass it")
         return files
     if args.data is None and args.dataset_name is None:
-        raise ConfigError(field="--data", value=None, problem="no data given",
-                          fix="pass --data FOLDER_OR_FILE, --train-file FILE, or --dataset-name NAME")
+        raise ConfigError("--data", None, "no data given", "pass --data PATH, --train-file FILE, or --dataset-name")
     return args.data
 
 
@@ -509,8 +489,7 @@ def splits_from_args(args, *, label_column: str | None = None, prepare: Callable
     counted as in the file); with ``label_column``, unlabelled splits are dropped and the carve is stratified."""
     raw, where = load_raw(source_of(args), dataset_name=args.dataset_name, dataset_config=args.dataset_config)
     if "train" not in raw:
-        raise DataError(field="--data", value=sorted(where), problem="no train split",
-                        fix="use a dataset with a 'train' split, or a local folder with train files")
+        raise DataError("--data", sorted(where), "no train split", "use a dataset or folder with a 'train' split")
     if label_column is not None and not labelled(raw["train"], label_column):
         raise DataError(field=where["train"], value=raw["train"].column_names, problem=f"the train split has no "
                         f"labels in column {label_column!r}", fix="name the label column with --label-column; an "
