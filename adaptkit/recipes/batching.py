@@ -34,9 +34,8 @@ def tokenize(table: Table, tokenizer, max_length: int = 128) -> list[dict]:
 
 def make_collator(tokenizer, pad_to_multiple_of: int | None = None):
     if tokenizer.pad_token is None:
-        raise ConfigError(field="tokenizer.pad_token", value=None, problem="the tokenizer has no padding token, "
-                          "so batches cannot be padded", fix="set tokenizer.pad_token = tokenizer.eos_token (and "
-                          "model.config.pad_token_id to match)")
+        raise ConfigError("tokenizer.pad_token", None, "has no padding token, so batches cannot be padded",
+                          "set tokenizer.pad_token = tokenizer.eos_token (and model.config.pad_token_id to match)")
     return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
 
 
@@ -44,9 +43,8 @@ def check_vocab(model, tokenizer) -> None:
     """A token id past the model's embeddings is an IndexError mid-run: refuse it before training."""
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
-        raise ConfigError(field="--tokenizer-name", value=f"{len(tokenizer)} tokens", problem=f"is larger than the "
-                          f"model's {rows} embedding rows", fix="use the model's own tokenizer, or "
-                          "model.resize_token_embeddings(len(tokenizer)) and save it as --model (not in an adapter)")
+        raise ConfigError("--tokenizer-name", f"{len(tokenizer)} tokens", f"is larger than the model's {rows} "
+                          "embedding rows", "use the model's tokenizer, or resize_token_embeddings and save as --model")
 
 
 class LengthGroupedBatchSampler(torch.utils.data.Sampler):
@@ -56,8 +54,8 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
 
     def __init__(self, lengths, batch_size: int, *, shuffle: bool = True, seed: int = 0, chunk_batches: int = 50):
         if not isinstance(batch_size, int) or batch_size < 1 or not isinstance(chunk_batches, int) or chunk_batches < 1:
-            raise ConfigError(field="batch_size/chunk_batches", value=(batch_size, chunk_batches),
-                              problem="must be positive integers", fix="e.g. batch_size=32, chunk_batches=50")
+            raise ConfigError("batch_size/chunk_batches", (batch_size, chunk_batches), "must be positive integers",
+                              "e.g. batch_size=32, chunk_batches=50")
         self.lengths, self.batch_size, self.shuffle = np.asarray(lengths), batch_size, shuffle
         self.seed, self.chunk, self.epoch = seed, batch_size * chunk_batches, 0
 
@@ -118,19 +116,16 @@ def lm_rows(ds, where: str):
     columns = [*LM_FORMATS[fmt], *(["input"] if fmt == "alpaca" and "input" in ds.column_names else [])]
     for i, row in enumerate(ds.select_columns(columns)):
         if any(row[c] is None for c in LM_FORMATS[fmt]):
-            raise DataError(field=f"{where}, row {i + 1}", value=row, problem=f"mixes two formats (this is {fmt})",
-                            fix="use one format per file")
+            raise DataError(f"{where}, row {i + 1}", row, f"mixes two formats (this is {fmt})", "use one per file")
         for c in columns:
             if fmt in ("messages", "sharegpt"):
                 row[c] = _turns(row[c], fmt, f"{where}, row {i + 1}")
             elif not isinstance(row[c], str) and (row[c] is not None or c != "input"):
-                raise DataError(field=f"{where}, row {i + 1}, {c!r}", value=row[c], problem="must be text",
-                                fix=f"write {c} as a JSON string")
+                raise DataError(f"{where}, row {i + 1}, {c!r}", row[c], "must be text", f"write {c} as a JSON string")
     if fmt == "sharegpt":
         ds = ds.map(lambda r: {"messages": _turns(r["conversations"], fmt, where)}, remove_columns=["conversations"])
     if fmt == "text" and not len(ds := ds.filter(lambda row: bool(row["text"].strip()))):
-        raise DataError(field=where, value="0 non-blank lines", problem="holds no training examples",
-                        fix="write one example per line")
+        raise DataError(where, "0 non-blank lines", "holds no training examples", "write one example per line")
     return ds
 
 
@@ -138,8 +133,8 @@ def _turns(turns, fmt: str, where: str) -> list[dict]:
     key, text, roles = ("role", "content", ("system", "user", "assistant")) if fmt == "messages" else \
         ("from", "value", tuple(SHAREGPT_ROLES))
     if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-        raise DataError(field=f"{where}, {LM_FORMATS[fmt][0]!r}", value=str(turns)[:60], problem="must be a list of "
-                        f"{{{key!r}: ..., {text!r}: ...}} turns", fix="write the chat as a JSON list of turns")
+        raise DataError(f"{where}, {LM_FORMATS[fmt][0]!r}", str(turns)[:60], f"must be a list of {{{key!r}: ..., "
+                        f"{text!r}: ...}} turns", "write the chat as a JSON list of turns")
     out = [{"role": SHAREGPT_ROLES.get(t.get(key)) if fmt == "sharegpt" else t.get(key), "content": t.get(text)}
            for t in turns]
     for k, (t, o) in enumerate(zip(turns, out)):
@@ -149,8 +144,8 @@ def _turns(turns, fmt: str, where: str) -> list[dict]:
                             fix=f"write each turn as {{{key!r}: one of {list(roles)}, {text!r}: \"...\"}}")
     said = [o["role"] for o in out if o["role"] != "system"]
     if not said or said[0] != "user" or "assistant" not in said:
-        raise DataError(field=where, value=said, problem="a chat must start with the user and hold an assistant "
-                        "turn to train on", fix="drop the conversation, or put the user's turn first and add the answer")
+        raise DataError(where, said, "a chat must start with the user and hold an assistant turn to train on",
+                        "drop the conversation, or put the user's turn first and add the answer")
     return out
 
 
@@ -185,16 +180,14 @@ def _encode(example: dict, tokenizer, max_length: int) -> tuple[dict, tuple[int,
 def encode_split(ds, tokenizer, max_length: int, notes: list[str], where: str) -> list[dict]:
     """``encode`` every row, noting cuts; an answer that leaves no room for its prompt is refused (it teaches nothing)."""
     if "messages" in ds.column_names and not tokenizer.chat_template:
-        raise ConfigError(field="tokenizer.chat_template", value=None, problem=f"{where} holds chats but the "
-                          "tokenizer has no chat template to render them", fix="use a chat model's tokenizer, or "
-                          "set tokenizer.chat_template (a Jinja template) and save it with the tokenizer")
+        raise ConfigError("tokenizer.chat_template", None, f"{where} holds chats but the tokenizer has no chat "
+                          "template to render them", "use a chat model's tokenizer, or set tokenizer.chat_template")
     features, cuts = zip(*(_encode(row, tokenizer, max_length) for row in ds))
     cut, lead, answer = np.array(cuts).reshape(-1, 3).T
     if (i := next((i for i in range(len(cut)) if 0 < lead[i] <= cut[i]), None)) is not None:
-        raise DataError(field=f"{where}, the example {str(ds[i])[:60]}", value=f"--max-length {max_length}",
-                        problem=f"leaves none of its prompt: the answer alone is {answer[i]} tokens (the longest "
-                                f"answer: {answer.max()})",
-                        fix=f"raise --max-length above {answer.max()} plus room for the prompt, or drop the row")
+        raise DataError(f"{where}, the example {str(ds[i])[:60]}", f"--max-length {max_length}", f"leaves none of its "
+                        f"prompt: the answer alone is {answer[i]} tokens (the longest answer: {answer.max()})",
+                        f"raise --max-length above {answer.max()} plus room for the prompt, or drop the row")
     texts = (lead == 0) & (answer > max_length) if max_length else lead < 0  # texts are all answer: cut at the end
     if (cut > 0).any() or texts.any():
         notes.append(f"{where}: --max-length {max_length} cut the prompt of {(cut > 0).sum()} examples (the answer "
@@ -207,8 +200,8 @@ def pack(features: list[dict], block_size: int, notes: list[str] | None = None) 
     ids = [t for f in features for t in f["input_ids"]]
     labels = [t for f in features for t in f["labels"]]
     if len(ids) < block_size:
-        raise DataError(field="--block-size", value=block_size, problem=f"a split holds {len(ids)} tokens, fewer than "
-                        "one block", fix="use a smaller --block-size, or more data")
+        raise DataError("--block-size", block_size, f"a split holds {len(ids)} tokens, fewer than one block",
+                        "use a smaller --block-size, or more data")
     blocks = [{"input_ids": ids[i:i + block_size], "attention_mask": [1] * block_size, "labels": labels[i:i + block_size]}
               for i in range(0, len(ids) - block_size + 1, block_size)]
     kept = [b for b in blocks if any(t != -100 for t in b["labels"])]
@@ -236,9 +229,9 @@ def _chat_ids(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
         prompt = tokenizer.apply_chat_template(messages[:k], add_generation_prompt=True, tokenize=True, return_dict=False)
         full = tokenizer.apply_chat_template(messages[:k + 1], tokenize=True, return_dict=False)
         if full[:len(ids)] != ids or prompt[:len(ids)] != ids or full[:len(prompt)] != prompt:
-            raise ConfigError(field="tokenizer.chat_template", value=message["content"][:40], problem="renders a "
-                              "conversation differently from its start, so the assistant's turns cannot be told apart",
-                              fix="use a template whose renderings of a longer chat extend those of a shorter one")
+            raise ConfigError("tokenizer.chat_template", message["content"][:40], "renders a conversation differently "
+                              "from its start, so the assistant's turns cannot be told apart", "use a template whose "
+                              "renderings of a longer chat extend those of a shorter one")
         labels += [-100] * (len(prompt) - len(ids)) + full[len(prompt):]
         ids = full
     if ids[-1] != tokenizer.eos_token_id:  # templates that end turns with their own marker still learn to stop

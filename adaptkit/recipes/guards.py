@@ -30,8 +30,7 @@ def check_numbers(args: Any, flags: dict[str, str] | None = None) -> None:
             continue
         flag = name_of(name)
         if not math.isfinite(value):
-            raise ConfigError(field=flag, value=value, problem="is not a finite number",
-                              fix=f"pass a finite value (or leave {flag} out for the default)")
+            raise ConfigError(flag, value, "is not a finite number", f"pass a finite value (or leave {flag} out)")
         if value < least or (value == least and not inclusive):
             raise ConfigError(field=flag, value=value, problem=f"must be {'at least' if inclusive else 'greater than'} "
                               f"{least:g}", fix=f"pass a {'non-negative' if inclusive else 'positive'} value (or leave "
@@ -39,8 +38,7 @@ def check_numbers(args: Any, flags: dict[str, str] | None = None) -> None:
     for name, least in _COUNT_FLAGS.items():
         value = getattr(args, name, None)
         if value is not None and value < least:
-            raise ConfigError(field=name_of(name), value=value, problem=f"must be at least {least}",
-                              fix=f"pass an integer >= {least}, or leave the flag out")
+            raise ConfigError(name_of(name), value, f"must be at least {least}", f"pass an integer >= {least}")
     seed = getattr(args, "seed", None)
     if seed is not None and not 0 <= seed < 2**32:  # numpy's seed range; set_seed raised a bare ValueError
         raise ConfigError(field="--seed", value=seed, problem="must be in [0, 2**32 - 1]", fix="pass e.g. --seed 0")
@@ -69,42 +67,38 @@ def prompt_room(model: torch.nn.Module, max_new_tokens: int) -> int | None:
         return None
     limit -= lengths.virtual_tokens(model)
     if max_new_tokens >= limit:
-        raise ConfigError(field="--max-new-tokens", value=max_new_tokens,
-                          problem=f"leaves no room for a prompt in the model's {limit} positions",
-                          fix=f"use --max-new-tokens <= {limit - 1}, or --num-samples 0")
+        raise ConfigError("--max-new-tokens", max_new_tokens, f"leaves no room for a prompt in the model's {limit} "
+                          "positions", f"use --max-new-tokens <= {limit - 1}, or --num-samples 0")
     return limit - max_new_tokens
 
 
 def require_examples(count: int, source: Any, what: str = "training examples") -> None:
     """A loop over zero batches would spin forever."""
     if count < 1:
-        raise DataError(field=str(source), value=count, problem=f"holds no {what}",
-                        fix="point at a file with at least one non-blank example")
+        raise DataError(str(source), count, f"holds no {what}", "point at a file with at least one non-blank example")
 
 
 def require_classes(labels: Iterable[int], source: Any) -> None:
     """With one class the model learns a constant, and its accuracy on that class reads 1.0."""
     seen = sorted(set(int(v) for v in labels))
     if len(seen) < 2:
-        raise DataError(field=f"{source} labels", value=seen, problem="the training examples hold only one class",
-                        fix="train on examples of at least two classes (check --max-train-samples and the label "
-                            "column), or use --task regression for scores")
+        raise DataError(f"{source} labels", seen, "the training examples hold only one class", "train on 2+ classes "
+                        "(check --max-train-samples and the label column), or use --task regression for scores")
 
 
 # ---- divergence ---------------------------------------------------------------------------------------
 def check_finite_loss(loss: float, step: int) -> None:
     if not math.isfinite(loss):
-        raise NonFiniteError(field="loss", value=loss, problem=f"is not finite at step {step}; the run stopped "
-                             "(the adapter saved before, if any, is the last finite best)",
-                             fix="lower --learning-rate, keep --max-grad-norm > 0, and check the data for NaN/inf")
+        raise NonFiniteError("loss", loss, f"is not finite at step {step}; the run stopped (the adapter saved before, "
+                             "if any, is the last finite best)", "lower --learning-rate, keep --max-grad-norm > 0, "
+                             "and check the data for NaN/inf")
 
 
 def check_finite_weights(model: torch.nn.Module, step: int) -> None:
     bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p.detach()).all()]
     if bad:
-        raise NonFiniteError(field="trained weights", value=bad[:3],
-                             problem=f"{len(bad)} tensor(s) hold NaN/inf at step {step}; not saved as the best",
-                             fix="lower --learning-rate, keep --max-grad-norm > 0, and check the data for NaN/inf")
+        raise NonFiniteError("trained weights", bad[:3], f"{len(bad)} tensor(s) hold NaN/inf at step {step}; not saved "
+                             "as the best", "lower --learning-rate, keep --max-grad-norm > 0, and check the data")
 
 
 # ---- collapsed output ----------------------------------------------------------------------------------

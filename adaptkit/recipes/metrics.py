@@ -21,8 +21,7 @@ def accuracy(predictions, references) -> dict:
 def f1(predictions, references, average: str = "binary") -> dict:
     """Binary F1 of class 1 (labels must be 0/1), or ``average="macro"`` over every class seen (``macro_f1``)."""
     if average == "binary" and not set(np.unique(np.concatenate([references, predictions])).tolist()) <= {0, 1}:
-        raise ConfigError(field="f1.average", value=average, problem="binary F1 needs labels 0/1",
-                          fix="use average='macro' (metric_for_task(..., num_labels=K)) for K classes")
+        raise ConfigError("f1.average", average, "binary F1 needs labels 0/1", "use average='macro' for K classes")
     return {"f1" if average == "binary" else "macro_f1": float(f1_score(references, predictions, average=average))}
 
 
@@ -32,8 +31,8 @@ def matthews_correlation(predictions, references) -> dict:
 
 def pearson_spearman(predictions, references) -> dict:
     if len(predictions) < 2:
-        raise DataError(field="pearson_spearman", value=len(predictions), problem="a correlation needs at least 2 "
-                        "examples", fix="evaluate on more examples")
+        raise DataError("pearson_spearman", len(predictions), "a correlation needs at least 2 examples",
+                        "evaluate on more examples")
     with warnings.catch_warnings():  # constant input: scipy warns and returns NaN, which is what we report
         warnings.simplefilter("ignore", stats.ConstantInputWarning)
         pearson, spearman = float(stats.pearsonr(predictions, references)[0]), float(stats.spearmanr(predictions, references)[0])
@@ -45,8 +44,8 @@ def perplexity(nll, num_tokens) -> dict:
         raise DataError(field="perplexity.nll", value=float(nll[~np.isfinite(nll) | (nll < 0)][0]), problem="summed "
                         "negative log-likelihoods must be finite and >= 0", fix="pass loss * num_tokens (natural log)")
     if np.any(num_tokens < 0) or num_tokens.sum() == 0:
-        raise DataError(field="perplexity.num_tokens", value=int(num_tokens.sum()), problem="needs a positive total of "
-                        "scored tokens", fix="count the tokens whose label is not -100")
+        raise DataError("perplexity.num_tokens", int(num_tokens.sum()), "needs a positive total of scored tokens",
+                        "count the tokens whose label is not -100")
     loss = float(nll.sum()) / int(num_tokens.sum())
     return {"perplexity": math.exp(loss), "loss": loss, "num_tokens": int(num_tokens.sum())}
 
@@ -61,9 +60,8 @@ class Metric:
         arrays = {k: np.asarray(v) for k, v in arrays.items()}
         if set(arrays) != set(self.inputs) or len({a.shape for a in arrays.values()}) > 1 or \
                 any(a.ndim != 1 for a in arrays.values()):
-            raise DataError(field="add_batch", value={k: a.shape for k, a in arrays.items()}, problem=f"needs "
-                            f"{list(self.inputs)} of the same length, one number per example",
-                            fix="argmax the logits first")
+            raise DataError("add_batch", {k: a.shape for k, a in arrays.items()}, f"needs {list(self.inputs)} of the "
+                            "same length, one number per example", "argmax the logits first")
         for k, a in arrays.items():
             self.parts[k].append(a)
 
@@ -72,8 +70,7 @@ class Metric:
         if arrays:
             self.add_batch(**arrays)
         if not self.parts[self.inputs[0]]:
-            raise DataError(field="compute", value="no inputs", problem=f"nothing was added; it needs "
-                            f"{list(self.inputs)}", fix="call add_batch(...) for each batch first")
+            raise DataError("compute", "no inputs", f"nothing was added; it needs {list(self.inputs)}", "add batches")
         arrays = {k: np.concatenate(v) for k, v in self.parts.items()}
         self.parts = {name: [] for name in self.inputs}
         return {key: value for fn in self.functions for key, value in fn(**arrays).items()}
@@ -96,14 +93,12 @@ def metric_for_task(task: str, num_labels: int = 2) -> Metric:
     primary_metric(task)
     least = 2 if task == "classification" else 1  # a regression Table has num_labels=1
     if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < least:
-        raise ConfigError(field="num_labels", value=num_labels, problem=f"must be an integer >= {least} for {task}",
-                          fix="pass the number of classes, e.g. num_labels=2 (Table.num_labels)")
+        raise ConfigError("num_labels", num_labels, f"must be an integer >= {least} for {task}", "e.g. num_labels=2")
     inputs = ("nll", "num_tokens") if task == "language_model" else ("predictions", "references")
     return Metric(*TASKS[task][0](num_labels), inputs=inputs)
 
 
 def primary_metric(task: str) -> tuple[str, bool]:
     if task not in TASKS:
-        raise ConfigError(field="task", value=task, problem=f"unknown task; valid tasks are {sorted(TASKS)}",
-                          fix="use 'classification' or 'regression' for your own data")
+        raise ConfigError("task", task, f"unknown task; valid tasks are {sorted(TASKS)}", "or use 'classification'")
     return TASKS[task][1], TASKS[task][2]
