@@ -49,19 +49,18 @@ def lock_folder(folder: Path, flag: str) -> FileLock:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ConfigError(field=flag, value=str(folder), problem=f"cannot be created ({err.strerror})",
-                          fix="pass a folder you can write to") from None
+        raise ConfigError(flag, str(folder), f"cannot be created ({err.strerror})", "pass a writable folder") from None
     if (folder / LOCK_NAME).is_symlink():
-        raise ConfigError(field=flag, value=str(folder), problem=f"its {LOCK_NAME} is a link; adaptkit writes through "
-                          "no link it did not make", fix=f"remove {folder / LOCK_NAME}, or pass another folder")
+        raise ConfigError(flag, str(folder), f"its {LOCK_NAME} is a link; adaptkit writes through no link it did not "
+                          "make", f"remove {folder / LOCK_NAME}, or pass another folder")
     # one instance per path in this process: a later run in it takes over from an earlier one that raised
     lock = FileLock(folder / LOCK_NAME, timeout=0, is_singleton=True, on_acquired=_write_pid)
     try:
         lock.acquire()
     except Timeout:
         holder = (folder / LOCK_NAME).read_text(errors="replace").strip() or "another process"
-        raise RunLockedError(field=flag, value=str(folder), problem=f"is in use by a run ({holder})",
-                             fix="wait for that run to finish, or pass another folder") from None
+        raise RunLockedError(flag, str(folder), f"is in use by a run ({holder})", 
+                             "wait for that run to finish, or pass another folder") from None
     return lock
 
 
@@ -199,8 +198,7 @@ class Progress:
     def improved(self, scores: dict[str, float]) -> bool:
         """Record an evaluation; True when it is the best so far (keep this adapter)."""
         if self.metric not in scores:
-            raise ConfigError(field="metric", value=self.metric, problem=f"not among the results {sorted(scores)}",
-                              fix="watch one of the keys the evaluation returns")
+            raise ConfigError("metric", self.metric, f"not among the results {sorted(scores)}", "watch one of them")
         self.last_metrics = {k: float(v) for k, v in scores.items()}
         if guards.constant_output(scores):
             self.constant_steps.append(self.step)
@@ -273,8 +271,8 @@ def _load_trained(models: list, input_dir: str) -> None:
         try:
             saved = load_file(str(path), device=str(next(model.parameters()).device))
         except Exception as exc:  # safetensors' own error type for a zeroed or truncated file
-            raise CheckpointError(field=str(path), value=type(exc).__name__, problem=f"cannot be read: {exc}",
-                                  fix="resume from an earlier checkpoint, or start afresh with --overwrite") from None
+            raise CheckpointError(str(path), type(exc).__name__, f"cannot be read: {exc}",
+                                  "resume from an earlier checkpoint, or start afresh with --overwrite") from None
         unexpected = model.load_state_dict(saved, strict=False).unexpected_keys
         state = model.state_dict()
         covered = {state[k].data_ptr() for k in saved if k in state}  # shared tensors are written once
@@ -301,31 +299,30 @@ def resume(accelerator, run: RunArgs, progress: Progress) -> None:
         return
     path = latest_checkpoint(run.output_dir) if run.resume == "latest" else Path(run.resume).expanduser()
     if path is None or not (path / RUN_STATE).is_file():
-        raise ConfigError(field="--resume", value=str(path or run.output_dir / CHECKPOINTS),
-                          problem="no complete checkpoint there",
-                          fix="point --resume at a checkpoints/step-N folder, or drop --resume to start afresh")
+        raise ConfigError("--resume", str(path or run.output_dir / CHECKPOINTS), "no complete checkpoint there",
+                          "point --resume at a checkpoints/step-N folder, or drop --resume to start afresh")
     state = read_checkpoint(path, RUN_STATE)
     saved, now = state["config"], run.config(accelerator.num_processes)
     changed = sorted(k for k in set(saved) | set(now) if k not in _RESUMABLE_CHANGES and saved.get(k) != now.get(k))
     if progress.max_steps < state["max_steps"]:  # fewer steps than the run planned: another schedule
         changed += [k for k in ("max_steps", "epochs") if saved.get(k) != now.get(k)] or ["max_steps"]
     if changed:
-        raise ConfigError(field="--resume", value={k: [saved.get(k), now.get(k)] for k in changed}, problem="these "
-                          "flags differ from the interrupted run (was, now); only a higher --max-steps or --epochs may "
-                          "change", fix="resume with the same flags, or start a new run in another --output-dir")
+        raise ConfigError("--resume", {k: [saved.get(k), now.get(k)] for k in changed}, "these flags differ from the "
+                          "interrupted run (was, now); only a higher --max-steps or --epochs may change",
+                          "resume with the same flags, or start a new run in another --output-dir")
     check_same_data(state.get("data"), data_fingerprint(run))
     try:
         accelerator.load_state(str(path))
     except AdaptkitError:
         raise
     except Exception as exc:  # whatever torch, safetensors or pickle raise on a damaged file: one typed refusal
-        raise CheckpointError(field=str(path), value=type(exc).__name__, problem=f"cannot be loaded: "
-                              f"{str(exc).splitlines()[0][:200]}", fix="resume from an earlier checkpoint") from None
+        raise CheckpointError(str(path), type(exc).__name__, f"cannot be loaded: {str(exc).splitlines()[0][:200]}",
+                              "resume from an earlier checkpoint") from None
     try:
         progress.load_state_dict(state)
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(field=str(path / RUN_STATE), value=repr(exc), problem="holds a malformed position",
-                              fix="resume from an earlier checkpoint, or start afresh with --overwrite") from None
+        raise CheckpointError(str(path / RUN_STATE), repr(exc), "holds a malformed position",
+                              "resume from an earlier checkpoint, or start afresh with --overwrite") from None
     if progress.max_steps > state["max_steps"]:
         progress.notes.append(f"--resume: extended from {state['max_steps']} to {progress.max_steps} optimizer steps; "
                               "the learning-rate schedule is laid out over the new total from here on")
@@ -422,15 +419,15 @@ def read_checkpoint(folder: Path, state_name: str) -> dict[str, Any]:
     for file in sorted(folder.rglob("*")):
         rel = file.relative_to(folder).as_posix()
         if file.is_symlink() or not (_CHECKPOINT_DIR if file.is_dir() else CHECKPOINT_FILE).fullmatch(rel):
-            raise CheckpointError(field=str(file), value=None, problem="is not part of an adaptkit checkpoint (adaptkit "
-                                  "writes no pickled custom state, and resume loads nothing else)", fix=fix)
+            raise CheckpointError(str(file), None, "is not part of an adaptkit checkpoint (adaptkit writes no pickled "
+                                  "custom state, and resume loads nothing else)", fix)
     for rel, expected in state["files"].items():
         file = folder / str(rel)
         if not CHECKPOINT_FILE.fullmatch(str(rel)) or not file.is_file():
             raise CheckpointError(field=str(file), value=None, problem="is missing from the checkpoint", fix=fix)
         if _sha256(file) != expected:
-            raise CheckpointError(field=str(file), value=f"{file.stat().st_size} bytes",
-                                  problem="changed since the checkpoint was written (truncated or damaged)", fix=fix)
+            raise CheckpointError(str(file), f"{file.stat().st_size} bytes", "changed since the checkpoint was written "
+                                  "(truncated or damaged)", fix)
     for file in sorted(folder.glob("random_states_*.pkl")):
         try:
             load(file)  # accelerate.utils.load: torch.load(weights_only=True) with numpy's RNG arrays
@@ -482,8 +479,8 @@ def check_same_data(saved: dict[str, str] | None, now: dict[str, str]) -> None:
         return
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if changed:
-        raise CheckpointError(field="--resume", value=changed[:3], problem="the data changed since the interrupted run "
-                              "started (checksums differ)", fix="restore the data files, or start a new run")
+        raise CheckpointError("--resume", changed[:3], "the data changed since the interrupted run started (checksums "
+                              "differ)", "restore the data files, or start a new run")
 
 
 # ---- the log and the end of a run ---------------------------------------------------------------------------

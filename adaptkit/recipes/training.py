@@ -90,8 +90,7 @@ class RunArgs:
         if not 0.0 <= args.warmup_ratio < 1.0:
             raise ConfigError(field="--warmup-ratio", value=args.warmup_ratio, problem="must be in [0, 1)", fix="use 0.06")
         if args.resume is not None and args.overwrite:
-            raise ConfigError(field="--overwrite", value=True, problem="contradicts --resume (continue or start afresh?)",
-                              fix="drop one of the two")
+            raise ConfigError("--overwrite", True, "contradicts --resume (continue or start afresh?)", "drop one")
         # HfArgumentParser's list flags take nargs="+": appended, --option gives a list per use
         args.option = [item for items in args.option for item in ([items] if isinstance(items, str) else items)]
         trackers(args.report_to)  # a missing wandb/mlflow fails now, not after the model loaded
@@ -123,28 +122,25 @@ def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
     links = [n for n in (LOCK_NAME, MANIFEST, LOG_FILE, METRICS_FILE, ADAPTER_DIR, CHECKPOINTS, TENSORBOARD_DIR)
              if (out / n).is_symlink()]
     if links:
-        raise ConfigError(field="--output-dir", value=str(out), problem=f"holds links where a run writes ({links}); "
-                          "adaptkit writes and deletes through no link it did not make", fix="remove them, or pass "
-                          "another --output-dir")
+        raise ConfigError("--output-dir", str(out), f"holds links where a run writes ({links}); adaptkit writes and "
+                          "deletes through no link it did not make", "remove them, or pass another --output-dir")
     held = [n for n in (CHECKPOINTS, ADAPTER_DIR, METRICS_FILE) if (out / n).exists()]
     if not resume and not overwrite and held:
-        raise ConfigError(field="--output-dir", value=str(out), problem=f"already holds a run ({held})",
-                          fix="pass --resume to continue it, --overwrite to start afresh, or another --output-dir")
+        raise ConfigError("--output-dir", str(out), f"already holds a run ({held})",
+                          "pass --resume to continue it, --overwrite to start afresh, or another --output-dir")
 
 
 def trackers(report_to: list[str]) -> list[str]:
     if "none" in report_to:
         if len(report_to) > 1:
-            raise ConfigError(field="--report-to", value=report_to, problem="'none' contradicts the others",
-                              fix="pass 'none' alone, or only tracker names")
+            raise ConfigError("--report-to", report_to, "'none' contradicts the others", "pass 'none' alone")
         return []
     if "all" in report_to:
         return [name for name, package in TRACKERS.items() if importlib.util.find_spec(package) is not None]
     for name in report_to:
         if importlib.util.find_spec(TRACKERS[name]) is None:
-            raise MissingDependencyError(field="--report-to", value=name, problem=f"needs the {TRACKERS[name]} "
-                                         "package, which is not installed",
-                                         fix=f"pip install {TRACKERS[name]}, or --report-to tensorboard / none")
+            raise MissingDependencyError("--report-to", name, f"needs the {TRACKERS[name]} package, which is not "
+                                         "installed", f"pip install {TRACKERS[name]}, or another --report-to")
     return list(dict.fromkeys(report_to))
 
 
@@ -180,8 +176,8 @@ def refuse_remote_code(run: RunArgs) -> None:
 def preprocessor_name(run: RunArgs) -> str:
     name = run.tokenizer_name or run.model or run.config_name
     if name is None:
-        raise ConfigError(field="--model", value=None, problem="no model, config or tokenizer given",
-                          fix="pass --model PATH (pretrained), or --config-name CONFIG --tokenizer-name TOKENIZER")
+        raise ConfigError("--model", None, "no model, config or tokenizer given",
+                          "pass --model PATH (pretrained), or --config-name CONFIG --tokenizer-name TOKENIZER")
     return name
 
 
@@ -196,8 +192,8 @@ def load_base(run: RunArgs, task: str, from_pretrained: dict | None = None, **co
     if run.model is not None:
         return load_model(run.model, task, quantization=quantization, config=config, **(from_pretrained or {}), **dtype)
     if quantization is not None:
-        raise ConfigError(field="--quantization", value=quantization, problem="a model built from --config-name "
-                          "alone has no pretrained weights to quantize", fix="drop --quantization, or pass --model")
+        raise ConfigError("--quantization", quantization, "a model built from --config-name alone has no pretrained "
+                          "weights to quantize", "drop --quantization, or pass --model")
     with torch.random.fork_rng(devices=[]):  # the training run's RNG stream stays as it was
         torch.manual_seed(run.seed)
         model = getattr(transformers, TASKS[task]).from_config(config, **dtype)
