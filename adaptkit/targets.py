@@ -125,8 +125,9 @@ def match_targets(model: nn.Module, names: list[str], field: str, candidates: li
         if not any(n == target or n.endswith("." + target) for n in all_names):
             close = difflib.get_close_matches(target, suffixes, n=3, cutoff=0.5)
             leaf = sorted({n.split(".")[-1] for n in pool if not re.fullmatch(r"\d+", n.split(".")[-1])})
-            raise TargetNotFoundError(field, target, "matches no module in this model", (f"did you mean "
-                                      f"{' or '.join(map(repr, close))}? " if close else "") + f"names: {leaf[:12]}")
+            hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+            raise TargetNotFoundError(field, target, "matches no module in this model",
+                                      f"{hint}its names include {leaf[:12]}")
     return list(names)
 
 
