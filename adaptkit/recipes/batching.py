@@ -34,8 +34,7 @@ def tokenize(table: Table, tokenizer, max_length: int = 128) -> list[dict]:
 
 def make_collator(tokenizer, pad_to_multiple_of: int | None = None):
     if tokenizer.pad_token is None:
-        raise ConfigError("tokenizer.pad_token", None, "has no padding token, so batches cannot be padded",
-                          "set tokenizer.pad_token = tokenizer.eos_token (and model.config.pad_token_id to match)")
+        raise ConfigError("tokenizer.pad_token", None, "cannot pad", "set tokenizer.pad_token = tokenizer.eos_token")
     return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
 
 
@@ -139,9 +138,8 @@ def _turns(turns, fmt: str, where: str) -> list[dict]:
            for t in turns]
     for k, (t, o) in enumerate(zip(turns, out)):
         if t.get(key) not in roles or not isinstance(o["content"], str):
-            raise DataError(field=f"{where}, turn {k + 1}", value={key: t.get(key), text: t.get(text)},
-                            problem=f"needs {key} in {list(roles)} and {text} as text",
-                            fix=f"write each turn as {{{key!r}: one of {list(roles)}, {text!r}: \"...\"}}")
+            raise DataError(f"{where}, turn {k + 1}", {key: t.get(key), text: t.get(text)},
+                            f"needs {key} in {list(roles)} and {text} as text", f"use {{{key!r}: ..., {text!r}: ...}}")
     said = [o["role"] for o in out if o["role"] != "system"]
     if not said or said[0] != "user" or "assistant" not in said:
         raise DataError(where, said, "a chat must start with the user and hold an assistant turn to train on",
@@ -200,8 +198,7 @@ def pack(features: list[dict], block_size: int, notes: list[str] | None = None) 
     ids = [t for f in features for t in f["input_ids"]]
     labels = [t for f in features for t in f["labels"]]
     if len(ids) < block_size:
-        raise DataError("--block-size", block_size, f"a split holds {len(ids)} tokens, fewer than one block",
-                        "use a smaller --block-size, or more data")
+        raise DataError("--block-size", block_size, f"a split has {len(ids)} tokens, fewer than one block", "lower it")
     blocks = [{"input_ids": ids[i:i + block_size], "attention_mask": [1] * block_size, "labels": labels[i:i + block_size]}
               for i in range(0, len(ids) - block_size + 1, block_size)]
     kept = [b for b in blocks if any(t != -100 for t in b["labels"])]
@@ -229,9 +226,8 @@ def _chat_ids(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
         prompt = tokenizer.apply_chat_template(messages[:k], add_generation_prompt=True, tokenize=True, return_dict=False)
         full = tokenizer.apply_chat_template(messages[:k + 1], tokenize=True, return_dict=False)
         if full[:len(ids)] != ids or prompt[:len(ids)] != ids or full[:len(prompt)] != prompt:
-            raise ConfigError("tokenizer.chat_template", message["content"][:40], "renders a conversation differently "
-                              "from its start, so the assistant's turns cannot be told apart", "use a template whose "
-                              "renderings of a longer chat extend those of a shorter one")
+            raise ConfigError("tokenizer.chat_template", message["content"][:40], "renders a chat differently from its "
+                              "start, so the assistant's turns cannot be told apart", "use a prefix-stable template")
         labels += [-100] * (len(prompt) - len(ids)) + full[len(prompt):]
         ids = full
     if ids[-1] != tokenizer.eos_token_id:  # templates that end turns with their own marker still learn to stop

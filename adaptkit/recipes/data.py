@@ -110,8 +110,7 @@ def check_options(text_columns, task, num_labels) -> None:
 def _pick_text_columns(columns: list[str], text_columns, source: str) -> tuple[str, ...]:
     if text_columns is not None:
         if missing := [c for c in text_columns if c not in columns]:
-            raise DataError(f"{source} text_columns", missing, f"not found; the columns are {columns}",
-                            "pass text_columns with names from the header")
+            raise DataError(f"{source} text_columns", missing, f"not found; the columns are {columns}", "use those")
         return tuple(text_columns)
     found = [c for c in TEXT_COLUMN_CANDIDATES if all(name in columns for name in c)]
     # a single column that is part of a found pair is that pair, not a second match
@@ -119,9 +118,8 @@ def _pick_text_columns(columns: list[str], text_columns, source: str) -> tuple[s
     if len(found) != 1:
         problem = (f"no text column; the columns are {columns}" if not found
                    else f"ambiguous text columns: {[list(c) for c in found]} all match")
-        raise DataError(field=f"{source} text_columns", value=None, problem=problem,
-                        fix=f"name columns as one of {[list(c) for c in TEXT_COLUMN_CANDIDATES]}, or pass "
-                            "text_columns=[...] (1 or 2 names)")
+        raise DataError(f"{source} text_columns", None, problem, f"name columns as one of "
+                        f"{[list(c) for c in TEXT_COLUMN_CANDIDATES]}, or pass text_columns=[...] (1 or 2 names)")
     return found[0]
 
 
@@ -143,9 +141,8 @@ def _type_labels(ds, source, text_cols, column, task, num_labels, label_names) -
     number = pc.match_substring_regex(cells, _NUMBER, ignore_case=True)
     text_at, number_at = _first(pc.invert(number)), _first(number)
     if text_at is not None and number_at is not None:
-        raise DataError(field=f"{source} labels", value=[cells[number_at].as_py(), cells[text_at].as_py()],
-                        problem=f"mixed label types: a number at row {number_at + 1} and a string at row {text_at + 1}",
-                        fix="use only class ids (0..K-1), only class names, or only float scores")
+        raise DataError(f"{source} labels", [cells[number_at].as_py(), cells[text_at].as_py()], f"mixed label types: a "
+                        f"number at row {number_at + 1} and a string at row {text_at + 1}", "use one kind of label")
     if number_at is None:  # class names -> ids: sorted, or in the order given by label_names
         if task == "regression":
             raise bad(text_at, "is not a number but task='regression'", "use float scores, or task=None")
@@ -169,8 +166,7 @@ def _type_labels(ds, source, text_cols, column, task, num_labels, label_names) -
         return Table(data, "regression", 1, None, text_cols, source, notes)
     if (i := _first(pa.array(~whole | (np.abs(values) >= MAX_CLASS_ID)))) is not None:
         raise bad(i, "is not an integer class id but task='classification'" if not whole[i] else
-                  f"is not a plausible class id (>= {MAX_CLASS_ID:,})", "use task='regression' for scores, integer "
-                  "labels 0..K-1, or class names", cells)
+                  f"is not a plausible class id (>= {MAX_CLASS_ID:,})", "use task='regression' for scores", cells)
     if not integer:
         notes.append(f"{source}: labels written as whole-number floats (e.g. {cells[0].as_py()}) read as class ids; "
                      "pass --task regression if they are scores")
@@ -179,8 +175,7 @@ def _type_labels(ds, source, text_cols, column, task, num_labels, label_names) -
         raise bad(i, "is negative (GLUE writes -1 for unlabeled test rows)", "class ids are 0..K-1; drop them", cells)
     k = len(names) if names else num_labels or int(ids.max()) + 1
     if (i := _first(pa.array(ids >= k))) is not None:
-        raise bad(i, f"is out of range for num_labels={k}", f"class ids must be 0..{k - 1}; pass the right num_labels",
-                  cells)
+        raise bad(i, f"is out of range for num_labels={k}", f"use 0..{k - 1}, or the right num_labels", cells)
     data = ds.remove_columns(column).add_column("labels", ids, feature=datasets.ClassLabel(num_classes=k))
     return _classes(data, source, text_cols, k, num_labels if not names else None, names, notes)
 
@@ -317,9 +312,9 @@ def load_raw(source=None, *, dataset_name: str | None = None, dataset_config: st
                             f"and types {files} ({' '.join(str(err.__cause__ or err).split())[:160]})", fix="keep one format per folder, "
                             "or name the files: --train-file ... --validation-file ...") from None
         except (OSError, ValueError) as err:  # ConnectionError, DatasetNotFoundError, bad config name
-            raise DataError(field="--dataset-name", value=f"{dataset_name} {dataset_config or ''}".strip(), problem=f"the "
-                            f"Hugging Face hub (or its cache) failed ({type(err).__name__}: {str(err)[:160]})",
-                            fix="pass a local folder or file as --data; the hub is unreachable offline") from None
+            raise DataError("--dataset-name", f"{dataset_name} {dataset_config or ''}".strip(), f"the Hugging Face hub "
+                            f"(or its cache) failed ({type(err).__name__}: {str(err)[:160]})",
+                            "pass a local folder or file as --data; the hub is unreachable offline") from None
         return loaded, {split: f"{name}[{split}]" for split in loaded}
     if isinstance(source, datasets.DatasetDict):
         return dict(source), {split: f"DatasetDict[{split}]" for split in source}
@@ -342,9 +337,8 @@ def load_raw(source=None, *, dataset_name: str | None = None, dataset_config: st
     if any(d.is_dir() for d in path.iterdir()):  # class folders, maybe under train/ validation/ test/
         loaded = dict(datasets.load_dataset("imagefolder", data_dir=str(path)))
         return loaded, {split: f"{path}[{split}]" for split in loaded}
-    raise DataError(field=str(path), value=sorted(p.name for p in path.iterdir()), problem="the folder has no "
-                    "train file", fix=f"add train.tsv (or another of {list(FORMATS)}), image class folders, or "
-                                      "pass files: --train-file ... --validation-file ... --test-file ...")
+    raise DataError(str(path), sorted(p.name for p in path.iterdir()), "the folder has no train file", f"add train.tsv "
+                    f"(or another of {list(FORMATS)}), image class folders, or pass files: --train-file ...")
 
 
 def _split_files(folder: Path) -> dict[str, Path]:
@@ -378,9 +372,8 @@ def check_images(ds, where: str):
                 with Image.open(item["path"] if item.get("bytes") is None else io.BytesIO(item["bytes"])) as im:
                     im.load()  # decodes it: truncated and corrupt data fail here (verify() skips JPEG data)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-                raise DataError(field=f"{where}, image", value=name, problem=f"cannot be used: {type(err).__name__}: "
-                                f"{str(err)[:120]}", fix="replace or remove the file (images over PIL's "
-                                "Image.MAX_IMAGE_PIXELS are refused as decompression bombs)") from None
+                raise DataError(f"{where}, image", name, f"cannot be used: {type(err).__name__}: {str(err)[:120]}",
+                                "replace or remove the file (PIL refuses images over Image.MAX_IMAGE_PIXELS)") from None
     return ds
 
 
@@ -491,9 +484,8 @@ def splits_from_args(args, *, label_column: str | None = None, prepare: Callable
     if "train" not in raw:
         raise DataError("--data", sorted(where), "no train split", "use a dataset or folder with a 'train' split")
     if label_column is not None and not labelled(raw["train"], label_column):
-        raise DataError(field=where["train"], value=raw["train"].column_names, problem=f"the train split has no "
-                        f"labels in column {label_column!r}", fix="name the label column with --label-column; an "
-                        "image folder needs 2+ class sub-folders (datasets labels nothing with one)")
+        raise DataError(where["train"], raw["train"].column_names, f"the train split has no labels in column "
+                        f"{label_column!r}", "pass --label-column; an image folder needs 2+ class sub-folders")
     raw = {s: check_images((prepare or (lambda d, w: d))(ds, where[s]), where[s]) for s, ds in raw.items()
            if s in SPLITS and (label_column is None or labelled(ds, label_column))}
     stratify = label_column if label_column and isinstance(raw["train"].features[label_column], datasets.ClassLabel) \

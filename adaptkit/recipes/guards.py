@@ -32,9 +32,8 @@ def check_numbers(args: Any, flags: dict[str, str] | None = None) -> None:
         if not math.isfinite(value):
             raise ConfigError(flag, value, "is not a finite number", f"pass a finite value (or leave {flag} out)")
         if value < least or (value == least and not inclusive):
-            raise ConfigError(field=flag, value=value, problem=f"must be {'at least' if inclusive else 'greater than'} "
-                              f"{least:g}", fix=f"pass a {'non-negative' if inclusive else 'positive'} value (or leave "
-                              f"{flag} out for the default)")
+            raise ConfigError(flag, value, f"must be {'at least' if inclusive else 'greater than'} {least:g}",
+                              f"pass a {'non-negative' if inclusive else 'positive'} value (or leave {flag} out)")
     for name, least in _COUNT_FLAGS.items():
         value = getattr(args, name, None)
         if value is not None and value < least:
@@ -82,16 +81,14 @@ def require_classes(labels: Iterable[int], source: Any) -> None:
     """With one class the model learns a constant, and its accuracy on that class reads 1.0."""
     seen = sorted(set(int(v) for v in labels))
     if len(seen) < 2:
-        raise DataError(f"{source} labels", seen, "the training examples hold only one class", "train on 2+ classes "
-                        "(check --max-train-samples and the label column), or use --task regression for scores")
+        raise DataError(f"{source} labels", seen, "the training examples hold only one class", "train on 2+ classes")
 
 
 # ---- divergence ---------------------------------------------------------------------------------------
 def check_finite_loss(loss: float, step: int) -> None:
     if not math.isfinite(loss):
         raise NonFiniteError("loss", loss, f"is not finite at step {step}; the run stopped (the adapter saved before, "
-                             "if any, is the last finite best)", "lower --learning-rate, keep --max-grad-norm > 0, "
-                             "and check the data for NaN/inf")
+                             "if any, is the last finite best)", "lower --learning-rate, keep --max-grad-norm > 0")
 
 
 def check_finite_weights(model: torch.nn.Module, step: int) -> None:

@@ -31,8 +31,7 @@ def matthews_correlation(predictions, references) -> dict:
 
 def pearson_spearman(predictions, references) -> dict:
     if len(predictions) < 2:
-        raise DataError("pearson_spearman", len(predictions), "a correlation needs at least 2 examples",
-                        "evaluate on more examples")
+        raise DataError("pearson_spearman", len(predictions), "a correlation needs at least 2 examples", "add examples")
     with warnings.catch_warnings():  # constant input: scipy warns and returns NaN, which is what we report
         warnings.simplefilter("ignore", stats.ConstantInputWarning)
         pearson, spearman = float(stats.pearsonr(predictions, references)[0]), float(stats.spearmanr(predictions, references)[0])

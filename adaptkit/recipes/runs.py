@@ -59,7 +59,7 @@ def lock_folder(folder: Path, flag: str) -> FileLock:
         lock.acquire()
     except Timeout:
         holder = (folder / LOCK_NAME).read_text(errors="replace").strip() or "another process"
-        raise RunLockedError(flag, str(folder), f"is in use by a run ({holder})", 
+        raise RunLockedError(flag, str(folder), f"is in use by a run ({holder})",
                              "wait for that run to finish, or pass another folder") from None
     return lock
 
@@ -278,9 +278,8 @@ def _load_trained(models: list, input_dir: str) -> None:
         covered = {state[k].data_ptr() for k in saved if k in state}  # shared tensors are written once
         lost = sorted(k for k in _kept_names(model, state) if state[k].data_ptr() not in covered)
         if unexpected or lost:
-            raise ConfigError(field="--resume", value=str(path), problem=f"the checkpoint does not hold this model's "
-                              f"trained tensors (missing {lost[:3]}, unexpected {sorted(unexpected)[:3]})",
-                              fix="resume with the strategy and options the checkpoint was written with")
+            raise ConfigError("--resume", str(path), f"does not hold this model's trained tensors (missing {lost[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]})", "resume with the strategy it was written with")
     models.clear()  # loaded here; accelerate would load them strictly, as whole models
 
 

@@ -116,9 +116,8 @@ def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse an --output-dir that is (or goes through) a file, holds links where a run writes, or holds a run."""
     existing = next(p for p in (out, *out.parents) if p.exists() or p.is_symlink())
     if not existing.is_dir():
-        raise ConfigError(field="--output-dir", value=str(out), problem=f"{'is' if existing == out else 'goes through'} "
-                          f"{existing}, which is not a folder (a file, or a broken or looping link)",
-                          fix="pass a folder for the run's outputs, e.g. runs/mine")
+        raise ConfigError("--output-dir", str(out), f"{'is' if existing == out else 'goes through'} {existing}, which "
+                          "is not a folder (a file, or a broken or looping link)", "pass a folder, e.g. runs/mine")
     links = [n for n in (LOCK_NAME, MANIFEST, LOG_FILE, METRICS_FILE, ADAPTER_DIR, CHECKPOINTS, TENSORBOARD_DIR)
              if (out / n).is_symlink()]
     if links:
@@ -126,8 +125,7 @@ def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
                           "deletes through no link it did not make", "remove them, or pass another --output-dir")
     held = [n for n in (CHECKPOINTS, ADAPTER_DIR, METRICS_FILE) if (out / n).exists()]
     if not resume and not overwrite and held:
-        raise ConfigError("--output-dir", str(out), f"already holds a run ({held})",
-                          "pass --resume to continue it, --overwrite to start afresh, or another --output-dir")
+        raise ConfigError("--output-dir", str(out), f"already holds a run ({held})", "--resume, --overwrite or another")
 
 
 def trackers(report_to: list[str]) -> list[str]:
@@ -176,8 +174,7 @@ def refuse_remote_code(run: RunArgs) -> None:
 def preprocessor_name(run: RunArgs) -> str:
     name = run.tokenizer_name or run.model or run.config_name
     if name is None:
-        raise ConfigError("--model", None, "no model, config or tokenizer given",
-                          "pass --model PATH (pretrained), or --config-name CONFIG --tokenizer-name TOKENIZER")
+        raise ConfigError("--model", None, "no model", "pass --model, or --config-name and --tokenizer-name")
     return name
 
 
