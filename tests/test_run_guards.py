@@ -193,13 +193,18 @@ def test_weights_that_went_non_finite_are_not_saved_as_the_best(tmp_path):
 
 
 # ---- one run per output folder ----------------------------------------------------------------------------
+def hold_lock(path: Path) -> subprocess.Popen:
+    """Another process (pid recorded as 4242) holding the run lock, as a live run does."""
+    return subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "f.write('pid 4242\\n'); f.flush(); print('locked', flush=True); time.sleep(60)"), str(path)],
+        stdout=subprocess.PIPE, text=True)
+
+
 def test_a_second_run_on_the_same_output_folder_is_refused(tmp_path, assets):
     out = tmp_path / "out"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
-        "f.write('pid 4242\\n'); f.flush(); print('locked', flush=True); time.sleep(60)"),
-        str(out / training.LOCK_NAME)], stdout=subprocess.PIPE, text=True)
+    holder = hold_lock(out / training.LOCK_NAME)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(errors.RunLockedError, match=r"--output-dir=.*out.: is in use by a run \(pid 4242\)"
@@ -457,10 +462,7 @@ def test_minimal_stops_on_a_non_finite_loss_and_saves_no_adapter(tmp_path, asset
 def test_minimal_refuses_a_second_run_on_the_same_out(tmp_path, assets):
     out = tmp_path / "out"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
-        "f.write('pid 4242\\n'); f.flush(); print('locked', flush=True); time.sleep(60)"),
-        str(out / training.LOCK_NAME)], stdout=subprocess.PIPE, text=True)
+    holder = hold_lock(out / training.LOCK_NAME)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(errors.RunLockedError, match=r"--out=.*out': is in use by a run \(pid 4242\)"):
