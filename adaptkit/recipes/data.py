@@ -320,8 +320,7 @@ def load_raw(source=None, *, dataset_name: str | None = None, dataset_config: st
         return dict(source), {split: f"DatasetDict[{split}]" for split in source}
     if isinstance(source, Mapping):
         if set(source) - set(SPLITS) or "train" not in source:
-            raise ConfigError("source", sorted(source), "keys must be 'train' (required), 'validation', 'test'",
-                              "load_splits({'train': 'a.tsv', 'test': 'b.tsv'})")
+            raise ConfigError("source", sorted(source), "keys must be 'train', 'validation', 'test'", "include 'train'")
         return {split: read_file(f) for split, f in source.items()}, {split: str(f) for split, f in source.items()}
     path = Path(source)
     if path.is_file():
@@ -407,8 +406,7 @@ def arrange(splits: dict, *, fraction: float, seed: int, stratify: str | None = 
     splits, notes = dict(splits), [f"{split}: {len(rows)} rows" for split, rows in splits.items()]
     if carve_from_train and "validation" in splits:
         if "test" in splits:
-            raise ConfigError("--select-on-train-carve", sorted(splits), "the validation split would go unused",
-                              "drop --select-on-train-carve, or give no test split (validation becomes it)")
+            raise ConfigError("--select-on-train-carve", sorted(splits), "validation split would go unused", "drop it")
         splits["test"] = splits.pop("validation")
         notes.append("--select-on-train-carve: the validation split is scored as the test set")
     if "validation" not in splits:

@@ -51,8 +51,7 @@ def lock_folder(folder: Path, flag: str) -> FileLock:
     except OSError as err:
         raise ConfigError(flag, str(folder), f"cannot be created ({err.strerror})", "pass a writable folder") from None
     if (folder / LOCK_NAME).is_symlink():
-        raise ConfigError(flag, str(folder), f"its {LOCK_NAME} is a link; adaptkit writes through no link it did not "
-                          "make", f"remove {folder / LOCK_NAME}, or pass another folder")
+        raise ConfigError(flag, str(folder), f"its {LOCK_NAME} is a link", "remove it, or pass another folder")
     # one instance per path in this process: a later run in it takes over from an earlier one that raised
     lock = FileLock(folder / LOCK_NAME, timeout=0, is_singleton=True, on_acquired=_write_pid)
     try:
@@ -418,8 +417,7 @@ def read_checkpoint(folder: Path, state_name: str) -> dict[str, Any]:
     for file in sorted(folder.rglob("*")):
         rel = file.relative_to(folder).as_posix()
         if file.is_symlink() or not (_CHECKPOINT_DIR if file.is_dir() else CHECKPOINT_FILE).fullmatch(rel):
-            raise CheckpointError(str(file), None, "is not part of an adaptkit checkpoint (adaptkit writes no pickled "
-                                  "custom state, and resume loads nothing else)", fix)
+            raise CheckpointError(str(file), None, "is not part of an adaptkit checkpoint", fix)
     for rel, expected in state["files"].items():
         file = folder / str(rel)
         if not CHECKPOINT_FILE.fullmatch(str(rel)) or not file.is_file():
