@@ -16,7 +16,7 @@ import torch
 import adaptkit
 from adaptkit import strategies
 from conftest import tiny_model
-from test_recipes import classify_args, data_root, recipe, tiny_bert  # noqa: F401  (fixtures)
+from test_recipes import classify_args, data_root, recipe  # noqa: F401  (fixtures; tiny_bert is in conftest)
 
 STRATEGIES = ["lora", "bottleneck", "prefix", "linear_probe", "full", "ia3"]
 
