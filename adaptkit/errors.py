@@ -1,12 +1,5 @@
-"""Every error adaptkit raises, in one place.
-
-Each error subclasses the builtin it refines (so ``except ValueError`` keeps working for callers that do not know
-adaptkit) and its message names the field, the value received and the fix, positionally or by keyword::
-
-    raise ConfigError("LoRA.r", -1, "must be a positive integer", "use r=8")
-
-renders as ``LoRA.r=-1: must be a positive integer. Fix: use r=8``.
-"""
+"""Every error adaptkit raises (the table: docs/errors.md). Each subclasses the builtin it refines, and its message
+reads ``field=value: problem. Fix: fix``: ``ConfigError("LoRA.r", -1, "must be positive", "use r=8")``."""
 
 from __future__ import annotations
 

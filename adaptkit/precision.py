@@ -1,9 +1,6 @@
-"""What trains stays fp32 on a bf16/fp16 base: bf16 keeps 8 significant bits, so an AdamW step (~lr) smaller than
-~1/256 of a weight rounds away and a bf16 tensor stops moving once its values pass ~0.1. Adapters are created fp32;
-new task heads are upcast before the strategy is applied (PEFT then copies an fp32 head), anything else that trains
-after; an upcast module casts its inputs to fp32. Not upcast: a head tied to the input embedding (GPT-2's
-``lm_head``), and ``full``, which trains in the loaded dtype (load fp32 and use ``--mixed-precision bf16``).
-"""
+"""What trains stays fp32 on a bf16/fp16 base (docs/precision.md: why, and what is not upcast). New task heads are
+upcast before the strategy is applied (PEFT then copies an fp32 head), anything else that trains after; an upcast
+module casts its inputs to fp32."""
 
 from __future__ import annotations
 

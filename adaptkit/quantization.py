@@ -1,9 +1,6 @@
-"""``load_model``: ``from_pretrained`` for adapter training (full precision, 8-bit or 4-bit), with what users get wrong:
-task heads, the output embedding and the pooler a head reads stay unquantized (a quantized fresh head crashes and
-cannot train); one whole copy per process (``adaptkit.placement``); no hidden fp32 upcast (peft's
-``prepare_model_for_kbit_training`` adds ~1 GB), non-reentrant checkpointing; and no CPU inference repack of 4-bit
-weights at an eval pass on AVX512-BF16 CPUs (that layout has no backward).
-"""
+"""``load_model``: ``from_pretrained`` for adapter training, full precision, 8-bit or 4-bit, with what users get wrong
+done right (docs/big-models.md): task heads and the pooler they read unquantized, one whole copy per process, no
+fp32 upcast, non-reentrant checkpointing, no CPU inference repack of 4-bit weights."""
 
 from __future__ import annotations
 
@@ -36,14 +33,6 @@ def _dtype_arg(hf_kwargs: dict[str, Any]) -> torch.dtype:
 
 # from_pretrained arguments that also decide which config (and so which head names) a model has
 _CONFIG_KWARGS = ("revision", "trust_remote_code", "cache_dir", "token", "subfolder", "local_files_only")
-
-
-def require_bitsandbytes(quantization: str) -> None:
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as exc:
-        raise MissingDependencyError("quantization", quantization, f"needs bitsandbytes, which cannot be imported "
-                                     f"({exc})", "pip install 'adaptkit[bitsandbytes]'") from None
 
 
 def _auto_class(task: Any):
@@ -127,7 +116,11 @@ def load_model(name_or_path: str, task: Any = "seq_cls", quantization: str | Non
                           "add quantization='8bit' or '4bit'")
     hf_kwargs["device_map"] = placement.device_map(hf_kwargs.get("device_map"))
     if quantization is not None:
-        require_bitsandbytes(quantization)
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise MissingDependencyError("quantization", quantization, f"needs bitsandbytes, which cannot be imported "
+                                         f"({exc})", "pip install 'adaptkit[bitsandbytes]'") from None
         skips = unquantized_modules(name_or_path, auto_class, hf_kwargs)
         # FSDP + QLoRA: 4-bit weights packed in the dtype of the other weights, so FSDP can shard them
         storage = _dtype_arg(hf_kwargs) if placement.fsdp_requested() and quantization == "4bit" else None

@@ -33,8 +33,6 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 # config fields that decide how many modules a model builds, and the largest layer count accepted: the deepest
 # released models have ~130 layers, and building one layer's modules takes ~6 ms even on the meta device
 _LAYER_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "encoder_layers", "decoder_layers", "num_decoder_layers")
-_SIZE_FIELDS = ("hidden_size", "d_model", "n_embd", "intermediate_size", "num_attention_heads", "vocab_size",
-                "max_position_embeddings", *_LAYER_FIELDS)
 MAX_LAYERS = 512
 _CODE_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json",
                "feature_extractor_config.json", "image_processor_config.json")
@@ -130,17 +128,6 @@ def remote_code_error(name_or_path: Any, why: str) -> UnsupportedError:
                             "the model yourself with trust_remote_code=True and pass it to adaptkit.adapt")
 
 
-def check_sizes(config) -> None:
-    """Refuse size fields that are not ints, and layer counts no real model has (10**7 would build for hours)."""
-    for field in _SIZE_FIELDS:
-        value = getattr(config, field, None)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-            raise ConfigTypeError(f"config.{field}", value, "expected an int", 'write e.g. 32 rather than "32"')
-        if field in _LAYER_FIELDS and isinstance(value, int) and not 0 <= value <= MAX_LAYERS:
-            raise ConfigError(f"config.{field}", value, f"is outside 0..{MAX_LAYERS}, beyond any real model",
-                              "check config.json")
-
-
 def infer_task(config) -> str:
     """The task the config's architectures name; a bare backbone counts as a classifier (seq_cls, image_cls)."""
     named = (task_of_class(a, config) for a in getattr(config, "architectures", None) or [])
@@ -164,7 +151,10 @@ def _model_class(config, task: str) -> type | None:
 def skeleton(model: Any, task: str = "auto", num_labels: int | None = None) -> Skeleton:
     """Read the config and pick the model class; raise a typed error when either is impossible."""
     config = read_config(model)
-    check_sizes(config)
+    for field in _LAYER_FIELDS:  # their types transformers checks itself (StrictDataclassError, see read_config)
+        if isinstance(value := getattr(config, field, None), int) and not 0 <= value <= MAX_LAYERS:
+            raise ConfigError(f"config.{field}", value, f"is outside 0..{MAX_LAYERS}, beyond any real model",
+                              "check config.json")
     if task not in TASKS and task != "auto":
         raise ConfigError("task", task, "is not a task adaptkit knows", f"choose one of {['auto', *TASKS]}")
     if isinstance(model, nn.Module):  # a loaded model: check exactly its class

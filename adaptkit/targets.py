@@ -113,7 +113,11 @@ def unique_suffixes(model: nn.Module, names: list[str]) -> list[str]:
 
 def hidden_size(model: nn.Module) -> int:
     values = (getattr(getattr(model, "config", None), a, None) for a in ("hidden_size", "d_model", "n_embd", "dim"))
-    return next((v for v in values if isinstance(v, int)), None) or model.get_input_embeddings().embedding_dim
+    try:
+        return next((v for v in values if isinstance(v, int)), None) or model.get_input_embeddings().embedding_dim
+    except AttributeError:  # not a transformers model: no config, no input embeddings
+        raise UnsupportedError("model", type(model).__name__, "its hidden size cannot be read",
+                               "pass a transformers model") from None
 
 
 def match_targets(model: nn.Module, names: list[str], field: str, candidates: list[str] | None = None) -> list[str]:

@@ -1,12 +1,8 @@
-"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021) as plain torch modules (PEFT has none, and
-AdapterHub's ``adapters`` cannot be installed beside transformers 5): ``up(act(down(x)))`` added to a linear's
-output, ``up`` zero (the base's outputs until the first step). ``pfeiffer`` adapts every feed-forward down
-projection (a linear outside attention from a wider input to the hidden size: BERT ``output.dense``, T5 ``wo``,
-GPT-2 ``mlp.c_proj``); ``houlsby`` also each attention module's last linear of hidden-size output. Each adapter is a
-child of its linear, run by a forward hook: state-dict names stay, quantized linears work unchanged.
-
-A fresh task head trains, and so does the pooler it reads: frozen, all-MiniLM-L6-v2's never-trained pooler gave
-CoLA MCC 0.000 at every rate; trained, 0.268 (benchmarks/README.md). ``train_pooler=False`` keeps it frozen.
+"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021) as plain torch modules (docs/strategies.md: why
+ours, and why the pooler a fresh head reads trains too). ``pfeiffer`` follows every feed-forward down projection (a
+linear outside attention from a wider input to the hidden size: BERT ``output.dense``, T5 ``wo``, GPT-2
+``mlp.c_proj``); ``houlsby`` also each attention module's last linear of hidden-size output. Each adapter is a child
+of its linear, run by a forward hook: state-dict names stay, quantized linears work unchanged.
 """
 
 from __future__ import annotations
@@ -53,7 +49,7 @@ def _adapter_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch
 
 def adapter_hosts(model: nn.Module, variant: str) -> list[str]:
     """Dotted names of the linears that get an adapter, in model order (see the module docstring)."""
-    hidden, heads = _hidden_size(model), tuple(h + "." for h in targets.head_names(model))
+    hidden, heads = targets.hidden_size(model), tuple(h + "." for h in targets.head_names(model))
     attention_out: dict[str, str] = {}  # attention module -> its output projection (the last one wins)
     ffn_down: list[str] = []
     for name, module in model.named_modules():
@@ -76,14 +72,6 @@ def adapter_hosts(model: nn.Module, variant: str) -> list[str]:
     return sorted(ffn_down + (list(attention_out.values()) if variant == "houlsby" else []), key=order.__getitem__)
 
 
-def _hidden_size(model: nn.Module) -> int:
-    try:
-        return targets.hidden_size(model)
-    except AttributeError:  # not a transformers model: no config, no input embeddings
-        raise UnsupportedError("model", type(model).__name__, "its hidden size cannot be read",
-                               "pass a transformers model") from None
-
-
 def has_adapters(model: nn.Module) -> bool:
     return any(isinstance(m, BottleneckAdapter) for m in model.modules())
 
@@ -103,9 +91,8 @@ def adapters_off(model: nn.Module):
 @register
 @dataclasses.dataclass
 class Bottleneck(Strategy):
-    """Bottleneck adapters after feed-forward (``pfeiffer``) or attention + feed-forward (``houlsby``) blocks, of
-    width ``hidden // reduction_factor`` unless ``bottleneck_size`` is given. Trains the adapters, any fresh task
-    head and, with ``train_pooler``, the pooler it reads (module docstring); everything else is frozen."""
+    """Adapters of width ``hidden // reduction_factor`` (or ``bottleneck_size``). Trains them, any fresh task head
+    and, with ``train_pooler``, the pooler it reads; everything else is frozen."""
 
     name = "bottleneck"
     mergeable = False        # the activation makes an adapter nonlinear: nothing to fold into a weight
@@ -137,7 +124,7 @@ class Bottleneck(Strategy):
     def apply(self, model: nn.Module) -> nn.Module:
         if has_adapters(model):
             raise AlreadyAdaptedError("model", type(model).__name__, "already carries bottleneck adapters", "reload it")
-        hosts, hidden = adapter_hosts(model, self.variant), _hidden_size(model)  # raise before anything changes
+        hosts, hidden = adapter_hosts(model, self.variant), targets.hidden_size(model)  # raise before anything changes
         size, heads = self.size_for(hidden), targets.new_head_names(model)
         # a fresh classifier left random would make the adapters learn around noise: it trains too
         trained = heads + pooler_if(self.train_pooler, heads, model, "Bottleneck.train_pooler")

@@ -1,10 +1,6 @@
 """Linear probe: the pretrained model is a fixed feature map; only the task head learns (no pooler, by definition).
-
-``pooling``: ``"head"``, what the model's own head reads (BERT's first-token pooler); ``"mean"``, the masked mean
-of the last hidden states, which sentence-transformers checkpoints (all-MiniLM-L6-v2) are trained for (SST-2: 0.70
-vs 0.78 mean-pooled, benchmarks/results/v1/REPORT.md; cannot merge); ``"auto"``, what the checkpoint's
-``modules.json`` says. A causal LM's ``lm_head`` is usually tied to the input embeddings: probing trains them too.
-"""
+``pooling`` ("head", "mean" or "auto": what the checkpoint's sentence-transformers ``modules.json`` says) and why
+mean pooling matters for MiniLM: docs/strategies.md."""
 
 from __future__ import annotations
 
@@ -98,23 +94,21 @@ def checkpoint_pooling(model: nn.Module) -> tuple[str, str]:
     """("mean" or "head", where read): the Pooling module's ``pooling_mode_mean_tokens`` in the sentence-transformers
     ``modules.json`` of the model's folder or local hub cache (nothing is downloaded); none: "head"."""
     source = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", "")
-    modules = _checkpoint_file(source, "modules.json")
-    if modules is None:
+
+    def find(name: str) -> str | None:
+        try:
+            return cached_file(source, name, local_files_only=True) if source else None
+        except (OSError, ValueError):  # not there, or not a folder nor a valid repo id
+            return None
+
+    if (modules := find("modules.json")) is None:
         return "head", f"{source or 'the model'} has no sentence-transformers modules.json"
     try:
         (folder,) = [e.get("path", "") for e in json.loads(Path(modules).read_text())
                      if str(e.get("type", "")).endswith(".Pooling")]
-        config = _checkpoint_file(source, f"{folder}/config.json" if folder else "config.json")
+        config = find(f"{folder}/config.json" if folder else "config.json")
         mean = bool(config and json.loads(Path(config).read_text()).get("pooling_mode_mean_tokens"))
     except (OSError, ValueError, AttributeError, TypeError) as exc:
         raise UnsupportedError("LinearProbe.pooling", "auto", f"cannot read the pooling of {modules} "
                                f"({type(exc).__name__}: {exc})", "pass pooling='mean' or 'head'") from exc
     return ("mean" if mean else "head"), str(modules)
-
-
-def _checkpoint_file(source: str, name: str) -> str | None:
-    """``name`` in the folder ``source`` or, for a hub id, in the local cache (nothing is downloaded); else None."""
-    try:
-        return cached_file(source, name, local_files_only=True) if source else None
-    except (OSError, ValueError):  # not there, or not a folder nor a valid repo id
-        return None

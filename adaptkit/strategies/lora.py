@@ -1,7 +1,5 @@
 """LoRA through PEFT: low-rank updates ``W + (alpha/r) B A`` on chosen linear layers, B zero at init. A fresh task
-head trains in full (``modules_to_save``), and by default so does the pooler it reads: with a rank-8 update of
-all-MiniLM-L6-v2's never-trained pooler two STS-B seeds of three collapsed (dev 0.047, 0.199); trained in full,
-0.856 (benchmarks/README.md). ``train_pooler=False`` keeps it frozen."""
+head trains in full (``modules_to_save``), and by default so does the pooler it reads (docs/strategies.md: why)."""
 
 from __future__ import annotations
 
@@ -52,8 +50,7 @@ def head_modules(model: nn.Module, given: list[str] | None, field: str) -> list[
 @register
 @dataclasses.dataclass
 class LoRA(PeftStrategy):
-    """Low-rank adapters. ``targets=None`` adapts every linear layer of the backbone (found from the
-    model's structure; on all-MiniLM-L6-v2 this beat query+value by ~2 points on SST-2, FACTS.md)."""
+    """Low-rank adapters; ``targets=None`` adapts every linear layer of the backbone, found from the module tree."""
 
     name = "lora"
     mergeable = True
@@ -72,9 +69,7 @@ class LoRA(PeftStrategy):
     heads: list[str] | None = None  # trained + saved in full; None = the task head(s) found automatically
     train_pooler: bool = True       # with heads=None: the pooler a fresh head reads trains in full too
     use_dora: bool = False
-    # PEFT init_lora_weights: "default" (B = 0), "gaussian", "pissa", ...; "eva" as in PEFT: B = 0 until
-    # peft.initialize_lora_eva_weights(model, dataloader) sets it from data
-    init: str = "default"
+    init: str = "default"  # PEFT's init_lora_weights: "default" (B = 0), "gaussian", "pissa", "eva", ...
 
     def validate(self) -> None:
         if self.r <= 0 or self.alpha <= 0:

@@ -1,7 +1,6 @@
-"""Any other PEFT method, passed straight through: by name (``"ia3"``, ``"loha"``) or as a PeftConfig. adaptkit
-fills only what PEFT would get wrong or fail on unnamed: the task type, the new head and its pooler in
-``modules_to_save``, prompt sizes PEFT leaves empty, targets where PEFT has none for the model type.
-tests/test_peft_methods.py compares every method with plain PEFT."""
+"""Any other PEFT method, passed straight through: by name (``"ia3"``, ``"loha"``) or as a PeftConfig. adaptkit fills
+only what PEFT would get wrong or fail on unnamed (docs/strategies.md); tests/test_peft_methods.py compares every
+method with plain PEFT."""
 
 from __future__ import annotations
 

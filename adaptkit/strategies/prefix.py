@@ -13,12 +13,6 @@ from adaptkit.strategies.base import PeftStrategy
 from adaptkit.strategies.lora import head_modules
 
 
-def _checkpointing(model: nn.Module) -> bool:
-    # transformers 5 renamed the flag; reading the old name only warns
-    attr = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
-    return bool(getattr(model, attr, False))
-
-
 @register
 @dataclasses.dataclass
 class Prefix(PeftStrategy):
@@ -50,7 +44,9 @@ class Prefix(PeftStrategy):
             raise UnsupportedError("strategy", f"prefix on {type(model).__name__}", "its forward takes no "
                                    "past_key_values (nor cache) to fill", "use 'lora' or 'bottleneck'")
         compat.refuse_untested_transformers()  # before PEFT wraps anything (core applies compat.bridge after)
-        if _checkpointing(model):
+        # transformers 5 renamed the flag; reading the old name only warns
+        renamed = hasattr(type(model), "is_activation_checkpointing")
+        if getattr(model, "is_activation_checkpointing" if renamed else "is_gradient_checkpointing", False):
             raise UnsupportedError("gradient_checkpointing", True, "PEFT refuses prefix tuning with it",
                                    "call model.gradient_checkpointing_disable() before adapt, or use 'lora'")
         config = PrefixTuningConfig(
