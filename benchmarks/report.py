@@ -125,9 +125,9 @@ def majority_baselines(data_root: Path | None, tasks) -> dict[str, float]:
             continue
         dev = data.read_table(files[1], num_labels=train.num_labels, label_names=train.label_names)
         majority = max(sorted(set(train.labels)), key=train.labels.count)
-        metric = metrics.metric_for_task(task, num_labels=train.num_labels)
-        metric.add_batch(predictions=[majority] * len(dev), references=dev.labels)
-        out[task] = float(metric.compute()[metrics.primary_metric(task)[0]])
+        scores = metrics.metric_for_task(task, num_labels=train.num_labels)(predictions=[majority] * len(dev),
+                                                                           references=dev.labels)
+        out[task] = float(scores[metrics.primary_metric(task)[0]])
     return out
 
 

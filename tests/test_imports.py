@@ -37,3 +37,11 @@ def test_the_core_does_not_import_the_recipe_kit():
             "print([m for m in sys.modules if m.startswith('adaptkit.recipes')])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_the_recipe_kit_without_its_extra_is_a_typed_error_naming_the_extra():
+    code = ("import sys\nsys.modules['sklearn'] = None  # as if scikit-learn were not installed\n"
+            "from adaptkit.errors import MissingDependencyError\n"
+            "try:\n    import adaptkit.recipes\nexcept MissingDependencyError as error:\n    print(error)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "adaptkit.recipes=['scikit-learn']" in out and "pip install 'adaptkit[recipes]'" in out, out

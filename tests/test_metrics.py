@@ -14,8 +14,8 @@ from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from adaptkit.errors import ConfigError, DataError
-from adaptkit.recipes.metrics import (TASKS, Metric, accuracy, f1, matthews_correlation, metric_for_task,
-                                      pearson_spearman, primary_metric)
+from adaptkit.recipes.metrics import (TASKS, accuracy, f1, matthews_correlation, metric_for_task, pearson_spearman,
+                                      primary_metric)
 
 
 def test_hand_made_classification_values():
@@ -32,61 +32,53 @@ def test_hand_made_regression_and_perplexity():
     assert out["pearson"] == pytest.approx(stats.pearsonr([1, 2, 3, 4], [2, 4, 6, 8.5])[0])
     assert out["combined"] == pytest.approx((out["pearson"] + 1.0) / 2)
     # 5 tokens with total NLL 5 -> mean loss 1 -> perplexity e
-    out = metric_for_task("language_model").compute(nll=[2.0, 3.0], num_tokens=[2, 3])
+    out = metric_for_task("language_model")(nll=[2.0, 3.0], num_tokens=[2, 3])
     assert out == {"perplexity": pytest.approx(math.e), "loss": pytest.approx(1.0), "num_tokens": 5}
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_random_data_matches_sklearn_and_scipy_across_batches(seed):
+def test_random_data_matches_sklearn_and_scipy(seed):
     rng = np.random.default_rng(seed)
     refs, preds = rng.integers(0, 2, 203), rng.integers(0, 2, 203)
     multi_refs, multi_preds = rng.integers(0, 4, 203), rng.integers(0, 4, 203)
     y, yhat = rng.normal(size=203), rng.normal(size=203)
-    binary, multi, corr = metric_for_task("mrpc"), metric_for_task("classification", 4), metric_for_task("stsb")
-    mcc = Metric(matthews_correlation)
-    for start in range(0, 203, 50):  # uneven last batch; torch, numpy and lists all accepted
-        sl = slice(start, start + 50)
-        binary.add_batch(predictions=torch.from_numpy(preds[sl]), references=torch.from_numpy(refs[sl]))
-        mcc.add_batch(predictions=preds[sl].tolist(), references=refs[sl].tolist())
-        multi.add_batch(predictions=multi_preds[sl], references=multi_refs[sl])
-        corr.add_batch(predictions=yhat[sl], references=y[sl])
-    assert binary.compute() == {"accuracy": pytest.approx(accuracy_score(refs, preds)),
-                                "f1": pytest.approx(f1_score(refs, preds))}
-    assert mcc.compute()["matthews_correlation"] == pytest.approx(matthews_corrcoef(refs, preds))
-    assert multi.compute()["macro_f1"] == pytest.approx(f1_score(multi_refs, multi_preds, average="macro"))
-    out = corr.compute()
+    # torch, numpy and lists all accepted
+    assert metric_for_task("mrpc")(predictions=torch.from_numpy(preds), references=torch.from_numpy(refs)) == \
+        {"accuracy": pytest.approx(accuracy_score(refs, preds)), "f1": pytest.approx(f1_score(refs, preds))}
+    cola = metric_for_task("cola")(predictions=preds.tolist(), references=refs.tolist())
+    assert cola["matthews_correlation"] == pytest.approx(matthews_corrcoef(refs, preds))
+    multi = metric_for_task("classification", 4)(predictions=multi_preds, references=multi_refs)
+    assert multi["macro_f1"] == pytest.approx(f1_score(multi_refs, multi_preds, average="macro"))
+    out = metric_for_task("stsb")(predictions=yhat, references=y)
     assert out["pearson"] == pytest.approx(stats.pearsonr(yhat, y)[0])
     assert out["spearmanr"] == pytest.approx(stats.spearmanr(yhat, y)[0])
 
 
-def test_perplexity_batches_combine_exactly():
+def test_perplexity_of_per_sequence_sums_weighs_every_token_once():
     rng = np.random.default_rng(0)
     token_nll = rng.exponential(2.0, size=(4, 37))
     lengths = np.array([37, 5, 20, 1])  # ragged: padding positions are not scored
-    ppl = metric_for_task("language_model")
-    for row, n in zip(token_nll, lengths):
-        ppl.add_batch(nll=[row[:n].sum()], num_tokens=[n])
+    sums = [row[:n].sum() for row, n in zip(token_nll, lengths)]
     scored = np.concatenate([row[:n] for row, n in zip(token_nll, lengths)])
-    assert ppl.compute()["perplexity"] == pytest.approx(math.exp(scored.mean()))
+    out = metric_for_task("language_model")(nll=sums, num_tokens=lengths)
+    assert out["perplexity"] == pytest.approx(math.exp(scored.mean()))
 
 
-def test_metric_for_task_mapping_and_reuse():
+def test_metric_for_task_mapping():
     mrpc = metric_for_task("mrpc")
-    mrpc.add_batch(predictions=[1, 0, 1], references=[1, 1, 1])
-    mrpc.add_batch(predictions=[0], references=[0])
-    assert mrpc.compute() == {"accuracy": pytest.approx(0.75), "f1": pytest.approx(0.8)}
-    # empty again after compute: a second evaluation does not see the first one's predictions
-    assert mrpc.compute(predictions=[0, 0], references=[1, 1]) == {"accuracy": 0.0, "f1": 0.0}
-    assert set(metric_for_task("cola").compute(predictions=[0, 1], references=[0, 1])) == \
+    assert mrpc(predictions=[1, 0, 1, 0], references=[1, 1, 1, 0]) == {"accuracy": pytest.approx(0.75),
+                                                                        "f1": pytest.approx(0.8)}
+    assert mrpc(predictions=[0, 0], references=[1, 1]) == {"accuracy": 0.0, "f1": 0.0}  # no state between calls
+    assert set(metric_for_task("cola")(predictions=[0, 1], references=[0, 1])) == \
         {"matthews_correlation", "accuracy"}
-    assert set(metric_for_task("stsb").compute(predictions=[0.0, 1, 3], references=[0.0, 2, 1])) == \
+    assert set(metric_for_task("stsb")(predictions=[0.0, 1, 3], references=[0.0, 2, 1])) == \
         {"pearson", "spearmanr", "combined"}
-    assert set(metric_for_task("classification").compute(predictions=[0, 1], references=[0, 1])) == \
+    assert set(metric_for_task("classification")(predictions=[0, 1], references=[0, 1])) == \
         {"accuracy", "f1"}
-    assert set(metric_for_task("classification", num_labels=3).compute(predictions=[0, 2], references=[0, 1])) \
+    assert set(metric_for_task("classification", num_labels=3)(predictions=[0, 2], references=[0, 1])) \
         == {"accuracy", "macro_f1"}
     for task in ("sst2", "rte"):
-        assert set(metric_for_task(task).compute(predictions=[0, 1], references=[0, 0])) == {"accuracy"}
+        assert set(metric_for_task(task)(predictions=[0, 1], references=[0, 0])) == {"accuracy"}
 
 
 def test_primary_metric_is_a_key_the_task_metric_returns():
@@ -99,7 +91,7 @@ def test_primary_metric_is_a_key_the_task_metric_returns():
     assert set(kind) == set(TASKS)  # a new task must be added here too
     for task in TASKS:
         name, higher = primary_metric(task)
-        assert name in metric_for_task(task).compute(**inputs[kind[task]])
+        assert name in metric_for_task(task)(**inputs[kind[task]])
         assert higher is (task != "language_model")
     assert primary_metric("cola") == ("matthews_correlation", True)
     assert primary_metric("mrpc") == ("f1", True)
@@ -114,30 +106,30 @@ def test_unknown_task_lists_valid_tasks():
         metric_for_task("classification", num_labels=1)
     with pytest.raises(ConfigError, match="num_labels=0: must be an integer >= 1 for stsb"):
         metric_for_task("stsb", num_labels=0)
-    assert "combined" in metric_for_task("regression", num_labels=1).compute(predictions=[0, 1.0], references=[1, 2.0])
+    assert "combined" in metric_for_task("regression", num_labels=1)(predictions=[0, 1.0], references=[1, 2.0])
 
 
 def test_bad_inputs_are_typed_errors():
     with pytest.raises(ConfigError, match=r"f1.average='binary': binary F1 needs labels 0/1.*average='macro'"):
-        metric_for_task("mrpc").compute(predictions=[0, 2], references=[0, 1])
-    with pytest.raises(DataError, match="nothing was added"):
-        metric_for_task("mrpc").compute()
+        metric_for_task("mrpc")(predictions=[0, 2], references=[0, 1])
+    with pytest.raises(DataError, match="mrpc metric='no examples': there is nothing to score"):
+        metric_for_task("mrpc")(predictions=[], references=[])
     with pytest.raises(DataError, match="of the same length, one number per example"):
-        metric_for_task("sst2").add_batch(predictions=[0, 1], references=[0])
+        metric_for_task("sst2")(predictions=[0, 1], references=[0])
     with pytest.raises(DataError, match=r"argmax"):
-        metric_for_task("sst2").compute(predictions=torch.zeros(2, 3), references=[0, 1])
+        metric_for_task("sst2")(predictions=torch.zeros(2, 3), references=[0, 1])
     with pytest.raises(DataError, match=r"needs \['nll', 'num_tokens'\]"):
-        metric_for_task("language_model").add_batch(predictions=[0], references=[0])
+        metric_for_task("language_model")(predictions=[0], references=[0])
     with pytest.raises(DataError, match="at least 2 examples"):
-        metric_for_task("stsb").compute(predictions=[1.0], references=[2.0])
+        metric_for_task("stsb")(predictions=[1.0], references=[2.0])
     with pytest.raises(DataError, match="perplexity.nll=inf"):
-        metric_for_task("language_model").compute(nll=[1.0, float("inf")], num_tokens=[1, 1])
+        metric_for_task("language_model")(nll=[1.0, float("inf")], num_tokens=[1, 1])
     with pytest.raises(DataError, match="positive total of scored tokens"):
-        metric_for_task("language_model").compute(nll=[0.0], num_tokens=[0])
+        metric_for_task("language_model")(nll=[0.0], num_tokens=[0])
 
 
 def test_constant_predictions_give_nan_correlation_not_a_crash():
-    out = metric_for_task("stsb").compute(predictions=[1.0, 1.0, 1.0], references=[0.0, 1.0, 2.0])
+    out = metric_for_task("stsb")(predictions=[1.0, 1.0, 1.0], references=[0.0, 1.0, 2.0])
     assert math.isnan(out["pearson"]) and math.isnan(out["combined"])
 
 
@@ -150,8 +142,7 @@ def test_no_private_api_of_evaluate_and_a_read_only_home_offline_writes_nothing(
     home.mkdir()
     home.chmod(0o555)
     code = ("from adaptkit.recipes.metrics import metric_for_task as m\n"
-            "c = m('mrpc'); c.add_batch(predictions=[1, 0], references=[1, 1])\n"
-            "print(c.compute()['accuracy'])\n")
+            "print(m('mrpc')(predictions=[1, 0], references=[1, 1])['accuracy'])\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "XDG_"))}
     env.update(HOME=str(home), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

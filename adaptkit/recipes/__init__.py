@@ -1,19 +1,13 @@
-"""The kit the recipes (``recipes/*.py``) stand on: data, batching, metrics, the training loop's pieces.
-
-Not part of the core: ``import adaptkit`` never imports it, and it needs the ``recipes`` extra
-(``pip install 'adaptkit[recipes]'``: datasets, scikit-learn, scipy, tensorboard), which
-``adapt``, ``save``, ``load`` and the rest of the core do without.
-"""
-
-from __future__ import annotations
+"""The kit the recipes (``recipes/*.py``) stand on: data, batching, metrics, the training loop's pieces. Not part of
+the core (``import adaptkit`` never imports it): it needs the ``recipes`` extra, which the core does without."""
 
 import importlib.util
 
 from adaptkit.errors import MissingDependencyError
 
-# import name -> the pip name in the extra
-_NEEDS = {"datasets": "datasets", "sklearn": "scikit-learn", "scipy": "scipy"}  # metrics no longer use evaluate
-_missing = [pip for name, pip in _NEEDS.items() if importlib.util.find_spec(name) is None]
+# import name -> pip name; checked here so that the error names the extra, not one module of it
+_missing = [pip for name, pip in (("datasets", "datasets"), ("sklearn", "scikit-learn"), ("scipy", "scipy"))
+            if importlib.util.find_spec(name) is None]
 if _missing:
-    raise MissingDependencyError(field="adaptkit.recipes", value=_missing, problem="the recipe kit needs these "
-                                 "packages, which are not installed", fix="pip install 'adaptkit[recipes]'")
+    raise MissingDependencyError("adaptkit.recipes", _missing, "the recipe kit needs these packages, which are not "
+                                 "installed", "pip install 'adaptkit[recipes]'")

@@ -12,32 +12,28 @@ import torch
 from adaptkit import lengths
 from adaptkit.errors import ConfigError, DataError, NonFiniteError
 
-# flag -> (smallest allowed value, whether the smallest itself is allowed); every float flag must be finite
-_FLOAT_FLAGS = {"learning_rate": (0.0, False), "weight_decay": (0.0, True), "warmup_ratio": (0.0, True),
-                "max_grad_norm": (0.0, True), "validation_fraction": (0.0, True)}
-_COUNT_FLAGS = {"max_length": 1, "max_train_samples": 1, "max_eval_samples": 1, "num_samples": 0, "max_new_tokens": 1,
-                "steps": 1, "batch_size": 1, "block_size": 0, "epochs": 1, "gradient_accumulation_steps": 1,
-                "log_every": 1, "keep_checkpoints": 1, "max_steps": 0, "eval_every": 0, "patience": 0,
-                "checkpoint_every": 0}
+# flag -> its smallest value; a float one means a float flag, which must be finite too
+_LEAST = {"learning_rate": 0.0, "weight_decay": 0.0, "warmup_ratio": 0.0, "max_grad_norm": 0.0,
+          "validation_fraction": 0.0, "max_length": 1, "max_train_samples": 1, "max_eval_samples": 1, "num_samples": 0,
+          "max_new_tokens": 1, "steps": 1, "batch_size": 1, "block_size": 0, "epochs": 1, "log_every": 1,
+          "gradient_accumulation_steps": 1, "keep_checkpoints": 1, "max_steps": 0, "eval_every": 0, "patience": 0,
+          "checkpoint_every": 0}
+_POSITIVE = {"learning_rate"}  # the smallest value itself refused: a zero rate trains nothing
 
 
 def check_numbers(args: Any, flags: dict[str, str] | None = None) -> None:
     """Refuse NaN, inf and negative values (argparse's float takes "inf"; lr=inf trains an all-NaN adapter, exit 0)."""
-    name_of = lambda name: (flags or {}).get(name) or f"--{name.replace('_', '-')}"
-    for name, (least, inclusive) in _FLOAT_FLAGS.items():
-        value = getattr(args, name, None)
+    for name, least in _LEAST.items():
+        value, flag = getattr(args, name, None), (flags or {}).get(name) or f"--{name.replace('_', '-')}"
         if value is None:
             continue
-        flag = name_of(name)
         if not math.isfinite(value):
             raise ConfigError(flag, value, "is not a finite number", f"pass a finite value (or leave {flag} out)")
-        if value < least or (value == least and not inclusive):
-            raise ConfigError(flag, value, f"must be {'at least' if inclusive else 'greater than'} {least:g}",
-                              f"pass a {'non-negative' if inclusive else 'positive'} value (or leave {flag} out)")
-    for name, least in _COUNT_FLAGS.items():
-        value = getattr(args, name, None)
-        if value is not None and value < least:
-            raise ConfigError(name_of(name), value, f"must be at least {least}", f"pass an integer >= {least}")
+        if value < least or (value == least and name in _POSITIVE):
+            bound = f"{'greater than' if name in _POSITIVE else 'at least'} {least:g}"
+            fix = f"pass an integer >= {least}" if isinstance(least, int) else \
+                f"pass a {'positive' if name in _POSITIVE else 'non-negative'} value (or leave {flag} out)"
+            raise ConfigError(flag, value, f"must be {bound}", fix)
     seed = getattr(args, "seed", None)
     if seed is not None and not 0 <= seed < 2**32:  # numpy's seed range; set_seed raised a bare ValueError
         raise ConfigError(field="--seed", value=seed, problem="must be in [0, 2**32 - 1]", fix="pass e.g. --seed 0")

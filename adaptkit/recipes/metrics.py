@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import Callable
 import warnings
 
 import numpy as np
@@ -49,32 +50,6 @@ def perplexity(nll, num_tokens) -> dict:
     return {"perplexity": math.exp(loss), "loss": loss, "num_tokens": int(num_tokens.sum())}
 
 
-class Metric:
-    """Collects batches (``add_batch(**arrays)``) and computes ``functions`` over all of them, then starts empty."""
-
-    def __init__(self, *functions, inputs=("predictions", "references")):
-        self.functions, self.inputs, self.parts = functions, inputs, {name: [] for name in inputs}
-
-    def add_batch(self, **arrays) -> None:
-        arrays = {k: np.asarray(v) for k, v in arrays.items()}
-        if set(arrays) != set(self.inputs) or len({a.shape for a in arrays.values()}) > 1 or \
-                any(a.ndim != 1 for a in arrays.values()):
-            raise DataError("add_batch", {k: a.shape for k, a in arrays.items()}, f"needs {list(self.inputs)} of the "
-                            "same length, one number per example", "argmax the logits first")
-        for k, a in arrays.items():
-            self.parts[k].append(a)
-
-    def compute(self, **arrays) -> dict:
-        """Over everything added; then empty again, so one object serves a whole run."""
-        if arrays:
-            self.add_batch(**arrays)
-        if not self.parts[self.inputs[0]]:
-            raise DataError("compute", "no inputs", f"nothing was added; it needs {list(self.inputs)}", "add batches")
-        arrays = {k: np.concatenate(v) for k, v in self.parts.items()}
-        self.parts = {name: [] for name in self.inputs}
-        return {key: value for fn in self.functions for key, value in fn(**arrays).items()}
-
-
 # task -> (the metric functions given num_labels, primary metric name, higher is better)
 TASKS = {
     "sst2": (lambda k: [accuracy], "accuracy", True),
@@ -88,13 +63,26 @@ TASKS = {
 }
 
 
-def metric_for_task(task: str, num_labels: int = 2) -> Metric:
+def metric_for_task(task: str, num_labels: int = 2) -> Callable[..., dict]:
+    """The task's metrics as one function of whole arrays (an evaluation joins its batches first), e.g.
+    ``metric_for_task("mrpc")(predictions=..., references=...)`` or ``(nll=..., num_tokens=...)`` for language_model."""
     primary_metric(task)
     least = 2 if task == "classification" else 1  # a regression Table has num_labels=1
     if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < least:
         raise ConfigError("num_labels", num_labels, f"must be an integer >= {least} for {task}", "e.g. num_labels=2")
-    inputs = ("nll", "num_tokens") if task == "language_model" else ("predictions", "references")
-    return Metric(*TASKS[task][0](num_labels), inputs=inputs)
+    functions = TASKS[task][0](num_labels)
+    inputs = ["nll", "num_tokens"] if task == "language_model" else ["predictions", "references"]
+
+    def compute(**arrays) -> dict:
+        arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        if sorted(arrays) != inputs or len({a.shape for a in arrays.values()}) > 1 or \
+                any(a.ndim != 1 for a in arrays.values()):
+            raise DataError(f"{task} metric", {k: a.shape for k, a in arrays.items()}, f"needs {inputs} of the same "
+                            "length, one number per example", "argmax the logits first")
+        if len(arrays[inputs[0]]) == 0:
+            raise DataError(f"{task} metric", "no examples", "there is nothing to score", "evaluate on 1+ examples")
+        return {key: value for fn in functions for key, value in fn(**arrays).items()}
+    return compute
 
 
 def primary_metric(task: str) -> tuple[str, bool]:

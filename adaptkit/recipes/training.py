@@ -278,27 +278,28 @@ def evaluate_classifier(model, loader, accelerator, task: str, num_labels: int) 
     """The task's metrics (the same on every process) and the predictions' spread, so a collapse is named."""
     model.eval()
     metric = metrics.metric_for_task(task, num_labels=max(2, num_labels))
-    seen: list[tuple[np.ndarray, np.ndarray]] = []
+    seen: tuple[list, list] = ([], [])
     for batch in loader:
         logits = model(**batch).logits
         predictions = logits.squeeze(-1).float() if num_labels == 1 else logits.argmax(-1)
-        predictions, references = accelerator.gather_for_metrics((predictions, batch["labels"]))
-        seen.append((predictions.cpu().numpy(), references.cpu().numpy()))
-        metric.add_batch(predictions=seen[-1][0], references=seen[-1][1])
-    scores = {k: float(v) for k, v in metric.compute().items()}
-    return {**scores, **guards.output_spread(*(np.concatenate(part) for part in zip(*seen)), num_labels == 1)}
+        for part, gathered in zip(seen, accelerator.gather_for_metrics((predictions, batch["labels"]))):
+            part.append(gathered.cpu().numpy())
+    predictions, references = (np.concatenate(part or [np.empty(0)]) for part in seen)
+    return {**metric(predictions=predictions, references=references),
+            **guards.output_spread(predictions, references, num_labels == 1)}
 
 
 @torch.no_grad()
 def evaluate_perplexity(model, loader, accelerator) -> dict[str, float]:
     """Perplexity over the labelled tokens, from gathered per-sequence NLL sums: padding and processes do not weigh."""
     model.eval()
-    metric = metrics.metric_for_task("language_model")
+    seen: tuple[list, list] = ([], [])
     for batch in loader:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         labels = batch["labels"][:, 1:]
         nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100,
                                                 reduction="none").sum(-1)
-        nll, tokens = accelerator.gather_for_metrics((nll, labels.ne(-100).sum(-1)))
-        metric.add_batch(nll=nll.cpu().numpy(), num_tokens=tokens.cpu().numpy())
-    return {k: float(v) for k, v in metric.compute().items()}
+        for part, gathered in zip(seen, accelerator.gather_for_metrics((nll, labels.ne(-100).sum(-1)))):
+            part.append(gathered.cpu().numpy())
+    nll, num_tokens = (np.concatenate(part or [np.empty(0)]) for part in seen)
+    return {k: float(v) for k, v in metrics.metric_for_task("language_model")(nll=nll, num_tokens=num_tokens).items()}
