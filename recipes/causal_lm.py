@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> dict:
     args, run = parse_args(argv)
     training.refuse_remote_code(run)
     accelerator = training.make_accelerator(run)
-    splits, notes = data.splits_from_args(args, prepare=batching.lm_rows)  # formats and rows checked as in the files
-    guards.require_examples(len(splits["train"]), notes[0].partition(": ")[2] or "--data")
+    splits = data.splits_from_args(args, prepare=batching.lm_rows, label_column=None)  # rows checked as in the files
+    notes = splits.notes
+    guards.require_examples(len(splits.train), notes[0].partition(": ")[2] or "--data")
     formats = {split: batching.lm_format(ds) for split, ds in splits.items()}
     if len(set(formats.values())) > 1:
         raise DataError(field="splits", value=formats, problem="differ in format", fix="use one format in every split")
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
         test_loader = accelerator.prepare_data_loader(test_loader)
         results["test"] = training.evaluate_perplexity(best, test_loader, accelerator)
     if accelerator.is_main_process and args.num_samples:
-        results["samples"] = sample_generations(best, tokenizer, splits.get("test", splits["validation"]), args)
+        results["samples"] = sample_generations(best, tokenizer, splits.test or splits.validation, args)
     return runs.finish(log, results, summary, lock)
 
 

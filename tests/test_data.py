@@ -610,4 +610,4 @@ def test_row_errors_count_rows_in_the_file_not_after_the_validation_carve(tmp_pa
     args = parser.parse_args(["--data", str(tmp_path / "chats.jsonl")])
     args.seed = 0
     with pytest.raises(DataError, match=r"chats.jsonl, row 25, turn 1=\{'role': 'human'"):
-        data.splits_from_args(args, prepare=batching.lm_rows)
+        data.splits_from_args(args, prepare=batching.lm_rows, label_column=None)

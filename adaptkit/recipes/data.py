@@ -4,11 +4,7 @@ as a ``DataError`` naming the file, the row and the fix.
 Labelled text becomes a ``Table``. Text columns: ``sentence1``+``sentence2``, ``text_a``+``text_b``, ``sentence``,
 ``text``, unless named. Labels: integers, class names or a ``ClassLabel`` are classes; whole-number floats too when
 at most ``WHOLE_CLASSES`` distinct values (noted); other numbers are regression. Checks run on the Arrow columns.
-
-One split convention (``arrange``): ``train`` trains; ``validation`` (``dev``, ``val``, ...) picks the adapter kept;
-``test`` is scored when given. A split labelled all -1 (GLUE's hidden test) is dropped. With no validation split,
-``--validation-fraction`` of train is carved off (seeded, stratified); ``--select-on-train-carve`` (the benchmark's
-protocol) selects on that carve and scores the validation split as the test set.
+Every recipe's splits come from ``load_splits`` by one convention (``arrange``; docs/recipes.md, "Data").
 """
 
 from __future__ import annotations
@@ -65,10 +61,7 @@ class Table:
 
     @property
     def labels(self) -> list:
-        return self.data.data.column("labels").to_pylist()  # data never has an indices mapping (see select)
-
-    def select(self, indices) -> "Table":
-        return dataclasses.replace(self, data=self.data.select(indices).flatten_indices())
+        return self.data.data.column("labels").to_pylist()  # data never has an indices mapping (flattened)
 
 
 def _first(mask) -> int | None:
@@ -191,10 +184,13 @@ def _classes(data, source, text_cols, k, num_labels, names, notes) -> Table:
 
 @dataclass
 class Splits:
-    train: Table
-    validation: Table
-    test: Table | None  # None when the source has no labelled test split
+    train: Table | datasets.Dataset  # Tables for labelled text; Datasets for language-model rows and images
+    validation: Table | datasets.Dataset
+    test: Table | datasets.Dataset | None  # None when the source has no labelled test split
     notes: list[str] = field(default_factory=list)  # how each split was obtained
+
+    def items(self) -> list[tuple[str, Table | datasets.Dataset]]:
+        return [(split, rows) for split in SPLITS if (rows := getattr(self, split)) is not None]
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -378,31 +374,8 @@ def check_images(ds, where: str):
 
 # ---------------------------------------------------------------------------------------- splits
 
-def sample(rows, limit: int | None, seed: int):
-    if not limit or limit >= len(rows):
-        return rows
-    if isinstance(rows, Table):
-        return dataclasses.replace(rows, data=sample(rows.data, limit, seed))
-    return rows.shuffle(seed=seed).select(range(limit)).flatten_indices()
-
-
-def carve(rows, fraction: float, seed: int, stratify: str | None = None, name: str = "train"):
-    try:
-        parts = rows.train_test_split(test_size=fraction, seed=seed, stratify_by_column=stratify)
-    except ValueError as err:  # too few rows, or a class with a single example
-        raise DataError(f"{name} validation split", fraction, f"cannot carve it: {err}",
-                        "add examples, or pass a validation file") from None
-    return parts["train"].flatten_indices(), parts["test"].flatten_indices()
-
-
-def _check_fraction(fraction) -> None:
-    if not 0 < fraction < 1:
-        raise ConfigError("validation_fraction", fraction, "must be in (0, 1)", "use e.g. 0.1 to hold out 10%")
-
-
 def arrange(splits: dict, *, fraction: float, seed: int, stratify: str | None = None, carve_from_train: bool = False,
             max_train: int | None = None, max_eval: int | None = None, name: str = "train") -> tuple[dict, list[str]]:
-    _check_fraction(fraction)
     splits, notes = dict(splits), [f"{split}: {len(rows)} rows" for split, rows in splits.items()]
     if carve_from_train and "validation" in splits:
         if "test" in splits:
@@ -410,38 +383,57 @@ def arrange(splits: dict, *, fraction: float, seed: int, stratify: str | None = 
         splits["test"] = splits.pop("validation")
         notes.append("--select-on-train-carve: the validation split is scored as the test set")
     if "validation" not in splits:
-        splits["train"], splits["validation"] = carve(splits["train"], fraction, seed, stratify, name)
+        try:
+            parts = splits["train"].train_test_split(test_size=fraction, seed=seed, stratify_by_column=stratify)
+        except ValueError as err:  # too few rows, or a class with a single example
+            raise DataError(f"{name} validation split", fraction, f"cannot carve it: {err}",
+                            "add examples, or pass a validation file") from None
+        splits["train"], splits["validation"] = parts["train"].flatten_indices(), parts["test"].flatten_indices()
         notes.append(f"validation: {len(splits['validation'])} rows carved from train ({fraction:g}, seed {seed}"
                      f"{', stratified' if stratify else ''}); train keeps {len(splits['train'])}")
     for split, limit in (("train", max_train), ("validation", max_eval), ("test", max_eval)):
         if split in splits and limit and limit < len(splits[split]):
-            splits[split] = sample(splits[split], limit, seed)
+            splits[split] = splits[split].shuffle(seed=seed).select(range(limit)).flatten_indices()
             notes.append(f"{split}: {limit} rows sampled (seed {seed})")
     return splits, notes
 
 
 def load_splits(source=None, *, dataset_name: str | None = None, dataset_config: str | None = None,
-                text_columns=None, label_column: str = "label", task: str | None = None,
-                num_labels: int | None = None, validation_fraction: float = 0.1, seed: int = 0,
-                max_train: int | None = None, max_eval: int | None = None,
-                select_on_train_carve: bool = False) -> Splits:
-    _check_fraction(validation_fraction)
+                validation_fraction: float = 0.1, seed: int = 0, max_train: int | None = None,
+                max_eval: int | None = None, select_on_train_carve: bool = False, prepare: Callable | None = None,
+                label_column: str | None = "label", text_columns=None, task: str | None = None,
+                num_labels: int | None = None) -> Splits:
+    """The splits of ``source`` (see ``load_raw``) by the one convention. Labelled text becomes Tables; with
+    ``prepare(ds, where)`` (language-model rows, images) they stay Datasets, each checked by it as read (rows counted
+    as in the file). Validation and test splits without labels in ``label_column`` are dropped."""
+    if not 0 < validation_fraction < 1:
+        raise ConfigError("validation_fraction", validation_fraction, "must be in (0, 1)", "e.g. 0.1 holds out 10%")
     check_options(text_columns, task, num_labels)
     raw, where = load_raw(source, dataset_name=dataset_name, dataset_config=dataset_config)
     if "train" not in raw:
         raise DataError("source", f"splits {list(raw)}", "no train split", "use a dataset with a 'train' split")
-    # the train split fixes columns, task and label set so the others cannot drift from it
-    train = from_dataset(raw["train"], where["train"], text_columns, label_column, task, num_labels, None)
-    same = dict(text_columns=list(train.text_columns), label_column=label_column, task=train.task,
-                num_labels=train.num_labels if train.task == "classification" else None, label_names=train.label_names)
-    read = {"train": train, **{s: from_dataset(raw[s], where[s], **same) for s in ("validation", "test")
-                               if s in raw and labelled(raw[s], label_column)}}
-    arranged, notes = arrange({s: t.data for s, t in read.items()}, fraction=validation_fraction, seed=seed,
-                              stratify="labels" if train.task == "classification" else None, max_train=max_train,
-                              max_eval=max_eval, carve_from_train=select_on_train_carve, name=str(train.path))
-    split = {s: dataclasses.replace(train if s == "train" else read.get(s, train), data=ds) for s, ds in arranged.items()}
-    notes = [f"{s}: {where[s]}" for s in read] + train.notes + notes
-    return Splits(split["train"], split["validation"], split.get("test"), notes)
+    if prepare is not None and label_column is not None and not labelled(raw["train"], label_column):
+        raise DataError(where["train"], raw["train"].column_names, f"the train split has no labels in column "
+                        f"{label_column!r}", "pass --label-column; an image folder needs 2+ class sub-folders")
+    raw = {s: raw[s] for s in SPLITS  # other splits (imdb's unsupervised) go; so do validation or test without labels
+           if s == "train" or s in raw and (not label_column or labelled(raw[s], label_column))}
+    if prepare is None:  # the train split fixes columns, task and label set so the others cannot drift from it
+        train = from_dataset(raw["train"], where["train"], text_columns, label_column, task, num_labels, None)
+        same = dict(text_columns=list(train.text_columns), label_column=label_column, task=train.task,
+                    num_labels=train.num_labels if train.task == "classification" else None,
+                    label_names=train.label_names)
+        read = {s: train if s == "train" else from_dataset(ds, where[s], **same) for s, ds in raw.items()}
+    else:
+        read = {s: prepare(ds, where[s]) for s, ds in raw.items()}
+    rows = {s: t.data if isinstance(t, Table) else t for s, t in read.items()}
+    labels = label_column if prepare else "labels"
+    stratify = labels if isinstance(rows["train"].features.get(labels), datasets.ClassLabel) else None
+    arranged, notes = arrange(rows, fraction=validation_fraction, seed=seed, stratify=stratify, max_train=max_train,
+                              max_eval=max_eval, carve_from_train=select_on_train_carve, name=where["train"])
+    if prepare is None:
+        arranged = {s: dataclasses.replace(read.get(s, read["train"]), data=ds) for s, ds in arranged.items()}
+    notes = [f"{s}: {where[s]}" for s in read] + (read["train"].notes if prepare is None else []) + notes
+    return Splits(arranged["train"], arranged["validation"], arranged.get("test"), notes)
 
 
 # ---------------------------------------------------------------------------------------- recipe flags
@@ -463,32 +455,13 @@ def add_data_args(parser, *, what: str = "data files") -> None:
     g.add_argument("--max-eval-samples", type=int, help="a seeded random N of validation and of test")
 
 
-def source_of(args):
+def splits_from_args(args, **options) -> Splits:
+    """``load_splits`` of the data flags (``add_data_args``); ``options`` go to it."""
     files = {split: getattr(args, f"{split}_file") for split in SPLITS if getattr(args, f"{split}_file")}
-    if files:
-        files.setdefault("train", args.data)
-        if files["train"] is None:
-            raise ConfigError("--train-file", None, "--validation-file/--test-file need a train file", "pass it")
-        return files
-    if args.data is None and args.dataset_name is None:
+    if files and files.setdefault("train", args.data) is None:
+        raise ConfigError("--train-file", None, "--validation-file/--test-file need a train file", "pass it")
+    if not files and args.data is None and args.dataset_name is None:
         raise ConfigError("--data", None, "no data given", "pass --data PATH, --train-file FILE, or --dataset-name")
-    return args.data
-
-
-def splits_from_args(args, *, label_column: str | None = None, prepare: Callable | None = None):
-    """``{split: Dataset}`` and notes for the recipe flags; ``prepare(ds, where)`` checks each split as read (rows
-    counted as in the file); with ``label_column``, unlabelled splits are dropped and the carve is stratified."""
-    raw, where = load_raw(source_of(args), dataset_name=args.dataset_name, dataset_config=args.dataset_config)
-    if "train" not in raw:
-        raise DataError("--data", sorted(where), "no train split", "use a dataset or folder with a 'train' split")
-    if label_column is not None and not labelled(raw["train"], label_column):
-        raise DataError(where["train"], raw["train"].column_names, f"the train split has no labels in column "
-                        f"{label_column!r}", "pass --label-column; an image folder needs 2+ class sub-folders")
-    raw = {s: check_images((prepare or (lambda d, w: d))(ds, where[s]), where[s]) for s, ds in raw.items()
-           if s in SPLITS and (label_column is None or labelled(ds, label_column))}
-    stratify = label_column if label_column and isinstance(raw["train"].features[label_column], datasets.ClassLabel) \
-        else None
-    splits, notes = arrange(raw, fraction=args.validation_fraction, seed=args.seed, stratify=stratify,
-                            carve_from_train=args.select_on_train_carve, max_train=args.max_train_samples,
-                            max_eval=args.max_eval_samples, name=where["train"])
-    return splits, [f"{split}: {where[split]}" for split in raw] + notes
+    return load_splits(files or args.data, dataset_name=args.dataset_name, dataset_config=args.dataset_config,
+                       validation_fraction=args.validation_fraction, seed=args.seed, max_train=args.max_train_samples,
+                       max_eval=args.max_eval_samples, select_on_train_carve=args.select_on_train_carve, **options)
