@@ -29,7 +29,7 @@ from adaptkit.recipes import guards, metrics
 ADAPTER_DIR, METRICS_FILE, LOG_FILE, CHECKPOINTS, RUN_STATE = "adapter", "metrics.json", "log.jsonl", "checkpoints", "run_state.json"
 TENSORBOARD_DIR = "tensorboard"  # the trackers' logging_dir: `tensorboard --logdir OUTPUT_DIR/tensorboard`
 LOCK_NAME, MANIFEST = ".adaptkit-run.lock", ".adaptkit-run.json"  # one run per folder; the files it wrote (--overwrite)
-TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # --report-to -> its package
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # --report-to values, each its package's import name
 # Per strategy, a rate that holds on every task of the strategy benchmark, or on four of five where none does
 # (lora, linear_probe, ia3): benchmarks/results/REPORT.md, "The recipe's default learning rates", has the sweeps.
 # A parameter-efficient method needs a far larger step than full fine-tuning.
@@ -129,17 +129,15 @@ def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
 
 
 def trackers(report_to: list[str]) -> list[str]:
-    if "none" in report_to:
-        if len(report_to) > 1:
-            raise ConfigError("--report-to", report_to, "'none' contradicts the others", "pass 'none' alone")
-        return []
-    if "all" in report_to:
-        return [name for name, package in TRACKERS.items() if importlib.util.find_spec(package) is not None]
-    for name in report_to:
-        if importlib.util.find_spec(TRACKERS[name]) is None:
-            raise MissingDependencyError("--report-to", name, f"needs the {TRACKERS[name]} package, which is not "
-                                         "installed", f"pip install {TRACKERS[name]}, or another --report-to")
-    return list(dict.fromkeys(report_to))
+    """--report-to, checked now: Accelerate drops a tracker whose package is missing, with only a debug message."""
+    if "none" in report_to and len(report_to) > 1:
+        raise ConfigError("--report-to", report_to, "'none' contradicts the others", "pass 'none' alone")
+    installed = [name for name in TRACKERS if importlib.util.find_spec(name) is not None]
+    wanted = installed if "all" in report_to else [name for name in dict.fromkeys(report_to) if name != "none"]
+    if missing := [name for name in wanted if name not in installed]:
+        raise MissingDependencyError("--report-to", missing[0], f"needs the {missing[0]} package, which is not "
+                                     "installed", f"pip install {missing[0]}, or another --report-to")
+    return wanted
 
 
 def run_parser(description: str | None, **defaults) -> transformers.HfArgumentParser:
@@ -210,26 +208,22 @@ def learning_rate(run: Any) -> float:
 # ---- accelerate --------------------------------------------------------------------------------------
 class JsonLines(GeneralTracker):
     """``log.jsonl`` as an Accelerate tracker, opened once the run claimed its folder; appended to on --resume."""
-    name, requires_logging_directory = "jsonl", False
+    name, requires_logging_directory, tracker = "jsonl", False, None  # tracker: the open file, once started
 
     def __init__(self, path: Path, append: bool):
         super().__init__()
-        self.path, self.append, self.file = path, append, None
-
-    @property
-    def tracker(self):
-        return self.file
+        self.path, self.append = path, append
 
     def start(self):  # O_NOFOLLOW: never written through a link (check_output_dir refused one already)
         flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if self.append else os.O_TRUNC)
-        self.file = open(os.open(self.path, flags, 0o666), "w", encoding="utf-8")
+        self.tracker = open(os.open(self.path, flags, 0o666), "w", encoding="utf-8")
 
     def log(self, values: dict, step: int | None = None, **kwargs):
-        self.file.write(json.dumps({"step": step, **values}, default=str) + "\n")
-        self.file.flush()
+        self.tracker.write(json.dumps({"step": step, **values}, default=str) + "\n")
+        self.tracker.flush()
 
     def finish(self):
-        self.file.close()
+        self.tracker.close()
 
 
 def make_accelerator(run: RunArgs):
