@@ -5,12 +5,6 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-__all__ = ["AdaptkitError", "ConfigError", "ConfigTypeError", "UnknownStrategyError", "UnknownOptionError",
-           "TargetNotFoundError", "AlreadyAdaptedError", "NotAdaptedError", "UnsupportedError", "NotMergeableError",
-           "IncompatibleVersionError", "MissingDependencyError", "AdapterFormatError", "BaseMismatchError", "DataError",
-           "ProcessCountError", "SanityCheckError", "NonFiniteError", "RunLockedError", "CheckpointError",
-           "ConfigErrors"]
-
 _MISSING = object()
 
 

@@ -32,17 +32,11 @@ def virtual_tokens(model_or_strategy: Any) -> int:
     if isinstance(peft_config, dict):  # an adapted PeftModel: its active adapter
         active = peft_config.get(getattr(model_or_strategy, "active_adapter", "default"))
         return int(getattr(active, "num_virtual_tokens", 0) or 0) if getattr(active, "is_prompt_learning", False) else 0
-    count = getattr(model_or_strategy, "num_virtual_tokens", None)  # adaptkit.Prefix
-    if isinstance(count, int):
-        return count
-    method, options = getattr(model_or_strategy, "method", None), getattr(model_or_strategy, "options", None)
-    if isinstance(method, str) and isinstance(options, dict):  # adaptkit.PeftMethod
-        try:
-            config = model_or_strategy._config_class()(**{k: v for k, v in options.items() if k != "peft_type"})
-        except (TypeError, ValueError):
-            return 0
-        return int(config.num_virtual_tokens or 0) if config.is_prompt_learning else 0
-    return 0
+    count = getattr(model_or_strategy, "num_virtual_tokens", None)  # adaptkit.Prefix, a PeftConfig
+    options = getattr(model_or_strategy, "options", None)
+    if count is None and isinstance(options, dict):  # adaptkit.PeftMethod: its validate() fills the count in
+        count = options.get("num_virtual_tokens")
+    return count if isinstance(count, int) else 0
 
 
 def length_error(model: nn.Module, length: int, strategy: Any = None, field: str = "max_length") -> ConfigError | None:

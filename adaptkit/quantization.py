@@ -52,9 +52,8 @@ def unquantized_modules(name_or_path: str, auto_class: Any, hf_kwargs: dict[str,
     config = hf_kwargs.get("config")
     if config is None:
         config = AutoConfig.from_pretrained(name_or_path, **{k: hf_kwargs[k] for k in _CONFIG_KWARGS if k in hf_kwargs})
-    extra = {"trust_remote_code": hf_kwargs["trust_remote_code"]} if "trust_remote_code" in hf_kwargs else {}
     with torch.device("meta"):
-        skeleton = auto_class.from_config(config, **extra)
+        skeleton = auto_class.from_config(config, trust_remote_code=False)  # load_model refused remote code
     names = set(targets.head_names(skeleton))
     # the pooler a head reads counts as part of it: BERT's pooler plays the part of the dense layer RoBERTa's
     # head owns, and bottleneck adapters train it (strategies/bottleneck.py); it is one hidden x hidden layer

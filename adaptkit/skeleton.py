@@ -142,10 +142,7 @@ def task_of_class(name: str, config) -> str | None:
 
 
 def _model_class(config, task: str) -> type | None:
-    try:
-        return getattr(transformers, _MAPPINGS[task])[type(config)]
-    except KeyError:
-        return None
+    return getattr(transformers, _MAPPINGS[task]).get(type(config), None)
 
 
 def skeleton(model: Any, task: str = "auto", num_labels: int | None = None) -> Skeleton:

@@ -96,16 +96,16 @@ class LoRA(PeftStrategy):
         heads = heads and heads + pooler_if(self.train_pooler and self.heads is None, heads, model, "LoRA.train_pooler")
         # a backbone module trained in full (the pooler; a user's) gets no low-rank update on top
         whole = [h for h in heads or [] if h not in targets.head_names(model)]
-        exclude = backbone_targets(model, whole)[1]
+        leaves, exclude = backbone_targets(model, whole)
         if self.targets is None:
-            target_modules = backbone_targets(model, whole)[0]
+            target_modules = leaves
         elif isinstance(self.targets, str):
             target_modules = targets.match_regex(model, self.targets, "LoRA.targets")
         else:
             target_modules = targets.match_targets(model, self.targets, "LoRA.targets", candidates=targets.linear_names(model))
             exclude = exclude if whole else None
         # GPT-2's Conv1D stores weights transposed; PEFT only warns and flips the flag itself
-        fan_in_fan_out = bool(targets.Conv1D) and any(isinstance(m, targets.Conv1D) for m in model.modules())
+        fan_in_fan_out = any(isinstance(m, targets.Conv1D) for m in model.modules())
         config = LoraConfig(fan_in_fan_out=fan_in_fan_out, r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
                             target_modules=target_modules, exclude_modules=exclude, modules_to_save=heads,
                             task_type=targets.peft_task_type(model), use_dora=self.use_dora,

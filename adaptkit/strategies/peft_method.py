@@ -89,7 +89,7 @@ class PeftMethod(PeftStrategy):
             raise ConfigError(f"{self.method} options", self.options, f"refused by PEFT: {exc}",
                               f"see peft.{self._config_class().__name__}") from None
         if hasattr(config, "fan_in_fan_out") and "fan_in_fan_out" not in self.options:  # PEFT flips it with a warning
-            config.fan_in_fan_out = bool(targets.Conv1D) and any(isinstance(m, targets.Conv1D) for m in model.modules())
+            config.fan_in_fan_out = any(isinstance(m, targets.Conv1D) for m in model.modules())
         heads = targets.new_head_names(model)
         if hasattr(config, "modules_to_save") and config.modules_to_save is None and heads:
             config.modules_to_save = heads + pooler_if(self.train_pooler, heads, model, f"{self.method}.train_pooler")
