@@ -53,7 +53,7 @@ class RunArgs:
     tokenizer_name: str | None = _flag(None, "tokenizer (or image processor); default: --model, else --config-name")
     strategy: str = _flag("lora", "lora, bottleneck, prefix, linear_probe, full, or any PEFT method (ia3, loha, ...)")
     option: list[str] = _flag([], "a strategy option, repeatable: --option r=16 --option targets=query,value (values "
-                                  "are JSON when they parse, comma lists become lists)", action="append", metavar="K=V")
+                                  "are JSON when they parse, comma lists become lists)", action="extend", metavar="K=V")
     quantization: Literal["none", "8bit", "4bit"] = _flag("none", "load the base quantized with bitsandbytes")
     dtype: Literal["float32", "bfloat16", "float16", None] = _flag(None, "dtype the base weights load in (default: the "
                                                                          "checkpoint's); adapters and new heads stay fp32")
@@ -91,9 +91,9 @@ class RunArgs:
             raise ConfigError(field="--warmup-ratio", value=args.warmup_ratio, problem="must be in [0, 1)", fix="use 0.06")
         if args.resume is not None and args.overwrite:
             raise ConfigError("--overwrite", True, "contradicts --resume (continue or start afresh?)", "drop one")
-        # HfArgumentParser's list flags take nargs="+": appended, --option gives a list per use
-        args.option = [item for items in args.option for item in ([items] if isinstance(items, str) else items)]
         trackers(args.report_to)  # a missing wandb/mlflow fails now, not after the model loaded
+        for name in (args.model, args.config_name, args.tokenizer_name):
+            refuse_code(name)  # custom code (auto_map) refused before any from_pretrained could ask to run it
         # '~' expanded once, here: the adapter, the log and the lock all go to the same folder
         out = Path(os.path.expanduser(str(args.output_dir or Path("outputs") / f"{recipe}-{args.strategy}")))
         check_output_dir(out, resume=args.resume is not None, overwrite=args.overwrite)
