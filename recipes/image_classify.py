@@ -22,7 +22,7 @@ import torch
 from transformers import AutoImageProcessor
 
 import adaptkit
-from adaptkit.recipes import data, metrics, runs, training
+from adaptkit.recipes import checkpoints, data, metrics, runs, training
 from adaptkit.errors import ConfigError, DataError
 
 
@@ -105,9 +105,9 @@ def main(argv: list[str] | None = None) -> dict:
     # The loop: evaluate every --eval-every steps (0: each epoch) and at the end, keep the adapter that is best
     # on validation, stop after --patience evaluations without improvement, checkpoint every --checkpoint-every.
     lock = runs.claim_output_dir(accelerator, run)  # one run per folder; --overwrite deletes what the last run wrote
-    runs.adapter_only(accelerator)  # save_state / load_state: the trained tensors, not the whole model
+    checkpoints.adapter_only(accelerator)  # save_state / load_state: the trained tensors, not the whole model
     progress = runs.Progress(run, accelerator, max_steps, len(train_loader), metric=metrics.primary_metric("classification"))
-    runs.resume(accelerator, run, progress)  # --resume: exactly where it stopped; refuses changed flags
+    checkpoints.resume(accelerator, run, progress)  # --resume: exactly where it stopped; refuses changed flags
     log = runs.Log(accelerator, run, progress)  # log.jsonl and the --report-to trackers
     model.train()
     while not progress.done:
@@ -131,11 +131,11 @@ def main(argv: list[str] | None = None) -> dict:
                         runs.save_adapter(accelerator, model, run, progress.step)
                     log.evaluation(scores, best)
                 model.train()
-                if progress.stopper.should_stop:
+                if progress.should_stop:
                     accelerator.set_trigger()
                 progress.stopped_early = accelerator.check_trigger()  # on any process: all stop together
             if run.checkpoint_every and (progress.step % run.checkpoint_every == 0 or progress.done):
-                runs.checkpoint(accelerator, run, progress)  # and one at the end: a finished run can be extended
+                checkpoints.checkpoint(accelerator, run, progress)  # and one at the end: a finished run can be extended
             if progress.done:
                 break
 

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ from safetensors.torch import load_file
 
 import adaptkit
 from adaptkit.folders import write_json
-from adaptkit.recipes import batching, data, runs, training
+from adaptkit.recipes import batching, checkpoints, data, runs, training
 from adaptkit.errors import BaseMismatchError, ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,7 +144,7 @@ class _Interrupt(Exception):
 def run_interrupted_and_resumed(main, argv_for, tmp_path: Path, monkeypatch, stop_at: int) -> None:
     """Run ``whole`` uninterrupted; run ``cut`` until the checkpoint at ``stop_at``, kill it, --resume it."""
     main(argv_for(tmp_path / "whole"))
-    checkpoint = runs.checkpoint
+    checkpoint = checkpoints.checkpoint
 
     def interrupted(accelerator, args, progress):  # dies right after writing the checkpoint
         path = checkpoint(accelerator, args, progress)
@@ -151,11 +152,11 @@ def run_interrupted_and_resumed(main, argv_for, tmp_path: Path, monkeypatch, sto
             raise _Interrupt
         return path
 
-    monkeypatch.setattr(runs, "checkpoint", interrupted)
+    monkeypatch.setattr(checkpoints, "checkpoint", interrupted)
     with pytest.raises(_Interrupt):
         main(argv_for(tmp_path / "cut"))
-    monkeypatch.setattr(runs, "checkpoint", checkpoint)
-    latest = runs.latest_checkpoint(tmp_path / "cut")
+    monkeypatch.setattr(checkpoints, "checkpoint", checkpoint)
+    latest = checkpoints.latest_checkpoint(tmp_path / "cut")
     assert latest.name == f"step-{stop_at:07d}"
     # the checkpoint holds what trains (here: adapter + head, as many values as the saved adapter), not the model
     in_checkpoint = load_file(str(latest / "model.safetensors"))
@@ -438,12 +439,23 @@ def test_parse_options_reads_json_lists_and_strings():
 
 
 def test_early_stopping_treats_nan_as_no_improvement():
-    stop = runs.EarlyStopping(patience=2, higher_is_better=True)
-    assert not stop.update(math.nan, 1) and stop.best is None
-    assert stop.update(0.5, 2) and not stop.update(0.5, 3) and not stop.should_stop
-    assert not stop.update(math.nan, 4) and stop.should_stop and stop.best_step == 2
-    lower = runs.EarlyStopping(patience=0, higher_is_better=False)
-    assert lower.update(3.0, 1) and lower.update(2.0, 2) and not lower.update(2.5, 3) and not lower.should_stop
+    def evaluations(patience: int, higher_is_better: bool, values: list[float]):
+        progress = runs.Progress(SimpleNamespace(patience=patience), None, 10, 10, metric=("score", higher_is_better))
+        improved = []
+        for progress.step, value in enumerate(values, start=1):
+            improved.append(progress.improved({"score": value}))
+        return progress, improved
+
+    stop, improved = evaluations(2, True, [math.nan, 0.5, 0.5])
+    assert improved == [False, True, False] and not stop.should_stop and stop.best_step == 2
+    stop, improved = evaluations(2, True, [math.nan, 0.5, 0.5, math.nan])
+    assert improved[-1] is False and stop.should_stop and (stop.best, stop.best_step) == (0.5, 2)
+    assert stop.best_metrics == {"score": 0.5} and math.isnan(stop.last_metrics["score"])
+    restored = runs.Progress(SimpleNamespace(patience=2), None, 10, 10, metric=("score", True))
+    restored.load_state_dict(json.loads(json.dumps(stop.state_dict())))  # a checkpoint's run_state.json
+    assert restored.should_stop and (restored.best, restored.best_step, restored.bad_evals) == (0.5, 2, 2)
+    lower, improved = evaluations(0, False, [3.0, 2.0, 2.5])
+    assert improved == [True, True, False] and not lower.should_stop
 
 
 def test_latest_checkpoint_skips_incomplete_folders(tmp_path):
@@ -452,9 +464,9 @@ def test_latest_checkpoint_skips_incomplete_folders(tmp_path):
         folder = tmp_path / "checkpoints" / name
         folder.mkdir(parents=True)
         if complete:
-            (folder / runs.RUN_STATE).write_text("{}")
-    assert runs.latest_checkpoint(tmp_path).name == "step-0000012"
-    assert runs.latest_checkpoint(tmp_path / "nothing") is None
+            (folder / training.RUN_STATE).write_text("{}")
+    assert checkpoints.latest_checkpoint(tmp_path).name == "step-0000012"
+    assert checkpoints.latest_checkpoint(tmp_path / "nothing") is None
 
 
 def test_write_json_replaces_atomically(tmp_path):
