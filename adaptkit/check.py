@@ -1,8 +1,7 @@
 """``adaptkit.check``: model x strategy x options x quantization x processes, validated from the config alone.
 
-Options are resolved field by field, each target matched on its own, and the strategy applied to a weightless
-skeleton as ``adapt`` applies it, so one call reports every problem with its fix (ConfigErrors), before any
-weights load: ``check("path/to/model", "lora", options={"r": 8}, quantization="8bit", processes=2)``.
+Options are resolved field by field and each target matched on its own, so one call reports every problem
+(docs/check-and-estimate.md lists what it covers).
 """
 
 from __future__ import annotations
@@ -17,11 +16,11 @@ import torch
 from torch import nn
 
 from adaptkit import lengths, placement, strategies, targets, versions
-from adaptkit.core import adapt, resolve
+from adaptkit.core import adapt, resolve, summary
 from adaptkit.errors import (AdaptkitError, ConfigError, ConfigErrors, ConfigTypeError, MissingDependencyError,
                              ProcessCountError, UnsupportedError)
 from adaptkit.names import CLASSIFICATION_TASKS, CPU_LAUNCH, QUANTIZATIONS
-from adaptkit.skeleton import Skeleton, describe, read_config, skeleton, task_of_class
+from adaptkit.skeleton import Skeleton, describe, skeleton, task_of_class
 
 
 @dataclasses.dataclass
@@ -91,14 +90,13 @@ def check(model: Any, strategy: Any = "lora", *, options: dict[str, Any] | None 
 def _skeleton(model: Any, task: str, num_labels: Any, report: CheckReport) -> Skeleton | None:
     add = report.problems.append
     try:
-        original = read_config(model)
-        sk = skeleton(model if isinstance(model, nn.Module) else original, task)  # a loaded model: its exact class
+        sk = skeleton(model, task)
     except AdaptkitError as exc:
         return add(exc)
-    report.model_class, report.task = sk.model_class.__name__, sk.task
+    report.model_class, report.task, config = sk.model_class.__name__, sk.task, sk.config
     # a checkpoint that ships a trained classification head has a label count
-    trained = next((int(original.num_labels) for a in getattr(original, "architectures", None) or []
-                    if task_of_class(a, original) in CLASSIFICATION_TASKS), None)
+    trained = next((int(config.num_labels) for a in getattr(config, "architectures", None) or []
+                    if task_of_class(a, config) in CLASSIFICATION_TASKS), None)
     if num_labels is None:
         return sk
     if not isinstance(num_labels, int) or isinstance(num_labels, bool):
@@ -108,7 +106,7 @@ def _skeleton(model: Any, task: str, num_labels: Any, report: CheckReport) -> Sk
     elif sk.task not in CLASSIFICATION_TASKS:
         add(ConfigError("num_labels", num_labels, f"has no meaning for task {sk.task!r}", "drop num_labels"))
     elif trained is not None and trained != num_labels:
-        add(ConfigError("num_labels", num_labels, f"the checkpoint's {original.architectures[0]} head has {trained} "
+        add(ConfigError("num_labels", num_labels, f"the checkpoint's {config.architectures[0]} head has {trained} "
                         "labels", f"use num_labels={trained}, or ignore_mismatched_sizes=True for a new head"))
     else:
         sk.config.num_labels = num_labels
@@ -165,20 +163,28 @@ def _check_padding(sk: Skeleton, report: CheckReport) -> None:
                                            "token through it: batches > 1 fail", "set model.config.pad_token_id"))
 
 
+def quantization_of(value: Any) -> str | None:
+    """None for "none", "" or None; the name when adaptkit knows it; else a ConfigError (check and estimate)."""
+    if value in ("none", "", None):
+        return None
+    if value not in QUANTIZATIONS:
+        raise ConfigError("quantization", value, "is not a quantization adaptkit knows",
+                          f"choose 'none' or one of {list(QUANTIZATIONS)}")
+    return value
+
+
 def _check_quantization(quantization: Any, config, report: CheckReport) -> None:
     add = report.problems.append
-    if quantization in ("none", "", None):
-        report.quantization = None
-    elif quantization not in QUANTIZATIONS:
-        add(ConfigError("quantization", quantization, "is not a quantization adaptkit knows",
-                        f"choose 'none' or one of {list(QUANTIZATIONS)}"))
-    else:
-        if importlib.util.find_spec("bitsandbytes") is None:
-            add(MissingDependencyError("quantization", quantization, "needs bitsandbytes, which is not installed",
-                                       "pip install 'adaptkit[bitsandbytes]'"))
-        if config is not None and not config.supports_quantized:
-            add(UnsupportedError("strategy", f"{config.name} on a {quantization} model", "quantized weights cannot "
-                                 "train", "drop the quantization, or use 'lora'"))
+    try:
+        quantization = report.quantization = quantization_of(quantization)
+    except ConfigError as exc:
+        return add(exc)
+    if quantization and importlib.util.find_spec("bitsandbytes") is None:
+        add(MissingDependencyError("quantization", quantization, "needs bitsandbytes, which is not installed",
+                                   "pip install 'adaptkit[bitsandbytes]'"))
+    if quantization and config is not None and not config.supports_quantized:
+        add(UnsupportedError("strategy", f"{config.name} on a {quantization} model", "quantized weights cannot "
+                             "train", "drop the quantization, or use 'lora'"))
 
 
 def _check_processes(processes: Any, world_size: int | None, report: CheckReport) -> None:
@@ -252,9 +258,8 @@ def _dry_run(sk: Skeleton, config, gradient_checkpointing: bool, report: CheckRe
         return report.problems.append(UnsupportedError("strategy", f"{config.name} on {sk.model_class.__name__}",
                                                        f"applying it fails: {type(exc).__name__}: {exc}",
                                                        "choose another strategy or other options"))
-    params = {id(p): p for p in adapted.parameters()}.values()
-    report.total = sum(p.numel() for p in params)
-    report.trainable = sum(p.numel() for p in params if p.requires_grad)
+    counts = summary(adapted)
+    report.total, report.trainable = counts.total, counts.trainable
     if report.trainable == 0:
         report.problems.append(UnsupportedError("strategy", config.name, f"leaves 0 trainable parameters on "
                                                 f"{sk.model_class.__name__}", "name targets or heads that exist"))

@@ -1,22 +1,14 @@
 """The ``adaptkit`` command: check a training setup, or estimate its memory, before loading any weights.
 
-    adaptkit check path/to/model --strategy lora --option r=16 --option targets=query,value \\
-        --quantization 8bit --processes 2 --num-labels 2
-    adaptkit estimate path/to/model --batch-size 32 --seq-len 128 --dtype bfloat16
-    adaptkit recommend path/to/model --task seq_cls --examples 5000 --memory 8GB [--time 2h] [--device cpu]
-    adaptkit env
-
-
-``check`` prints every problem with its fix and exits 1 when there is any; ``estimate`` prints one row
-per strategy; ``recommend`` ranks every strategy and option for a data size and a memory budget and says
-what to run first (docs/recommend.md); ``env`` prints the library versions and the device, each against the
-tested set, for a bug report. A mistyped flag or a bad flag value exits 2 with a message naming the flag, the value and
-the fix. ``--json`` prints machine-readable output instead.
+``check``, ``estimate``, ``recommend`` and ``env`` (docs/check-and-estimate.md, docs/recommend.md, docs/versions.md).
+``check`` exits 1 when it finds a problem; a mistyped flag or a bad flag value exits 2 with a message naming the
+flag, the value and the fix. ``--json`` prints machine-readable output instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
 import os
@@ -61,16 +53,19 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(field=self.prog, problem=message, fix=f"run '{self.prog} --help'")
 
 
-def _parse_option(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE``: VALUE as JSON when it parses (16, 0.1, true, ["a"]), a comma list gives a list of
-    names (targets=query,value), anything else stays a string."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(field="--option", value=text, problem="is not KEY=VALUE", fix="write e.g. --option r=16")
-    try:
-        return key.strip(), json.loads(raw)
-    except json.JSONDecodeError:
-        return key.strip(), [v.strip() for v in raw.split(",") if v.strip()] if "," in raw else raw
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """``--option KEY=VALUE`` flags (also the recipes'): VALUE as JSON when it parses (16, 0.1, true, ["a"]), a
+    comma list gives a list of names (targets=query,value), anything else stays a string."""
+    options: dict[str, Any] = {}
+    for text in items:
+        key, sep, raw = text.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(field="--option", value=text, problem="is not KEY=VALUE", fix="write e.g. --option r=16")
+        try:
+            options[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key.strip()] = [v.strip() for v in raw.split(",") if v.strip()] if "," in raw else raw
+    return options
 
 
 def _positive_int(flag: str):
@@ -167,11 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                             num_labels=args.num_labels, epochs=args.epochs)
             print(json.dumps(rec.to_dict(), indent=2) if args.json else rec)
             return EXIT_OK
-        options = dict(_parse_option(o) for o in getattr(args, "option", []))
-        quantization = None if args.quantization in ("none", "") else args.quantization
-        if args.command == "check":
-            return _check(args, options, quantization)
-        return _estimate(args, quantization)
+        return _check(args) if args.command == "check" else _estimate(args)
     except AdaptkitError as exc:  # a bad flag or value, or a model that cannot be read
         print(f"adaptkit: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -180,9 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
 
 
-def _check(args, options: dict[str, Any], quantization: str | None) -> int:
-    report = check(args.model, args.strategy, options=options, task=args.task, num_labels=args.num_labels,
-                   quantization=quantization, processes=args.processes,
+def _check(args) -> int:
+    report = check(args.model, args.strategy, options=parse_options(args.option), task=args.task,
+                   num_labels=args.num_labels, quantization=args.quantization, processes=args.processes,
                    gradient_checkpointing=args.gradient_checkpointing, max_length=args.max_length,
                    raise_on_error=False)
     if args.json:
@@ -197,15 +188,14 @@ def _check(args, options: dict[str, Any], quantization: str | None) -> int:
     return EXIT_OK if report.ok else EXIT_PROBLEMS
 
 
-def _estimate(args, quantization: str | None) -> int:
+def _estimate(args) -> int:
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
     if not names:
         raise ConfigError(field="--strategies", value=args.strategies, problem="names no strategy",
                           fix="pass e.g. --strategies full,lora")
     result = estimate(args.model, names, batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype,
-                      quantization=quantization, task=args.task, num_labels=args.num_labels, device=args.device)
-    print(json.dumps({"model": result.model, "model_class": result.model_class, "rows": result.as_dicts()}, indent=2)
-          if args.json else result)
+                      quantization=args.quantization, task=args.task, num_labels=args.num_labels, device=args.device)
+    print(json.dumps(dataclasses.asdict(result), indent=2) if args.json else result)
     return EXIT_OK
 
 

@@ -1,12 +1,11 @@
 """``adaptkit.estimate``: peak training memory and relative step cost of every strategy, from the config alone.
 
-Each strategy is applied to the model built on the ``meta`` device, and two training steps run on meta tensors of
-batch x seq: a dispatch mode follows every tensor torch creates and frees, so the peak of live bytes in step 2 is
-counted, not guessed (``peak = weights + that peak``); saved-tensor hooks count what backward keeps. 8-bit weights
-count 1 byte + an fp32 scale per row, 4-bit 0.5 byte + one per 64 weights. ``step cost``: forward+backward FLOPs
-relative to full fine-tuning. Attention is traced as the device runs it (fused on CUDA, and on CPU without dropout
-or a trained bias); bitsandbytes kernels are not. A model that cannot run on meta tensors gets a BERT-calibrated
-formula (``_formula_activations``; the row says ``formula``).
+Two training steps run on the ``meta`` device (docs/check-and-estimate.md): a dispatch mode follows every tensor
+torch creates and frees, so the peak of live bytes in step 2 is counted, not guessed. 8-bit weights count 1 byte +
+an fp32 scale per row, 4-bit 0.5 byte + one per 64 weights. Attention is traced as the device runs it (fused on
+CUDA, and on CPU without dropout or a trained bias); bitsandbytes kernels are not. A model whose Python code needs
+real values (``.item()``, ``nonzero``: BART's attention masks, DeBERTa-v2's classification loss, T5's sequence
+classifier) gets a BERT-calibrated formula instead, and its row says ``method="formula"``.
 """
 
 from __future__ import annotations
@@ -24,7 +23,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from transformers import PreTrainedModel
 
 from adaptkit import lengths, targets
-from adaptkit.core import adapt, resolve
+from adaptkit.check import quantization_of
+from adaptkit.core import adapt, resolve, summary
 from adaptkit.errors import AdaptkitError, ConfigError
 from adaptkit.skeleton import Skeleton, dtype_of, skeleton
 from adaptkit.strategies.full import Full
@@ -64,9 +64,6 @@ class Estimate:
     def row(self, strategy: str) -> Row:
         return next(r for r in self.rows if r.strategy == strategy)
 
-    def as_dicts(self) -> list[dict[str, Any]]:
-        return [dataclasses.asdict(r) for r in self.rows]
-
     def __str__(self) -> str:
         mb = lambda n: f"{n / 1e6:,.0f}"  # noqa: E731
         row = lambda cells: "  ".join(f"{c:>12}" for c in cells)  # noqa: E731
@@ -96,9 +93,7 @@ def estimate(model: Any, strategies: Any = DEFAULT_STRATEGIES, *, batch_size: in
             raise ConfigError(field, value, "must be a positive integer", "pass e.g. 32")
     if device not in DEVICES:
         raise ConfigError("device", device, "is not a device estimate knows", f"choose one of {list(DEVICES)}")
-    quantization = None if quantization in ("none", "") else quantization
-    if quantization is not None and quantization not in _QUANT_BYTES:
-        raise ConfigError("quantization", quantization, "is not a quantization adaptkit knows", "use '8bit' or '4bit'")
+    quantization = quantization_of(quantization)
     torch_dtype = dtype_of(dtype)
     sk = skeleton(model, task, num_labels)
     if getattr(sk.config, "pad_token_id", None) is None:
@@ -133,11 +128,8 @@ def _estimate_one(sk: Skeleton, config, batch: int, seq: int, dtype: torch.dtype
     except AdaptkitError as exc:
         row.problem = str(exc)
         return row
-    params = list({id(p): p for p in model.parameters()}.values())
-    trainable = [p for p in params if p.requires_grad]
-    row.total, row.trainable = sum(p.numel() for p in params), sum(p.numel() for p in trainable)
-    row.weights = (sum(p.numel() * p.element_size() for p in params)
-                   + sum(b.numel() * b.element_size() for b in model.buffers()) - quant_saving)
+    counts, trainable = summary(model), [p for p in model.parameters() if p.requires_grad]
+    row.total, row.trainable, row.weights = counts.total, counts.trainable, counts.footprint_bytes - quant_saving
     row.gradients = sum(p.numel() * p.element_size() for p in trainable)
     row.optimizer = 2 * row.gradients
     try:

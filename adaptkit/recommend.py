@@ -1,24 +1,9 @@
 """``adaptkit.recommend``: which strategy to run, for this model, this much data and this much memory.
 
-Every candidate (strategy x LoRA rank x 8/4-bit base x gradient checkpointing, each at the largest batch
-that fits) gets three numbers, each from something measured, and is ranked:
-
-* **Peak memory**: ``adaptkit.estimate`` (a traced step on the meta device, no weights) at batch 32 and
-  ``seq_len`` tokens; the batch-dependent part scales with the batch. On CPU it is calibrated on the peak
-  RSS of the benchmark runs, per strategy: ``RSS = a + weights + gradients + AdamW + b x (the rest)`` (glibc
-  keeps freed activation buffers, so RSS runs 2-9x above the tensor peak on MiniLM). On CUDA the estimate is
-  used as it is (no calibration runs).
-* **Time per epoch** (CPU, 1 thread): the estimate's FLOPs per step (at ``mean_len`` tokens) times seconds
-  per FLOP measured per strategy on the benchmark runs; the linear probe's epoch is its feature cache (one
-  forward pass per example), timed the same way. Not predicted on CUDA (no calibration runs).
-* **Quality**: points above or below full fine-tuning on the benchmark's dev sets (median over seeds), averaged
-  over the benchmark cells of the same task type weighted by closeness in training-set size (a factor of 2
-  apart weighs 0.61, 4 apart 0.14); each number names its cells. LoRA rank 16 and 8/4-bit bases were not
-  benchmarked: they take rank-8 unquantized LoRA's (or the strategy's) number and say so.
-
-The top pick is the fastest candidate within ``TOLERANCE`` points of the best expected quality that fits.
-The evidence is ``recommend_evidence.json`` (``benchmarks/recommend_evidence.py`` writes it from the records);
-``benchmarks/validate_recommend.py`` checks all of this against the runs, leaving each task out in turn.
+Each candidate (strategy x LoRA rank x 8/4-bit base x gradient checkpointing, at the largest batch that fits) gets
+a peak memory (``adaptkit.estimate``, calibrated on CPU on the benchmark's peak RSS), a time per epoch (CPU only)
+and a quality vs full fine-tuning from the benchmark records (``recommend_evidence.json``, written by
+``benchmarks/recommend_evidence.py``). docs/recommend.md says how each is computed and how far off it was.
 """
 
 from __future__ import annotations
@@ -192,13 +177,9 @@ def _estimates(model: Any, task: str, num_labels: int, seq_len: int, device: str
 def recommend(model: Any, *, task: str = "seq_cls", train_examples: int, memory: Any = None, time: Any = None,
               device: str = "cpu", seq_len: int = 128, mean_len: int | None = None, num_labels: int = 2,
               epochs: int = 3, options: bool = True, evidence: list[dict] | None = None) -> Recommendation:
-    """Every candidate for training ``model`` (a folder, hub id or config: no weights are read) on
-    ``train_examples`` examples of ``task`` within ``memory`` (and ``time`` for ``epochs`` epochs), ranked.
-
-    ``seq_len``: the longest example in tokens (memory); ``mean_len``: the typical one (time; default seq_len).
-    ``options=False`` keeps only the configurations the benchmark ran (rank 8, no quantization, no
-    checkpointing, batch 32). ``evidence``: benchmark cells to reason from (default: the committed ones).
-    """
+    """Every candidate for training ``model`` (no weights are read) on ``train_examples`` examples of ``task``
+    within ``memory`` (and ``time`` for ``epochs`` epochs), ranked (docs/recommend.md). ``options=False`` keeps only
+    what the benchmark ran (rank 8, no quantization or checkpointing, batch 32); ``evidence``: cells to reason from."""
     if task not in TASKS:
         raise ConfigError(field="task", value=task, problem="is not a task type adaptkit knows",
                           fix=f"use one of {sorted(TASKS)}")

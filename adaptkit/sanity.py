@@ -126,7 +126,6 @@ def _in_range(values: torch.Tensor, size: int, key: str, what: str,
         raise ConfigError(f"batch[{key!r}]", bad, f"is outside {what} 0..{size - 1}", fix)
 
 
-# ---- 1. init ---------------------------------------------------------------------------------------
 def _check_init(model, batch, strategy, quant, atol) -> Result:
     peft = isinstance(model, PeftModel)
     if quant == "4bit":  # an eval forward repacks 4-bit weights on CPU, and training fails after it
@@ -145,7 +144,6 @@ def _check_init(model, batch, strategy, quant, atol) -> Result:
     return Result("init", "ok", f"outputs unchanged by the adapter (max |difference| {diff:.2g})")
 
 
-# ---- 2 + 3. gradients and loss ---------------------------------------------------------------------
 _NO_GRADIENTS = Result("loss", "skipped", "no gradients to follow")
 
 
@@ -207,7 +205,6 @@ def _gradient_result(model, strategy, trainable, grads) -> Result:
     return Result("gradients", "ok", f"all {len(trainable)} trainable tensors received finite gradients")
 
 
-# ---- 4 + 5. save/load and merge --------------------------------------------------------------------
 _SAME_BASE = "load onto the same base model (same checkpoint, num_labels, dtype) that was adapted"
 
 
@@ -241,20 +238,16 @@ def _roundtrip_checks(model, batch, strategy, base_model, quant, atol, merge_rto
                                   f"{diff:.3g} > {tolerance:.3g})", "report it; keep the unmerged adapter", diff)]
 
 
-# ---- helpers ---------------------------------------------------------------------------------------
 def _inputs(batch: Mapping) -> dict:
     return {k: v for k, v in batch.items() if k not in ("labels", "start_positions", "end_positions")}
 
 
 def _outputs(model, batch) -> torch.Tensor:
-    """The main output (logits) in eval mode, in fp32."""
-    was = model.training
+    """The main output (logits) in eval mode, in fp32 (the training checks set train mode; sanity_check restores
+    the caller's)."""
     model.eval()
-    try:
-        with torch.no_grad():
-            out = model(**_inputs(batch))
-    finally:
-        model.train(was)
+    with torch.no_grad():
+        out = model(**_inputs(batch))
     main = out[0] if isinstance(out, tuple) else getattr(out, "logits", None)
     return (main if main is not None else next(iter(out.values()))).detach().float()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import FAMILIES
 
-from adaptkit.cli import _parse_option, main
+from adaptkit.cli import main, parse_options
 
 
 @pytest.fixture
@@ -112,7 +112,7 @@ def test_flag_mistakes_exit_2_with_field_value_and_fix(capsys, model_dir, argv, 
     ("init=gaussian", ("init", "gaussian")), ("heads=null", ("heads", None)),
 ])
 def test_option_values(text, expected):
-    assert _parse_option(text) == expected
+    assert parse_options([text]) == dict([expected])
 
 
 def test_the_console_script_is_installed(model_dir):

@@ -19,6 +19,7 @@ from accelerate.state import AcceleratorState
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import ProjectConfiguration, set_seed
 
+from adaptkit.cli import parse_options  # noqa: F401 - the recipes' --option, read as `adaptkit check` reads it
 from adaptkit.distributed import check_sharding, require_processes
 from adaptkit.errors import ConfigError, MissingDependencyError
 from adaptkit.names import FROM_CONFIG_SEED, TASKS
@@ -146,21 +147,6 @@ def run_parser(description: str | None, **defaults) -> transformers.HfArgumentPa
                                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.set_defaults(**defaults)
     return parser
-
-
-def parse_options(items: list[str]) -> dict[str, Any]:
-    """``["r=16", "targets=query,value", "use_dora=true"]`` -> ``{"r": 16, "targets": [...], "use_dora": True}``."""
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(field="--option", value=item, problem="is not KEY=VALUE", fix="write it like --option r=16")
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = [v.strip() for v in text.split(",") if v.strip()] if "," in text else text
-        options[key.strip()] = value
-    return options
 
 
 def refuse_remote_code(run: RunArgs) -> None:
