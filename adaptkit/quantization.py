@@ -19,10 +19,6 @@ from adaptkit.errors import ConfigError, ConfigTypeError, MissingDependencyError
 from adaptkit.names import QUANTIZATIONS, TASKS
 from adaptkit.skeleton import refuse_remote_code, remote_code_error
 
-# QLoRA's defaults; anything here can be overridden through ``quantization_options``
-_DEFAULTS = {"4bit": {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}, "8bit": {}}
-
-
 def _dtype_arg(hf_kwargs: dict[str, Any]) -> torch.dtype:
     """The dtype ``from_pretrained`` will load the unquantized weights in (``dtype``/``torch_dtype``; fp32 default)."""
     value = hf_kwargs.get("dtype", hf_kwargs.get("torch_dtype"))
@@ -80,11 +76,12 @@ def bnb_config(quantization: str, skip_modules: list[str], options: dict[str, An
         hints = [f"{u!r} -> did you mean {m[0]!r}?" for u in unknown if (m := difflib.get_close_matches(u, known, n=1))]
         raise UnknownOptionError("quantization_options", unknown, "not BitsAndBytesConfig fields",
                                  "; ".join([*hints, "see transformers.BitsAndBytesConfig"]))
-    defaults = dict(_DEFAULTS[quantization])
-    if quantization == "4bit":
-        # bf16 where native (CPUs, Ampere+); fp16 on GPUs that emulate bf16
+    defaults = {}
+    if quantization == "4bit":  # QLoRA's defaults, which quantization_options override
+        # compute in bf16 where native (CPUs, Ampere+); fp16 on GPUs that emulate bf16
         emulated = torch.cuda.is_available() and not torch.cuda.is_bf16_supported(False)
-        defaults["bnb_4bit_compute_dtype"] = torch.float16 if emulated else torch.bfloat16
+        defaults = {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+                    "bnb_4bit_compute_dtype": torch.float16 if emulated else torch.bfloat16}
         if storage is not None:  # FSDP shards 4-bit weights only when they are stored in its float dtype
             defaults["bnb_4bit_quant_storage"] = storage
     fields = {**defaults, **options,

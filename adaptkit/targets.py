@@ -38,8 +38,7 @@ def base_module(model: nn.Module) -> nn.Module | None:
 
 def pooler_name(model: nn.Module) -> str | None:
     """Dotted name of the backbone's pooler (BERT's, which its head reads), or None (RoBERTa's head pools itself)."""
-    backbone = base_module(model)
-    pooler = getattr(backbone, "pooler", None) if backbone is not None else None
+    pooler = getattr(base_module(model), "pooler", None)
     if not isinstance(pooler, nn.Module) or not any(True for _ in pooler.parameters()):
         return None
     return f"{model.base_model_prefix}.pooler"

@@ -50,23 +50,18 @@ def describe(*names: str) -> str:
                      + ("tested" if installed(n) == TESTED.get(n) else f"tested: {TESTED.get(n)}") + ")" for n in names)
 
 
-def _device() -> str:
-    import torch  # only for `adaptkit env`, which also runs where torch is broken
-    if torch.cuda.is_available():
-        names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
-        return f"cuda x{torch.cuda.device_count()} ({', '.join(names)}), CUDA {torch.version.cuda}"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
 def report() -> str:
     """The text of ``adaptkit env``: paste it into a bug report."""
     rows = [("adaptkit", installed("adaptkit") or "not installed", "")]
     rows += [(name, installed(name) or "-", status(name)) for name in TESTED]
     width = max(len(r[0]) for r in rows)
     try:
-        device = _device()
+        import torch  # only here: `adaptkit env` also runs where torch is broken
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        names = sorted({torch.cuda.get_device_name(i) for i in range(count)})
+        mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+        device = (f"cuda x{count} ({', '.join(names)}), CUDA {torch.version.cuda}" if count else "mps" if mps
+                  else f"cpu ({torch.get_num_threads()} threads)")
     except ImportError:
         device = "unknown (torch is not installed)"
     off = untested()
