@@ -174,31 +174,29 @@ def load(directory: str | Path, base_model: nn.Module, trainable: bool = False) 
     tensor come from the file; named adapters come back with the one that was active."""
     directory = folders.path_of(directory)
     _refuse_if_adapted(_model(base_model, "base_model"), "base_model")
-    adapters, peft_config, saved = {"names": ["default"], "active": "default"}, None, {}
+    adapters, saved, configs, plain = {"names": ["default"], "active": "default"}, {}, {}, False
     if (directory / CONFIG_NAME).is_file():
         strategy, saved = layout.read_file(directory)
         adapters = layout.read_adapters(saved, directory / CONFIG_NAME)
-    elif (directory / "adapter_config.json").is_file():  # a plain PEFT folder
-        peft_config = layout.read_peft_config(directory, base_model)
-        strategy = PeftMethod.from_peft_config(peft_config)
+    elif plain := (directory / "adapter_config.json").is_file():  # a plain PEFT folder
+        configs["default"] = layout.read_peft_config(directory, base_model)
+        strategy = PeftMethod.from_peft_config(configs["default"])
     else:
         raise AdapterFormatError("directory", str(directory), f"holds neither {CONFIG_NAME} nor adapter_config.json"
                                  if directory.is_dir() else "is not a folder", "pass the folder adaptkit.save wrote")
     folder_of = {name: directory if name == "default" else directory / name for name in adapters["names"]}
-    configs = {}
+    saved_keys = {}
     for name, folder in folder_of.items():
-        saved_keys = layout.check_weights(folder, base_model, strategy)
+        saved_keys[name] = layout.check_weights(folder, base_model, strategy)
         if isinstance(strategy, PeftStrategy):
-            configs[name] = layout.read_peft_config(folder, base_model)
+            configs[name] = configs.get(name) or layout.read_peft_config(folder, base_model)
             layout.check_prompt_shape(folder, configs[name], base_model)
     layout.check_base(directory, saved, base_model)
-    if isinstance(strategy, PeftStrategy) and peft_config is None:
+    if plain:  # no task_type: complete it from the saved head, or refuse
+        layout.fill_task_type(directory, configs["default"], base_model, saved_keys["default"])
+        strategy = PeftMethod.from_peft_config(configs["default"])
+    elif isinstance(strategy, PeftStrategy):
         layout.check_agreement(directory, strategy, configs["default"], base_model)
-    if peft_config is not None:  # no task_type: complete it from the saved head, or refuse
-        before = peft_config.task_type
-        layout.fill_task_type(directory, peft_config, base_model, saved_keys)
-        strategy = PeftMethod.from_peft_config(peft_config) if peft_config.task_type != before else strategy
-        peft_config = peft_config if peft_config.task_type != before else None
     layout.restore_labels(saved, base_model)
     if strategy.freezes_base:  # as adapt did: the saved fp32 head loads into an fp32 head, without rounding
         fp32_new_heads(base_model)
@@ -206,13 +204,13 @@ def load(directory: str | Path, base_model: nn.Module, trainable: bool = False) 
             fp32_modules(base_model, list(config.modules_to_save or []))
     try:
         if isinstance(strategy, PeftStrategy):
-            model = strategy.load(directory, base_model, trainable=trainable, config=peft_config)
+            model = strategy.load(directory, base_model, trainable=trainable, config=configs["default"])
             for name, folder in folder_of.items():
                 if name != "default":
                     model.load_adapter(str(folder), adapter_name=name, is_trainable=trainable)
             model.set_adapter(adapters["active"], inference_mode=not trainable)
             for name, folder in folder_of.items():
-                layout.check_peft_keys(model, name, folder)
+                layout.check_peft_keys(model, name, folder, saved_keys[name])
         else:
             model = strategy.load(directory, base_model)
             model.__dict__[OWNED] = [n for n, p in model.named_parameters() if p.requires_grad]  # save writes them back

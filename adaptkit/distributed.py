@@ -95,20 +95,18 @@ def check_sharded_model(accelerator: Any, model: Any) -> None:
 
 
 def gather_trained(model: Any) -> dict[str, torch.Tensor] | None:
-    """What ``save`` writes, whole and on the CPU (None if nothing is sharded); every process must call it."""
+    """torch's full state dict of a sharded model, on the CPU of process 0 (None if nothing is sharded): every
+    process must call it. Frozen base weights stay out unless something ``save`` writes is frozen (a native strategy
+    writes what it trained even if frozen since; ``full`` the whole model)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.tensor import DTensor  # torch.distributed's heavy submodules: only for a sharded save
 
     if not any(isinstance(p, DTensor) for p in model.parameters()):
         return None
-    strategy = strategy_of(model)
-    if strategy is not None and not strategy.freezes_base:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    owned = set(model.__dict__.get(OWNED, ()))  # what a native strategy trains, even if frozen since
-    # the same order on every process: the all-gathers pair up
-    return {name: (p.detach().full_tensor() if isinstance(p, DTensor) else p.detach()).cpu().contiguous()
-            for name, p in model.named_parameters() if p.requires_grad or name in owned}
+    owned = set(model.__dict__.get(OWNED, ()))
+    frozen_owned = any(name in owned and not p.requires_grad for name, p in model.named_parameters())
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=not frozen_owned)
+    return get_model_state_dict(model, options=options)
 
 
 def save_adapter(accelerator: Any, model: Any, directory: Any) -> None:

@@ -5,6 +5,7 @@ itself: PEFT's through ``PeftModel.load_adapter``, native ones non-strictly from
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -23,24 +24,15 @@ _CHECKPOINTING = ("activation_checkpointing_enable", "gradient_checkpointing_ena
 def install(model: nn.Module) -> None:
     """Give this adapted model (the instance only) a save_pretrained that writes the adapter folder, and on
     prefix tuning a checkpointing switch that refuses (the Trainer flips it on from its arguments)."""
-    model.__dict__[_SAVE] = _Bound(save_pretrained, model)
+    # a partial, not a bound method: pickling a bound method stores ``getattr(model, name)``, which on unpickling
+    # resolves to transformers' method
+    model.__dict__[_SAVE] = functools.partial(save_pretrained, model)
     if not hasattr(model, "peft_config"):  # PEFT models have PEFT's (adaptkit.compat mends it for prompt learning)
-        model.__dict__[_DISABLE] = _Bound(_disable_adapter, model)
+        model.__dict__[_DISABLE] = functools.partial(_disable_adapter, model)
     config = (getattr(model, "peft_config", None) or {}).get(getattr(model, "active_adapter", None))
     if getattr(getattr(config, "peft_type", None), "value", None) == "PREFIX_TUNING":
         for name in _CHECKPOINTING:
             model.__dict__[name] = _refuse_checkpointing
-
-
-class _Bound:
-    """``function`` bound to ``model`` by an object, not a bound method: pickling a bound method stores
-    ``getattr(model, name)``, which on unpickling resolves to transformers' method."""
-
-    def __init__(self, function, model: nn.Module):
-        self.function, self.model = function, model
-
-    def __call__(self, *args: Any, **kwargs: Any):
-        return self.function(self.model, *args, **kwargs)
 
 
 def _disable_adapter(model: nn.Module):

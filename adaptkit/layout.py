@@ -248,12 +248,10 @@ def check_prompt_shape(folder: Path, config: PeftConfig, base_model: nn.Module) 
                                      "load it onto the base model it was trained on")
 
 
-def check_peft_keys(model: nn.Module, name: str, folder: Path) -> None:
+def check_peft_keys(model: nn.Module, name: str, folder: Path, saved_keys: list[str]) -> None:
     """Every tensor in the file must have been loaded into an adapter module, and every adapter module must
     have come from the file (PEFT only warns about either)."""
-    with safe_open(str(folder / WEIGHTS_NAME), "pt") as f:
-        saved = set(f.keys())
-    expected = set(get_peft_model_state_dict(model, adapter_name=name))
+    saved, expected = set(saved_keys), set(get_peft_model_state_dict(model, adapter_name=name))
     missing, unexpected = sorted(expected - saved), sorted(saved - expected)
     if missing or unexpected:
         raise AdapterFormatError(str(folder / WEIGHTS_NAME), {"missing": missing[:3], "unexpected": unexpected[:3]},

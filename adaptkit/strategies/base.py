@@ -208,10 +208,10 @@ class PeftStrategy(Strategy):
         type(model).save_pretrained(model, str(directory), safe_serialization=True,
                                     **({"state_dict": state_dict} if state_dict is not None else {}))
 
-    def load(self, directory: Path, base_model: nn.Module, trainable: bool = False, config=None) -> nn.Module:
-        """``config``: a PeftConfig to use instead of the folder's adapter_config.json (one completed on load)."""
-        from peft import PeftConfig, PeftModel
-        if not (trainable and PeftConfig.from_pretrained(str(directory)).is_prompt_learning):
+    def load(self, directory: Path, base_model: nn.Module, trainable: bool = False, *, config) -> nn.Module:
+        """``config``: the folder's adapter_config.json, read and checked (and completed) by ``core.load``."""
+        from peft import PeftModel
+        if not (trainable and config.is_prompt_learning):
             return PeftModel.from_pretrained(base_model, str(directory), is_trainable=trainable, config=config)
         # PEFT refuses is_trainable for prompt learning; a loaded prefix must keep training all the same
         # (resuming, or tuning further), so load it frozen and unfreeze what adapt would train
