@@ -137,6 +137,16 @@ def test_the_formula_fallback(monkeypatch):
     assert result.row("full").step_cost == 1.0 and result.row("linear_probe").step_cost == pytest.approx(1 / 3)
 
 
+
+def test_a_real_model_that_needs_values_gets_the_labelled_formula():
+    # BART's attention-mask code calls .item(), which meta tensors cannot answer (transformers 5.x): a formula row,
+    # not a crash. If this fails on "traced", BART runs on meta now: the module docstring's list can drop it.
+    config = transformers.BartConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                                      decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=99)
+    row = estimate(config, ["lora"], batch_size=2, seq_len=16, task="seq2seq").row("lora")
+    assert row.problem is None and row.method == "formula" and row.peak > row.weights > 0 and row.activations > 0
+
+
 @pytest.mark.parametrize("kwargs,error,match", [
     ({"batch_size": 0}, errors.ConfigError, r"batch_size=0: must be a positive integer"),
     ({"seq_len": "64"}, errors.ConfigError, r"seq_len='64': must be a positive integer"),
