@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from adaptkit.recipes.batching import LengthGroupedBatchSampler, make_collator, make_dataloader, tokenize
+from adaptkit.recipes.batching import LengthGroupedSampler, make_collator, make_dataloader, tokenize
 from adaptkit.recipes.data import load_splits, read_table
 from adaptkit.errors import ConfigError, ConfigTypeError, DataError
 
@@ -312,20 +312,19 @@ def test_missing_pad_token_is_refused(tokenizer):
 
 
 def test_length_grouped_sampler_is_a_deterministic_permutation_with_less_padding():
-    lengths = np.random.default_rng(0).integers(3, 60, size=1003)
-    sampler = LengthGroupedBatchSampler(lengths, batch_size=16, seed=3, chunk_batches=8)
-    batches = list(sampler)
-    assert len(batches) == len(sampler) == 63
-    assert sorted(i for b in batches for i in b) == list(range(1003))
-    assert batches == list(LengthGroupedBatchSampler(lengths, batch_size=16, seed=3, chunk_batches=8))
-    assert list(sampler) != batches  # the next pass reshuffles (epoch advances by itself) ...
+    lengths = np.random.default_rng(0).integers(3, 60, size=1003).tolist()
+    sampler = LengthGroupedSampler(lengths, batch_size=16, seed=3)
+    order = list(sampler)
+    assert len(order) == len(sampler) == 1003 and sorted(order) == list(range(1003))
+    assert order == list(LengthGroupedSampler(lengths, batch_size=16, seed=3))  # the same in every run ...
+    assert order != list(LengthGroupedSampler(lengths, batch_size=16, seed=4))  # ... with the seed
+    assert list(sampler) != order  # the next pass reshuffles (epoch advances by itself) ...
     sampler.set_epoch(0)
-    assert list(sampler) == batches  # ... and set_epoch replays a pass
-    padded = sum(len(b) * lengths[b].max() for b in batches)
-    random_batches = np.array_split(np.random.default_rng(1).permutation(1003), 63)
-    assert padded < 0.75 * sum(len(b) * lengths[b].max() for b in random_batches)
-    with pytest.raises(ConfigError, match="batch_size/chunk_batches"):
-        LengthGroupedBatchSampler(lengths, batch_size=0)
+    assert list(sampler) == order  # ... and set_epoch replays a pass
+
+    def padded(order):  # the DataLoader's batches: consecutive slices of batch_size
+        return sum(len(b) * max(lengths[i] for i in b) for b in (order[i:i + 16] for i in range(0, 1003, 16)))
+    assert padded(order) < 0.75 * padded(np.random.default_rng(1).permutation(1003).tolist())
 
 
 def test_make_dataloader_covers_every_example(tmp_path, tokenizer):

@@ -6,11 +6,9 @@ ShareGPT turns read as messages. Only responses are labelled; ``--max-length`` c
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
-from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, trainer_pt_utils
 
 from adaptkit.errors import ConfigError, DataError
 from adaptkit.recipes.data import Table
@@ -46,48 +44,33 @@ def check_vocab(model, tokenizer) -> None:
                           "embedding rows", "use the model's tokenizer, or resize_token_embeddings and save as --model")
 
 
-class LengthGroupedBatchSampler(torch.utils.data.Sampler):
-    """Batches of similar length: a seeded shuffle, chunks sorted by length, the batch order shuffled. Pass k is the
-    same in every run with the seed (``set_epoch(k)``: exact resume needs it, transformers' LengthGroupedSampler
-    has no epoch)."""
+class LengthGroupedSampler(trainer_pt_utils.LengthGroupedSampler):
+    """transformers' length grouping with pass k drawn from (seed, k): exact resume needs pass k to be the same in
+    every run (``set_epoch(k)``, which Accelerate calls), and transformers' draws every pass from one generator."""
 
-    def __init__(self, lengths, batch_size: int, *, shuffle: bool = True, seed: int = 0, chunk_batches: int = 50):
-        if not isinstance(batch_size, int) or batch_size < 1 or not isinstance(chunk_batches, int) or chunk_batches < 1:
-            raise ConfigError("batch_size/chunk_batches", (batch_size, chunk_batches), "must be positive integers",
-                              "e.g. batch_size=32, chunk_batches=50")
-        self.lengths, self.batch_size, self.shuffle = np.asarray(lengths), batch_size, shuffle
-        self.seed, self.chunk, self.epoch = seed, batch_size * chunk_batches, 0
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0):
+        self.seed, self.epoch, self.rng = seed, 0, torch.Generator()
+        super().__init__(batch_size, lengths=lengths, generator=self.rng)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
-        rng = np.random.default_rng([self.seed, self.epoch])
-        self.epoch += 1
-        n = len(self.lengths)
-        order, batches = rng.permutation(n) if self.shuffle else np.arange(n), []
-        for start in range(0, n, self.chunk):  # chunk is a multiple of batch_size: only the last batch is short
-            idx = order[start:start + self.chunk]
-            idx = idx[np.argsort(-self.lengths[idx], kind="stable")]
-            batches += [idx[i:i + self.batch_size].tolist() for i in range(0, len(idx), self.batch_size)]
-        if self.shuffle:  # else every chunk would start with its longest batch
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        return iter(batches)
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / self.batch_size)
+        self.rng.manual_seed(int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]))
+        self.epoch += 1  # a plain DataLoader never calls set_epoch: its next pass reshuffles all the same
+        return super().__iter__()
 
 
 def make_dataloader(features: list[dict], tokenizer, batch_size: int, *, shuffle: bool = False,
                     group_by_length: bool = False, seed: int = 0, collate=None) -> torch.utils.data.DataLoader:
     collate = collate or make_collator(tokenizer)
-    if group_by_length:
-        sampler = LengthGroupedBatchSampler([len(f["input_ids"]) for f in features], batch_size,
-                                            shuffle=shuffle, seed=seed)
-        return torch.utils.data.DataLoader(features, batch_sampler=sampler, collate_fn=collate)
-    gen = torch.Generator().manual_seed(seed) if shuffle else None
-    return torch.utils.data.DataLoader(features, batch_size=batch_size, shuffle=shuffle, generator=gen,
-                                       collate_fn=collate)
+    if not group_by_length:
+        gen = torch.Generator().manual_seed(seed) if shuffle else None
+        return torch.utils.data.DataLoader(features, batch_size, shuffle=shuffle, generator=gen, collate_fn=collate)
+    lengths = [len(f["input_ids"]) for f in features]
+    # evaluation's order does not matter: sorted by length outright, the least padding
+    order = LengthGroupedSampler(lengths, batch_size, seed) if shuffle else np.argsort(lengths, kind="stable").tolist()
+    return torch.utils.data.DataLoader(features, batch_size, sampler=order, collate_fn=collate)
 
 
 def causal_lm_loader(features: list[dict], batch_size: int, tokenizer, shuffle: bool, seed: int = 0):
