@@ -177,11 +177,8 @@ def enable_checkpointing(model: nn.Module) -> nn.Module:
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise UnsupportedError("gradient_checkpointing", True, f"{type(model).__name__} does not support it",
                                "load without gradient_checkpointing=True")
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # the name in every transformers adaptkit supports (>= 5.23); gradient_checkpointing_enable is a deprecated alias
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False  # a KV cache is useless while recomputing and transformers warns
     return model

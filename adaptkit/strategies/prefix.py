@@ -44,9 +44,7 @@ class Prefix(PeftStrategy):
             raise UnsupportedError("strategy", f"prefix on {type(model).__name__}", "its forward takes no "
                                    "past_key_values (nor cache) to fill", "use 'lora' or 'bottleneck'")
         compat.refuse_untested_transformers()  # before PEFT wraps anything (core applies compat.bridge after)
-        # transformers 5 renamed the flag; reading the old name only warns
-        renamed = hasattr(type(model), "is_activation_checkpointing")
-        if getattr(model, "is_activation_checkpointing" if renamed else "is_gradient_checkpointing", False):
+        if getattr(model, "is_activation_checkpointing", False):  # transformers >= 5.23; the old name warns
             raise UnsupportedError("gradient_checkpointing", True, "PEFT refuses prefix tuning with it",
                                    "call model.gradient_checkpointing_disable() before adapt, or use 'lora'")
         config = PrefixTuningConfig(
