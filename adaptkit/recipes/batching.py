@@ -30,10 +30,10 @@ def tokenize(table: Table, tokenizer, max_length: int = 128) -> list[dict]:
     return [{**{k: enc[k][i] for k in enc}, "labels": label} for i, label in enumerate(table.labels)]
 
 
-def make_collator(tokenizer, pad_to_multiple_of: int | None = None):
+def make_collator(tokenizer):
     if tokenizer.pad_token is None:
         raise ConfigError("tokenizer.pad_token", None, "cannot pad", "set tokenizer.pad_token = tokenizer.eos_token")
-    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
+    return DataCollatorWithPadding(tokenizer, return_tensors="pt")
 
 
 def check_vocab(model, tokenizer) -> None:

@@ -327,9 +327,9 @@ def load_raw(source=None, *, dataset_name: str | None = None, dataset_config: st
         loaded = datasets.load_from_disk(str(path))
         loaded = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
         return loaded, {split: f"{path}[{split}]" for split in loaded}
-    if files := _split_files(path):
+    if "train" in (files := _split_files(path)):
         return {split: read_file(f) for split, f in files.items()}, {split: str(f) for split, f in files.items()}
-    if any(d.is_dir() for d in path.iterdir()):  # class folders, maybe under train/ validation/ test/
+    if not files and any(d.is_dir() for d in path.iterdir()):  # class folders, maybe under train/ validation/ test/
         loaded = dict(datasets.load_dataset("imagefolder", data_dir=str(path)))
         return loaded, {split: f"{path}[{split}]" for split in loaded}
     raise DataError(str(path), sorted(p.name for p in path.iterdir()), "the folder has no train file", f"add train.tsv "
@@ -347,9 +347,6 @@ def _split_files(folder: Path) -> dict[str, Path]:
     for split, hits in files.items():
         if len(hits) > 1:
             raise DataError(str(folder), [h.name for h in hits], f"several {split} files", "keep one per split")
-    if files and "train" not in files:
-        raise DataError(str(folder), sorted(f.name for f in folder.iterdir()), "the folder has no train file",
-                        f"add train.tsv (or another of {list(FORMATS)}), or pass the files")
     return {split: hits[0] for split, hits in files.items()}
 
 
