@@ -1,5 +1,5 @@
 """Guards so that a run never ends silently wrong: flag values, over-long inputs, data that cannot train, divergence,
-collapsed predictions, damaged or foreign checkpoints, files adaptkit did not write. Each names the flag and the fix."""
+collapsed predictions. Each names the flag and the fix."""
 
 from __future__ import annotations
 
@@ -44,8 +44,7 @@ def fit_max_length(model: torch.nn.Module, asked: int | None, default: int, note
     if asked is not None:
         lengths.check_length(model, asked, field="--max-length")
         return asked
-    error = lengths.length_error(model, default, field="--max-length")
-    if error is None:
+    if (error := lengths.length_error(model, default, field="--max-length")) is None:
         return default
     room = lengths.max_positions(model) - lengths.virtual_tokens(model)
     if room < 1:
