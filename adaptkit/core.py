@@ -127,9 +127,6 @@ class Summary:
     def percent(self) -> float:
         return 100.0 * self.trainable / self.total if self.total else 0.0
 
-    def as_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "percent": round(self.percent, 4)}
-
     def __str__(self) -> str:
         return (f"{self.strategy or 'not adapted'}: trainable {self.trainable:,} / {self.total:,} "
                 f"({self.percent:.2f}%), adapter {self.adapter_bytes / 1e6:.2f} MB, "
@@ -157,9 +154,8 @@ def summary(model: nn.Module) -> Summary:
 
 
 def save(model: nn.Module, directory: str | Path, *, _gathered: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write only what the strategy trained (+ the task head) as safetensors, atomically, by ``adaptkit.folders``'
-    rules (the user's files stay, another program's are never replaced). A model sharded by FSDP2 is saved with
-    ``adaptkit.distributed.save_adapter`` (it passes ``_gathered``)."""
+    """Write what the strategy trained (+ the task head) as safetensors, by docs/folder-format.md's rules. A model
+    sharded by FSDP2 is saved with ``adaptkit.distributed.save_adapter`` (it passes ``_gathered``)."""
     _adapted(model)
     if _gathered is None and any(isinstance(p, DTensor) for p in model.parameters()):
         raise UnsupportedError("model", "sharded by FSDP (DTensor)", "this process holds only its shard",
@@ -190,7 +186,6 @@ def load(directory: str | Path, base_model: nn.Module, trainable: bool = False) 
         saved_keys[name] = layout.check_weights(folder, base_model, strategy)
         if isinstance(strategy, PeftStrategy):
             configs[name] = configs.get(name) or layout.read_peft_config(folder, base_model)
-            layout.check_prompt_shape(folder, configs[name], base_model)
     layout.check_base(directory, saved, base_model)
     if plain:  # no task_type: complete it from the saved head, or refuse
         layout.fill_task_type(directory, configs["default"], base_model, saved_keys["default"])

@@ -141,9 +141,9 @@ def read_adapters(data: dict[str, Any], path: Path) -> dict[str, Any]:
     return spec
 
 
-def read_peft_config(folder: Path, base_model: nn.Module | None = None) -> PeftConfig:
-    """``adapter_config.json`` as a peft.PeftConfig: not JSON, an unknown method, fields PEFT refuses or a task
-    type another than the base's is a typed error naming the file."""
+def read_peft_config(folder: Path, base_model: nn.Module) -> PeftConfig:
+    """``adapter_config.json`` as a peft.PeftConfig: not JSON, an unknown method, fields PEFT refuses, a task type
+    other than the base's, or a prompt sized for another base is a typed error naming the file."""
     path = folder / "adapter_config.json"
     data = folders.read_json(path)
     known = sorted(t.value for t in PeftType)
@@ -157,6 +157,22 @@ def read_peft_config(folder: Path, base_model: nn.Module | None = None) -> PeftC
         raise AdapterFormatError(str(path), data.get("peft_type"), f"refused by PEFT: {type(exc).__name__}: "
                                  f"{exc}"[:400], "restore it, or save the adapter again") from None
     check_task_type(f"{path}:task_type", config, base_model, AdapterFormatError)
+    model_config = getattr(unwrap(base_model), "config", None)
+    if not config.is_prompt_learning or model_config is None:
+        return config
+    # PEFT builds a prefix from the sizes in adapter_config.json, not the model's: one trained on another width or
+    # depth loads, then fails at the first forward. PEFT's own sizing gives the base's (a grouped-query model's
+    # prefix, Llama's, is as wide as its key/value heads, not hidden)
+    expected = type(config)(task_type=config.task_type)
+    try:
+        _prepare_prompt_learning_config(expected, model_config)
+    except ValueError:  # PEFT cannot size it either (no head count in the config): nothing to compare against
+        return config
+    for field in ("token_dim", "num_layers"):
+        here, saved = getattr(expected, field), getattr(config, field, None)
+        if saved is not None and here is not None and saved != here:
+            raise AdapterFormatError(f"{path}:{field}", saved, f"this base has {here}",
+                                     "load it onto the base model it was trained on")
     return config
 
 
@@ -228,24 +244,6 @@ def fill_task_type(directory: Path, config: PeftConfig, base_model: nn.Module, s
                                  "save it again with task_type set (PEFT saves the head), or load onto AutoModel")
     config.task_type = targets.peft_task_type(base)
     config.modules_to_save = sorted(set(config.modules_to_save or []) | set(heads))
-
-
-def check_prompt_shape(folder: Path, config: PeftConfig, base_model: nn.Module) -> None:
-    """PEFT builds a prefix from the sizes in adapter_config.json, not the model's: a prefix trained on another
-    width or depth loads, then fails at the first forward. Compare them up front."""
-    model_config = getattr(unwrap(base_model), "config", None)
-    if not config.is_prompt_learning or model_config is None:
-        return
-    expected = type(config)(task_type=config.task_type)
-    try:  # PEFT's own sizing: a grouped-query model's (Llama's) prefix is as wide as its key/value heads, not hidden
-        _prepare_prompt_learning_config(expected, model_config)
-    except ValueError:  # PEFT cannot size it either (no head count in the config): nothing to compare against
-        return
-    for field in ("token_dim", "num_layers"):
-        here, saved = getattr(expected, field), getattr(config, field, None)
-        if saved is not None and here is not None and saved != here:
-            raise AdapterFormatError(f"{folder / 'adapter_config.json'}:{field}", saved, f"this base has {here}",
-                                     "load it onto the base model it was trained on")
 
 
 def check_peft_keys(model: nn.Module, name: str, folder: Path, saved_keys: list[str]) -> None:

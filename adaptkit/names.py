@@ -37,7 +37,7 @@ CPU_LAUNCH = ("ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processe
 # tests/test_layers.py fails when one of them disappears from the installed library.
 PRIVATE_APIS: dict[str, tuple[str, str, str]] = {
     "peft.utils.other:_prepare_prompt_learning_config": (
-        "peft 0.21.2", "adaptkit/layout.py check_prompt_shape",
+        "peft 0.21.2", "adaptkit/layout.py read_peft_config",
         "PEFT's own sizing of a prefix (a grouped-query model's is as wide as its key/value heads); no public call "
         "returns the sizes PEFT would build, and a saved prefix of other sizes fails only at the first forward"),
 }

@@ -36,25 +36,18 @@ def type_ok(value: Any, hint: Any) -> bool:
     return hint is Any or not isinstance(hint, type) or isinstance(value, hint)
 
 
-def describe_type(hint: Any) -> str:
-    """An annotation in words, for error messages (``Literal`` as its choices)."""
-    if typing.get_origin(hint) is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
-    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
-
-
 def check_types(values: dict[str, Any], hints: dict[str, Any], owner: str, fix: str = "", default: str = "") -> None:
     """Refuse a value of the wrong type (a Literal's value outside its choices: a ConfigError) for each hinted key."""
     for key, value in values.items():
-        if key not in hints:
+        if key not in hints or type_ok(value, hint := hints[key]):
             continue
-        hint, field, kind = hints[key], f"{owner}.{key}", describe_type(hints[key])
         choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else ()
-        if choices and isinstance(value, tuple({type(a) for a in choices})) and not type_ok(value, hint):
-            raise ConfigError(field, value, f"must be {kind}", fix or f"use {kind}{default}")
-        if not type_ok(value, hint):
-            raise ConfigTypeError(field, value, f"expected {kind}, got {type(value).__name__}",
-                                  fix or f"pass a {kind}{default}")
+        kind = ("one of " + ", ".join(repr(a) for a in choices) if choices
+                else hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", ""))
+        if choices and isinstance(value, tuple({type(a) for a in choices})):
+            raise ConfigError(f"{owner}.{key}", value, f"must be {kind}", fix or f"use {kind}{default}")
+        raise ConfigTypeError(f"{owner}.{key}", value, f"expected {kind}, got {type(value).__name__}",
+                              fix or f"pass a {kind}{default}")
 
 
 def refuse_unknown(given: Any, known: Any, field: str, valid: str) -> None:
