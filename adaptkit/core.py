@@ -11,7 +11,6 @@ from typing import Any
 import torch
 from peft import PeftConfig, PeftModel
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from adaptkit import compat, folders, hf, layout, strategies, targets
 from adaptkit.errors import (AdapterFormatError, AlreadyAdaptedError, ConfigError, ConfigTypeError, NotAdaptedError,
@@ -157,9 +156,6 @@ def save(model: nn.Module, directory: str | Path, *, _gathered: dict[str, torch.
     """Write what the strategy trained (+ the task head) as safetensors, by docs/folder-format.md's rules. A model
     sharded by FSDP2 is saved with ``adaptkit.distributed.save_adapter`` (it passes ``_gathered``)."""
     _adapted(model)
-    if _gathered is None and any(isinstance(p, DTensor) for p in model.parameters()):
-        raise UnsupportedError("model", "sharded by FSDP (DTensor)", "this process holds only its shard",
-                               "call adaptkit.distributed.save_adapter(accelerator, model, directory) on every process")
     layout.save(model, directory, _gathered)
     return folders.path_of(directory)
 

@@ -1,9 +1,5 @@
 """Several processes, after ``adapt``: the process count, whether the sharding can be saved, gathering to save.
-
-Two CPU launches train "fine" with a wrong result (Accelerate 1.15): ``--cpu --num_processes 2`` starts ONE process
-and nothing says two were asked for (so say it again: ``require_processes(accelerator, 2)``, ``ADAPTKIT_PROCESSES``);
-``--multi_gpu`` without ``ACCELERATE_USE_CPU=1`` starts processes that each train alone (``WORLD_SIZE`` differs).
-"""
+What each guard refuses and why: docs/distributed.md."""
 
 from __future__ import annotations
 
@@ -53,9 +49,8 @@ def _kind(accelerator: Any) -> str:
 
 
 def check_sharding(accelerator: Any) -> None:
-    """Before any weights load: accept DDP, DeepSpeed ZeRO-1/2 and FSDP2 (DTensor parameters under their own names,
-    which :func:`save_adapter` gathers). Refuse FSDP or DeepSpeed that Accelerate runs as DDP (a CPU launch, where
-    rank 1 then builds on meta and fails), FSDP1 (flattened parameters), cpu_ram_efficient_loading, and ZeRO-3."""
+    """Before any weights load: accept DDP, DeepSpeed ZeRO-1/2 and FSDP2; refuse FSDP or DeepSpeed that Accelerate
+    runs as DDP (a CPU launch, where rank 1 then builds on meta and fails), FSDP1, cpu_ram_efficient_loading, ZeRO-3."""
     kind, state = _kind(accelerator), getattr(accelerator, "state", None)
     running, plugin = f"running as {kind or 'one process'}", getattr(state, "fsdp_plugin", None)
     for flag, name, asked in (("fsdp", "FSDP", fsdp_requested()),
@@ -75,8 +70,7 @@ def check_sharding(accelerator: Any) -> None:
 
 
 def check_sharded_model(accelerator: Any, model: Any) -> None:
-    """Under FSDP2 (after ``adapt``, before ``prepare``) refuse prompt learning (PEFT saves its encoder from the
-    module, one shard), 8-bit weights, and 4-bit weights stored as integers (left whole on every process)."""
+    """Under FSDP2, after ``adapt`` and before ``prepare``: refuse what cannot be sharded or saved whole."""
     if _kind(accelerator) != "FSDP":
         return
     strategy, peft_config = strategy_of(model), getattr(model, "peft_config", {}) or {}

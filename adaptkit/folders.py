@@ -1,8 +1,6 @@
-"""The one writer of adapter folders (:func:`commit`), for ``adaptkit.save``, ``save_pretrained`` and the Trainer:
-built in a temporary folder, swapped in with one rename (``renameat2`` exchange): a SIGKILL leaves the old folder or
-the new. The manifest (``files``) holds each written file's sha256; a later save replaces only files that still
-have it, and carries the user's over (hard links). Another program's file is never replaced nor left where
-``from_pretrained`` reads: both refuse. Symlinks are carried as links, never written through."""
+"""The one writer of adapter folders (:func:`commit`), by the rules docs/folder-format.md lists: built aside and
+swapped in with one ``renameat2`` exchange; the manifest's sha256s tell adaptkit's files from the user's, which are
+carried over as hard links (symlinks as links, never written through)."""
 
 from __future__ import annotations
 

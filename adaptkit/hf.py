@@ -1,7 +1,5 @@
-"""Adapted models and the stock ``Trainer``, which saves every checkpoint through ``model.save_pretrained(dir,
-state_dict=..., is_main_process=...)``: an adapted model's is adaptkit's writer (``folders.commit``), so a checkpoint
-holds only the trained tensors and another program's files are never overwritten. The Trainer reloads checkpoints
-itself: PEFT's through ``PeftModel.load_adapter``, native ones non-strictly from ``model.safetensors``."""
+"""An adapted model's own ``save_pretrained``, the stock Trainer's way of saving every checkpoint, is adaptkit's
+writer (docs/folder-format.md). The Trainer reloads native checkpoints non-strictly from ``model.safetensors``."""
 
 from __future__ import annotations
 
@@ -59,8 +57,7 @@ def _refuse_checkpointing(*args: Any, **kwargs: Any) -> None:
 
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, is_main_process: bool = True,
                     state_dict: dict | None = None, safe_serialization: bool = True, **kwargs: Any) -> None:
-    """Write the adapter folder into ``save_directory`` with ``adaptkit.save``'s rules. ``state_dict`` is the
-    gathered state dict the Trainer passes under FSDP / DeepSpeed."""
+    """``adaptkit.save`` into ``save_directory``; ``state_dict``: the one the Trainer gathers under FSDP / DeepSpeed."""
     if kwargs:
         raise ConfigError("save_pretrained options", sorted(kwargs), "not supported on an adapted model",
                           "call save_pretrained(dir), then huggingface_hub.upload_folder")

@@ -15,11 +15,13 @@ import transformers
 from peft import PeftConfig, PeftType
 from peft.utils import get_peft_model_state_dict
 from peft.utils.other import _prepare_prompt_learning_config
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from adaptkit import card, folders, strategies, targets, versions
-from adaptkit.errors import AdapterFormatError, BaseMismatchError, ConfigError, ConfigTypeError
+from adaptkit.errors import AdapterFormatError, BaseMismatchError, ConfigError, ConfigTypeError, UnsupportedError
 from adaptkit.names import ADAPTKIT_MODEL_TYPE, CONFIG_NAME, FORMAT, FROM_CONFIG_SEED, MARKER, OWNED, WEIGHTS_NAME
 from adaptkit.strategies.base import PeftStrategy, Strategy, weights_file
 from adaptkit.strategies.peft_method import PeftMethod
@@ -87,6 +89,9 @@ def label_names(model: nn.Module) -> dict[str, dict] | None:
 
 
 def save(model: nn.Module, directory: Any, state_dict: dict | None = None, field: str = "directory") -> Path:
+    if state_dict is None and any(isinstance(p, DTensor) for p in model.parameters()):  # save_pretrained's too
+        raise UnsupportedError("model", "sharded by FSDP (DTensor)", "this process holds only its shard",
+                               "call adaptkit.distributed.save_adapter(accelerator, model, directory) on every process")
     return folders.commit(directory, lambda tmp: write_folder(model, tmp, state_dict), field)
 
 
@@ -266,8 +271,7 @@ def check_weights(directory: Path, base_model: nn.Module, strategy: Strategy) ->
         raise AdapterFormatError("directory", str(directory), f"has no {weights.name}" + (f", only pickle files "
                                  f"{pickled} (unpickling runs code)" if pickled else ""), "save as safetensors")
     try:
-        with safe_open(str(weights), "pt") as f:
-            saved = {k: f.get_tensor(k) for k in f.keys()}
+        saved = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterFormatError(str(weights), f"{weights.stat().st_size} bytes", "is not a readable safetensors file "
                                  f"(truncated?): {exc}", "restore the folder from a good copy") from None

@@ -121,9 +121,10 @@ def test_sharded_parameters_cannot_be_saved_by_one_process(tmp_path):
         owner = model.get_submodule(name.rpartition(".")[0])
         expected = p.detach().clone()
         owner.weight = torch.nn.Parameter(distribute_tensor(p.detach(), mesh))
-        with pytest.raises(errors.UnsupportedError, match=r"sharded by FSDP.*Fix: call "
-                                                          r"adaptkit.distributed.save_adapter"):
-            adaptkit.save(model, tmp_path / "a")
+        for write in (adaptkit.save, lambda m, d: m.save_pretrained(d)):  # the Trainer's way too: one writer, one rule
+            with pytest.raises(errors.UnsupportedError, match=r"sharded by FSDP.*Fix: call "
+                                                              r"adaptkit.distributed.save_adapter"):
+                write(model, tmp_path / "a")
         gathered = distributed.gather_trained(model)
         assert torch.equal(gathered[name], expected)
         adaptkit.save(model, tmp_path / "a", _gathered=gathered)
