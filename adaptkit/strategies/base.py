@@ -11,6 +11,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from peft import PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict
+from peft.utils.other import ModulesToSaveWrapper
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from adaptkit import lengths, targets
@@ -117,13 +122,11 @@ class Strategy:
     def save(self, model: nn.Module, directory: Path, state_dict: dict | None = None) -> None:
         """Write what trains into ``directory`` (an empty temporary folder): the strategy's tensors and any the
         user unfroze besides. ``state_dict``: a gathered one (FSDP, DeepSpeed) to take the tensors from."""
-        from safetensors.torch import save_file
         save_file(owned_tensors(model, state_dict), str(directory / self.weights_name), metadata={"format": "pt"})
 
     def load(self, directory: Path, base_model: nn.Module) -> nn.Module:
         """Apply this config to ``base_model`` and load the saved tensors (layout.check_weights read the file). A
         saved tensor of the base that the strategy does not train is one the user unfroze: it loads, and trains on."""
-        from safetensors.torch import load_file
         model, path = self.apply(base_model), weights_file(directory, self)
         saved, params = load_file(str(path)), dict(model.named_parameters())
         missing = sorted({n for n, p in params.items() if p.requires_grad} - set(saved))
@@ -172,7 +175,6 @@ class PeftStrategy(Strategy):
         raise NotImplementedError
 
     def apply(self, model: nn.Module) -> nn.Module:
-        from peft import get_peft_model
         config = self.peft_config(model)
         # virtual tokens (prefix, prompt tuning, P-tuning) take positions: as many as the model has fail only at
         # the first forward, deep in the embeddings
@@ -189,7 +191,6 @@ class PeftStrategy(Strategy):
 
     def save(self, model: nn.Module, directory: Path, state_dict: dict | None = None) -> None:
         # PEFT writes only its adapters and modules_to_save: a base tensor the user unfroze would be lost
-        from peft.utils import get_peft_model_state_dict
         adapters = set(model.peft_config)
         kept = {k for name in adapters for k in get_peft_model_state_dict(model, adapter_name=name)}
         lost = [n for n, p in model.named_parameters() if p.requires_grad and n not in kept
@@ -203,7 +204,6 @@ class PeftStrategy(Strategy):
 
     def load(self, directory: Path, base_model: nn.Module, trainable: bool = False, *, config) -> nn.Module:
         """``config``: the folder's adapter_config.json, read and checked (and completed) by ``core.load``."""
-        from peft import PeftModel
         if not (trainable and config.is_prompt_learning):
             return PeftModel.from_pretrained(base_model, str(directory), is_trainable=trainable, config=config)
         # PEFT refuses is_trainable for prompt learning; a loaded prefix must keep training all the same
@@ -218,8 +218,6 @@ class PeftStrategy(Strategy):
         """PEFT's own merge maths, then every PEFT wrapper replaced by the plain module it stands for. Not
         ``merge_and_unload()``: for IA3 and other older tuners it assumes every wrapped module has a ``.weight``
         and crashes halfway when a task head such as RoBERTa's ``classifier`` is in ``modules_to_save``."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-        from peft.utils.other import ModulesToSaveWrapper
         if model.peft_config[model.active_adapter].is_prompt_learning or not hasattr(model, "merge_and_unload"):
             super().merge(model)  # raises NotMergeableError
         model.merge_adapter()
