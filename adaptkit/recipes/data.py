@@ -423,7 +423,7 @@ def load_splits(source=None, *, dataset_name: str | None = None, dataset_config:
     else:
         read = {s: prepare(ds, where[s]) for s, ds in raw.items()}
     rows = {s: t.data if isinstance(t, Table) else t for s, t in read.items()}
-    labels = label_column if prepare else "labels"
+    labels = "labels" if prepare is None else label_column
     stratify = labels if isinstance(rows["train"].features.get(labels), datasets.ClassLabel) else None
     arranged, notes = arrange(rows, fraction=validation_fraction, seed=seed, stratify=stratify, max_train=max_train,
                               max_eval=max_eval, carve_from_train=select_on_train_carve, name=where["train"])
