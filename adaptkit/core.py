@@ -219,9 +219,7 @@ def load(directory: str | Path, base_model: nn.Module, trainable: bool = False) 
 def merge(model: nn.Module) -> nn.Module:
     """Fold the trained pieces into the base weights; return a plain transformers model."""
     merged = _adapted(model).merge(model)
-    for m in (model, merged):
-        m.__dict__.pop(MARKER, None)
-    hf.uninstall(model, merged)
+    hf.uninstall(model, merged)  # its methods and the marker: both are plain models again
     return merged
 
 

@@ -44,7 +44,7 @@ def _disable_adapter(model: nn.Module):
 
 def uninstall(*models: nn.Module) -> None:
     for model in models:
-        for name in (_SAVE, _DISABLE, *_CHECKPOINTING):
+        for name in (_SAVE, _DISABLE, *_CHECKPOINTING, MARKER):
             model.__dict__.pop(name, None)
 
 
