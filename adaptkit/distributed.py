@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from adaptkit.core import is_quantized, save, strategy_of
 from adaptkit.errors import ConfigError, ProcessCountError, UnsupportedError
@@ -92,8 +93,7 @@ def gather_trained(model: Any) -> dict[str, torch.Tensor] | None:
     """torch's full state dict of a sharded model, on the CPU of process 0 (None if nothing is sharded): every
     process must call it. Frozen base weights stay out unless something ``save`` writes is frozen (a native strategy
     writes what it trained even if frozen since; ``full`` the whole model)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from torch.distributed.tensor import DTensor  # torch.distributed's heavy submodules: only for a sharded save
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # heavy; sharded only
 
     if not any(isinstance(p, DTensor) for p in model.parameters()):
         return None

@@ -31,7 +31,8 @@ def type_ok(value: Any, hint: Any) -> bool:
     if origin in (typing.Union, types.UnionType):
         return any(type_ok(value, arg) for arg in args)
     if origin is typing.Literal:  # PEFT writes families as patterns: "pissa_niter_[number of iters]"
-        return value in args or any(isinstance(a, str) and "[" in a and str(value).startswith(a[:a.index("[")]) for a in args)
+        return value in args or any(isinstance(a, str) and "[" in a and str(value).startswith(a[:a.index("[")])
+                                    for a in args)
     if origin in (list, tuple):
         return isinstance(value, (list, tuple)) and all(type_ok(v, (args or (Any,))[0]) for v in value)
     if origin is dict or dataclasses.is_dataclass(hint):  # PEFT's to_dict() writes sub-configs as dicts
@@ -58,7 +59,8 @@ def check_types(values: dict[str, Any], hints: dict[str, Any], owner: str, fix: 
 def refuse_unknown(given: Any, known: Any, field: str, valid: str) -> None:
     """Unknown option names, refused with "did you mean" for each."""
     if unknown := sorted(set(given) - set(known)):
-        hints = [f"{u!r} -> did you mean {m[0]!r}?" for u in unknown if (m := difflib.get_close_matches(u, known, n=1, cutoff=0.4))]
+        hints = [f"{u!r} -> did you mean {m[0]!r}?" for u in unknown
+                 if (m := difflib.get_close_matches(u, known, n=1, cutoff=0.4))]
         raise UnknownOptionError(field, unknown, "unknown option(s)", "; ".join([*hints, valid]))
 
 
@@ -148,7 +150,8 @@ def owned_tensors(model: nn.Module, state_dict: dict | None = None) -> dict[str,
     """What ``save`` writes for a native strategy: the tensors it trains when applied (recorded then, so freezing
     them later does not drop them) plus anything made trainable since (tied weights once); from ``state_dict``."""
     params = dict(model.named_parameters())
-    names = {n for n in model.__dict__.get(OWNED, ()) if n in params} | {n for n, p in params.items() if p.requires_grad}
+    names = {n for n in model.__dict__.get(OWNED, ()) if n in params}
+    names |= {n for n, p in params.items() if p.requires_grad}
     source = state_dict if state_dict is not None else {n: params[n].detach() for n in names}
     return {name: source[name].detach().cpu().contiguous().clone() for name in sorted(names)}
 
@@ -226,7 +229,8 @@ class PeftStrategy(Strategy):
             parent_name, _, child = name.rpartition(".")  # outer before inner: an inner one goes with its outer
             parent = base.get_submodule(parent_name) if parent_name else base
             if getattr(parent, child, None) is module:
-                plain = module.modules_to_save[active] if isinstance(module, ModulesToSaveWrapper) else module.get_base_layer()
+                wrapper = isinstance(module, ModulesToSaveWrapper)
+                plain = module.modules_to_save[active] if wrapper else module.get_base_layer()
                 setattr(parent, child, plain)
         if leftovers := [n for n, m in base.named_modules() if isinstance(m, kinds)]:  # refuse rather than a hybrid
             raise NotMergeableError("model", leftovers[:3], "PEFT layers remain after merging", "keep it unmerged")
