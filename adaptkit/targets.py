@@ -145,15 +145,16 @@ _PEFT_TASK_TYPES = {"seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS", "qa": "QUEST
                     "seq2seq": "SEQ_2_SEQ_LM"}
 
 
-def match_regex(model: nn.Module, pattern: str, field: str) -> str:
-    """A string target, a regex PEFT full-matches against whole names: refused when it matches no linear layer."""
-    names = linear_names(model)
+def match_regex(model: nn.Module, pattern: str, field: str, linear: bool = True) -> str:
+    """A string target, a regex PEFT full-matches against whole names: refused when it matches no linear layer (with
+    ``linear=False``, no module at all: some methods adapt norms). PEFT's "No modules were targeted", with names."""
+    names = linear_names(model) if linear else [n for n, _ in model.named_modules() if n]
     if any(re.fullmatch(pattern, n) for n in names):
         return pattern
     suffix = [n for n in names if n == pattern or n.endswith("." + pattern)]
     raise TargetNotFoundError(field, pattern, "a string is a regex full-matched against whole module names (as in "
-                              "PEFT) and matches no linear layer", f"pass a list ({field}=[{pattern!r}] matches "
-                              f"{len(suffix)} layers)" if suffix else f"linear layers are named like {names[:3]}")
+                              f"PEFT) and matches no {'linear layer' if linear else 'module'}", f"pass a list "
+                              f"({field}=[{pattern!r}] matches {len(suffix)} layers) or a regex like {'.*' + pattern!r}")
 
 
 def peft_task_type(model: nn.Module) -> str | None:

@@ -7,13 +7,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import re
 import typing
 
 from torch import nn
 
 from adaptkit import targets
-from adaptkit.errors import ConfigError, TargetNotFoundError, UnknownStrategyError, UnsupportedError
+from adaptkit.errors import ConfigError, UnknownStrategyError, UnsupportedError
 from adaptkit.strategies import register
 from adaptkit.strategies.base import PeftStrategy, check_types, pooler_if, refuse_unknown
 from adaptkit.strategies.lora import backbone_targets, refuse_init
@@ -97,11 +96,8 @@ class PeftMethod(PeftStrategy):
             return config  # prompts, not modules: nothing to target
         whole = [m for m in config.modules_to_save or [] if m not in targets.head_names(model)]  # no update on top
         given = config.target_modules
-        if isinstance(given, str) and not any(re.fullmatch(given, n) for n, _ in model.named_modules()):
-            # PEFT's "No modules were targeted", said with the names there are (any module: some methods adapt norms)
-            raise TargetNotFoundError(f"{self.method}.target_modules", given, "a string is a regex full-matched "
-                                      "against module names; this matches no module",
-                                      f"pass a list (e.g. [{given!r}]) or a regex like {'.*' + given!r}")
+        if isinstance(given, str):
+            targets.match_regex(model, given, f"{self.method}.target_modules", linear=False)
         if isinstance(given, (list, tuple, set)) and given:
             targets.match_targets(model, list(given), f"{self.method}.target_modules")
         model_type = getattr(getattr(model, "config", None), "model_type", None)
