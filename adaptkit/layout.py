@@ -32,6 +32,7 @@ FINGERPRINT = ("model_type", "hidden_size", "vocab_size", "num_hidden_layers")  
 # class's default config and would load the few saved tensors into a random BERT-base; with sizes null (this is
 # no whole model), its strict config refuses, and an Auto class refuses the unknown model type
 REFUSE = {"model_type": ADAPTKIT_MODEL_TYPE, **dict.fromkeys(("vocab_size", "hidden_size", "d_model", "n_embd", "dim"))}
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")  # an adapter's name: a module key and a sub-folder name
 SAMPLE = 8  # values of the input embeddings recorded: a base with other weights (another seed) is refused
 
 
@@ -39,10 +40,10 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def adapter_name(name: Any, field: str = "name") -> str:  # a module key and a sub-folder name
+def adapter_name(name: Any, field: str = "name") -> str:
     if not isinstance(name, str):
         raise ConfigTypeError(field, name, f"expected a str, got {type(name).__name__}", "pass a name like 'sst2'")
-    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}", name):
+    if not NAME.fullmatch(name):
         raise ConfigError(field, name, "is not an adapter name (letters, digits, _, -)", "use a name like 'sst2'")
     return name
 
@@ -135,12 +136,8 @@ def read_file(directory: Path) -> tuple[Strategy, dict[str, Any]]:
 def read_adapters(data: dict[str, Any], path: Path) -> dict[str, Any]:
     spec = data.get("adapters") or {"names": ["default"], "active": "default"}
     names = spec.get("names") if isinstance(spec, dict) else None
-    try:
-        ok = isinstance(names, list) and "default" in names and spec.get("active") in names and all(
-            adapter_name(n) for n in names)
-    except ConfigError:
-        ok = False
-    if not ok:
+    if not (isinstance(names, list) and "default" in names and spec.get("active") in names
+            and all(isinstance(n, str) and NAME.fullmatch(n) for n in names)):
         raise AdapterFormatError(f"{path}:adapters", spec, "must list names, 'default' and the active one",
                                  "save the adapter again")
     return spec
