@@ -133,6 +133,31 @@ def test_sharded_parameters_cannot_be_saved_by_one_process(tmp_path):
         dist.destroy_process_group()
 
 
+def test_a_sharded_native_adapter_frozen_after_training_is_still_gathered_and_saved(tmp_path):
+    """torch's state dict leaves frozen parameters out for a frozen base; a native strategy's trained tensors that
+    were frozen since (OWNED) must still be gathered, as adaptkit.save writes them unsharded."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = adaptkit.adapt(tiny_model("bert"), "bottleneck")
+        name, p = next((n, p) for n, p in model.named_parameters() if p.requires_grad and n.endswith(".weight"))
+        owner = model.get_submodule(name.rpartition(".")[0])
+        owner.weight = torch.nn.Parameter(distribute_tensor(p.detach(), init_device_mesh("cpu", (1,))))
+        expected = p.detach().clone()
+        model.requires_grad_(False)  # training done; what trained stays what is saved
+        gathered = distributed.gather_trained(model)
+        assert torch.equal(gathered[name], expected)
+        adaptkit.save(model, tmp_path / "a", _gathered=gathered)
+        assert torch.equal(_tensors(tmp_path / "a")[name], expected)
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.fixture
 def tiny_folder(tmp_path) -> Path:
     tiny_model("bert", "base").save_pretrained(tmp_path / "tiny")
