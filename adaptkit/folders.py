@@ -95,28 +95,19 @@ def path_of(directory: Any, field: str = "directory") -> Path:
     return Path(os.path.expanduser(os.fspath(directory)))
 
 
-def target_of(directory: Any, field: str = "directory") -> Path:
-    """The folder a save writes: a symlinked folder followed (the link stays), the parent made."""
-    try:
-        target = path_of(directory, field).resolve()
-        if target.exists() and not target.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, "is a file, not a folder")
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except (OSError, RuntimeError) as exc:  # a file on the way, a symlink loop, /proc
-        raise ConfigError(field, str(directory), f"cannot hold an adapter folder: {getattr(exc, 'strerror', 0) or exc}",
-                          "pass a new or adapter folder") from None
-    return target
-
-
 def commit(directory: Any, build: Callable[[Path], dict[str, Any]], field: str = "directory") -> Path:
     """Write an adapter folder at ``directory``: ``build(folder)`` writes the files into an empty folder and
     returns adaptkit_config.json's contents, which get the manifest and are written last."""
-    target = target_of(directory, field)
-    remove_stale_temps(target)
     try:
+        target = path_of(directory, field).resolve()  # a symlinked folder is followed (the link stays)
+        if target.exists() and not target.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "is a file, not a folder")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(target)
         work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
-    except OSError as exc:
-        raise ConfigError(field, str(directory), f"cannot be written: {exc.strerror}", "pick a writable one") from None
+    except (OSError, RuntimeError) as exc:  # a file on the way, a symlink loop, /proc, a read-only parent
+        raise ConfigError(field, str(directory), f"cannot hold an adapter folder: {getattr(exc, 'strerror', 0) or exc}",
+                          "pass a new or adapter folder you can write") from None
     (work / MARK).write_text(str(target))
     new = work / "folder"
     try:
