@@ -280,7 +280,7 @@ def test_an_intact_checkpoint_still_resumes(tmp_path, assets, finished_run):
 def _rewrite_digests(checkpoint: Path) -> None:
     """What whoever can edit a checkpoint can do as well: make run_state.json's sha256 digests match again."""
     state = json.loads((checkpoint / "run_state.json").read_text())
-    state["files"] = checkpoints.digests(checkpoint, skip=["run_state.json"])
+    state["files"] = checkpoints.digests(checkpoint, skip="run_state.json")
     (checkpoint / "run_state.json").write_text(json.dumps(state))
 
 

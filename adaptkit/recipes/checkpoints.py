@@ -1,14 +1,11 @@
-"""Checkpoints that resume bit for bit and hold nothing that runs code, and ``--resume`` with its guards (what each
-refuses and why: docs/recipes.md, "Checkpoints and --resume")."""
+"""Checkpoints that resume bit for bit and hold nothing that runs code, and --resume's guards (docs/recipes.md)."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-from collections.abc import Collection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from accelerate.utils import load
@@ -17,9 +14,6 @@ from safetensors.torch import load_file
 from adaptkit.errors import AdaptkitError, CheckpointError, ConfigError
 from adaptkit.folders import digest, files_under, replace_dir, write_json, write_text
 from adaptkit.recipes.training import CHECKPOINTS, LOG_FILE, RUN_STATE, RunArgs
-
-if TYPE_CHECKING:
-    from adaptkit.recipes.runs import Progress
 
 # Flags that may change between a run and its resumption; every other flag must match, or the resumed run would
 # silently train something else than the interrupted one. max_steps / epochs may grow (the run is extended).
@@ -66,22 +60,20 @@ def _load_trained(models: list, input_dir: str) -> None:
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
     """The newest checkpoint with a run_state.json (temporary folders start with '.')."""
-    folder = Path(output_dir) / CHECKPOINTS
-    done = [p for p in folder.glob("step-*") if re.fullmatch(r"step-\d+", p.name) and (p / RUN_STATE).is_file()] \
-        if folder.is_dir() else []
+    steps = (Path(output_dir) / CHECKPOINTS).glob("step-*")
+    done = [p for p in steps if re.fullmatch(r"step-\d+", p.name) and (p / RUN_STATE).is_file()]
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def resume(accelerator, run: RunArgs, progress: Progress) -> None:
-    """--resume: refuse a damaged checkpoint and changed flags or data, then ``load_state`` and the position. Nothing is
-    registered with ``register_for_checkpointing``: Accelerate restores those through pickle."""
+def resume(accelerator, run: RunArgs, progress) -> None:
+    """--resume: refuse a damaged checkpoint and changed flags or data, then ``load_state`` and the position."""
     if run.resume is None:
         return
     path = latest_checkpoint(run.output_dir) if run.resume == "latest" else Path(run.resume).expanduser()
     if path is None or not (path / RUN_STATE).is_file():
         raise ConfigError("--resume", str(path or run.output_dir / CHECKPOINTS), "no complete checkpoint there",
                           "point --resume at a checkpoints/step-N folder, or drop --resume to start afresh")
-    state = read_checkpoint(path, RUN_STATE)
+    state = read_checkpoint(path)
     saved, now = state["config"], run.config(accelerator.num_processes)
     changed = sorted(k for k in set(saved) | set(now) if k not in _RESUMABLE_CHANGES and saved.get(k) != now.get(k))
     if progress.max_steps < state["max_steps"]:  # fewer steps than the run planned: another schedule
@@ -90,7 +82,11 @@ def resume(accelerator, run: RunArgs, progress: Progress) -> None:
         raise ConfigError("--resume", {k: [saved.get(k), now.get(k)] for k in changed}, "these flags differ from the "
                           "interrupted run (was, now); only a higher --max-steps or --epochs may change",
                           "resume with the same flags, or start a new run in another --output-dir")
-    check_same_data(state.get("data"), data_fingerprint(run))
+    data = data_fingerprint(run)
+    was = state.get("data", data)  # a checkpoint from before fingerprints were kept: nothing to compare
+    if moved := sorted(k for k in set(was) | set(data) if was.get(k) != data.get(k)):
+        raise CheckpointError("--resume", moved[:3], "the data changed since the interrupted run started (checksums "
+                              "differ)", "restore the data files, or start a new run")
     try:
         accelerator.load_state(str(path))
     except AdaptkitError:
@@ -119,21 +115,20 @@ def _step(line: str) -> float:
         return float("inf")  # a torn last line of a killed run
 
 
-def checkpoint(accelerator, run: RunArgs, progress: Progress) -> Path:
-    """``save_state`` and run_state.json (position, flags, data and file checksums) into a temporary folder, renamed
-    into place; the oldest beyond --keep-checkpoints go, and only the files they listed."""
+def checkpoint(accelerator, run: RunArgs, progress) -> Path:
+    """``save_state`` and run_state.json into a temporary folder renamed into place; prune to --keep-checkpoints."""
     folder = run.output_dir / CHECKPOINTS
     final, tmp = folder / f"step-{progress.step:07d}", folder / f".tmp-step-{progress.step:07d}"
     with progress.paused():
         if accelerator.is_main_process:
-            remove_owned(tmp, checkpoint_files(tmp))
+            remove_checkpoint(tmp)  # of a killed run
             tmp.mkdir(parents=True, exist_ok=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))  # every process writes its own RNG states
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             write_json(tmp / RUN_STATE, {**progress.state_dict(), "config": run.config(accelerator.num_processes),
-                                         "data": data_fingerprint(run), "files": digests(tmp, skip=[RUN_STATE])})
+                                         "data": data_fingerprint(run), "files": digests(tmp, skip=RUN_STATE)})
             replace_dir(tmp, final)
             old = sorted(p for p in folder.glob("step-*") if p != final and (p / RUN_STATE).is_file())
             for stale in old[: max(0, len(old) - run.keep_checkpoints + 1)]:
@@ -143,36 +138,34 @@ def checkpoint(accelerator, run: RunArgs, progress: Progress) -> Path:
 
 
 def remove_checkpoint(folder: Path) -> None:
-    """Delete the files a checkpoint lists (if unchanged), then run_state.json: a user's file stays."""
+    """Delete the files a checkpoint lists if unchanged (a killed one's: save_state's by name), then run_state.json."""
     try:
-        listed = json.loads((folder / RUN_STATE).read_text(encoding="utf-8")).get("files")
+        listed = json.loads((folder / RUN_STATE).read_text(encoding="utf-8")).get("files") \
+            if (folder / RUN_STATE).is_file() else dict.fromkeys(files_under(folder))
     except (OSError, ValueError, AttributeError):
         return
     if isinstance(listed, dict):
-        remove_owned(folder, {k: v for k, v in listed.items() if CHECKPOINT_FILE.fullmatch(str(k))})
-        remove_owned(folder, {RUN_STATE: None})
+        remove_owned(folder, {**{k: v for k, v in listed.items() if CHECKPOINT_FILE.fullmatch(k)}, RUN_STATE: None})
 
 
-def digests(folder: Path, skip: Collection[str] = ()) -> dict[str, str]:
-    """sha256 of each file below ``folder``; links are left out (a checkpoint holding one is refused)."""
-    return {rel: h for rel in files_under(folder) if rel not in skip and (h := digest(Path(folder) / rel))}
+def digests(folder: Path, skip: str = "") -> dict[str, str]:
+    """sha256 of each file below ``folder`` but ``skip``; links are left out (a checkpoint holding one is refused)."""
+    return {rel: h for rel in files_under(folder) if rel != skip and (h := digest(Path(folder) / rel))}
 
 
 # What save_state writes (read back with weights_only=True; FSDP's sharded folders are guarded by the digests) and
 # run_state.json; never custom_checkpoint_N.pkl, which Accelerate unpickles with weights_only=False.
 CHECKPOINT_FILE = re.compile(r"(model|optimizer|scheduler|sampler)(_\d+)?\.(safetensors|bin)|random_states_\d+\.pkl|"
                              r"scaler\.pt|run_state\.json|(pytorch_model_fsdp|optimizer)_\d+/[\w.]+")
-_CHECKPOINT_DIR = re.compile(r"(pytorch_model_fsdp|optimizer)_\d+")
 _STATE_TYPES = {"step": int, "epoch": int, "batch_in_epoch": int, "samples": int, "train_seconds": (int, float),
                 "best_metrics": dict, "early_stopping": dict, "config": dict, "files": dict, "max_steps": int}
 
 
-def read_checkpoint(folder: Path, state_name: str) -> dict[str, Any]:
-    """A checkpoint's run state, once its files are all listed and unchanged and its RNG states load without pickle's
-    code execution (Accelerate swallows an unreadable RNG state and resumes on other random numbers)."""
+def read_checkpoint(folder: Path) -> dict[str, Any]:
+    """A checkpoint's run state, once its files are all listed and unchanged and its RNG states load without pickle."""
     folder, fix = Path(folder), (f"resume from an earlier checkpoint (--resume {Path(folder).parent}/step-N), or start "
                                  "afresh with --overwrite")
-    path = folder / state_name
+    path = folder / RUN_STATE
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as exc:
@@ -182,10 +175,9 @@ def read_checkpoint(folder: Path, state_name: str) -> dict[str, Any]:
     if wrong:
         raise CheckpointError(field=str(path), value=wrong, problem="lacks these entries, or they have the wrong type "
                               f"(expected {', '.join(f'{k}: {_STATE_TYPES[k]}' for k in wrong)})", fix=fix)
-    for file in sorted(folder.rglob("*")):
-        rel = file.relative_to(folder).as_posix()
-        if file.is_symlink() or not (_CHECKPOINT_DIR if file.is_dir() else CHECKPOINT_FILE).fullmatch(rel):
-            raise CheckpointError(str(file), None, "is not part of an adaptkit checkpoint", fix)
+    for rel in files_under(folder):  # links to folders included
+        if (folder / rel).is_symlink() or not CHECKPOINT_FILE.fullmatch(rel):
+            raise CheckpointError(str(folder / rel), None, "is not part of an adaptkit checkpoint", fix)
     for rel, expected in state["files"].items():
         file = folder / str(rel)
         if not CHECKPOINT_FILE.fullmatch(str(rel)) or not file.is_file():
@@ -200,11 +192,6 @@ def read_checkpoint(folder: Path, state_name: str) -> dict[str, Any]:
             raise CheckpointError(field=str(file), value=f"{file.stat().st_size} bytes", problem=f"cannot be loaded "
                                   f"safely ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", fix=fix) from None
     return state
-
-
-def checkpoint_files(folder: Path) -> dict[str, None]:
-    """A killed checkpoint's files (unlisted): those named as save_state names them; none where no folder is."""
-    return {rel: None for rel in files_under(folder) if CHECKPOINT_FILE.fullmatch(rel)}
 
 
 def remove_owned(folder: Path, listing: dict[str, str | None]) -> None:
@@ -227,21 +214,8 @@ def remove_owned(folder: Path, listing: dict[str, str | None]) -> None:
 def data_fingerprint(run: RunArgs) -> dict[str, str]:
     """sha256 of each local data file (a folder: its files), kept in each checkpoint: resume refuses changed data."""
     out: dict[str, str] = {}
-    for source in (run.flags.get(k) for k in ("data", "train_file", "validation_file", "test_file")):
-        if source is None:
-            continue
-        path = Path(os.path.expanduser(str(source))).resolve()  # ./data/ds and data/ds are one file
-        if path.is_file():
-            out[str(path)] = digest(path)
-        elif path.is_dir():  # links followed: a data folder may be links into a cache
-            out.update({str(path / rel): h for rel in files_under(path) if (h := digest((path / rel).resolve()))})
+    for source in (run.flags[k] for k in ("data", "train_file", "validation_file", "test_file") if run.flags.get(k)):
+        path = Path(str(source)).expanduser().resolve()  # ./data/ds and data/ds are one file
+        files = [path] if path.is_file() else [path / rel for rel in files_under(path)]
+        out.update({str(file): h for file in files if (h := digest(file.resolve()))})  # links followed: into a cache
     return out
-
-
-def check_same_data(saved: dict[str, str] | None, now: dict[str, str]) -> None:
-    if saved is None:  # a checkpoint from before fingerprints were kept
-        return
-    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    if changed:
-        raise CheckpointError("--resume", changed[:3], "the data changed since the interrupted run started (checksums "
-                              "differ)", "restore the data files, or start a new run")

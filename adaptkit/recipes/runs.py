@@ -1,11 +1,9 @@
-"""What a recipe's loop needs that Accelerate lacks: the output-folder claim, the run's position, the log, the adapter
-kept, metrics.json (checkpoints: :mod:`adaptkit.recipes.checkpoints`). The loop itself stays in each recipe."""
+"""What a recipe's loop needs beyond Accelerate: the output-folder claim, the run's position, the log, metrics.json."""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
 import os
 import re
@@ -25,20 +23,27 @@ from transformers.utils import flatten_dict
 from adaptkit import card
 from adaptkit.distributed import save_adapter as save_on_every_process
 from adaptkit.errors import ConfigError, RunLockedError
-from adaptkit.folders import write_json
+from adaptkit.folders import files_under, owned_files, write_json
 from adaptkit.recipes import guards
-from adaptkit.recipes.checkpoints import checkpoint_files, digests, remove_checkpoint, remove_owned
-from adaptkit.recipes.training import (ADAPTER_DIR, CHECKPOINTS, LOCK_NAME, LOG_FILE, MANIFEST, METRICS_FILE, RUN_STATE,
+from adaptkit.recipes.checkpoints import remove_checkpoint, remove_owned
+from adaptkit.recipes.training import (ADAPTER_DIR, CHECKPOINTS, LOCK_NAME, LOG_FILE, MANIFEST, METRICS_FILE,
                                        TENSORBOARD_DIR, RunArgs, learning_rate)
 from adaptkit.versions import installed
 
 
-# ---- the output folder -----------------------------------------------------------------------------------
 def claim_output_dir(accelerator, run: RunArgs) -> FileLock | None:
-    """Lock ``--output-dir`` (the OS drops it even on SIGKILL); with --overwrite, delete what the earlier run wrote."""
-    lock = lock_folder(run.output_dir, "--output-dir") if accelerator.is_main_process else None
+    """Lock ``--output-dir`` (the OS drops it even on SIGKILL); with --overwrite, delete what the earlier run wrote:
+    only what it listed or named as its own, so a user's files stay."""
+    out = run.output_dir
+    lock = lock_folder(out, "--output-dir") if accelerator.is_main_process else None
     if lock is not None and run.overwrite:
-        _remove_earlier_run(run.output_dir)
+        for step in sorted((out / CHECKPOINTS).glob("*step-*")):
+            if re.fullmatch(r"(\.tmp-)?step-\d+", step.name):  # else a user's folder
+                remove_checkpoint(step)
+        remove_owned(out / ADAPTER_DIR, dict.fromkeys(owned_files(out / ADAPTER_DIR)))  # by its manifest's sha256
+        events = [r for r in files_under(out / TENSORBOARD_DIR) if Path(r).name.startswith("events.out.tfevents.")]
+        remove_owned(out / TENSORBOARD_DIR, dict.fromkeys(events))
+        remove_owned(out, dict.fromkeys([METRICS_FILE, LOG_FILE, MANIFEST]))  # MANIFEST: written by earlier versions
     accelerator.wait_for_everyone()
     return lock
 
@@ -67,63 +72,27 @@ def _write_pid(fd: int) -> None:
     os.write(fd, f"pid {os.getpid()}\n".encode())
 
 
-def _remove_earlier_run(out: Path) -> None:
-    """--overwrite: delete only what the earlier run listed or named as its own; a user's files stay."""
-    for step in sorted((out / CHECKPOINTS).glob("*step-*")) if (out / CHECKPOINTS).is_dir() else []:
-        if not re.fullmatch(r"(\.tmp-)?step-\d+", step.name):
-            continue  # a user's folder
-        if (step / RUN_STATE).is_file():
-            remove_checkpoint(step)
-        else:  # the temporary folder of a killed checkpoint: Accelerate's files by name
-            remove_owned(step, checkpoint_files(step))
-    remove_owned(out / ADAPTER_DIR, _manifest(out))
-    events = (out / TENSORBOARD_DIR).rglob("events.out.tfevents.*") if (out / TENSORBOARD_DIR).is_dir() else []
-    remove_owned(out / TENSORBOARD_DIR, {str(p.relative_to(out / TENSORBOARD_DIR)): None for p in events})
-    remove_owned(out, {METRICS_FILE: None, LOG_FILE: None, MANIFEST: None})
-
-
-def _manifest(out: Path) -> dict[str, str]:
-    """The adapter files the last save wrote (rel path -> sha256)."""
-    try:
-        data = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return {}
-    files = data.get(ADAPTER_DIR) if isinstance(data, dict) else None
-    return {str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else {}
-
-
 def save_adapter(accelerator, model, run: RunArgs, step: int) -> None:
-    """Save into --output-dir/adapter (every process: FSDP gathers) and list what it wrote for --overwrite."""
+    """Save into --output-dir/adapter: every process calls it (FSDP gathers)."""
     guards.check_finite_weights(accelerator.unwrap_model(model), step)  # a NaN is never "best"
-    adapter = run.output_dir / ADAPTER_DIR
-    before = digests(adapter) if accelerator.is_main_process and adapter.is_dir() else {}
-    save_on_every_process(accelerator, model, adapter)
-    if accelerator.is_main_process:
-        ours = _manifest(run.output_dir)
-        written = {rel: h for rel, h in digests(adapter).items() if before.get(rel) != h or ours.get(rel) == h}
-        write_json(run.output_dir / MANIFEST, {ADAPTER_DIR: written})
+    save_on_every_process(accelerator, model, run.output_dir / ADAPTER_DIR)
 
 
 def keep_adapter(accelerator, model, run: RunArgs, progress: Progress) -> None:
-    """When no evaluation improved (NaN each time), keep the last weights. Decided from state every process shares,
-    not from a file: a save is a collective, and on two machines only one sees the folder."""
-    if progress.best_step is not None:
-        return
-    accelerator.print(f"no evaluation improved on validation ({progress.metric} was NaN each time): "
-                      f"the adapter kept is the last weights, step {progress.step}")
-    save_adapter(accelerator, model, run, progress.step)
+    """None improved (NaN each time): keep the last weights. Decided from shared state: a save is a collective."""
+    if progress.best_step is None:
+        accelerator.print(f"no evaluation improved on validation ({progress.metric} was NaN each time): "
+                          f"the adapter kept is the last weights, step {progress.step}")
+        save_adapter(accelerator, model, run, progress.step)
 
 
-# ---- the run's position ------------------------------------------------------------------------------------
 class Progress:
     """Where a run is (step, epoch, batch, samples, seconds, early stopping); saved as JSON in each checkpoint."""
 
     def __init__(self, run: RunArgs, accelerator, max_steps: int, batches_per_epoch: int, metric: tuple[str, bool]):
         self.accelerator, self.max_steps, self.batches_per_epoch = accelerator, max_steps, batches_per_epoch
         (self.metric, self.higher_is_better), self.patience = metric, run.patience
-        self.best: float | None = None  # early stopping: the best value of the metric, its step, evaluations since
-        self.best_step: int | None = None
-        self.bad_evals = 0
+        self.best, self.best_step, self.bad_evals = None, None, 0  # early stopping: best value, its step, evals since
         self.step = self.epoch = self.batch_in_epoch = self.samples = 0
         self.train_seconds, self.epoch_end, self.stopped_early = 0.0, False, False
         self.best_metrics: dict[str, float] = {}
@@ -146,10 +115,14 @@ class Progress:
     def epoch_batches(self, loader) -> Iterator[Any]:
         """This epoch's micro-batches, skipping those a resumed run already trained on."""
         loader.set_epoch(self.epoch)  # reseeds shuffling: epoch e always sees the same order
-        source = skip_first_batches(loader, self.batch_in_epoch) if self.batch_in_epoch else loader
+        batches = iter(skip_first_batches(loader, self.batch_in_epoch) if self.batch_in_epoch else loader)
         # bank the time since the last pause before restarting the clock (an epoch may end without an evaluation)
         self.train_seconds, self._clock = self.seconds(), time.perf_counter()
-        for batch in _rng_neutral(source):
+        # the loader's start-up RNG draw on a forked RNG: a resumed run starts its epoch at another moment, and that
+        # draw would shift every later dropout mask
+        with torch.random.fork_rng(devices=[]):
+            first = list(itertools.islice(batches, 1))
+        for batch in itertools.chain(first, batches):
             self.batch_in_epoch += 1
             self.samples += find_batch_size(batch) * self.accelerator.num_processes
             yield batch
@@ -158,8 +131,7 @@ class Progress:
         """Count one micro-batch; True when it completed an optimizer step."""
         value = float(loss.detach())
         guards.check_finite_loss(value, self.step + 1)  # a NaN or inf loss stops the run, naming the step
-        self._loss[0] += value
-        self._loss[1] += 1
+        self._loss = [self._loss[0] + value, self._loss[1] + 1]
         if not self.accelerator.sync_gradients:
             return False
         self.step += 1
@@ -178,8 +150,7 @@ class Progress:
         return (totals[0] / totals[1]).item()
 
     def improved(self, scores: dict[str, float]) -> bool:
-        """Record an evaluation; True when it is the best so far (keep this adapter). NaN (e.g. a correlation of
-        constant predictions) never improves."""
+        """Record an evaluation; True when it is the best so far (keep this adapter). NaN never improves."""
         if self.metric not in scores:
             raise ConfigError("metric", self.metric, f"not among the results {sorted(scores)}", "watch one of them")
         self.last_metrics = {k: float(v) for k, v in scores.items()}
@@ -193,9 +164,6 @@ class Progress:
         else:
             self.bad_evals += 1
         return better
-
-    def kept_metrics(self) -> dict[str, float]:
-        return self.best_metrics or self.last_metrics
 
     @contextlib.contextmanager
     def paused(self):
@@ -217,23 +185,21 @@ class Progress:
                 "early_stopping": {"best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step, self.epoch, self.batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
-        self.samples, self.train_seconds = int(state["samples"]), float(state["train_seconds"])
+        self.step, self.epoch, self.samples = int(state["step"]), int(state["epoch"]), int(state["samples"])
+        self.batch_in_epoch, self.train_seconds = int(state["batch_in_epoch"]), float(state["train_seconds"])
         self.best_metrics, self.last_metrics = dict(state["best_metrics"]), dict(state["last_metrics"])
         self.constant_steps = [int(step) for step in state["constant_steps"]]
         stop = state["early_stopping"]
         self.best, self.best_step, self.bad_evals = stop["best"], stop["best_step"], int(stop["bad_evals"])
 
 
-# ---- the log and the end of a run ---------------------------------------------------------------------------
 class Log:
     """A progress bar and a console line per evaluation beside ``accelerator.log``."""
 
     def __init__(self, accelerator, run: RunArgs, progress: Progress):
         self.accelerator, self.run, self.progress = accelerator, run, progress
-        flags = run.config(accelerator.num_processes)
         accelerator.init_trackers(run.recipe, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                      for k, v in flags.items()})
+                                                      for k, v in run.config(accelerator.num_processes).items()})
         self.bar = tqdm(total=progress.max_steps, initial=progress.step, desc="train", dynamic_ncols=True,
                         disable=not accelerator.is_local_main_process)
 
@@ -261,17 +227,17 @@ class Log:
 def finish(log: Log, results: dict[str, Any], summary, lock: FileLock | None) -> dict[str, Any]:
     """Write metrics.json and the card's results, end the trackers and release the output folder."""
     accelerator, run, p = log.accelerator, log.run, log.progress
+    kept = p.best_metrics or p.last_metrics  # the last weights' scores if no evaluation was best
     # An adapter kept although its output collapsed is warned about, not refused: the run did what was asked, and a
     # learning-rate sweep is meant to find such rates. What must not happen is that it goes unnoticed.
-    collapsed = guards.collapse_warning({"validation": p.kept_metrics(), "test": results.get("test") or {}},
-                                        learning_rate(run))
-    warnings = [collapsed] if collapsed else []
+    lr = learning_rate(run)
+    collapsed = guards.collapse_warning({"validation": kept, "test": results.get("test") or {}}, lr)
     peak = accelerator.gather(torch.tensor([peak_rss_bytes()], device=accelerator.device)).max().item()
     metrics = {
-        **results, "validation": p.kept_metrics(), "metric": p.metric, "best_step": p.best_step,
+        **results, "validation": kept, "metric": p.metric, "best_step": p.best_step,
         "constant_predictions": [f"validation at step {step}" for step in p.constant_steps]
                                 + (["test"] if guards.constant_output(results.get("test") or {}) else []),
-        "warnings": warnings, "notes": p.notes, "steps": p.step, "max_steps": p.max_steps,
+        "warnings": [collapsed] if collapsed else [], "notes": p.notes, "steps": p.step, "max_steps": p.max_steps,
         "epochs": round(p.step / max(1, math.ceil(p.batches_per_epoch / run.gradient_accumulation_steps)), 3),
         "stopped_early": p.stopped_early, "train_samples": p.samples,
         "train_seconds": round(p.train_seconds, 3), "total_seconds": round(time.perf_counter() - p._started, 3),
@@ -279,9 +245,10 @@ def finish(log: Log, results: dict[str, Any], summary, lock: FileLock | None) ->
         "trainable_parameters": summary.trainable, "total_parameters": summary.total,
         "trainable_percent": round(summary.percent, 4), "adapter_bytes": summary.adapter_bytes,
         "peak_rss_bytes": int(peak), "num_processes": accelerator.num_processes, "device": str(accelerator.device),
-        "distributed_type": str(accelerator.distributed_type.value), "mixed_precision": str(accelerator.mixed_precision),
-        "adapter_dir": ADAPTER_DIR, "learning_rate": learning_rate(run), "config": run.config(accelerator.num_processes),
-        "versions": {n: installed(n) or "not installed" for n in ("adaptkit", "torch", "transformers", "peft", "accelerate")},
+        "distributed_type": accelerator.distributed_type.value, "mixed_precision": str(accelerator.mixed_precision),
+        "adapter_dir": ADAPTER_DIR, "learning_rate": lr, "config": run.config(accelerator.num_processes),
+        "versions": {name: installed(name) or "not installed"
+                     for name in ("adaptkit", "torch", "transformers", "peft", "accelerate")},
     }
     if torch.cuda.is_available():
         metrics["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated())
@@ -294,8 +261,8 @@ def finish(log: Log, results: dict[str, Any], summary, lock: FileLock | None) ->
             card.write_training(run.output_dir / ADAPTER_DIR, metrics=numbers, data=f"{source or 'not recorded'}: "
                                 f"{p.samples:,} training samples, {p.step} optimizer steps")
     log.bar.close()
-    for warning in warnings:  # last, below the bar and the test line, where it is seen
-        accelerator.print(warning, file=sys.stderr)
+    if collapsed:  # last, below the bar and the test line, where it is seen
+        accelerator.print(collapsed, file=sys.stderr)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes the trackers (log.jsonl too) and ends the process group
     if lock is not None:
@@ -306,18 +273,7 @@ def finish(log: Log, results: dict[str, Any], summary, lock: FileLock | None) ->
 def peak_rss_bytes() -> int:
     """Linux's VmHWM: ru_maxrss is inherited across fork + exec (a 14 MB child of an 800 MB launcher reads 795 MB)."""
     with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+        if found := re.search(r"^VmHWM:\s*(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE):
+            return int(found[1]) * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS reports bytes
-
-
-def _rng_neutral(loader) -> Iterator[Any]:
-    """Iterate ``loader`` with its start-up RNG draw on a forked RNG: a resumed run starts its epoch at another
-    moment, and that draw would shift every later dropout mask."""
-    iterator = iter(loader)
-    with torch.random.fork_rng(devices=[]):
-        first = list(itertools.islice(iterator, 1))
-    yield from first
-    yield from iterator
