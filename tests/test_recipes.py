@@ -20,7 +20,6 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from types import SimpleNamespace
 
 import pytest
 import torch
