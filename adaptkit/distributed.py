@@ -14,8 +14,6 @@ from adaptkit.names import CPU_LAUNCH, EXPECTED_ENV, OWNED
 from adaptkit.placement import env_flag, env_int, fsdp_requested, launched_world_size
 from adaptkit.quantization import quantized_linears
 
-_ON_CPU = "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 ...`"
-
 
 def require_processes(accelerator: Any = None, expected: int | None = None) -> int:
     """Raise ProcessCountError unless this run is ``expected`` processes (None reads ``ADAPTKIT_PROCESSES``), counted
@@ -58,7 +56,8 @@ def check_sharding(accelerator: Any) -> None:
                               ("deepspeed", "DeepSpeed", env_flag("ACCELERATE_USE_DEEPSPEED"))):
         if asked and kind != name.upper():
             raise UnsupportedError(f"accelerate launch --use_{flag}", running, f"Accelerate enables {name} on GPUs "
-                                   "only and runs a CPU launch as DDP", f"on CPU drop --use_{flag} ({_ON_CPU})")
+                                   "only and runs a CPU launch as DDP",
+                                   f"on CPU drop --use_{flag} (`{CPU_LAUNCH.format(n=2)}`)")
     if kind == "FSDP" and (version := getattr(plugin, "fsdp_version", 1)) != 2:
         raise UnsupportedError("fsdp_version", version, "FSDP1 flattens parameters under other names",
                                "launch with `--fsdp_version 2`")
