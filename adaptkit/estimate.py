@@ -271,17 +271,24 @@ def _formula_activations(config, strategy: str, batch: int, seq: int, dtype: tor
     + layers x batch x heads x seq^2 x bytes x 3 (then peak = weights + gradients + AdamW + activations)."""
     if strategy == "linear_probe":
         return 0
-    hidden, layers, heads = (int(getattr(config, a)) for a in ("hidden_size", "num_hidden_layers", "num_attention_heads"))
+    hidden, heads, layers = int(config.hidden_size), int(config.num_attention_heads), _layers(config)
     inter = next((int(v) for a in ("intermediate_size", "n_inner", "d_ff", "ffn_dim", "hidden_dim")
                   if isinstance(v := getattr(config, a, None), int)), 4 * hidden)
     size = torch.empty(0, dtype=dtype).element_size()
     return int(layers * batch * seq * size * (10.3 * hidden + 2 * inter) + layers * batch * heads * seq * seq * size * 3)
 
 
+def _layers(config) -> int:
+    """Encoder plus decoder layers: num_hidden_layers is only the encoder's in BART and T5 configs."""
+    decoder = (getattr(config, "decoder_layers", None) or getattr(config, "num_decoder_layers", None) or 0
+               if getattr(config, "is_encoder_decoder", False) else 0)
+    return int(config.num_hidden_layers) + int(decoder)
+
+
 def _formula_flops(config, linear_params: int, strategy, batch: int, seq: int) -> int:
     """2 FLOPs per weight per token forward, + attention 4·seq²·hidden per layer; backward computes input
     gradients (1× forward) unless nothing below the head trains, and weight gradients (1×) for full."""
-    forward = 2 * linear_params * batch * seq + 4 * batch * seq * seq * int(config.hidden_size) * int(config.num_hidden_layers)
+    forward = 2 * linear_params * batch * seq + 4 * batch * seq * seq * int(config.hidden_size) * _layers(config)
     return forward if strategy.name == "linear_probe" else forward * (3 if not strategy.freezes_base else 2)
 
 

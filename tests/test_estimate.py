@@ -145,6 +145,10 @@ def test_a_real_model_that_needs_values_gets_the_labelled_formula():
                                       decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=99)
     row = estimate(config, ["lora"], batch_size=2, seq_len=16, task="seq2seq").row("lora")
     assert row.problem is None and row.method == "formula" and row.peak > row.weights > 0 and row.activations > 0
+    # the decoder's layers count too (BART's num_hidden_layers is the encoder's alone): 1 + 3 layers, not 1
+    config.decoder_layers = 3
+    deeper = estimate(config, ["lora"], batch_size=2, seq_len=16, task="seq2seq").row("lora")
+    assert deeper.activations == pytest.approx(2 * row.activations, abs=2)
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
