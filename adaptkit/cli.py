@@ -135,9 +135,8 @@ def _refuse_extra(parser: _Parser, command: str, extra: list[str]) -> None:
     sub, flag = parser.commands[command], extra[0]
     if not flag.startswith("-"):  # most often a strategy typed as a second positional
         example = {"check": f"--strategy {flag}", "estimate": f"--strategies {flag}"}.get(command)
-        raise ConfigError(field="argument", value=flag, problem=f"is one argument too many for '{sub.prog}'",
-                          fix=(f"give it as a flag's value, e.g. {example}; " if example else "") +
-                              f"run '{sub.prog} --help'")
+        raise ConfigError(field="argument", value=flag, problem=f"is one argument too many for '{sub.prog}'", fix=(
+            f"give it as a flag's value, e.g. {example}; " if example else "") + f"run '{sub.prog} --help'")
     own = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
     close = difflib.get_close_matches(flag.split("=")[0], own, n=1)
     elsewhere = [name for name, p in parser.commands.items() if name != command

@@ -32,14 +32,14 @@ def require_processes(accelerator: Any = None, expected: int | None = None) -> i
     world = launched_world_size()
     cpu_hint = f"on CPU launch with `{CPU_LAUNCH.format(n=expected or world or 2)}`"
     if world is not None and world != running:
-        raise ProcessCountError(
-            "WORLD_SIZE", world, f"the launcher started {world} processes but {seen}: each process would train alone",
-            f"{cpu_hint} (or Accelerator(cpu=True)); on GPUs make {world} visible")
+        raise ProcessCountError("WORLD_SIZE", world, f"the launcher started {world} processes but {seen}: each "
+                                "process would train alone", f"{cpu_hint} (or Accelerator(cpu=True)); on GPUs make "
+                                f"{world} visible")
     if expected is not None and expected != running:
-        raise ProcessCountError(
-            "processes", running, f"{expected} process(es) were asked for but this run is {running}",
-            f"{cpu_hint} (`--cpu` starts one); on GPUs make {expected} visible" if expected > running
-            else f"launch with --num_processes {expected}, or ask for {running}")
+        fix = (f"{cpu_hint} (`--cpu` starts one); on GPUs make {expected} visible" if expected > running
+               else f"launch with --num_processes {expected}, or ask for {running}")
+        raise ProcessCountError("processes", running, f"{expected} process(es) were asked for but this run is "
+                                f"{running}", fix)
     return running
 
 
@@ -55,9 +55,9 @@ def check_sharding(accelerator: Any) -> None:
     for flag, name, asked in (("fsdp", "FSDP", fsdp_requested()),
                               ("deepspeed", "DeepSpeed", env_flag("ACCELERATE_USE_DEEPSPEED"))):
         if asked and kind != name.upper():
+            fix = f"on CPU drop --use_{flag} (`{CPU_LAUNCH.format(n=2)}`)"
             raise UnsupportedError(f"accelerate launch --use_{flag}", running, f"Accelerate enables {name} on GPUs "
-                                   "only and runs a CPU launch as DDP",
-                                   f"on CPU drop --use_{flag} (`{CPU_LAUNCH.format(n=2)}`)")
+                                   "only and runs a CPU launch as DDP", fix)
     if kind == "FSDP" and (version := getattr(plugin, "fsdp_version", 1)) != 2:
         raise UnsupportedError("fsdp_version", version, "FSDP1 flattens parameters under other names",
                                "launch with `--fsdp_version 2`")

@@ -213,9 +213,9 @@ def check_base(directory: Path, saved: dict[str, Any], base_model: nn.Module) ->
     seed = record.get("seed")
     fix = (f"build the base as it was: transformers.set_seed({seed}), then from_config(config)" if seed is not None
            else f"load the base recorded in {directory / CONFIG_NAME} and pass it to adaptkit.load")
-    raise BaseMismatchError("base_model", named(actual["class"], actual["name_or_path"]), "is not the base this "
-                            f"adapter was trained on, {named(record.get('class'), record.get('name_or_path'))}: "
-                            f"{detail}", fix)
+    was = named(record.get("class"), record.get("name_or_path"))
+    raise BaseMismatchError("base_model", named(actual["class"], actual["name_or_path"]),
+                            f"is not the base this adapter was trained on, {was}: {detail}", fix)
 
 
 def restore_labels(saved: dict[str, Any], base_model: nn.Module) -> None:
@@ -285,8 +285,9 @@ def check_weights(directory: Path, base_model: nn.Module, strategy: Strategy) ->
             got = tuple(saved[match].shape) if match else want
             labels = len(got) == len(want) and got[1:] == want[1:]  # only the output rows differ: the label count
             if got != want:
-                raise AdapterFormatError(f"{weights.name}:{match}", got, f"the saved head has {got[0]} outputs, this "
-                                         f"base's {key} has {want[0]}" if labels else f"does not fit {key} {want}: "
-                                         "another hidden size", f"load the base model with num_labels={got[0]}"
-                                         if labels else "load it onto the base it was trained on")
+                problem, fix = ((f"the saved head has {got[0]} outputs, this base's {key} has {want[0]}",
+                                 f"load the base model with num_labels={got[0]}") if labels else
+                                (f"does not fit {key} {want}: another hidden size",
+                                 "load it onto the base it was trained on"))
+                raise AdapterFormatError(f"{weights.name}:{match}", got, problem, fix)
     return list(saved)

@@ -304,9 +304,10 @@ def load_raw(source=None, *, dataset_name: str | None = None, dataset_config: st
             loaded = dict(datasets.load_dataset(dataset_name, dataset_config))
         except datasets.exceptions.DatasetGenerationError as err:  # files whose columns or types differ
             files = sorted(p.name for p in Path(dataset_name).iterdir()) if Path(dataset_name).is_dir() else []
-            raise DataError(field="--dataset-name", value=name, problem=f"its files do not share one set of columns "
-                            f"and types {files} ({' '.join(str(err.__cause__ or err).split())[:160]})", fix="keep one format per folder, "
-                            "or name the files: --train-file ... --validation-file ...") from None
+            cause = " ".join(str(err.__cause__ or err).split())[:160]
+            raise DataError("--dataset-name", name, f"its files do not share one set of columns and types {files} "
+                            f"({cause})", "keep one format per folder, or name the files: --train-file ... "
+                            "--validation-file ...") from None
         except (OSError, ValueError) as err:  # ConnectionError, DatasetNotFoundError, bad config name
             raise DataError("--dataset-name", f"{dataset_name} {dataset_config or ''}".strip(), f"the Hugging Face hub "
                             f"(or its cache) failed ({type(err).__name__}: {str(err)[:160]})",
