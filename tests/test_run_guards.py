@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import accelerate
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -470,3 +471,25 @@ def test_minimal_refuses_a_second_run_on_the_same_out(tmp_path, assets):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_only_a_precision_clash_is_reported_as_one(tmp_path, monkeypatch):
+    # Accelerate refuses a changed precision with a ValueError; any other ValueError it raises keeps its own words
+    # instead of being blamed on --mixed-precision.
+    parser = training.run_parser(None)
+    run = training.RunArgs.parse(parser.parse_args(["--output-dir", str(tmp_path / "out"), "--report-to", "none"]), "t")
+
+    def refuse(message):
+        def accelerator(*args, **kwargs):
+            raise ValueError(message)
+        return accelerator
+
+    monkeypatch.setattr(training, "Accelerator", refuse("gradient_accumulation_steps clashes with the plugin"))
+    with pytest.raises(ValueError, match="^gradient_accumulation_steps clashes with the plugin$"):
+        training.make_accelerator(run)
+    accelerate.Accelerator(cpu=True)  # an earlier run's state, which the next Accelerator may not change
+    monkeypatch.setattr(training, "Accelerator", refuse("AcceleratorState has already been initialized and cannot be "
+                                                        "changed, restart your runtime completely and pass "
+                                                        "`mixed_precision='no'` to `Accelerator()`."))
+    with pytest.raises(errors.ConfigError, match=r"--mixed-precision.*own process"):
+        training.make_accelerator(run)

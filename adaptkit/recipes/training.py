@@ -216,7 +216,9 @@ def make_accelerator(run: RunArgs):
                                   project_config=ProjectConfiguration(project_dir=str(run.output_dir),
                                                                       logging_dir=str(run.output_dir / TENSORBOARD_DIR)),
                                   dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=run.seed))
-    except ValueError:  # Accelerate keeps one state per process and cannot change its precision
+    except ValueError as exc:  # Accelerate keeps one state per process and cannot change its precision
+        if "mixed_precision=" not in str(exc):  # another refusal of Accelerate's: its own words
+            raise
         raise ConfigError(field="--mixed-precision", value=wanted, problem=f"an earlier Accelerator in this process set "
                           f"up {AcceleratorState().mixed_precision!r} (unset: the launcher's)", fix="run each recipe in "
                           "its own process (`accelerate launch` / `python recipe.py`)") from None
