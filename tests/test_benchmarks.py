@@ -491,3 +491,14 @@ def test_recommend_validation_leaves_a_task_out_whole_and_judges_it_on_its_grid_
     assert held == [cells[0]] and rest == [cells[2]]  # the curve's sst2 cells are left out with sst2, not judged
     held, rest = sets["sst2 curve n=250"]
     assert held == [cells[1]] and rest == [cells[0], cells[2]]
+
+
+def test_the_kit_line_accounting_places_every_definition(capsys):
+    # benchmarks/kit_lines.py backs issue 27's line argument: its table must add up to the kit's `wc -l`, and a
+    # definition nobody placed stops it instead of vanishing from the table.
+    import kit_lines
+    kit_lines.main()
+    table = capsys.readouterr().out.splitlines()[2:]  # below the header
+    rows = {k.strip(): int(n) for k, n in (line.strip("|").rsplit("|", 1) for line in table)}
+    total = sum(len(f.read_text().splitlines()) for f in kit_lines.KIT.glob("*.py"))
+    assert rows.pop("total") == total == sum(rows.values())
