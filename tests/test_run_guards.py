@@ -5,6 +5,7 @@ or step and the fix. Tiny models with 64 positions, data written here (a few doz
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -194,26 +195,27 @@ def test_weights_that_went_non_finite_are_not_saved_as_the_best(tmp_path):
 
 
 # ---- one run per output folder ----------------------------------------------------------------------------
-def hold_lock(path: Path) -> subprocess.Popen:
-    """Another process (pid recorded as 4242) holding the run lock, as a live run does."""
-    return subprocess.Popen([sys.executable, "-c", (
+@contextlib.contextmanager
+def lock_held(out: Path):
+    """Another process (pid recorded as 4242) holding ``out``'s run lock, as a live run does."""
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
         "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
-        "f.write('pid 4242\\n'); f.flush(); print('locked', flush=True); time.sleep(60)"), str(path)],
+        "f.write('pid 4242\\n'); f.flush(); print('locked', flush=True); time.sleep(60)"), str(out / training.LOCK_NAME)],
         stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_a_second_run_on_the_same_output_folder_is_refused(tmp_path, assets):
     out = tmp_path / "out"
-    out.mkdir()
-    holder = hold_lock(out / training.LOCK_NAME)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(errors.RunLockedError, match=r"--output-dir=.*out.: is in use by a run \(pid 4242\)"
-                                                        r"\. Fix: wait for that run to finish"):
-            recipe("classify").main(classify(assets, out, "--max-steps", "1", "--overwrite"))
-    finally:
-        holder.kill()
-        holder.wait()
+    with lock_held(out), pytest.raises(errors.RunLockedError, match=r"--output-dir=.*out.: is in use by a run "
+                                                                     r"\(pid 4242\)\. Fix: wait for that run to finish"):
+        recipe("classify").main(classify(assets, out, "--max-steps", "1", "--overwrite"))
     assert sorted(p.name for p in out.iterdir()) == [training.LOCK_NAME]  # --overwrite deleted nothing
     recipe("classify").main(classify(assets, out, "--max-steps", "1"))  # the lock died with its process
 
@@ -462,15 +464,8 @@ def test_minimal_stops_on_a_non_finite_loss_and_saves_no_adapter(tmp_path, asset
 
 def test_minimal_refuses_a_second_run_on_the_same_out(tmp_path, assets):
     out = tmp_path / "out"
-    out.mkdir()
-    holder = hold_lock(out / training.LOCK_NAME)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(errors.RunLockedError, match=r"--out=.*out': is in use by a run \(pid 4242\)"):
-            recipe("minimal").main(minimal(assets, out))
-    finally:
-        holder.kill()
-        holder.wait()
+    with lock_held(out), pytest.raises(errors.RunLockedError, match=r"--out=.*out': is in use by a run \(pid 4242\)"):
+        recipe("minimal").main(minimal(assets, out))
 
 
 def test_only_a_precision_clash_is_reported_as_one(tmp_path, monkeypatch):
