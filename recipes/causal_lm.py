@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     if tokenizer.pad_token is None:  # safe here: padding is masked by position, not by token id (see above)
         tokenizer.pad_token = tokenizer.eos_token
     load = lambda: training.load_base(run, "causal_lm")  # --model, its weights in --config-name, or a config alone
-    model = adaptkit.adapt(load(), run.strategy, **training.parse_options(run.option))
+    model = adaptkit.adapt(load(), run.strategy, **run.options)
     batching.check_vocab(model, tokenizer)  # a token id past the embeddings would be an IndexError mid-run
     check_sharded_model(accelerator, model)  # FSDP: prefix, 8-bit, integer-stored 4-bit refused with the fix
     summary, strategy = adaptkit.summary(model), adaptkit.strategy_of(model).to_dict()

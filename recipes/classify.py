@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(training.preprocessor_name(run), trust_remote_code=False)
     if tokenizer.pad_token is None:  # decoders (GPT-2, Llama) ship without one; batches need padding
         tokenizer.pad_token = tokenizer.eos_token
-    model = adaptkit.adapt(load_model(run, splits.train, tokenizer), run.strategy, **training.parse_options(run.option))
+    model = adaptkit.adapt(load_model(run, splits.train, tokenizer), run.strategy, **run.options)
     batching.check_vocab(model, tokenizer)  # a token id past the embeddings would be an IndexError mid-run
     check_sharded_model(accelerator, model)  # FSDP: prefix, 8-bit, integer-stored 4-bit refused with the fix
     summary, strategy = adaptkit.summary(model), adaptkit.strategy_of(model).to_dict()

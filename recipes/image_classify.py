@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
               "label2id": {c: i for i, c in enumerate(classes)}}
     # a pretrained head for other classes (ImageNet's 1000) is replaced by a fresh one of the right size
     load = lambda: training.load_base(run, "image_cls", {"ignore_mismatched_sizes": True}, **labels)
-    model = adaptkit.adapt(load(), run.strategy, **training.parse_options(run.option))
+    model = adaptkit.adapt(load(), run.strategy, **run.options)
     summary, strategy = adaptkit.summary(model), adaptkit.strategy_of(model).to_dict()
     accelerator.print(summary, f"classes: {classes}", *notes, sep="\n")
     mode = "L" if getattr(model.config, "num_channels", 3) == 1 else "RGB"

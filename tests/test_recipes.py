@@ -433,9 +433,15 @@ def test_image_classify_refuses_a_folder_without_classes(tmp_path, digits):
 
 
 # ---- the run machinery -------------------------------------------------------------------------------
-def test_parse_options_reads_json_lists_and_strings():
-    assert training.parse_options(["r=16", "targets=query,value", "use_dora=true", "init=gaussian", 'heads=["classifier"]']) \
+def test_options_are_read_with_the_flags_and_a_malformed_one_is_refused_there(tmp_path):
+    def parse(*options):
+        argv = ["--output-dir", str(tmp_path / "out"), *(f for o in options for f in ("--option", o))]
+        return training.RunArgs.parse(training.run_parser(None).parse_args(argv), "classify")
+
+    assert parse("r=16", "targets=query,value", "use_dora=true", "init=gaussian", 'heads=["classifier"]').options \
         == {"r": 16, "targets": ["query", "value"], "use_dora": True, "init": "gaussian", "heads": ["classifier"]}
+    with pytest.raises(ConfigError, match=r"--option='r': is not KEY=VALUE"):  # before any model loads
+        parse("alpha=32", "r")
 
 
 def test_early_stopping_treats_nan_as_no_improvement():

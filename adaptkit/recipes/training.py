@@ -19,7 +19,7 @@ from accelerate.state import AcceleratorState
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import ProjectConfiguration, set_seed
 
-from adaptkit.cli import parse_options  # noqa: F401 - the recipes' --option, read as `adaptkit check` reads it
+from adaptkit.cli import parse_options
 from adaptkit.distributed import check_sharding, require_processes
 from adaptkit.errors import ConfigError, MissingDependencyError
 from adaptkit.names import FROM_CONFIG_SEED, TASKS
@@ -84,6 +84,7 @@ class RunArgs:
     recipe: str = dataclasses.field(default="", init=False)
     max_length: int | None = dataclasses.field(default=None, init=False)  # guards.fit_max_length settles it
     flags: dict[str, Any] = dataclasses.field(default_factory=dict, init=False)
+    options: dict[str, Any] = dataclasses.field(default_factory=dict, init=False)  # --option, read as `adaptkit check`
 
     @classmethod
     def parse(cls, args: argparse.Namespace, recipe: str) -> RunArgs:
@@ -101,11 +102,12 @@ class RunArgs:
         run = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and f.name != "output_dir"},
                   output_dir=out)
         run.recipe, run.max_length, run.flags = recipe, getattr(args, "max_length", None), dict(vars(args))
+        run.options = parse_options(run.option)  # a malformed --option is refused before any model loads
         return run
 
     def config(self, num_processes: int) -> dict[str, Any]:
         """Every flag as JSON, local paths resolved, and the process count: what a resumed run must match."""
-        flags = {**self.flags, **{k: v for k, v in vars(self).items() if k not in ("flags", "recipe")}}
+        flags = {**self.flags, **{k: v for k, v in vars(self).items() if k not in ("flags", "recipe", "options")}}
         for key in (*PATH_FLAGS, "output_dir"):
             value = flags.get(key)
             if value is not None and Path(os.path.expanduser(str(value))).exists():
