@@ -13,7 +13,8 @@ KIT = pathlib.Path(__file__).resolve().parents[1] / "adaptkit" / "recipes"
 PURPOSES = {
     "typed data errors (item 5)": {
         "data": ["from_dataset", "check_options", "_pick_text_columns", "_type_labels", "_classes", "read_file",
-                 "_quiet", "_read_error", "read_table", "load_raw", "_split_files", "labelled", "check_images", "_first"],
+                 "quiet", "_read_error", "read_table", "_first"],
+        "sources": ["load_raw", "_split_files", "labelled", "check_images"],
         "batching": ["lm_rows", "_turns", "check_vocab"],
         "guards": ["require_examples", "require_classes", "check_numbers"]},
     "bit-exact resume + flag/data guard (item 5)": {"checkpoints": "*", "runs": ["Progress"]},
@@ -31,7 +32,7 @@ PURPOSES = {
     "log, metrics.json, card": {
         "runs": ["Log", "finish", "peak_rss_bytes", "save_adapter", "keep_adapter"], "training": ["JsonLines"]},
     "splits, batches, accelerator/optimizer/schedule, base": {
-        "data": ["Table", "Splits", "arrange", "load_splits", "add_data_args", "splits_from_args"],
+        "data": ["Table"], "sources": ["Splits", "arrange", "load_splits", "add_data_args", "splits_from_args"],
         "batching": ["tokenize", "make_collator", "LengthGroupedSampler", "make_dataloader", "causal_lm_loader"],
         "training": ["load_base", "learning_rate", "make_accelerator", "make_optimizer", "plan_steps",
                      "make_scheduler"]},

@@ -7,7 +7,7 @@ The same file runs on CPU, one GPU and N GPUs:
     python recipes/causal_lm.py --model ./my-llama --dataset-name tatsu-lab/alpaca      # instructions, the hub
     accelerate launch recipes/causal_lm.py --model ./my-llama --data qa/ --quantization 4bit
 
-Data, read by ``datasets`` (``adaptkit.recipes.data``: files, folders, ``save_to_disk``, ``--dataset-name``),
+Data, read by ``datasets`` (``adaptkit.recipes.sources``: files, folders, ``save_to_disk``, ``--dataset-name``),
 one format per split, found from its columns:
 
 * ``text`` (``.txt`` lines, or records): the loss is on every token;
@@ -31,14 +31,14 @@ from transformers import AutoTokenizer
 
 import adaptkit
 from adaptkit import lengths
-from adaptkit.recipes import batching, checkpoints, data, guards, metrics, runs, training
+from adaptkit.recipes import batching, checkpoints, guards, metrics, runs, sources, training
 from adaptkit.distributed import check_sharded_model
 from adaptkit.errors import ConfigError, DataError
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, training.RunArgs]:
     parser = training.run_parser(__doc__, batch_size=8)  # RunArgs' flags: --model, --strategy, --max-steps, ...
-    data.add_data_args(parser)
+    sources.add_data_args(parser)
     parser.add_argument("--max-length", type=int, default=None,
                         help="tokens per example (longer ones are cut); default 256, or what the model has room for")
     parser.add_argument("--block-size", type=int, default=0, help="pack examples into blocks of N tokens (0: no packing)")
@@ -66,7 +66,7 @@ def sample_generations(model, tokenizer, examples, args) -> list[dict]:
 def main(argv: list[str] | None = None) -> dict:
     args, run = parse_args(argv)
     accelerator = training.make_accelerator(run)
-    splits = data.splits_from_args(args, prepare=batching.lm_rows, label_column=None)  # rows checked as in the files
+    splits = sources.splits_from_args(args, prepare=batching.lm_rows, label_column=None)  # rows checked as in the files
     notes = splits.notes
     guards.require_examples(len(splits.train), notes[0].partition(": ")[2] or "--data")
     formats = {split: batching.lm_format(ds) for split, ds in splits.items()}

@@ -10,7 +10,7 @@ The same file runs on CPU, one GPU and N GPUs:
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
         --mixed_precision no --dynamo_backend no recipes/classify.py --data ... --processes 2   # 2 CPU processes
 
-Data, read by ``datasets`` (``adaptkit.recipes.data``): ``--data`` a folder of split files (.tsv with
+Data, read by ``datasets`` (``adaptkit.recipes.sources``): ``--data`` a folder of split files (.tsv with
 quoting off, .csv, .json/.jsonl, .parquet, .arrow) or a ``save_to_disk`` folder, or one file;
 ``--train-file``/``--validation-file``/``--test-file``; or ``--dataset-name`` (+ ``--dataset-config``).
 The text columns are ``sentence``, ``sentence1`` + ``sentence2`` or ``text`` unless ``--text-columns``
@@ -31,7 +31,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 import adaptkit
-from adaptkit.recipes import batching, checkpoints, data, guards, metrics, runs, training
+from adaptkit.recipes import batching, checkpoints, data, guards, metrics, runs, sources, training
 from adaptkit.distributed import check_sharded_model
 from adaptkit.errors import ConfigError, MissingDependencyError
 
@@ -40,7 +40,7 @@ GLUE_TASKS = ("sst2", "cola", "mrpc", "rte", "stsb")  # their own metrics (MCC f
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, training.RunArgs]:
     parser = training.run_parser(__doc__)  # RunArgs' flags: --model, --strategy, --max-steps, ...
-    data.add_data_args(parser)
+    sources.add_data_args(parser)
     g = parser.add_argument_group("columns and tokens")
     g.add_argument("--text-columns", nargs="+", help="1 or 2 column names (default: detected)")
     g.add_argument("--label-column", default="label")
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     if run.model is None and run.config_name is None:
         run.model = default_model()
     accelerator = training.make_accelerator(run)
-    splits = data.splits_from_args(args, text_columns=args.text_columns, label_column=args.label_column, task=args.task)
+    splits = sources.splits_from_args(args, text_columns=args.text_columns, label_column=args.label_column, task=args.task)
     if splits.train.task == "classification":
         guards.require_classes(splits.train.labels, splits.train.path or "--data")
     task = metric_task(args, splits.train)

@@ -10,7 +10,7 @@ Data, read by ``datasets``: ``--data`` an image folder (``imagefolder``: one sub
 ``photos/cat/1.png``, directly or under ``train/`` with optional ``validation/`` and ``test/``) or a
 ``save_to_disk`` folder; or ``--dataset-name`` (+ ``--dataset-config``) with an ``image`` (or ``img``)
 and a ``label`` column (``--image-column``/``--label-column``). Splits follow the recipes' one
-convention (``adaptkit.recipes.data``). Images are resized and normalised by the model's own image
+convention (``adaptkit.recipes.sources``). Images are resized and normalised by the model's own image
 processor (``preprocessor_config.json`` in the model folder); no augmentation is applied.
 """
 
@@ -22,14 +22,14 @@ import torch
 from transformers import AutoImageProcessor
 
 import adaptkit
-from adaptkit.recipes import checkpoints, data, metrics, runs, training
+from adaptkit.recipes import checkpoints, metrics, runs, sources, training
 from adaptkit.errors import ConfigError, DataError
 
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, training.RunArgs]:
     parser = training.run_parser(__doc__)  # RunArgs' flags: --model, --strategy, --max-steps, ...
-    data.add_data_args(parser, what="class folders")
+    sources.add_data_args(parser, what="class folders")
     parser.add_argument("--image-column", help="default: image or img")
     parser.add_argument("--label-column", default="label")
     args = parser.parse_args(argv)
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, training.Run
 def load_splits(args: argparse.Namespace):
     """Splits of (image, label) rows as ``datasets`` reads them (``imagefolder``, the hub, ``save_to_disk``),
     arranged by the recipes' one split convention; class names come from the train split's ClassLabel."""
-    splits = data.splits_from_args(args, prepare=data.check_images, label_column=args.label_column)
+    splits = sources.splits_from_args(args, prepare=sources.check_images, label_column=args.label_column)
     train = splits.train
     image = args.image_column or next((c for c in ("image", "img") if c in train.column_names), None)
     missing = [c for c in (image, args.label_column) if c not in train.column_names]

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from adaptkit.recipes.batching import LengthGroupedSampler, make_collator, make_dataloader, tokenize
-from adaptkit.recipes.data import load_splits, read_table
+from adaptkit.recipes.data import read_table
+from adaptkit.recipes.sources import load_splits
 from adaptkit.errors import ConfigError, ConfigTypeError, DataError
 
 
@@ -452,7 +453,7 @@ def _claims_size(path, width, height):
 ])
 def test_bad_images_are_named_before_training(tmp_path, name, spoil):
     # issue 30: raw PIL errors in the middle of training
-    from adaptkit.recipes.data import check_images, load_raw
+    from adaptkit.recipes.sources import check_images, load_raw
     for cls in ("cat", "dog"):
         (tmp_path / "imgs" / cls).mkdir(parents=True)
         for i in range(3):
@@ -600,13 +601,13 @@ def test_row_errors_count_rows_in_the_file_not_after_the_validation_carve(tmp_pa
     # issue 30: typed errors named no file or row, or rows counted after the split
     import argparse
     import json as _json
-    from adaptkit.recipes import batching, data
+    from adaptkit.recipes import batching, sources
     rows = [{"messages": CHAT}] * 30
     rows[24] = {"messages": [{"role": "human", "content": "a fine film"}, CHAT[1]]}
     write(tmp_path, "chats.jsonl", "".join(_json.dumps(r) + "\n" for r in rows))
     parser = argparse.ArgumentParser()
-    data.add_data_args(parser)
+    sources.add_data_args(parser)
     args = parser.parse_args(["--data", str(tmp_path / "chats.jsonl")])
     args.seed = 0
     with pytest.raises(DataError, match=r"chats.jsonl, row 25, turn 1=\{'role': 'human'"):
-        data.splits_from_args(args, prepare=batching.lm_rows, label_column=None)
+        sources.splits_from_args(args, prepare=batching.lm_rows, label_column=None)

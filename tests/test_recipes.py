@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 import adaptkit
 from adaptkit.folders import write_json
-from adaptkit.recipes import batching, checkpoints, data, runs, training
+from adaptkit.recipes import batching, checkpoints, data, runs, sources, training
 from adaptkit.errors import BaseMismatchError, ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def test_classify_writes_metrics_and_a_reloadable_adapter(tmp_path, data_root, t
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_bert)
     base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
     model = adaptkit.load(out / "adapter", base).eval()
-    test = data.load_splits(data_root / "sst2", max_eval=48, seed=42).test  # --max-eval-samples 48
+    test = sources.load_splits(data_root / "sst2", max_eval=48, seed=42).test  # --max-eval-samples 48
     loader = batching.make_dataloader(batching.tokenize(test, tokenizer), tokenizer, batch_size=16)
     with torch.no_grad():
         predictions = torch.cat([model(**{k: v for k, v in b.items() if k != "labels"}).logits.argmax(-1)
